@@ -1,0 +1,77 @@
+//! `oxbox bench`: decode + preprocess timings on one file, in the same shape
+//! as `cxr_reference.py bench`, so the two can be compared side by side.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use oxbox::dicom::{self, DicomFile, ImageHeader};
+
+/// Arguments of `oxbox bench`.
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Example:\n  oxbox bench --dicom RG1_UNCR.dcm --runs 20\n\n\
+Prints JSON: median and minimum milliseconds for decode (read + parse + pixel decode), \
+preprocess (canonical v1 on decoded pixels) and both together. Compare with \
+`cxr_reference.py bench FILE` run in the same session (scripts/bench.sh does both)."
+)]
+pub struct Args {
+    /// The DICOM file.
+    #[arg(long, value_name = "FILE")]
+    pub dicom: PathBuf,
+    /// Output side S.
+    #[arg(long, default_value_t = 224)]
+    pub size: u32,
+    /// Timed runs per stage (after one warm-up run).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub runs: u32,
+}
+
+fn stats(mut ms: Vec<f64>) -> serde_json::Value {
+    ms.sort_by(f64::total_cmp);
+    let median = if ms.len() % 2 == 1 {
+        ms[ms.len() / 2]
+    } else {
+        (ms[ms.len() / 2 - 1] + ms[ms.len() / 2]) / 2.0
+    };
+    let round = |v: f64| (v * 1000.0).round() / 1000.0;
+    serde_json::json!({ "median_ms": round(median), "min_ms": round(ms[0]) })
+}
+
+/// Runs `oxbox bench`.
+pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
+    let limits = super::load_config(config)?.config.limits;
+    let what = || format!("{}", args.dicom.display());
+    let decode = || -> anyhow::Result<_> {
+        let file = DicomFile::open(&args.dicom, &limits)?;
+        let header = ImageHeader::read(&file)?;
+        let geometry = header.accept(&limits)?;
+        let frame = dicom::pixels::decode_first_frame(&file, &geometry)?;
+        Ok((header, geometry, frame))
+    };
+    let (header, geometry, frame) = decode().with_context(what)?;
+    let mut decode_ms = Vec::new();
+    let mut preprocess_ms = Vec::new();
+    let mut total_ms = Vec::new();
+    for _ in 0..args.runs {
+        let t = Instant::now();
+        std::hint::black_box(decode()?);
+        decode_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        std::hint::black_box(dicom::canonical::preprocess(
+            &header, &geometry, &frame, args.size,
+        ));
+        preprocess_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        std::hint::black_box(dicom::preprocess_file(&args.dicom, args.size, &limits)?);
+        total_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let report = serde_json::json!({
+        "file": args.dicom.file_name().map(|n| n.to_string_lossy().into_owned()),
+        "decode": stats(decode_ms),
+        "preprocess": stats(preprocess_ms),
+        "decode_plus_preprocess": stats(total_ms),
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}

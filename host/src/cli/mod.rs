@@ -1,0 +1,116 @@
+//! Command-line interface: one file per subcommand, each with worked
+//! examples in its help. Errors are `anyhow` here and only here.
+
+mod bench;
+mod config_check;
+mod dicom_info;
+mod preprocess;
+
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand};
+use oxbox::config::{ConfigError, LoadedConfig};
+use oxbox::dicom::DicomError;
+
+/// Exit status for bad input or usage (clap uses it for usage errors too).
+pub const EXIT_BAD_INPUT: u8 = 2;
+/// Exit status for any other failure.
+pub const EXIT_FAILURE: u8 = 1;
+
+/// oxbox — the radiology edge box for federated oxygen-need prediction.
+#[derive(Debug, Parser)]
+#[command(
+    name = "oxbox",
+    version,
+    about,
+    long_about = "oxbox turns a chest radiograph (DICOM) and emergency-room vital signs and labs \
+into oxygen-need predictions, runs site plugins in a WebAssembly sandbox, and takes part in \
+federated training without patient data leaving the hospital.",
+    after_help = "Exit status: 0 success, 1 failure, 2 bad input or usage.\n\
+Examples:\n  oxbox preprocess --dicom chest.dcm --out chest.npy --png chest.png\n  \
+oxbox dicom info chest.dcm\n  oxbox config check --config /etc/oxbox/oxbox.toml"
+)]
+pub struct Cli {
+    /// Configuration file; without it, the embedded default (config/oxbox.toml).
+    #[arg(long, global = true, env = "OXBOX_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// More log output on stderr (-v info, -vv debug). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Turn a chest radiograph into the model-ready tensor (canonical preprocessing v1).
+    Preprocess(preprocess::Args),
+    /// Inspect DICOM files.
+    #[command(subcommand)]
+    Dicom(DicomCommand),
+    /// Inspect the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Measure decode + preprocess speed on one file.
+    Bench(bench::Args),
+}
+
+/// `oxbox dicom …`
+#[derive(Debug, Subcommand)]
+pub enum DicomCommand {
+    /// Print, as JSON, the attributes that matter for ingest (never patient identifiers).
+    Info(dicom_info::Args),
+}
+
+/// `oxbox config …`
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a configuration and print the effective settings.
+    Check(config_check::Args),
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = cli.config.as_deref();
+    match cli.command {
+        Command::Preprocess(args) => preprocess::run(args, config),
+        Command::Dicom(DicomCommand::Info(args)) => dicom_info::run(args, config),
+        Command::Config(ConfigCommand::Check(args)) => config_check::run(args, config),
+        Command::Bench(args) => bench::run(args, config),
+    }
+}
+
+/// Loads the configuration named on the command line, or the embedded default.
+pub fn load_config(path: Option<&Path>) -> anyhow::Result<LoadedConfig> {
+    Ok(LoadedConfig::load(path)?)
+}
+
+/// Bad input (a refused file, an invalid config) exits 2; anything else 1.
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    let bad_input = err
+        .chain()
+        .any(|cause| cause.is::<DicomError>() || cause.is::<ConfigError>());
+    if bad_input {
+        EXIT_BAD_INPUT
+    } else {
+        EXIT_FAILURE
+    }
+}
+
+/// Logs go to stderr; stdout is for results.
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}

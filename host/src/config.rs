@@ -1,0 +1,486 @@
+//! Configuration: one TOML file, read once, validated into [`Config`].
+//!
+//! `config/oxbox.toml` is compiled into the binary as the embedded default;
+//! `--config PATH` replaces it as a whole (no merging, so what a file says is
+//! all there is). Parsing is strict: unknown keys and wrong types are errors
+//! that name the file, the line and the key. After parsing, [`Config::validate`]
+//! collects every semantic problem (bad address, zero limits, missing plugin
+//! files) and reports them together, so one run tells an operator everything
+//! that needs fixing.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The embedded default configuration, `config/oxbox.toml`.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/oxbox.toml");
+
+/// Display name used for the embedded default in messages.
+pub const EMBEDDED_NAME: &str = "<embedded default config/oxbox.toml>";
+
+/// Errors from loading or validating a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file that was asked for.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or did not match the schema.
+    #[error("{origin}:{line}:{column}: {key}{message}")]
+    Parse {
+        /// The file (or the embedded default) being read.
+        origin: String,
+        /// 1-based line of the offending text.
+        line: usize,
+        /// 1-based column of the offending text.
+        column: usize,
+        /// "key `name`: " where the offending key could be told, else empty.
+        key: String,
+        /// What the parser said.
+        message: String,
+    },
+    /// The file parsed but some values are not acceptable.
+    #[error("{origin}: {} problem(s): {}", problems.len(), problems.join("; "))]
+    Invalid {
+        /// The file (or the embedded default) being read.
+        origin: String,
+        /// Each problem, naming the key and how to fix it.
+        problems: Vec<String>,
+    },
+}
+
+/// The validated configuration of one box.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[site]`: who this box is.
+    pub site: SiteConfig,
+    /// `[server]`: the local HTTP endpoint.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// `[storage]`: where state lives.
+    #[serde(default)]
+    pub storage: StorageConfig,
+    /// `[model]`: the model and how it is fed.
+    #[serde(default)]
+    pub model: ModelConfig,
+    /// `[limits]`: bounds on what the box accepts.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// `[[plugins]]`: site plugins, in the order they run.
+    #[serde(default)]
+    pub plugins: Vec<PluginEntry>,
+}
+
+/// `[site]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteConfig {
+    /// `id = "st-elsewhere"`: stable identifier of the site in the federation.
+    pub id: String,
+    /// `name = "St Elsewhere, Radiology"`: human-readable name.
+    pub name: String,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// `listen = "127.0.0.1:8480"`: address and port of the HTTP endpoint.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8480".to_owned()
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+        }
+    }
+}
+
+/// `[storage]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `data_dir = "/var/lib/oxbox"`: the box's state directory.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("oxbox-data")
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: default_data_dir(),
+        }
+    }
+}
+
+/// `[model]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// `input_size = 224`: side S of the (1, S, S) model input.
+    #[serde(default = "default_input_size")]
+    pub input_size: u32,
+    /// `device = "cpu"` or `"cuda:0"`: where inference runs.
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+fn default_input_size() -> u32 {
+    224
+}
+
+fn default_device() -> String {
+    "cpu".to_owned()
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            input_size: default_input_size(),
+            device: default_device(),
+        }
+    }
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// `max_image_megapixels = 100`: largest frame accepted (rows × columns).
+    #[serde(default = "default_max_image_megapixels")]
+    pub max_image_megapixels: u32,
+    /// `max_dicom_file_mib = 1024`: largest DICOM file accepted.
+    #[serde(default = "default_max_dicom_file_mib")]
+    pub max_dicom_file_mib: u32,
+}
+
+fn default_max_image_megapixels() -> u32 {
+    100
+}
+
+fn default_max_dicom_file_mib() -> u32 {
+    1024
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_image_megapixels: default_max_image_megapixels(),
+            max_dicom_file_mib: default_max_dicom_file_mib(),
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The largest accepted frame, in pixels.
+    pub fn max_image_pixels(&self) -> u64 {
+        u64::from(self.max_image_megapixels) * 1_000_000
+    }
+
+    /// The largest accepted DICOM file, in bytes.
+    pub fn max_dicom_file_bytes(&self) -> u64 {
+        u64::from(self.max_dicom_file_mib) * 1024 * 1024
+    }
+}
+
+/// One `[[plugins]]` entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginEntry {
+    /// `path = "plugins/example-site/plugin.toml"`: the plugin's manifest.
+    pub path: PathBuf,
+}
+
+/// Where a configuration came from, for messages and relative paths.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// The copy of `config/oxbox.toml` compiled into the binary.
+    Embedded,
+    /// A file named by `--config`.
+    File(PathBuf),
+}
+
+impl fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigSource::Embedded => f.write_str(EMBEDDED_NAME),
+            ConfigSource::File(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// A validated configuration together with where it came from.
+#[derive(Debug, Clone)]
+pub struct LoadedConfig {
+    /// The configuration, with relative paths resolved.
+    pub config: Config,
+    /// Where it came from.
+    pub source: ConfigSource,
+}
+
+impl LoadedConfig {
+    /// Loads `path`, or the embedded default when `path` is `None`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] when the file cannot be read, [`ConfigError::Parse`]
+    /// for syntax, unknown keys and wrong types, [`ConfigError::Invalid`] for
+    /// values that parse but are not acceptable.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        match path {
+            None => Self::from_toml(EMBEDDED_DEFAULT, ConfigSource::Embedded),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                Self::from_toml(&text, ConfigSource::File(p.to_path_buf()))
+            }
+        }
+    }
+
+    /// Parses and validates TOML text that came from `source`.
+    ///
+    /// # Errors
+    /// As [`LoadedConfig::load`], without the read step.
+    pub fn from_toml(text: &str, source: ConfigSource) -> Result<Self, ConfigError> {
+        let origin = source.to_string();
+        let mut config: Config =
+            toml::from_str(text).map_err(|e| parse_error(&origin, text, &e))?;
+        let base = match &source {
+            ConfigSource::Embedded => None,
+            ConfigSource::File(p) => p.parent().map(Path::to_path_buf),
+        };
+        config.resolve_paths(base.as_deref());
+        config.validate().map_err(|problems| ConfigError::Invalid {
+            origin: origin.clone(),
+            problems,
+        })?;
+        Ok(Self { config, source })
+    }
+}
+
+impl Config {
+    /// Makes relative paths relative to `base` (the config file's directory).
+    fn resolve_paths(&mut self, base: Option<&Path>) {
+        let Some(base) = base else { return };
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut self.storage.data_dir);
+        for plugin in &mut self.plugins {
+            resolve(&mut plugin.path);
+        }
+    }
+
+    /// Checks every value; returns all problems found, each naming its key.
+    ///
+    /// # Errors
+    /// The list of problems, when there is at least one.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        let id = &self.site.id;
+        if id.is_empty()
+            || id.len() > 64
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            problems.push(format!(
+                "site.id = {id:?}: use 1 to 64 letters, digits, '-' or '_'"
+            ));
+        }
+        if self.site.name.trim().is_empty() {
+            problems.push("site.name is empty: give the site a readable name".to_owned());
+        }
+        if let Err(e) = self.server.listen.parse::<SocketAddr>() {
+            problems.push(format!(
+                "server.listen = {:?}: {e}; write an address and port such as \"127.0.0.1:8480\"",
+                self.server.listen
+            ));
+        }
+        if self.storage.data_dir.as_os_str().is_empty() {
+            problems.push("storage.data_dir is empty: name a directory".to_owned());
+        }
+        if !(16..=4096).contains(&self.model.input_size) {
+            problems.push(format!(
+                "model.input_size = {}: must be between 16 and 4096",
+                self.model.input_size
+            ));
+        }
+        if parse_device(&self.model.device).is_none() {
+            problems.push(format!(
+                "model.device = {:?}: use \"cpu\" or \"cuda:N\"",
+                self.model.device
+            ));
+        }
+        if self.limits.max_image_megapixels == 0 {
+            problems.push("limits.max_image_megapixels must be at least 1".to_owned());
+        }
+        if self.limits.max_dicom_file_mib == 0 {
+            problems.push("limits.max_dicom_file_mib must be at least 1".to_owned());
+        }
+        for (i, plugin) in self.plugins.iter().enumerate() {
+            if !plugin.path.is_file() {
+                problems.push(format!(
+                    "plugins[{i}].path = {:?}: no such file",
+                    plugin.path.display().to_string()
+                ));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// The configuration as TOML, as `oxbox config check` prints it.
+    ///
+    /// # Errors
+    /// Only if serialisation fails, which a validated config never does.
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        toml::to_string_pretty(self)
+    }
+}
+
+/// A compute device named in the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// The CPU.
+    Cpu,
+    /// CUDA device with this ordinal.
+    Cuda(usize),
+}
+
+/// Parses `"cpu"` or `"cuda:N"`.
+pub fn parse_device(text: &str) -> Option<DeviceSpec> {
+    match text {
+        "cpu" => Some(DeviceSpec::Cpu),
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(DeviceSpec::Cuda),
+    }
+}
+
+/// Turns a toml error into one line naming origin, line, column and key.
+fn parse_error(origin: &str, text: &str, err: &toml::de::Error) -> ConfigError {
+    let (line, column, key) = match err.span() {
+        Some(span) => {
+            let start = span.start.min(text.len());
+            let before = &text[..start];
+            let line = before.matches('\n').count() + 1;
+            let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+            let column = text[line_start..start].chars().count() + 1;
+            let line_text = text[line_start..].lines().next().unwrap_or("");
+            (line, column, key_on_line(line_text))
+        }
+        None => (1, 1, None),
+    };
+    ConfigError::Parse {
+        origin: origin.to_owned(),
+        line,
+        column,
+        key: key.map(|k| format!("key `{k}`: ")).unwrap_or_default(),
+        message: err.message().replace('\n', " ").trim().to_owned(),
+    }
+}
+
+/// The key assigned on a TOML line (`key = value`), if any.
+fn key_on_line(line: &str) -> Option<&str> {
+    let (lhs, _) = line.split_once('=')?;
+    let key = lhs.trim().trim_matches('"');
+    (!key.is_empty() && !key.starts_with('[')).then_some(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from(text: &str) -> Result<LoadedConfig, ConfigError> {
+        LoadedConfig::from_toml(text, ConfigSource::File(PathBuf::from("/etc/oxbox/x.toml")))
+    }
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let loaded = LoadedConfig::load(None).expect("embedded default must validate");
+        assert_eq!(loaded.config.server.listen, "127.0.0.1:8480");
+        assert_eq!(loaded.config.limits.max_image_megapixels, 100);
+        assert_eq!(loaded.config.model.input_size, 224);
+        assert_eq!(loaded.source, ConfigSource::Embedded);
+    }
+
+    #[test]
+    fn unknown_key_names_key_file_and_line() {
+        let err = from("[site]\nid = \"a\"\nname = \"b\"\ncolour = \"red\"\n")
+            .expect_err("unknown key must fail")
+            .to_string();
+        assert!(err.starts_with("/etc/oxbox/x.toml:4:"), "{err}");
+        assert!(err.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_key_and_line() {
+        let err =
+            from("[site]\nid = \"a\"\nname = \"b\"\n[limits]\nmax_image_megapixels = \"lots\"\n")
+                .expect_err("wrong type must fail")
+                .to_string();
+        assert!(err.contains(":5:"), "{err}");
+        assert!(err.contains("key `max_image_megapixels`"), "{err}");
+    }
+
+    #[test]
+    fn validation_collects_every_problem() {
+        let err = from(
+            "[site]\nid = \"bad id!\"\nname = \"b\"\n[server]\nlisten = \"nowhere\"\n[model]\ndevice = \"tpu\"\n",
+        )
+        .expect_err("invalid values must fail");
+        match err {
+            ConfigError::Invalid { problems, .. } => {
+                assert_eq!(problems.len(), 3, "{problems:?}");
+                assert!(problems[0].starts_with("site.id"));
+                assert!(problems[1].starts_with("server.listen"));
+                assert!(problems[2].starts_with("model.device"));
+            }
+            other => panic!("expected Invalid, got {other}"),
+        }
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_file() {
+        let loaded = from("[site]\nid = \"a\"\nname = \"b\"\n[storage]\ndata_dir = \"state\"\n")
+            .expect("valid");
+        assert_eq!(
+            loaded.config.storage.data_dir,
+            PathBuf::from("/etc/oxbox/state")
+        );
+    }
+
+    #[test]
+    fn devices_parse() {
+        assert_eq!(parse_device("cpu"), Some(DeviceSpec::Cpu));
+        assert_eq!(parse_device("cuda:1"), Some(DeviceSpec::Cuda(1)));
+        assert_eq!(parse_device("cuda:"), None);
+        assert_eq!(parse_device("gpu"), None);
+    }
+}

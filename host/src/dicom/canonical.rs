@@ -1,0 +1,439 @@
+//! Canonical chest-radiograph preprocessing, v1: stored values → (1, S, S).
+//!
+//! The normative text is `shared/spec/canonical-preprocessing.md`; its
+//! reference implementation is `cxr_reference.py preprocess`. Steps, in the
+//! spec's numbering: (3) padding mask, (4) modality LUT, (5) VOI — VOI LUT
+//! Sequence, else window (LINEAR / LINEAR_EXACT / SIGMOID), else 0.5–99.5
+//! percentiles, (6) polarity, (7) padding to 0, (8) centred square crop,
+//! (9) exact area-averaging resize, rows then columns.
+//!
+//! How it is computed (same result, less work): every step up to (7) is a
+//! function of the stored value alone, so for stored values that span at most
+//! [`MAX_LUT_ENTRIES`] (every CR/DX/CT/MR image) the steps are tabulated once
+//! per distinct value and percentiles come from a histogram of stored values
+//! (exact order statistics, no sort). The table is then read only for the
+//! pixels of the crop, fused with the row pass of the resize.
+
+use serde::Serialize;
+
+use super::header::{Geometry, ImageHeader, VoiLut};
+use super::pixels::StoredFrame;
+
+/// Widest stored-value range tabulated; wider data (32-bit) is mapped per pixel.
+pub const MAX_LUT_ENTRIES: i64 = 1 << 20;
+
+/// Which VOI rule of step 5 produced the image (the reference's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VoiMethod {
+    /// First item of the VOI LUT Sequence.
+    VoiLutSequence,
+    /// Window, VOI LUT Function LINEAR (or absent).
+    WindowLinear,
+    /// Window, LINEAR_EXACT.
+    WindowLinearExact,
+    /// Window, SIGMOID.
+    WindowSigmoid,
+    /// 0.5th–99.5th percentiles of non-padding modality values.
+    Percentile,
+    /// Percentiles, but the image is flat (every output is 0).
+    PercentileFlat,
+}
+
+impl VoiMethod {
+    /// The name the reference implementation prints.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VoiMethod::VoiLutSequence => "voi-lut-sequence",
+            VoiMethod::WindowLinear => "window-linear",
+            VoiMethod::WindowLinearExact => "window-linear-exact",
+            VoiMethod::WindowSigmoid => "window-sigmoid",
+            VoiMethod::Percentile => "percentile",
+            VoiMethod::PercentileFlat => "percentile-flat",
+        }
+    }
+}
+
+/// The model-ready image: `size` × `size` float32 in [0, 1], row-major,
+/// 0 = black (air), 1 = white (bone). Shape (1, S, S) when saved.
+#[derive(Debug, Clone)]
+pub struct CanonicalImage {
+    /// S.
+    pub size: u32,
+    /// S × S values, row-major.
+    pub data: Vec<f32>,
+    /// The VOI rule that applied.
+    pub voi: VoiMethod,
+}
+
+impl CanonicalImage {
+    /// Mean of all values (the reference prints it; handy for quick checks).
+    pub fn mean(&self) -> f64 {
+        self.data.iter().map(|&v| f64::from(v)).sum::<f64>() / self.data.len().max(1) as f64
+    }
+}
+
+/// Step 5 as a function of the modality value x.
+#[derive(Debug, Clone)]
+enum Voi<'a> {
+    Lut { lut: &'a VoiLut, scale: f64 },
+    Linear { center: f64, width: f64 },
+    LinearExact { center: f64, width: f64 },
+    Sigmoid { center: f64, width: f64 },
+    Range { lo: f64, hi: f64 },
+    Flat,
+}
+
+impl Voi<'_> {
+    fn apply(&self, x: f64) -> f64 {
+        match *self {
+            Voi::Lut { lut, scale } => {
+                let idx = (x.round_ties_even() - lut.first_mapped as f64)
+                    .clamp(0.0, (lut.entries - 1) as f64) as usize;
+                lut.data[idx] * scale
+            }
+            Voi::Linear { center, width } if width == 1.0 => {
+                if x > center - 0.5 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            Voi::Linear { center, width } => {
+                ((x - (center - 0.5)) / (width - 1.0) + 0.5).clamp(0.0, 1.0)
+            }
+            Voi::LinearExact { center, width } => ((x - center) / width + 0.5).clamp(0.0, 1.0),
+            Voi::Sigmoid { center, width } => 1.0 / (1.0 + (-4.0 * (x - center) / width).exp()),
+            Voi::Range { lo, hi } => ((x - lo) / (hi - lo)).clamp(0.0, 1.0),
+            Voi::Flat => 0.0,
+        }
+    }
+}
+
+/// Steps 3–7 for one stored value: padding, modality LUT, VOI, polarity.
+struct PixelMap<'a> {
+    pad: Option<(i64, i64)>,
+    slope: f64,
+    intercept: f64,
+    voi: Voi<'a>,
+    invert: bool,
+}
+
+impl PixelMap<'_> {
+    fn is_padding(&self, stored: i64) -> bool {
+        self.pad
+            .is_some_and(|(lo, hi)| lo <= stored && stored <= hi)
+    }
+
+    fn modality(&self, stored: i64) -> f64 {
+        stored as f64 * self.slope + self.intercept
+    }
+
+    fn apply(&self, stored: i64) -> f32 {
+        if self.is_padding(stored) {
+            return 0.0;
+        }
+        let y = self.voi.apply(self.modality(stored));
+        (if self.invert { 1.0 - y } else { y }) as f32
+    }
+}
+
+/// Runs canonical preprocessing v1 on frame 1 at output size `size`.
+pub fn preprocess(
+    header: &ImageHeader,
+    geometry: &Geometry,
+    frame: &StoredFrame,
+    size: u32,
+) -> CanonicalImage {
+    let values = &frame.values;
+    let (min, max) = values.iter().fold((i64::MAX, i64::MIN), |(lo, hi), &v| {
+        (lo.min(v.into()), hi.max(v.into()))
+    });
+    let tabulate = !values.is_empty() && max - min < MAX_LUT_ENTRIES;
+
+    // Modality LUT (step 4); a zero slope is taken as absent, as the reference does.
+    let slope = header.rescale_slope.filter(|&s| s != 0.0).unwrap_or(1.0);
+    let intercept = header.rescale_intercept.unwrap_or(0.0);
+    let pad = padding_range(header, geometry);
+    let mut map = PixelMap {
+        pad,
+        slope,
+        intercept,
+        voi: Voi::Flat,
+        invert: geometry.monochrome1
+            ^ (header.presentation_lut_shape.as_deref() == Some("INVERSE")),
+    };
+
+    // VOI (step 5): file's LUT, else file's window, else percentiles.
+    let method;
+    map.voi = if let Some(lut) = &header.voi_lut {
+        method = VoiMethod::VoiLutSequence;
+        Voi::Lut {
+            lut,
+            scale: 1.0 / ((1u64 << lut.bits) - 1) as f64,
+        }
+    } else if let (Some(&center), Some(&width)) =
+        (header.window_center.first(), header.window_width.first())
+        && width >= 1.0
+    {
+        match header.voi_lut_function.as_deref() {
+            Some("SIGMOID") => {
+                method = VoiMethod::WindowSigmoid;
+                Voi::Sigmoid { center, width }
+            }
+            Some("LINEAR_EXACT") => {
+                method = VoiMethod::WindowLinearExact;
+                Voi::LinearExact { center, width }
+            }
+            _ => {
+                method = VoiMethod::WindowLinear;
+                Voi::Linear { center, width }
+            }
+        }
+    } else {
+        let histogram = tabulate.then(|| Histogram::new(values, min, max, &map));
+        let (lo, hi) = match &histogram {
+            Some(h) => h.modality_percentiles(&map),
+            None => sorted_percentiles(values, &map),
+        };
+        if hi <= lo {
+            method = VoiMethod::PercentileFlat;
+            Voi::Flat
+        } else {
+            method = VoiMethod::Percentile;
+            Voi::Range { lo, hi }
+        }
+    };
+
+    // Steps 3–7 as one table over the stored range, or per pixel.
+    let table: Option<Vec<f32>> = tabulate.then(|| (min..=max).map(|v| map.apply(v)).collect());
+    let pixel = |i: usize| -> f32 {
+        match &table {
+            Some(t) => t[(i64::from(values[i]) - min) as usize],
+            None => map.apply(values[i].into()),
+        }
+    };
+
+    // Step 8: the largest centred square.
+    let rows = frame.rows as usize;
+    let cols = frame.columns as usize;
+    let side = rows.min(cols);
+    let top = (rows - side) / 2;
+    let left = (cols - side) / 2;
+    let out = size as usize;
+
+    // Step 9: exact area averaging, rows first, then columns.
+    let weights = AreaWeights::new(side, out);
+    let mut by_rows = vec![0f32; out * side];
+    for (i, acc) in by_rows.chunks_exact_mut(side).enumerate() {
+        for &(j, w) in weights.cell(i) {
+            let base = (top + j) * cols + left;
+            for (c, a) in acc.iter_mut().enumerate() {
+                *a += w * pixel(base + c);
+            }
+        }
+    }
+    let mut data = vec![0f32; out * out];
+    for (row_in, row_out) in by_rows.chunks_exact(side).zip(data.chunks_exact_mut(out)) {
+        for (k, o) in row_out.iter_mut().enumerate() {
+            *o = weights.cell(k).iter().map(|&(j, w)| w * row_in[j]).sum();
+        }
+    }
+    CanonicalImage {
+        size,
+        data,
+        voi: method,
+    }
+}
+
+/// The padding range (step 3) in stored values, if the file declares one.
+fn padding_range(header: &ImageHeader, geometry: &Geometry) -> Option<(i64, i64)> {
+    // Implicit VR cannot say whether padding is US or SS: read 16-bit values
+    // as the Pixel Representation says (as pydicom resolves the ambiguous VR).
+    let as_stored = |v: i64| {
+        if geometry.signed
+            && geometry.bits_allocated <= 16
+            && v > i64::from(i16::MAX)
+            && v <= 0xFFFF
+        {
+            i64::from(v as u16 as i16)
+        } else {
+            v
+        }
+    };
+    let pad = as_stored(header.pixel_padding_value?);
+    let limit = header.pixel_padding_range_limit.map_or(pad, as_stored);
+    Some((pad.min(limit), pad.max(limit)))
+}
+
+/// Counts of each stored value over non-padding pixels.
+struct Histogram {
+    min: i64,
+    counts: Vec<u64>,
+    total: u64,
+}
+
+impl Histogram {
+    fn new(values: &[i32], min: i64, max: i64, map: &PixelMap<'_>) -> Self {
+        let mut counts = vec![0u64; (max - min + 1) as usize];
+        for &v in values {
+            counts[(i64::from(v) - min) as usize] += 1;
+        }
+        let mut total: u64 = counts.iter().sum();
+        // Percentiles are over non-padding pixels, unless every pixel is padding.
+        let padding: u64 = (min..=max)
+            .filter(|&v| map.is_padding(v))
+            .map(|v| counts[(v - min) as usize])
+            .sum();
+        if padding < total {
+            for v in min..=max {
+                if map.is_padding(v) {
+                    counts[(v - min) as usize] = 0;
+                }
+            }
+            total -= padding;
+        }
+        Self { min, counts, total }
+    }
+
+    /// The k-th smallest stored value (0-based).
+    fn kth(&self, k: u64) -> i64 {
+        let mut seen = 0;
+        for (offset, &c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen > k {
+                return self.min + offset as i64;
+            }
+        }
+        self.min + self.counts.len() as i64 - 1
+    }
+
+    /// 0.5th and 99.5th percentiles of the modality values.
+    fn modality_percentiles(&self, map: &PixelMap<'_>) -> (f64, f64) {
+        let n = self.total;
+        // A negative slope reverses the order of modality values.
+        let kth_modality = |k: u64| {
+            let k = if map.slope < 0.0 { n - 1 - k } else { k };
+            map.modality(self.kth(k))
+        };
+        (
+            percentile(n, 0.5, &kth_modality),
+            percentile(n, 99.5, &kth_modality),
+        )
+    }
+}
+
+/// Percentiles for data too wide to tabulate: sort the modality values.
+fn sorted_percentiles(values: &[i32], map: &PixelMap<'_>) -> (f64, f64) {
+    let mut xs: Vec<f64> = values
+        .iter()
+        .filter(|&&v| !map.is_padding(v.into()))
+        .map(|&v| map.modality(v.into()))
+        .collect();
+    if xs.is_empty() {
+        xs = values.iter().map(|&v| map.modality(v.into())).collect();
+    }
+    xs.sort_unstable_by(f64::total_cmp);
+    let kth = |k: u64| xs[k as usize];
+    (
+        percentile(xs.len() as u64, 0.5, &kth),
+        percentile(xs.len() as u64, 99.5, &kth),
+    )
+}
+
+/// numpy's default ("linear") percentile from a k-th order statistic oracle.
+fn percentile(n: u64, q: f64, kth: &dyn Fn(u64) -> f64) -> f64 {
+    if n == 0 {
+        return 0.0;
+    }
+    let index = q / 100.0 * (n - 1) as f64;
+    let below = index.floor() as u64;
+    let above = (below + 1).min(n - 1);
+    let t = index - below as f64;
+    let (a, b) = (kth(below), kth(above));
+    // numpy's _lerp: exact at both ends.
+    if t >= 0.5 {
+        b - (b - a) * (1.0 - t)
+    } else {
+        a + (b - a) * t
+    }
+}
+
+/// For each output cell of an n → m area resize, the input cells it covers
+/// and their weights (overlap length / cell length), summing to 1.
+struct AreaWeights {
+    cells: Vec<Vec<(usize, f32)>>,
+}
+
+impl AreaWeights {
+    fn new(n: usize, m: usize) -> Self {
+        let scale = n as f64 / m as f64;
+        let cells = (0..m)
+            .map(|i| {
+                let (start, end) = (i as f64 * scale, (i + 1) as f64 * scale);
+                let first = start.floor() as usize;
+                let last = (end.ceil() as usize).min(n);
+                (first..last)
+                    .filter_map(|j| {
+                        let overlap = end.min(j as f64 + 1.0) - start.max(j as f64);
+                        (overlap > 0.0).then(|| (j, (overlap / scale) as f32))
+                    })
+                    .collect()
+            })
+            .collect();
+        Self { cells }
+    }
+
+    fn cell(&self, i: usize) -> &[(usize, f32)] {
+        &self.cells[i]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn area_weights_cover_each_cell_once() {
+        for (n, m) in [(1841, 224), (224, 224), (100, 224), (7, 3)] {
+            let w = AreaWeights::new(n, m);
+            for i in 0..m {
+                let sum: f32 = w.cell(i).iter().map(|&(_, x)| x).sum();
+                assert!((sum - 1.0).abs() < 1e-5, "{n}->{m} cell {i}: {sum}");
+            }
+            let mut coverage = vec![0f64; n];
+            for i in 0..m {
+                for &(j, x) in w.cell(i) {
+                    coverage[j] += f64::from(x) * n as f64 / m as f64;
+                }
+            }
+            assert!(coverage.iter().all(|c| (c - 1.0).abs() < 1e-4), "{n}->{m}");
+        }
+    }
+
+    #[test]
+    fn percentile_matches_numpy_linear() {
+        // numpy.percentile(range(10), [0.5, 99.5]) == [0.045, 8.955]
+        let kth = |k: u64| k as f64;
+        assert!((percentile(10, 0.5, &kth) - 0.045).abs() < 1e-12);
+        assert!((percentile(10, 99.5, &kth) - 8.955).abs() < 1e-12);
+        assert_eq!(percentile(1, 99.5, &kth), 0.0);
+    }
+
+    #[test]
+    fn window_linear_follows_ps3_3() {
+        let voi = Voi::Linear {
+            center: 100.0,
+            width: 51.0,
+        };
+        assert_eq!(voi.apply(74.5), 0.0);
+        assert!((voi.apply(99.5) - 0.5).abs() < 1e-12);
+        assert_eq!(voi.apply(200.0), 1.0);
+        let step = Voi::Linear {
+            center: 10.0,
+            width: 1.0,
+        };
+        assert_eq!(step.apply(9.4), 0.0);
+        assert_eq!(step.apply(9.6), 1.0);
+    }
+}

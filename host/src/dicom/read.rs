@@ -1,0 +1,236 @@
+//! Reading: bytes → a parsed DICOM object (dicom-object), pixels untouched.
+//!
+//! Trusts nothing: the size is checked before reading, the input is parsed
+//! from memory (so a length field can never make the parser read past the
+//! file), and the three layouts seen in the wild are accepted:
+//! - a Part 10 file: 128-byte preamble, `DICM`, file meta group, data set;
+//! - the same without the preamble;
+//! - a bare data set with no file meta group at all (old modalities, raw
+//!   exports). Its encoding is detected from the first element header:
+//!   explicit or implicit VR, little or big endian.
+
+use std::io::Read;
+use std::path::Path;
+
+use dicom_dictionary_std::{tags, uids};
+use dicom_encoding::TransferSyntaxIndex;
+use dicom_object::{
+    FileDicomObject, FileMetaTableBuilder, InMemDicomObject, OpenFileOptions, file::ReadPreamble,
+};
+use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+
+use super::{DicomError, Result};
+use crate::config::LimitsConfig;
+
+/// Explicit VR Big Endian: retired from the standard (so deprecated in the
+/// dictionary), still found in archives, and still read here.
+pub(crate) const EXPLICIT_VR_BIG_ENDIAN: &str = "1.2.840.10008.1.2.2";
+
+/// A parsed DICOM file, with how it was laid out.
+pub struct DicomFile {
+    object: FileDicomObject<InMemDicomObject>,
+    has_file_meta: bool,
+}
+
+impl std::fmt::Debug for DicomFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Deliberately no attribute values: they may identify the patient.
+        f.debug_struct("DicomFile")
+            .field("transfer_syntax", &self.transfer_syntax())
+            .field("has_file_meta", &self.has_file_meta)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DicomFile {
+    /// Opens and parses `path`, refusing files over `limits.max_dicom_file_mib`.
+    ///
+    /// # Errors
+    /// [`DicomError::Io`], [`DicomError::FileTooLarge`], [`DicomError::Empty`]
+    /// or [`DicomError::NotDicom`].
+    pub fn open(path: &Path, limits: &LimitsConfig) -> Result<Self> {
+        let io = |source| DicomError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(io)?;
+        let size = file.metadata().map_err(io)?.len();
+        let limit = limits.max_dicom_file_bytes();
+        if size > limit {
+            return Err(DicomError::FileTooLarge { size, limit });
+        }
+        let mut bytes = Vec::with_capacity(size as usize);
+        // `take` guards against a file that grows while we read it.
+        file.take(limit + 1).read_to_end(&mut bytes).map_err(io)?;
+        Self::from_bytes(&bytes, limits)
+    }
+
+    /// Parses a DICOM file held in memory.
+    ///
+    /// # Errors
+    /// As [`DicomFile::open`], without the I/O errors.
+    pub fn from_bytes(bytes: &[u8], limits: &LimitsConfig) -> Result<Self> {
+        let limit = limits.max_dicom_file_bytes();
+        if bytes.len() as u64 > limit {
+            return Err(DicomError::FileTooLarge {
+                size: bytes.len() as u64,
+                limit,
+            });
+        }
+        if bytes.is_empty() {
+            return Err(DicomError::Empty);
+        }
+        crate::guard::no_panic("DICOM parser", || parse(bytes))
+            .map_err(|reason| DicomError::NotDicom { reason })?
+    }
+
+    /// The parsed object (file meta group + data set).
+    pub fn object(&self) -> &FileDicomObject<InMemDicomObject> {
+        &self.object
+    }
+
+    /// The transfer syntax UID the data set is encoded in.
+    pub fn transfer_syntax(&self) -> &str {
+        self.object
+            .meta()
+            .transfer_syntax()
+            .trim_end_matches(['\0', ' '])
+    }
+
+    /// Whether the file carried a file meta group (false: a bare data set
+    /// whose encoding was detected).
+    pub fn has_file_meta(&self) -> bool {
+        self.has_file_meta
+    }
+}
+
+fn parse(bytes: &[u8]) -> Result<DicomFile> {
+    let not_dicom = |e: &dyn std::fmt::Display| DicomError::NotDicom {
+        reason: one_line(e),
+    };
+    let part10 = if bytes.len() >= 132 && &bytes[128..132] == b"DICM" {
+        Some(&bytes[128..])
+    } else if bytes.starts_with(b"DICM") {
+        Some(bytes)
+    } else {
+        None
+    };
+    if let Some(from_magic) = part10 {
+        let object = OpenFileOptions::new()
+            .read_preamble(ReadPreamble::Never)
+            .from_reader(from_magic)
+            .map_err(|e| not_dicom(&e))?;
+        return Ok(DicomFile {
+            object,
+            has_file_meta: true,
+        });
+    }
+
+    let ts_uid = detect_bare_encoding(bytes).ok_or_else(|| DicomError::NotDicom {
+        reason: "no DICM magic and the first bytes are not a DICOM element header".to_owned(),
+    })?;
+    let ts = TransferSyntaxRegistry
+        .get(ts_uid)
+        .ok_or_else(|| DicomError::NotDicom {
+            reason: format!("transfer syntax {ts_uid} is not registered"),
+        })?;
+    let dataset = InMemDicomObject::read_dataset_with_ts(bytes, ts).map_err(|e| not_dicom(&e))?;
+    let text = |tag| {
+        dataset
+            .get(tag)
+            .and_then(|e| e.to_str().ok())
+            .map(|s| s.trim_end_matches(['\0', ' ']).to_owned())
+    };
+    let sop_class = text(tags::SOP_CLASS_UID)
+        .unwrap_or_else(|| uids::SECONDARY_CAPTURE_IMAGE_STORAGE.to_owned());
+    let sop_instance = text(tags::SOP_INSTANCE_UID).unwrap_or_else(|| "2.25.0".to_owned());
+    let meta = FileMetaTableBuilder::new()
+        .media_storage_sop_class_uid(sop_class)
+        .media_storage_sop_instance_uid(sop_instance)
+        .transfer_syntax(ts_uid)
+        .build()
+        .map_err(|e| not_dicom(&e))?;
+    Ok(DicomFile {
+        object: dataset.with_exact_meta(meta),
+        has_file_meta: false,
+    })
+}
+
+/// Guesses the encoding of a data set without file meta from its first
+/// element header: group and element numbers, then either a two-letter VR
+/// (explicit) or a 32-bit length (implicit).
+fn detect_bare_encoding(bytes: &[u8]) -> Option<&'static str> {
+    if bytes.len() < 8 {
+        return None;
+    }
+    let group_le = u16::from_le_bytes([bytes[0], bytes[1]]);
+    let group_be = u16::from_be_bytes([bytes[0], bytes[1]]);
+    let plausible = |g: u16| g != 0 && g % 2 == 0 && g <= 0x0100 || g == 0x0002;
+    let explicit = is_vr(&bytes[4..6]);
+    if plausible(group_le) {
+        Some(if explicit {
+            uids::EXPLICIT_VR_LITTLE_ENDIAN
+        } else {
+            uids::IMPLICIT_VR_LITTLE_ENDIAN
+        })
+    } else if plausible(group_be) && explicit {
+        Some(EXPLICIT_VR_BIG_ENDIAN)
+    } else {
+        None
+    }
+}
+
+/// Whether two bytes spell one of the value representations of PS3.5 6.2.
+fn is_vr(code: &[u8]) -> bool {
+    const VRS: [&[u8; 2]; 34] = [
+        b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"OB",
+        b"OD", b"OF", b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM",
+        b"UC", b"UI", b"UL", b"UN", b"UR", b"US", b"UT", b"UV",
+    ];
+    VRS.iter().any(|vr| vr.as_slice() == code)
+}
+
+/// A parser message on one line (dicom-rs errors can nest).
+fn one_line(e: &dyn std::fmt::Display) -> String {
+    e.to_string().replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_encodings_are_detected() {
+        // (0008,0005) CS in explicit VR LE
+        let explicit_le = [0x08, 0x00, 0x05, 0x00, b'C', b'S', 0x0a, 0x00];
+        assert_eq!(
+            detect_bare_encoding(&explicit_le),
+            Some(uids::EXPLICIT_VR_LITTLE_ENDIAN)
+        );
+        // (0008,0005) implicit VR LE, length 10
+        let implicit_le = [0x08, 0x00, 0x05, 0x00, 0x0a, 0x00, 0x00, 0x00];
+        assert_eq!(
+            detect_bare_encoding(&implicit_le),
+            Some(uids::IMPLICIT_VR_LITTLE_ENDIAN)
+        );
+        let explicit_be = [0x00, 0x08, 0x00, 0x05, b'C', b'S', 0x00, 0x0a];
+        assert_eq!(
+            detect_bare_encoding(&explicit_be),
+            Some(EXPLICIT_VR_BIG_ENDIAN)
+        );
+        assert_eq!(detect_bare_encoding(b"%PDF-1.7 hello"), None);
+    }
+
+    #[test]
+    fn empty_and_garbage_are_refused() {
+        let limits = LimitsConfig::default();
+        assert!(matches!(
+            DicomFile::from_bytes(b"", &limits),
+            Err(DicomError::Empty)
+        ));
+        assert!(matches!(
+            DicomFile::from_bytes(b"GIF89a not a dicom file at all", &limits),
+            Err(DicomError::NotDicom { .. })
+        ));
+    }
+}

@@ -1,0 +1,26 @@
+//! # oxbox
+//!
+//! The appliance a hospital runs on its radiology edge box for EXAM-style
+//! federated learning: a chest radiograph plus emergency-room vital signs and
+//! labs in, oxygen-need probabilities out; site knowledge in sandboxed
+//! WebAssembly plugins; only signed, filtered weight shards leave the site.
+//!
+//! ## Map of the crate, in the order data flows
+//!
+//! | module        | stage                                                          |
+//! |---------------|----------------------------------------------------------------|
+//! | [`config`]    | the box's TOML configuration, strictly parsed and validated    |
+//! | [`dicom`]     | DICOM file → checked header → stored pixels → canonical tensor |
+//! | [`output`]    | tensors and previews written atomically (`.npy`, PNG)          |
+//! | [`guard`]     | panic containment around third-party parsers and codecs        |
+//!
+//! The binary (`src/main.rs`, `src/cli/`) only parses arguments, calls into
+//! these modules and maps errors to exit codes: 0 success, 1 failure, 2 bad
+//! input or usage.
+
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod dicom;
+pub mod guard;
+pub mod output;
