@@ -1,1 +1,11 @@
+//! End-to-end tests: drive the built `oxbox` binary on real DICOM files.
+//!
+//! The corpus (pydicom's test files, the NEMA WG04 set, RG1 re-encoded by
+//! dcmtk and GDCM into every transfer syntax, and the reference
+//! implementation's output for each) is built by `tests/corpus/build.sh`,
+//! which the README's test command runs first.
 
+mod agreement;
+mod bad_input;
+mod cli;
+mod util;

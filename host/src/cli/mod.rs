@@ -101,9 +101,11 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
 
 /// Logs go to stderr; stdout is for results.
 pub fn init_logging(verbose: u8) {
+    // Dependencies' own warnings (e.g. dicom-rs on a missing optional meta
+    // attribute) stay quiet unless asked for: stderr carries one error line.
     let default = match verbose {
-        0 => "warn",
-        1 => "info",
+        0 => "error,oxbox=warn",
+        1 => "warn,oxbox=info",
         _ => "debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -112,5 +114,6 @@ pub fn init_logging(verbose: u8) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }

@@ -8,16 +8,19 @@
 //! (9) exact area-averaging resize, rows then columns.
 //!
 //! How it is computed (same result, less work): every step up to (7) is a
-//! function of the stored value alone, so for stored values that span at most
-//! [`MAX_LUT_ENTRIES`] (every CR/DX/CT/MR image) the steps are tabulated once
-//! per distinct value and percentiles come from a histogram of stored values
-//! (exact order statistics, no sort). The table is then read only for the
-//! pixels of the crop, fused with the row pass of the resize.
+//! function of the sample word alone, so for 8- and 16-bit samples (every
+//! CR/DX/CT/MR image) the steps — with the unused-bit masking and sign
+//! extension of step 2 — are tabulated once per possible word, and
+//! percentiles come from a histogram (exact order statistics, no sort). The
+//! table is then read only for the pixels of the crop, fused with the row
+//! pass of the resize. Wider data whose values span at most
+//! [`MAX_LUT_ENTRIES`] is tabulated over that span; anything else is mapped
+//! pixel by pixel.
 
 use serde::Serialize;
 
 use super::header::{Geometry, ImageHeader, VoiLut};
-use super::pixels::StoredFrame;
+use super::pixels::{DecodedFrame, Samples};
 
 /// Widest stored-value range tabulated; wider data (32-bit) is mapped per pixel.
 pub const MAX_LUT_ENTRIES: i64 = 1 << 20;
@@ -92,7 +95,8 @@ impl Voi<'_> {
                     .clamp(0.0, (lut.entries - 1) as f64) as usize;
                 lut.data[idx] * scale
             }
-            Voi::Linear { center, width } if width == 1.0 => {
+            // PS3.3 C.11.2.1.2.1: width 1 is a step at c − 0.5.
+            Voi::Linear { center, width: 1.0 } => {
                 if x > center - 0.5 {
                     1.0
                 } else {
@@ -142,107 +146,146 @@ impl PixelMap<'_> {
 pub fn preprocess(
     header: &ImageHeader,
     geometry: &Geometry,
-    frame: &StoredFrame,
+    frame: &DecodedFrame<'_>,
     size: u32,
 ) -> CanonicalImage {
-    let values = &frame.values;
-    let (min, max) = values.iter().fold((i64::MAX, i64::MIN), |(lo, hi), &v| {
-        (lo.min(v.into()), hi.max(v.into()))
-    });
-    let tabulate = !values.is_empty() && max - min < MAX_LUT_ENTRIES;
-
     // Modality LUT (step 4); a zero slope is taken as absent, as the reference does.
     let slope = header.rescale_slope.filter(|&s| s != 0.0).unwrap_or(1.0);
     let intercept = header.rescale_intercept.unwrap_or(0.0);
-    let pad = padding_range(header, geometry);
     let mut map = PixelMap {
-        pad,
+        pad: padding_range(header, geometry),
         slope,
         intercept,
         voi: Voi::Flat,
         invert: geometry.monochrome1
             ^ (header.presentation_lut_shape.as_deref() == Some("INVERSE")),
     };
+    let bits = frame.bits;
+
+    // The distinct stored values and how often each occurs, when cheap to count.
+    let histogram = match &frame.samples {
+        Samples::U8(s) => Some(Histogram::of_words(
+            s.iter().map(|&v| usize::from(v)),
+            256,
+            |w| bits.stored(w),
+        )),
+        Samples::U16(s) => Some(Histogram::of_words(
+            s.iter().map(|&v| usize::from(v)),
+            65536,
+            |w| bits.stored(w),
+        )),
+        Samples::Stored(v) => Histogram::of_stored(v),
+    };
 
     // VOI (step 5): file's LUT, else file's window, else percentiles.
-    let method;
-    map.voi = if let Some(lut) = &header.voi_lut {
-        method = VoiMethod::VoiLutSequence;
-        Voi::Lut {
-            lut,
-            scale: 1.0 / ((1u64 << lut.bits) - 1) as f64,
-        }
-    } else if let (Some(&center), Some(&width)) =
-        (header.window_center.first(), header.window_width.first())
-        && width >= 1.0
-    {
-        match header.voi_lut_function.as_deref() {
-            Some("SIGMOID") => {
-                method = VoiMethod::WindowSigmoid;
-                Voi::Sigmoid { center, width }
-            }
-            Some("LINEAR_EXACT") => {
-                method = VoiMethod::WindowLinearExact;
-                Voi::LinearExact { center, width }
-            }
-            _ => {
-                method = VoiMethod::WindowLinear;
-                Voi::Linear { center, width }
-            }
-        }
-    } else {
-        let histogram = tabulate.then(|| Histogram::new(values, min, max, &map));
+    let (voi, method) = file_voi(header).unwrap_or_else(|| {
         let (lo, hi) = match &histogram {
             Some(h) => h.modality_percentiles(&map),
-            None => sorted_percentiles(values, &map),
+            None => sorted_percentiles(&frame.stored_values(), &map),
         };
         if hi <= lo {
-            method = VoiMethod::PercentileFlat;
-            Voi::Flat
+            (Voi::Flat, VoiMethod::PercentileFlat)
         } else {
-            method = VoiMethod::Percentile;
-            Voi::Range { lo, hi }
+            (Voi::Range { lo, hi }, VoiMethod::Percentile)
         }
-    };
+    });
+    map.voi = voi;
 
-    // Steps 3–7 as one table over the stored range, or per pixel.
-    let table: Option<Vec<f32>> = tabulate.then(|| (min..=max).map(|v| map.apply(v)).collect());
-    let pixel = |i: usize| -> f32 {
-        match &table {
-            Some(t) => t[(i64::from(values[i]) - min) as usize],
-            None => map.apply(values[i].into()),
+    // Steps 8 and 9 over steps 2–7, tabulated per sample word where possible.
+    let crop = Crop::centred(frame.rows as usize, frame.columns as usize, size as usize);
+    let data = match &frame.samples {
+        Samples::U8(s) => {
+            let table: Vec<f32> = (0..256u32).map(|w| map.apply(bits.stored(w))).collect();
+            crop.resize(s, |v| table[usize::from(v)])
         }
-    };
-
-    // Step 8: the largest centred square.
-    let rows = frame.rows as usize;
-    let cols = frame.columns as usize;
-    let side = rows.min(cols);
-    let top = (rows - side) / 2;
-    let left = (cols - side) / 2;
-    let out = size as usize;
-
-    // Step 9: exact area averaging, rows first, then columns.
-    let weights = AreaWeights::new(side, out);
-    let mut by_rows = vec![0f32; out * side];
-    for (i, acc) in by_rows.chunks_exact_mut(side).enumerate() {
-        for &(j, w) in weights.cell(i) {
-            let base = (top + j) * cols + left;
-            for (c, a) in acc.iter_mut().enumerate() {
-                *a += w * pixel(base + c);
+        Samples::U16(s) => {
+            let table: Vec<f32> = (0..65536u32).map(|w| map.apply(bits.stored(w))).collect();
+            crop.resize(s, |v| table[usize::from(v)])
+        }
+        Samples::Stored(v) => match &histogram {
+            Some(h) => {
+                let (min, max) = (h.min(), h.max());
+                let table: Vec<f32> = (min..=max).map(|x| map.apply(x)).collect();
+                crop.resize(v, |x| table[(i64::from(x) - min) as usize])
             }
-        }
-    }
-    let mut data = vec![0f32; out * out];
-    for (row_in, row_out) in by_rows.chunks_exact(side).zip(data.chunks_exact_mut(out)) {
-        for (k, o) in row_out.iter_mut().enumerate() {
-            *o = weights.cell(k).iter().map(|&(j, w)| w * row_in[j]).sum();
-        }
-    }
+            None => crop.resize(v, |x| map.apply(x.into())),
+        },
+    };
     CanonicalImage {
         size,
         data,
         voi: method,
+    }
+}
+
+/// The VOI the file itself asks for: its VOI LUT, else its window.
+fn file_voi(header: &ImageHeader) -> Option<(Voi<'_>, VoiMethod)> {
+    if let Some(lut) = &header.voi_lut {
+        let scale = 1.0 / ((1u64 << lut.bits) - 1) as f64;
+        return Some((Voi::Lut { lut, scale }, VoiMethod::VoiLutSequence));
+    }
+    let (&center, &width) = (header.window_center.first()?, header.window_width.first()?);
+    if width < 1.0 {
+        return None;
+    }
+    Some(match header.voi_lut_function.as_deref() {
+        Some("SIGMOID") => (Voi::Sigmoid { center, width }, VoiMethod::WindowSigmoid),
+        Some("LINEAR_EXACT") => (
+            Voi::LinearExact { center, width },
+            VoiMethod::WindowLinearExact,
+        ),
+        _ => (Voi::Linear { center, width }, VoiMethod::WindowLinear),
+    })
+}
+
+/// Steps 8 and 9: the largest centred square, resized by exact area
+/// averaging to `out` × `out`, rows first, then columns.
+struct Crop {
+    columns: usize,
+    side: usize,
+    top: usize,
+    left: usize,
+    out: usize,
+    weights: AreaWeights,
+}
+
+impl Crop {
+    fn centred(rows: usize, columns: usize, out: usize) -> Self {
+        let side = rows.min(columns);
+        Self {
+            columns,
+            side,
+            top: (rows - side) / 2,
+            left: (columns - side) / 2,
+            out,
+            weights: AreaWeights::new(side, out),
+        }
+    }
+
+    /// Resizes the crop of `samples`, each mapped through `value` (steps 2–7).
+    fn resize<T: Copy>(&self, samples: &[T], value: impl Fn(T) -> f32) -> Vec<f32> {
+        let (side, out) = (self.side, self.out);
+        let mut by_rows = vec![0f32; out * side];
+        for (i, acc) in by_rows.chunks_exact_mut(side).enumerate() {
+            for &(j, w) in self.weights.cell(i) {
+                let start = (self.top + j) * self.columns + self.left;
+                for (a, &s) in acc.iter_mut().zip(&samples[start..start + side]) {
+                    *a += w * value(s);
+                }
+            }
+        }
+        let mut data = vec![0f32; out * out];
+        for (row_in, row_out) in by_rows.chunks_exact(side).zip(data.chunks_exact_mut(out)) {
+            for (k, o) in row_out.iter_mut().enumerate() {
+                *o = self
+                    .weights
+                    .cell(k)
+                    .iter()
+                    .map(|&(j, w)| w * row_in[j])
+                    .sum();
+            }
+        }
+        data
     }
 }
 
@@ -266,55 +309,95 @@ fn padding_range(header: &ImageHeader, geometry: &Geometry) -> Option<(i64, i64)
     Some((pad.min(limit), pad.max(limit)))
 }
 
-/// Counts of each stored value over non-padding pixels.
+/// How often each distinct stored value occurs, in ascending order.
 struct Histogram {
-    min: i64,
-    counts: Vec<u64>,
-    total: u64,
+    /// (stored value, count), ascending by value, counts > 0.
+    bins: Vec<(i64, u64)>,
 }
 
 impl Histogram {
-    fn new(values: &[i32], min: i64, max: i64, map: &PixelMap<'_>) -> Self {
+    /// Counts sample words (< `domain`), then merges words with the same
+    /// stored value.
+    fn of_words(
+        words: impl Iterator<Item = usize>,
+        domain: usize,
+        stored: impl Fn(u32) -> i64,
+    ) -> Self {
+        let mut counts = vec![0u64; domain];
+        for w in words {
+            counts[w] += 1;
+        }
+        let mut bins: Vec<(i64, u64)> = counts
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c > 0)
+            .map(|(w, &c)| (stored(w as u32), c))
+            .collect();
+        bins.sort_unstable_by_key(|&(v, _)| v);
+        bins.dedup_by(|later, earlier| {
+            let same = later.0 == earlier.0;
+            if same {
+                earlier.1 += later.1;
+            }
+            same
+        });
+        Self { bins }
+    }
+
+    /// Counts stored values whose span is small enough to tabulate.
+    fn of_stored(values: &[i32]) -> Option<Self> {
+        let (min, max) = values.iter().fold((i64::MAX, i64::MIN), |(lo, hi), &v| {
+            (lo.min(v.into()), hi.max(v.into()))
+        });
+        if values.is_empty() || max - min >= MAX_LUT_ENTRIES {
+            return None;
+        }
         let mut counts = vec![0u64; (max - min + 1) as usize];
         for &v in values {
             counts[(i64::from(v) - min) as usize] += 1;
         }
-        let mut total: u64 = counts.iter().sum();
-        // Percentiles are over non-padding pixels, unless every pixel is padding.
-        let padding: u64 = (min..=max)
-            .filter(|&v| map.is_padding(v))
-            .map(|v| counts[(v - min) as usize])
-            .sum();
-        if padding < total {
-            for v in min..=max {
-                if map.is_padding(v) {
-                    counts[(v - min) as usize] = 0;
+        let bins = counts
+            .into_iter()
+            .enumerate()
+            .filter(|&(_, c)| c > 0)
+            .map(|(i, c)| (min + i as i64, c))
+            .collect();
+        Some(Self { bins })
+    }
+
+    fn min(&self) -> i64 {
+        self.bins.first().map_or(0, |b| b.0)
+    }
+
+    fn max(&self) -> i64 {
+        self.bins.last().map_or(0, |b| b.0)
+    }
+
+    /// 0.5th and 99.5th percentiles of the modality values of non-padding
+    /// pixels (of all pixels, if every pixel is padding).
+    fn modality_percentiles(&self, map: &PixelMap<'_>) -> (f64, f64) {
+        let kept: Vec<(i64, u64)> = self
+            .bins
+            .iter()
+            .copied()
+            .filter(|&(v, _)| !map.is_padding(v))
+            .collect();
+        let bins = if kept.is_empty() { &self.bins } else { &kept };
+        let n: u64 = bins.iter().map(|b| b.1).sum();
+        let kth_stored = |k: u64| {
+            let mut seen = 0;
+            for &(v, c) in bins {
+                seen += c;
+                if seen > k {
+                    return v;
                 }
             }
-            total -= padding;
-        }
-        Self { min, counts, total }
-    }
-
-    /// The k-th smallest stored value (0-based).
-    fn kth(&self, k: u64) -> i64 {
-        let mut seen = 0;
-        for (offset, &c) in self.counts.iter().enumerate() {
-            seen += c;
-            if seen > k {
-                return self.min + offset as i64;
-            }
-        }
-        self.min + self.counts.len() as i64 - 1
-    }
-
-    /// 0.5th and 99.5th percentiles of the modality values.
-    fn modality_percentiles(&self, map: &PixelMap<'_>) -> (f64, f64) {
-        let n = self.total;
+            bins.last().map_or(0, |b| b.0)
+        };
         // A negative slope reverses the order of modality values.
         let kth_modality = |k: u64| {
             let k = if map.slope < 0.0 { n - 1 - k } else { k };
-            map.modality(self.kth(k))
+            map.modality(kth_stored(k))
         };
         (
             percentile(n, 0.5, &kth_modality),
@@ -324,14 +407,14 @@ impl Histogram {
 }
 
 /// Percentiles for data too wide to tabulate: sort the modality values.
-fn sorted_percentiles(values: &[i32], map: &PixelMap<'_>) -> (f64, f64) {
+fn sorted_percentiles(values: &[i64], map: &PixelMap<'_>) -> (f64, f64) {
     let mut xs: Vec<f64> = values
         .iter()
-        .filter(|&&v| !map.is_padding(v.into()))
-        .map(|&v| map.modality(v.into()))
+        .filter(|&&v| !map.is_padding(v))
+        .map(|&v| map.modality(v))
         .collect();
     if xs.is_empty() {
-        xs = values.iter().map(|&v| map.modality(v.into())).collect();
+        xs = values.iter().map(|&v| map.modality(v)).collect();
     }
     xs.sort_unstable_by(f64::total_cmp);
     let kth = |k: u64| xs[k as usize];

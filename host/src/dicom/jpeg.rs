@@ -14,7 +14,10 @@ use std::ffi::CStr;
 
 use turbojpeg_sys as tj;
 
+use std::borrow::Cow;
+
 use super::DicomError;
+use super::pixels::Samples;
 
 /// Upper bound on progressive scans: libjpeg-turbo's guard against
 /// decompression bombs that repeat scans without end.
@@ -61,13 +64,17 @@ fn corrupt(reason: impl Into<String>) -> DicomError {
     }
 }
 
-/// Decodes one grayscale JPEG frame of `rows` × `columns` into samples
-/// widened to `i32`, row-major.
+/// Decodes one grayscale JPEG frame of `rows` × `columns` into samples,
+/// row-major: 8-bit for precision ≤ 8, 16-bit words above.
 ///
 /// # Errors
 /// [`DicomError::CorruptStream`] when the stream does not decode, is not
 /// grayscale, or its size differs from the DICOM header's.
-pub(crate) fn decode(stream: &[u8], rows: u32, columns: u32) -> Result<Vec<i32>, DicomError> {
+pub(crate) fn decode(
+    stream: &[u8],
+    rows: u32,
+    columns: u32,
+) -> Result<Samples<'static>, DicomError> {
     // SAFETY: tj3Init has no preconditions; a null return is checked.
     let raw = unsafe { tj::tj3Init(tj::TJINIT_TJINIT_DECOMPRESS as i32) };
     if raw.is_null() {
@@ -100,8 +107,8 @@ pub(crate) fn decode(stream: &[u8], rows: u32, columns: u32) -> Result<Vec<i32>,
     }
     let precision = handle.get(tj::TJPARAM_TJPARAM_PRECISION);
     let n = rows as usize * columns as usize;
-    let gray = tj::TJPF_TJPF_GRAY as i32;
-    let samples: Vec<i32> = match precision {
+    let gray = tj::TJPF_TJPF_GRAY;
+    let samples = match precision {
         2..=8 => {
             let mut out = vec![0u8; n];
             // SAFETY: `out` holds width*height one-byte gray samples, pitch 0
@@ -119,7 +126,7 @@ pub(crate) fn decode(stream: &[u8], rows: u32, columns: u32) -> Result<Vec<i32>,
             if rc != 0 {
                 return Err(handle.error());
             }
-            out.into_iter().map(i32::from).collect()
+            Samples::U8(Cow::Owned(out))
         }
         9..=12 => {
             let mut out = vec![0i16; n];
@@ -137,7 +144,8 @@ pub(crate) fn decode(stream: &[u8], rows: u32, columns: u32) -> Result<Vec<i32>,
             if rc != 0 {
                 return Err(handle.error());
             }
-            out.into_iter().map(i32::from).collect()
+            // 12-bit samples are 0..=4095: the same bits as unsigned words.
+            Samples::U16(Cow::Owned(out.into_iter().map(|v| v as u16).collect()))
         }
         13..=16 => {
             let mut out = vec![0u16; n];
@@ -155,7 +163,7 @@ pub(crate) fn decode(stream: &[u8], rows: u32, columns: u32) -> Result<Vec<i32>,
             if rc != 0 {
                 return Err(handle.error());
             }
-            out.into_iter().map(i32::from).collect()
+            Samples::U16(Cow::Owned(out))
         }
         other => return Err(corrupt(format!("unsupported sample precision {other}"))),
     };

@@ -9,7 +9,7 @@
 //!    canonical preprocessing needs, type- and range-checked. Colour images,
 //!    missing pixel data and images over the size limit are refused here,
 //!    before any pixel buffer is allocated.
-//! 3. [`pixels`]: frame 1 → stored values, whatever the transfer syntax
+//! 3. [`pixels`]: frame 1 → samples and the rule to their stored values, whatever the transfer syntax
 //!    (native, deflated, RLE, JPEG in all its processes, JPEG-LS, JPEG 2000).
 //! 4. [`canonical`]: stored values → the (1, S, S) float32 tensor of
 //!    *canonical chest-radiograph preprocessing v1*.
@@ -24,12 +24,13 @@ pub mod pixels;
 pub mod read;
 
 mod jpeg;
+mod rle;
 
 use std::path::Path;
 
 pub use canonical::{CanonicalImage, VoiMethod};
 pub use header::{Geometry, ImageHeader};
-pub use pixels::StoredFrame;
+pub use pixels::{DecodedFrame, Samples, StoredBits};
 pub use read::DicomFile;
 
 use crate::config::LimitsConfig;

@@ -7,7 +7,7 @@
 //! | transfer syntax                        | decoder                              |
 //! |----------------------------------------|--------------------------------------|
 //! | implicit/explicit VR LE, explicit BE, deflated | read directly (dicom-object)  |
-//! | RLE lossless                           | dicom-rs (`dicom-transfer-syntax-registry`) |
+//! | RLE lossless (8, 16, 32 bits)          | [`super::rle`]                       |
 //! | JPEG baseline, extended 12-bit, lossless (14, SV1) | libjpeg-turbo 3 ([`super::jpeg`]) |
 //! | JPEG-LS lossless and near-lossless     | CharLS, through dicom-rs             |
 //! | JPEG 2000 lossless and lossy, HTJ2K    | OpenJPEG, through `jpeg2k`           |
@@ -27,18 +27,104 @@ use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
 use super::header::Geometry;
 use super::read::DicomFile;
-use super::{DicomError, Result, jpeg};
+use super::{DicomError, Result, jpeg, rle};
 use crate::guard::no_panic;
 
-/// Frame 1 as stored values, row-major.
+/// Frame 1 as decoded, row-major, with the rule that turns each sample into
+/// its stored value.
+///
+/// 8- and 16-bit samples are kept as they are (borrowed from the parsed file
+/// when uncompressed): masking the unused bits and sign extension are folded
+/// into the preprocessing table, so no pass over the pixels is spent on them.
 #[derive(Debug, Clone)]
-pub struct StoredFrame {
+pub struct DecodedFrame<'a> {
     /// Rows.
     pub rows: u32,
     /// Columns.
     pub columns: u32,
-    /// rows × columns stored values.
-    pub values: Vec<i32>,
+    /// rows × columns samples.
+    pub samples: Samples<'a>,
+    /// Sample → stored value.
+    pub bits: StoredBits,
+}
+
+/// The samples of a frame.
+#[derive(Debug, Clone)]
+pub enum Samples<'a> {
+    /// 8-bit (or 1-bit, unpacked) samples.
+    U8(Cow<'a, [u8]>),
+    /// 16-bit samples (12-bit JPEG too), as unsigned words.
+    U16(Cow<'a, [u16]>),
+    /// Wider data, or data a decoder already turned into stored values.
+    Stored(Vec<i32>),
+}
+
+/// Turns a sample word into a stored value: shift down to the stored bits,
+/// keep `bits` of them, sign-extend when signed (PS3.5 8.1.1: the other bits
+/// are undefined, e.g. overlays).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredBits {
+    shift: u32,
+    bits: u32,
+    signed: bool,
+}
+
+impl StoredBits {
+    /// The sample is the stored value.
+    pub const IDENTITY: StoredBits = StoredBits {
+        shift: 0,
+        bits: 32,
+        signed: true,
+    };
+
+    /// The rule the header describes: Bits Stored ending at High Bit, with
+    /// Pixel Representation's sign.
+    pub fn from_geometry(g: &Geometry) -> Self {
+        Self {
+            shift: u32::from(g.high_bit) + 1 - u32::from(g.bits_stored),
+            bits: u32::from(g.bits_stored),
+            signed: g.signed,
+        }
+    }
+
+    /// Samples that are `bits`-bit integers of the given sign.
+    pub fn width(bits: u32, signed: bool) -> Self {
+        Self {
+            shift: 0,
+            bits,
+            signed,
+        }
+    }
+
+    /// The stored value of a sample word.
+    pub fn stored(&self, sample: u32) -> i64 {
+        let v = sample >> self.shift;
+        if self.bits >= 32 {
+            return if self.signed {
+                i64::from(v as i32)
+            } else {
+                i64::from(v)
+            };
+        }
+        let unused = 32 - self.bits;
+        if self.signed {
+            i64::from(((v << unused) as i32) >> unused)
+        } else {
+            i64::from((v << unused) >> unused)
+        }
+    }
+}
+
+impl DecodedFrame<'_> {
+    /// Every stored value, row-major (for tools and tests; ingest never
+    /// materialises this).
+    pub fn stored_values(&self) -> Vec<i64> {
+        match &self.samples {
+            Samples::U8(s) => s.iter().map(|&v| self.bits.stored(v.into())).collect(),
+            Samples::U16(s) => s.iter().map(|&v| self.bits.stored(v.into())).collect(),
+            Samples::Stored(s) => s.iter().map(|&v| i64::from(v)).collect(),
+        }
+    }
 }
 
 /// How a transfer syntax's pixel data is decoded.
@@ -89,7 +175,10 @@ pub fn is_lossy_transfer_syntax(ts: &str) -> bool {
 /// # Errors
 /// [`DicomError::UnsupportedTransferSyntax`], [`DicomError::InvalidPixelData`]
 /// (short or misplaced pixel data), [`DicomError::CorruptStream`].
-pub fn decode_first_frame(file: &DicomFile, geometry: &Geometry) -> Result<StoredFrame> {
+pub fn decode_first_frame<'a>(
+    file: &'a DicomFile,
+    geometry: &Geometry,
+) -> Result<DecodedFrame<'a>> {
     let ts = file.transfer_syntax();
     let decoder = decoder_for(ts).ok_or_else(|| DicomError::UnsupportedTransferSyntax {
         uid: ts.to_owned(),
@@ -97,53 +186,76 @@ pub fn decode_first_frame(file: &DicomFile, geometry: &Geometry) -> Result<Store
             .get(ts)
             .map_or_else(|| "unknown".to_owned(), |t| t.name().to_owned()),
     })?;
-    let values = match decoder {
-        Decoder::Native { big_endian } => native(file, geometry, big_endian)?,
+    let header_bits = StoredBits::from_geometry(geometry);
+    let (samples, bits) = match decoder {
+        Decoder::Native { big_endian } => (native(file, geometry, big_endian)?, header_bits),
         Decoder::Jpeg => {
             let stream = encapsulated_frame(file)?;
-            let decoded = no_panic("JPEG decoder", || {
+            let samples = no_panic("JPEG decoder", || {
                 jpeg::decode(&stream, geometry.rows, geometry.columns)
             })
             .map_err(|reason| DicomError::CorruptStream {
                 codec: "JPEG",
                 reason,
             })??;
-            let mut values = decoded;
-            correct_unused_bits(&mut values, geometry);
-            values
+            (samples, header_bits)
         }
         Decoder::Rle => {
-            let bytes = registry_decode(file, "RLE")?;
-            let mut values = from_bytes(&bytes, geometry, false, "RLE")?;
-            correct_unused_bits(&mut values, geometry);
-            values
+            let stream = encapsulated_frame(file)?;
+            let raw = rle::decode(&stream, geometry.pixels(), geometry.bits_allocated)?;
+            let samples = match geometry.bits_allocated {
+                8 => Samples::U8(Cow::Owned(raw.into_iter().map(|v| v as u8).collect())),
+                16 => Samples::U16(Cow::Owned(raw.into_iter().map(|v| v as u16).collect())),
+                _ => Samples::Stored(stored_from_words(&raw, geometry)?),
+            };
+            (samples, header_bits)
         }
         Decoder::JpegLs => {
             let stream = encapsulated_frame(file)?;
-            check_jpeg_ls_size(&stream, geometry)?;
+            let precision = check_jpeg_ls_size(&stream, geometry)?;
             let bytes = registry_decode(file, "JPEG-LS")?;
-            let mut values = from_bytes(&bytes, geometry, false, "JPEG-LS")?;
-            // JPEG-LS has no notion of sign: signed data comes back unsigned.
-            if geometry.signed {
-                let precision = jpeg_ls_precision(&stream).unwrap_or(geometry.bits_stored.into());
-                reinterpret(&mut values, precision, true);
-            }
-            values
+            let n = geometry.pixels();
+            let samples = if bytes.len() == n {
+                Samples::U8(Cow::Owned(bytes))
+            } else if bytes.len() == 2 * n {
+                Samples::U16(Cow::Owned(
+                    bytes
+                        .chunks_exact(2)
+                        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                        .collect(),
+                ))
+            } else {
+                return Err(DicomError::CorruptStream {
+                    codec: "JPEG-LS",
+                    reason: format!("decoded {} bytes for {n} pixels", bytes.len()),
+                });
+            };
+            // JPEG-LS has no notion of sign: signed data comes back unsigned
+            // and is sign-extended from the stream's precision.
+            let bits = StoredBits::width(
+                if geometry.signed { precision } else { 32 },
+                geometry.signed,
+            );
+            (samples, bits)
         }
         Decoder::Jpeg2000 => {
             let stream = encapsulated_frame(file)?;
-            jpeg2000(&stream, geometry)?
+            (
+                Samples::Stored(jpeg2000(&stream, geometry)?),
+                StoredBits::IDENTITY,
+            )
         }
     };
-    Ok(StoredFrame {
+    Ok(DecodedFrame {
         rows: geometry.rows,
         columns: geometry.columns,
-        values,
+        samples,
+        bits,
     })
 }
 
 /// Native (uncompressed) pixel data: frame 1 is the first rows×columns samples.
-fn native(file: &DicomFile, g: &Geometry, big_endian: bool) -> Result<Vec<i32>> {
+fn native<'a>(file: &'a DicomFile, g: &Geometry, big_endian: bool) -> Result<Samples<'a>> {
     let element = file
         .object()
         .get(tags::PIXEL_DATA)
@@ -164,31 +276,38 @@ fn native(file: &DicomFile, g: &Geometry, big_endian: bool) -> Result<Vec<i32>> 
             });
         }
     };
-    let mut values = match (value, g.bits_allocated) {
-        // OW already decoded to native 16-bit words by the parser.
+    let n = g.pixels();
+    match (value, g.bits_allocated) {
+        // OW already decoded to native 16-bit words by the parser: borrowed.
         (PrimitiveValue::U16(words), 16) => {
-            let n = g.pixels();
             check_len(words.len(), n, "16-bit words")?;
-            words[..n]
+            Ok(Samples::U16(Cow::Borrowed(&words[..n])))
+        }
+        (PrimitiveValue::U8(bytes), 8) => {
+            check_len(bytes.len(), n, "bytes")?;
+            Ok(Samples::U8(Cow::Borrowed(&bytes[..n])))
+        }
+        // Other depths in OW: restore the file's byte order, then read samples.
+        (PrimitiveValue::U16(words), _) => {
+            let bytes: Vec<u8> = words
                 .iter()
-                .map(|&w| {
-                    if g.signed {
-                        i32::from(w as i16)
+                .flat_map(|w| {
+                    if big_endian {
+                        w.to_be_bytes()
                     } else {
-                        i32::from(w)
+                        w.to_le_bytes()
                     }
                 })
-                .collect()
+                .collect();
+            samples_from_bytes(&bytes, g, big_endian, "native")
         }
-        (PrimitiveValue::U8(bytes), _) => from_bytes(bytes, g, big_endian, "native")?,
+        (PrimitiveValue::U8(bytes), _) => samples_from_bytes(bytes, g, big_endian, "native"),
         // Anything else the parser produced: its bytes in this machine's order.
         (other, _) => {
             let bytes: Cow<'_, [u8]> = other.to_bytes();
-            from_bytes(&bytes, g, cfg!(target_endian = "big"), "native")?
+            samples_from_bytes(&bytes, g, cfg!(target_endian = "big"), "native")
         }
-    };
-    correct_unused_bits(&mut values, g);
-    Ok(values)
+    }
 }
 
 fn check_len(have: usize, need: usize, unit: &str) -> Result<()> {
@@ -201,67 +320,54 @@ fn check_len(have: usize, need: usize, unit: &str) -> Result<()> {
 }
 
 /// Reads frame 1 from a byte buffer of `bits_allocated`-sized samples.
-fn from_bytes(bytes: &[u8], g: &Geometry, big_endian: bool, what: &str) -> Result<Vec<i32>> {
+fn samples_from_bytes(
+    bytes: &[u8],
+    g: &Geometry,
+    big_endian: bool,
+    what: &str,
+) -> Result<Samples<'static>> {
     let n = g.pixels();
     let unit = || format!("bytes of {what} pixel data");
     Ok(match g.bits_allocated {
         1 => {
             check_len(bytes.len(), n.div_ceil(8), &unit())?;
-            (0..n)
-                .map(|i| i32::from((bytes[i / 8] >> (i % 8)) & 1))
-                .collect()
+            Samples::U8(Cow::Owned(
+                (0..n).map(|i| (bytes[i / 8] >> (i % 8)) & 1).collect(),
+            ))
         }
         8 => {
             check_len(bytes.len(), n, &unit())?;
-            bytes[..n]
-                .iter()
-                .map(|&b| {
-                    if g.signed {
-                        i32::from(b as i8)
-                    } else {
-                        i32::from(b)
-                    }
-                })
-                .collect()
+            Samples::U8(Cow::Owned(bytes[..n].to_vec()))
         }
         16 => {
             check_len(bytes.len(), n * 2, &unit())?;
-            bytes[..n * 2]
-                .chunks_exact(2)
-                .map(|c| {
-                    let w = if big_endian {
-                        u16::from_be_bytes([c[0], c[1]])
-                    } else {
-                        u16::from_le_bytes([c[0], c[1]])
-                    };
-                    if g.signed {
-                        i32::from(w as i16)
-                    } else {
-                        i32::from(w)
-                    }
-                })
-                .collect()
+            Samples::U16(Cow::Owned(
+                bytes[..n * 2]
+                    .chunks_exact(2)
+                    .map(|c| {
+                        if big_endian {
+                            u16::from_be_bytes([c[0], c[1]])
+                        } else {
+                            u16::from_le_bytes([c[0], c[1]])
+                        }
+                    })
+                    .collect(),
+            ))
         }
         32 => {
             check_len(bytes.len(), n * 4, &unit())?;
-            bytes[..n * 4]
+            let words: Vec<u32> = bytes[..n * 4]
                 .chunks_exact(4)
                 .map(|c| {
                     let b = [c[0], c[1], c[2], c[3]];
-                    let w = if big_endian {
+                    if big_endian {
                         u32::from_be_bytes(b)
                     } else {
                         u32::from_le_bytes(b)
-                    };
-                    if g.signed {
-                        Ok(w as i32)
-                    } else {
-                        i32::try_from(w).map_err(|_| DicomError::InvalidPixelData {
-                            reason: format!("32-bit unsigned stored value {w} is above 2^31 - 1"),
-                        })
                     }
                 })
-                .collect::<Result<_>>()?
+                .collect();
+            Samples::Stored(stored_from_words(&words, g)?)
         }
         other => {
             return Err(DicomError::InvalidAttribute {
@@ -273,18 +379,18 @@ fn from_bytes(bytes: &[u8], g: &Geometry, big_endian: bool, what: &str) -> Resul
     })
 }
 
-/// Keeps only the Bits Stored bits ending at High Bit, sign-extended when
-/// Pixel Representation is 1 (PS3.5 8.1.1: the other bits are undefined).
-fn correct_unused_bits(values: &mut [i32], g: &Geometry) {
-    let shift = u32::from(g.high_bit) + 1 - u32::from(g.bits_stored);
-    if shift == 0 && g.bits_stored == g.bits_allocated {
-        return;
-    }
-    let bits = u32::from(g.bits_stored);
-    for v in values.iter_mut() {
-        *v = ((*v as u32) >> shift) as i32;
-    }
-    reinterpret(values, bits, g.signed);
+/// 32-bit sample words → stored values (which must fit in 32 signed bits).
+fn stored_from_words(words: &[u32], g: &Geometry) -> Result<Vec<i32>> {
+    let bits = StoredBits::from_geometry(g);
+    words
+        .iter()
+        .map(|&w| {
+            let v = bits.stored(w);
+            i32::try_from(v).map_err(|_| DicomError::InvalidPixelData {
+                reason: format!("stored value {v} does not fit in 32 signed bits"),
+            })
+        })
+        .collect()
 }
 
 /// Reinterprets each value as a `bits`-bit integer: masked to `bits` when
@@ -366,15 +472,13 @@ fn jpeg_ls_sof(stream: &[u8]) -> Option<(u32, u32, u32)> {
     ))
 }
 
-fn jpeg_ls_precision(stream: &[u8]) -> Option<u32> {
-    jpeg_ls_sof(stream).map(|(p, _, _)| p)
-}
-
-fn check_jpeg_ls_size(stream: &[u8], g: &Geometry) -> Result<()> {
-    let (_, rows, columns) = jpeg_ls_sof(stream).ok_or_else(|| DicomError::CorruptStream {
-        codec: "JPEG-LS",
-        reason: "no frame header (SOF55)".to_owned(),
-    })?;
+/// Checks the stream's size against the header; returns its precision.
+fn check_jpeg_ls_size(stream: &[u8], g: &Geometry) -> Result<u32> {
+    let (precision, rows, columns) =
+        jpeg_ls_sof(stream).ok_or_else(|| DicomError::CorruptStream {
+            codec: "JPEG-LS",
+            reason: "no frame header (SOF55)".to_owned(),
+        })?;
     if rows != g.rows || columns != g.columns {
         return Err(DicomError::CorruptStream {
             codec: "JPEG-LS",
@@ -384,7 +488,7 @@ fn check_jpeg_ls_size(stream: &[u8], g: &Geometry) -> Result<()> {
             ),
         });
     }
-    Ok(())
+    Ok(precision)
 }
 
 /// The JPEG 2000 image and tile size marker (SIZ): (width, height, components).
@@ -471,30 +575,36 @@ mod tests {
     #[test]
     fn unused_bits_are_masked_or_sign_extended() {
         // 12 bits stored in 16: an overlay bit set in bit 13 must disappear.
-        let mut v = vec![0x2FFF, 0x0800];
-        correct_unused_bits(&mut v, &geometry(16, 12, 11, false));
-        assert_eq!(v, vec![0x0FFF, 0x0800]);
-        let mut v = vec![0x0FFF, 0x0800];
-        correct_unused_bits(&mut v, &geometry(16, 12, 11, true));
-        assert_eq!(v, vec![-1, -2048]);
+        let unsigned = StoredBits::from_geometry(&geometry(16, 12, 11, false));
+        assert_eq!(unsigned.stored(0x2FFF), 0x0FFF);
+        assert_eq!(unsigned.stored(0x0800), 0x0800);
+        let signed = StoredBits::from_geometry(&geometry(16, 12, 11, true));
+        assert_eq!(signed.stored(0x0FFF), -1);
+        assert_eq!(signed.stored(0x0800), -2048);
+        assert_eq!(
+            StoredBits::from_geometry(&geometry(16, 16, 15, true)).stored(0xFFFF),
+            -1
+        );
         // High bit above bits stored - 1: the stored bits are shifted down.
-        let mut v = vec![0b1010_0000];
-        correct_unused_bits(&mut v, &geometry(8, 4, 7, false));
-        assert_eq!(v, vec![0b1010]);
+        assert_eq!(
+            StoredBits::from_geometry(&geometry(8, 4, 7, false)).stored(0b1010_0000),
+            0b1010
+        );
+        assert_eq!(StoredBits::IDENTITY.stored(u32::MAX), -1);
     }
 
     #[test]
     fn bytes_respect_endianness_and_length() {
         let g = geometry(16, 16, 15, false);
-        assert_eq!(
-            from_bytes(&[0x01, 0x02, 0x03, 0x04], &g, false, "t").expect("ok"),
-            vec![0x0201, 0x0403]
-        );
-        assert_eq!(
-            from_bytes(&[0x01, 0x02, 0x03, 0x04], &g, true, "t").expect("ok"),
-            vec![0x0102, 0x0304]
-        );
-        let err = from_bytes(&[0x01, 0x02, 0x03], &g, false, "t").expect_err("short");
+        let words = |s: Samples<'_>| match s {
+            Samples::U16(w) => w.into_owned(),
+            other => panic!("expected 16-bit samples, got {other:?}"),
+        };
+        let le = samples_from_bytes(&[0x01, 0x02, 0x03, 0x04], &g, false, "t").expect("ok");
+        assert_eq!(words(le), vec![0x0201, 0x0403]);
+        let be = samples_from_bytes(&[0x01, 0x02, 0x03, 0x04], &g, true, "t").expect("ok");
+        assert_eq!(words(be), vec![0x0102, 0x0304]);
+        let err = samples_from_bytes(&[0x01, 0x02, 0x03], &g, false, "t").expect_err("short");
         assert!(err.to_string().contains("frame 1 needs 4"), "{err}");
     }
 

@@ -4,12 +4,13 @@
 //! from memory (so a length field can never make the parser read past the
 //! file), and the three layouts seen in the wild are accepted:
 //! - a Part 10 file: 128-byte preamble, `DICM`, file meta group, data set;
-//! - the same without the preamble;
+//! - the same without the preamble (starting at `DICM`, or directly at the
+//!   file meta group);
 //! - a bare data set with no file meta group at all (old modalities, raw
 //!   exports). Its encoding is detected from the first element header:
 //!   explicit or implicit VR, little or big endian.
 
-use std::io::Read;
+use std::io::{BufReader, Read};
 use std::path::Path;
 
 use dicom_dictionary_std::{tags, uids};
@@ -53,16 +54,22 @@ impl DicomFile {
             path: path.display().to_string(),
             source,
         };
-        let file = std::fs::File::open(path).map_err(io)?;
+        let mut file = std::fs::File::open(path).map_err(io)?;
         let size = file.metadata().map_err(io)?.len();
         let limit = limits.max_dicom_file_bytes();
         if size > limit {
             return Err(DicomError::FileTooLarge { size, limit });
         }
-        let mut bytes = Vec::with_capacity(size as usize);
-        // `take` guards against a file that grows while we read it.
-        file.take(limit + 1).read_to_end(&mut bytes).map_err(io)?;
-        Self::from_bytes(&bytes, limits)
+        // The first bytes tell the layout; the rest streams into the parser
+        // (no second copy of a large file). `take` guards against a file
+        // that grows while it is read.
+        let mut prefix = Vec::with_capacity(PREFIX_LEN);
+        (&mut file)
+            .take(PREFIX_LEN as u64)
+            .read_to_end(&mut prefix)
+            .map_err(io)?;
+        let rest = file.take(limit.saturating_sub(prefix.len() as u64));
+        Self::parse_guarded(&prefix, rest)
     }
 
     /// Parses a DICOM file held in memory.
@@ -77,10 +84,15 @@ impl DicomFile {
                 limit,
             });
         }
-        if bytes.is_empty() {
+        let (prefix, rest) = bytes.split_at(bytes.len().min(PREFIX_LEN));
+        Self::parse_guarded(prefix, rest)
+    }
+
+    fn parse_guarded(prefix: &[u8], rest: impl Read) -> Result<Self> {
+        if prefix.is_empty() {
             return Err(DicomError::Empty);
         }
-        crate::guard::no_panic("DICOM parser", || parse(bytes))
+        crate::guard::no_panic("DICOM parser", || parse(prefix, rest))
             .map_err(|reason| DicomError::NotDicom { reason })?
     }
 
@@ -104,21 +116,33 @@ impl DicomFile {
     }
 }
 
-fn parse(bytes: &[u8]) -> Result<DicomFile> {
+/// Bytes read before the layout is decided: preamble (128) + `DICM` (4).
+const PREFIX_LEN: usize = 132;
+
+/// Parses a file whose first bytes are `prefix` and whose remainder is `rest`.
+fn parse(prefix: &[u8], rest: impl Read) -> Result<DicomFile> {
     let not_dicom = |e: &dyn std::fmt::Display| DicomError::NotDicom {
         reason: one_line(e),
     };
-    let part10 = if bytes.len() >= 132 && &bytes[128..132] == b"DICM" {
-        Some(&bytes[128..])
-    } else if bytes.starts_with(b"DICM") {
-        Some(bytes)
+    let magic_at = if prefix.len() >= 132 && &prefix[128..132] == b"DICM" {
+        Some(128)
+    } else if prefix.starts_with(b"DICM") {
+        Some(0)
     } else {
         None
     };
-    if let Some(from_magic) = part10 {
+    // The file meta group with neither preamble nor magic: restore the magic.
+    let meta_without_magic =
+        prefix.len() >= 6 && prefix[..2] == [0x02, 0x00] && is_vr(&prefix[4..6]);
+    if magic_at.is_some() || meta_without_magic {
+        let (magic, from): (&[u8], &[u8]) = match magic_at {
+            Some(at) => (b"", &prefix[at..]),
+            None => (b"DICM", prefix),
+        };
+        let reader = BufReader::with_capacity(1 << 16, magic.chain(from).chain(rest));
         let object = OpenFileOptions::new()
             .read_preamble(ReadPreamble::Never)
-            .from_reader(from_magic)
+            .from_reader(reader)
             .map_err(|e| not_dicom(&e))?;
         return Ok(DicomFile {
             object,
@@ -126,7 +150,7 @@ fn parse(bytes: &[u8]) -> Result<DicomFile> {
         });
     }
 
-    let ts_uid = detect_bare_encoding(bytes).ok_or_else(|| DicomError::NotDicom {
+    let ts_uid = detect_bare_encoding(prefix).ok_or_else(|| DicomError::NotDicom {
         reason: "no DICM magic and the first bytes are not a DICOM element header".to_owned(),
     })?;
     let ts = TransferSyntaxRegistry
@@ -134,7 +158,8 @@ fn parse(bytes: &[u8]) -> Result<DicomFile> {
         .ok_or_else(|| DicomError::NotDicom {
             reason: format!("transfer syntax {ts_uid} is not registered"),
         })?;
-    let dataset = InMemDicomObject::read_dataset_with_ts(bytes, ts).map_err(|e| not_dicom(&e))?;
+    let reader = BufReader::with_capacity(1 << 16, prefix.chain(rest));
+    let dataset = InMemDicomObject::read_dataset_with_ts(reader, ts).map_err(|e| not_dicom(&e))?;
     let text = |tag| {
         dataset
             .get(tag)
@@ -165,7 +190,7 @@ fn detect_bare_encoding(bytes: &[u8]) -> Option<&'static str> {
     }
     let group_le = u16::from_le_bytes([bytes[0], bytes[1]]);
     let group_be = u16::from_be_bytes([bytes[0], bytes[1]]);
-    let plausible = |g: u16| g != 0 && g % 2 == 0 && g <= 0x0100 || g == 0x0002;
+    let plausible = |g: u16| g != 0 && g.is_multiple_of(2) && g <= 0x0100;
     let explicit = is_vr(&bytes[4..6]);
     if plausible(group_le) {
         Some(if explicit {

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what building oxbox needs on a Debian/Ubuntu machine with Rust:
+# a C/C++ toolchain, cmake and nasm (libjpeg-turbo, CharLS and OpenJPEG are
+# built from the sources vendored in their -sys crates; nothing is downloaded
+# at build time). With --tests, also what the test suite needs: dcmtk and
+# GDCM (re-encoders), prlimit, and the reference venv (shared/reference).
+#   scripts/setup.sh [--tests]
+set -euo pipefail
+need=()
+command -v cmake >/dev/null || need+=(cmake)
+command -v nasm >/dev/null || need+=(nasm)
+command -v g++ >/dev/null || need+=(g++)
+command -v make >/dev/null || need+=(make)
+if [ "${1:-}" = "--tests" ]; then
+  command -v dcmconv >/dev/null || need+=(dcmtk)
+  command -v gdcmconv >/dev/null || need+=(libgdcm-tools)
+  command -v prlimit >/dev/null || need+=(util-linux)
+fi
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: installing ${need[*]}" >&2
+  if [ "$(id -u)" -ne 0 ]; then sudo=sudo; else sudo=; fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+# The toolchain pinned in rust-toolchain.toml, with rustfmt and clippy.
+cd "$(dirname "$0")/.."
+rustup show active-toolchain >/dev/null 2>&1 || rustup toolchain install

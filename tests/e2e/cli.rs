@@ -1,0 +1,144 @@
+//! The command line itself: help, version, config check, dicom info,
+//! preprocess outputs.
+
+use crate::util::{corpus_file, read_npy, run_args, stderr};
+use dicom_dictionary_std::tags;
+
+#[test]
+fn help_and_version() {
+    let out = run_args(&["--version"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("oxbox "));
+    for cmd in [
+        vec!["preprocess", "--help"],
+        vec!["dicom", "info", "--help"],
+        vec!["config", "check", "--help"],
+        vec!["bench", "--help"],
+    ] {
+        let out = run_args(&cmd);
+        assert!(out.status.success(), "{cmd:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("Example"),
+            "{cmd:?} help has no example:\n{text}"
+        );
+    }
+    let out = run_args(&["preprocess", "--no-such-flag"]);
+    assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
+}
+
+#[test]
+fn config_check_prints_the_effective_default() {
+    let out = run_args(&["config", "check"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("listen = \"127.0.0.1:8480\""), "{text}");
+    assert!(text.contains("max_image_megapixels = 100"), "{text}");
+    assert!(text.contains("embedded default"), "{text}");
+}
+
+#[test]
+fn config_errors_name_file_line_and_key() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[site]\nid = \"a\"\nname = \"b\"\n\n[server]\nlisen = \"0.0.0.0:1\"\n",
+    )
+    .expect("write");
+    let out = run_args(&[
+        "config".as_ref(),
+        "check".as_ref(),
+        "--config".as_ref(),
+        path.as_os_str(),
+    ]);
+    let line = crate::util::assert_clean_refusal(&out, "bad config");
+    assert!(line.contains("bad.toml:6:"), "{line}");
+    assert!(line.contains("lisen"), "{line}");
+
+    std::fs::write(
+        &path,
+        "[site]\nid = \"a\"\nname = \"b\"\n[limits]\nmax_image_megapixels = -3\n",
+    )
+    .expect("write");
+    let out = run_args(&[
+        "config".as_ref(),
+        "check".as_ref(),
+        "--config".as_ref(),
+        path.as_os_str(),
+    ]);
+    let line = crate::util::assert_clean_refusal(&out, "bad value");
+    assert!(
+        line.contains(":5:") && line.contains("max_image_megapixels"),
+        "{line}"
+    );
+}
+
+#[test]
+fn dicom_info_reports_attributes_and_no_identifiers() {
+    let file = corpus_file("RG1_UNCR.dcm");
+    let out = run_args(&["dicom".as_ref(), "info".as_ref(), file.as_os_str()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(info["modality"], "CR");
+    assert_eq!(info["photometric_interpretation"], "MONOCHROME1");
+    assert_eq!(info["rows"], 1955);
+    assert_eq!(info["columns"], 1841);
+    assert_eq!(info["bits_stored"], 15);
+    assert_eq!(info["transfer_syntax"], "1.2.840.10008.1.2.1");
+    assert_eq!(info["window_center"][0], 15000.0);
+    assert_eq!(info["view_position"], "PA");
+
+    let ct = corpus_file("CT_small.dcm");
+    let obj = dicom_object::open_file(&ct).expect("open");
+    let out = run_args(&["dicom".as_ref(), "info".as_ref(), ct.as_os_str()]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for tag in [
+        tags::PATIENT_NAME,
+        tags::PATIENT_ID,
+        tags::PATIENT_BIRTH_DATE,
+    ] {
+        if let Ok(e) = obj.element(tag) {
+            let value = e.to_str().expect("text").trim().to_owned();
+            if !value.is_empty() {
+                assert!(!text.contains(&value), "info leaks {tag}: {value}");
+            }
+        }
+    }
+    assert!(!text.to_lowercase().contains("patient"), "{text}");
+}
+
+#[test]
+fn preprocess_writes_npy_and_png() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let npy = tmp.path().join("chest.npy");
+    let png = tmp.path().join("chest.png");
+    let file = corpus_file("RG1_J2KR.dcm");
+    let out = run_args(&[
+        "preprocess".as_ref(),
+        "--dicom".as_ref(),
+        file.as_os_str(),
+        "--out".as_ref(),
+        npy.as_os_str(),
+        "--size".as_ref(),
+        "64".as_ref(),
+        "--png".as_ref(),
+        png.as_os_str(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (shape, data) = read_npy(&npy);
+    assert_eq!(shape, vec![1, 64, 64]);
+    assert!(data.iter().all(|v| (0.0..=1.0).contains(v)));
+    // MONOCHROME1 is inverted: lungs (air) dark, so the centre is darker
+    // than the bottom corners where the abdomen/bone is.
+    let centre_lung = data[20 * 64 + 16];
+    assert!(
+        centre_lung < 0.6,
+        "lung field should be dark, got {centre_lung}"
+    );
+    let png_bytes = std::fs::read(&png).expect("png");
+    assert_eq!(&png_bytes[..8], b"\x89PNG\r\n\x1a\n");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("summary");
+    assert_eq!(summary["shape"], serde_json::json!([1, 64, 64]));
+}

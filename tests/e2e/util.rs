@@ -1,0 +1,150 @@
+//! Helpers shared by the end-to-end tests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Address-space cap for the binary under test: far above what a 100 MP
+/// image needs, far below what an unchecked header field could ask for.
+pub const ADDRESS_SPACE_LIMIT: u64 = 3 << 30;
+
+/// The built binary.
+pub fn oxbox() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_oxbox"))
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("host/ has a parent")
+        .to_path_buf()
+}
+
+/// The corpus directory; the tests cannot run without it.
+pub fn corpus() -> PathBuf {
+    let dir = std::env::var_os("OXBOX_CORPUS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("tests/.corpus"));
+    assert!(
+        dir.join(".complete-v2").is_file(),
+        "test corpus missing at {}: run `bash tests/corpus/build.sh` (scripts/test.sh does)",
+        dir.display()
+    );
+    dir
+}
+
+/// A file of the corpus, found by file name.
+pub fn corpus_file(name: &str) -> PathBuf {
+    let list = std::fs::read_to_string(corpus().join("files.txt")).expect("files.txt");
+    list.lines()
+        .map(PathBuf::from)
+        .find(|p| p.file_name().is_some_and(|n| n == name))
+        .unwrap_or_else(|| panic!("{name} not in corpus"))
+}
+
+/// Runs oxbox with `args` under the address-space cap.
+pub fn run(args: &[&std::ffi::OsStr]) -> Output {
+    Command::new("prlimit")
+        .arg(format!("--as={ADDRESS_SPACE_LIMIT}"))
+        .arg("--")
+        .arg(oxbox())
+        .args(args)
+        .env_remove("OXBOX_CONFIG")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run oxbox under prlimit")
+}
+
+/// Convenience: runs oxbox with string-like arguments.
+pub fn run_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(AsRef::as_ref).collect();
+    run(&args)
+}
+
+/// stderr as text.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts the documented failure shape for bad input: exit 2, and stderr is
+/// exactly one line starting `error:`.
+pub fn assert_clean_refusal(out: &Output, what: &str) -> String {
+    let err = stderr(out);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{what}: expected exit 2, got {:?}; stderr: {err}",
+        out.status
+    );
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{what}: stderr must be one line: {err:?}");
+    assert!(lines[0].starts_with("error: "), "{what}: {err:?}");
+    lines[0].to_owned()
+}
+
+/// Reads a float32 little-endian `.npy` file: (shape, data).
+pub fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(&bytes[..6], b"\x93NUMPY", "{}", path.display());
+    let (header_len, start) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        _ => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
+    };
+    let header = std::str::from_utf8(&bytes[start..start + header_len]).expect("ascii header");
+    assert!(header.contains("'descr': '<f4'"), "{header}");
+    let fortran = header.contains("'fortran_order': True");
+    let dims = header
+        .split("'shape': (")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .expect("shape");
+    let shape: Vec<usize> = dims
+        .split(',')
+        .filter_map(|d| d.trim().parse().ok())
+        .collect();
+    let data: Vec<f32> = bytes[start + header_len..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    assert_eq!(data.len(), shape.iter().product::<usize>());
+    if fortran {
+        return (shape.clone(), fortran_to_c(&shape, &data));
+    }
+    (shape, data)
+}
+
+/// Reorders column-major (Fortran) data into row-major (C) order.
+fn fortran_to_c(shape: &[usize], data: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(data.len());
+    let mut index = vec![0usize; shape.len()];
+    for _ in 0..data.len() {
+        let mut f = 0;
+        let mut stride = 1;
+        for (i, &d) in index.iter().zip(shape) {
+            f += i * stride;
+            stride *= d;
+        }
+        out.push(data[f]);
+        // Advance the C-order index (last axis fastest).
+        for axis in (0..shape.len()).rev() {
+            index[axis] += 1;
+            if index[axis] < shape[axis] {
+                break;
+            }
+            index[axis] = 0;
+        }
+    }
+    out
+}
+
+/// Largest absolute difference between two equally long slices.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
