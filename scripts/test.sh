@@ -8,4 +8,12 @@ bash scripts/setup.sh --tests
 bash tests/corpus/build.sh
 cargo fmt --all -- --check
 cargo clippy --release --locked --all-targets -- -D warnings
-cargo test --release --locked --workspace
+log=$(mktemp)
+set +e
+cargo test --release --locked --workspace 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+sum() { grep -E '^test result:' "$log" | grep -oE "[0-9]+ $1" | awk '{s += $1} END {print s + 0}'; }
+echo "all tests: $(sum passed) passed, $(sum failed) failed"
+rm -f "$log"
+exit "$status"

@@ -195,3 +195,19 @@ fn bare_data_set_without_file_meta_matches_rg1() {
     let (_, reference) = read_npy(Path::new(&rg1.reference_npy));
     assert!(max_abs_diff(&ours, &reference) <= LOSSLESS_TOLERANCE);
 }
+
+#[test]
+fn part10_file_without_preamble_reads_the_same() {
+    // A Part 10 file that starts at "DICM" (the 128-byte preamble stripped).
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let source = corpus_file("RG1_J2KR.dcm");
+    let bytes = std::fs::read(&source).expect("read");
+    assert_eq!(&bytes[128..132], b"DICM");
+    let stripped = tmp.path().join("no-preamble.dcm");
+    std::fs::write(&stripped, &bytes[128..]).expect("write");
+    let (a, b) = (tmp.path().join("a.npy"), tmp.path().join("b.npy"));
+    assert!(preprocess(&source, &a).status.success());
+    let result = preprocess(&stripped, &b);
+    assert!(result.status.success(), "{}", crate::util::stderr(&result));
+    assert_eq!(read_npy(&a).1, read_npy(&b).1);
+}
