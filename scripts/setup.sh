@@ -25,3 +25,5 @@ fi
 # The toolchain pinned in rust-toolchain.toml, with rustfmt and clippy.
 cd "$(dirname "$0")/.."
 rustup show active-toolchain >/dev/null 2>&1 || rustup toolchain install
+# Site plugins are WebAssembly components.
+rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2

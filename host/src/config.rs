@@ -74,6 +74,9 @@ pub struct Config {
     /// `[limits]`: bounds on what the box accepts.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// `[sandbox]`: how site plugins run and which are trusted.
+    #[serde(default)]
+    pub sandbox: SandboxConfig,
     /// `[[plugins]]`: site plugins, in the order they run.
     #[serde(default)]
     pub plugins: Vec<PluginEntry>,
@@ -198,6 +201,64 @@ impl LimitsConfig {
     /// The largest accepted DICOM file, in bytes.
     pub fn max_dicom_file_bytes(&self) -> u64 {
         u64::from(self.max_dicom_file_mib) * 1024 * 1024
+    }
+}
+
+/// `[sandbox]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxConfig {
+    /// `deadline_ms = 250`: wall-clock deadline of one plugin call.
+    #[serde(default = "default_deadline_ms")]
+    pub deadline_ms: u32,
+    /// `memory_limit_mib = 128`: linear memory cap of one plugin call.
+    #[serde(default = "default_memory_limit_mib")]
+    pub memory_limit_mib: u32,
+    /// `fault_threshold = 3`: consecutive faults that quarantine a plugin
+    /// until the plugins are reloaded.
+    #[serde(default = "default_fault_threshold")]
+    pub fault_threshold: u32,
+    /// `require_signed_plugins = false`: refuse plugins without a valid
+    /// signature by a trusted key.
+    #[serde(default)]
+    pub require_signed_plugins: bool,
+    /// `trusted_plugin_keys = ["<hex Ed25519 public key>", …]`.
+    #[serde(default)]
+    pub trusted_plugin_keys: Vec<String>,
+}
+
+fn default_deadline_ms() -> u32 {
+    250
+}
+
+fn default_memory_limit_mib() -> u32 {
+    128
+}
+
+fn default_fault_threshold() -> u32 {
+    3
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        Self {
+            deadline_ms: default_deadline_ms(),
+            memory_limit_mib: default_memory_limit_mib(),
+            fault_threshold: default_fault_threshold(),
+            require_signed_plugins: false,
+            trusted_plugin_keys: Vec::new(),
+        }
+    }
+}
+
+impl SandboxConfig {
+    /// The limits every plugin call runs under.
+    pub fn limits(&self) -> crate::plugins::PluginLimits {
+        crate::plugins::PluginLimits {
+            deadline: std::time::Duration::from_millis(self.deadline_ms.into()),
+            memory_bytes: self.memory_limit_mib as usize * 1024 * 1024,
+            fault_threshold: self.fault_threshold,
+        }
     }
 }
 
@@ -338,6 +399,34 @@ impl Config {
         }
         if self.limits.max_dicom_file_mib == 0 {
             problems.push("limits.max_dicom_file_mib must be at least 1".to_owned());
+        }
+        if !(1..=60_000).contains(&self.sandbox.deadline_ms) {
+            problems.push(format!(
+                "sandbox.deadline_ms = {}: must be between 1 and 60000",
+                self.sandbox.deadline_ms
+            ));
+        }
+        if !(1..=4096).contains(&self.sandbox.memory_limit_mib) {
+            problems.push(format!(
+                "sandbox.memory_limit_mib = {}: must be between 1 and 4096",
+                self.sandbox.memory_limit_mib
+            ));
+        }
+        if self.sandbox.fault_threshold == 0 {
+            problems.push("sandbox.fault_threshold must be at least 1".to_owned());
+        }
+        for (i, key) in self.sandbox.trusted_plugin_keys.iter().enumerate() {
+            if crate::signing::parse_public_key(key).is_err() {
+                problems.push(format!(
+                    "sandbox.trusted_plugin_keys[{i}]: not a hex Ed25519 public key (64 hex digits)"
+                ));
+            }
+        }
+        if self.sandbox.require_signed_plugins && self.sandbox.trusted_plugin_keys.is_empty() {
+            problems.push(
+                "sandbox.require_signed_plugins is on but sandbox.trusted_plugin_keys is empty"
+                    .to_owned(),
+            );
         }
         for (i, plugin) in self.plugins.iter().enumerate() {
             if !plugin.path.is_file() {

@@ -11,6 +11,8 @@
 //! |---------------|----------------------------------------------------------------|
 //! | [`config`]    | the box's TOML configuration, strictly parsed and validated    |
 //! | [`dicom`]     | DICOM file → checked header → stored pixels → canonical tensor |
+//! | [`plugins`]   | site plugins: sandboxed WebAssembly components (wasmtime)      |
+//! | [`signing`]   | Ed25519 keys and signatures (plugin manifests, weight shards)  |
 //! | [`output`]    | tensors and previews written atomically (`.npy`, PNG)          |
 //! | [`guard`]     | panic containment around third-party parsers and codecs        |
 //!
@@ -24,3 +26,5 @@ pub mod config;
 pub mod dicom;
 pub mod guard;
 pub mod output;
+pub mod plugins;
+pub mod signing;

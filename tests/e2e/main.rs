@@ -8,4 +8,5 @@
 mod agreement;
 mod bad_input;
 mod cli;
+mod plugins;
 mod util;

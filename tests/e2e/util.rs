@@ -55,6 +55,17 @@ pub fn run(args: &[&std::ffi::OsStr]) -> Output {
         .expect("run oxbox under prlimit")
 }
 
+/// Runs oxbox with `args` without the address-space cap (the plugin sandbox
+/// reserves, without committing, address space for its memory pool).
+pub fn run_unbounded<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
+    Command::new(oxbox())
+        .args(args)
+        .env_remove("OXBOX_CONFIG")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run oxbox")
+}
+
 /// Convenience: runs oxbox with string-like arguments.
 pub fn run_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
     let args: Vec<&std::ffi::OsStr> = args.iter().map(AsRef::as_ref).collect();

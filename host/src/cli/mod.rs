@@ -4,6 +4,8 @@
 mod bench;
 mod config_check;
 mod dicom_info;
+mod keys;
+mod plugin;
 mod preprocess;
 
 use std::path::{Path, PathBuf};
@@ -11,6 +13,8 @@ use std::path::{Path, PathBuf};
 use clap::{Parser, Subcommand};
 use oxbox::config::{ConfigError, LoadedConfig};
 use oxbox::dicom::DicomError;
+use oxbox::plugins::PluginError;
+use oxbox::plugins::record::RecordError;
 
 /// Exit status for bad input or usage (clap uses it for usage errors too).
 pub const EXIT_BAD_INPUT: u8 = 2;
@@ -55,6 +59,34 @@ pub enum Command {
     Config(ConfigCommand),
     /// Measure decode + preprocess speed on one file.
     Bench(bench::Args),
+    /// Check, run, pack, sign and benchmark site plugins.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+    /// Manage signing keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+/// `oxbox plugin …`
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Check a plugin: interface version, imports, hooks, sha256, signature.
+    Check(plugin::CheckArgs),
+    /// Run one plugin on one case (EMR record, optionally a radiograph).
+    Run(plugin::RunArgs),
+    /// Package a built component with its manifest, ready to deploy and sign.
+    Pack(plugin::PackArgs),
+    /// Sign a plugin manifest with an Ed25519 key.
+    Sign(plugin::SignArgs),
+    /// Measure per-request plugin cost.
+    Bench(plugin::BenchArgs),
+}
+
+/// `oxbox keys …`
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Generate an Ed25519 key pair (private key mode 0600).
+    Generate(keys::GenerateArgs),
 }
 
 /// `oxbox dicom …`
@@ -79,6 +111,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dicom(DicomCommand::Info(args)) => dicom_info::run(args, config),
         Command::Config(ConfigCommand::Check(args)) => config_check::run(args, config),
         Command::Bench(args) => bench::run(args, config),
+        Command::Plugin(command) => {
+            let loaded = load_config(config)?;
+            match command {
+                PluginCommand::Check(args) => plugin::check(args, &loaded),
+                PluginCommand::Run(args) => plugin::run(args, &loaded),
+                PluginCommand::Pack(args) => plugin::pack(args, &loaded),
+                PluginCommand::Sign(args) => plugin::sign(args),
+                PluginCommand::Bench(args) => plugin::bench(args, &loaded),
+            }
+        }
+        Command::Keys(KeysCommand::Generate(args)) => keys::generate(args),
     }
 }
 
@@ -89,9 +132,14 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<LoadedConfig> {
 
 /// Bad input (a refused file, an invalid config) exits 2; anything else 1.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
-    let bad_input = err
-        .chain()
-        .any(|cause| cause.is::<DicomError>() || cause.is::<ConfigError>());
+    let bad_input = err.chain().any(|cause| {
+        cause.is::<DicomError>()
+            || cause.is::<ConfigError>()
+            || cause.is::<RecordError>()
+            || cause
+                .downcast_ref::<PluginError>()
+                .is_some_and(PluginError::is_bad_input)
+    });
     if bad_input {
         EXIT_BAD_INPUT
     } else {

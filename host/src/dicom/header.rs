@@ -38,6 +38,8 @@ pub struct ImageHeader {
     pub sop_class_uid: Option<String>,
     /// Modality (0008,0060).
     pub modality: Option<String>,
+    /// Manufacturer (0008,0070): vendor quirks are keyed on it.
+    pub manufacturer: Option<String>,
     /// Body Part Examined (0018,0015).
     pub body_part_examined: Option<String>,
     /// View Position (0018,5101).
@@ -159,6 +161,7 @@ impl ImageHeader {
             has_file_meta: file.has_file_meta(),
             sop_class_uid: text(obj, tags::SOP_CLASS_UID),
             modality: text(obj, tags::MODALITY),
+            manufacturer: text(obj, tags::MANUFACTURER),
             body_part_examined: text(obj, tags::BODY_PART_EXAMINED),
             view_position: text(obj, tags::VIEW_POSITION),
             photometric_interpretation: text(obj, tags::PHOTOMETRIC_INTERPRETATION)

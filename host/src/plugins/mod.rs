@@ -1,0 +1,192 @@
+//! Plugins: site knowledge as sandboxed WebAssembly components (wasmtime).
+//!
+//! A site plugin is a component built against `wit/oxbox-plugin.wit` plus a
+//! `plugin.toml` manifest. This stage loads, checks and runs them:
+//!
+//! - [`manifest`]: `plugin.toml` ↔ component (sha256), optional Ed25519
+//!   signature against the configured trusted keys;
+//! - [`engine`]: one wasmtime `Engine` (pooling allocator, epoch
+//!   interruption) and the epoch ticker thread that enforces deadlines;
+//! - [`cache`]: each component compiled once, the artifact kept under the
+//!   data dir, authenticated so the box only ever loads what it wrote itself;
+//! - [`runtime`]: one loaded plugin — interface version and imports checked
+//!   before instantiation, an `InstancePre`, a fresh `Store` per call with
+//!   memory, table, stack, output and time limits, faults classified and
+//!   counted to quarantine a plugin that keeps failing;
+//! - [`set`]: the configured plugins in order (EMR mapping chained, the last
+//!   image decision wins) and their atomic reload.
+//!
+//! What a plugin gets: its arguments, and `log`. No filesystem, sockets,
+//! environment, arguments or clock: WASI is linked with an empty context
+//! (frozen clocks, no preopens, no network), and a component that imports
+//! `wasi:filesystem` or `wasi:sockets` is refused before it runs.
+
+pub mod cache;
+pub mod engine;
+pub mod manifest;
+pub mod record;
+pub mod runtime;
+pub mod set;
+
+mod bindings;
+
+use std::fmt;
+use std::time::Duration;
+
+pub use bindings::{Feature, Frame, ImageAttributes, ImageDecision, RawField};
+pub use engine::PluginEngine;
+pub use manifest::{Hook, Manifest};
+pub use runtime::{LoadedPlugin, PluginLimits};
+pub use set::{PluginRegistry, PluginSet};
+
+/// The plugin interface version this host implements.
+pub const INTERFACE_VERSION: &str = "0.1.0";
+/// The WIT package of the plugin interface.
+pub const INTERFACE_PACKAGE: &str = "oxbox:plugin";
+
+/// Why a plugin call or load failed. Every variant names the plugin.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    /// A file (manifest, component, signature, cache) could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The manifest is malformed or disagrees with the component.
+    #[error("plugin manifest {path}: {reason}")]
+    Manifest {
+        /// The manifest file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A signature is required and missing, or does not verify.
+    #[error("plugin {plugin}: signature: {reason}")]
+    Signature {
+        /// The plugin.
+        plugin: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The component was built for another interface version.
+    #[error(
+        "plugin {plugin} was built for interface {INTERFACE_PACKAGE}@{found}; this host supports {INTERFACE_PACKAGE}@{supported}"
+    )]
+    UnsupportedInterface {
+        /// The plugin.
+        plugin: String,
+        /// The version it imports.
+        found: String,
+        /// The version this host implements.
+        supported: &'static str,
+    },
+    /// The component imports something the sandbox does not provide.
+    #[error("plugin {plugin} imports {import}, which the sandbox does not provide: {why}")]
+    ForbiddenImport {
+        /// The plugin.
+        plugin: String,
+        /// The import name.
+        import: String,
+        /// Why it is not provided.
+        why: &'static str,
+    },
+    /// The bytes are not a valid component, or do not fit the interface.
+    #[error("plugin {plugin}: not a valid oxbox plugin component: {reason}")]
+    Invalid {
+        /// The plugin (or file name).
+        plugin: String,
+        /// What wasmtime said.
+        reason: String,
+    },
+    /// The plugin rejected the input (a guest `plugin-error`): HTTP 422.
+    #[error("plugin {plugin} rejected the input{}: {message}", field.as_deref().map(|f| format!(" (field {f})")).unwrap_or_default())]
+    Rejected {
+        /// "name version".
+        plugin: String,
+        /// The field at fault, if the plugin named one.
+        field: Option<String>,
+        /// The plugin's message (capped in length).
+        message: String,
+    },
+    /// The plugin failed: trap, timeout, limit, malformed output: HTTP 500.
+    #[error("plugin {plugin} failed: {cause}")]
+    Fault {
+        /// "name version".
+        plugin: String,
+        /// What happened.
+        cause: FaultCause,
+    },
+    /// The plugin failed too often and is quarantined until reload.
+    #[error("plugin {plugin} is quarantined after {faults} consecutive faults; fix it and reload")]
+    Quarantined {
+        /// "name version".
+        plugin: String,
+        /// Consecutive faults counted.
+        faults: u32,
+    },
+}
+
+impl PluginError {
+    /// Whether the plugin rejected the input (as opposed to failing): the
+    /// HTTP layer maps this to 422 and every other call error to 500.
+    pub fn is_rejection(&self) -> bool {
+        matches!(self, PluginError::Rejected { .. })
+    }
+
+    /// Whether the error is about the input given (a record the plugin
+    /// rejects, or a plugin file that is refused) rather than a failure
+    /// while running: the CLI exits 2 for these, 1 otherwise.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            PluginError::Rejected { .. }
+                | PluginError::Manifest { .. }
+                | PluginError::Signature { .. }
+                | PluginError::UnsupportedInterface { .. }
+                | PluginError::ForbiddenImport { .. }
+                | PluginError::Invalid { .. }
+        )
+    }
+}
+
+/// How a plugin call failed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FaultCause {
+    /// It ran past its wall-clock deadline.
+    Timeout(Duration),
+    /// It tried to grow memory past the cap.
+    MemoryLimit {
+        /// The cap, in bytes.
+        limit: usize,
+    },
+    /// It exhausted the wasm stack (deep recursion).
+    StackOverflow,
+    /// Any other trap (a panic is `unreachable`).
+    Trap(String),
+    /// It returned something the host does not accept.
+    MalformedOutput(String),
+}
+
+impl fmt::Display for FaultCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FaultCause::Timeout(d) => {
+                write!(f, "timed out after the {} ms deadline", d.as_millis())
+            }
+            FaultCause::MemoryLimit { limit } => {
+                write!(
+                    f,
+                    "exceeded the memory limit of {} MiB",
+                    limit / (1024 * 1024)
+                )
+            }
+            FaultCause::StackOverflow => f.write_str("overflowed its stack (recursion too deep)"),
+            FaultCause::Trap(t) => write!(f, "trapped: {t}"),
+            FaultCause::MalformedOutput(m) => write!(f, "returned malformed output: {m}"),
+        }
+    }
+}

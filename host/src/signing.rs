@@ -1,0 +1,200 @@
+//! Ed25519 signing (ring): key generation, detached signatures over bytes,
+//! verification against a set of trusted public keys.
+//!
+//! Used for plugin manifests now and for federation weight shards later.
+//! Private keys are PKCS#8 v2 documents written with mode 0600; public keys
+//! and signatures travel as lowercase hex.
+
+use std::path::{Path, PathBuf};
+
+use ring::rand::SystemRandom;
+use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+
+/// File name of the private key written by [`generate_keypair`].
+pub const PRIVATE_KEY_FILE: &str = "signing-key.pk8";
+/// File name of the public key written by [`generate_keypair`].
+pub const PUBLIC_KEY_FILE: &str = "signing-key.pub";
+
+/// Errors from key handling, signing and verification.
+#[derive(Debug, thiserror::Error)]
+pub enum SigningError {
+    /// A key file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A private key file is not an Ed25519 PKCS#8 document.
+    #[error("{path}: not an Ed25519 PKCS#8 private key")]
+    BadPrivateKey {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Text that should be hex (a public key, a signature) is not.
+    #[error("{what} is not valid hex of the right length")]
+    BadHex {
+        /// What was being parsed.
+        what: &'static str,
+    },
+    /// The signature does not verify under any trusted key.
+    #[error("signature does not verify under any of the {trusted} trusted key(s)")]
+    Untrusted {
+        /// How many keys were tried.
+        trusted: usize,
+    },
+    /// The system random generator failed.
+    #[error("random generator failed")]
+    Random,
+}
+
+/// A key pair loaded from a PKCS#8 file.
+pub struct SigningKey {
+    pair: Ed25519KeyPair,
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKey")
+            .field("public", &self.public_hex())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SigningKey {
+    /// Loads a private key from a PKCS#8 file.
+    ///
+    /// # Errors
+    /// [`SigningError::Io`] or [`SigningError::BadPrivateKey`].
+    pub fn load(path: &Path) -> Result<Self, SigningError> {
+        let bytes = std::fs::read(path).map_err(|source| SigningError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let pair = Ed25519KeyPair::from_pkcs8(&bytes).map_err(|_| SigningError::BadPrivateKey {
+            path: path.to_path_buf(),
+        })?;
+        Ok(Self { pair })
+    }
+
+    /// The public key, hex.
+    pub fn public_hex(&self) -> String {
+        hex::encode(self.pair.public_key().as_ref())
+    }
+
+    /// A detached signature over `message`, hex.
+    pub fn sign_hex(&self, message: &[u8]) -> String {
+        hex::encode(self.pair.sign(message).as_ref())
+    }
+}
+
+/// Generates a key pair into `dir`: the private key (mode 0600) and the
+/// public key (hex). Refuses to overwrite an existing private key.
+///
+/// # Errors
+/// [`SigningError::Io`] (including an existing key), [`SigningError::Random`].
+pub fn generate_keypair(dir: &Path) -> Result<(PathBuf, String), SigningError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| SigningError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let private = dir.join(PRIVATE_KEY_FILE);
+    let pkcs8 =
+        Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| SigningError::Random)?;
+    let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|_| SigningError::Random)?;
+    write_private(&private, pkcs8.as_ref()).map_err(io(&private))?;
+    let public = hex::encode(pair.public_key().as_ref());
+    let public_path = dir.join(PUBLIC_KEY_FILE);
+    std::fs::write(&public_path, format!("{public}\n")).map_err(io(&public_path))?;
+    Ok((private, public))
+}
+
+/// Creates `path` with mode 0600 (never replacing a file) and writes `bytes`.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+/// Parses a hex Ed25519 public key.
+///
+/// # Errors
+/// [`SigningError::BadHex`].
+pub fn parse_public_key(text: &str) -> Result<[u8; 32], SigningError> {
+    let bytes =
+        hex::decode(text.trim()).map_err(|_| SigningError::BadHex { what: "public key" })?;
+    bytes
+        .try_into()
+        .map_err(|_| SigningError::BadHex { what: "public key" })
+}
+
+/// Verifies a hex signature over `message` against any of `trusted` keys;
+/// returns the index of the key that verified.
+///
+/// # Errors
+/// [`SigningError::BadHex`] or [`SigningError::Untrusted`].
+pub fn verify_any(
+    message: &[u8],
+    signature_hex: &str,
+    trusted: &[[u8; 32]],
+) -> Result<usize, SigningError> {
+    let signature = hex::decode(signature_hex.trim())
+        .map_err(|_| SigningError::BadHex { what: "signature" })?;
+    if signature.len() != 64 {
+        return Err(SigningError::BadHex { what: "signature" });
+    }
+    trusted
+        .iter()
+        .position(|key| {
+            UnparsedPublicKey::new(&ED25519, key)
+                .verify(message, &signature)
+                .is_ok()
+        })
+        .ok_or(SigningError::Untrusted {
+            trusted: trusted.len(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sign_and_verify_round_trip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (private, public) = generate_keypair(dir.path()).expect("generate");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&private)
+                .expect("meta")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let key = SigningKey::load(&private).expect("load");
+        assert_eq!(key.public_hex(), public);
+        let signature = key.sign_hex(b"manifest bytes");
+        let trusted = [parse_public_key(&public).expect("hex")];
+        assert_eq!(
+            verify_any(b"manifest bytes", &signature, &trusted).expect("verify"),
+            0
+        );
+        assert!(matches!(
+            verify_any(b"manifest bytez", &signature, &trusted),
+            Err(SigningError::Untrusted { trusted: 1 })
+        ));
+        assert!(
+            generate_keypair(dir.path()).is_err(),
+            "must not overwrite a key"
+        );
+    }
+}

@@ -1,0 +1,38 @@
+//! Hostile test plugin `stdout-flood`: Floods stdout: the capture cap must stop it.
+
+wit_bindgen::generate!({
+    path: "../../../wit",
+    world: "preprocessor",
+});
+
+use oxbox::plugin::host::{Level, log};
+use oxbox::plugin::types::Hook;
+
+struct Hostile;
+
+impl Guest for Hostile {
+    fn describe() -> PluginInfo {
+        log(Level::Debug, "describing");
+        PluginInfo {
+            name: "stdout-flood".into(),
+            version: "0.0.1".into(),
+            site: "hostile test site".into(),
+            interface_version: "0.1.0".into(),
+            hooks: vec![Hook::MapEmr],
+        }
+    }
+
+    fn map_emr(_record: Vec<RawField>) -> Result<Vec<Feature>, PluginError> {
+        loop {
+            println!(
+                "flooding the host's log with a line that never ends ................................"
+            );
+        }
+    }
+
+    fn preprocess_image(_frame: Frame) -> Result<ImageDecision, PluginError> {
+        Ok(ImageDecision::KeepCanonical)
+    }
+}
+
+export!(Hostile);
