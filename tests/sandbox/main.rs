@@ -256,3 +256,47 @@ fn slow_but_legal_plugin_just_under_the_deadline_succeeds() {
     ));
     assert!(started.elapsed() < limits.deadline * 2);
 }
+
+#[test]
+fn plugins_read_pixels_through_the_resource() {
+    let _alone = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    use oxbox::config::LimitsConfig;
+    use oxbox::dicom::{DicomFile, ImageHeader, canonical, pixels};
+    let limits = LimitsConfig::default();
+    let file =
+        DicomFile::open(&repo_root().join("samples/chest-cr-sample.dcm"), &limits).expect("sample");
+    let header = ImageHeader::read(&file).expect("header");
+    let geometry = header.accept(&limits).expect("accept");
+    let frame = pixels::decode_first_frame(&file, &geometry).expect("decode");
+    let image = canonical::preprocess(&header, &geometry, &frame, 224);
+    let (plugin_frame, pixels) = oxbox::plugins::record::image_frame(&header, &frame, &image);
+
+    let plugin_limits = PluginLimits::default();
+    let engine = Arc::new(PluginEngine::new(&plugin_limits).expect("engine"));
+    let reader = LoadedPlugin::load(
+        &engine,
+        None,
+        &guest("pixel-reader"),
+        "pixel-reader",
+        plugin_limits,
+    )
+    .expect("load");
+    let expected_sum: f64 = pixels.values.iter().map(|&v| f64::from(v)).sum();
+    match reader.preprocess_image(&plugin_frame, &pixels) {
+        Err(PluginError::Rejected { message, .. }) => {
+            let field = |key: &str| -> f64 {
+                message
+                    .split(' ')
+                    .find_map(|kv| kv.strip_prefix(key))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| panic!("{key} in {message}"))
+            };
+            assert_eq!(field("count=") as usize, pixels.values.len());
+            assert!((field("sum=") - expected_sum).abs() <= 1e-6 * expected_sum.abs());
+            assert_eq!(field("oob="), 0.0, "reads past the last row return nothing");
+        }
+        other => panic!("expected the reader's report, got {other:?}"),
+    }
+}

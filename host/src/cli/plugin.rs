@@ -11,7 +11,8 @@ use oxbox::plugins::cache::ComponentCache;
 use oxbox::plugins::manifest::{self, Manifest, PluginFiles, SignatureStatus, signature_path};
 use oxbox::plugins::record::{features_to_json, image_frame, raw_fields_from_json};
 use oxbox::plugins::{
-    Frame, Hook, ImageAttributes, ImageDecision, LoadedPlugin, PluginEngine, PluginSet, RawField,
+    Frame, Hook, ImageAttributes, ImageDecision, LoadedPlugin, PixelsData, PluginEngine, PluginSet,
+    RawField,
 };
 use oxbox::signing;
 
@@ -229,7 +230,8 @@ pub fn run(args: RunArgs, config: &LoadedConfig) -> anyhow::Result<()> {
         let canonical =
             dicom::canonical::preprocess(&header, &geometry, &frame, config.model.input_size);
         let (decision, image) = if set.preprocesses_images() {
-            match set.preprocess_image(&image_frame(&header, &frame, &canonical))? {
+            let (plugin_frame, pixels) = image_frame(&header, &frame, &canonical);
+            match set.preprocess_image(&plugin_frame, &pixels)? {
                 ImageDecision::KeepCanonical => ("keep-canonical", canonical.data.clone()),
                 ImageDecision::Replace(image) => ("replace", image),
             }
@@ -324,9 +326,14 @@ fn micros(mut samples: Vec<f64>) -> serde_json::Value {
     serde_json::json!({"median_us": (median * 10.0).round() / 10.0, "min_us": (samples[0] * 10.0).round() / 10.0})
 }
 
-fn synthetic_frame(side: u32, size: u32) -> Frame {
+fn synthetic_frame(side: u32, size: u32) -> (Frame, PixelsData) {
     let n = side as usize * side as usize;
-    Frame {
+    let pixels = PixelsData {
+        rows: side,
+        columns: side,
+        values: (0..n).map(|i| (i % 4096) as f32).collect::<Vec<_>>().into(),
+    };
+    let frame = Frame {
         rows: side,
         columns: side,
         attributes: ImageAttributes {
@@ -341,10 +348,10 @@ fn synthetic_frame(side: u32, size: u32) -> Frame {
             presentation_lut_shape: None,
             manufacturer: None,
         },
-        modality_values: (0..n).map(|i| (i % 4096) as f32).collect(),
         size,
         canonical: (0..size * size).map(|i| (i % 256) as f32 / 255.0).collect(),
-    }
+    };
+    (frame, pixels)
 }
 
 /// Runs `oxbox plugin bench`.
@@ -373,8 +380,8 @@ pub fn bench(args: BenchArgs, config: &LoadedConfig) -> anyhow::Result<()> {
         "record_fields": record.len(),
         "instantiate": time(&mut || Ok(plugin.instantiate_only()?))?,
         "map_emr": time(&mut || Ok(plugin.map_emr(&record).map(drop)?))?,
-        "preprocess_image_224": time(&mut || Ok(plugin.preprocess_image(&small).map(drop)?))?,
-        "preprocess_image_2048": time(&mut || Ok(plugin.preprocess_image(&large).map(drop)?))?,
+        "preprocess_image_224": time(&mut || Ok(plugin.preprocess_image(&small.0, &small.1).map(drop)?))?,
+        "preprocess_image_2048": time(&mut || Ok(plugin.preprocess_image(&large.0, &large.1).map(drop)?))?,
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())

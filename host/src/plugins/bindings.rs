@@ -3,8 +3,10 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use wasmtime::StoreLimits;
-use wasmtime::component::ResourceTable;
+use wasmtime::component::{Resource, ResourceTable};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{
     HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView,
@@ -17,6 +19,9 @@ mod generated {
     wasmtime::component::bindgen!({
         world: "preprocessor",
         path: "../wit",
+        with: { "oxbox:plugin/types.pixels": super::PixelsData },
+        // Host functions may fail (a bad resource handle): as a trap.
+        imports: { default: trappable },
     });
 }
 
@@ -27,6 +32,21 @@ pub use generated::oxbox::plugin::types::{
     PluginInfo, RawField,
 };
 pub use generated::{Preprocessor, PreprocessorPre};
+
+/// Most rows one `read-rows` call returns.
+pub const MAX_ROWS_PER_READ: u32 = 1024;
+
+/// The host side of a `pixels` resource: frame 1's modality values,
+/// shared (not copied) between the plugins of a request.
+#[derive(Debug, Clone)]
+pub struct PixelsData {
+    /// Rows.
+    pub rows: u32,
+    /// Columns.
+    pub columns: u32,
+    /// rows × columns modality values, row-major.
+    pub values: Arc<[f32]>,
+}
 
 /// Longest log message kept from a plugin, in bytes; the rest is cut.
 pub const MAX_LOG_MESSAGE: usize = 1024;
@@ -137,16 +157,48 @@ impl WasiView for PluginState {
     }
 }
 
+impl PluginState {
+    /// Makes `pixels` available to the plugin for this call.
+    ///
+    /// # Errors
+    /// If the resource table is full (it never is: one resource per call).
+    pub fn lend_pixels(&mut self, pixels: PixelsData) -> wasmtime::Result<Resource<PixelsData>> {
+        Ok(self.table.push(pixels)?)
+    }
+}
+
 impl oxbox::plugin::types::Host for PluginState {}
 
+impl oxbox::plugin::types::HostPixels for PluginState {
+    fn read_rows(
+        &mut self,
+        pixels: Resource<PixelsData>,
+        first: u32,
+        count: u32,
+    ) -> wasmtime::Result<Vec<f32>> {
+        let data = self.table.get(&pixels)?;
+        let columns = data.columns as usize;
+        let start = first.min(data.rows) as usize;
+        let end = first
+            .saturating_add(count.min(MAX_ROWS_PER_READ))
+            .min(data.rows) as usize;
+        Ok(data.values[start * columns..end * columns].to_vec())
+    }
+
+    fn drop(&mut self, pixels: Resource<PixelsData>) -> wasmtime::Result<()> {
+        self.table.delete(pixels)?;
+        Ok(())
+    }
+}
+
 impl oxbox::plugin::host::Host for PluginState {
-    fn log(&mut self, level: Level, message: String) {
+    fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
         self.logged += 1;
         if self.logged > MAX_LOG_MESSAGES {
             if self.logged == MAX_LOG_MESSAGES + 1 {
                 tracing::warn!(plugin = %self.plugin, "log limit reached; further messages dropped");
             }
-            return;
+            return Ok(());
         }
         let message = truncate(&message, MAX_LOG_MESSAGE);
         let plugin = &self.plugin;
@@ -156,5 +208,6 @@ impl oxbox::plugin::host::Host for PluginState {
             Level::Warn => tracing::warn!(%plugin, "{message}"),
             Level::Error => tracing::error!(%plugin, "{message}"),
         }
+        Ok(())
     }
 }

@@ -74,7 +74,10 @@ impl PluginEngine {
             plugin: "<engine>".to_owned(),
             reason: format!("{e:#}"),
         })?;
-        let ticker = EpochTicker::start(engine.clone());
+        let ticker = EpochTicker::start(engine.clone()).map_err(|e| PluginError::Io {
+            path: "<epoch ticker thread>".to_owned(),
+            source: e,
+        })?;
         Ok(Self {
             engine,
             _ticker: ticker,
@@ -111,7 +114,9 @@ struct EpochTicker {
 }
 
 impl EpochTicker {
-    fn start(engine: Engine) -> Self {
+    /// Without the ticker no deadline would ever fire: failing to start it
+    /// is an error, not a degraded mode.
+    fn start(engine: Engine) -> std::io::Result<Self> {
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("oxbox-epoch".to_owned())
@@ -119,12 +124,11 @@ impl EpochTicker {
                 while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(EPOCH_TICK) {
                     engine.increment_epoch();
                 }
-            })
-            .ok();
-        Self {
+            })?;
+        Ok(Self {
             stop: Some(stop),
-            thread,
-        }
+            thread: Some(thread),
+        })
     }
 }
 

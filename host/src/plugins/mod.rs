@@ -33,7 +33,7 @@ mod bindings;
 use std::fmt;
 use std::time::Duration;
 
-pub use bindings::{Feature, Frame, ImageAttributes, ImageDecision, RawField};
+pub use bindings::{Feature, Frame, ImageAttributes, ImageDecision, PixelsData, RawField};
 pub use engine::PluginEngine;
 pub use manifest::{Hook, Manifest};
 pub use runtime::{LoadedPlugin, PluginLimits};

@@ -4,7 +4,7 @@
 
 use serde_json::{Map, Value};
 
-use super::{Feature, Frame, ImageAttributes, RawField};
+use super::{Feature, Frame, ImageAttributes, PixelsData, RawField};
 use crate::dicom::{CanonicalImage, DecodedFrame, ImageHeader};
 
 /// Most fields accepted in one record.
@@ -133,22 +133,27 @@ pub fn features_to_json(features: &[Feature]) -> Value {
     Value::Object(map)
 }
 
-/// The `frame` a `preprocess-image` plugin gets: frame 1's modality values
-/// (stored × slope + intercept), the header attributes canonical
-/// preprocessing uses, and the canonical image.
+/// What a `preprocess-image` plugin gets: the `frame` (header attributes
+/// canonical preprocessing uses, and the canonical image) and the `pixels`
+/// it may read (frame 1's modality values, stored × slope + intercept).
 pub fn image_frame(
     header: &ImageHeader,
     frame: &DecodedFrame<'_>,
     canonical: &CanonicalImage,
-) -> Frame {
+) -> (Frame, PixelsData) {
     let slope = header.rescale_slope.filter(|&s| s != 0.0).unwrap_or(1.0);
     let intercept = header.rescale_intercept.unwrap_or(0.0);
-    let modality_values = frame
+    let modality_values: Vec<f32> = frame
         .stored_values()
         .into_iter()
         .map(|v| (v as f64 * slope + intercept) as f32)
         .collect();
-    Frame {
+    let pixels = PixelsData {
+        rows: frame.rows,
+        columns: frame.columns,
+        values: modality_values.into(),
+    };
+    let frame = Frame {
         rows: frame.rows,
         columns: frame.columns,
         attributes: ImageAttributes {
@@ -166,10 +171,10 @@ pub fn image_frame(
             presentation_lut_shape: header.presentation_lut_shape.clone(),
             manufacturer: header.manufacturer.clone(),
         },
-        modality_values,
         size: canonical.size,
         canonical: canonical.data.clone(),
-    }
+    };
+    (frame, pixels)
 }
 
 #[cfg(test)]

@@ -17,11 +17,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use wasmtime::component::types::ComponentItem;
 use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{Store, StoreLimitsBuilder, Trap};
 
 use super::bindings::{
-    Feature, Frame, GuestError, ImageDecision, PluginInfo, PluginState, Preprocessor,
+    Feature, Frame, GuestError, ImageDecision, PixelsData, PluginInfo, PluginState, Preprocessor,
     PreprocessorPre, RawField, WitHook,
 };
 use super::cache::{CacheOutcome, ComponentCache};
@@ -120,9 +121,14 @@ impl LoadedPlugin {
             ),
         };
 
+        // Type imports (e.g. the `pixels` resource the world uses) grant
+        // nothing; every other import is screened.
         let imports: Vec<String> = component
             .component_type()
             .imports(engine.engine())
+            .filter(|(_, item)| {
+                !matches!(item.ty, ComponentItem::Type(_) | ComponentItem::Resource(_))
+            })
             .map(|(name, _)| name.to_owned())
             .collect();
         check_imports(label, &imports)?;
@@ -370,8 +376,15 @@ impl LoadedPlugin {
     /// [`PluginError::Rejected`] when the plugin refuses the image, a fault
     /// otherwise (including a replacement of the wrong size or with values
     /// outside [0, 1]).
-    pub fn preprocess_image(&self, frame: &Frame) -> Result<ImageDecision, PluginError> {
-        let answer = self.call(|bindings, store| bindings.call_preprocess_image(store, frame))?;
+    pub fn preprocess_image(
+        &self,
+        frame: &Frame,
+        pixels: &PixelsData,
+    ) -> Result<ImageDecision, PluginError> {
+        let answer = self.call(|bindings, store| {
+            let lent = store.data_mut().lend_pixels(pixels.clone())?;
+            bindings.call_preprocess_image(store, frame, lent)
+        })?;
         let decision = answer.map_err(|e| self.rejected(e))?;
         if let ImageDecision::Replace(image) = &decision {
             let expected = frame.size as usize * frame.size as usize;

@@ -15,7 +15,8 @@ use std::sync::{Arc, RwLock};
 use super::cache::ComponentCache;
 use super::manifest::{PluginFiles, SignatureStatus};
 use super::{
-    Feature, Frame, Hook, ImageDecision, LoadedPlugin, PluginEngine, PluginError, RawField,
+    Feature, Frame, Hook, ImageDecision, LoadedPlugin, PixelsData, PluginEngine, PluginError,
+    RawField,
 };
 use crate::config::{Config, LoadedConfig};
 use crate::signing;
@@ -136,14 +137,18 @@ impl PluginSet {
     ///
     /// # Errors
     /// The first plugin's rejection or fault.
-    pub fn preprocess_image(&self, frame: &Frame) -> Result<ImageDecision, PluginError> {
+    pub fn preprocess_image(
+        &self,
+        frame: &Frame,
+        pixels: &PixelsData,
+    ) -> Result<ImageDecision, PluginError> {
         let mut decision = ImageDecision::KeepCanonical;
         for plugin in self
             .plugins
             .iter()
             .filter(|p| p.has_hook(Hook::PreprocessImage))
         {
-            decision = plugin.preprocess_image(frame)?;
+            decision = plugin.preprocess_image(frame, pixels)?;
         }
         Ok(decision)
     }

@@ -103,7 +103,7 @@ impl Guest for Canonical {
             .collect())
     }
 
-    fn preprocess_image(_frame: Frame) -> Result<ImageDecision, PluginError> {
+    fn preprocess_image(_frame: Frame, _pixels: &Pixels) -> Result<ImageDecision, PluginError> {
         Ok(ImageDecision::KeepCanonical)
     }
 }

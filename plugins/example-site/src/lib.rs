@@ -194,7 +194,7 @@ impl Guest for ExampleSite {
             .collect())
     }
 
-    fn preprocess_image(frame: Frame) -> Result<ImageDecision, PluginError> {
+    fn preprocess_image(frame: Frame, _pixels: &Pixels) -> Result<ImageDecision, PluginError> {
         // The site's CR reader writes some images with MONOCHROME2 that are
         // in fact MONOCHROME1 (minimum = white). On a correctly displayed
         // chest film the lung fields (air) are darker than the spine and

@@ -34,7 +34,7 @@ impl Guest for Hostile {
         }])
     }
 
-    fn preprocess_image(_frame: Frame) -> Result<ImageDecision, PluginError> {
+    fn preprocess_image(_frame: Frame, _pixels: &Pixels) -> Result<ImageDecision, PluginError> {
         Ok(ImageDecision::KeepCanonical)
     }
 }

@@ -26,7 +26,7 @@ impl Guest for Hostile {
         Ok(Vec::new())
     }
 
-    fn preprocess_image(_frame: Frame) -> Result<ImageDecision, PluginError> {
+    fn preprocess_image(_frame: Frame, _pixels: &Pixels) -> Result<ImageDecision, PluginError> {
         Ok(ImageDecision::KeepCanonical)
     }
 }
