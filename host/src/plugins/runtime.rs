@@ -246,6 +246,26 @@ impl LoadedPlugin {
         store
     }
 
+    /// Times `map-emr` alone on a fresh instance (instantiation and
+    /// teardown excluded), for benchmarks.
+    ///
+    /// # Errors
+    /// A fault or rejection, as [`LoadedPlugin::map_emr`].
+    pub fn time_map_emr_call(&self, record: &[RawField]) -> Result<Duration, PluginError> {
+        let mut store = self.store();
+        let bindings = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| self.fault(e, Duration::ZERO, false))?;
+        let started = Instant::now();
+        let answer = bindings
+            .call_map_emr(&mut store, record)
+            .map_err(|e| self.fault(e, started.elapsed(), false))?;
+        let took = started.elapsed();
+        answer.map_err(|e| self.rejected(e))?;
+        Ok(took)
+    }
+
     /// Instantiates only (for benchmarks): a fresh store and instance.
     ///
     /// # Errors

@@ -164,13 +164,27 @@ pub fn check(spec: &FeatureSpec, value: f64) -> Result<f64, ValueError> {
     Ok(value)
 }
 
-/// Lower-cased unit with spaces, "µ"/"μ"/"u" and "°" variations removed.
-fn unit_key(unit: &str) -> String {
-    unit.trim()
-        .to_lowercase()
-        .replace(['µ', 'μ'], "u")
-        .replace(['°', ' '], "")
-        .replace("per", "/")
+/// Longest unit text compared, in bytes (normalised).
+const MAX_UNIT: usize = 48;
+
+/// The unit normalised for comparison, written into `buf` without heap
+/// allocation (plugins run a fresh instance per call, so every allocation
+/// is paid for each request): ASCII lower case, spaces and '°' dropped,
+/// 'µ' and 'μ' written as 'u'. `None` when it does not fit.
+fn unit_key<'b>(unit: &str, buf: &'b mut [u8; MAX_UNIT]) -> Option<&'b str> {
+    let mut n = 0;
+    for c in unit.trim().chars() {
+        let c = match c {
+            'µ' | 'μ' => 'u',
+            '°' | ' ' => continue,
+            c => c.to_ascii_lowercase(),
+        };
+        let mut utf8 = [0u8; 4];
+        let bytes = c.encode_utf8(&mut utf8).as_bytes();
+        buf.get_mut(n..n + bytes.len())?.copy_from_slice(bytes);
+        n += bytes.len();
+    }
+    core::str::from_utf8(&buf[..n]).ok()
 }
 
 /// Converts `value` in `unit` to the canonical unit of `spec`. Units are
@@ -183,11 +197,12 @@ pub fn to_canonical(spec: &FeatureSpec, value: f64, unit: Option<&str>) -> Resul
     let Some(unit) = unit.filter(|u| !u.trim().is_empty()) else {
         return Ok(value);
     };
-    let key = unit_key(unit);
-    if key == unit_key(spec.unit) {
+    let (mut buf, mut canonical_buf) = ([0u8; MAX_UNIT], [0u8; MAX_UNIT]);
+    let key = unit_key(unit, &mut buf).ok_or_else(|| ValueError::UnknownUnit(unit.to_owned()))?;
+    if Some(key) == unit_key(spec.unit, &mut canonical_buf) {
         return Ok(value);
     }
-    let converted = match (spec.name, key.as_str()) {
+    let converted = match (spec.name, key) {
         ("age_years", "y" | "yr" | "yrs" | "year" | "a") => value,
         ("age_years", "months" | "mo") => value / 12.0,
         ("temperature_c", "c" | "degc" | "celsius") => value,
@@ -234,8 +249,9 @@ pub fn to_canonical(spec: &FeatureSpec, value: f64, unit: Option<&str>) -> Resul
 
 /// Whether a unit says "percent of the white-cell count".
 pub fn is_percent_of_wbc(unit: Option<&str>) -> bool {
-    unit.map(unit_key)
-        .is_some_and(|k| matches!(k.as_str(), "%" | "%wbc" | "%ofwbc" | "percent"))
+    let mut buf = [0u8; MAX_UNIT];
+    unit.and_then(|u| unit_key(u, &mut buf))
+        .is_some_and(|k| matches!(k, "%" | "%wbc" | "%ofwbc" | "percent"))
 }
 
 /// A differential count given as % of WBC, in 10⁹/L.
