@@ -62,6 +62,21 @@ pub fn write_atomically(
     Ok(())
 }
 
+/// Creates `path` as a new file readable by its owner only (mode 0600 on
+/// Unix) and writes `bytes`: for keys. Fails if the file exists.
+///
+/// # Errors
+/// Any I/O error, including an existing file.
+pub fn write_new_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
 /// The bytes of a NumPy `.npy` (format 1.0) file holding float32,
 /// little-endian, C-order data of the given shape.
 pub fn npy_f32_bytes(shape: &[usize], data: &[f32]) -> Vec<u8> {

@@ -105,23 +105,11 @@ pub fn generate_keypair(dir: &Path) -> Result<(PathBuf, String), SigningError> {
     let pkcs8 =
         Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| SigningError::Random)?;
     let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|_| SigningError::Random)?;
-    write_private(&private, pkcs8.as_ref()).map_err(io(&private))?;
+    crate::output::write_new_private(&private, pkcs8.as_ref()).map_err(io(&private))?;
     let public = hex::encode(pair.public_key().as_ref());
     let public_path = dir.join(PUBLIC_KEY_FILE);
     std::fs::write(&public_path, format!("{public}\n")).map_err(io(&public_path))?;
     Ok((private, public))
-}
-
-/// Creates `path` with mode 0600 (never replacing a file) and writes `bytes`.
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
 }
 
 /// Parses a hex Ed25519 public key.

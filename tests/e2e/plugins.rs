@@ -168,37 +168,30 @@ fn example_site_fixes_mislabelled_monochrome1() {
     ));
     let relabelled = tmp.path().join("mislabelled.dcm");
     obj.write_to_file(&relabelled).expect("write");
-    let fixed = tmp.path().join("fixed.npy");
-    let out = plugin_run(
-        &dist("example-site"),
-        &sample("example-site-record.json"),
-        &config,
-        &[
-            "--dicom".as_ref(),
-            relabelled.as_os_str(),
-            "--out".as_ref(),
-            fixed.as_os_str(),
-        ],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    assert_eq!(report["image"]["decision"], "replace");
+    // Runs the example site's plugin on `film`; returns its image decision.
+    let decide = |film: &Path, out: &Path| -> String {
+        let result = plugin_run(
+            &dist("example-site"),
+            &sample("example-site-record.json"),
+            &config,
+            &[
+                "--dicom".as_ref(),
+                film.as_os_str(),
+                "--out".as_ref(),
+                out.as_os_str(),
+            ],
+        );
+        assert!(result.status.success(), "{}", stderr(&result));
+        let report: serde_json::Value = serde_json::from_slice(&result.stdout).expect("JSON");
+        report["image"]["decision"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (fixed, kept) = (tmp.path().join("fixed.npy"), tmp.path().join("kept.npy"));
+    assert_eq!(decide(&relabelled, &fixed), "replace");
     // The correctly labelled film is left alone, and both give the same image.
-    let kept = tmp.path().join("kept.npy");
-    let out = plugin_run(
-        &dist("example-site"),
-        &sample("example-site-record.json"),
-        &config,
-        &[
-            "--dicom".as_ref(),
-            source.as_os_str(),
-            "--out".as_ref(),
-            kept.as_os_str(),
-        ],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    assert_eq!(report["image"]["decision"], "keep-canonical");
+    assert_eq!(decide(&source, &kept), "keep-canonical");
     let (_, a) = crate::util::read_npy(&fixed);
     let (_, b) = crate::util::read_npy(&kept);
     assert!(crate::util::max_abs_diff(&a, &b) < 1e-5);

@@ -107,67 +107,57 @@ pub(crate) fn decode(
     }
     let precision = handle.get(tj::TJPARAM_TJPARAM_PRECISION);
     let n = rows as usize * columns as usize;
-    let gray = tj::TJPF_TJPF_GRAY;
-    let samples = match precision {
-        2..=8 => {
-            let mut out = vec![0u8; n];
-            // SAFETY: `out` holds width*height one-byte gray samples, pitch 0
-            // means tightly packed; sizes were checked against the header.
-            let rc = unsafe {
-                tj::tj3Decompress8(
-                    handle.0,
-                    stream.as_ptr(),
-                    stream.len() as tj::size_t,
-                    out.as_mut_ptr(),
-                    0,
-                    gray,
-                )
-            };
-            if rc != 0 {
-                return Err(handle.error());
-            }
-            Samples::U8(Cow::Owned(out))
-        }
+    Ok(match precision {
+        2..=8 => Samples::U8(Cow::Owned(handle.decompress(
+            stream,
+            n,
+            tj::tj3Decompress8,
+        )?)),
         9..=12 => {
-            let mut out = vec![0i16; n];
-            // SAFETY: as above, with 12-bit samples in i16.
-            let rc = unsafe {
-                tj::tj3Decompress12(
-                    handle.0,
-                    stream.as_ptr(),
-                    stream.len() as tj::size_t,
-                    out.as_mut_ptr(),
-                    0,
-                    gray,
-                )
-            };
-            if rc != 0 {
-                return Err(handle.error());
-            }
+            let out = handle.decompress(stream, n, tj::tj3Decompress12)?;
             // 12-bit samples are 0..=4095: the same bits as unsigned words.
             Samples::U16(Cow::Owned(out.into_iter().map(|v| v as u16).collect()))
         }
-        13..=16 => {
-            let mut out = vec![0u16; n];
-            // SAFETY: as above, with 16-bit samples in u16.
-            let rc = unsafe {
-                tj::tj3Decompress16(
-                    handle.0,
-                    stream.as_ptr(),
-                    stream.len() as tj::size_t,
-                    out.as_mut_ptr(),
-                    0,
-                    gray,
-                )
-            };
-            if rc != 0 {
-                return Err(handle.error());
-            }
-            Samples::U16(Cow::Owned(out))
-        }
+        13..=16 => Samples::U16(Cow::Owned(handle.decompress(
+            stream,
+            n,
+            tj::tj3Decompress16,
+        )?)),
         other => return Err(corrupt(format!("unsupported sample precision {other}"))),
-    };
-    Ok(samples)
+    })
+}
+
+/// The signature shared by `tj3Decompress8`, `…12` and `…16`.
+type Decompress<T> =
+    unsafe extern "C" fn(tj::tjhandle, *const u8, tj::size_t, *mut T, i32, i32) -> i32;
+
+impl Handle {
+    /// Decompresses the stream whose header was read into `n` gray samples.
+    fn decompress<T: Copy + Default>(
+        &self,
+        stream: &[u8],
+        n: usize,
+        decompress: Decompress<T>,
+    ) -> Result<Vec<T>, DicomError> {
+        let mut out = vec![T::default(); n];
+        // SAFETY: the header was read from this stream and its width × height
+        // checked to equal `n`; `out` holds `n` samples of the precision the
+        // chosen function writes; pitch 0 means tightly packed rows.
+        let rc = unsafe {
+            decompress(
+                self.0,
+                stream.as_ptr(),
+                stream.len() as tj::size_t,
+                out.as_mut_ptr(),
+                0,
+                tj::TJPF_TJPF_GRAY,
+            )
+        };
+        if rc != 0 {
+            return Err(self.error());
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]

@@ -76,7 +76,10 @@ impl ComponentCache {
                         path: key_path.display().to_string(),
                         source: std::io::Error::other("system random generator failed"),
                     })?;
-                write_private(&key_path, &bytes).map_err(io(&key_path))?;
+                // Replace an unusable key; every artifact tagged with it is
+                // then recompiled.
+                let _ = std::fs::remove_file(&key_path);
+                crate::output::write_new_private(&key_path, &bytes).map_err(io(&key_path))?;
                 bytes
             }
         };
@@ -142,17 +145,4 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), crate::output::OutputErro
                 source,
             })
     })
-}
-
-/// Writes a new owner-only file (replacing an unusable one).
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let _ = std::fs::remove_file(path);
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
 }
