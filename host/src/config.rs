@@ -144,6 +144,10 @@ pub struct ModelConfig {
     /// `device = "cpu"` or `"cuda:0"`: where inference runs.
     #[serde(default = "default_device")]
     pub device: String,
+    /// `package = "/var/lib/oxbox/models/exam"`: the model package folder
+    /// (model.toml + weights.safetensors).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub package: Option<PathBuf>,
 }
 
 fn default_input_size() -> u32 {
@@ -159,6 +163,7 @@ impl Default for ModelConfig {
         Self {
             input_size: default_input_size(),
             device: default_device(),
+            package: None,
         }
     }
 }
@@ -348,6 +353,9 @@ impl Config {
             }
         };
         resolve(&mut self.storage.data_dir);
+        if let Some(package) = &mut self.model.package {
+            resolve(package);
+        }
         for plugin in &mut self.plugins {
             resolve(&mut plugin.path);
         }

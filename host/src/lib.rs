@@ -12,6 +12,8 @@
 //! | [`config`]    | the box's TOML configuration, strictly parsed and validated    |
 //! | [`dicom`]     | DICOM file → checked header → stored pixels → canonical tensor |
 //! | [`plugins`]   | site plugins: sandboxed WebAssembly components (wasmtime)      |
+//! | [`model`]     | the EXAM-style network (candle), model packages, inference     |
+//! | [`pipeline`]  | one case end to end: radiograph + EMR → plugins → model        |
 //! | [`signing`]   | Ed25519 keys and signatures (plugin manifests, weight shards)  |
 //! | [`output`]    | tensors and previews written atomically (`.npy`, PNG)          |
 //! | [`guard`]     | panic containment around third-party parsers and codecs        |
@@ -25,6 +27,8 @@
 pub mod config;
 pub mod dicom;
 pub mod guard;
+pub mod model;
 pub mod output;
+pub mod pipeline;
 pub mod plugins;
 pub mod signing;

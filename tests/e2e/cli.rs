@@ -14,6 +14,15 @@ fn help_and_version() {
         vec!["dicom", "info", "--help"],
         vec!["config", "check", "--help"],
         vec!["bench", "--help"],
+        vec!["predict", "--help"],
+        vec!["model", "info", "--help"],
+        vec!["model", "init", "--help"],
+        vec!["plugin", "check", "--help"],
+        vec!["plugin", "run", "--help"],
+        vec!["plugin", "pack", "--help"],
+        vec!["plugin", "sign", "--help"],
+        vec!["plugin", "bench", "--help"],
+        vec!["keys", "generate", "--help"],
     ] {
         let out = run_args(&cmd);
         assert!(out.status.success(), "{cmd:?}");

@@ -9,4 +9,5 @@ mod agreement;
 mod bad_input;
 mod cli;
 mod plugins;
+mod predict;
 mod util;

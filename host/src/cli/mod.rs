@@ -5,7 +5,9 @@ mod bench;
 mod config_check;
 mod dicom_info;
 mod keys;
+mod model;
 mod plugin;
+mod predict;
 mod preprocess;
 
 use std::path::{Path, PathBuf};
@@ -51,6 +53,8 @@ pub struct Cli {
 pub enum Command {
     /// Turn a chest radiograph into the model-ready tensor (canonical preprocessing v1).
     Preprocess(preprocess::Args),
+    /// Predict oxygen need for one case: radiograph + EMR record.
+    Predict(predict::Args),
     /// Inspect DICOM files.
     #[command(subcommand)]
     Dicom(DicomCommand),
@@ -65,6 +69,18 @@ pub enum Command {
     /// Manage signing keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Inspect and create model packages.
+    #[command(subcommand)]
+    Model(ModelCommand),
+}
+
+/// `oxbox model …`
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Show a model package: architecture, EMR schema, digest, size.
+    Info(model::InfoArgs),
+    /// Write a deterministic randomly initialised package (untrained).
+    Init(model::InitArgs),
 }
 
 /// `oxbox plugin …`
@@ -108,6 +124,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let config = cli.config.as_deref();
     match cli.command {
         Command::Preprocess(args) => preprocess::run(args, config),
+        Command::Predict(args) => predict::run(args, config),
         Command::Dicom(DicomCommand::Info(args)) => dicom_info::run(args, config),
         Command::Config(ConfigCommand::Check(args)) => config_check::run(args, config),
         Command::Bench(args) => bench::run(args, config),
@@ -122,6 +139,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Keys(KeysCommand::Generate(args)) => keys::generate(args),
+        Command::Model(ModelCommand::Info(args)) => model::info(args),
+        Command::Model(ModelCommand::Init(args)) => model::init(args),
     }
 }
 
@@ -136,6 +155,13 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
         cause.is::<DicomError>()
             || cause.is::<ConfigError>()
             || cause.is::<RecordError>()
+            || cause
+                .downcast_ref::<oxbox::pipeline::PipelineError>()
+                .is_some_and(oxbox::pipeline::PipelineError::is_bad_input)
+            || matches!(
+                cause.downcast_ref::<oxbox::model::ModelError>(),
+                Some(oxbox::model::ModelError::Invalid { .. } | oxbox::model::ModelError::Input(_))
+            )
             || cause
                 .downcast_ref::<PluginError>()
                 .is_some_and(PluginError::is_bad_input)

@@ -1,0 +1,64 @@
+//! `oxbox predict`: one case through the whole pipeline, as JSON.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use oxbox::dicom::DicomFile;
+use oxbox::model::{Model, ModelPackage, select_device};
+use oxbox::pipeline::Pipeline;
+use oxbox::plugins::cache::ComponentCache;
+use oxbox::plugins::{PluginEngine, PluginSet};
+
+/// Arguments of `oxbox predict`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:\n  \
+oxbox predict --dicom chest.dcm --emr record.json --config /etc/oxbox/oxbox.toml\n  \
+oxbox predict --model models/demo --dicom samples/chest-cr-sample.dcm --emr samples/canonical-record.json\n\n\
+Reads the radiograph and the EMR record (a JSON object in the site's own field names), \
+runs the configured site plugins ([[plugins]]) and the model ([model] package, or \
+--model), and prints the prediction: P(any O2), P(high-flow or NIV), P(ventilation or \
+death) and the exam score at 24 h and 72 h, with the model digest, the plugins that \
+ran and stage timings. Without plugins the record must be in the canonical schema.")]
+pub struct Args {
+    /// The chest radiograph (DICOM); required unless the model is EMR-only.
+    #[arg(long, value_name = "X.dcm")]
+    pub dicom: Option<PathBuf>,
+    /// The EMR record (JSON object).
+    #[arg(long, value_name = "RECORD.json")]
+    pub emr: PathBuf,
+    /// Model package folder; default: model.package from the config.
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+}
+
+/// Runs `oxbox predict`.
+pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
+    let config = super::load_config(config)?.config;
+    let Some(model_dir) = args.model.clone().or_else(|| config.model.package.clone()) else {
+        bail!("no model package: set [model] package in the config or pass --model DIR");
+    };
+    let device = select_device(
+        oxbox::config::parse_device(&config.model.device)
+            .with_context(|| format!("model.device = {:?}", config.model.device))?,
+    )?;
+    let package = ModelPackage::load(&model_dir)?;
+    let pipeline = Pipeline::new(&config, Model::load(package, &device)?);
+
+    let engine = Arc::new(PluginEngine::new(&config.sandbox.limits())?);
+    let cache = ComponentCache::open(&config.storage.data_dir)?;
+    let plugins = Arc::new(PluginSet::load(&config, &engine, Some(&cache))?);
+
+    let text = std::fs::read_to_string(&args.emr)
+        .with_context(|| format!("cannot read {}", args.emr.display()))?;
+    let emr: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not JSON", args.emr.display()))?;
+    let file = args
+        .dicom
+        .as_deref()
+        .map(|p| DicomFile::open(p, &config.limits).with_context(|| p.display().to_string()))
+        .transpose()?;
+    let report = pipeline.predict(file.as_ref(), &emr, &plugins)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}

@@ -1,0 +1,476 @@
+//! Model: the EXAM-style multimodal network (candle), its package format,
+//! the compute device, and single-case inference.
+//!
+//! - [`package`]: `model.toml` + `weights.safetensors`, checked, digested;
+//! - [`net`]: the network — pure model code, trainable batch norm;
+//! - this module: choosing the device, loading a package for inference
+//!   (batch norm folded into the convolutions), encoding an EMR record, and
+//!   turning cumulative logits into the six probabilities and exam scores.
+//!
+//! Outcome scale: oxygen level 0 room air, 1 low-flow O₂, 2 high-flow O₂ or
+//! NIV, 3 mechanical ventilation, 4 death. The head predicts P(level ≥ k)
+//! for k = 1..4 per horizon; P(≥1), P(≥2), P(≥3) are reported and the exam
+//! score is the expected level / 4 = Σₖ P(level ≥ k) / 4.
+
+pub mod net;
+pub mod package;
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use serde::Serialize;
+
+use crate::config::DeviceSpec;
+pub use net::ExamNet;
+pub use package::{Architecture, Backbone, ModelManifest, ModelPackage};
+
+/// Errors from packages, devices and inference.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A package file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `model.toml` is malformed or inconsistent.
+    #[error("model package {path}: {reason}")]
+    Invalid {
+        /// The manifest.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The device named in the config is not available in this build or
+    /// on this machine.
+    #[error("device {device}: {reason}")]
+    Device {
+        /// The device, as configured.
+        device: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
+    /// A tensor operation failed (shapes, weights that do not fit the
+    /// architecture, …).
+    #[error("model: {0}")]
+    Tensor(#[from] candle_core::Error),
+    /// The input does not fit the model.
+    #[error("model input: {0}")]
+    Input(String),
+}
+
+/// The compute device for a config's `model.device`.
+///
+/// # Errors
+/// [`ModelError::Device`] for CUDA on a build without the `cuda` feature or
+/// a machine without that GPU.
+pub fn select_device(spec: DeviceSpec) -> Result<Device, ModelError> {
+    match spec {
+        DeviceSpec::Cpu => Ok(Device::Cpu),
+        DeviceSpec::Cuda(ordinal) => {
+            if cfg!(feature = "cuda") {
+                Device::new_cuda(ordinal).map_err(|e| ModelError::Device {
+                    device: format!("cuda:{ordinal}"),
+                    reason: e.to_string(),
+                })
+            } else {
+                Err(ModelError::Device {
+                    device: format!("cuda:{ordinal}"),
+                    reason: "this oxbox was built without the `cuda` feature".to_owned(),
+                })
+            }
+        }
+    }
+}
+
+/// Probabilities for one horizon.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct HorizonPrediction {
+    /// P(level ≥ 1): any supplemental oxygen.
+    pub p_o2_any: f32,
+    /// P(level ≥ 2): high-flow oxygen or non-invasive ventilation.
+    pub p_o2_high_flow_or_niv: f32,
+    /// P(level ≥ 3): mechanical ventilation or death.
+    pub p_ventilation_or_death: f32,
+    /// Expected oxygen level / 4, in [0, 1].
+    pub exam_score: f32,
+}
+
+/// A prediction at 24 h and 72 h.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Prediction {
+    /// Within 24 h.
+    #[serde(rename = "24h")]
+    pub h24: HorizonPrediction,
+    /// Within 72 h.
+    #[serde(rename = "72h")]
+    pub h72: HorizonPrediction,
+}
+
+/// A package loaded for inference on a device.
+#[derive(Debug)]
+pub struct Model {
+    net: ExamNet,
+    package: ModelPackage,
+    device: Device,
+}
+
+impl Model {
+    /// Loads `package` onto `device` and folds batch norm into the
+    /// convolutions.
+    ///
+    /// # Errors
+    /// [`ModelError::Tensor`] when the weights do not fit the architecture.
+    pub fn load(package: ModelPackage, device: &Device) -> Result<Self, ModelError> {
+        let bytes = std::fs::read(package.weights_path()).map_err(|source| ModelError::Io {
+            path: package.weights_path().display().to_string(),
+            source,
+        })?;
+        let vb = VarBuilder::from_buffered_safetensors(bytes, DType::F32, device)?;
+        let manifest = &package.manifest;
+        let mut net = ExamNet::new(&manifest.architecture, manifest.emr.len(), vb)?;
+        net.fold_batch_norm()?;
+        Ok(Self {
+            net,
+            package,
+            device: device.clone(),
+        })
+    }
+
+    /// The package this model came from.
+    pub fn package(&self) -> &ModelPackage {
+        &self.package
+    }
+
+    /// Whether the model reads the radiograph.
+    pub fn uses_image(&self) -> bool {
+        self.net.uses_image()
+    }
+
+    /// Encodes canonical features (by name; absent or `None` = missing) as
+    /// normalised values and missing indicators, in the model's order.
+    /// Values are clamped to the plausible range first.
+    pub fn encode_emr(&self, features: &[(String, Option<f64>)]) -> (Vec<f32>, Vec<f32>) {
+        let emr = &self.package.manifest.emr;
+        let mut values = vec![0f32; emr.len()];
+        let mut missing = vec![1f32; emr.len()];
+        for (i, spec) in emr.iter().enumerate() {
+            let value = features
+                .iter()
+                .find(|(name, _)| *name == spec.name)
+                .and_then(|(_, v)| *v)
+                .filter(|v| v.is_finite());
+            if let Some(v) = value {
+                values[i] = ((v.clamp(spec.min, spec.max) - spec.mean) / spec.std) as f32;
+                missing[i] = 0.0;
+            }
+        }
+        (values, missing)
+    }
+
+    /// Predicts one case: the canonical S×S image (required unless the model
+    /// is EMR-only) and canonical features.
+    ///
+    /// # Errors
+    /// [`ModelError::Input`] for an image of the wrong size or a missing
+    /// image; [`ModelError::Tensor`] on tensor failures.
+    pub fn predict(
+        &self,
+        image: Option<&[f32]>,
+        features: &[(String, Option<f64>)],
+    ) -> Result<Prediction, ModelError> {
+        let size = self.package.manifest.input_size as usize;
+        let image = match (self.net.uses_image(), image) {
+            (true, Some(pixels)) if pixels.len() == size * size => Some(Tensor::from_slice(
+                pixels,
+                (1, 1, size, size),
+                &self.device,
+            )?),
+            (true, Some(pixels)) => {
+                return Err(ModelError::Input(format!(
+                    "image has {} values, the model takes {size}x{size}",
+                    pixels.len()
+                )));
+            }
+            (true, None) => {
+                return Err(ModelError::Input(
+                    "this model needs a radiograph".to_owned(),
+                ));
+            }
+            (false, _) => None,
+        };
+        let (values, missing) = self.encode_emr(features);
+        let n = values.len();
+        let values = Tensor::from_vec(values, (1, n), &self.device)?;
+        let missing = Tensor::from_vec(missing, (1, n), &self.device)?;
+        let p = self
+            .net
+            .probabilities(image.as_ref(), &values, &missing)?
+            .to_dtype(DType::F32)?
+            .to_vec3::<f32>()?;
+        let horizon = |h: &[f32]| HorizonPrediction {
+            p_o2_any: h[0],
+            p_o2_high_flow_or_niv: h[1],
+            p_ventilation_or_death: h[2],
+            exam_score: h.iter().sum::<f32>() / 4.0,
+        };
+        Ok(Prediction {
+            h24: horizon(&p[0][0]),
+            h72: horizon(&p[0][1]),
+        })
+    }
+}
+
+/// A small deterministic generator (PCG-XSH-RR) for reproducible random
+/// initialisation on every platform.
+struct Pcg(u64);
+
+impl Pcg {
+    fn next_u32(&mut self) -> u32 {
+        let old = self.0;
+        self.0 = old
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        let xorshifted = (((old >> 18) ^ old) >> 27) as u32;
+        xorshifted.rotate_right((old >> 59) as u32)
+    }
+
+    fn uniform(&mut self) -> f64 {
+        (f64::from(self.next_u32()) + 0.5) / 4_294_967_296.0
+    }
+
+    /// Standard normal (Box–Muller).
+    fn normal(&mut self) -> f64 {
+        let (u, v) = (self.uniform(), self.uniform());
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+    }
+}
+
+/// Writes a package with a deterministic random initialisation: He-normal
+/// convolutions, uniform ±1/√fan-in linear layers, identity batch norm,
+/// thresholds −1, −0.3, 0.4, 1.1. `trained = false`.
+///
+/// # Errors
+/// [`ModelError::Io`] or [`ModelError::Tensor`].
+pub fn init_package(
+    dir: &Path,
+    name: &str,
+    architecture: Architecture,
+    input_size: u32,
+    seed: u64,
+) -> Result<ModelPackage, ModelError> {
+    let emr: Vec<package::EmrFeature> = oxbox_emr_schema::FEATURES
+        .iter()
+        .map(|f| {
+            let (mean, std) = package::default_statistics(f.name);
+            package::EmrFeature {
+                name: f.name.to_owned(),
+                unit: f.unit.to_owned(),
+                min: f.min,
+                max: f.max,
+                mean,
+                std,
+            }
+        })
+        .collect();
+    let manifest = ModelManifest {
+        name: name.to_owned(),
+        version: "0.1.0".to_owned(),
+        trained: false,
+        input_size,
+        architecture,
+        emr,
+    };
+    manifest.validate().map_err(|reason| ModelError::Invalid {
+        path: dir.join(package::MANIFEST_FILE).display().to_string(),
+        reason,
+    })?;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    ExamNet::new(&manifest.architecture, manifest.emr.len(), vb)?;
+    let mut rng = Pcg(seed ^ 0x6f78_626f_785f_696e);
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| ModelError::Input("weights lock poisoned".to_owned()))?;
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    for name in names {
+        let var = &data[name];
+        let dims = var.dims().to_vec();
+        let count: usize = dims.iter().product();
+        let fan_in: usize = dims.iter().skip(1).product::<usize>().max(1);
+        let values: Vec<f32> = if name.ends_with("running_var")
+            || (name.contains(".bn.") && name.ends_with("weight"))
+        {
+            vec![1.0; count]
+        } else if name.ends_with("running_mean") || name.ends_with("bias") {
+            vec![0.0; count]
+        } else if name.ends_with("threshold_base") {
+            vec![-1.0; count]
+        } else if name.ends_with("threshold_steps") {
+            // softplus(0.1868) ≈ 0.7: thresholds −1, −0.3, 0.4, 1.1.
+            vec![0.1868; count]
+        } else if dims.len() == 4 {
+            let std = (2.0 / fan_in as f64).sqrt();
+            (0..count).map(|_| (rng.normal() * std) as f32).collect()
+        } else {
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            (0..count)
+                .map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32)
+                .collect()
+        };
+        var.set(&Tensor::from_vec(values, dims.as_slice(), &Device::Cpu)?)?;
+    }
+    drop(data);
+    std::fs::create_dir_all(dir).map_err(|source| ModelError::Io {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    let weights = dir.join(package::WEIGHTS_FILE);
+    varmap.save(&weights)?;
+    let text = toml::to_string(&manifest).map_err(|e| ModelError::Invalid {
+        path: dir.join(package::MANIFEST_FILE).display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let manifest_path = dir.join(package::MANIFEST_FILE);
+    std::fs::write(&manifest_path, text).map_err(|source| ModelError::Io {
+        path: manifest_path.display().to_string(),
+        source,
+    })?;
+    ModelPackage::load(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arch(backbone: Backbone, emr_only: bool) -> Architecture {
+        Architecture {
+            backbone,
+            emr_only,
+            cross_layers: 2,
+            deep_layers: vec![32, 32],
+            fusion_layers: vec![32],
+        }
+    }
+
+    fn check(p: &HorizonPrediction) {
+        for v in [
+            p.p_o2_any,
+            p.p_o2_high_flow_or_niv,
+            p.p_ventilation_or_death,
+            p.exam_score,
+        ] {
+            assert!((0.0..=1.0).contains(&v), "{p:?}");
+        }
+        assert!(
+            p.p_o2_any >= p.p_o2_high_flow_or_niv
+                && p.p_o2_high_flow_or_niv >= p.p_ventilation_or_death,
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn tiny_model_predicts_ordered_probabilities_deterministically() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let package =
+            init_package(dir.path(), "test", arch(Backbone::Tiny, false), 64, 7).expect("init");
+        let digest = package.digest.clone();
+        let model = Model::load(package, &Device::Cpu).expect("load");
+        let image: Vec<f32> = (0..64 * 64).map(|i| (i % 64) as f32 / 64.0).collect();
+        let features = vec![
+            ("spo2_pct".to_owned(), Some(88.0)),
+            ("age_years".to_owned(), Some(70.0)),
+        ];
+        let a = model.predict(Some(&image), &features).expect("predict");
+        check(&a.h24);
+        check(&a.h72);
+        // Same seed, same weights, same digest, same prediction.
+        let again = tempfile::tempdir().expect("tempdir");
+        let package =
+            init_package(again.path(), "test", arch(Backbone::Tiny, false), 64, 7).expect("init");
+        assert_eq!(package.digest, digest);
+        let b = Model::load(package, &Device::Cpu)
+            .expect("load")
+            .predict(Some(&image), &features)
+            .expect("predict");
+        assert_eq!(a, b);
+        // A missing image is refused for an image model.
+        assert!(matches!(
+            model.predict(None, &features),
+            Err(ModelError::Input(_))
+        ));
+        assert!(matches!(
+            model.predict(Some(&image[..10]), &features),
+            Err(ModelError::Input(_))
+        ));
+    }
+
+    #[test]
+    fn folded_batch_norm_matches_unfolded_inference() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let package =
+            init_package(dir.path(), "test", arch(Backbone::Tiny, false), 32, 3).expect("init");
+        let bytes = std::fs::read(package.weights_path()).expect("weights");
+        let vb =
+            VarBuilder::from_buffered_safetensors(bytes, DType::F32, &Device::Cpu).expect("vb");
+        let mut net = ExamNet::new(
+            &package.manifest.architecture,
+            package.manifest.emr.len(),
+            vb,
+        )
+        .expect("net");
+        let image = Tensor::randn(0f32, 1.0, (2, 1, 32, 32), &Device::Cpu).expect("image");
+        let values = Tensor::randn(0f32, 1.0, (2, 21), &Device::Cpu).expect("values");
+        let missing = Tensor::zeros((2, 21), DType::F32, &Device::Cpu).expect("missing");
+        let plain = net
+            .forward(Some(&image), &values, &missing, false)
+            .expect("forward");
+        net.fold_batch_norm().expect("fold");
+        let folded = net
+            .forward(Some(&image), &values, &missing, false)
+            .expect("forward");
+        let diff = (plain - folded)
+            .expect("sub")
+            .abs()
+            .expect("abs")
+            .max_all()
+            .expect("max");
+        assert!(diff.to_scalar::<f32>().expect("scalar") < 1e-4);
+    }
+
+    #[test]
+    fn emr_only_model_needs_no_image_and_digest_tracks_weights() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let package =
+            init_package(dir.path(), "emr", arch(Backbone::Tiny, true), 224, 1).expect("init");
+        let digest = package.digest.clone();
+        let model = Model::load(package, &Device::Cpu).expect("load");
+        assert!(!model.uses_image());
+        let p = model
+            .predict(None, &[])
+            .expect("all features missing is fine");
+        check(&p.h24);
+        let other = tempfile::tempdir().expect("tempdir");
+        let package =
+            init_package(other.path(), "emr", arch(Backbone::Tiny, true), 224, 2).expect("init");
+        assert_ne!(package.digest, digest, "other weights, other digest");
+    }
+
+    #[test]
+    fn resnet18_has_the_expected_size() {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let branch = net::ImageBranch::new(Backbone::Resnet18, vb).expect("resnet18");
+        assert_eq!(branch.features(), 512);
+        let params: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
+        // torchvision ResNet-18 without fc, 1-channel stem: 11.17 M
+        // (including batch-norm running statistics).
+        assert!((11_100_000..11_300_000).contains(&params), "{params}");
+    }
+}

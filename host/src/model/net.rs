@@ -1,0 +1,341 @@
+//! The EXAM-style network, in candle: pure model code (no files, no device
+//! choice). `ExamNet::new(cfg, vb)` takes any `VarBuilder` — memory-mapped
+//! safetensors for inference, a `VarMap` for training — and `forward` takes
+//! a `train` flag (batch statistics and their running averages in training,
+//! running statistics in inference).
+//!
+//! - image branch: ResNet-18 / ResNet-34 (or a `tiny` ResNet for tests),
+//!   1-channel input, global average pooling → a feature vector;
+//! - EMR branch: per-feature normalisation with missing-value indicators,
+//!   then a Deep & Cross network (cross layers beside an MLP), as in EXAM;
+//! - fusion MLP → a cumulative-logit (ordinal) head per horizon: one score
+//!   s and increasing thresholds θ₁ < … < θ₄, P(level ≥ k) = σ(s − θₖ), so
+//!   the probabilities are non-increasing in k by construction.
+
+use candle_core::{D, Module, ModuleT, Result, Tensor};
+use candle_nn::{
+    BatchNorm, Conv2d, Conv2dConfig, Linear, VarBuilder, batch_norm, conv2d_no_bias, linear,
+};
+
+use super::package::{Architecture, Backbone};
+
+/// Thresholds per horizon: P(≥1) … P(≥4) (the fourth, death, feeds the
+/// exam score).
+pub const THRESHOLDS: usize = 4;
+/// Horizons: 24 h and 72 h.
+pub const HORIZONS: usize = 2;
+
+/// Convolution followed by batch norm, foldable into one convolution.
+#[derive(Debug, Clone)]
+struct ConvBn {
+    conv: Conv2d,
+    bn: BatchNorm,
+    folded: Option<Conv2d>,
+}
+
+impl ConvBn {
+    fn new(cin: usize, cout: usize, kernel: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
+        let cfg = Conv2dConfig {
+            padding: kernel / 2,
+            stride,
+            ..Default::default()
+        };
+        Ok(Self {
+            conv: conv2d_no_bias(cin, cout, kernel, cfg, vb.pp("conv"))?,
+            bn: batch_norm(cout, 1e-5, vb.pp("bn"))?,
+            folded: None,
+        })
+    }
+
+    fn fold(&mut self) -> Result<()> {
+        self.folded = Some(self.conv.absorb_bn(&self.bn)?);
+        Ok(())
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match (&self.folded, train) {
+            (Some(folded), false) => folded.forward(x),
+            _ => self.bn.forward_t(&self.conv.forward(x)?, train),
+        }
+    }
+}
+
+/// A ResNet basic block: two 3×3 conv-BN, a projection shortcut when the
+/// shape changes.
+#[derive(Debug, Clone)]
+struct BasicBlock {
+    a: ConvBn,
+    b: ConvBn,
+    shortcut: Option<ConvBn>,
+}
+
+impl BasicBlock {
+    fn new(cin: usize, cout: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
+        let shortcut = (stride != 1 || cin != cout)
+            .then(|| ConvBn::new(cin, cout, 1, stride, vb.pp("shortcut")))
+            .transpose()?;
+        Ok(Self {
+            a: ConvBn::new(cin, cout, 3, stride, vb.pp("a"))?,
+            b: ConvBn::new(cout, cout, 3, 1, vb.pp("b"))?,
+            shortcut,
+        })
+    }
+
+    fn fold(&mut self) -> Result<()> {
+        self.a.fold()?;
+        self.b.fold()?;
+        self.shortcut.as_mut().map(ConvBn::fold).transpose()?;
+        Ok(())
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let h = self.a.forward(x, train)?.relu()?;
+        let h = self.b.forward(&h, train)?;
+        let skip = match &self.shortcut {
+            Some(s) => s.forward(x, train)?,
+            None => x.clone(),
+        };
+        (h + skip)?.relu()
+    }
+}
+
+/// The image branch: a ResNet with 1-channel input.
+#[derive(Debug, Clone)]
+pub struct ImageBranch {
+    stem: ConvBn,
+    blocks: Vec<BasicBlock>,
+    features: usize,
+}
+
+impl ImageBranch {
+    /// Builds the backbone's layers under `vb`.
+    ///
+    /// # Errors
+    /// When a weight is missing or has the wrong shape.
+    pub fn new(backbone: Backbone, vb: VarBuilder) -> Result<Self> {
+        let (widths, depths): ([usize; 4], [usize; 4]) = match backbone {
+            Backbone::Tiny => ([8, 16, 32, 64], [1, 1, 1, 1]),
+            Backbone::Resnet18 => ([64, 128, 256, 512], [2, 2, 2, 2]),
+            Backbone::Resnet34 => ([64, 128, 256, 512], [3, 4, 6, 3]),
+        };
+        let stem = ConvBn::new(1, widths[0], 7, 2, vb.pp("stem"))?;
+        let mut blocks = Vec::new();
+        let mut cin = widths[0];
+        for (stage, (&cout, &depth)) in widths.iter().zip(&depths).enumerate() {
+            for i in 0..depth {
+                let stride = if stage > 0 && i == 0 { 2 } else { 1 };
+                blocks.push(BasicBlock::new(
+                    cin,
+                    cout,
+                    stride,
+                    vb.pp(format!("layer{}.{i}", stage + 1)),
+                )?);
+                cin = cout;
+            }
+        }
+        Ok(Self {
+            stem,
+            blocks,
+            features: cin,
+        })
+    }
+
+    /// Width of the feature vector (512 for ResNet-18/34).
+    pub fn features(&self) -> usize {
+        self.features
+    }
+
+    fn fold(&mut self) -> Result<()> {
+        self.stem.fold()?;
+        self.blocks.iter_mut().try_for_each(BasicBlock::fold)
+    }
+
+    /// (B, 1, S, S) → (B, features).
+    ///
+    /// # Errors
+    /// On shape mismatches.
+    pub fn forward(&self, image: &Tensor, train: bool) -> Result<Tensor> {
+        let x = self.stem.forward(image, train)?.relu()?;
+        // 3×3 max pool, stride 2, padding 1: after ReLU every value is ≥ 0,
+        // so zero padding equals −∞ padding.
+        let x = x
+            .pad_with_zeros(D::Minus1, 1, 1)?
+            .pad_with_zeros(D::Minus2, 1, 1)?;
+        let mut x = x.max_pool2d_with_stride(3, 2)?;
+        for block in &self.blocks {
+            x = block.forward(&x, train)?;
+        }
+        x.mean(D::Minus1)?.mean(D::Minus1)
+    }
+}
+
+/// The EMR branch: normalised values with missing indicators, then a Deep &
+/// Cross network.
+#[derive(Debug, Clone)]
+pub struct EmrBranch {
+    cross: Vec<Linear>,
+    deep: Vec<Linear>,
+    inputs: usize,
+}
+
+impl EmrBranch {
+    /// `features` EMR features; `cross_layers` cross layers; `deep` widths.
+    ///
+    /// # Errors
+    /// When a weight is missing or has the wrong shape.
+    pub fn new(
+        features: usize,
+        cross_layers: usize,
+        deep: &[usize],
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let inputs = 2 * features;
+        let cross = (0..cross_layers)
+            .map(|i| linear(inputs, inputs, vb.pp(format!("cross.{i}"))))
+            .collect::<Result<_>>()?;
+        let mut width = inputs;
+        let mut layers = Vec::new();
+        for (i, &w) in deep.iter().enumerate() {
+            layers.push(linear(width, w, vb.pp(format!("deep.{i}")))?);
+            width = w;
+        }
+        Ok(Self {
+            cross,
+            deep: layers,
+            inputs,
+        })
+    }
+
+    /// Width of the output: cross part plus deep part.
+    pub fn features(&self) -> usize {
+        self.inputs
+            + self
+                .deep
+                .last()
+                .map_or(self.inputs, |l| l.weight().dim(0).unwrap_or(0))
+    }
+
+    /// `values` (B, F) already normalised with 0 where missing, `missing`
+    /// (B, F) 1 where missing → (B, features).
+    ///
+    /// # Errors
+    /// On shape mismatches.
+    pub fn forward(&self, values: &Tensor, missing: &Tensor) -> Result<Tensor> {
+        let x0 = Tensor::cat(&[values, missing], 1)?;
+        // Cross layers (DCN-v2): x_{l+1} = x0 ⊙ (W x_l + b) + x_l.
+        let mut x = x0.clone();
+        for layer in &self.cross {
+            x = ((&x0 * layer.forward(&x)?)? + &x)?;
+        }
+        let mut h = x0;
+        for layer in &self.deep {
+            h = layer.forward(&h)?.relu()?;
+        }
+        Tensor::cat(&[&x, &h], 1)
+    }
+}
+
+/// The whole network.
+#[derive(Debug, Clone)]
+pub struct ExamNet {
+    image: Option<ImageBranch>,
+    emr: EmrBranch,
+    fusion: Vec<Linear>,
+    score: Linear,
+    threshold_base: Tensor,
+    threshold_steps: Tensor,
+}
+
+impl ExamNet {
+    /// Builds the network described by `arch` for `emr_features` features.
+    ///
+    /// # Errors
+    /// When a weight is missing or has the wrong shape.
+    pub fn new(arch: &Architecture, emr_features: usize, vb: VarBuilder) -> Result<Self> {
+        let image = (!arch.emr_only)
+            .then(|| ImageBranch::new(arch.backbone, vb.pp("image")))
+            .transpose()?;
+        let emr = EmrBranch::new(
+            emr_features,
+            arch.cross_layers,
+            &arch.deep_layers,
+            vb.pp("emr"),
+        )?;
+        let mut width = emr.features() + image.as_ref().map_or(0, ImageBranch::features);
+        let mut fusion = Vec::new();
+        for (i, &w) in arch.fusion_layers.iter().enumerate() {
+            fusion.push(linear(width, w, vb.pp(format!("fusion.{i}")))?);
+            width = w;
+        }
+        let head = vb.pp("head");
+        Ok(Self {
+            image,
+            emr,
+            fusion,
+            score: linear(width, HORIZONS, head.pp("score"))?,
+            threshold_base: head.get(HORIZONS, "threshold_base")?,
+            threshold_steps: head.get((HORIZONS, THRESHOLDS - 1), "threshold_steps")?,
+        })
+    }
+
+    /// Whether the network has an image branch.
+    pub fn uses_image(&self) -> bool {
+        self.image.is_some()
+    }
+
+    /// Folds every batch norm into its convolution, for inference.
+    ///
+    /// # Errors
+    /// On tensor errors.
+    pub fn fold_batch_norm(&mut self) -> Result<()> {
+        self.image.as_mut().map(ImageBranch::fold).transpose()?;
+        Ok(())
+    }
+
+    /// Cumulative logits (B, HORIZONS, THRESHOLDS): s − θₖ per horizon.
+    ///
+    /// # Errors
+    /// On shape mismatches, or an image missing for an image model.
+    pub fn forward(
+        &self,
+        image: Option<&Tensor>,
+        values: &Tensor,
+        missing: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        let mut parts = vec![self.emr.forward(values, missing)?];
+        if let Some(branch) = &self.image {
+            let image =
+                image.ok_or_else(|| candle_core::Error::Msg("this model needs an image".into()))?;
+            parts.insert(0, branch.forward(image, train)?);
+        }
+        let mut h = Tensor::cat(&parts, 1)?;
+        for layer in &self.fusion {
+            h = layer.forward(&h)?.relu()?;
+        }
+        let score = self.score.forward(&h)?.unsqueeze(2)?; // (B, H, 1)
+        // θ₁ = base, θₖ₊₁ = θₖ + softplus(step): strictly increasing.
+        let steps = softplus(&self.threshold_steps)?.cumsum(1)?; // (H, T−1)
+        let base = self.threshold_base.unsqueeze(1)?; // (H, 1)
+        let thresholds = Tensor::cat(&[&base, &steps.broadcast_add(&base)?], 1)?; // (H, T)
+        score.broadcast_sub(&thresholds.unsqueeze(0)?)
+    }
+
+    /// P(level ≥ k) for k = 1..3 per horizon: (B, HORIZONS, THRESHOLDS).
+    ///
+    /// # Errors
+    /// As [`ExamNet::forward`].
+    pub fn probabilities(
+        &self,
+        image: Option<&Tensor>,
+        values: &Tensor,
+        missing: &Tensor,
+    ) -> Result<Tensor> {
+        candle_nn::ops::sigmoid(&self.forward(image, values, missing, false)?)
+    }
+}
+
+/// softplus(x) = log(1 + eˣ) = max(x, 0) + log(1 + e^(−|x|)), stable.
+fn softplus(x: &Tensor) -> Result<Tensor> {
+    x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?
+}

@@ -1,0 +1,246 @@
+//! Model packages: a folder with `model.toml` (what the model is, its EMR
+//! schema with units, plausible ranges and normalisation statistics, its
+//! architecture) and `weights.safetensors`. Its digest — sha256 over a
+//! canonical listing of both files' sha256 — identifies exactly which model
+//! produced a prediction (audit records carry it).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::ModelError;
+
+/// File names inside a package.
+pub const MANIFEST_FILE: &str = "model.toml";
+/// The weights file inside a package.
+pub const WEIGHTS_FILE: &str = "weights.safetensors";
+/// Largest `model.toml` accepted.
+const MAX_MANIFEST_BYTES: u64 = 256 * 1024;
+
+/// Image backbone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backbone {
+    /// A small ResNet (widths 8–64, one block per stage), for tests.
+    Tiny,
+    /// ResNet-18.
+    Resnet18,
+    /// ResNet-34.
+    Resnet34,
+}
+
+/// `[architecture]` of `model.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Architecture {
+    /// `backbone = "resnet18"`.
+    pub backbone: Backbone,
+    /// `emr_only = false`: no image branch.
+    #[serde(default)]
+    pub emr_only: bool,
+    /// `cross_layers = 2`: cross layers of the EMR Deep & Cross network.
+    pub cross_layers: usize,
+    /// `deep_layers = [64, 64]`: widths of its MLP.
+    pub deep_layers: Vec<usize>,
+    /// `fusion_layers = [128]`: widths of the fusion MLP.
+    pub fusion_layers: Vec<usize>,
+}
+
+/// One `[[emr]]` feature of `model.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmrFeature {
+    /// Canonical name (schema v1).
+    pub name: String,
+    /// Canonical unit.
+    pub unit: String,
+    /// Smallest plausible value.
+    pub min: f64,
+    /// Largest plausible value.
+    pub max: f64,
+    /// Normalisation: mean.
+    pub mean: f64,
+    /// Normalisation: standard deviation (> 0).
+    pub std: f64,
+}
+
+/// The contents of `model.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelManifest {
+    /// Model name.
+    pub name: String,
+    /// Model version.
+    pub version: String,
+    /// Whether the weights were trained (false: a deterministic random
+    /// initialisation, for demos and tests).
+    pub trained: bool,
+    /// Side S of the (1, S, S) image input.
+    pub input_size: u32,
+    /// The network.
+    pub architecture: Architecture,
+    /// The EMR features, in input order.
+    pub emr: Vec<EmrFeature>,
+}
+
+/// A loaded, checked model package.
+#[derive(Debug, Clone)]
+pub struct ModelPackage {
+    /// The manifest.
+    pub manifest: ModelManifest,
+    /// The package folder.
+    pub dir: PathBuf,
+    /// sha256 over the canonical listing of the package's files, hex.
+    pub digest: String,
+}
+
+fn sha256_file(path: &Path) -> Result<String, ModelError> {
+    let io = |source| ModelError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buffer = vec![0u8; 1 << 16];
+    loop {
+        let n = file.read(&mut buffer).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        context.update(&buffer[..n]);
+    }
+    Ok(hex::encode(context.finish().as_ref()))
+}
+
+/// The package digest from its files' digests.
+pub fn package_digest(manifest_sha256: &str, weights_sha256: &str) -> String {
+    let listing = format!(
+        "oxbox-model-package-v1\n{MANIFEST_FILE} {manifest_sha256}\n{WEIGHTS_FILE} {weights_sha256}\n"
+    );
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, listing.as_bytes()).as_ref())
+}
+
+impl ModelPackage {
+    /// Loads and checks the package in `dir`.
+    ///
+    /// # Errors
+    /// [`ModelError::Io`] or [`ModelError::Invalid`] (syntax, unknown keys,
+    /// a feature outside schema v1, a non-positive std, …).
+    pub fn load(dir: &Path) -> Result<Self, ModelError> {
+        let manifest_path = dir.join(MANIFEST_FILE);
+        let invalid = |reason: String| ModelError::Invalid {
+            path: manifest_path.display().to_string(),
+            reason,
+        };
+        let size = std::fs::metadata(&manifest_path)
+            .map_err(|source| ModelError::Io {
+                path: manifest_path.display().to_string(),
+                source,
+            })?
+            .len();
+        if size > MAX_MANIFEST_BYTES {
+            return Err(invalid(format!("{size} bytes, over {MAX_MANIFEST_BYTES}")));
+        }
+        let text = std::fs::read_to_string(&manifest_path).map_err(|source| ModelError::Io {
+            path: manifest_path.display().to_string(),
+            source,
+        })?;
+        let manifest: ModelManifest =
+            toml::from_str(&text).map_err(|e| invalid(e.message().to_owned()))?;
+        manifest.validate().map_err(invalid)?;
+        let manifest_sha =
+            hex::encode(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref());
+        let weights_sha = sha256_file(&dir.join(WEIGHTS_FILE))?;
+        Ok(Self {
+            manifest,
+            dir: dir.to_path_buf(),
+            digest: package_digest(&manifest_sha, &weights_sha),
+        })
+    }
+
+    /// The weights file.
+    pub fn weights_path(&self) -> PathBuf {
+        self.dir.join(WEIGHTS_FILE)
+    }
+}
+
+impl ModelManifest {
+    /// Checks every field; the first problem, naming the key.
+    ///
+    /// # Errors
+    /// A message naming the key at fault.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(16..=4096).contains(&self.input_size) {
+            return Err(format!(
+                "input_size = {}: must be 16..=4096",
+                self.input_size
+            ));
+        }
+        if self.emr.is_empty() {
+            return Err("emr: at least one feature".to_owned());
+        }
+        for (i, f) in self.emr.iter().enumerate() {
+            if oxbox_emr_schema::feature(&f.name).is_none() {
+                return Err(format!(
+                    "emr[{i}].name = {:?}: not a feature of EMR schema v1",
+                    f.name
+                ));
+            }
+            if !(f.std.is_finite() && f.std > 0.0 && f.mean.is_finite()) {
+                return Err(format!(
+                    "emr[{i}] ({}): mean must be finite and std > 0",
+                    f.name
+                ));
+            }
+            if f.min.partial_cmp(&f.max) != Some(std::cmp::Ordering::Less) {
+                return Err(format!("emr[{i}] ({}): min must be below max", f.name));
+            }
+            if self.emr[..i].iter().any(|g| g.name == f.name) {
+                return Err(format!("emr[{i}].name = {:?}: given twice", f.name));
+            }
+        }
+        let a = &self.architecture;
+        if a.cross_layers > 16 || a.deep_layers.len() > 16 || a.fusion_layers.len() > 16 {
+            return Err("architecture: at most 16 layers per part".to_owned());
+        }
+        if a.deep_layers
+            .iter()
+            .chain(&a.fusion_layers)
+            .any(|&w| w == 0 || w > 8192)
+        {
+            return Err("architecture: layer widths must be 1..=8192".to_owned());
+        }
+        Ok(())
+    }
+}
+
+/// Typical emergency-department values (mean, standard deviation) per
+/// schema v1 feature: the normalisation of an untrained package, until
+/// training replaces them with a cohort's statistics.
+pub fn default_statistics(name: &str) -> (f64, f64) {
+    match name {
+        "age_years" => (55.0, 18.0),
+        "sex" => (0.5, 0.5),
+        "temperature_c" => (37.3, 0.9),
+        "heart_rate_bpm" => (92.0, 18.0),
+        "resp_rate_bpm" => (21.0, 5.0),
+        "systolic_bp_mmhg" => (130.0, 20.0),
+        "diastolic_bp_mmhg" => (78.0, 12.0),
+        "spo2_pct" => (94.0, 4.0),
+        "o2_device_at_triage" => (0.4, 0.7),
+        "crp_mg_l" => (60.0, 60.0),
+        "d_dimer_ng_ml_feu" => (1200.0, 1500.0),
+        "ldh_u_l" => (320.0, 150.0),
+        "procalcitonin_ng_ml" => (0.4, 1.0),
+        "troponin_t_ng_l" => (18.0, 30.0),
+        "wbc_e9_l" => (8.0, 4.0),
+        "lymphocytes_e9_l" => (1.1, 0.7),
+        "neutrophils_e9_l" => (6.2, 3.5),
+        "creatinine_mg_dl" => (1.1, 0.7),
+        "glucose_mg_dl" => (125.0, 45.0),
+        "ferritin_ng_ml" => (600.0, 700.0),
+        "sodium_mmol_l" => (137.0, 4.0),
+        _ => (0.0, 1.0),
+    }
+}

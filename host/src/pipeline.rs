@@ -1,0 +1,262 @@
+//! The prediction pipeline, one case end to end: radiograph → canonical
+//! image → site plugins (EMR mapping, image decision) → model → the
+//! prediction report. `oxbox predict` runs it once; the HTTP endpoint will
+//! run it per request.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::config::{Config, LimitsConfig};
+use crate::dicom::{self, DicomFile, ImageHeader};
+use crate::model::{Model, ModelError, Prediction};
+use crate::plugins::record::{RecordError, image_frame, raw_fields_from_json};
+use crate::plugins::{ImageDecision, PluginError, PluginSet};
+
+/// Why a case could not be predicted.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// The radiograph was refused.
+    #[error("radiograph: {0}")]
+    Dicom(#[from] dicom::DicomError),
+    /// The EMR record is malformed.
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    /// A plugin rejected the case or failed.
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    /// The model could not run.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// Without plugins, the record must already be canonical.
+    #[error("EMR field {field:?}: {reason} (no site plugin maps this record)")]
+    NotCanonical {
+        /// The field.
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl PipelineError {
+    /// Whether the input was at fault (CLI exit 2; HTTP 4xx later) rather
+    /// than the box.
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            PipelineError::Dicom(_)
+            | PipelineError::Record(_)
+            | PipelineError::NotCanonical { .. } => true,
+            PipelineError::Plugin(e) => e.is_bad_input(),
+            PipelineError::Model(e) => matches!(e, ModelError::Input(_)),
+        }
+    }
+}
+
+/// The model's identity in a report.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelIdentity {
+    /// Name.
+    pub name: String,
+    /// Version.
+    pub version: String,
+    /// Package digest.
+    pub digest: String,
+    /// Whether the weights were trained.
+    pub trained: bool,
+}
+
+/// A plugin's identity in a report.
+#[derive(Debug, Clone, Serialize)]
+pub struct PluginIdentity {
+    /// Name.
+    pub name: String,
+    /// Version.
+    pub version: String,
+}
+
+/// Stage timings, milliseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Timings {
+    /// DICOM read, decode and canonical preprocessing.
+    pub decode: f64,
+    /// Site plugins.
+    pub plugins: f64,
+    /// The model.
+    pub inference: f64,
+    /// Everything.
+    pub total: f64,
+}
+
+/// What a prediction returns (no patient identifiers, ever).
+#[derive(Debug, Clone, Serialize)]
+pub struct PredictionReport {
+    /// The model.
+    pub model: ModelIdentity,
+    /// The plugins that ran, in order.
+    pub plugins: Vec<PluginIdentity>,
+    /// The site id.
+    pub site: String,
+    /// Probabilities and exam score per horizon.
+    pub horizons: Prediction,
+    /// Things the operator should know (e.g. a replaced image).
+    pub warnings: Vec<String>,
+    /// Stage timings.
+    pub timings_ms: Timings,
+}
+
+/// A loaded model with the site's plugins.
+pub struct Pipeline {
+    model: Model,
+    site: String,
+    limits: LimitsConfig,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("site", &self.site)
+            .finish_non_exhaustive()
+    }
+}
+
+fn ms(since: Instant) -> f64 {
+    (since.elapsed().as_secs_f64() * 1e6).round() / 1e3
+}
+
+impl Pipeline {
+    /// A pipeline for `config`'s site around a loaded model.
+    pub fn new(config: &Config, model: Model) -> Self {
+        Self {
+            model,
+            site: config.site.id.clone(),
+            limits: config.limits.clone(),
+        }
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Predicts one case: an optional radiograph (required by image models)
+    /// and the site's EMR record (a JSON object), through `plugins`.
+    ///
+    /// # Errors
+    /// [`PipelineError`], naming the stage and the cause.
+    pub fn predict(
+        &self,
+        dicom_file: Option<&DicomFile>,
+        emr: &serde_json::Value,
+        plugins: &Arc<PluginSet>,
+    ) -> Result<PredictionReport, PipelineError> {
+        let started = Instant::now();
+        let mut warnings = Vec::new();
+        let mut timings = Timings::default();
+        let size = self.model.package().manifest.input_size;
+
+        // Radiograph → canonical image (and what image plugins need).
+        let t = Instant::now();
+        let decoded = match (self.model.uses_image(), dicom_file) {
+            (true, Some(file)) => {
+                let header = ImageHeader::read(file)?;
+                let geometry = header.accept(&self.limits)?;
+                let frame = dicom::pixels::decode_first_frame(file, &geometry)?;
+                let canonical = dicom::canonical::preprocess(&header, &geometry, &frame, size);
+                let plugin_input = plugins
+                    .preprocesses_images()
+                    .then(|| image_frame(&header, &frame, &canonical));
+                Some((canonical, plugin_input))
+            }
+            (true, None) => {
+                return Err(ModelError::Input("this model needs a radiograph".to_owned()).into());
+            }
+            (false, Some(_)) => {
+                warnings.push("the model is EMR-only: the radiograph was not used".to_owned());
+                None
+            }
+            (false, None) => None,
+        };
+        timings.decode = ms(t);
+
+        // Site plugins: EMR mapping, image decision.
+        let t = Instant::now();
+        let fields = raw_fields_from_json(emr)?;
+        let features: Vec<(String, Option<f64>)> = if plugins.maps_emr() {
+            plugins
+                .map_emr(fields)?
+                .into_iter()
+                .map(|f| (f.name, f.value))
+                .collect()
+        } else {
+            canonical_features(&fields)?
+        };
+        let image = match decoded {
+            Some((canonical, Some((frame, pixels)))) => {
+                match plugins.preprocess_image(&frame, &pixels)? {
+                    ImageDecision::KeepCanonical => Some(canonical.data),
+                    ImageDecision::Replace(image) => {
+                        warnings.push("a site plugin replaced the canonical image".to_owned());
+                        Some(image)
+                    }
+                }
+            }
+            Some((canonical, None)) => Some(canonical.data),
+            None => None,
+        };
+        timings.plugins = ms(t);
+
+        let t = Instant::now();
+        let horizons = self.model.predict(image.as_deref(), &features)?;
+        timings.inference = ms(t);
+        timings.total = ms(started);
+
+        let manifest = &self.model.package().manifest;
+        Ok(PredictionReport {
+            model: ModelIdentity {
+                name: manifest.name.clone(),
+                version: manifest.version.clone(),
+                digest: self.model.package().digest.clone(),
+                trained: manifest.trained,
+            },
+            plugins: plugins
+                .plugins()
+                .iter()
+                .map(|p| PluginIdentity {
+                    name: p.name().to_owned(),
+                    version: p.version().to_owned(),
+                })
+                .collect(),
+            site: self.site.clone(),
+            horizons,
+            warnings,
+            timings_ms: timings,
+        })
+    }
+}
+
+/// A record already in the canonical schema (no plugin configured):
+/// canonical names, numeric values, range-checked.
+fn canonical_features(
+    fields: &[crate::plugins::RawField],
+) -> Result<Vec<(String, Option<f64>)>, PipelineError> {
+    fields
+        .iter()
+        .map(|f| {
+            let bad = |reason: String| PipelineError::NotCanonical {
+                field: f.name.clone(),
+                reason,
+            };
+            let spec = oxbox_emr_schema::feature(&f.name)
+                .ok_or_else(|| bad("not a canonical feature".to_owned()))?;
+            if oxbox_emr_schema::is_missing(&f.value) {
+                return Ok((f.name.clone(), None));
+            }
+            let value = oxbox_emr_schema::parse_number(&f.value).map_err(|e| bad(e.to_string()))?;
+            let value = oxbox_emr_schema::to_canonical(spec, value, f.unit.as_deref())
+                .map_err(|e| bad(e.to_string()))?;
+            let value = oxbox_emr_schema::check(spec, value).map_err(|e| bad(e.to_string()))?;
+            Ok((f.name.clone(), Some(value)))
+        })
+        .collect()
+}
