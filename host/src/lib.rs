@@ -14,6 +14,7 @@
 //! | [`plugins`]   | site plugins: sandboxed WebAssembly components (wasmtime)      |
 //! | [`model`]     | the EXAM-style network (candle), model packages, inference     |
 //! | [`pipeline`]  | one case end to end: radiograph + EMR → plugins → model        |
+//! | [`store`]     | local state in SQLite: the audit log of predictions            |
 //! | [`signing`]   | Ed25519 keys and signatures (plugin manifests, weight shards)  |
 //! | [`output`]    | tensors and previews written atomically (`.npy`, PNG)          |
 //! | [`guard`]     | panic containment around third-party parsers and codecs        |
@@ -32,3 +33,4 @@ pub mod output;
 pub mod pipeline;
 pub mod plugins;
 pub mod signing;
+pub mod store;

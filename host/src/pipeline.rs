@@ -91,6 +91,8 @@ pub struct Timings {
 /// What a prediction returns (no patient identifiers, ever).
 #[derive(Debug, Clone, Serialize)]
 pub struct PredictionReport {
+    /// The request's id (also in the audit log).
+    pub request_id: String,
     /// The model.
     pub model: ModelIdentity,
     /// The plugins that ran, in order.
@@ -146,6 +148,7 @@ impl Pipeline {
     /// [`PipelineError`], naming the stage and the cause.
     pub fn predict(
         &self,
+        request_id: &str,
         dicom_file: Option<&DicomFile>,
         emr: &serde_json::Value,
         plugins: &Arc<PluginSet>,
@@ -213,6 +216,7 @@ impl Pipeline {
 
         let manifest = &self.model.package().manifest;
         Ok(PredictionReport {
+            request_id: request_id.to_owned(),
             model: ModelIdentity {
                 name: manifest.name.clone(),
                 version: manifest.version.clone(),
@@ -232,6 +236,33 @@ impl Pipeline {
             warnings,
             timings_ms: timings,
         })
+    }
+}
+
+impl PredictionReport {
+    /// The audit record of this prediction.
+    pub fn audit_record(&self) -> crate::store::AuditRecord {
+        // Through text, so the log holds the same decimals the caller got
+        // (f32 printed shortest, not widened to f64).
+        fn as_json<T: Serialize>(value: &T) -> serde_json::Value {
+            serde_json::to_string(value)
+                .ok()
+                .and_then(|text| serde_json::from_str(&text).ok())
+                .unwrap_or_default()
+        }
+        crate::store::AuditRecord {
+            time: String::new(),
+            request_id: self.request_id.clone(),
+            model_digest: self.model.digest.clone(),
+            plugins: self
+                .plugins
+                .iter()
+                .map(|p| format!("{} {}", p.name, p.version))
+                .collect(),
+            outputs: as_json(&self.horizons),
+            timings_ms: as_json(&self.timings_ms),
+            status: "ok".to_owned(),
+        }
     }
 }
 

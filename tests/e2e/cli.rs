@@ -23,6 +23,7 @@ fn help_and_version() {
         vec!["plugin", "sign", "--help"],
         vec!["plugin", "bench", "--help"],
         vec!["keys", "generate", "--help"],
+        vec!["audit", "tail", "--help"],
     ] {
         let out = run_args(&cmd);
         assert!(out.status.success(), "{cmd:?}");

@@ -99,4 +99,41 @@ fn predict_runs_plugins_and_model_end_to_end() {
     // An image model without a radiograph: bad input.
     let line = assert_clean_refusal(&predict(None), "no radiograph");
     assert!(line.contains("needs a radiograph"), "{line}");
+
+    // Every prediction is audited, the refused one too; no identifiers.
+    let out = run_unbounded(&[
+        "--config".as_ref(),
+        config.as_os_str(),
+        "audit".as_ref(),
+        "tail".as_ref(),
+        "-n".as_ref(),
+        "10".as_ref(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(records.len(), 3, "{text}");
+    assert_eq!(records[0]["request_id"], report["request_id"]);
+    assert_eq!(records[0]["model_digest"], init["digest"]);
+    assert_eq!(records[0]["status"], "ok");
+    assert_eq!(records[0]["outputs"], report["horizons"]);
+    assert_eq!(
+        records[0]["plugins"],
+        serde_json::json!(["example-site 0.1.0"])
+    );
+    assert_eq!(records[2]["status"], "rejected");
+    assert_ne!(records[0]["request_id"], records[1]["request_id"]);
+    for identifier in [
+        "FAKE-000123",
+        "DOE",
+        "OXBOX^SAMPLE",
+        "OXBOX-FAKE-0001",
+        "19700101",
+        "1961-04-02",
+    ] {
+        assert!(!text.contains(identifier), "{identifier} in the audit log");
+    }
 }

@@ -1,6 +1,7 @@
 //! Command-line interface: one file per subcommand, each with worked
 //! examples in its help. Errors are `anyhow` here and only here.
 
+mod audit;
 mod bench;
 mod config_check;
 mod dicom_info;
@@ -72,6 +73,16 @@ pub enum Command {
     /// Inspect and create model packages.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Read the audit log of predictions.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+/// `oxbox audit …`
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Print the last N audit records.
+    Tail(audit::TailArgs),
 }
 
 /// `oxbox model …`
@@ -141,6 +152,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys(KeysCommand::Generate(args)) => keys::generate(args),
         Command::Model(ModelCommand::Info(args)) => model::info(args),
         Command::Model(ModelCommand::Init(args)) => model::init(args),
+        Command::Audit(AuditCommand::Tail(args)) => audit::tail(args, config),
     }
 }
 

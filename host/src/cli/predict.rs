@@ -9,6 +9,7 @@ use oxbox::model::{Model, ModelPackage, select_device};
 use oxbox::pipeline::Pipeline;
 use oxbox::plugins::cache::ComponentCache;
 use oxbox::plugins::{PluginEngine, PluginSet};
+use oxbox::store::{AuditLog, AuditRecord, new_request_id};
 
 /// Arguments of `oxbox predict`.
 #[derive(Debug, clap::Args)]
@@ -19,7 +20,8 @@ Reads the radiograph and the EMR record (a JSON object in the site's own field n
 runs the configured site plugins ([[plugins]]) and the model ([model] package, or \
 --model), and prints the prediction: P(any O2), P(high-flow or NIV), P(ventilation or \
 death) and the exam score at 24 h and 72 h, with the model digest, the plugins that \
-ran and stage timings. Without plugins the record must be in the canonical schema.")]
+ran and stage timings. Without plugins the record must be in the canonical schema. \
+Every prediction, successful or not, is recorded in the audit log (`oxbox audit tail`).")]
 pub struct Args {
     /// The chest radiograph (DICOM); required unless the model is EMR-only.
     #[arg(long, value_name = "X.dcm")]
@@ -58,7 +60,35 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
         .as_deref()
         .map(|p| DicomFile::open(p, &config.limits).with_context(|| p.display().to_string()))
         .transpose()?;
-    let report = pipeline.predict(file.as_ref(), &emr, &plugins)?;
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    Ok(())
+    let request_id = new_request_id();
+    let audit = AuditLog::open(&config.storage.data_dir)?;
+    match pipeline.predict(&request_id, file.as_ref(), &emr, &plugins) {
+        Ok(report) => {
+            audit.record(&report.audit_record())?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Err(e) => {
+            // The category only: an error's text may echo the input.
+            let status = if e.is_bad_input() {
+                "rejected"
+            } else {
+                "failed"
+            };
+            audit.record(&AuditRecord {
+                time: String::new(),
+                request_id,
+                model_digest: pipeline.model().package().digest.clone(),
+                plugins: plugins
+                    .plugins()
+                    .iter()
+                    .map(|p| format!("{} {}", p.name(), p.version()))
+                    .collect(),
+                outputs: serde_json::Value::Null,
+                timings_ms: serde_json::Value::Null,
+                status: status.to_owned(),
+            })?;
+            Err(e.into())
+        }
+    }
 }

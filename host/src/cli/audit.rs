@@ -1,0 +1,29 @@
+//! `oxbox audit tail`: the last predictions from the audit log.
+
+use std::path::Path;
+
+use oxbox::store::AuditLog;
+
+/// Arguments of `oxbox audit tail`.
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Example:\n  oxbox audit tail -n 20 --config /etc/oxbox/oxbox.toml\n\n\
+Prints the last N audit records as JSON lines, oldest first: time, request id, model \
+digest, plugin versions, outputs, timings, status. No patient identifier is ever \
+recorded."
+)]
+pub struct TailArgs {
+    /// How many records.
+    #[arg(short = 'n', long, default_value_t = 10)]
+    pub lines: usize,
+}
+
+/// Runs `oxbox audit tail`.
+pub fn tail(args: TailArgs, config: Option<&Path>) -> anyhow::Result<()> {
+    let config = super::load_config(config)?.config;
+    let log = AuditLog::open(&config.storage.data_dir)?;
+    for record in log.tail(args.lines)? {
+        println!("{}", serde_json::to_string(&record)?);
+    }
+    Ok(())
+}
