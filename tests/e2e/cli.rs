@@ -51,33 +51,28 @@ fn config_check_prints_the_effective_default() {
 fn config_errors_name_file_line_and_key() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let path = tmp.path().join("bad.toml");
-    std::fs::write(
-        &path,
+    // `oxbox config check` on `text`: the one error line it must print.
+    let refuse = |text: &str, what: &str| {
+        std::fs::write(&path, text).expect("write");
+        let out = run_args(&[
+            "config".as_ref(),
+            "check".as_ref(),
+            "--config".as_ref(),
+            path.as_os_str(),
+        ]);
+        crate::util::assert_clean_refusal(&out, what)
+    };
+    let line = refuse(
         "[site]\nid = \"a\"\nname = \"b\"\n\n[server]\nlisen = \"0.0.0.0:1\"\n",
-    )
-    .expect("write");
-    let out = run_args(&[
-        "config".as_ref(),
-        "check".as_ref(),
-        "--config".as_ref(),
-        path.as_os_str(),
-    ]);
-    let line = crate::util::assert_clean_refusal(&out, "bad config");
+        "bad config",
+    );
     assert!(line.contains("bad.toml:6:"), "{line}");
     assert!(line.contains("lisen"), "{line}");
 
-    std::fs::write(
-        &path,
+    let line = refuse(
         "[site]\nid = \"a\"\nname = \"b\"\n[limits]\nmax_image_megapixels = -3\n",
-    )
-    .expect("write");
-    let out = run_args(&[
-        "config".as_ref(),
-        "check".as_ref(),
-        "--config".as_ref(),
-        path.as_os_str(),
-    ]);
-    let line = crate::util::assert_clean_refusal(&out, "bad value");
+        "bad value",
+    );
     assert!(
         line.contains(":5:") && line.contains("max_image_megapixels"),
         "{line}"

@@ -67,10 +67,15 @@ fn plugin_run(
         .expect("run oxbox")
 }
 
-fn feature(report: &serde_json::Value, name: &str) -> f64 {
-    report["features"][name]
+/// Asserts that canonical feature `name` in a `plugin run` report is `want`.
+fn assert_feature(report: &serde_json::Value, name: &str, want: f64) {
+    let got = report["features"][name]
         .as_f64()
-        .unwrap_or_else(|| panic!("{name} missing in {report}"))
+        .unwrap_or_else(|| panic!("{name} missing in {report}"));
+    assert!(
+        (got - want).abs() < 1e-6 * want.abs().max(1.0),
+        "{name}: {got} != {want}"
+    );
 }
 
 #[test]
@@ -86,13 +91,7 @@ fn example_site_record_becomes_canonical() {
     assert!(out.status.success(), "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout);
     let report: serde_json::Value = serde_json::from_str(&text).expect("JSON");
-    let close = |name: &str, want: f64| {
-        let got = feature(&report, name);
-        assert!(
-            (got - want).abs() < 1e-6 * want.abs().max(1.0),
-            "{name}: {got} != {want}"
-        );
-    };
+    let close = |name: &str, want: f64| assert_feature(&report, name, want);
     close("age_years", 59.0);
     close("sex", 0.0);
     close("temperature_c", (100.9 - 32.0) * 5.0 / 9.0);
@@ -131,13 +130,7 @@ fn canonical_plugin_normalises_units_and_rejects_impossible_values() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    let close = |name: &str, want: f64| {
-        let got = feature(&report, name);
-        assert!(
-            (got - want).abs() < 1e-6 * want.abs().max(1.0),
-            "{name}: {got} != {want}"
-        );
-    };
+    let close = |name: &str, want: f64| assert_feature(&report, name, want);
     close("temperature_c", (101.3 - 32.0) * 5.0 / 9.0);
     close("crp_mg_l", 142.0);
     close("d_dimer_ng_ml_feu", 1800.0);
