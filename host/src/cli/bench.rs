@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
+use candle_core::Device;
 use oxbox::dicom::{self, DicomFile, ImageHeader};
+use oxbox::model::{Model, ModelPackage};
 
 /// Arguments of `oxbox bench`.
 #[derive(Debug, clap::Args)]
@@ -25,6 +27,11 @@ pub struct Args {
     /// Timed runs per stage (after one warm-up run).
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub runs: u32,
+    /// Also time the model: forward pass at batch 1 on the preprocessed
+    /// image, and end to end (read, decode, preprocess, forward), as the
+    /// reference times ONNX Runtime.
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
 }
 
 fn stats(mut ms: Vec<f64>) -> serde_json::Value {
@@ -73,12 +80,38 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
     for v in [&mut decode_ms, &mut preprocess_ms, &mut total_ms] {
         v.remove(0);
     }
-    let report = serde_json::json!({
+    let mut report = serde_json::json!({
         "file": args.dicom.file_name().map(|n| n.to_string_lossy().into_owned()),
         "decode": stats(decode_ms),
         "preprocess": stats(preprocess_ms),
         "decode_plus_preprocess": stats(total_ms),
     });
+    if let Some(dir) = &args.model {
+        let model = Model::load(ModelPackage::load(dir)?, &Device::Cpu)?;
+        let size = model.package().manifest.input_size;
+        let image = dicom::preprocess_file(&args.dicom, size, &limits).with_context(what)?;
+        let features = Vec::new();
+        let forward = || model.predict(Some(&image.data), &features);
+        for _ in 0..3 {
+            forward()?;
+        }
+        let mut forward_ms = Vec::new();
+        let mut end_to_end_ms = Vec::new();
+        for _ in 0..args.runs {
+            let t = Instant::now();
+            std::hint::black_box(forward()?);
+            forward_ms.push(t.elapsed().as_secs_f64() * 1e3);
+            let t = Instant::now();
+            let image = dicom::preprocess_file(&args.dicom, size, &limits)?;
+            std::hint::black_box(model.predict(Some(&image.data), &features)?);
+            end_to_end_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let backbone =
+            format!("{:?}", model.package().manifest.architecture.backbone).to_lowercase();
+        let threads = oxbox::model::compute_threads();
+        report[format!("candle_{backbone}_b1_threads{threads}")] = stats(forward_ms);
+        report["end_to_end"] = stats(end_to_end_ms);
+    }
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }

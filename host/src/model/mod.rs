@@ -12,6 +12,7 @@
 //! for k = 1..4 per horizon; P(≥1), P(≥2), P(≥3) are reported and the exam
 //! score is the expected level / 4 = Σₖ P(level ≥ k) / 4.
 
+pub mod cpu_conv;
 pub mod net;
 pub mod package;
 
@@ -84,6 +85,23 @@ pub fn select_device(spec: DeviceSpec) -> Result<Device, ModelError> {
                 })
             }
         }
+    }
+}
+
+/// Threads the CPU kernels use (the global rayon pool: `model.threads`, or
+/// every core).
+pub fn compute_threads() -> usize {
+    rayon::current_num_threads()
+}
+
+/// Sizes the CPU kernels' thread pool (`model.threads`; 0 = every core).
+/// Call once, before the first inference; later calls change nothing.
+pub fn set_compute_threads(threads: usize) {
+    if threads > 0 {
+        // Fails only when the pool already exists: then it stays as it is.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global();
     }
 }
 

@@ -17,6 +17,7 @@ use candle_nn::{
     BatchNorm, Conv2d, Conv2dConfig, Linear, VarBuilder, batch_norm, conv2d_no_bias, linear,
 };
 
+use super::cpu_conv::FusedConv;
 use super::package::{Architecture, Backbone};
 
 /// Thresholds per horizon: P(≥1) … P(≥4) (the fourth, death, feeds the
@@ -25,16 +26,25 @@ pub const THRESHOLDS: usize = 4;
 /// Horizons: 24 h and 72 h.
 pub const HORIZONS: usize = 2;
 
-/// Convolution followed by batch norm, foldable into one convolution.
+/// Convolution followed by batch norm and, when `relu`, a ReLU (after the
+/// residual, if one is added). For inference the batch norm is folded into
+/// the convolution, and on the CPU the whole unit runs as one fused kernel
+/// ([`FusedConv`]).
 #[derive(Debug, Clone)]
 struct ConvBn {
     conv: Conv2d,
     bn: BatchNorm,
+    relu: bool,
     folded: Option<Conv2d>,
+    fused: Option<FusedConv>,
 }
 
 impl ConvBn {
-    fn new(cin: usize, cout: usize, kernel: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        (cin, cout, kernel, stride): (usize, usize, usize, usize),
+        relu: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let cfg = Conv2dConfig {
             padding: kernel / 2,
             stride,
@@ -43,20 +53,51 @@ impl ConvBn {
         Ok(Self {
             conv: conv2d_no_bias(cin, cout, kernel, cfg, vb.pp("conv"))?,
             bn: batch_norm(cout, 1e-5, vb.pp("bn"))?,
+            relu,
             folded: None,
+            fused: None,
         })
     }
 
     fn fold(&mut self) -> Result<()> {
-        self.folded = Some(self.conv.absorb_bn(&self.bn)?);
+        let folded = self.conv.absorb_bn(&self.bn)?;
+        if folded.weight().device().is_cpu() {
+            let (cout, cin, kernel, _) = folded.weight().dims4()?;
+            let bias = match folded.bias() {
+                Some(b) => b.to_vec1::<f32>()?,
+                None => vec![0.0; cout],
+            };
+            let cfg = self.conv.config();
+            self.fused = Some(FusedConv::new(
+                folded.weight().flatten_all()?.to_vec1::<f32>()?,
+                bias,
+                (cout, cin, kernel),
+                cfg.stride,
+                cfg.padding,
+                self.relu,
+            )?);
+        }
+        self.folded = Some(folded);
         Ok(())
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        match (&self.folded, train) {
-            (Some(folded), false) => folded.forward(x),
-            _ => self.bn.forward_t(&self.conv.forward(x)?, train),
+    /// conv → BN (+ `residual`) (→ ReLU).
+    fn forward(&self, x: &Tensor, residual: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        if let (Some(op), false, true) = (&self.fused, train, x.device().is_cpu()) {
+            let x = x.contiguous()?;
+            return match residual {
+                Some(r) => x.apply_op2_no_bwd(&r.contiguous()?, op),
+                None => x.apply_op1_no_bwd(op),
+            };
         }
+        let mut y = match (&self.folded, train) {
+            (Some(folded), false) => folded.forward(x)?,
+            _ => self.bn.forward_t(&self.conv.forward(x)?, train)?,
+        };
+        if let Some(r) = residual {
+            y = (y + r)?;
+        }
+        if self.relu { y.relu() } else { Ok(y) }
     }
 }
 
@@ -72,11 +113,11 @@ struct BasicBlock {
 impl BasicBlock {
     fn new(cin: usize, cout: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
         let shortcut = (stride != 1 || cin != cout)
-            .then(|| ConvBn::new(cin, cout, 1, stride, vb.pp("shortcut")))
+            .then(|| ConvBn::new((cin, cout, 1, stride), false, vb.pp("shortcut")))
             .transpose()?;
         Ok(Self {
-            a: ConvBn::new(cin, cout, 3, stride, vb.pp("a"))?,
-            b: ConvBn::new(cout, cout, 3, 1, vb.pp("b"))?,
+            a: ConvBn::new((cin, cout, 3, stride), true, vb.pp("a"))?,
+            b: ConvBn::new((cout, cout, 3, 1), true, vb.pp("b"))?,
             shortcut,
         })
     }
@@ -89,13 +130,12 @@ impl BasicBlock {
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = self.a.forward(x, train)?.relu()?;
-        let h = self.b.forward(&h, train)?;
+        let h = self.a.forward(x, None, train)?;
         let skip = match &self.shortcut {
-            Some(s) => s.forward(x, train)?,
+            Some(s) => s.forward(x, None, train)?,
             None => x.clone(),
         };
-        (h + skip)?.relu()
+        self.b.forward(&h, Some(&skip), train)
     }
 }
 
@@ -118,7 +158,7 @@ impl ImageBranch {
             Backbone::Resnet18 => ([64, 128, 256, 512], [2, 2, 2, 2]),
             Backbone::Resnet34 => ([64, 128, 256, 512], [3, 4, 6, 3]),
         };
-        let stem = ConvBn::new(1, widths[0], 7, 2, vb.pp("stem"))?;
+        let stem = ConvBn::new((1, widths[0], 7, 2), true, vb.pp("stem"))?;
         let mut blocks = Vec::new();
         let mut cin = widths[0];
         for (stage, (&cout, &depth)) in widths.iter().zip(&depths).enumerate() {
@@ -155,7 +195,7 @@ impl ImageBranch {
     /// # Errors
     /// On shape mismatches.
     pub fn forward(&self, image: &Tensor, train: bool) -> Result<Tensor> {
-        let x = self.stem.forward(image, train)?.relu()?;
+        let x = self.stem.forward(image, None, train)?;
         // 3×3 max pool, stride 2, padding 1: after ReLU every value is ≥ 0,
         // so zero padding equals −∞ padding.
         let x = x

@@ -1,0 +1,410 @@
+//! The CPU inference kernel of the image branch: a convolution with its
+//! batch norm already folded in, fused with the bias, an optional residual
+//! add and an optional ReLU — one pass over the output instead of four.
+//!
+//! It is a candle custom op ([`CustomOp1`] without a residual, [`CustomOp2`]
+//! with one), so the network stays one candle graph; only the arithmetic
+//! differs from `candle_nn::Conv2d`: the input is unfolded once per image
+//! (im2col, in parallel, into a reused per-thread buffer) and multiplied by
+//! the weights with the `gemm` crate (the matrix kernel candle itself uses),
+//! the output pre-filled with bias (+ residual) so the product accumulates
+//! into it. 1×1 stride-1 convolutions skip the unfolding. Inference only:
+//! there is no backward pass, and training uses candle's convolution.
+
+use std::cell::RefCell;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape};
+use rayon::prelude::*;
+
+/// A folded convolution: weights (out, in, k, k), bias (out), stride,
+/// padding, and whether a ReLU follows.
+#[derive(Debug, Clone)]
+pub struct FusedConv {
+    weights: Vec<f32>,
+    bias: Vec<f32>,
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    relu: bool,
+}
+
+thread_local! {
+    /// The im2col buffer, reused across calls on this thread (up to a few
+    /// MiB at 224²; allocating it afresh every time costs page faults).
+    static COLUMNS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Below this many multiply-adds a convolution runs on one thread.
+const PARALLEL_MIN_WORK: usize = 1 << 20;
+
+impl FusedConv {
+    /// A fused convolution from folded weights `(out, in, k, k)` (row-major)
+    /// and bias `(out)`.
+    ///
+    /// # Errors
+    /// When the lengths do not fit the shape.
+    pub fn new(
+        weights: Vec<f32>,
+        bias: Vec<f32>,
+        (out_channels, in_channels, kernel): (usize, usize, usize),
+        stride: usize,
+        padding: usize,
+        relu: bool,
+    ) -> Result<Self> {
+        if weights.len() != out_channels * in_channels * kernel * kernel
+            || bias.len() != out_channels
+            || stride == 0
+            || kernel == 0
+        {
+            return Err(candle_core::Error::Msg(format!(
+                "fused conv: {} weights and {} biases do not fit ({out_channels}, {in_channels}, {kernel}, {kernel}) stride {stride}",
+                weights.len(),
+                bias.len()
+            )));
+        }
+        Ok(Self {
+            weights,
+            bias,
+            in_channels,
+            out_channels,
+            kernel,
+            stride,
+            padding,
+            relu,
+        })
+    }
+
+    /// Output side for an input side.
+    fn out_side(&self, side: usize) -> Result<usize> {
+        (side + 2 * self.padding)
+            .checked_sub(self.kernel)
+            .map(|span| span / self.stride + 1)
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "fused conv: input side {side} smaller than the {k}x{k} kernel",
+                    k = self.kernel
+                ))
+            })
+    }
+
+    /// Checks the input and returns (batch, height, width, out height, out
+    /// width) and the input slice.
+    fn input<'a>(
+        &self,
+        storage: &'a CpuStorage,
+        layout: &Layout,
+    ) -> Result<(&'a [f32], [usize; 5])> {
+        let CpuStorage::F32(data) = storage else {
+            return Err(candle_core::Error::Msg("fused conv: f32 input only".into()));
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            return Err(candle_core::Error::Msg(
+                "fused conv: contiguous input only".into(),
+            ));
+        };
+        let (batch, channels, height, width) = layout.shape().dims4()?;
+        if channels != self.in_channels {
+            return Err(candle_core::Error::Msg(format!(
+                "fused conv: {channels} input channels, the weights take {}",
+                self.in_channels
+            )));
+        }
+        let dims = [
+            batch,
+            height,
+            width,
+            self.out_side(height)?,
+            self.out_side(width)?,
+        ];
+        Ok((&data[start..end], dims))
+    }
+
+    /// Runs the convolution on contiguous NCHW `input`, adding `residual`
+    /// (same shape as the output) when given.
+    fn run(&self, input: &[f32], dims: [usize; 5], residual: Option<&[f32]>) -> Vec<f32> {
+        let [batch, height, width, out_h, out_w] = dims;
+        let plane_in = self.in_channels * height * width;
+        let plane_out = self.out_channels * out_h * out_w;
+        let mut out = vec![0f32; batch * plane_out];
+        for b in 0..batch {
+            let image = &input[b * plane_in..(b + 1) * plane_in];
+            let dst = &mut out[b * plane_out..(b + 1) * plane_out];
+            let skip = residual.map(|r| &r[b * plane_out..(b + 1) * plane_out]);
+            self.run_image(image, [height, width, out_h, out_w], dst, skip);
+        }
+        out
+    }
+
+    fn run_image(
+        &self,
+        image: &[f32],
+        [height, width, out_h, out_w]: [usize; 4],
+        dst: &mut [f32],
+        residual: Option<&[f32]>,
+    ) {
+        let n = out_h * out_w;
+        // Start from bias (+ residual); the product accumulates into it.
+        match residual {
+            Some(skip) => dst.copy_from_slice(skip),
+            None => dst.fill(0.0),
+        }
+        for (row, &b) in dst.chunks_exact_mut(n).zip(&self.bias) {
+            row.iter_mut().for_each(|v| *v += b);
+        }
+        let k = self.in_channels * self.kernel * self.kernel;
+        let threads = if self.out_channels * n * k >= PARALLEL_MIN_WORK {
+            rayon::current_num_threads()
+        } else {
+            1
+        };
+        let direct = self.kernel == 1 && self.stride == 1 && self.padding == 0;
+        COLUMNS.with(|cell| {
+            let mut columns = cell.borrow_mut();
+            let rhs: &[f32] = if direct {
+                image
+            } else {
+                columns.resize(k * n, 0.0);
+                self.im2col(image, height, width, out_h, out_w, &mut columns);
+                &columns
+            };
+            matmul_accumulate(dst, &self.weights, rhs, (self.out_channels, n, k), threads);
+        });
+        if self.relu {
+            dst.iter_mut().for_each(|v| *v = v.max(0.0));
+        }
+    }
+
+    /// Unfolds `image` (C, H, W) into `columns` (C·k·k, OH·OW), zero outside
+    /// the padded border.
+    fn im2col(
+        &self,
+        image: &[f32],
+        height: usize,
+        width: usize,
+        out_h: usize,
+        out_w: usize,
+        columns: &mut [f32],
+    ) {
+        let (k, s, p) = (self.kernel, self.stride, self.padding);
+        let n = out_h * out_w;
+        let fill = |(row, out): (usize, &mut [f32])| {
+            let channel = row / (k * k);
+            let (ky, kx) = ((row / k) % k, row % k);
+            let plane = &image[channel * height * width..(channel + 1) * height * width];
+            for oy in 0..out_h {
+                let line = &mut out[oy * out_w..(oy + 1) * out_w];
+                let iy = (oy * s + ky).wrapping_sub(p);
+                if iy >= height {
+                    line.fill(0.0);
+                    continue;
+                }
+                let src = &plane[iy * width..(iy + 1) * width];
+                if s == 1 {
+                    // Contiguous: ix = ox + kx − p; copy the valid span.
+                    let first = p.saturating_sub(kx).min(out_w);
+                    let last = (width + p).saturating_sub(kx).min(out_w).max(first);
+                    line[..first].fill(0.0);
+                    line[last..].fill(0.0);
+                    if last > first {
+                        let from = first + kx - p;
+                        line[first..last].copy_from_slice(&src[from..from + (last - first)]);
+                    }
+                } else {
+                    for (ox, v) in line.iter_mut().enumerate() {
+                        let ix = (ox * s + kx).wrapping_sub(p);
+                        *v = if ix < width { src[ix] } else { 0.0 };
+                    }
+                }
+            }
+        };
+        if columns.len() >= PARALLEL_MIN_WORK / 4 {
+            columns.par_chunks_mut(n).enumerate().for_each(fill);
+        } else {
+            columns.chunks_mut(n).enumerate().for_each(fill);
+        }
+    }
+}
+
+/// `dst (m×n) += lhs (m×k) · rhs (k×n)`, all row-major and contiguous.
+fn matmul_accumulate(
+    dst: &mut [f32],
+    lhs: &[f32],
+    rhs: &[f32],
+    (m, n, k): (usize, usize, usize),
+    threads: usize,
+) {
+    assert!(dst.len() == m * n && lhs.len() == m * k && rhs.len() >= k * n);
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the three slices cover m×n, m×k and k×n elements (asserted
+    // above) with the row strides given, and dst does not alias lhs or rhs
+    // (it is borrowed mutably).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            lhs.as_ptr(),
+            1,
+            k as isize,
+            rhs.as_ptr(),
+            1,
+            n as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+impl CustomOp1 for FusedConv {
+    fn name(&self) -> &'static str {
+        "fused-conv"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (input, dims) = self.input(storage, layout)?;
+        let out = self.run(input, dims, None);
+        let shape = Shape::from((dims[0], self.out_channels, dims[3], dims[4]));
+        Ok((CpuStorage::F32(out), shape))
+    }
+}
+
+impl CustomOp2 for FusedConv {
+    fn name(&self) -> &'static str {
+        "fused-conv-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+        residual: &CpuStorage,
+        residual_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (input, dims) = self.input(storage, layout)?;
+        let shape = Shape::from((dims[0], self.out_channels, dims[3], dims[4]));
+        let skip = match (residual, residual_layout.contiguous_offsets()) {
+            (CpuStorage::F32(data), Some((start, end))) if residual_layout.shape() == &shape => {
+                &data[start..end]
+            }
+            _ => {
+                return Err(candle_core::Error::Msg(format!(
+                    "fused conv: residual must be contiguous f32 {shape:?}, got {:?}",
+                    residual_layout.shape()
+                )));
+            }
+        };
+        let out = self.run(input, dims, Some(skip));
+        Ok((CpuStorage::F32(out), shape))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Module, Tensor};
+    use candle_nn::{Conv2d, Conv2dConfig};
+
+    fn values(count: usize, seed: u32) -> Vec<f32> {
+        (0..count)
+            .map(|i| {
+                let x = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed);
+                (x % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The fused kernel against candle's own conv2d + bias (+ residual) +
+    /// ReLU, for every kernel/stride/padding the ResNets use and odd sides.
+    #[test]
+    fn fused_conv_equals_candle_conv() {
+        let cases = [
+            (1, 8, 7, 2, 3, 37),
+            (8, 16, 3, 1, 1, 19),
+            (8, 16, 3, 2, 1, 20),
+            (16, 16, 1, 1, 0, 9),
+            (16, 32, 1, 2, 0, 11),
+            (64, 64, 3, 1, 1, 56),
+        ];
+        for (i, &(cin, cout, k, stride, padding, side)) in cases.iter().enumerate() {
+            let weights = values(cout * cin * k * k, i as u32);
+            let bias = values(cout, 100 + i as u32);
+            let x = Tensor::from_vec(
+                values(2 * cin * side * side, 7 + i as u32),
+                (2, cin, side, side),
+                &Device::Cpu,
+            )
+            .expect("input");
+            let w = Tensor::from_vec(weights.clone(), (cout, cin, k, k), &Device::Cpu)
+                .expect("weights");
+            let b = Tensor::from_vec(bias.clone(), cout, &Device::Cpu).expect("bias");
+            let cfg = Conv2dConfig {
+                padding,
+                stride,
+                ..Default::default()
+            };
+            let expected = Conv2d::new(w, Some(b), cfg).forward(&x).expect("conv");
+            let residual = (expected.ones_like().expect("ones") * 0.5).expect("scale");
+
+            let plain = FusedConv::new(
+                weights.clone(),
+                bias.clone(),
+                (cout, cin, k),
+                stride,
+                padding,
+                false,
+            )
+            .expect("op");
+            let got = x.apply_op1_no_bwd(&plain).expect("fused");
+            let diff = (got - &expected)
+                .expect("sub")
+                .abs()
+                .expect("abs")
+                .max_all()
+                .expect("max")
+                .to_scalar::<f32>()
+                .expect("scalar");
+            assert!(diff < 1e-4, "case {i}: max diff {diff}");
+
+            let with_relu =
+                FusedConv::new(weights, bias, (cout, cin, k), stride, padding, true).expect("op");
+            let got = x
+                .apply_op2_no_bwd(&residual, &with_relu)
+                .expect("fused residual");
+            let want = (expected + residual).expect("add").relu().expect("relu");
+            let diff = (got - want)
+                .expect("sub")
+                .abs()
+                .expect("abs")
+                .max_all()
+                .expect("max")
+                .to_scalar::<f32>()
+                .expect("scalar");
+            assert!(diff < 1e-4, "case {i} (residual, relu): max diff {diff}");
+        }
+    }
+
+    #[test]
+    fn wrong_channels_and_small_inputs_are_errors() {
+        let op =
+            FusedConv::new(vec![0.0; 8 * 3 * 9], vec![0.0; 8], (8, 3, 3), 1, 0, false).expect("op");
+        let x = Tensor::zeros((1, 2, 8, 8), candle_core::DType::F32, &Device::Cpu).expect("x");
+        assert!(x.apply_op1_no_bwd(&op).is_err());
+        let x = Tensor::zeros((1, 3, 2, 2), candle_core::DType::F32, &Device::Cpu).expect("x");
+        assert!(x.apply_op1_no_bwd(&op).is_err());
+        assert!(FusedConv::new(vec![0.0; 5], vec![0.0; 8], (8, 3, 3), 1, 0, false).is_err());
+    }
+}
