@@ -99,16 +99,62 @@ pub struct ServerConfig {
     /// `listen = "127.0.0.1:8480"`: address and port of the HTTP endpoint.
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// `token_file = "/etc/oxbox/token"`: a file holding the bearer token
+    /// clients must send. Required when `listen` is not a loopback address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// `max_body_mib = 64`: largest request body; larger ones get 413.
+    #[serde(default = "default_max_body_mib")]
+    pub max_body_mib: u64,
+    /// `header_timeout_ms = 10000`: time a client has to send the headers.
+    #[serde(default = "default_header_timeout_ms")]
+    pub header_timeout_ms: u64,
+    /// `body_timeout_ms = 60000`: time a client has to send the body.
+    #[serde(default = "default_body_timeout_ms")]
+    pub body_timeout_ms: u64,
+    /// `max_concurrent_requests = 32`: predictions in progress at once;
+    /// more get 503 with Retry-After.
+    #[serde(default = "default_max_concurrent")]
+    pub max_concurrent_requests: usize,
+    /// `batch_max = 8`: most cases per model forward pass (1 = no batching).
+    #[serde(default = "default_batch_max")]
+    pub batch_max: usize,
+    /// `batch_max_wait_ms = 0`: how long a batch waits for more cases once
+    /// the model is free; 0 = take what is queued (no added latency).
+    #[serde(default)]
+    pub batch_max_wait_ms: u64,
 }
 
 fn default_listen() -> String {
     "127.0.0.1:8480".to_owned()
+}
+fn default_max_body_mib() -> u64 {
+    64
+}
+fn default_header_timeout_ms() -> u64 {
+    10_000
+}
+fn default_body_timeout_ms() -> u64 {
+    60_000
+}
+fn default_max_concurrent() -> usize {
+    32
+}
+fn default_batch_max() -> usize {
+    8
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: default_listen(),
+            token_file: None,
+            max_body_mib: default_max_body_mib(),
+            header_timeout_ms: default_header_timeout_ms(),
+            body_timeout_ms: default_body_timeout_ms(),
+            max_concurrent_requests: default_max_concurrent(),
+            batch_max: default_batch_max(),
+            batch_max_wait_ms: 0,
         }
     }
 }
@@ -148,6 +194,9 @@ pub struct ModelConfig {
     /// (model.toml + weights.safetensors).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub package: Option<PathBuf>,
+    /// `threads = 0`: CPU threads for inference (0 = one per core).
+    #[serde(default)]
+    pub threads: usize,
 }
 
 fn default_input_size() -> u32 {
@@ -164,6 +213,7 @@ impl Default for ModelConfig {
             input_size: default_input_size(),
             device: default_device(),
             package: None,
+            threads: 0,
         }
     }
 }
@@ -353,6 +403,9 @@ impl Config {
             }
         };
         resolve(&mut self.storage.data_dir);
+        if let Some(token_file) = &mut self.server.token_file {
+            resolve(token_file);
+        }
         if let Some(package) = &mut self.model.package {
             resolve(package);
         }
@@ -381,11 +434,52 @@ impl Config {
         if self.site.name.trim().is_empty() {
             problems.push("site.name is empty: give the site a readable name".to_owned());
         }
-        if let Err(e) = self.server.listen.parse::<SocketAddr>() {
-            problems.push(format!(
+        match self.server.listen.parse::<SocketAddr>() {
+            Err(e) => problems.push(format!(
                 "server.listen = {:?}: {e}; write an address and port such as \"127.0.0.1:8480\"",
                 self.server.listen
-            ));
+            )),
+            Ok(addr) if !addr.ip().is_loopback() && self.server.token_file.is_none() => {
+                problems.push(format!(
+                    "server.listen = {:?} is reachable from the network: set server.token_file to a file holding the bearer token clients must send",
+                    self.server.listen
+                ));
+            }
+            Ok(_) => {}
+        }
+        let server = &self.server;
+        for (key, value, range) in [
+            ("server.max_body_mib", server.max_body_mib, 1..=4096),
+            (
+                "server.header_timeout_ms",
+                server.header_timeout_ms,
+                100..=600_000,
+            ),
+            (
+                "server.body_timeout_ms",
+                server.body_timeout_ms,
+                100..=3_600_000,
+            ),
+            (
+                "server.max_concurrent_requests",
+                server.max_concurrent_requests as u64,
+                1..=10_000,
+            ),
+            ("server.batch_max", server.batch_max as u64, 1..=256),
+            (
+                "server.batch_max_wait_ms",
+                server.batch_max_wait_ms,
+                0..=1000,
+            ),
+            ("model.threads", self.model.threads as u64, 0..=1024),
+        ] {
+            if !range.contains(&value) {
+                problems.push(format!(
+                    "{key} = {value}: must be between {} and {}",
+                    range.start(),
+                    range.end()
+                ));
+            }
         }
         if self.storage.data_dir.as_os_str().is_empty() {
             problems.push("storage.data_dir is empty: name a directory".to_owned());

@@ -14,6 +14,7 @@
 //! | [`plugins`]   | site plugins: sandboxed WebAssembly components (wasmtime)      |
 //! | [`model`]     | the EXAM-style network (candle), model packages, inference     |
 //! | [`pipeline`]  | one case end to end: radiograph + EMR → plugins → model        |
+//! | [`serve`]     | the local HTTP endpoint: predictions, health, metrics (hyper)  |
 //! | [`store`]     | local state in SQLite: the audit log of predictions            |
 //! | [`signing`]   | Ed25519 keys and signatures (plugin manifests, weight shards)  |
 //! | [`output`]    | tensors and previews written atomically (`.npy`, PNG)          |
@@ -32,5 +33,6 @@ pub mod model;
 pub mod output;
 pub mod pipeline;
 pub mod plugins;
+pub mod serve;
 pub mod signing;
 pub mod store;

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::config::{Config, LimitsConfig};
 use crate::dicom::{self, DicomFile, ImageHeader};
-use crate::model::{Model, ModelError, Prediction};
+use crate::model::{Model, ModelError, ModelInput, Prediction};
 use crate::plugins::record::{RecordError, image_frame, raw_fields_from_json};
 use crate::plugins::{ImageDecision, PluginError, PluginSet};
 
@@ -153,6 +153,27 @@ impl Pipeline {
         emr: &serde_json::Value,
         plugins: &Arc<PluginSet>,
     ) -> Result<PredictionReport, PipelineError> {
+        let case = self.prepare(dicom_file, emr, plugins)?;
+        let t = Instant::now();
+        let horizons = self
+            .model
+            .predict(case.input.image.as_deref(), &case.input.features)?;
+        let inference = ms(t);
+        Ok(self.report(request_id, case, horizons, inference))
+    }
+
+    /// Everything before the model: radiograph → canonical image, site
+    /// plugins (EMR mapping, image decision), checked against the model.
+    /// The server batches the model step of several prepared cases.
+    ///
+    /// # Errors
+    /// [`PipelineError`], naming the stage and the cause.
+    pub fn prepare(
+        &self,
+        dicom_file: Option<&DicomFile>,
+        emr: &serde_json::Value,
+        plugins: &Arc<PluginSet>,
+    ) -> Result<PreparedCase, PipelineError> {
         let started = Instant::now();
         let mut warnings = Vec::new();
         let mut timings = Timings::default();
@@ -208,21 +229,10 @@ impl Pipeline {
             None => None,
         };
         timings.plugins = ms(t);
-
-        let t = Instant::now();
-        let horizons = self.model.predict(image.as_deref(), &features)?;
-        timings.inference = ms(t);
-        timings.total = ms(started);
-
-        let manifest = &self.model.package().manifest;
-        Ok(PredictionReport {
-            request_id: request_id.to_owned(),
-            model: ModelIdentity {
-                name: manifest.name.clone(),
-                version: manifest.version.clone(),
-                digest: self.model.package().digest.clone(),
-                trained: manifest.trained,
-            },
+        let input = ModelInput { image, features };
+        self.model.check_input(&input)?;
+        Ok(PreparedCase {
+            input,
             plugins: plugins
                 .plugins()
                 .iter()
@@ -231,12 +241,56 @@ impl Pipeline {
                     version: p.version().to_owned(),
                 })
                 .collect(),
-            site: self.site.clone(),
-            horizons,
             warnings,
-            timings_ms: timings,
+            timings,
+            started,
         })
     }
+
+    /// The report for a prepared case and its prediction; `inference_ms`
+    /// is the model step's time as this case saw it.
+    pub fn report(
+        &self,
+        request_id: &str,
+        case: PreparedCase,
+        horizons: Prediction,
+        inference_ms: f64,
+    ) -> PredictionReport {
+        let mut timings = case.timings;
+        timings.inference = inference_ms;
+        timings.total = ms(case.started);
+        PredictionReport {
+            request_id: request_id.to_owned(),
+            model: self.model_identity(),
+            plugins: case.plugins,
+            site: self.site.clone(),
+            horizons,
+            warnings: case.warnings,
+            timings_ms: timings,
+        }
+    }
+
+    /// The model's identity, as reports and `GET /v1/model` give it.
+    pub fn model_identity(&self) -> ModelIdentity {
+        let manifest = &self.model.package().manifest;
+        ModelIdentity {
+            name: manifest.name.clone(),
+            version: manifest.version.clone(),
+            digest: self.model.package().digest.clone(),
+            trained: manifest.trained,
+        }
+    }
+}
+
+/// A case ready for the model: its input, and what the report needs.
+#[derive(Debug)]
+pub struct PreparedCase {
+    /// What the model takes.
+    pub input: ModelInput,
+    plugins: Vec<PluginIdentity>,
+    warnings: Vec<String>,
+    timings: Timings,
+    started: Instant,
 }
 
 impl PredictionReport {

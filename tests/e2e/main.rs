@@ -10,4 +10,5 @@ mod bad_input;
 mod cli;
 mod plugins;
 mod predict;
+mod serve;
 mod util;

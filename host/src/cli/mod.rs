@@ -10,6 +10,7 @@ mod model;
 mod plugin;
 mod predict;
 mod preprocess;
+mod serve;
 
 use std::path::{Path, PathBuf};
 
@@ -56,6 +57,8 @@ pub enum Command {
     Preprocess(preprocess::Args),
     /// Predict oxygen need for one case: radiograph + EMR record.
     Predict(predict::Args),
+    /// Serve predictions over HTTP (hyper): /v1/predict, health, metrics.
+    Serve(serve::Args),
     /// Inspect DICOM files.
     #[command(subcommand)]
     Dicom(DicomCommand),
@@ -136,6 +139,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Preprocess(args) => preprocess::run(args, config),
         Command::Predict(args) => predict::run(args, config),
+        Command::Serve(args) => serve::run(args, config),
         Command::Dicom(DicomCommand::Info(args)) => dicom_info::run(args, config),
         Command::Config(ConfigCommand::Check(args)) => config_check::run(args, config),
         Command::Bench(args) => bench::run(args, config),
@@ -177,6 +181,11 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
             || cause
                 .downcast_ref::<PluginError>()
                 .is_some_and(PluginError::is_bad_input)
+            || cause.is::<oxbox::serve::auth::TokenError>()
+            || matches!(
+                cause.downcast_ref::<oxbox::serve::ServeError>(),
+                Some(oxbox::serve::ServeError::NoModel | oxbox::serve::ServeError::Token(_))
+            )
     });
     if bad_input {
         EXIT_BAD_INPUT

@@ -122,74 +122,85 @@ impl FusedConv {
     }
 
     /// Runs the convolution on contiguous NCHW `input`, adding `residual`
-    /// (same shape as the output) when given.
+    /// (same shape as the output) when given. The whole batch is one matrix
+    /// product: the unfolded images sit side by side, so deep layers with
+    /// few output pixels (7×7 at 224²) still give the kernel wide matrices.
     fn run(&self, input: &[f32], dims: [usize; 5], residual: Option<&[f32]>) -> Vec<f32> {
         let [batch, height, width, out_h, out_w] = dims;
-        let plane_in = self.in_channels * height * width;
-        let plane_out = self.out_channels * out_h * out_w;
-        let mut out = vec![0f32; batch * plane_out];
-        for b in 0..batch {
-            let image = &input[b * plane_in..(b + 1) * plane_in];
-            let dst = &mut out[b * plane_out..(b + 1) * plane_out];
-            let skip = residual.map(|r| &r[b * plane_out..(b + 1) * plane_out]);
-            self.run_image(image, [height, width, out_h, out_w], dst, skip);
-        }
-        out
-    }
-
-    fn run_image(
-        &self,
-        image: &[f32],
-        [height, width, out_h, out_w]: [usize; 4],
-        dst: &mut [f32],
-        residual: Option<&[f32]>,
-    ) {
         let n = out_h * out_w;
-        // Start from bias (+ residual); the product accumulates into it.
-        match residual {
-            Some(skip) => dst.copy_from_slice(skip),
-            None => dst.fill(0.0),
-        }
-        for (row, &b) in dst.chunks_exact_mut(n).zip(&self.bias) {
-            row.iter_mut().for_each(|v| *v += b);
-        }
+        let wide = batch * n;
+        let plane_in = self.in_channels * height * width;
+        let plane_out = self.out_channels * n;
         let k = self.in_channels * self.kernel * self.kernel;
-        let threads = if self.out_channels * n * k >= PARALLEL_MIN_WORK {
+
+        // The product's layout is (out channels, batch · pixels); for one
+        // image that is already NCHW.
+        let mut product = vec![0f32; self.out_channels * wide];
+        for (c, row) in product.chunks_exact_mut(wide).enumerate() {
+            for b in 0..batch {
+                let cell = &mut row[b * n..(b + 1) * n];
+                match residual {
+                    Some(r) => cell.copy_from_slice(&r[b * plane_out + c * n..][..n]),
+                    None => cell.fill(0.0),
+                }
+                cell.iter_mut().for_each(|v| *v += self.bias[c]);
+            }
+        }
+        let threads = if self.out_channels * wide * k >= PARALLEL_MIN_WORK {
             rayon::current_num_threads()
         } else {
             1
         };
-        let direct = self.kernel == 1 && self.stride == 1 && self.padding == 0;
+        let direct = batch == 1 && self.kernel == 1 && self.stride == 1 && self.padding == 0;
         COLUMNS.with(|cell| {
             let mut columns = cell.borrow_mut();
             let rhs: &[f32] = if direct {
-                image
+                input
             } else {
-                columns.resize(k * n, 0.0);
-                self.im2col(image, height, width, out_h, out_w, &mut columns);
+                columns.resize(k * wide, 0.0);
+                for b in 0..batch {
+                    let image = &input[b * plane_in..(b + 1) * plane_in];
+                    self.im2col(image, [height, width, out_h, out_w], &mut columns, b, batch);
+                }
                 &columns
             };
-            matmul_accumulate(dst, &self.weights, rhs, (self.out_channels, n, k), threads);
+            matmul_accumulate(
+                &mut product,
+                &self.weights,
+                rhs,
+                (self.out_channels, wide, k),
+                threads,
+            );
         });
         if self.relu {
-            dst.iter_mut().for_each(|v| *v = v.max(0.0));
+            product.iter_mut().for_each(|v| *v = v.max(0.0));
         }
+        if batch == 1 {
+            return product;
+        }
+        let mut out = vec![0f32; batch * plane_out];
+        for (c, row) in product.chunks_exact(wide).enumerate() {
+            for b in 0..batch {
+                out[b * plane_out + c * n..][..n].copy_from_slice(&row[b * n..(b + 1) * n]);
+            }
+        }
+        out
     }
 
-    /// Unfolds `image` (C, H, W) into `columns` (C·k·k, OH·OW), zero outside
-    /// the padded border.
+    /// Unfolds `image` (C, H, W) into image `slot` of `columns`
+    /// (C·k·k, batch · OH·OW), zero outside the padded border.
     fn im2col(
         &self,
         image: &[f32],
-        height: usize,
-        width: usize,
-        out_h: usize,
-        out_w: usize,
+        [height, width, out_h, out_w]: [usize; 4],
         columns: &mut [f32],
+        slot: usize,
+        batch: usize,
     ) {
         let (k, s, p) = (self.kernel, self.stride, self.padding);
         let n = out_h * out_w;
         let fill = |(row, out): (usize, &mut [f32])| {
+            let out = &mut out[slot * n..(slot + 1) * n];
             let channel = row / (k * k);
             let (ky, kx) = ((row / k) % k, row % k);
             let plane = &image[channel * height * width..(channel + 1) * height * width];
@@ -219,10 +230,10 @@ impl FusedConv {
                 }
             }
         };
-        if columns.len() >= PARALLEL_MIN_WORK / 4 {
-            columns.par_chunks_mut(n).enumerate().for_each(fill);
+        if n * k * k * self.in_channels >= PARALLEL_MIN_WORK / 4 {
+            columns.par_chunks_mut(batch * n).enumerate().for_each(fill);
         } else {
-            columns.chunks_mut(n).enumerate().for_each(fill);
+            columns.chunks_mut(batch * n).enumerate().for_each(fill);
         }
     }
 }
@@ -333,6 +344,7 @@ mod tests {
     fn fused_conv_equals_candle_conv() {
         let cases = [
             (1, 8, 7, 2, 3, 37),
+            (4, 8, 1, 1, 0, 6),
             (8, 16, 3, 1, 1, 19),
             (8, 16, 3, 2, 1, 20),
             (16, 16, 1, 1, 0, 9),

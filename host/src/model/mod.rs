@@ -201,30 +201,69 @@ impl Model {
         image: Option<&[f32]>,
         features: &[(String, Option<f64>)],
     ) -> Result<Prediction, ModelError> {
-        let size = self.package.manifest.input_size as usize;
-        let image = match (self.net.uses_image(), image) {
-            (true, Some(pixels)) if pixels.len() == size * size => Some(Tensor::from_slice(
-                pixels,
-                (1, 1, size, size),
-                &self.device,
-            )?),
-            (true, Some(pixels)) => {
-                return Err(ModelError::Input(format!(
-                    "image has {} values, the model takes {size}x{size}",
-                    pixels.len()
-                )));
-            }
-            (true, None) => {
-                return Err(ModelError::Input(
-                    "this model needs a radiograph".to_owned(),
-                ));
-            }
-            (false, _) => None,
+        let case = ModelInput {
+            image: image.map(<[f32]>::to_vec),
+            features: features.to_vec(),
         };
-        let (values, missing) = self.encode_emr(features);
-        let n = values.len();
-        let values = Tensor::from_vec(values, (1, n), &self.device)?;
-        let missing = Tensor::from_vec(missing, (1, n), &self.device)?;
+        let mut out = self.predict_batch(std::slice::from_ref(&case))?;
+        out.pop()
+            .ok_or_else(|| ModelError::Input("empty batch".to_owned()))
+    }
+
+    /// Checks one case's image against the model: its size, and that an
+    /// image model gets one.
+    ///
+    /// # Errors
+    /// [`ModelError::Input`], saying what is wrong.
+    pub fn check_input(&self, case: &ModelInput) -> Result<(), ModelError> {
+        let size = self.package.manifest.input_size as usize;
+        match (self.net.uses_image(), &case.image) {
+            (true, Some(pixels)) if pixels.len() != size * size => Err(ModelError::Input(format!(
+                "image has {} values, the model takes {size}x{size}",
+                pixels.len()
+            ))),
+            (true, None) => Err(ModelError::Input(
+                "this model needs a radiograph".to_owned(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Predicts a batch of cases in one forward pass (what the server's
+    /// dynamic batching runs). Results are in the cases' order.
+    ///
+    /// # Errors
+    /// As [`Model::predict`], for the first case at fault.
+    pub fn predict_batch(&self, cases: &[ModelInput]) -> Result<Vec<Prediction>, ModelError> {
+        let batch = cases.len();
+        if batch == 0 {
+            return Ok(Vec::new());
+        }
+        cases.iter().try_for_each(|c| self.check_input(c))?;
+        let size = self.package.manifest.input_size as usize;
+        let image = if self.net.uses_image() {
+            let mut pixels = Vec::with_capacity(batch * size * size);
+            for case in cases {
+                pixels.extend_from_slice(case.image.as_deref().unwrap_or_default());
+            }
+            Some(Tensor::from_vec(
+                pixels,
+                (batch, 1, size, size),
+                &self.device,
+            )?)
+        } else {
+            None
+        };
+        let n = self.package.manifest.emr.len();
+        let mut values = Vec::with_capacity(batch * n);
+        let mut missing = Vec::with_capacity(batch * n);
+        for case in cases {
+            let (v, m) = self.encode_emr(&case.features);
+            values.extend(v);
+            missing.extend(m);
+        }
+        let values = Tensor::from_vec(values, (batch, n), &self.device)?;
+        let missing = Tensor::from_vec(missing, (batch, n), &self.device)?;
         let p = self
             .net
             .probabilities(image.as_ref(), &values, &missing)?
@@ -236,11 +275,23 @@ impl Model {
             p_ventilation_or_death: h[2],
             exam_score: h.iter().sum::<f32>() / 4.0,
         };
-        Ok(Prediction {
-            h24: horizon(&p[0][0]),
-            h72: horizon(&p[0][1]),
-        })
+        Ok(p.iter()
+            .map(|case| Prediction {
+                h24: horizon(&case[0]),
+                h72: horizon(&case[1]),
+            })
+            .collect())
     }
+}
+
+/// One case as the model takes it: the canonical S×S image (row-major; none
+/// for EMR-only models) and canonical features by name.
+#[derive(Debug, Clone, Default)]
+pub struct ModelInput {
+    /// The canonical image.
+    pub image: Option<Vec<f32>>,
+    /// Canonical features (absent or `None` = missing).
+    pub features: Vec<(String, Option<f64>)>,
 }
 
 /// A small deterministic generator (PCG-XSH-RR) for reproducible random
@@ -391,6 +442,40 @@ mod tests {
                 && p.p_o2_high_flow_or_niv >= p.p_ventilation_or_death,
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn a_batch_predicts_what_each_case_predicts_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let package =
+            init_package(dir.path(), "test", arch(Backbone::Tiny, false), 64, 3).expect("init");
+        let model = Model::load(package, &Device::Cpu).expect("load");
+        let cases: Vec<ModelInput> = (0..3)
+            .map(|i| ModelInput {
+                image: Some(
+                    (0..64 * 64)
+                        .map(|p| ((p * (i + 2)) % 97) as f32 / 97.0)
+                        .collect(),
+                ),
+                features: vec![("spo2_pct".to_owned(), Some(85.0 + i as f64 * 5.0))],
+            })
+            .collect();
+        let batch = model.predict_batch(&cases).expect("batch");
+        assert_eq!(batch.len(), 3);
+        for (case, together) in cases.iter().zip(&batch) {
+            let alone = model
+                .predict(case.image.as_deref(), &case.features)
+                .expect("alone");
+            for (a, b) in [(alone.h24, together.h24), (alone.h72, together.h72)] {
+                assert!((a.p_o2_any - b.p_o2_any).abs() < 1e-5, "{a:?} vs {b:?}");
+                assert!((a.exam_score - b.exam_score).abs() < 1e-5, "{a:?} vs {b:?}");
+            }
+        }
+        // One bad case fails the batch with the reason.
+        let mut bad = cases;
+        bad[1].image = Some(vec![0.0; 10]);
+        let err = model.predict_batch(&bad).expect_err("wrong size");
+        assert!(err.to_string().contains("64x64"), "{err}");
     }
 
     #[test]

@@ -229,6 +229,11 @@ impl LoadedPlugin {
         self.consecutive_faults.load(Ordering::Relaxed)
     }
 
+    /// Whether it is quarantined (refuses calls until the plugins reload).
+    pub fn is_quarantined(&self) -> bool {
+        self.consecutive_faults() >= self.limits.fault_threshold
+    }
+
     /// A fresh store with every limit set.
     fn store(&self) -> Store<PluginState> {
         let limits = StoreLimitsBuilder::new()

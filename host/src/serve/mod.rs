@@ -1,0 +1,263 @@
+//! `oxbox serve`: the box's local HTTP/1.1 endpoint (hyper 1 on tokio).
+//!
+//! - [`routes`]: `POST /v1/predict` (multipart radiograph + EMR record, or
+//!   JSON EMR only), health, readiness, model, plugins, metrics, the
+//!   OpenAPI document and the plugin reload;
+//! - [`batcher`]: dynamic batching of concurrent predictions;
+//! - [`problem`]: RFC 9457 problem details for every error;
+//! - [`metrics`]: the Prometheus/OpenMetrics exposition;
+//! - [`auth`]: the bearer token required off loopback.
+//!
+//! Decode and plugins run on tokio's blocking pool, the model on one
+//! inference thread (batches), the SQLite audit log on the blocking pool.
+//! SIGHUP reloads the plugins; SIGINT/SIGTERM stop accepting, let requests
+//! in progress finish (up to 30 s), then exit.
+
+pub mod auth;
+pub mod batcher;
+pub mod metrics;
+pub mod problem;
+pub mod routes;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::sync::Semaphore;
+
+use crate::config::{Config, LimitsConfig, LoadedConfig};
+use crate::model::{Model, ModelError, ModelPackage, select_device, set_compute_threads};
+use crate::pipeline::Pipeline;
+use crate::plugins::{PluginError, PluginRegistry};
+use crate::store::{AuditLog, StoreError};
+use auth::{BearerToken, TokenError};
+use batcher::Batcher;
+use metrics::Metrics;
+
+/// How long requests in progress may take to finish at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// No model package configured.
+    #[error("no model package: set [model] package in the config or pass --model DIR")]
+    NoModel,
+    /// The model could not be loaded.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The plugins could not be loaded.
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    /// The audit log could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The token file is unusable.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// Binding, the runtime or a thread failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
+    let what = what.into();
+    move |source| ServeError::Io { what, source }
+}
+
+/// Server limits from `[server]`.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// Largest body, bytes.
+    pub max_body_bytes: u64,
+    /// Time to send the headers.
+    pub header_timeout: Duration,
+    /// Time to send the body.
+    pub body_timeout: Duration,
+    /// Predictions in progress at once.
+    pub max_concurrent: usize,
+}
+
+impl ServerSettings {
+    fn from_config(config: &Config) -> Self {
+        let s = &config.server;
+        Self {
+            max_body_bytes: s.max_body_mib * 1024 * 1024,
+            header_timeout: Duration::from_millis(s.header_timeout_ms),
+            body_timeout: Duration::from_millis(s.body_timeout_ms),
+            max_concurrent: s.max_concurrent_requests,
+        }
+    }
+}
+
+/// What every request handler shares.
+#[derive(Debug)]
+pub struct AppState {
+    pipeline: Arc<Pipeline>,
+    plugins: Arc<PluginRegistry>,
+    batcher: Batcher,
+    audit: Arc<Mutex<AuditLog>>,
+    metrics: Arc<Metrics>,
+    token: Option<BearerToken>,
+    limits: LimitsConfig,
+    settings: ServerSettings,
+    permits: Arc<Semaphore>,
+}
+
+/// A server with its model and plugins loaded and its socket bound.
+#[derive(Debug)]
+pub struct Server {
+    state: Arc<AppState>,
+    listener: std::net::TcpListener,
+}
+
+impl Server {
+    /// Loads the model (`model_dir`, or `[model] package`) and the plugins,
+    /// opens the audit log, reads the token file, binds `[server] listen`.
+    ///
+    /// # Errors
+    /// [`ServeError`], naming what failed.
+    pub fn new(loaded: &LoadedConfig, model_dir: Option<&Path>) -> Result<Self, ServeError> {
+        let config = &loaded.config;
+        set_compute_threads(config.model.threads);
+        let dir = model_dir
+            .map(Path::to_path_buf)
+            .or_else(|| config.model.package.clone())
+            .ok_or(ServeError::NoModel)?;
+        let device = select_device(
+            crate::config::parse_device(&config.model.device).ok_or_else(|| {
+                ModelError::Device {
+                    device: config.model.device.clone(),
+                    reason: "use \"cpu\" or \"cuda:N\"".to_owned(),
+                }
+            })?,
+        )?;
+        let model = Model::load(ModelPackage::load(&dir)?, &device)?;
+        let pipeline = Arc::new(Pipeline::new(config, model));
+        let plugins = Arc::new(PluginRegistry::new(loaded)?);
+        plugins
+            .reload_on_sighup()
+            .map_err(io("installing the SIGHUP handler"))?;
+        let audit = Arc::new(Mutex::new(AuditLog::open(&config.storage.data_dir)?));
+        let token = config
+            .server
+            .token_file
+            .as_deref()
+            .map(BearerToken::from_file)
+            .transpose()?;
+        let metrics = Arc::new(Metrics::new());
+        let batcher = Batcher::start(
+            Arc::clone(&pipeline),
+            config.server.batch_max,
+            Duration::from_millis(config.server.batch_max_wait_ms),
+            Arc::clone(&metrics),
+        )
+        .map_err(io("starting the inference thread"))?;
+        let listener = std::net::TcpListener::bind(&config.server.listen)
+            .map_err(io(format!("binding {}", config.server.listen)))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(io("configuring the socket"))?;
+        let settings = ServerSettings::from_config(config);
+        Ok(Self {
+            state: Arc::new(AppState {
+                pipeline,
+                plugins,
+                batcher,
+                audit,
+                metrics,
+                token,
+                limits: config.limits.clone(),
+                permits: Arc::new(Semaphore::new(settings.max_concurrent)),
+                settings,
+            }),
+            listener,
+        })
+    }
+
+    /// The bound address (the port, when `listen` asked for port 0).
+    ///
+    /// # Errors
+    /// If the socket cannot say.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until SIGINT or SIGTERM, then drains.
+    ///
+    /// # Errors
+    /// [`ServeError::Io`] when the runtime or the socket fail.
+    pub fn run(self) -> Result<(), ServeError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(self.state.settings.max_concurrent + 8)
+            .thread_name("oxbox-http")
+            .enable_all()
+            .build()
+            .map_err(io("starting the async runtime"))?;
+        runtime.block_on(self.serve())
+    }
+
+    async fn serve(self) -> Result<(), ServeError> {
+        let listener = tokio::net::TcpListener::from_std(self.listener)
+            .map_err(io("registering the socket"))?;
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .map_err(io("installing the SIGTERM handler"))?;
+        let header_timeout = self.state.settings.header_timeout;
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let (stream, _peer) = match accepted {
+                        Ok(pair) => pair,
+                        Err(e) => {
+                            // Out of descriptors and the like: back off, keep serving.
+                            tracing::warn!("accept failed: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let state = Arc::clone(&self.state);
+                    let service = service_fn(move |request| {
+                        let state = Arc::clone(&state);
+                        async move { Ok::<_, Infallible>(routes::handle(state, request).await) }
+                    });
+                    let connection = http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(header_timeout)
+                        .serve_connection(TokioIo::new(stream), service);
+                    let connection = graceful.watch(connection);
+                    tokio::spawn(async move {
+                        if let Err(e) = connection.await {
+                            tracing::debug!("connection ended: {e}");
+                        }
+                    });
+                }
+                _ = tokio::signal::ctrl_c() => break,
+                _ = terminate.recv() => break,
+            }
+        }
+        tracing::info!("shutting down: draining requests in progress");
+        drop(listener);
+        if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("requests still in progress after {SHUTDOWN_GRACE:?}; exiting");
+        }
+        Ok(())
+    }
+}
