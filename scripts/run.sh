@@ -1,19 +1,37 @@
 #!/usr/bin/env bash
-# Sets up, builds and runs the box's main job on the embedded default
-# configuration: canonical preprocessing of the bundled chest radiograph
-# (target/demo/chest.npy, the model input, and target/demo/chest.png), then
-# the example site's plugin on its bundled EMR record and the same film.
+# Sets up, builds and starts the box on a fresh clone: the release binary, the
+# site plugins, the demo model (models/demo: a deterministic random
+# initialisation until trained demo weights ship; "trained": false), then
+# `oxbox serve --config config/demo.toml` on http://127.0.0.1:8480 with the
+# example site's plugin. Before serving it shows the ingest on the bundled
+# radiograph (target/demo/chest.npy, target/demo/chest.png).
+#   scripts/run.sh            # … and serve (Ctrl-C stops)
+#   scripts/run.sh --no-serve # everything but the server
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cargo build --release --locked -p oxbox
+oxbox=./target/release/oxbox
 mkdir -p target/demo
-./target/release/oxbox dicom info samples/chest-cr-sample.dcm
-./target/release/oxbox preprocess --dicom samples/chest-cr-sample.dcm \
+"$oxbox" dicom info samples/chest-cr-sample.dcm
+"$oxbox" preprocess --dicom samples/chest-cr-sample.dcm \
   --out target/demo/chest.npy --png target/demo/chest.png
 echo "wrote target/demo/chest.npy and target/demo/chest.png" >&2
 # The example site's plugin maps its own EMR export to the canonical schema.
 bash scripts/build-plugins.sh --no-guests >/dev/null
-./target/release/oxbox plugin run plugins/dist/example-site/plugin.toml \
+"$oxbox" plugin run plugins/dist/example-site/plugin.toml \
   --emr samples/example-site-record.json --dicom samples/chest-cr-sample.dcm \
   --out target/demo/chest-after-plugins.npy
+if [ ! -f models/demo/model.toml ]; then
+  "$oxbox" model init --out models/demo >/dev/null
+  echo "wrote the demo model to models/demo (untrained)" >&2
+fi
+"$oxbox" model info models/demo | head -5
+[ "${1:-}" = "--no-serve" ] && exit 0
+cat >&2 <<'MSG'
+serving; in another terminal:
+  curl -s -F 'dicom=@samples/chest-cr-sample.dcm;type=application/dicom' \
+       -F 'emr=@samples/example-site-record.json;type=application/json' \
+       http://127.0.0.1:8480/v1/predict
+MSG
+exec "$oxbox" --config config/demo.toml serve

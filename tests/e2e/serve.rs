@@ -716,3 +716,86 @@ fn overload_and_slow_clients_get_their_statuses() {
         started.elapsed()
     );
 }
+
+#[test]
+fn a_faulting_plugin_is_quarantined_then_reloaded() {
+    let doc = openapi();
+    let setup = Setup::new("listen = \"127.0.0.1:0\"");
+    // Swap the example plugin for one that panics on every record.
+    let wasm = repo_root().join("tests/guests/target/wasm32-wasip2/release/hostile_panics.wasm");
+    assert!(
+        wasm.is_file(),
+        "{}: run scripts/build-plugins.sh",
+        wasm.display()
+    );
+    let dist = setup.dir.path().join("panics");
+    let pack = run_unbounded(&[
+        "plugin".as_ref(),
+        "pack".as_ref(),
+        wasm.as_os_str(),
+        "--out".as_ref(),
+        dist.as_os_str(),
+    ]);
+    assert!(pack.status.success(), "{}", stderr(&pack));
+    let text = std::fs::read_to_string(&setup.config).expect("config");
+    let example = repo_root().join("plugins/dist/example-site/plugin.toml");
+    std::fs::write(
+        &setup.config,
+        text.replace(
+            &example.display().to_string(),
+            &dist.join("plugin.toml").display().to_string(),
+        ),
+    )
+    .expect("config");
+    let server = ServerProcess::start(&setup.config);
+    let addr = server.addr;
+    let (dicom, record) = sample_case();
+    let body = multipart(&[
+        ("dicom", "application/dicom", &dicom),
+        ("emr", "application/json", &record),
+    ]);
+    let ct = multipart_type();
+    let predict = || request(addr, "POST", "/v1/predict", &[("Content-Type", &ct)], &body);
+
+    // Three faults (sandbox.fault_threshold), each a 500 naming the trap …
+    for _ in 0..3 {
+        let reply = predict();
+        assert_eq!(
+            reply.status,
+            500,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        assert_conforms(&doc, "POST", "/v1/predict", &reply);
+        assert_eq!(reply.json()["type"], "urn:oxbox:problem:plugin-fault");
+    }
+    // … then quarantine: 503 with Retry-After, and the box is not ready.
+    let reply = predict();
+    assert_eq!(
+        reply.status,
+        503,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_conforms(&doc, "POST", "/v1/predict", &reply);
+    assert_eq!(reply.json()["type"], "urn:oxbox:problem:plugin-quarantined");
+    let ready = request(addr, "GET", "/v1/ready", &[], b"");
+    assert_eq!(ready.status, 503);
+    assert_conforms(&doc, "GET", "/v1/ready", &ready);
+    let plugins = request(addr, "GET", "/v1/plugins", &[], b"").json();
+    assert_eq!(plugins["plugins"][0]["quarantined"], true);
+    let metrics = request(addr, "GET", "/metrics", &[], b"");
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("oxbox_plugin_faults_total{") && l.ends_with(" 4")),
+        "plugin faults not counted:\n{text}"
+    );
+    assert!(text.contains("oxbox_http_requests_total{route=\"/v1/predict\",status=\"500\"} 3"));
+
+    // A reload lifts the quarantine.
+    let reply = request(addr, "POST", "/v1/admin/plugins/reload", &[], b"");
+    assert_eq!(reply.status, 200);
+    assert_eq!(request(addr, "GET", "/v1/ready", &[], b"").status, 200);
+    assert_eq!(predict().status, 500);
+}

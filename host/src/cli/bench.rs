@@ -12,10 +12,14 @@ use oxbox::model::{Model, ModelPackage};
 /// Arguments of `oxbox bench`.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Example:\n  oxbox bench --dicom RG1_UNCR.dcm --runs 20\n\n\
+    after_help = "Examples:\n  oxbox bench --dicom RG1_UNCR.dcm --runs 20\n  \
+oxbox bench --dicom RG1_UNCR.dcm --model models/demo --threads 2\n  \
+oxbox bench --url http://127.0.0.1:8480 --dicom RG1_UNCR.dcm --emr record.json --requests 200 --concurrency 16\n\n\
 Prints JSON: median and minimum milliseconds for decode (read + parse + pixel decode), \
-preprocess (canonical v1 on decoded pixels) and both together. Compare with \
-`cxr_reference.py bench FILE` run in the same session (scripts/bench.sh does both)."
+preprocess (canonical v1 on decoded pixels) and both together; with --model, the model's \
+forward pass at batch 1 and end to end (read to probabilities). Compare with \
+`cxr_reference.py bench FILE` run in the same session (scripts/bench.sh does both). With \
+--url, load-tests a running server instead: latency percentiles and throughput."
 )]
 pub struct Args {
     /// The DICOM file.
@@ -32,9 +36,33 @@ pub struct Args {
     /// reference times ONNX Runtime.
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
+    /// CPU threads for the model (default: model.threads from the config,
+    /// 0 = one per core).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// With --model, also time a forward pass over this many copies of the
+    /// image at once (what the server's batching runs).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(2..=64))]
+    pub batch: Option<u32>,
+    /// Instead: load-test a running `oxbox serve` at this base URL, POSTing
+    /// --dicom and --emr to /v1/predict.
+    #[arg(long, value_name = "URL", requires = "emr")]
+    pub url: Option<String>,
+    /// The EMR record sent with --url.
+    #[arg(long, value_name = "RECORD.json")]
+    pub emr: Option<PathBuf>,
+    /// Requests in all, with --url.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub requests: u32,
+    /// Clients sending at once (each waits for its answer), with --url.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub concurrency: u32,
+    /// File with the bearer token, with --url.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
 }
 
-fn stats(mut ms: Vec<f64>) -> serde_json::Value {
+pub(crate) fn stats(mut ms: Vec<f64>) -> serde_json::Value {
     ms.sort_by(f64::total_cmp);
     let median = if ms.len() % 2 == 1 {
         ms[ms.len() / 2]
@@ -47,7 +75,12 @@ fn stats(mut ms: Vec<f64>) -> serde_json::Value {
 
 /// Runs `oxbox bench`.
 pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
-    let limits = super::load_config(config)?.config.limits;
+    if args.url.is_some() {
+        return super::bench_http::run(&args);
+    }
+    let loaded = super::load_config(config)?.config;
+    oxbox::model::set_compute_threads(args.threads.unwrap_or(loaded.model.threads));
+    let limits = loaded.limits;
     let what = || format!("{}", args.dicom.display());
     // What the reference's "decode" times: read, parse, decode frame 1.
     let decode = || -> anyhow::Result<usize> {
@@ -111,6 +144,24 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
         let threads = oxbox::model::compute_threads();
         report[format!("candle_{backbone}_b1_threads{threads}")] = stats(forward_ms);
         report["end_to_end"] = stats(end_to_end_ms);
+        if let Some(batch) = args.batch {
+            let cases = vec![
+                oxbox::model::ModelInput {
+                    image: Some(image.data.clone()),
+                    features: Vec::new(),
+                };
+                batch as usize
+            ];
+            model.predict_batch(&cases)?;
+            let mut batch_ms = Vec::new();
+            for _ in 0..args.runs {
+                let t = Instant::now();
+                std::hint::black_box(model.predict_batch(&cases)?);
+                batch_ms.push(t.elapsed().as_secs_f64() * 1e3 / f64::from(batch));
+            }
+            report[format!("candle_{backbone}_b{batch}_threads{threads}_per_case")] =
+                stats(batch_ms);
+        }
     }
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())

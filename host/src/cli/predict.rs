@@ -37,6 +37,7 @@ pub struct Args {
 /// Runs `oxbox predict`.
 pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
     let config = super::load_config(config)?.config;
+    oxbox::model::set_compute_threads(config.model.threads);
     let Some(model_dir) = args.model.clone().or_else(|| config.model.package.clone()) else {
         bail!("no model package: set [model] package in the config or pass --model DIR");
     };

@@ -36,6 +36,10 @@ thread_local! {
     static COLUMNS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Output planes of at least this many pixels run image by image in a
+/// batch; smaller ones (the deep layers) as one wide product.
+const WIDE_MAX_PIXELS: usize = 1024;
+
 /// Below this many multiply-adds a convolution runs on one thread.
 const PARALLEL_MIN_WORK: usize = 1 << 20;
 
@@ -128,6 +132,21 @@ impl FusedConv {
     fn run(&self, input: &[f32], dims: [usize; 5], residual: Option<&[f32]>) -> Vec<f32> {
         let [batch, height, width, out_h, out_w] = dims;
         let n = out_h * out_w;
+        if batch > 1 && n >= WIDE_MAX_PIXELS {
+            // Large planes already give the kernel wide matrices: one image
+            // at a time keeps the unfolded input in cache.
+            let plane_in = self.in_channels * height * width;
+            let plane_out = self.out_channels * n;
+            let mut out = Vec::with_capacity(batch * plane_out);
+            for b in 0..batch {
+                out.extend(self.run(
+                    &input[b * plane_in..(b + 1) * plane_in],
+                    [1, height, width, out_h, out_w],
+                    residual.map(|r| &r[b * plane_out..(b + 1) * plane_out]),
+                ));
+            }
+            return out;
+        }
         let wide = batch * n;
         let plane_in = self.in_channels * height * width;
         let plane_out = self.out_channels * n;
