@@ -27,3 +27,11 @@ cd "$(dirname "$0")/.."
 rustup show active-toolchain >/dev/null 2>&1 || rustup toolchain install
 # Site plugins are WebAssembly components.
 rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+# The evaluation test checks oxbox's AUCs against scikit-learn's
+# roc_auc_score, computed independently on the same scores.
+if [ "${1:-}" = "--tests" ] && ! target/py-eval/bin/python -c 'import sklearn' 2>/dev/null; then
+  echo "setup: creating target/py-eval (scikit-learn)" >&2
+  rm -rf target/py-eval
+  python3 -m venv target/py-eval
+  target/py-eval/bin/pip install -q 'scikit-learn>=1.5,<2'
+fi

@@ -16,6 +16,11 @@
 //! | [`pipeline`]  | one case end to end: radiograph + EMR → plugins → model        |
 //! | [`serve`]     | the local HTTP endpoint: predictions, health, metrics (hyper)  |
 //! | [`store`]     | local state in SQLite: the audit log of predictions            |
+//! | [`synth`]     | a multi-site synthetic cohort with known truth (`oxbox synth`) |
+//! | [`dataset`]   | site folders (EMR export, labels, images) as labelled cases    |
+//! | [`evaluate`]  | clinical evaluation: AUC with CI, calibration, ROC charts      |
+//! | [`metrics`]   | evaluation statistics: ROC AUC, the normal distribution        |
+//! | [`rng`]       | the deterministic random generator behind seeds                |
 //! | [`signing`]   | Ed25519 keys and signatures (plugin manifests, weight shards)  |
 //! | [`output`]    | tensors and previews written atomically (`.npy`, PNG)          |
 //! | [`guard`]     | panic containment around third-party parsers and codecs        |
@@ -27,12 +32,17 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod dataset;
 pub mod dicom;
+pub mod evaluate;
 pub mod guard;
+pub mod metrics;
 pub mod model;
 pub mod output;
 pub mod pipeline;
 pub mod plugins;
+pub mod rng;
 pub mod serve;
 pub mod signing;
 pub mod store;
+pub mod synth;

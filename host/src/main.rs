@@ -10,6 +10,9 @@ use clap::Parser;
 fn main() -> ExitCode {
     oxbox::guard::install_quiet_panic_hook();
     let args = cli::Cli::parse();
+    if !matches!(args.command, cli::Command::Serve(_)) {
+        restore_sigpipe();
+    }
     cli::init_logging(args.verbose);
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -18,5 +21,16 @@ fn main() -> ExitCode {
             eprintln!("error: {}", format!("{err:#}").replace('\n', " "));
             ExitCode::from(cli::exit_code(&err))
         }
+    }
+}
+
+/// Rust ignores SIGPIPE, so `oxbox dicom info F | head` would fail printing
+/// and panic; a command-line tool should end quietly instead, as `cat` does.
+/// (The server keeps SIGPIPE ignored: a client hanging up must not stop it.)
+fn restore_sigpipe() {
+    // SAFETY: setting a signal disposition to its default at start-up,
+    // before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

@@ -8,7 +8,9 @@
 mod agreement;
 mod bad_input;
 mod cli;
+mod evaluate;
 mod plugins;
 mod predict;
 mod serve;
+mod synth;
 mod util;

@@ -6,12 +6,14 @@ mod bench;
 mod bench_http;
 mod config_check;
 mod dicom_info;
+mod evaluate;
 mod keys;
 mod model;
 mod plugin;
 mod predict;
 mod preprocess;
 mod serve;
+mod synth;
 
 use std::path::{Path, PathBuf};
 
@@ -60,6 +62,10 @@ pub enum Command {
     Predict(predict::Args),
     /// Serve predictions over HTTP (hyper): /v1/predict, health, metrics.
     Serve(serve::Args),
+    /// Generate a multi-site synthetic cohort with known truth.
+    Synth(synth::Args),
+    /// Evaluate a model on labelled site folders: AUC with CI, calibration, ROC.
+    Evaluate(evaluate::Args),
     /// Inspect DICOM files.
     #[command(subcommand)]
     Dicom(DicomCommand),
@@ -141,6 +147,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Preprocess(args) => preprocess::run(args, config),
         Command::Predict(args) => predict::run(args, config),
         Command::Serve(args) => serve::run(args, config),
+        Command::Synth(args) => synth::run(args),
+        Command::Evaluate(args) => evaluate::run(args, config),
         Command::Dicom(DicomCommand::Info(args)) => dicom_info::run(args, config),
         Command::Config(ConfigCommand::Check(args)) => config_check::run(args, config),
         Command::Bench(args) => bench::run(args, config),
@@ -183,6 +191,13 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
                 .downcast_ref::<PluginError>()
                 .is_some_and(PluginError::is_bad_input)
             || cause.is::<oxbox::serve::auth::TokenError>()
+            || cause.is::<oxbox::dataset::DatasetError>()
+            || matches!(
+                cause.downcast_ref::<oxbox::synth::SynthError>(),
+                Some(
+                    oxbox::synth::SynthError::Options(_) | oxbox::synth::SynthError::Output { .. }
+                )
+            )
             || matches!(
                 cause.downcast_ref::<oxbox::serve::ServeError>(),
                 Some(oxbox::serve::ServeError::NoModel | oxbox::serve::ServeError::Token(_))

@@ -294,31 +294,6 @@ pub struct ModelInput {
     pub features: Vec<(String, Option<f64>)>,
 }
 
-/// A small deterministic generator (PCG-XSH-RR) for reproducible random
-/// initialisation on every platform.
-struct Pcg(u64);
-
-impl Pcg {
-    fn next_u32(&mut self) -> u32 {
-        let old = self.0;
-        self.0 = old
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        let xorshifted = (((old >> 18) ^ old) >> 27) as u32;
-        xorshifted.rotate_right((old >> 59) as u32)
-    }
-
-    fn uniform(&mut self) -> f64 {
-        (f64::from(self.next_u32()) + 0.5) / 4_294_967_296.0
-    }
-
-    /// Standard normal (Box–Muller).
-    fn normal(&mut self) -> f64 {
-        let (u, v) = (self.uniform(), self.uniform());
-        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
-    }
-}
-
 /// Writes a package with a deterministic random initialisation: He-normal
 /// convolutions, uniform ±1/√fan-in linear layers, identity batch norm,
 /// thresholds −1, −0.3, 0.4, 1.1. `trained = false`.
@@ -361,7 +336,7 @@ pub fn init_package(
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     ExamNet::new(&manifest.architecture, manifest.emr.len(), vb)?;
-    let mut rng = Pcg(seed ^ 0x6f78_626f_785f_696e);
+    let mut rng = crate::rng::Pcg::from_state(seed ^ 0x6f78_626f_785f_696e);
     let data = varmap
         .data()
         .lock()

@@ -1,0 +1,162 @@
+//! `oxbox evaluate` on a synthetic cohort: the report's AUCs agree with
+//! scikit-learn's `roc_auc_score` computed on the same scores, in a
+//! separate process; the charts are real PNG and SVG files.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::util::{repo_root, run_unbounded, stderr};
+
+/// The Python with scikit-learn (`scripts/setup.sh --tests` makes it).
+fn python() -> PathBuf {
+    let path = std::env::var_os("OXBOX_EVAL_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/py-eval/bin/python"));
+    assert!(
+        path.is_file(),
+        "{} missing: run scripts/setup.sh --tests (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+const CHECK: &str = r#"
+import csv, json, sys
+from sklearn.metrics import roc_auc_score
+report = json.load(open(sys.argv[1] + "/report.json"))
+rows = list(csv.DictReader(open(sys.argv[1] + "/scores.csv")))
+outputs = [("24h", "p_o2_any", 1), ("24h", "p_o2_high_flow_or_niv", 2), ("24h", "p_ventilation_or_death", 3),
+           ("72h", "p_o2_any", 1), ("72h", "p_o2_high_flow_or_niv", 2), ("72h", "p_ventilation_or_death", 3)]
+checked = 0
+for group in report["groups"]:
+    cases = rows if group["group"] == "pooled" else [r for r in rows if r["site"] == group["group"]]
+    assert len(cases) == group["cases"], (group["group"], len(cases), group["cases"])
+    for (h, name, k), ours in zip(outputs, group["outputs"]):
+        assert (ours["horizon"], ours["output"]) == (h, name)
+        y = [int(r["level_" + h]) >= k for r in cases]
+        s = [float(r[name + "_" + h]) for r in cases]
+        if len(set(y)) < 2:
+            assert ours["auc"] is None, (group["group"], h, name)
+            continue
+        theirs = roc_auc_score(y, s)
+        assert abs(theirs - ours["auc"]["auc"]) < 1e-9, (group["group"], h, name, theirs, ours["auc"]["auc"])
+        assert ours["auc"]["ci_low"] <= ours["auc"]["auc"] <= ours["auc"]["ci_high"]
+        checked += 1
+print(checked)
+"#;
+
+#[test]
+fn report_aucs_match_scikit_learn_and_charts_are_written() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cohort = tmp.path().join("cohort");
+    let synth = run_unbounded(&[
+        "synth".as_ref(),
+        "--sites".as_ref(),
+        "2".as_ref(),
+        "--cases-per-site".as_ref(),
+        "30".as_ref(),
+        "--seed".as_ref(),
+        "3".as_ref(),
+        "--out".as_ref(),
+        cohort.as_os_str(),
+    ]);
+    assert!(synth.status.success(), "{}", stderr(&synth));
+    let model = tmp.path().join("model");
+    let init = run_unbounded(&[
+        "model".as_ref(),
+        "init".as_ref(),
+        "--out".as_ref(),
+        model.as_os_str(),
+        "--backbone".as_ref(),
+        "tiny".as_ref(),
+        "--input-size".as_ref(),
+        "64".as_ref(),
+    ]);
+    assert!(init.status.success(), "{}", stderr(&init));
+    let report_dir = tmp.path().join("report");
+    let data = format!(
+        "{},{}",
+        cohort.join("site-1").display(),
+        cohort.join("site-2").display()
+    );
+    let plugins = repo_root().join("plugins/dist");
+    let out = run_unbounded(&[
+        "evaluate".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--data".as_ref(),
+        data.as_ref(),
+        "--plugins-dir".as_ref(),
+        plugins.as_os_str(),
+        "--out".as_ref(),
+        report_dir.as_os_str(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: Value = serde_json::from_slice(
+        &std::fs::read(report_dir.join("report.json")).expect("report.json"),
+    )
+    .expect("JSON");
+    let groups = report["groups"].as_array().expect("groups");
+    assert_eq!(
+        groups
+            .iter()
+            .map(|g| g["group"].as_str().unwrap_or(""))
+            .collect::<Vec<_>>(),
+        ["site-1", "site-2", "pooled"]
+    );
+    for g in groups {
+        assert_eq!(g["refused"].as_array().map(Vec::len), Some(0), "{g}");
+    }
+
+    let check = Command::new(python())
+        .args(["-c", CHECK, report_dir.to_str().expect("utf-8 path")])
+        .output()
+        .expect("run python");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let checked: usize = String::from_utf8_lossy(&check.stdout)
+        .trim()
+        .parse()
+        .expect("count");
+    assert!(checked >= 6, "only {checked} AUCs could be compared");
+
+    for group in ["site-1", "site-2", "pooled"] {
+        for chart in ["roc", "reliability"] {
+            for horizon in ["24h", "72h"] {
+                let png = std::fs::read(report_dir.join(format!("{chart}-{group}-{horizon}.png")))
+                    .expect("png");
+                assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+                let svg = std::fs::read_to_string(
+                    report_dir.join(format!("{chart}-{group}-{horizon}.svg")),
+                )
+                .expect("svg");
+                assert!(
+                    svg.contains("<svg") && svg.contains("AUC") == (chart == "roc"),
+                    "{chart}"
+                );
+            }
+        }
+    }
+    let md = std::fs::read_to_string(report_dir.join("report.md")).expect("report.md");
+    assert!(md.contains("| 24h | p_o2_any |"), "{md}");
+    // No identifier from the cohort's exports in any report file.
+    let cases = std::fs::read_to_string(cohort.join("site-2/cases.csv")).expect("cases");
+    let name = cases
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split(',').find(|f| f.starts_with("FAKE^")))
+        .expect("a fake name")
+        .to_owned();
+    for entry in std::fs::read_dir(&report_dir).expect("dir") {
+        let bytes = std::fs::read(entry.expect("entry").path()).expect("read");
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains(&name),
+            "identifier in the report"
+        );
+    }
+}

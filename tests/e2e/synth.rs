@@ -1,0 +1,232 @@
+//! `oxbox synth`: deterministic, every image ingestible, every site's export
+//! readable by its plugin, labels consistent, truth written, fake
+//! identifiers present (for privacy tests), refusals clean.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::util::{assert_clean_refusal, repo_root, run_unbounded, stderr};
+
+fn synth(out: &Path, seed: &str) -> Value {
+    let result = run_unbounded(&[
+        "synth".as_ref(),
+        "--sites".as_ref(),
+        "3".as_ref(),
+        "--cases-per-site".as_ref(),
+        "5".as_ref(),
+        "--seed".as_ref(),
+        seed.as_ref(),
+        "--out".as_ref(),
+        out.as_os_str(),
+    ]);
+    assert!(result.status.success(), "{}", stderr(&result));
+    serde_json::from_slice(&result.stdout).expect("summary JSON")
+}
+
+fn files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).expect("read_dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let rel = path.strip_prefix(dir).expect("prefix").to_path_buf();
+                out.insert(rel, std::fs::read(&path).expect("read"));
+            }
+        }
+    }
+    out
+}
+
+/// The CSV's rows as (header → value) maps.
+fn rows(path: &Path) -> Vec<BTreeMap<String, String>> {
+    let mut reader = csv::Reader::from_path(path).expect("csv");
+    let header: Vec<String> = reader
+        .headers()
+        .expect("header")
+        .iter()
+        .map(str::to_owned)
+        .collect();
+    reader
+        .records()
+        .map(|r| {
+            header
+                .iter()
+                .cloned()
+                .zip(r.expect("record").iter().map(str::to_owned))
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn a_small_cohort_is_deterministic_ingestible_and_readable_by_its_plugins() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let summary = synth(&a, "5");
+    synth(&b, "5");
+    let (fa, fb) = (files(&a), files(&b));
+    assert_eq!(fa.keys().collect::<Vec<_>>(), fb.keys().collect::<Vec<_>>());
+    for (path, bytes) in &fa {
+        assert!(
+            fb[path] == *bytes,
+            "{} differs between two runs",
+            path.display()
+        );
+    }
+    let other = tmp.path().join("c");
+    synth(&other, "6");
+    assert_ne!(
+        std::fs::read(a.join("site-1/labels.csv")).expect("labels"),
+        std::fs::read(other.join("site-1/labels.csv")).expect("labels"),
+        "another seed, another cohort"
+    );
+
+    let truth: Value =
+        serde_json::from_slice(&std::fs::read(a.join("truth.json")).expect("truth")).expect("json");
+    assert_eq!(truth["sites"].as_array().map(Vec::len), Some(3));
+    let pooled = truth["pooled_bayes_auc"]["24h"]["p_o2_any"]
+        .as_f64()
+        .expect("pooled AUC");
+    assert!((0.7..1.0).contains(&pooled), "pooled Bayes AUC {pooled}");
+    assert_eq!(
+        summary["cases"],
+        truth["sites"].as_array().map_or(0, |s| s
+            .iter()
+            .map(|x| x["cases"].as_u64().unwrap_or(0))
+            .sum::<u64>())
+    );
+
+    let mut syntaxes = std::collections::BTreeSet::new();
+    let mut photometric = std::collections::BTreeSet::new();
+    let mut modalities = std::collections::BTreeSet::new();
+    for site in ["site-1", "site-2", "site-3"] {
+        let dir = a.join(site);
+        let site_toml: toml::Table = std::fs::read_to_string(dir.join("site.toml"))
+            .expect("site.toml")
+            .parse()
+            .expect("TOML");
+        let plugin = site_toml["site"]["plugin"]
+            .as_str()
+            .expect("plugin")
+            .to_owned();
+        let identifiers: Vec<String> = site_toml["site"]["identifier_columns"]
+            .as_array()
+            .expect("identifier_columns")
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect();
+        let cases = rows(&dir.join("cases.csv"));
+        let labels = rows(&dir.join("labels.csv"));
+        assert_eq!(cases.len(), labels.len());
+        for (case, label) in cases.iter().zip(&labels) {
+            assert_eq!(case["case_id"], label["case_id"]);
+            let (l24, l72): (u8, u8) = (
+                label["o2_level_24h"].parse().expect("level"),
+                label["o2_level_72h"].parse().expect("level"),
+            );
+            assert!(l24 <= 4 && l72 <= 4 && l72 >= l24, "{label:?}");
+            // Fake identifiers are there, for privacy tests to look for.
+            assert!(
+                identifiers.iter().any(|c| case[c].contains("FAKE")),
+                "{case:?}"
+            );
+
+            // The image is real DICOM the ingest accepts.
+            let image = dir.join(&case["image_file"]);
+            let info = run_unbounded(&["dicom".as_ref(), "info".as_ref(), image.as_os_str()]);
+            assert!(
+                info.status.success(),
+                "{}: {}",
+                image.display(),
+                stderr(&info)
+            );
+            let info: Value = serde_json::from_slice(&info.stdout).expect("info JSON");
+            syntaxes.insert(info["transfer_syntax"].as_str().unwrap_or("").to_owned());
+            photometric.insert(
+                info["photometric_interpretation"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned(),
+            );
+            modalities.insert(info["modality"].as_str().unwrap_or("").to_owned());
+            let side = info["rows"]
+                .as_u64()
+                .unwrap_or(0)
+                .max(info["columns"].as_u64().unwrap_or(0));
+            assert!((1024..=3000).contains(&side), "{side}");
+            let npy = tmp.path().join("x.npy");
+            let pre = run_unbounded(&[
+                "preprocess".as_ref(),
+                "--dicom".as_ref(),
+                image.as_os_str(),
+                "--out".as_ref(),
+                npy.as_os_str(),
+            ]);
+            assert!(
+                pre.status.success(),
+                "{}: {}",
+                image.display(),
+                stderr(&pre)
+            );
+
+            // The EMR export maps through the site's plugin.
+            let mut record = serde_json::Map::new();
+            for (column, value) in case {
+                if column == "case_id" || column == "image_file" || identifiers.contains(column) {
+                    continue;
+                }
+                let entry = match column.split_once(" [") {
+                    Some((name, unit)) => (
+                        name.to_owned(),
+                        serde_json::json!({"value": value, "unit": unit.trim_end_matches(']')}),
+                    ),
+                    None => (column.clone(), Value::from(value.clone())),
+                };
+                record.insert(entry.0, entry.1);
+            }
+            let record_path = tmp.path().join("record.json");
+            std::fs::write(&record_path, Value::Object(record).to_string()).expect("record");
+            let manifest = repo_root().join(format!("plugins/dist/{plugin}/plugin.toml"));
+            let mapped = run_unbounded(&[
+                "plugin".as_ref(),
+                "run".as_ref(),
+                manifest.as_os_str(),
+                "--emr".as_ref(),
+                record_path.as_os_str(),
+            ]);
+            assert!(
+                mapped.status.success(),
+                "{site} {}: {}",
+                case["case_id"],
+                stderr(&mapped)
+            );
+        }
+    }
+    for expected in [
+        "1.2.840.10008.1.2.1",
+        "1.2.840.10008.1.2.4.80",
+        "1.2.840.10008.1.2.5",
+    ] {
+        assert!(syntaxes.contains(expected), "{syntaxes:?}");
+    }
+    assert_eq!(photometric.len(), 2, "{photometric:?}");
+    assert_eq!(modalities.len(), 2, "{modalities:?}");
+
+    // An existing, non-empty output folder is refused, not mixed.
+    let again = run_unbounded(&[
+        "synth".as_ref(),
+        "--sites".as_ref(),
+        "1".as_ref(),
+        "--cases-per-site".as_ref(),
+        "1".as_ref(),
+        "--out".as_ref(),
+        a.as_os_str(),
+    ]);
+    let line = assert_clean_refusal(&again, "synth into a used folder");
+    assert!(line.contains("not empty"), "{line}");
+}
