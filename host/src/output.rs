@@ -62,6 +62,19 @@ pub fn write_atomically(
     Ok(())
 }
 
+/// Writes `bytes` to `path` atomically (see [`write_atomically`]).
+///
+/// # Errors
+/// [`OutputError::Io`].
+pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<(), OutputError> {
+    write_atomically(path, |out| {
+        out.write_all(bytes).map_err(|source| OutputError::Io {
+            path: path.display().to_string(),
+            source,
+        })
+    })
+}
+
 /// Creates `path` as a new file readable by its owner only (mode 0600 on
 /// Unix) and writes `bytes`: for keys. Fails if the file exists.
 ///

@@ -270,6 +270,30 @@ impl Pipeline {
         }
     }
 
+    /// The audit record of a prediction that was not given: the category
+    /// only (`rejected` for bad input, else `failed`), never the error's
+    /// text, which may echo the input.
+    pub fn refused_record(
+        &self,
+        request_id: &str,
+        plugins: &PluginSet,
+        bad_input: bool,
+    ) -> crate::store::AuditRecord {
+        crate::store::AuditRecord {
+            time: String::new(),
+            request_id: request_id.to_owned(),
+            model_digest: self.model.package().digest.clone(),
+            plugins: plugins
+                .plugins()
+                .iter()
+                .map(|p| format!("{} {}", p.name(), p.version()))
+                .collect(),
+            outputs: serde_json::Value::Null,
+            timings_ms: serde_json::Value::Null,
+            status: if bad_input { "rejected" } else { "failed" }.to_owned(),
+        }
+    }
+
     /// The model's identity, as reports and `GET /v1/model` give it.
     pub fn model_identity(&self) -> ModelIdentity {
         let manifest = &self.model.package().manifest;

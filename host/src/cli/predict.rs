@@ -9,7 +9,7 @@ use oxbox::model::{Model, ModelPackage, select_device};
 use oxbox::pipeline::Pipeline;
 use oxbox::plugins::cache::ComponentCache;
 use oxbox::plugins::{PluginEngine, PluginSet};
-use oxbox::store::{AuditLog, AuditRecord, new_request_id};
+use oxbox::store::{AuditLog, new_request_id};
 
 /// Arguments of `oxbox predict`.
 #[derive(Debug, clap::Args)]
@@ -70,25 +70,7 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
             Ok(())
         }
         Err(e) => {
-            // The category only: an error's text may echo the input.
-            let status = if e.is_bad_input() {
-                "rejected"
-            } else {
-                "failed"
-            };
-            audit.record(&AuditRecord {
-                time: String::new(),
-                request_id,
-                model_digest: pipeline.model().package().digest.clone(),
-                plugins: plugins
-                    .plugins()
-                    .iter()
-                    .map(|p| format!("{} {}", p.name(), p.version()))
-                    .collect(),
-                outputs: serde_json::Value::Null,
-                timings_ms: serde_json::Value::Null,
-                status: status.to_owned(),
-            })?;
+            audit.record(&pipeline.refused_record(&request_id, &plugins, e.is_bad_input()))?;
             Err(e.into())
         }
     }

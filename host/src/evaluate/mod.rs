@@ -353,12 +353,5 @@ fn scores_csv(cases: &[ScoredCase]) -> String {
 }
 
 fn write_text(path: &Path, text: &str) -> Result<(), EvaluateError> {
-    crate::output::write_atomically(path, |out| {
-        out.write_all(text.as_bytes())
-            .map_err(|source| crate::output::OutputError::Io {
-                path: path.display().to_string(),
-                source,
-            })
-    })?;
-    Ok(())
+    Ok(crate::output::write_bytes(path, text.as_bytes())?)
 }

@@ -16,7 +16,7 @@ use crate::dicom::DicomFile;
 use crate::pipeline::{PipelineError, PredictionReport};
 use crate::plugins::PluginError;
 use crate::plugins::manifest::SignatureStatus;
-use crate::store::{AuditRecord, new_request_id};
+use crate::store::new_request_id;
 
 /// The OpenAPI 3.1 document of this API (`GET /v1/openapi.json`).
 pub const OPENAPI: &str = include_str!("../../api/openapi.json");
@@ -274,26 +274,11 @@ async fn predict(state: &Arc<AppState>, request: Request<Incoming>) -> HttpRespo
             (response, audit)
         }
         Err(problem) => {
-            let status = if problem.status < 500 {
-                "rejected"
-            } else {
-                "failed"
-            };
-            let audit = AuditRecord {
-                time: String::new(),
-                request_id: request_id.clone(),
-                model_digest: state.pipeline.model().package().digest.clone(),
-                plugins: state
-                    .plugins
-                    .current()
-                    .plugins()
-                    .iter()
-                    .map(|p| format!("{} {}", p.name(), p.version()))
-                    .collect(),
-                outputs: serde_json::Value::Null,
-                timings_ms: serde_json::Value::Null,
-                status: status.to_owned(),
-            };
+            let audit = state.pipeline.refused_record(
+                &request_id,
+                &state.plugins.current(),
+                problem.status < 500,
+            );
             (problem.for_request(&request_id).into_response(), audit)
         }
     };

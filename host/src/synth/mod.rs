@@ -284,14 +284,7 @@ pub fn generate(options: &SynthOptions, progress: &(dyn Fn() + Sync)) -> Result<
     };
     let text = serde_json::to_string_pretty(&truth)
         .map_err(|e| SynthError::Csv(format!("truth.json: {e}")))?;
-    let path = options.out.join("truth.json");
-    crate::output::write_atomically(&path, |out| {
-        out.write_all(text.as_bytes())
-            .map_err(|source| crate::output::OutputError::Io {
-                path: path.display().to_string(),
-                source,
-            })
-    })?;
+    write_file(&options.out.join("truth.json"), text.as_bytes())?;
     Ok(truth)
 }
 
@@ -574,12 +567,5 @@ manufacturer = \"{manufacturer}\"\ntransfer_syntax = \"{syntax}\"\nwindow_tags =
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), SynthError> {
-    crate::output::write_atomically(path, |out| {
-        out.write_all(bytes)
-            .map_err(|source| crate::output::OutputError::Io {
-                path: path.display().to_string(),
-                source,
-            })
-    })?;
-    Ok(())
+    Ok(crate::output::write_bytes(path, bytes)?)
 }
