@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Sets up, builds and starts the box on a fresh clone: the release binary, the
-# site plugins, the demo model (models/demo: a deterministic random
-# initialisation until trained demo weights ship; "trained": false), then
-# `oxbox serve --config config/demo.toml` on http://127.0.0.1:8480 with the
-# example site's plugin. Before serving it shows the ingest on the bundled
+# Sets up, builds and starts the box on a fresh clone: the release binary and
+# the site plugins, then `oxbox serve --config config/demo.toml` on
+# http://127.0.0.1:8480 with the example site's plugin and the trained demo
+# model embedded in the binary (host/assets/demo-model, "trained": true;
+# trained on synthetic data by scripts/train-demo.sh). Before serving it shows the ingest on the bundled
 # radiograph (target/demo/chest.npy, target/demo/chest.png).
 #   scripts/run.sh            # … and serve (Ctrl-C stops)
 #   scripts/run.sh --no-serve # everything but the server
@@ -22,11 +22,7 @@ bash scripts/build-plugins.sh --no-guests >/dev/null
 "$oxbox" plugin run plugins/dist/example-site/plugin.toml \
   --emr samples/example-site-record.json --dicom samples/chest-cr-sample.dcm \
   --out target/demo/chest-after-plugins.npy
-if [ ! -f models/demo/model.toml ]; then
-  "$oxbox" model init --out models/demo >/dev/null
-  echo "wrote the demo model to models/demo (untrained)" >&2
-fi
-"$oxbox" model info models/demo | head -5
+"$oxbox" model info host/assets/demo-model | head -5
 [ "${1:-}" = "--no-serve" ] && exit 0
 cat >&2 <<'MSG'
 serving; in another terminal:

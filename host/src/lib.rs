@@ -18,6 +18,7 @@
 //! | [`store`]     | local state in SQLite: the audit log of predictions            |
 //! | [`synth`]     | a multi-site synthetic cohort with known truth (`oxbox synth`) |
 //! | [`dataset`]   | site folders (EMR export, labels, images) as labelled cases    |
+//! | [`train`]     | local training: site folders → a trained model package         |
 //! | [`evaluate`]  | clinical evaluation: AUC with CI, calibration, ROC charts      |
 //! | [`metrics`]   | evaluation statistics: ROC AUC, the normal distribution        |
 //! | [`rng`]       | the deterministic random generator behind seeds                |
@@ -46,3 +47,4 @@ pub mod serve;
 pub mod signing;
 pub mod store;
 pub mod synth;
+pub mod train;

@@ -13,4 +13,5 @@ mod plugins;
 mod predict;
 mod serve;
 mod synth;
+mod train;
 mod util;

@@ -799,3 +799,59 @@ fn a_faulting_plugin_is_quarantined_then_reloaded() {
     assert_eq!(request(addr, "GET", "/v1/ready", &[], b"").status, 200);
     assert_eq!(predict().status, 500);
 }
+
+#[test]
+fn with_no_model_configured_the_trained_demo_model_is_served() {
+    let setup = Setup::new("listen = \"127.0.0.1:0\"");
+    let text = std::fs::read_to_string(&setup.config).expect("config");
+    let without_model: String = text
+        .lines()
+        .filter(|l| !l.starts_with("package = "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(without_model, text);
+    std::fs::write(&setup.config, without_model).expect("config");
+    // What the committed demo package is.
+    let info = run_unbounded(&[
+        "model".as_ref(),
+        "info".as_ref(),
+        repo_root().join("host/assets/demo-model").as_os_str(),
+    ]);
+    assert!(info.status.success(), "{}", stderr(&info));
+    let info: Value = serde_json::from_slice(&info.stdout).expect("model info JSON");
+
+    let server = ServerProcess::start(&setup.config);
+    let model = request(server.addr, "GET", "/v1/model", &[], b"").json();
+    assert_eq!(model["model"]["trained"], true, "{model}");
+    assert_eq!(model["model"]["digest"], info["digest"], "{model}");
+    let (dicom, record) = sample_case();
+    let body = multipart(&[
+        ("dicom", "application/dicom", &dicom),
+        ("emr", "application/json", &record),
+    ]);
+    let ct = multipart_type();
+    let reply = request(
+        server.addr,
+        "POST",
+        "/v1/predict",
+        &[("Content-Type", &ct)],
+        &body,
+    );
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let prediction = reply.json();
+    assert_eq!(prediction["model"]["trained"], true);
+    assert_eq!(prediction["model"]["digest"], info["digest"]);
+    let h24 = &prediction["horizons"]["24h"];
+    let p = |k: &str| h24[k].as_f64().expect("probability");
+    assert!(p("p_o2_any") >= p("p_o2_high_flow_or_niv"), "{h24}");
+    // The package was written under the data dir, once.
+    let models = std::fs::read_dir(setup.dir.path().join("data/models"))
+        .expect("data/models")
+        .count();
+    assert_eq!(models, 1);
+}

@@ -14,17 +14,27 @@ use oxbox::model::{Model, ModelPackage};
 #[command(
     after_help = "Examples:\n  oxbox bench --dicom RG1_UNCR.dcm --runs 20\n  \
 oxbox bench --dicom RG1_UNCR.dcm --model models/demo --threads 2\n  \
-oxbox bench --url http://127.0.0.1:8480 --dicom RG1_UNCR.dcm --emr record.json --requests 200 --concurrency 16\n\n\
+oxbox bench --url http://127.0.0.1:8480 --dicom RG1_UNCR.dcm --emr record.json --requests 200 --concurrency 16\n  \
+oxbox bench --train resnet18 --size 224 --batch 16 --steps 5 --threads 2\n\n\
 Prints JSON: median and minimum milliseconds for decode (read + parse + pixel decode), \
 preprocess (canonical v1 on decoded pixels) and both together; with --model, the model's \
 forward pass at batch 1 and end to end (read to probabilities). Compare with \
 `cxr_reference.py bench FILE` run in the same session (scripts/bench.sh does both). With \
---url, load-tests a running server instead: latency percentiles and throughput."
+--url, load-tests a running server instead: latency percentiles and throughput. With --train, \
+measures training throughput (cases/s) instead."
 )]
 pub struct Args {
     /// The DICOM file.
-    #[arg(long, value_name = "FILE")]
-    pub dicom: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "train")]
+    pub dicom: Option<PathBuf>,
+    /// Instead: training throughput of this backbone (tiny, resnet18,
+    /// resnet34) at --size: --steps optimizer steps of --batch synthetic
+    /// cases (augmentation, forward, backward, AdamW).
+    #[arg(long, value_name = "BACKBONE", conflicts_with_all = ["dicom", "url", "model"])]
+    pub train: Option<oxbox::model::Backbone>,
+    /// Optimizer steps timed, with --train (after one warm-up step).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub steps: u32,
     /// Output side S.
     #[arg(long, default_value_t = 224)]
     pub size: u32,
@@ -75,21 +85,28 @@ pub(crate) fn stats(mut ms: Vec<f64>) -> serde_json::Value {
 
 /// Runs `oxbox bench`.
 pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
-    if args.url.is_some() {
-        return super::bench_http::run(&args);
-    }
     let loaded = super::load_config(config)?.config;
     oxbox::model::set_compute_threads(args.threads.unwrap_or(loaded.model.threads));
+    if let Some(backbone) = args.train {
+        return train_throughput(backbone, &args);
+    }
+    let dicom_path = args
+        .dicom
+        .clone()
+        .context("--dicom FILE is required (unless --train)")?;
+    if args.url.is_some() {
+        return super::bench_http::run(&args, &dicom_path);
+    }
     let limits = loaded.limits;
-    let what = || format!("{}", args.dicom.display());
+    let what = || format!("{}", dicom_path.display());
     // What the reference's "decode" times: read, parse, decode frame 1.
     let decode = || -> anyhow::Result<usize> {
-        let file = DicomFile::open(&args.dicom, &limits)?;
+        let file = DicomFile::open(&dicom_path, &limits)?;
         let geometry = ImageHeader::read(&file)?.accept(&limits)?;
         let frame = dicom::pixels::decode_first_frame(&file, &geometry)?;
         Ok(std::hint::black_box(frame.rows as usize))
     };
-    let file = DicomFile::open(&args.dicom, &limits).with_context(what)?;
+    let file = DicomFile::open(&dicom_path, &limits).with_context(what)?;
     let header = ImageHeader::read(&file).with_context(what)?;
     let geometry = header.accept(&limits).with_context(what)?;
     let frame = dicom::pixels::decode_first_frame(&file, &geometry).with_context(what)?;
@@ -106,7 +123,7 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
         ));
         preprocess_ms.push(t.elapsed().as_secs_f64() * 1e3);
         let t = Instant::now();
-        std::hint::black_box(dicom::preprocess_file(&args.dicom, args.size, &limits)?);
+        std::hint::black_box(dicom::preprocess_file(&dicom_path, args.size, &limits)?);
         total_ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
     // The first round warms caches and is not counted.
@@ -114,7 +131,7 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
         v.remove(0);
     }
     let mut report = serde_json::json!({
-        "file": args.dicom.file_name().map(|n| n.to_string_lossy().into_owned()),
+        "file": dicom_path.file_name().map(|n| n.to_string_lossy().into_owned()),
         "decode": stats(decode_ms),
         "preprocess": stats(preprocess_ms),
         "decode_plus_preprocess": stats(total_ms),
@@ -122,7 +139,7 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
     if let Some(dir) = &args.model {
         let model = Model::load(ModelPackage::load(dir)?, &Device::Cpu)?;
         let size = model.package().manifest.input_size;
-        let image = dicom::preprocess_file(&args.dicom, size, &limits).with_context(what)?;
+        let image = dicom::preprocess_file(&dicom_path, size, &limits).with_context(what)?;
         let features = Vec::new();
         let forward = || model.predict(Some(&image.data), &features);
         for _ in 0..3 {
@@ -135,7 +152,7 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
             std::hint::black_box(forward()?);
             forward_ms.push(t.elapsed().as_secs_f64() * 1e3);
             let t = Instant::now();
-            let image = dicom::preprocess_file(&args.dicom, size, &limits)?;
+            let image = dicom::preprocess_file(&dicom_path, size, &limits)?;
             std::hint::black_box(model.predict(Some(&image.data), &features)?);
             end_to_end_ms.push(t.elapsed().as_secs_f64() * 1e3);
         }
@@ -164,5 +181,24 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
         }
     }
     println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+/// `oxbox bench --train BACKBONE`: training cases per second.
+fn train_throughput(backbone: oxbox::model::Backbone, args: &Args) -> anyhow::Result<()> {
+    let batch = args.batch.unwrap_or(16) as usize;
+    let cases_per_second =
+        oxbox::train::measure_throughput(backbone, args.size, batch, args.steps as usize)?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({
+            "train": backbone,
+            "input_size": args.size,
+            "batch": batch,
+            "steps": args.steps,
+            "threads": oxbox::model::compute_threads(),
+            "cases_per_second": (cases_per_second * 100.0).round() / 100.0,
+        }))?
+    );
     Ok(())
 }

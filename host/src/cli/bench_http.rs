@@ -81,7 +81,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// Runs the load test and prints JSON.
-pub fn run(args: &Args) -> anyhow::Result<()> {
+pub fn run(args: &Args, dicom_path: &std::path::Path) -> anyhow::Result<()> {
     let (Some(url), Some(emr)) = (&args.url, &args.emr) else {
         bail!("--url needs --emr");
     };
@@ -92,8 +92,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         })?
         .trim_end_matches('/')
         .to_owned();
-    let dicom = std::fs::read(&args.dicom)
-        .with_context(|| format!("cannot read {}", args.dicom.display()))?;
+    let dicom = std::fs::read(dicom_path)
+        .with_context(|| format!("cannot read {}", dicom_path.display()))?;
     let record = std::fs::read(emr).with_context(|| format!("cannot read {}", emr.display()))?;
     let token = args
         .token_file
@@ -136,7 +136,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         latencies.sort_by(f64::total_cmp);
         anyhow::Ok(serde_json::json!({
             "url": url,
-            "file": args.dicom.file_name().map(|n| n.to_string_lossy().into_owned()),
+            "file": dicom_path.file_name().map(|n| n.to_string_lossy().into_owned()),
             "requests": latencies.len(),
             "concurrency": clients,
             "non_200": failures,

@@ -14,6 +14,7 @@ mod predict;
 mod preprocess;
 mod serve;
 mod synth;
+mod train;
 
 use std::path::{Path, PathBuf};
 
@@ -64,6 +65,8 @@ pub enum Command {
     Serve(serve::Args),
     /// Generate a multi-site synthetic cohort with known truth.
     Synth(synth::Args),
+    /// Train a model on labelled site folders, through each site's plugin.
+    Train(train::Args),
     /// Evaluate a model on labelled site folders: AUC with CI, calibration, ROC.
     Evaluate(evaluate::Args),
     /// Inspect DICOM files.
@@ -148,6 +151,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Predict(args) => predict::run(args, config),
         Command::Serve(args) => serve::run(args, config),
         Command::Synth(args) => synth::run(args),
+        Command::Train(args) => train::run(args, config),
         Command::Evaluate(args) => evaluate::run(args, config),
         Command::Dicom(DicomCommand::Info(args)) => dicom_info::run(args, config),
         Command::Config(ConfigCommand::Check(args)) => config_check::run(args, config),
@@ -199,8 +203,16 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
                 )
             )
             || matches!(
+                cause.downcast_ref::<oxbox::train::TrainError>(),
+                Some(
+                    oxbox::train::TrainError::Options(_)
+                        | oxbox::train::TrainError::Resume(_)
+                        | oxbox::train::TrainError::Dataset(_)
+                )
+            )
+            || matches!(
                 cause.downcast_ref::<oxbox::serve::ServeError>(),
-                Some(oxbox::serve::ServeError::NoModel | oxbox::serve::ServeError::Token(_))
+                Some(oxbox::serve::ServeError::Token(_))
             )
     });
     if bad_input {

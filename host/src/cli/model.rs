@@ -29,7 +29,7 @@ pub struct InitArgs {
     pub out: PathBuf,
     /// Image backbone.
     #[arg(long, value_enum, default_value = "resnet18")]
-    pub backbone: BackboneArg,
+    pub backbone: Backbone,
     /// No image branch: EMR only.
     #[arg(long)]
     pub emr_only: bool,
@@ -42,27 +42,6 @@ pub struct InitArgs {
     /// Model name.
     #[arg(long, default_value = "exam-demo")]
     pub name: String,
-}
-
-/// `--backbone` values.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum BackboneArg {
-    /// Small ResNet for tests.
-    Tiny,
-    /// ResNet-18.
-    Resnet18,
-    /// ResNet-34.
-    Resnet34,
-}
-
-impl From<BackboneArg> for Backbone {
-    fn from(b: BackboneArg) -> Self {
-        match b {
-            BackboneArg::Tiny => Backbone::Tiny,
-            BackboneArg::Resnet18 => Backbone::Resnet18,
-            BackboneArg::Resnet34 => Backbone::Resnet34,
-        }
-    }
 }
 
 fn describe(package: &ModelPackage) -> anyhow::Result<serde_json::Value> {
@@ -99,7 +78,7 @@ pub fn info(args: InfoArgs) -> anyhow::Result<()> {
 /// Runs `oxbox model init`.
 pub fn init(args: InitArgs) -> anyhow::Result<()> {
     let architecture = Architecture {
-        backbone: args.backbone.into(),
+        backbone: args.backbone,
         emr_only: args.emr_only,
         cross_layers: 2,
         deep_layers: vec![64, 64],

@@ -3,9 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use oxbox::dicom::DicomFile;
-use oxbox::model::{Model, ModelPackage, select_device};
+use oxbox::model::{Model, select_device};
 use oxbox::pipeline::Pipeline;
 use oxbox::plugins::cache::ComponentCache;
 use oxbox::plugins::{PluginEngine, PluginSet};
@@ -29,7 +29,8 @@ pub struct Args {
     /// The EMR record (JSON object).
     #[arg(long, value_name = "RECORD.json")]
     pub emr: PathBuf,
-    /// Model package folder; default: model.package from the config.
+    /// Model package folder; default: model.package from the config, else
+    /// the embedded demo model (trained on synthetic data).
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
 }
@@ -38,14 +39,15 @@ pub struct Args {
 pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
     let config = super::load_config(config)?.config;
     oxbox::model::set_compute_threads(config.model.threads);
-    let Some(model_dir) = args.model.clone().or_else(|| config.model.package.clone()) else {
-        bail!("no model package: set [model] package in the config or pass --model DIR");
-    };
     let device = select_device(
         oxbox::config::parse_device(&config.model.device)
             .with_context(|| format!("model.device = {:?}", config.model.device))?,
     )?;
-    let package = ModelPackage::load(&model_dir)?;
+    let package = oxbox::model::demo::resolve(
+        args.model.as_deref(),
+        config.model.package.as_deref(),
+        &config.storage.data_dir,
+    )?;
     let pipeline = Pipeline::new(&config, Model::load(package, &device)?);
 
     let engine = Arc::new(PluginEngine::new(&config.sandbox.limits())?);

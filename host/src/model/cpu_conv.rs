@@ -9,7 +9,7 @@
 //! the weights with the `gemm` crate (the matrix kernel candle itself uses),
 //! the output pre-filled with bias (+ residual) so the product accumulates
 //! into it. 1×1 stride-1 convolutions skip the unfolding. Inference only:
-//! there is no backward pass, and training uses candle's convolution.
+//! training uses [`super::cpu_conv_grad`], which adds the backward pass.
 
 use std::cell::RefCell;
 
@@ -81,7 +81,7 @@ impl FusedConv {
     }
 
     /// Output side for an input side.
-    fn out_side(&self, side: usize) -> Result<usize> {
+    pub(super) fn out_side(&self, side: usize) -> Result<usize> {
         (side + 2 * self.padding)
             .checked_sub(self.kernel)
             .map(|span| span / self.stride + 1)
@@ -129,7 +129,12 @@ impl FusedConv {
     /// (same shape as the output) when given. The whole batch is one matrix
     /// product: the unfolded images sit side by side, so deep layers with
     /// few output pixels (7×7 at 224²) still give the kernel wide matrices.
-    fn run(&self, input: &[f32], dims: [usize; 5], residual: Option<&[f32]>) -> Vec<f32> {
+    pub(super) fn run(
+        &self,
+        input: &[f32],
+        dims: [usize; 5],
+        residual: Option<&[f32]>,
+    ) -> Vec<f32> {
         let [batch, height, width, out_h, out_w] = dims;
         let n = out_h * out_w;
         if batch > 1 && n >= WIDE_MAX_PIXELS {
@@ -208,7 +213,7 @@ impl FusedConv {
 
     /// Unfolds `image` (C, H, W) into image `slot` of `columns`
     /// (C·k·k, batch · OH·OW), zero outside the padded border.
-    fn im2col(
+    pub(super) fn im2col(
         &self,
         image: &[f32],
         [height, width, out_h, out_w]: [usize; 4],

@@ -2,7 +2,11 @@
 //! the compute device, and single-case inference.
 //!
 //! - [`package`]: `model.toml` + `weights.safetensors`, checked, digested;
+//! - [`demo`]: the trained demo model compiled into the binary;
 //! - [`net`]: the network — pure model code, trainable batch norm;
+//! - [`cpu_conv`], [`cpu_conv_grad`], [`cpu_batch_norm`]: the CPU kernels
+//!   for inference (fused, folded convolution) and training (convolution
+//!   and batch norm with backward passes);
 //! - this module: choosing the device, loading a package for inference
 //!   (batch norm folded into the convolutions), encoding an EMR record, and
 //!   turning cumulative logits into the six probabilities and exam scores.
@@ -12,7 +16,10 @@
 //! for k = 1..4 per horizon; P(≥1), P(≥2), P(≥3) are reported and the exam
 //! score is the expected level / 4 = Σₖ P(level ≥ k) / 4.
 
+pub mod cpu_batch_norm;
 pub mod cpu_conv;
+pub mod cpu_conv_grad;
+pub mod demo;
 pub mod net;
 pub mod package;
 
@@ -170,24 +177,10 @@ impl Model {
     }
 
     /// Encodes canonical features (by name; absent or `None` = missing) as
-    /// normalised values and missing indicators, in the model's order.
-    /// Values are clamped to the plausible range first.
+    /// normalised values and missing indicators, in the model's order
+    /// ([`package::encode_emr`]).
     pub fn encode_emr(&self, features: &[(String, Option<f64>)]) -> (Vec<f32>, Vec<f32>) {
-        let emr = &self.package.manifest.emr;
-        let mut values = vec![0f32; emr.len()];
-        let mut missing = vec![1f32; emr.len()];
-        for (i, spec) in emr.iter().enumerate() {
-            let value = features
-                .iter()
-                .find(|(name, _)| *name == spec.name)
-                .and_then(|(_, v)| *v)
-                .filter(|v| v.is_finite());
-            if let Some(v) = value {
-                values[i] = ((v.clamp(spec.min, spec.max) - spec.mean) / spec.std) as f32;
-                missing[i] = 0.0;
-            }
-        }
-        (values, missing)
+        package::encode_emr(&self.package.manifest.emr, features)
     }
 
     /// Predicts one case: the canonical S×S image (required unless the model
@@ -294,6 +287,34 @@ pub struct ModelInput {
     pub features: Vec<(String, Option<f64>)>,
 }
 
+/// An untrained manifest: EMR schema v1 with its plausible ranges and
+/// typical emergency-department normalisation, `trained = false`.
+pub fn default_manifest(name: &str, architecture: Architecture, input_size: u32) -> ModelManifest {
+    let emr: Vec<package::EmrFeature> = oxbox_emr_schema::FEATURES
+        .iter()
+        .map(|f| {
+            let (mean, std) = package::default_statistics(f.name);
+            package::EmrFeature {
+                name: f.name.to_owned(),
+                unit: f.unit.to_owned(),
+                min: f.min,
+                max: f.max,
+                mean,
+                std,
+                log: false,
+            }
+        })
+        .collect();
+    ModelManifest {
+        name: name.to_owned(),
+        version: "0.1.0".to_owned(),
+        trained: false,
+        input_size,
+        architecture,
+        emr,
+    }
+}
+
 /// Writes a package with a deterministic random initialisation: He-normal
 /// convolutions, uniform ±1/√fan-in linear layers, identity batch norm,
 /// thresholds −1, −0.3, 0.4, 1.1. `trained = false`.
@@ -307,28 +328,7 @@ pub fn init_package(
     input_size: u32,
     seed: u64,
 ) -> Result<ModelPackage, ModelError> {
-    let emr: Vec<package::EmrFeature> = oxbox_emr_schema::FEATURES
-        .iter()
-        .map(|f| {
-            let (mean, std) = package::default_statistics(f.name);
-            package::EmrFeature {
-                name: f.name.to_owned(),
-                unit: f.unit.to_owned(),
-                min: f.min,
-                max: f.max,
-                mean,
-                std,
-            }
-        })
-        .collect();
-    let manifest = ModelManifest {
-        name: name.to_owned(),
-        version: "0.1.0".to_owned(),
-        trained: false,
-        input_size,
-        architecture,
-        emr,
-    };
+    let manifest = default_manifest(name, architecture, input_size);
     manifest.validate().map_err(|reason| ModelError::Invalid {
         path: dir.join(package::MANIFEST_FILE).display().to_string(),
         reason,
@@ -538,6 +538,43 @@ mod tests {
         let package =
             init_package(other.path(), "emr", arch(Backbone::Tiny, true), 224, 2).expect("init");
         assert_ne!(package.digest, digest, "other weights, other digest");
+    }
+
+    #[test]
+    fn differentiable_max_pool_equals_candle_pooling() {
+        for (h, w) in [(114, 114), (9, 10), (3, 3)] {
+            let x = Tensor::randn(0f32, 1.0, (2, 3, h, w), &Device::Cpu).expect("x");
+            let ours = net::max_pool_3x3_stride_2(&x).expect("ours");
+            let theirs = x.max_pool2d_with_stride(3, 2).expect("candle");
+            assert_eq!(ours.dims(), theirs.dims(), "{h}x{w}");
+            let diff = (ours - theirs)
+                .and_then(|d| d.abs())
+                .and_then(|d| d.max_all())
+                .and_then(|d| d.to_scalar::<f32>())
+                .expect("diff");
+            assert_eq!(diff, 0.0, "{h}x{w}");
+        }
+        // It has a gradient: 1 at each window's maximum.
+        let var = candle_core::Var::from_vec(
+            (0..25).map(|i| i as f32).collect::<Vec<_>>(),
+            (1, 1, 5, 5),
+            &Device::Cpu,
+        )
+        .expect("var");
+        let pooled = net::max_pool_3x3_stride_2(var.as_tensor()).expect("pool");
+        let grads = pooled
+            .sum_all()
+            .and_then(|s| s.backward())
+            .expect("backward");
+        let g = grads
+            .get(var.as_tensor())
+            .expect("gradient")
+            .flatten_all()
+            .and_then(|g| g.to_vec1::<f32>())
+            .expect("values");
+        // Windows end at (2,2), (2,4), (4,2), (4,4): those are the maxima.
+        let hot: Vec<usize> = (0..25).filter(|&i| g[i] > 0.0).collect();
+        assert_eq!(hot, vec![12, 14, 22, 24]);
     }
 
     #[test]

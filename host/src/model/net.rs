@@ -17,7 +17,11 @@ use candle_nn::{
     BatchNorm, Conv2d, Conv2dConfig, Linear, VarBuilder, batch_norm, conv2d_no_bias, linear,
 };
 
+use super::cpu_batch_norm::TrainBatchNorm;
 use super::cpu_conv::FusedConv;
+
+/// Batch-norm epsilon.
+const BN_EPS: f64 = 1e-5;
 use super::package::{Architecture, Backbone};
 
 /// Thresholds per horizon: P(≥1) … P(≥4) (the fourth, death, feeds the
@@ -52,7 +56,7 @@ impl ConvBn {
         };
         Ok(Self {
             conv: conv2d_no_bias(cin, cout, kernel, cfg, vb.pp("conv"))?,
-            bn: batch_norm(cout, 1e-5, vb.pp("bn"))?,
+            bn: batch_norm(cout, BN_EPS, vb.pp("bn"))?,
             relu,
             folded: None,
             fused: None,
@@ -81,6 +85,35 @@ impl ConvBn {
         Ok(())
     }
 
+    /// Batch norm in training mode with the fused CPU kernel, updating the
+    /// running statistics as candle-nn does (momentum, unbiased variance).
+    fn train_batch_norm(&self, x: &Tensor) -> Result<Tensor> {
+        let (gamma, beta) = self
+            .bn
+            .weight_and_bias()
+            .ok_or_else(|| candle_core::Error::Msg("batch norm without scale and shift".into()))?;
+        let (y, statistics) = TrainBatchNorm::new(BN_EPS).forward(x, gamma, beta)?;
+        let (b, _, h, w) = x.dims4()?;
+        let count = (b * h * w) as f64;
+        let unbiased = count / (count - 1.0).max(1.0);
+        let m = self.bn.momentum();
+        let update = |running: &Tensor, batch: Vec<f32>| -> Result<()> {
+            let n = batch.len();
+            let batch = Tensor::from_vec(batch, n, running.device())?;
+            let next = ((running * (1.0 - m))? + (batch * m)?)?;
+            candle_core::Var::from_tensor(running)?.set(&next)
+        };
+        update(
+            self.bn.running_mean(),
+            statistics.iter().map(|s| s.0 as f32).collect(),
+        )?;
+        update(
+            self.bn.running_var(),
+            statistics.iter().map(|s| (s.1 * unbiased) as f32).collect(),
+        )?;
+        Ok(y)
+    }
+
     /// conv → BN (+ `residual`) (→ ReLU).
     fn forward(&self, x: &Tensor, residual: Option<&Tensor>, train: bool) -> Result<Tensor> {
         if let (Some(op), false, true) = (&self.fused, train, x.device().is_cpu()) {
@@ -92,7 +125,22 @@ impl ConvBn {
         }
         let mut y = match (&self.folded, train) {
             (Some(folded), false) => folded.forward(x)?,
-            _ => self.bn.forward_t(&self.conv.forward(x)?, train)?,
+            _ => {
+                // On the CPU, training convolves with the gemm kernel that
+                // has a fast backward pass; elsewhere candle's own.
+                if x.device().is_cpu() && train {
+                    let cfg = self.conv.config();
+                    let conv = super::cpu_conv_grad::conv2d(
+                        x,
+                        self.conv.weight(),
+                        cfg.stride,
+                        cfg.padding,
+                    )?;
+                    self.train_batch_norm(&conv)?
+                } else {
+                    self.bn.forward_t(&self.conv.forward(x)?, train)?
+                }
+            }
         };
         if let Some(r) = residual {
             y = (y + r)?;
@@ -201,7 +249,13 @@ impl ImageBranch {
         let x = x
             .pad_with_zeros(D::Minus1, 1, 1)?
             .pad_with_zeros(D::Minus2, 1, 1)?;
-        let mut x = x.max_pool2d_with_stride(3, 2)?;
+        // candle's pooling kernel has no gradient for overlapping windows:
+        // training takes the elementwise maximum of the nine strided views.
+        let mut x = if train {
+            max_pool_3x3_stride_2(&x)?
+        } else {
+            x.max_pool2d_with_stride(3, 2)?
+        };
         for block in &self.blocks {
             x = block.forward(&x, train)?;
         }
@@ -354,11 +408,18 @@ impl ExamNet {
             h = layer.forward(&h)?.relu()?;
         }
         let score = self.score.forward(&h)?.unsqueeze(2)?; // (B, H, 1)
-        // θ₁ = base, θₖ₊₁ = θₖ + softplus(step): strictly increasing.
+        score.broadcast_sub(&self.thresholds()?.unsqueeze(0)?)
+    }
+
+    /// The ordinal thresholds θ (HORIZONS, THRESHOLDS): θ₁ = base,
+    /// θₖ₊₁ = θₖ + softplus(stepₖ), strictly increasing.
+    ///
+    /// # Errors
+    /// On tensor errors.
+    pub fn thresholds(&self) -> Result<Tensor> {
         let steps = softplus(&self.threshold_steps)?.cumsum(1)?; // (H, T−1)
         let base = self.threshold_base.unsqueeze(1)?; // (H, 1)
-        let thresholds = Tensor::cat(&[&base, &steps.broadcast_add(&base)?], 1)?; // (H, T)
-        score.broadcast_sub(&thresholds.unsqueeze(0)?)
+        Tensor::cat(&[&base, &steps.broadcast_add(&base)?], 1)
     }
 
     /// P(level ≥ k) for k = 1..3 per horizon: (B, HORIZONS, THRESHOLDS).
@@ -373,6 +434,54 @@ impl ExamNet {
     ) -> Result<Tensor> {
         candle_nn::ops::sigmoid(&self.forward(image, values, missing, false)?)
     }
+}
+
+/// 3×3 max pooling with stride 2 (no padding) with a gradient: the same
+/// values as `max_pool2d_with_stride(3, 2)`. On the CPU a kernel with its
+/// own backward pass; elsewhere the maximum of nine strided views, built
+/// from operations candle can differentiate.
+///
+/// # Errors
+/// On tensor errors.
+pub fn max_pool_3x3_stride_2(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        return x
+            .contiguous()?
+            .apply_op1(super::cpu_batch_norm::MaxPool3x3Stride2);
+    }
+    let (b, c, h, w) = x.dims4()?;
+    if h < 3 || w < 3 {
+        candle_core::bail!("max pool 3x3: input {h}x{w} is too small");
+    }
+    let (oh, ow) = ((h - 3) / 2 + 1, (w - 3) / 2 + 1);
+    // Rows (or columns) offset, offset + 2, …: 2·n values from `offset`
+    // (zero-padded at the end when they run past), every second one.
+    let every_second = |t: &Tensor, dim: usize, offset: usize, n: usize| -> Result<Tensor> {
+        let len = t.dim(dim)?;
+        let t = if offset + 2 * n > len {
+            t.pad_with_zeros(dim, 0, offset + 2 * n - len)?
+        } else {
+            t.clone()
+        };
+        let t = t.narrow(dim, offset, 2 * n)?;
+        let mut shape = t.dims().to_vec();
+        shape[dim] = n;
+        shape.insert(dim + 1, 2);
+        t.reshape(shape)?.narrow(dim + 1, 0, 1)?.squeeze(dim + 1)
+    };
+    let mut out: Option<Tensor> = None;
+    for dy in 0..3 {
+        let rows = every_second(x, 2, dy, oh)?;
+        for dx in 0..3 {
+            let view = every_second(&rows, 3, dx, ow)?;
+            out = Some(match out {
+                Some(m) => m.maximum(&view)?,
+                None => view,
+            });
+        }
+    }
+    out.map(|t| t.reshape((b, c, oh, ow)))
+        .unwrap_or_else(|| candle_core::bail!("max pool: no window"))
 }
 
 /// softplus(x) = log(1 + eˣ) = max(x, 0) + log(1 + e^(−|x|)), stable.

@@ -19,7 +19,7 @@ pub const WEIGHTS_FILE: &str = "weights.safetensors";
 const MAX_MANIFEST_BYTES: u64 = 256 * 1024;
 
 /// Image backbone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Backbone {
     /// A small ResNet (widths 8–64, one block per stage), for tests.
@@ -61,8 +61,43 @@ pub struct EmrFeature {
     pub max: f64,
     /// Normalisation: mean.
     pub mean: f64,
-    /// Normalisation: standard deviation (> 0).
+    /// Normalisation: standard deviation (> 0), of ln(value) when `log`.
     pub std: f64,
+    /// Whether the value is log-transformed, ln(1 + value), before
+    /// normalisation (`log = true` for right-skewed labs; absent = false).
+    /// `mean` and `std` are then those of ln(1 + value).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub log: bool,
+}
+
+impl EmrFeature {
+    /// The model's input for a present value: clamped to the plausible
+    /// range, ln(1 + value) when `log`, then standardised.
+    pub fn normalise(&self, value: f64) -> f32 {
+        let v = value.clamp(self.min, self.max);
+        let v = if self.log { v.ln_1p() } else { v };
+        ((v - self.mean) / self.std) as f32
+    }
+}
+
+/// Encodes canonical features (by name; absent, `None` or non-finite =
+/// missing) as normalised values and missing indicators in `emr`'s order:
+/// what the model's EMR branch takes.
+pub fn encode_emr(emr: &[EmrFeature], features: &[(String, Option<f64>)]) -> (Vec<f32>, Vec<f32>) {
+    let mut values = vec![0f32; emr.len()];
+    let mut missing = vec![1f32; emr.len()];
+    for (i, spec) in emr.iter().enumerate() {
+        let value = features
+            .iter()
+            .find(|(name, _)| *name == spec.name)
+            .and_then(|(_, v)| *v)
+            .filter(|v| v.is_finite());
+        if let Some(v) = value {
+            values[i] = spec.normalise(v);
+            missing[i] = 0.0;
+        }
+    }
+    (values, missing)
 }
 
 /// The contents of `model.toml`.
@@ -192,6 +227,9 @@ impl ModelManifest {
                     "emr[{i}] ({}): mean must be finite and std > 0",
                     f.name
                 ));
+            }
+            if f.log && f.min < 0.0 {
+                return Err(format!("emr[{i}] ({}): log = true needs min >= 0", f.name));
             }
             if f.min.partial_cmp(&f.max) != Some(std::cmp::Ordering::Less) {
                 return Err(format!("emr[{i}] ({}): min must be below max", f.name));

@@ -31,7 +31,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::Semaphore;
 
 use crate::config::{Config, LimitsConfig, LoadedConfig};
-use crate::model::{Model, ModelError, ModelPackage, select_device, set_compute_threads};
+use crate::model::{Model, ModelError, select_device, set_compute_threads};
 use crate::pipeline::Pipeline;
 use crate::plugins::{PluginError, PluginRegistry};
 use crate::store::{AuditLog, StoreError};
@@ -45,9 +45,6 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    /// No model package configured.
-    #[error("no model package: set [model] package in the config or pass --model DIR")]
-    NoModel,
     /// The model could not be loaded.
     #[error(transparent)]
     Model(#[from] ModelError),
@@ -123,7 +120,8 @@ pub struct Server {
 }
 
 impl Server {
-    /// Loads the model (`model_dir`, or `[model] package`) and the plugins,
+    /// Loads the model (`model_dir`, or `[model] package`, or the embedded
+    /// demo model) and the plugins,
     /// opens the audit log, reads the token file, binds `[server] listen`.
     ///
     /// # Errors
@@ -131,10 +129,6 @@ impl Server {
     pub fn new(loaded: &LoadedConfig, model_dir: Option<&Path>) -> Result<Self, ServeError> {
         let config = &loaded.config;
         set_compute_threads(config.model.threads);
-        let dir = model_dir
-            .map(Path::to_path_buf)
-            .or_else(|| config.model.package.clone())
-            .ok_or(ServeError::NoModel)?;
         let device = select_device(
             crate::config::parse_device(&config.model.device).ok_or_else(|| {
                 ModelError::Device {
@@ -143,7 +137,12 @@ impl Server {
                 }
             })?,
         )?;
-        let model = Model::load(ModelPackage::load(&dir)?, &device)?;
+        let package = crate::model::demo::resolve(
+            model_dir,
+            config.model.package.as_deref(),
+            &config.storage.data_dir,
+        )?;
+        let model = Model::load(package, &device)?;
         let pipeline = Arc::new(Pipeline::new(config, model));
         let plugins = Arc::new(PluginRegistry::new(loaded)?);
         plugins

@@ -1,0 +1,344 @@
+//! Batch normalisation in training mode on the CPU, forward and backward
+//! each in one pass per channel, as a candle custom op; and the stem's 3×3
+//! stride-2 max pooling with its backward pass.
+//!
+//! candle-nn's training batch norm is a chain of broadcast tensor
+//! operations (transpose, mean, subtract, square, divide, scale, shift) and
+//! as many again backwards, each allocating a full-size tensor; at 224² they
+//! took most of a training step. Here:
+//! - forward: per channel mean μ and biased variance σ² over batch and
+//!   pixels, y = γ (x − μ)/√(σ² + ε) + β; the batch statistics are kept for
+//!   the running averages;
+//! - backward: with x̂ = (x − μ)/√(σ² + ε) and M values per channel,
+//!   dβ = Σ dy, dγ = Σ dy·x̂, dx = γ/(M√(σ² + ε)) · (M·dy − dβ − x̂·dγ).
+//!
+//! Tested against candle-nn's batch norm and its gradients.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Per-channel batch statistics: (mean, biased variance).
+pub type BatchStatistics = Vec<(f64, f64)>;
+
+/// The training batch norm over (B, C, H, W).
+#[derive(Debug, Clone)]
+pub struct TrainBatchNorm {
+    eps: f64,
+    statistics: Arc<Mutex<BatchStatistics>>,
+}
+
+impl TrainBatchNorm {
+    /// A batch norm with `eps`.
+    pub fn new(eps: f64) -> Self {
+        Self {
+            eps,
+            statistics: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    /// Normalises `x` with the batch's statistics, then scales by `gamma`
+    /// and shifts by `beta` (both (C)); returns y and the statistics.
+    ///
+    /// # Errors
+    /// On shape mismatches or non-f32 tensors.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+    ) -> Result<(Tensor, BatchStatistics)> {
+        let y =
+            x.contiguous()?
+                .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, self.clone())?;
+        let statistics =
+            self.statistics.lock().map(|s| s.clone()).map_err(|_| {
+                candle_core::Error::Msg("batch norm statistics lock poisoned".into())
+            })?;
+        Ok((y, statistics))
+    }
+}
+
+fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
+        _ => candle_core::bail!("training batch norm: contiguous f32 tensors only"),
+    }
+}
+
+/// Mean and biased variance of each channel of contiguous NCHW `x`.
+fn channel_statistics(
+    x: &[f32],
+    (batch, channels, plane): (usize, usize, usize),
+) -> BatchStatistics {
+    let count = (batch * plane) as f64;
+    (0..channels)
+        .into_par_iter()
+        .map(|c| {
+            let planes = || (0..batch).map(move |b| &x[(b * channels + c) * plane..][..plane]);
+            let sum: f64 = planes()
+                .map(|p| p.iter().map(|&v| f64::from(v)).sum::<f64>())
+                .sum();
+            let mean = sum / count;
+            let squares: f64 = planes()
+                .map(|p| {
+                    p.iter()
+                        .map(|&v| (f64::from(v) - mean).powi(2))
+                        .sum::<f64>()
+                })
+                .sum();
+            (mean, squares / count)
+        })
+        .collect()
+}
+
+impl CustomOp3 for TrainBatchNorm {
+    fn name(&self) -> &'static str {
+        "train-batch-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        gamma: &CpuStorage,
+        gamma_layout: &Layout,
+        beta: &CpuStorage,
+        beta_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (batch, channels, height, width) = x_layout.shape().dims4()?;
+        let (x, gamma, beta) = (
+            f32_slice(x, x_layout)?,
+            f32_slice(gamma, gamma_layout)?,
+            f32_slice(beta, beta_layout)?,
+        );
+        if gamma.len() != channels || beta.len() != channels {
+            candle_core::bail!(
+                "training batch norm: {channels} channels, {} scales",
+                gamma.len()
+            );
+        }
+        let plane = height * width;
+        let statistics = channel_statistics(x, (batch, channels, plane));
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(plane).enumerate().for_each(|(i, out)| {
+            let c = i % channels;
+            let (mean, var) = statistics[c];
+            let scale = f64::from(gamma[c]) / (var + self.eps).sqrt();
+            let shift = f64::from(beta[c]) - mean * scale;
+            let (scale, shift) = (scale as f32, shift as f32);
+            for (o, &v) in out.iter_mut().zip(&x[i * plane..(i + 1) * plane]) {
+                *o = v * scale + shift;
+            }
+        });
+        if let Ok(mut slot) = self.statistics.lock() {
+            *slot = statistics;
+        }
+        Ok((CpuStorage::F32(y), x_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (batch, channels, height, width) = x.dims4()?;
+        let plane = height * width;
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let dy = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let gammas = gamma.to_vec1::<f32>()?;
+        let statistics = channel_statistics(&xs, (batch, channels, plane));
+        let count = (batch * plane) as f64;
+        // Per channel: inverse std, Σ dy, Σ dy·x̂.
+        let sums: Vec<(f64, f64, f64)> = (0..channels)
+            .into_par_iter()
+            .map(|c| {
+                let (mean, var) = statistics[c];
+                let inv_std = 1.0 / (var + self.eps).sqrt();
+                let (mut sum_dy, mut sum_dy_xhat) = (0.0, 0.0);
+                for b in 0..batch {
+                    let start = (b * channels + c) * plane;
+                    for (&g, &v) in dy[start..start + plane]
+                        .iter()
+                        .zip(&xs[start..start + plane])
+                    {
+                        let g = f64::from(g);
+                        sum_dy += g;
+                        sum_dy_xhat += g * (f64::from(v) - mean) * inv_std;
+                    }
+                }
+                (inv_std, sum_dy, sum_dy_xhat)
+            })
+            .collect();
+        let mut dx = vec![0f32; xs.len()];
+        dx.par_chunks_mut(plane).enumerate().for_each(|(i, out)| {
+            let c = i % channels;
+            let (mean, _) = statistics[c];
+            let (inv_std, sum_dy, sum_dy_xhat) = sums[c];
+            let k = f64::from(gammas[c]) * inv_std / count;
+            let start = i * plane;
+            for ((o, &g), &v) in out
+                .iter_mut()
+                .zip(&dy[start..start + plane])
+                .zip(&xs[start..start + plane])
+            {
+                let xhat = (f64::from(v) - mean) * inv_std;
+                *o = (k * (count * f64::from(g) - sum_dy - xhat * sum_dy_xhat)) as f32;
+            }
+        });
+        let device = x.device();
+        let dgamma: Vec<f32> = sums.iter().map(|s| s.2 as f32).collect();
+        let dbeta: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), device)?),
+            Some(Tensor::from_vec(dgamma, channels, device)?),
+            Some(Tensor::from_vec(dbeta, channels, device)?),
+        ))
+    }
+}
+
+/// 3×3 max pooling, stride 2, no padding, over contiguous NCHW f32; the
+/// gradient goes to each window's first maximum (as candle's pooling
+/// picks it).
+#[derive(Debug, Clone, Copy)]
+pub struct MaxPool3x3Stride2;
+
+impl MaxPool3x3Stride2 {
+    fn sides(h: usize, w: usize) -> Result<(usize, usize)> {
+        if h < 3 || w < 3 {
+            candle_core::bail!("max pool 3x3: input {h}x{w} is too small");
+        }
+        Ok(((h - 3) / 2 + 1, (w - 3) / 2 + 1))
+    }
+
+    /// Index (within the plane) of the maximum of the window at (oy, ox).
+    fn argmax(plane: &[f32], w: usize, oy: usize, ox: usize) -> usize {
+        let mut best = (2 * oy) * w + 2 * ox;
+        for dy in 0..3 {
+            for dx in 0..3 {
+                let i = (2 * oy + dy) * w + 2 * ox + dx;
+                if plane[i] > plane[best] {
+                    best = i;
+                }
+            }
+        }
+        best
+    }
+}
+
+impl CustomOp1 for MaxPool3x3Stride2 {
+    fn name(&self) -> &'static str {
+        "max-pool-3x3-s2"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(storage, layout)?;
+        let (b, c, h, w) = layout.shape().dims4()?;
+        let (oh, ow) = Self::sides(h, w)?;
+        let mut y = vec![0f32; b * c * oh * ow];
+        y.par_chunks_mut(oh * ow).enumerate().for_each(|(p, out)| {
+            let plane = &x[p * h * w..(p + 1) * h * w];
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    out[oy * ow + ox] = plane[Self::argmax(plane, w, oy, ox)];
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), Shape::from((b, c, oh, ow))))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (_, _, h, w) = x.dims4()?;
+        let (oh, ow) = Self::sides(h, w)?;
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let dy = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut dx = vec![0f32; xs.len()];
+        dx.par_chunks_mut(h * w).enumerate().for_each(|(p, out)| {
+            let plane = &xs[p * h * w..(p + 1) * h * w];
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    out[Self::argmax(plane, w, oy, ox)] += dy[(p * oh + oy) * ow + ox];
+                }
+            }
+        });
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, ModuleT, Var};
+    use candle_nn::BatchNorm;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.max_all())
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("diff")
+    }
+
+    #[test]
+    fn forward_gradients_and_statistics_equal_candle_nn() {
+        let cpu = &Device::Cpu;
+        let x0 = (Tensor::randn(0f32, 2.0, (3, 4, 5, 6), cpu).expect("x") + 1.5).expect("shift");
+        let g0 = Tensor::new(&[0.5f32, 1.0, 1.5, -0.7], cpu).expect("gamma");
+        let b0 = Tensor::new(&[0.1f32, -0.2, 0.0, 0.3], cpu).expect("beta");
+        let probe = Tensor::randn(0f32, 1.0, (3, 4, 5, 6), cpu).expect("probe");
+        let run = |ours: bool| {
+            let x = Var::from_tensor(&x0).expect("x");
+            let g = Var::from_tensor(&g0).expect("g");
+            let b = Var::from_tensor(&b0).expect("b");
+            let (y, stats) = if ours {
+                let (y, stats) = TrainBatchNorm::new(1e-5)
+                    .forward(x.as_tensor(), g.as_tensor(), b.as_tensor())
+                    .expect("ours");
+                (y, Some(stats))
+            } else {
+                let bn = BatchNorm::new(
+                    4,
+                    Tensor::zeros(4, candle_core::DType::F32, cpu).expect("mean"),
+                    Tensor::ones(4, candle_core::DType::F32, cpu).expect("var"),
+                    g.as_tensor().clone(),
+                    b.as_tensor().clone(),
+                    1e-5,
+                )
+                .expect("bn");
+                (bn.forward_t(x.as_tensor(), true).expect("candle"), None)
+            };
+            let grads = (&y * &probe)
+                .and_then(|l| l.sum_all())
+                .and_then(|l| l.backward())
+                .expect("backward");
+            let get = |v: &Var| grads.get(v.as_tensor()).expect("gradient").clone();
+            (y, get(&x), get(&g), get(&b), stats)
+        };
+        let (y, dx, dg, db, stats) = run(true);
+        let (y_ref, dx_ref, dg_ref, db_ref, _) = run(false);
+        assert!(max_diff(&y, &y_ref) < 1e-4, "forward");
+        assert!(max_diff(&dx, &dx_ref) < 1e-3, "input gradient");
+        assert!(max_diff(&dg, &dg_ref) < 1e-3, "scale gradient");
+        assert!(max_diff(&db, &db_ref) < 1e-3, "shift gradient");
+        // The statistics are the batch's.
+        let stats = stats.expect("statistics");
+        let values = x0
+            .narrow(1, 2, 1)
+            .and_then(|t| t.flatten_all())
+            .expect("channel 2");
+        let mean = values
+            .mean_all()
+            .and_then(|m| m.to_scalar::<f32>())
+            .expect("mean");
+        assert!((stats[2].0 - f64::from(mean)).abs() < 1e-4);
+        assert!(
+            stats[2].1 > 3.0 && stats[2].1 < 5.5,
+            "variance near 4: {}",
+            stats[2].1
+        );
+    }
+}
