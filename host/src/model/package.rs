@@ -22,7 +22,8 @@ const MAX_MANIFEST_BYTES: u64 = 256 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Backbone {
-    /// A small ResNet (widths 8–64, one block per stage), for tests.
+    /// A small ResNet (widths 8–64, one block per stage): tests and the
+    /// embedded demo model.
     Tiny,
     /// ResNet-18.
     Resnet18,
