@@ -335,9 +335,16 @@ mod tests {
             .and_then(|m| m.to_scalar::<f32>())
             .expect("mean");
         assert!((stats[2].0 - f64::from(mean)).abs() < 1e-4);
+        let biased_variance = values
+            .to_vec1::<f32>()
+            .expect("values")
+            .iter()
+            .map(|&v| (f64::from(v) - stats[2].0).powi(2))
+            .sum::<f64>()
+            / 90.0;
         assert!(
-            stats[2].1 > 3.0 && stats[2].1 < 5.5,
-            "variance near 4: {}",
+            (stats[2].1 - biased_variance).abs() < 1e-4,
+            "{} vs {biased_variance}",
             stats[2].1
         );
     }

@@ -270,15 +270,36 @@ fn matmul_accumulate(
     (m, n, k): (usize, usize, usize),
     threads: usize,
 ) {
-    assert!(dst.len() == m * n && lhs.len() == m * k && rhs.len() >= k * n);
+    gemm_strided(dst, (m, n, k), true, (lhs, (1, k)), (rhs, (1, n)), threads);
+}
+
+/// `dst (m×n) (+)= lhs (m×k) · rhs (k×n)`: dst row-major, each operand
+/// with explicit (column stride, row stride), so transposed operands need
+/// no copy. Accumulates into dst when `accumulate`.
+pub(super) fn gemm_strided(
+    dst: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    (lhs, (lhs_cs, lhs_rs)): (&[f32], (usize, usize)),
+    (rhs, (rhs_cs, rhs_rs)): (&[f32], (usize, usize)),
+    threads: usize,
+) {
+    let span = |cs: usize, rs: usize, rows: usize, cols: usize| {
+        rows.saturating_sub(1) * rs + cols.saturating_sub(1) * cs + 1
+    };
+    assert!(
+        dst.len() >= m * n
+            && lhs.len() >= span(lhs_cs, lhs_rs, m, k)
+            && rhs.len() >= span(rhs_cs, rhs_rs, k, n)
+    );
     let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the three slices cover m×n, m×k and k×n elements (asserted
-    // above) with the row strides given, and dst does not alias lhs or rhs
-    // (it is borrowed mutably).
+    // SAFETY: every element addressed by (row, col) with the given strides
+    // lies inside its slice (asserted above); dst is borrowed mutably, so it
+    // aliases neither operand.
     unsafe {
         gemm::gemm(
             m,
@@ -287,13 +308,13 @@ fn matmul_accumulate(
             dst.as_mut_ptr(),
             1,
             n as isize,
-            true,
+            accumulate,
             lhs.as_ptr(),
-            1,
-            k as isize,
+            lhs_cs as isize,
+            lhs_rs as isize,
             rhs.as_ptr(),
-            1,
-            n as isize,
+            rhs_cs as isize,
+            rhs_rs as isize,
             1.0,
             1.0,
             false,

@@ -15,7 +15,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_conv::FusedConv;
+use super::cpu_conv::{FusedConv, gemm_strided};
 
 /// A convolution's geometry: kernel k×k, stride, zero padding.
 #[derive(Debug, Clone, Copy)]
@@ -97,57 +97,12 @@ impl TrainableConv {
     }
 }
 
-/// `dst (m×n) (+)= lhs (m×k) · rhs (k×n)` with explicit strides (column
-/// stride, row stride) for each operand; dst is row-major.
-#[allow(clippy::too_many_arguments)]
-fn gemm_strided(
-    dst: &mut [f32],
-    (m, n, k): (usize, usize, usize),
-    accumulate: bool,
-    lhs: &[f32],
-    (lhs_cs, lhs_rs): (usize, usize),
-    rhs: &[f32],
-    (rhs_cs, rhs_rs): (usize, usize),
-) {
-    let last = |cs: usize, rs: usize, rows: usize, cols: usize| {
-        (rows.saturating_sub(1)) * rs + (cols.saturating_sub(1)) * cs + 1
-    };
-    assert!(
-        dst.len() >= m * n
-            && lhs.len() >= last(lhs_cs, lhs_rs, m, k)
-            && rhs.len() >= last(rhs_cs, rhs_rs, k, n)
-    );
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 && m * n * k >= 1 << 18 {
-        gemm::Parallelism::Rayon(threads)
+/// Threads for a product of this size: all of them for large ones.
+fn threads_for(m: usize, n: usize, k: usize) -> usize {
+    if m * n * k >= 1 << 18 {
+        rayon::current_num_threads()
     } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: every element addressed by (row, col) with the given strides
-    // lies inside its slice (asserted above); dst is borrowed mutably, so it
-    // aliases neither operand.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
+        1
     }
 }
 
@@ -207,20 +162,18 @@ impl CustomOp2 for TrainableConv {
                 &mut grad_weights,
                 (out, k, n),
                 true,
-                dy,
-                (1, n),
-                &columns,
-                (n, 1),
+                (dy, (1, n)),
+                (&columns, (n, 1)),
+                threads_for(out, k, n),
             );
             // dcols (K×N) = Wᵀ (K×O) · dY (O×N): Wᵀ[j][o] = W[o·K + j].
             gemm_strided(
                 &mut grad_columns,
                 (k, n, out),
                 false,
-                &weights,
-                (k, 1),
-                dy,
-                (1, n),
+                (&weights, (k, 1)),
+                (dy, (1, n)),
+                threads_for(k, n, out),
             );
             self.col2im(
                 &grad_columns,
