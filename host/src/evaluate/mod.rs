@@ -186,6 +186,35 @@ fn scores(p: &Prediction) -> [f64; 6] {
     .map(f64::from)
 }
 
+/// Every case of `site` through the pipeline up to the model (read,
+/// ingest, its plugins), in parallel, results in file order; a refused
+/// case as `case id: reason`. `progress` is called once per case. What
+/// evaluation and training both start from.
+pub fn prepare_cases(
+    site: &Site,
+    pipeline: &Pipeline,
+    plugins: &Arc<PluginSet>,
+    limits: &crate::config::LimitsConfig,
+    progress: &(dyn Fn() + Sync),
+) -> Vec<Result<ModelInput, String>> {
+    use rayon::prelude::*;
+    site.cases
+        .par_iter()
+        .map(|case| {
+            let prepared = DicomFile::open(&case.image, limits)
+                .map_err(|e| format!("{}: {e}", case.case_id))
+                .and_then(|file| {
+                    pipeline
+                        .prepare(Some(&file), &case.emr, plugins)
+                        .map(|p| p.input)
+                        .map_err(|e| format!("{}: {e}", case.case_id))
+                });
+            progress();
+            prepared
+        })
+        .collect()
+}
+
 /// Runs every case of `site` through its plugins and the model; refused
 /// cases are returned as reasons (categories, never values).
 ///
@@ -198,19 +227,7 @@ pub fn score_site(
     limits: &crate::config::LimitsConfig,
     progress: &(dyn Fn() + Sync),
 ) -> Result<(Vec<ScoredCase>, Vec<String>), EvaluateError> {
-    use rayon::prelude::*;
-    let prepared: Vec<Result<ModelInput, String>> = site
-        .cases
-        .par_iter()
-        .map(|case| {
-            let file = DicomFile::open(&case.image, limits)
-                .map_err(|e| format!("{}: {e}", case.case_id))?;
-            pipeline
-                .prepare(Some(&file), &case.emr, plugins)
-                .map(|p| p.input)
-                .map_err(|e| format!("{}: {e}", case.case_id))
-        })
-        .collect();
+    let prepared = prepare_cases(site, pipeline, plugins, limits, &|| {});
     let mut scored = Vec::new();
     let mut refused = Vec::new();
     let mut batch: Vec<(usize, ModelInput)> = Vec::new();

@@ -19,6 +19,8 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::cpu_conv::contiguous_f32;
+
 /// Per-channel batch statistics: (mean, biased variance).
 pub type BatchStatistics = Vec<(f64, f64)>;
 
@@ -57,13 +59,6 @@ impl TrainBatchNorm {
                 candle_core::Error::Msg("batch norm statistics lock poisoned".into())
             })?;
         Ok((y, statistics))
-    }
-}
-
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
-        _ => candle_core::bail!("training batch norm: contiguous f32 tensors only"),
     }
 }
 
@@ -109,9 +104,9 @@ impl CustomOp3 for TrainBatchNorm {
     ) -> Result<(CpuStorage, Shape)> {
         let (batch, channels, height, width) = x_layout.shape().dims4()?;
         let (x, gamma, beta) = (
-            f32_slice(x, x_layout)?,
-            f32_slice(gamma, gamma_layout)?,
-            f32_slice(beta, beta_layout)?,
+            contiguous_f32(x, x_layout, "training batch norm")?,
+            contiguous_f32(gamma, gamma_layout, "training batch norm")?,
+            contiguous_f32(beta, beta_layout, "training batch norm")?,
         );
         if gamma.len() != channels || beta.len() != channels {
             candle_core::bail!(
@@ -236,7 +231,7 @@ impl CustomOp1 for MaxPool3x3Stride2 {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(storage, layout)?;
+        let x = contiguous_f32(storage, layout, "max pool 3x3")?;
         let (b, c, h, w) = layout.shape().dims4()?;
         let (oh, ow) = Self::sides(h, w)?;
         let mut y = vec![0f32; b * c * oh * ow];

@@ -262,6 +262,19 @@ impl FusedConv {
     }
 }
 
+/// The f32 values of a contiguous CPU tensor; an error naming `op`
+/// otherwise. What every custom op here reads its inputs with.
+pub(super) fn contiguous_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
+        _ => candle_core::bail!("{op}: contiguous f32 tensors only"),
+    }
+}
+
 /// `dst (m×n) += lhs (m×k) · rhs (k×n)`, all row-major and contiguous.
 fn matmul_accumulate(
     dst: &mut [f32],

@@ -15,7 +15,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_conv::{FusedConv, gemm_strided};
+use super::cpu_conv::{FusedConv, contiguous_f32, gemm_strided};
 
 /// A convolution's geometry: kernel k×k, stride, zero padding.
 #[derive(Debug, Clone, Copy)]
@@ -44,13 +44,6 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Res
             padding,
         },
     )
-}
-
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
-        _ => candle_core::bail!("trainable conv: {what} must be contiguous f32"),
-    }
 }
 
 impl TrainableConv {
@@ -118,8 +111,8 @@ impl CustomOp2 for TrainableConv {
         w: &CpuStorage,
         w_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let input = f32_slice(x, x_layout, "input")?;
-        let weights = f32_slice(w, w_layout, "weights")?;
+        let input = contiguous_f32(x, x_layout, "trainable conv input")?;
+        let weights = contiguous_f32(w, w_layout, "trainable conv weights")?;
         let (batch, channels, height, width) = x_layout.shape().dims4()?;
         let (out, in_channels, _, _) = w_layout.shape().dims4()?;
         if in_channels != channels {

@@ -5,11 +5,8 @@
 
 use std::sync::Arc;
 
-use rayon::prelude::*;
-
 use crate::config::Config;
 use crate::dataset::Site;
-use crate::dicom::DicomFile;
 use crate::model::net::HORIZONS;
 use crate::model::package::EmrFeature;
 use crate::pipeline::Pipeline;
@@ -49,7 +46,8 @@ pub fn in_validation(seed: u64, site: &str, case_id: &str, fraction: f64) -> boo
     unit < fraction
 }
 
-/// Prepares every case of `site` in parallel (results in file order);
+/// Prepares every case of `site` in parallel through its plugins
+/// ([`crate::evaluate::prepare_cases`]), labels it and assigns its split;
 /// `progress` is called once per case.
 pub fn prepare_site(
     site: &Site,
@@ -59,30 +57,18 @@ pub fn prepare_site(
     split: (u64, f64),
     progress: &(dyn Fn() + Sync),
 ) -> PreparedSite {
-    let results: Vec<Result<(Example, bool), String>> = site
-        .cases
-        .par_iter()
-        .map(|case| {
-            let result = DicomFile::open(&case.image, &config.limits)
-                .map_err(|e| format!("{}: {e}", case.case_id))
-                .and_then(|file| {
-                    pipeline
-                        .prepare(Some(&file), &case.emr, plugins)
-                        .map_err(|e| format!("{}: {e}", case.case_id))
-                })
-                .map(|prepared| {
-                    let example = Example {
-                        image: prepared.input.image,
-                        features: prepared.input.features,
-                        levels: [case.level_24h, case.level_72h],
-                    };
-                    let validation = in_validation(split.0, &site.id, &case.case_id, split.1);
-                    (example, validation)
-                });
-            progress();
-            result
+    let inputs = crate::evaluate::prepare_cases(site, pipeline, plugins, &config.limits, progress);
+    let results = inputs.into_iter().zip(&site.cases).map(|(input, case)| {
+        input.map(|input| {
+            let example = Example {
+                image: input.image,
+                features: input.features,
+                levels: [case.level_24h, case.level_72h],
+            };
+            let validation = in_validation(split.0, &site.id, &case.case_id, split.1);
+            (example, validation)
         })
-        .collect();
+    });
     let mut prepared = PreparedSite {
         examples: Vec::new(),
         refused: Vec::new(),
