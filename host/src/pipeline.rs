@@ -51,6 +51,37 @@ impl PipelineError {
             PipelineError::Model(e) => matches!(e, ModelError::Input(_)),
         }
     }
+
+    /// The error as it may be written where it outlives the request —
+    /// evaluation reports, training summaries, logs: its category and the
+    /// field, attribute or plugin it concerns, never a value from the input.
+    ///
+    /// A plugin's rejection message is the plugin's own text and may quote
+    /// the value it refused, a schema error quotes the number it checked,
+    /// and a file path may hold a patient's name: all three are left out.
+    pub fn redacted(&self) -> String {
+        match self {
+            PipelineError::Dicom(dicom::DicomError::Io { source, .. }) => {
+                format!("radiograph: cannot read the file: {}", source.kind())
+            }
+            // The ingest's errors name attributes by keyword and tag; the
+            // only values they quote are coded ones (photometric
+            // interpretation, transfer syntax) and sizes.
+            PipelineError::Dicom(e) => format!("radiograph: {e}"),
+            // Field names, sizes and fixed reasons only.
+            PipelineError::Record(e) => e.to_string(),
+            PipelineError::NotCanonical { field, .. } => format!(
+                "EMR field {field:?}: not a canonical value (name, number, unit or range)"
+            ),
+            PipelineError::Plugin(PluginError::Rejected { plugin, field, .. }) => match field {
+                Some(field) => format!("plugin {plugin} rejected the input (field {field})"),
+                None => format!("plugin {plugin} rejected the input (no field named)"),
+            },
+            // Faults and load errors are the host's own words.
+            PipelineError::Plugin(e) => e.to_string(),
+            PipelineError::Model(e) => e.to_string(),
+        }
+    }
 }
 
 /// The model's identity in a report.
@@ -368,4 +399,37 @@ fn canonical_features(
             Ok((f.name.clone(), Some(value)))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacted_errors_keep_the_field_and_drop_the_value() {
+        let rejected = PipelineError::Plugin(PluginError::Rejected {
+            plugin: "example-site 0.1.0".to_owned(),
+            field: Some("TEMP_F".to_owned()),
+            message: "\"DOE^JANE\" is not a number".to_owned(),
+        });
+        assert!(rejected.to_string().contains("DOE^JANE"));
+        let redacted = rejected.redacted();
+        assert_eq!(
+            redacted,
+            "plugin example-site 0.1.0 rejected the input (field TEMP_F)"
+        );
+
+        let schema = PipelineError::NotCanonical {
+            field: "spo2_pct".to_owned(),
+            reason: "917 is outside 50–100".to_owned(),
+        };
+        assert!(!schema.redacted().contains("917"), "{}", schema.redacted());
+        assert!(schema.redacted().contains("spo2_pct"));
+
+        let io = PipelineError::Dicom(dicom::DicomError::Io {
+            path: "/pacs/DOE^JANE/chest.dcm".to_owned(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+        assert!(!io.redacted().contains("DOE"), "{}", io.redacted());
+    }
 }

@@ -160,3 +160,119 @@ fn report_aucs_match_scikit_learn_and_charts_are_written() {
         );
     }
 }
+
+/// A refused case is reported by case id, category and field: the value
+/// that made a site plugin refuse it (quoted in the plugin's own message)
+/// appears in no report or training summary.
+#[test]
+fn refusals_in_reports_name_the_field_never_the_value() {
+    const LEAK: &str = "PHI-LEAK-4711";
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cohort = tmp.path().join("cohort");
+    let synth = run_unbounded(&[
+        "synth".as_ref(),
+        "--sites".as_ref(),
+        "2".as_ref(),
+        "--cases-per-site".as_ref(),
+        "24".as_ref(),
+        "--seed".as_ref(),
+        "5".as_ref(),
+        "--out".as_ref(),
+        cohort.as_os_str(),
+    ]);
+    assert!(synth.status.success(), "{}", stderr(&synth));
+    // Site 2 exports in the example site's convention: put a value its
+    // plugin refuses, and quotes, into the first case's temperature.
+    let csv_path = cohort.join("site-2/cases.csv");
+    let csv = std::fs::read_to_string(&csv_path).expect("cases.csv");
+    let mut lines: Vec<String> = csv.lines().map(str::to_owned).collect();
+    let column = lines[0]
+        .split(',')
+        .position(|c| c == "TEMP_F")
+        .expect("TEMP_F column");
+    let mut cells: Vec<String> = lines[1].split(',').map(str::to_owned).collect();
+    cells[column] = LEAK.to_owned();
+    lines[1] = cells.join(",");
+    std::fs::write(&csv_path, lines.join("\n") + "\n").expect("write cases.csv");
+
+    let data = format!(
+        "{},{}",
+        cohort.join("site-1").display(),
+        cohort.join("site-2").display()
+    );
+    let plugins = repo_root().join("plugins/dist");
+    let model = tmp.path().join("model");
+    let init = run_unbounded(&[
+        "model".as_ref(),
+        "init".as_ref(),
+        "--out".as_ref(),
+        model.as_os_str(),
+        "--backbone".as_ref(),
+        "tiny".as_ref(),
+        "--input-size".as_ref(),
+        "48".as_ref(),
+    ]);
+    assert!(init.status.success(), "{}", stderr(&init));
+    let report_dir = tmp.path().join("report");
+    let out = run_unbounded(&[
+        "evaluate".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--data".as_ref(),
+        data.as_ref(),
+        "--plugins-dir".as_ref(),
+        plugins.as_os_str(),
+        "--out".as_ref(),
+        report_dir.as_os_str(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: Value = serde_json::from_slice(
+        &std::fs::read(report_dir.join("report.json")).expect("report.json"),
+    )
+    .expect("JSON");
+    let site2 = report["groups"]
+        .as_array()
+        .and_then(|g| g.iter().find(|g| g["group"] == "site-2"))
+        .expect("site-2 group");
+    let refused = site2["refused"].as_array().expect("refused list");
+    assert_eq!(refused.len(), 1, "{site2}");
+    let reason = refused[0].as_str().expect("text");
+    assert!(reason.contains("(field TEMP_F)"), "{reason}");
+
+    let trained = tmp.path().join("trained");
+    let train = run_unbounded(&[
+        "train".as_ref(),
+        "--data".as_ref(),
+        data.as_ref(),
+        "--out".as_ref(),
+        trained.as_os_str(),
+        "--plugins-dir".as_ref(),
+        plugins.as_os_str(),
+        "--backbone".as_ref(),
+        "tiny".as_ref(),
+        "--input-size".as_ref(),
+        "48".as_ref(),
+        "--epochs".as_ref(),
+        "1".as_ref(),
+    ]);
+    assert!(train.status.success(), "{}", stderr(&train));
+    let summary = std::fs::read_to_string(trained.join("training.json")).expect("training.json");
+    assert!(summary.contains("(field TEMP_F)"), "{summary}");
+
+    for dir in [&report_dir, &trained] {
+        for entry in std::fs::read_dir(dir).expect("dir") {
+            let path = entry.expect("entry").path();
+            if path.is_file() {
+                let bytes = std::fs::read(&path).expect("read");
+                assert!(
+                    !String::from_utf8_lossy(&bytes).contains(LEAK),
+                    "the refused value is in {}",
+                    path.display()
+                );
+            }
+        }
+    }
+    for output in [&out, &train] {
+        assert!(!stderr(output).contains(LEAK), "{}", stderr(output));
+    }
+}

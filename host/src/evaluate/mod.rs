@@ -22,7 +22,7 @@ use crate::dataset::{self, Site};
 use crate::dicom::DicomFile;
 use crate::metrics::{self, AucEstimate, CalibrationBin};
 use crate::model::{ModelInput, Prediction};
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, PipelineError};
 use crate::plugins::{PluginEngine, PluginSet};
 
 /// Why an evaluation could not run.
@@ -188,7 +188,8 @@ fn scores(p: &Prediction) -> [f64; 6] {
 
 /// Every case of `site` through the pipeline up to the model (read,
 /// ingest, its plugins), in parallel, results in file order; a refused
-/// case as `case id: reason`. `progress` is called once per case. What
+/// case as `case id: reason`, the reason redacted
+/// ([`PipelineError::redacted`]: category and field, never a value). `progress` is called once per case. What
 /// evaluation and training both start from.
 pub fn prepare_cases(
     site: &Site,
@@ -202,13 +203,13 @@ pub fn prepare_cases(
         .par_iter()
         .map(|case| {
             let prepared = DicomFile::open(&case.image, limits)
-                .map_err(|e| format!("{}: {e}", case.case_id))
+                .map_err(PipelineError::from)
                 .and_then(|file| {
                     pipeline
                         .prepare(Some(&file), &case.emr, plugins)
                         .map(|p| p.input)
-                        .map_err(|e| format!("{}: {e}", case.case_id))
-                });
+                })
+                .map_err(|e| format!("{}: {}", case.case_id, e.redacted()));
             progress();
             prepared
         })
