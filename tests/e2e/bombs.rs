@@ -9,7 +9,7 @@
 //! storm, stays up, and its peak RSS (`VmHWM`) stays at or under
 //! [`SERVER_RSS_LIMIT`]. The figures are printed (`--nocapture`):
 //!
-//!     cargo test --release --locked --test e2e bombs:: -- --nocapture
+//!     cargo test --release --locked --test e2e -- bombs:: --nocapture
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
