@@ -3,7 +3,8 @@
 # a C/C++ toolchain, cmake and nasm (libjpeg-turbo, CharLS and OpenJPEG are
 # built from the sources vendored in their -sys crates; nothing is downloaded
 # at build time). With --tests, also what the test suite needs: dcmtk and
-# GDCM (re-encoders), prlimit, and the reference venv (shared/reference).
+# GDCM (re-encoders), GNU time (peak RSS of the binary under test) and the
+# reference venv (shared/reference).
 #   scripts/setup.sh [--tests]
 set -euo pipefail
 need=()
@@ -14,7 +15,7 @@ command -v make >/dev/null || need+=(make)
 if [ "${1:-}" = "--tests" ]; then
   command -v dcmconv >/dev/null || need+=(dcmtk)
   command -v gdcmconv >/dev/null || need+=(libgdcm-tools)
-  command -v prlimit >/dev/null || need+=(util-linux)
+  [ -x /usr/bin/time ] || need+=(time)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2

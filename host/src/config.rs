@@ -228,6 +228,12 @@ pub struct LimitsConfig {
     /// `max_dicom_file_mib = 1024`: largest DICOM file accepted.
     #[serde(default = "default_max_dicom_file_mib")]
     pub max_dicom_file_mib: u32,
+    /// `max_inflated_mib = 256`: largest data set a file in the Deflated
+    /// Explicit VR Little Endian transfer syntax may inflate to; beyond it
+    /// the file is refused while it is being inflated (a deflate bomb never
+    /// reaches memory).
+    #[serde(default = "default_max_inflated_mib")]
+    pub max_inflated_mib: u32,
 }
 
 fn default_max_image_megapixels() -> u32 {
@@ -238,11 +244,16 @@ fn default_max_dicom_file_mib() -> u32 {
     1024
 }
 
+fn default_max_inflated_mib() -> u32 {
+    256
+}
+
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_image_megapixels: default_max_image_megapixels(),
             max_dicom_file_mib: default_max_dicom_file_mib(),
+            max_inflated_mib: default_max_inflated_mib(),
         }
     }
 }
@@ -256,6 +267,11 @@ impl LimitsConfig {
     /// The largest accepted DICOM file, in bytes.
     pub fn max_dicom_file_bytes(&self) -> u64 {
         u64::from(self.max_dicom_file_mib) * 1024 * 1024
+    }
+
+    /// The largest data set a deflated file may inflate to, in bytes.
+    pub fn max_inflated_bytes(&self) -> u64 {
+        u64::from(self.max_inflated_mib) * 1024 * 1024
     }
 }
 
@@ -501,6 +517,9 @@ impl Config {
         }
         if self.limits.max_dicom_file_mib == 0 {
             problems.push("limits.max_dicom_file_mib must be at least 1".to_owned());
+        }
+        if self.limits.max_inflated_mib == 0 {
+            problems.push("limits.max_inflated_mib must be at least 1".to_owned());
         }
         if !(1..=60_000).contains(&self.sandbox.deadline_ms) {
             problems.push(format!(

@@ -1,6 +1,6 @@
 //! Bad input gets exit 2, one `error:` line naming the cause, no output
-//! file, and bounded time and memory (every run is under an address-space
-//! cap, see `util::ADDRESS_SPACE_LIMIT`).
+//! file, and bounded time and memory. Nothing caps the binary's memory:
+//! inputs built to exhaust it are in `bombs`, which measures the peak.
 
 use std::path::{Path, PathBuf};
 

@@ -7,6 +7,7 @@
 
 mod agreement;
 mod bad_input;
+mod bombs;
 mod cli;
 mod evaluate;
 mod plugins;

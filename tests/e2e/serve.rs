@@ -14,13 +14,13 @@ use serde_json::Value;
 use crate::util::{oxbox, repo_root, run_unbounded, stderr};
 
 /// A running `oxbox serve`, stopped (SIGTERM, then kill) on drop.
-struct ServerProcess {
+pub(crate) struct ServerProcess {
     child: Child,
-    addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
 }
 
 impl ServerProcess {
-    fn start(config: &Path) -> Self {
+    pub(crate) fn start(config: &Path) -> Self {
         let mut child = Command::new(oxbox())
             .args(["--config".as_ref(), config.as_os_str(), "serve".as_ref()])
             .env_remove("OXBOX_CONFIG")
@@ -41,6 +41,16 @@ impl ServerProcess {
             .parse()
             .expect("address");
         Self { child, addr }
+    }
+
+    /// The server's process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process is still running (not exited, not killed).
+    pub(crate) fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 }
 
@@ -63,21 +73,21 @@ impl Drop for ServerProcess {
 
 /// A response as the tests see it.
 #[derive(Debug)]
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
+pub(crate) struct Reply {
+    pub(crate) status: u16,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) body: Vec<u8>,
 }
 
 impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
 
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| {
             panic!(
                 "status {}: body is not JSON ({e}): {}",
@@ -132,7 +142,7 @@ fn connect(addr: SocketAddr) -> TcpStream {
 }
 
 /// Sends one request and reads the reply.
-fn request(
+pub(crate) fn request(
     addr: SocketAddr,
     method: &str,
     path: &str,
@@ -156,7 +166,7 @@ fn request(
 const BOUNDARY: &str = "oxbox-test-boundary-7f3a";
 
 /// A multipart/form-data body from (name, content type, bytes) parts.
-fn multipart(parts: &[(&str, &str, &[u8])]) -> Vec<u8> {
+pub(crate) fn multipart(parts: &[(&str, &str, &[u8])]) -> Vec<u8> {
     let mut body = Vec::new();
     for (name, content_type, bytes) in parts {
         body.extend_from_slice(
@@ -172,7 +182,7 @@ fn multipart(parts: &[(&str, &str, &[u8])]) -> Vec<u8> {
     body
 }
 
-fn multipart_type() -> String {
+pub(crate) fn multipart_type() -> String {
     format!("multipart/form-data; boundary={BOUNDARY}")
 }
 
@@ -241,13 +251,13 @@ fn openapi() -> Value {
 
 /// A tiny untrained model, the example-site plugin, a data dir and a config
 /// with `extra` lines in `[server]`.
-struct Setup {
+pub(crate) struct Setup {
     dir: tempfile::TempDir,
-    config: PathBuf,
+    pub(crate) config: PathBuf,
 }
 
 impl Setup {
-    fn new(server: &str) -> Self {
+    pub(crate) fn new(server: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let model = dir.path().join("model");
         let init = run_unbounded(&[
@@ -277,7 +287,7 @@ impl Setup {
     }
 }
 
-fn sample_case() -> (Vec<u8>, Vec<u8>) {
+pub(crate) fn sample_case() -> (Vec<u8>, Vec<u8>) {
     (
         std::fs::read(repo_root().join("samples/chest-cr-sample.dcm")).expect("sample"),
         std::fs::read(repo_root().join("samples/example-site-record.json")).expect("record"),

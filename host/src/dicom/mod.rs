@@ -4,7 +4,10 @@
 //!
 //! 1. [`read`]: bytes → parsed DICOM object. Accepts files with or without the
 //!    128-byte preamble and with or without a file meta group; refuses files
-//!    over the size limit before reading them.
+//!    over the size limit before reading them, and walks the element
+//!    structure first ([`scan`]: every declared length within the bytes that
+//!    remain, sequence nesting and inflated size bounded, no recursion) so
+//!    that the parser allocates no more than the file holds.
 //! 2. [`header`]: the parsed object → [`ImageHeader`], every attribute the
 //!    canonical preprocessing needs, type- and range-checked. Colour images,
 //!    missing pixel data and images over the size limit are refused here,
@@ -22,6 +25,7 @@ pub mod canonical;
 pub mod header;
 pub mod pixels;
 pub mod read;
+pub mod scan;
 
 mod jpeg;
 mod rle;
@@ -115,6 +119,58 @@ pub enum DicomError {
     /// The pixel data is shorter than the header says, or otherwise malformed.
     #[error("invalid pixel data (7FE0,0010): {reason}")]
     InvalidPixelData {
+        /// What is wrong.
+        reason: String,
+    },
+    /// An element, item or fragment declares a value longer than the bytes
+    /// that remain in the input (found by the structural pre-scan, before
+    /// anything is allocated for it).
+    #[error("{at} declares {declared} bytes but only {remaining} remain")]
+    LengthBeyondInput {
+        /// What declared it, e.g. `element (7FE0,0010)`.
+        at: String,
+        /// The declared length.
+        declared: u64,
+        /// Bytes left in the input after its header.
+        remaining: u64,
+    },
+    /// Sequences nest deeper than [`scan::MAX_SEQUENCE_DEPTH`].
+    #[error("{at} nests deeper than the limit of {limit} sequences")]
+    NestingTooDeep {
+        /// The sequence that went one level too deep, e.g. `sequence (0040,A730)`.
+        at: String,
+        /// The limit.
+        limit: usize,
+    },
+    /// The data set holds more than [`scan::MAX_DATA_SET_NODES`] elements,
+    /// items, fragments and string values.
+    #[error("more than {limit} elements, items and values in the data set (at {at})")]
+    TooManyElements {
+        /// Where the count went over, e.g. `element (0020,0037)`.
+        at: String,
+        /// The limit.
+        limit: u64,
+    },
+    /// A deflated data set inflates past `limits.max_inflated_mib`.
+    #[error(
+        "deflated data set (0002,0010) {uid} inflates past the limit of {limit} bytes (limits.max_inflated_mib): {at} would end at inflated byte {end}"
+    )]
+    InflatedTooLarge {
+        /// The transfer syntax UID.
+        uid: String,
+        /// What crossed the limit, e.g. `element (7FE0,0010)`.
+        at: String,
+        /// Where it would end in the inflated data set.
+        end: u64,
+        /// The configured limit, in bytes.
+        limit: u64,
+    },
+    /// The element structure is broken where dicom-rs would refuse it or
+    /// read it in more than one way.
+    #[error("malformed data set at {at}: {reason}")]
+    Malformed {
+        /// Where, e.g. `sequence (0008,1140)`.
+        at: String,
         /// What is wrong.
         reason: String,
     },

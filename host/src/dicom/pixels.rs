@@ -14,7 +14,14 @@
 //!
 //! Compressed streams are checked before decoding: the image size a stream
 //! declares must equal Rows × Columns, so a hostile stream cannot make a
-//! decoder allocate more than the (size-limited) header allows.
+//! decoder allocate more than the (size-limited) header allows. The size is
+//! read where the decoder reads it, never found by searching for a byte
+//! pattern (which a decoy ahead of the real header would satisfy): a JPEG 2000
+//! codestream starts with SOC and SIZ at offset 0 (or at the start of a JP2
+//! file's codestream box, and then only that codestream is decoded); JPEG-LS
+//! marker segments are walked by their lengths from SOI to the frame header
+//! (SOF55), refusing a second one; JPEG's header is read by libjpeg-turbo
+//! itself ([`super::jpeg`]).
 
 use std::borrow::Cow;
 
@@ -461,47 +468,163 @@ fn registry_decode(file: &DicomFile, codec: &'static str) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// The JPEG-LS frame header (SOF55): (precision, rows, columns).
-fn jpeg_ls_sof(stream: &[u8]) -> Option<(u32, u32, u32)> {
-    let at = stream.windows(2).position(|w| w == [0xFF, 0xF7])?;
-    let sof = stream.get(at + 4..at + 9)?;
-    Some((
-        u32::from(sof[0]),
-        u32::from(u16::from_be_bytes([sof[1], sof[2]])),
-        u32::from(u16::from_be_bytes([sof[3], sof[4]])),
-    ))
+/// The JPEG-LS frame header (SOF55): (precision, rows, columns), found the
+/// way the decoder finds it: marker segment by marker segment from SOI, each
+/// skipped by its length, up to the first scan (SOS). A byte pattern inside
+/// another segment (an APPn, a comment) is never taken for the header.
+///
+/// # Errors
+/// What is wrong with the marker structure: no SOI, a truncated segment, a
+/// second frame header, a scan before the frame header, or an oversize
+/// dimension (LSE 4) that would override it.
+fn jpeg_ls_sof(stream: &[u8]) -> std::result::Result<(u32, u32, u32), String> {
+    if !stream.starts_with(&[0xFF, 0xD8]) {
+        return Err("the stream does not start with SOI (FFD8)".to_owned());
+    }
+    let mut at = 2;
+    let mut frame = None;
+    loop {
+        if stream.get(at) != Some(&0xFF) {
+            return Err(format!("no marker at byte {at} before the scan"));
+        }
+        // Fill bytes (FF) may precede a marker code.
+        while stream.get(at) == Some(&0xFF) {
+            at += 1;
+        }
+        let Some(&code) = stream.get(at) else {
+            return Err("the stream ends before its scan".to_owned());
+        };
+        at += 1;
+        // Markers without a segment (SOI, EOI, RSTn, TEM) do not belong
+        // between SOI and the first scan.
+        if matches!(code, 0x01 | 0xD0..=0xD9) {
+            return Err(format!("marker FF{code:02X} before the scan"));
+        }
+        let length = stream
+            .get(at..at + 2)
+            .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+            .ok_or_else(|| format!("marker FF{code:02X} has no segment length"))?;
+        let segment = stream
+            .get(at + 2..at + length.max(2))
+            .filter(|_| length >= 2)
+            .ok_or_else(|| format!("segment FF{code:02X} of {length} bytes overruns the stream"))?;
+        match code {
+            0xF7 => {
+                if frame.is_some() {
+                    return Err("a second frame header (SOF55)".to_owned());
+                }
+                let sof = segment
+                    .get(..5)
+                    .ok_or_else(|| "a frame header (SOF55) shorter than 5 bytes".to_owned())?;
+                frame = Some((
+                    u32::from(sof[0]),
+                    u32::from(u16::from_be_bytes([sof[1], sof[2]])),
+                    u32::from(u16::from_be_bytes([sof[3], sof[4]])),
+                ));
+            }
+            // LSE with ID 4 carries 32-bit image dimensions that replace
+            // the frame header's.
+            0xF8 if segment.first() == Some(&4) => {
+                return Err("an oversize image dimension segment (LSE 4)".to_owned());
+            }
+            0xDA => {
+                return frame
+                    .ok_or_else(|| "a scan (SOS) before the frame header (SOF55)".to_owned());
+            }
+            _ => {}
+        }
+        at += length;
+    }
 }
 
 /// Checks the stream's size against the header; returns its precision.
 fn check_jpeg_ls_size(stream: &[u8], g: &Geometry) -> Result<u32> {
+    let corrupt = |reason: String| DicomError::CorruptStream {
+        codec: "JPEG-LS",
+        reason,
+    };
     let (precision, rows, columns) =
-        jpeg_ls_sof(stream).ok_or_else(|| DicomError::CorruptStream {
-            codec: "JPEG-LS",
-            reason: "no frame header (SOF55)".to_owned(),
-        })?;
+        jpeg_ls_sof(stream).map_err(|e| corrupt(format!("frame header (SOF55): {e}")))?;
     if rows != g.rows || columns != g.columns {
-        return Err(DicomError::CorruptStream {
-            codec: "JPEG-LS",
-            reason: format!(
-                "stream is {columns}x{rows} pixels, the header says {}x{}",
-                g.columns, g.rows
-            ),
-        });
+        return Err(corrupt(format!(
+            "stream is {columns}x{rows} pixels, the header says {}x{}",
+            g.columns, g.rows
+        )));
     }
     Ok(precision)
 }
 
-/// The JPEG 2000 image and tile size marker (SIZ): (width, height, components).
-fn j2k_siz(stream: &[u8]) -> Option<(u32, u32, u32)> {
-    // A raw codestream starts with SOC (FF4F) then SIZ (FF51); a JP2 file
-    // wraps it in boxes, so look for the pair rather than assume offset 0.
-    let search = &stream[..stream.len().min(64 * 1024)];
-    let at = search
-        .windows(4)
-        .position(|w| w == [0xFF, 0x4F, 0xFF, 0x51])?;
+/// SOC then SIZ: how every JPEG 2000 codestream starts.
+const J2K_SOC_SIZ: [u8; 4] = [0xFF, 0x4F, 0xFF, 0x51];
+
+/// The JP2 signature box (ISO/IEC 15444-1 I.5.1).
+const JP2_SIGNATURE: [u8; 12] = [
+    0x00, 0x00, 0x00, 0x0C, 0x6A, 0x50, 0x20, 0x20, 0x0D, 0x0A, 0x87, 0x0A,
+];
+
+/// The JPEG 2000 codestream of a frame: the frame itself, which must start
+/// with SOC and SIZ at offset 0, or, for the JP2 files some encoders write
+/// despite PS3.5 8.2.4, the contents of the first codestream box (`jp2c`),
+/// found by walking the boxes by their lengths. Only this codestream is
+/// decoded, so the SIZ checked is the SIZ the decoder reads, and no JP2
+/// header box (palette, channel definitions) is interpreted.
+///
+/// # Errors
+/// Why no codestream starts where it must.
+fn j2k_codestream(stream: &[u8]) -> std::result::Result<&[u8], String> {
+    if stream.starts_with(&J2K_SOC_SIZ) {
+        return Ok(stream);
+    }
+    if !stream.starts_with(&JP2_SIGNATURE) {
+        return Err("the stream does not start with SOC and SIZ (FF4F FF51)".to_owned());
+    }
+    let mut at = 0usize;
+    while at < stream.len() {
+        let header = stream
+            .get(at..at + 8)
+            .ok_or_else(|| format!("a JP2 box header cut off at byte {at}"))?;
+        let lbox = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+        let kind = &header[4..8];
+        let (start, len) = match lbox {
+            // To the end of the stream.
+            0 => (8, (stream.len() - at) as u64),
+            // A 64-bit length follows the type.
+            1 => {
+                let xl = stream
+                    .get(at + 8..at + 16)
+                    .ok_or_else(|| format!("a JP2 box header cut off at byte {at}"))?;
+                (16, u64::from_be_bytes(xl.try_into().unwrap_or([0xFF; 8])))
+            }
+            n => (8, u64::from(n)),
+        };
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|len| at.checked_add(len))
+            .filter(|&end| end <= stream.len() && len >= start as u64)
+            .ok_or_else(|| format!("a JP2 box of {len} bytes at byte {at} overruns the stream"))?;
+        if kind == b"jp2c" {
+            let codestream = &stream[at + start..end];
+            if !codestream.starts_with(&J2K_SOC_SIZ) {
+                return Err(
+                    "the JP2 codestream box does not start with SOC and SIZ (FF4F FF51)".to_owned(),
+                );
+            }
+            return Ok(codestream);
+        }
+        at = end;
+    }
+    Err("a JP2 file without codestream box (jp2c)".to_owned())
+}
+
+/// The JPEG 2000 image and tile size marker (SIZ) of a codestream that
+/// starts with SOC and SIZ: (width, height, components).
+fn j2k_siz(codestream: &[u8]) -> Option<(u32, u32, u32)> {
+    if !codestream.starts_with(&J2K_SOC_SIZ) {
+        return None;
+    }
     // After the marker: Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz, XTsiz, YTsiz,
     // XTOsiz, YTOsiz (16/32-bit big-endian), then Csiz.
-    let siz = stream.get(at + 6..at + 42)?;
+    let siz = codestream.get(6..42)?;
     let be32 = |i: usize| u32::from_be_bytes([siz[i], siz[i + 1], siz[i + 2], siz[i + 3]]);
     let (xsiz, ysiz, x0, y0) = (be32(2), be32(6), be32(10), be32(14));
     let csiz = u32::from(u16::from_be_bytes([siz[34], siz[35]]));
@@ -513,8 +636,9 @@ fn jpeg2000(stream: &[u8], g: &Geometry) -> Result<Vec<i32>> {
         codec: "JPEG 2000",
         reason,
     };
+    let stream = j2k_codestream(stream).map_err(corrupt)?;
     let (width, height, components) =
-        j2k_siz(stream).ok_or_else(|| corrupt("no SIZ marker after SOC".to_owned()))?;
+        j2k_siz(stream).ok_or_else(|| corrupt("SIZ marker cut off".to_owned()))?;
     if width != g.columns || height != g.rows {
         return Err(corrupt(format!(
             "stream is {width}x{height} pixels, the header says {}x{}",
@@ -619,5 +743,87 @@ mod tests {
         s.extend_from_slice(&1u16.to_be_bytes()); // Csiz
         assert_eq!(j2k_siz(&s), Some((100, 80, 1)));
         assert_eq!(j2k_siz(&s[..20]), None);
+        assert_eq!(j2k_codestream(&s), Ok(&s[..]));
+    }
+
+    fn siz(width: u32, height: u32) -> Vec<u8> {
+        let mut s = vec![0xFF, 0x4F, 0xFF, 0x51, 0x00, 0x29, 0x00, 0x00];
+        s.extend_from_slice(&width.to_be_bytes());
+        s.extend_from_slice(&height.to_be_bytes());
+        s.extend_from_slice(&[0u8; 24]);
+        s.extend_from_slice(&1u16.to_be_bytes());
+        s
+    }
+
+    #[test]
+    fn a_j2k_codestream_starts_at_offset_0_or_in_its_jp2_box() {
+        // A decoy SOC+SIZ after leading bytes is not a codestream.
+        let mut decoy = b"garbage!".to_vec();
+        decoy.extend(siz(16, 16));
+        assert!(j2k_codestream(&decoy).is_err());
+        // JP2: a decoy inside an earlier box is skipped by the box walk;
+        // the codestream box's SIZ is the one read.
+        let mut jp2 = JP2_SIGNATURE.to_vec();
+        let xml: Vec<u8> = siz(16, 16);
+        jp2.extend_from_slice(&((8 + xml.len()) as u32).to_be_bytes());
+        jp2.extend_from_slice(b"xml ");
+        jp2.extend_from_slice(&xml);
+        let real = siz(60_000, 60_000);
+        jp2.extend_from_slice(&0u32.to_be_bytes());
+        jp2.extend_from_slice(b"jp2c");
+        jp2.extend_from_slice(&real);
+        let codestream = j2k_codestream(&jp2).expect("jp2c box");
+        assert_eq!(j2k_siz(codestream), Some((60_000, 60_000, 1)));
+        // A box that claims more than the stream holds.
+        let mut lying = JP2_SIGNATURE.to_vec();
+        lying.extend_from_slice(&u32::MAX.to_be_bytes());
+        lying.extend_from_slice(b"xml ");
+        assert!(j2k_codestream(&lying).is_err());
+    }
+
+    fn segment(out: &mut Vec<u8>, code: u8, body: &[u8]) {
+        out.extend_from_slice(&[0xFF, code]);
+        out.extend_from_slice(&((body.len() + 2) as u16).to_be_bytes());
+        out.extend_from_slice(body);
+    }
+
+    fn sof55(rows: u16, columns: u16) -> Vec<u8> {
+        let mut b = vec![16];
+        b.extend_from_slice(&rows.to_be_bytes());
+        b.extend_from_slice(&columns.to_be_bytes());
+        b.extend_from_slice(&[1, 1, 0x11, 0]);
+        b
+    }
+
+    #[test]
+    fn jpeg_ls_markers_are_walked_not_searched() {
+        // A decoy frame header inside an APP8 segment, the real one after.
+        let mut s = vec![0xFF, 0xD8];
+        let mut app = b"decoy".to_vec();
+        app.extend_from_slice(&[0xFF, 0xF7, 0x00, 0x0B]);
+        app.extend(sof55(16, 16));
+        segment(&mut s, 0xE8, &app);
+        segment(&mut s, 0xF7, &sof55(60_000, 60_000));
+        segment(&mut s, 0xDA, &[1, 1, 0, 0, 0, 0]);
+        assert_eq!(jpeg_ls_sof(&s), Ok((16, 60_000, 60_000)));
+        // Two frame headers, a scan before the frame, an oversize LSE.
+        let mut two = vec![0xFF, 0xD8];
+        segment(&mut two, 0xF7, &sof55(16, 16));
+        segment(&mut two, 0xF7, &sof55(60_000, 60_000));
+        segment(&mut two, 0xDA, &[1, 1, 0, 0, 0, 0]);
+        assert!(jpeg_ls_sof(&two).is_err());
+        let mut early = vec![0xFF, 0xD8];
+        segment(&mut early, 0xDA, &[1, 1, 0, 0, 0, 0]);
+        assert!(jpeg_ls_sof(&early).is_err());
+        let mut oversize = vec![0xFF, 0xD8];
+        segment(&mut oversize, 0xF7, &sof55(16, 16));
+        segment(&mut oversize, 0xF8, &[4, 4, 0, 1, 0, 0, 0, 1, 0, 0]);
+        segment(&mut oversize, 0xDA, &[1, 1, 0, 0, 0, 0]);
+        assert!(jpeg_ls_sof(&oversize).is_err());
+        // A segment that claims more than the stream holds.
+        let mut cut = vec![0xFF, 0xD8, 0xFF, 0xE0, 0xFF, 0xFF, 0x00];
+        assert!(jpeg_ls_sof(&cut).is_err());
+        cut.clear();
+        assert!(jpeg_ls_sof(&cut).is_err());
     }
 }

@@ -1,16 +1,23 @@
 //! Reading: bytes → a parsed DICOM object (dicom-object), pixels untouched.
 //!
-//! Trusts nothing: the size is checked before reading, the input is parsed
-//! from memory (so a length field can never make the parser read past the
-//! file), and the three layouts seen in the wild are accepted:
+//! Trusts nothing: the size is checked before reading; the element
+//! structure is then walked as a stream ([`super::scan`]), so that no length
+//! field, nesting or deflated stream can make the parser allocate more than
+//! the file holds or recurse deeper than a fixed bound; only then does
+//! dicom-rs parse, from the same bytes (a file is read twice, never held
+//! twice). The three layouts seen in the wild are accepted:
 //! - a Part 10 file: 128-byte preamble, `DICM`, file meta group, data set;
 //! - the same without the preamble (starting at `DICM`, or directly at the
 //!   file meta group);
 //! - a bare data set with no file meta group at all (old modalities, raw
 //!   exports). Its encoding is detected from the first element header:
 //!   explicit or implicit VR, little or big endian.
+//!
+//! A file is read twice (scan, then parse): one changed in place between the
+//! two reads is outside what this guards (the server parses uploads from
+//! memory, where both passes see the same bytes).
 
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use dicom_dictionary_std::{tags, uids};
@@ -20,7 +27,7 @@ use dicom_object::{
 };
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
-use super::{DicomError, Result};
+use super::{DicomError, Result, scan};
 use crate::config::LimitsConfig;
 
 /// Explicit VR Big Endian: retired from the standard (so deprecated in the
@@ -44,14 +51,19 @@ impl std::fmt::Debug for DicomFile {
 }
 
 impl DicomFile {
-    /// Opens and parses `path`, refusing files over `limits.max_dicom_file_mib`.
+    /// Opens and parses `path`, refusing files over `limits.max_dicom_file_mib`
+    /// and files whose structure fails the pre-scan ([`super::scan`]).
     ///
     /// # Errors
-    /// [`DicomError::Io`], [`DicomError::FileTooLarge`], [`DicomError::Empty`]
-    /// or [`DicomError::NotDicom`].
+    /// [`DicomError::Io`], [`DicomError::FileTooLarge`], [`DicomError::Empty`],
+    /// [`DicomError::NotDicom`], or a refusal of the structural scan
+    /// ([`DicomError::LengthBeyondInput`], [`DicomError::NestingTooDeep`],
+    /// [`DicomError::TooManyElements`], [`DicomError::InflatedTooLarge`],
+    /// [`DicomError::Malformed`], [`DicomError::UnsupportedTransferSyntax`]).
     pub fn open(path: &Path, limits: &LimitsConfig) -> Result<Self> {
+        let name = path.display().to_string();
         let io = |source| DicomError::Io {
-            path: path.display().to_string(),
+            path: name.clone(),
             source,
         };
         let mut file = std::fs::File::open(path).map_err(io)?;
@@ -60,16 +72,29 @@ impl DicomFile {
         if size > limit {
             return Err(DicomError::FileTooLarge { size, limit });
         }
-        // The first bytes tell the layout; the rest streams into the parser
-        // (no second copy of a large file). `take` guards against a file
-        // that grows while it is read.
+        // The first bytes tell the layout; the rest streams twice: through
+        // the structural scan, then from the same offset into the parser. No
+        // copy of the file is held. `take` keeps both passes to the bytes the
+        // size check saw, should the file grow meanwhile.
         let mut prefix = Vec::with_capacity(PREFIX_LEN);
         (&mut file)
             .take(PREFIX_LEN as u64)
             .read_to_end(&mut prefix)
             .map_err(io)?;
-        let rest = file.take(limit.saturating_sub(prefix.len() as u64));
-        Self::parse_guarded(&prefix, rest)
+        let layout = Layout::detect(&prefix)?;
+        let rest_len = size.saturating_sub(prefix.len() as u64);
+        let from = layout.scan_from().min(prefix.len());
+        let rest = BufReader::with_capacity(SCAN_BUFFER, (&mut file).take(rest_len));
+        scan_guarded(
+            layout,
+            (&prefix[from..]).chain(rest),
+            size.saturating_sub(from as u64),
+            limits,
+            &name,
+        )?;
+        file.seek(SeekFrom::Start(prefix.len() as u64))
+            .map_err(io)?;
+        parse_guarded(&prefix, layout, file.take(rest_len))
     }
 
     /// Parses a DICOM file held in memory.
@@ -85,15 +110,16 @@ impl DicomFile {
             });
         }
         let (prefix, rest) = bytes.split_at(bytes.len().min(PREFIX_LEN));
-        Self::parse_guarded(prefix, rest)
-    }
-
-    fn parse_guarded(prefix: &[u8], rest: impl Read) -> Result<Self> {
-        if prefix.is_empty() {
-            return Err(DicomError::Empty);
-        }
-        crate::guard::no_panic("DICOM parser", || parse(prefix, rest))
-            .map_err(|reason| DicomError::NotDicom { reason })?
+        let layout = Layout::detect(prefix)?;
+        let from = layout.scan_from().min(bytes.len());
+        scan_guarded(
+            layout,
+            &bytes[from..],
+            (bytes.len() - from) as u64,
+            limits,
+            "the DICOM input",
+        )?;
+        parse_guarded(prefix, layout, rest)
     }
 
     /// The parsed object (file meta group + data set).
@@ -119,40 +145,87 @@ impl DicomFile {
 /// Bytes read before the layout is decided: preamble (128) + `DICM` (4).
 const PREFIX_LEN: usize = 132;
 
-/// Parses a file whose first bytes are `prefix` and whose remainder is `rest`.
-fn parse(prefix: &[u8], rest: impl Read) -> Result<DicomFile> {
+/// Read buffer of the structural scan over a file.
+const SCAN_BUFFER: usize = 1 << 16;
+
+/// How an input is laid out, decided from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// `DICM` at this offset (128 after a preamble, or 0), the file meta
+    /// group after it.
+    Magic(usize),
+    /// The file meta group at offset 0, with neither preamble nor magic.
+    MetaWithoutMagic,
+    /// A data set without file meta group, in the detected transfer syntax.
+    Bare(&'static str),
+}
+
+impl Layout {
+    /// Decides the layout from the first [`PREFIX_LEN`] bytes.
+    fn detect(prefix: &[u8]) -> Result<Layout> {
+        if prefix.is_empty() {
+            return Err(DicomError::Empty);
+        }
+        if prefix.len() >= 132 && &prefix[128..132] == b"DICM" {
+            return Ok(Layout::Magic(128));
+        }
+        if prefix.starts_with(b"DICM") {
+            return Ok(Layout::Magic(0));
+        }
+        if prefix.len() >= 6 && prefix[..2] == [0x02, 0x00] && is_vr(&prefix[4..6]) {
+            return Ok(Layout::MetaWithoutMagic);
+        }
+        detect_bare_encoding(prefix)
+            .map(Layout::Bare)
+            .ok_or_else(|| DicomError::NotDicom {
+                reason: "no DICM magic and the first bytes are not a DICOM element header"
+                    .to_owned(),
+            })
+    }
+
+    /// Offset of the first byte the structural scan reads: the file meta
+    /// group, or the bare data set.
+    fn scan_from(self) -> usize {
+        match self {
+            Layout::Magic(at) => at + 4,
+            Layout::MetaWithoutMagic | Layout::Bare(_) => 0,
+        }
+    }
+}
+
+/// Runs the structural pre-scan ([`super::scan`]) over `input`: the `len`
+/// bytes from [`Layout::scan_from`] on.
+fn scan_guarded(
+    layout: Layout,
+    input: impl Read,
+    len: u64,
+    limits: &LimitsConfig,
+    name: &str,
+) -> Result<()> {
+    crate::guard::no_panic("DICOM structure scan", || match layout {
+        Layout::Bare(uid) => scan::scan_data_set(input, len, uid, name),
+        Layout::Magic(_) | Layout::MetaWithoutMagic => scan::scan_part10(input, len, limits, name),
+    })
+    .map_err(|reason| DicomError::NotDicom { reason })?
+}
+
+fn parse_guarded(prefix: &[u8], layout: Layout, rest: impl Read) -> Result<DicomFile> {
+    crate::guard::no_panic("DICOM parser", || parse(prefix, layout, rest))
+        .map_err(|reason| DicomError::NotDicom { reason })?
+}
+
+/// Parses an input whose first bytes are `prefix` and whose remainder is
+/// `rest`, once the structural scan has passed.
+fn parse(prefix: &[u8], layout: Layout, rest: impl Read) -> Result<DicomFile> {
     let not_dicom = |e: &dyn std::fmt::Display| DicomError::NotDicom {
         reason: one_line(e),
     };
-    let magic_at = if prefix.len() >= 132 && &prefix[128..132] == b"DICM" {
-        Some(128)
-    } else if prefix.starts_with(b"DICM") {
-        Some(0)
-    } else {
-        None
+    let ts_uid = match layout {
+        Layout::Magic(at) => return parse_part10(b"", &prefix[at..], rest),
+        // The file meta group with neither preamble nor magic: restore the magic.
+        Layout::MetaWithoutMagic => return parse_part10(b"DICM", prefix, rest),
+        Layout::Bare(uid) => uid,
     };
-    // The file meta group with neither preamble nor magic: restore the magic.
-    let meta_without_magic =
-        prefix.len() >= 6 && prefix[..2] == [0x02, 0x00] && is_vr(&prefix[4..6]);
-    if magic_at.is_some() || meta_without_magic {
-        let (magic, from): (&[u8], &[u8]) = match magic_at {
-            Some(at) => (b"", &prefix[at..]),
-            None => (b"DICM", prefix),
-        };
-        let reader = BufReader::with_capacity(1 << 16, magic.chain(from).chain(rest));
-        let object = OpenFileOptions::new()
-            .read_preamble(ReadPreamble::Never)
-            .from_reader(reader)
-            .map_err(|e| not_dicom(&e))?;
-        return Ok(DicomFile {
-            object,
-            has_file_meta: true,
-        });
-    }
-
-    let ts_uid = detect_bare_encoding(prefix).ok_or_else(|| DicomError::NotDicom {
-        reason: "no DICM magic and the first bytes are not a DICOM element header".to_owned(),
-    })?;
     let ts = TransferSyntaxRegistry
         .get(ts_uid)
         .ok_or_else(|| DicomError::NotDicom {
@@ -178,6 +251,22 @@ fn parse(prefix: &[u8], rest: impl Read) -> Result<DicomFile> {
     Ok(DicomFile {
         object: dataset.with_exact_meta(meta),
         has_file_meta: false,
+    })
+}
+
+/// Parses a Part 10 input: `magic` (empty, or `DICM` restored), then `from`
+/// (the prefix from `DICM` or the meta group on), then `rest`.
+fn parse_part10(magic: &[u8], from: &[u8], rest: impl Read) -> Result<DicomFile> {
+    let reader = BufReader::with_capacity(1 << 16, magic.chain(from).chain(rest));
+    let object = OpenFileOptions::new()
+        .read_preamble(ReadPreamble::Never)
+        .from_reader(reader)
+        .map_err(|e| DicomError::NotDicom {
+            reason: one_line(&e),
+        })?;
+    Ok(DicomFile {
+        object,
+        has_file_meta: true,
     })
 }
 
