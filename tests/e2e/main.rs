@@ -12,6 +12,7 @@ mod evaluate;
 mod plugins;
 mod predict;
 mod serve;
+mod serve_limits;
 mod synth;
 mod train;
 mod util;
