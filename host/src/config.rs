@@ -123,6 +123,22 @@ pub struct ServerConfig {
     /// the model is free; 0 = take what is queued (no added latency).
     #[serde(default)]
     pub batch_max_wait_ms: u64,
+    /// `memory_budget_mib = 0`: memory that predictions in progress may
+    /// hold at once, estimated per request from its body and its image
+    /// header before decoding; requests beyond it get 503 with Retry-After,
+    /// a single case larger than the whole budget 413. 0 = derived from the
+    /// machine (half of the smaller of MemTotal and the cgroup's memory
+    /// limit, at least 256 MiB).
+    #[serde(default)]
+    pub memory_budget_mib: u64,
+    /// `max_connections = 256`: open client connections at once; further
+    /// connections wait in the listen backlog until one ends.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// `reload_min_interval_s = 10`: least time between two plugin reloads
+    /// over HTTP; sooner ones get 429 with Retry-After.
+    #[serde(default = "default_reload_min_interval_s")]
+    pub reload_min_interval_s: u64,
 }
 
 fn default_listen() -> String {
@@ -143,6 +159,12 @@ fn default_max_concurrent() -> usize {
 fn default_batch_max() -> usize {
     8
 }
+fn default_max_connections() -> usize {
+    256
+}
+fn default_reload_min_interval_s() -> u64 {
+    10
+}
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -155,6 +177,9 @@ impl Default for ServerConfig {
             max_concurrent_requests: default_max_concurrent(),
             batch_max: default_batch_max(),
             batch_max_wait_ms: 0,
+            memory_budget_mib: 0,
+            max_connections: default_max_connections(),
+            reload_min_interval_s: default_reload_min_interval_s(),
         }
     }
 }
@@ -487,6 +512,16 @@ impl Config {
                 server.batch_max_wait_ms,
                 0..=1000,
             ),
+            (
+                "server.max_connections",
+                server.max_connections as u64,
+                1..=65_536,
+            ),
+            (
+                "server.reload_min_interval_s",
+                server.reload_min_interval_s,
+                0..=86_400,
+            ),
             ("model.threads", self.model.threads as u64, 0..=1024),
         ] {
             if !range.contains(&value) {
@@ -496,6 +531,14 @@ impl Config {
                     range.end()
                 ));
             }
+        }
+        if server.memory_budget_mib != 0
+            && !(16..=16 * 1024 * 1024).contains(&server.memory_budget_mib)
+        {
+            problems.push(format!(
+                "server.memory_budget_mib = {}: must be 0 (derived from the machine) or between 16 and 16777216",
+                server.memory_budget_mib
+            ));
         }
         if self.storage.data_dir.as_os_str().is_empty() {
             problems.push("storage.data_dir is empty: name a directory".to_owned());
@@ -684,6 +727,37 @@ mod tests {
             loaded.config.storage.data_dir,
             PathBuf::from("/etc/oxbox/state")
         );
+    }
+
+    #[test]
+    fn server_limits_have_defaults_and_ranges() {
+        let loaded = LoadedConfig::load(None).expect("embedded default");
+        let server = &loaded.config.server;
+        assert_eq!(server.memory_budget_mib, 0);
+        assert_eq!(server.max_connections, 256);
+        assert_eq!(server.reload_min_interval_s, 10);
+        let err = from(
+            "[site]\nid = \"a\"\nname = \"b\"\n[server]\nmemory_budget_mib = 8\nmax_connections = 0\nreload_min_interval_s = 100000\n",
+        )
+        .expect_err("out of range");
+        match err {
+            ConfigError::Invalid { problems, .. } => {
+                assert_eq!(problems.len(), 3, "{problems:?}");
+                for key in [
+                    "server.memory_budget_mib",
+                    "server.max_connections",
+                    "server.reload_min_interval_s",
+                ] {
+                    assert!(problems.iter().any(|p| p.starts_with(key)), "{problems:?}");
+                }
+            }
+            other => panic!("expected Invalid, got {other}"),
+        }
+        let ok = from(
+            "[site]\nid = \"a\"\nname = \"b\"\n[server]\nmemory_budget_mib = 512\nmax_connections = 8\nreload_min_interval_s = 0\n",
+        )
+        .expect("in range");
+        assert_eq!(ok.config.server.memory_budget_mib, 512);
     }
 
     #[test]

@@ -13,6 +13,7 @@ mod evaluate;
 mod plugins;
 mod predict;
 mod serve;
+mod serve_limits;
 mod synth;
 mod train;
 mod util;

@@ -1,7 +1,9 @@
 //! `oxbox serve` over real sockets: every route and error status, each
 //! response validated against the OpenAPI document, the CLI and the server
 //! agreeing on the same case, the audit record, the token rule, overload,
-//! body and header timeouts, and the plugin reload.
+//! body and header timeouts, and the plugin reload (SIGHUP; the admin route
+//! needs a token, see `serve_limits`). The helpers here (server process,
+//! requests, OpenAPI check, setup) are shared with `serve_limits`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -15,7 +17,7 @@ use crate::util::{oxbox, repo_root, run_unbounded, stderr};
 
 /// A running `oxbox serve`, stopped (SIGTERM, then kill) on drop.
 pub(crate) struct ServerProcess {
-    child: Child,
+    pub(crate) child: Child,
     pub(crate) addr: SocketAddr,
 }
 
@@ -100,7 +102,7 @@ impl Reply {
 
 /// Reads one HTTP/1.1 response (Content-Length bodies; the server sends
 /// no other kind).
-fn read_reply(stream: &mut TcpStream) -> Reply {
+pub(crate) fn read_reply(stream: &mut TcpStream) -> Reply {
     let mut reader = BufReader::new(stream);
     let mut status_line = String::new();
     reader.read_line(&mut status_line).expect("status line");
@@ -133,7 +135,7 @@ fn read_reply(stream: &mut TcpStream) -> Reply {
     }
 }
 
-fn connect(addr: SocketAddr) -> TcpStream {
+pub(crate) fn connect(addr: SocketAddr) -> TcpStream {
     let stream = TcpStream::connect(addr).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))
@@ -163,7 +165,7 @@ pub(crate) fn request(
     read_reply(&mut stream)
 }
 
-const BOUNDARY: &str = "oxbox-test-boundary-7f3a";
+pub(crate) const BOUNDARY: &str = "oxbox-test-boundary-7f3a";
 
 /// A multipart/form-data body from (name, content type, bytes) parts.
 pub(crate) fn multipart(parts: &[(&str, &str, &[u8])]) -> Vec<u8> {
@@ -189,7 +191,7 @@ pub(crate) fn multipart_type() -> String {
 /// Checks a reply against the OpenAPI document: the status is declared for
 /// the operation, the media type is declared, and a JSON body validates
 /// against the declared schema (JSON Schema 2020-12, as OpenAPI 3.1 says).
-fn assert_conforms(doc: &Value, method: &str, path: &str, reply: &Reply) {
+pub(crate) fn assert_conforms(doc: &Value, method: &str, path: &str, reply: &Reply) {
     let operation = &doc["paths"][path][method.to_ascii_lowercase()];
     let declared = &operation["responses"][reply.status.to_string()];
     assert!(
@@ -241,7 +243,7 @@ fn assert_conforms(doc: &Value, method: &str, path: &str, reply: &Reply) {
     }
 }
 
-fn openapi() -> Value {
+pub(crate) fn openapi() -> Value {
     let text = std::fs::read_to_string(repo_root().join("host/api/openapi.json"))
         .expect("host/api/openapi.json");
     let doc: Value = serde_json::from_str(&text).expect("OpenAPI JSON");
@@ -252,7 +254,7 @@ fn openapi() -> Value {
 /// A tiny untrained model, the example-site plugin, a data dir and a config
 /// with `extra` lines in `[server]`.
 pub(crate) struct Setup {
-    dir: tempfile::TempDir,
+    pub(crate) dir: tempfile::TempDir,
     pub(crate) config: PathBuf,
 }
 
@@ -284,6 +286,40 @@ impl Setup {
         )
         .expect("config");
         Self { dir, config }
+    }
+
+    /// Writes a token file (mode 600) and names it in `[server]`; returns
+    /// the `Authorization` header value.
+    pub(crate) fn with_token(&self) -> String {
+        use std::os::unix::fs::PermissionsExt;
+        let token = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+        let token_file = self.dir.path().join("token");
+        std::fs::write(&token_file, format!("{token}\n")).expect("token");
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod");
+        let text = std::fs::read_to_string(&self.config).expect("config");
+        std::fs::write(
+            &self.config,
+            text.replacen(
+                "[server]\n",
+                &format!("[server]\ntoken_file = \"{}\"\n", token_file.display()),
+                1,
+            ),
+        )
+        .expect("config");
+        format!("Bearer {token}")
+    }
+
+    /// Appends `text` (whole tables) to the config.
+    pub(crate) fn append(&self, text: &str) {
+        let mut config = std::fs::read_to_string(&self.config).expect("config");
+        config.push_str(text);
+        std::fs::write(&self.config, config).expect("config");
+    }
+
+    /// The data directory (audit database, plugin cache).
+    pub(crate) fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
     }
 }
 
@@ -551,11 +587,15 @@ fn every_route_and_error_status_conforms_and_matches_the_cli() {
     assert_eq!(reply.status, 405);
     assert_eq!(reply.header("allow"), Some("POST"));
 
-    // Reload over HTTP gives the same plugins.
+    // Reload over HTTP needs a token, loopback included: without
+    // server.token_file the route is refused (serve_limits tests it with one).
     let reply = request(addr, "POST", "/v1/admin/plugins/reload", &[], b"");
-    assert_eq!(reply.status, 200);
+    assert_eq!(reply.status, 403);
     check("POST", "/v1/admin/plugins/reload", &reply);
-    assert_eq!(reply.json()["plugins"][0]["name"], "example-site");
+    assert_eq!(
+        reply.json()["type"],
+        "urn:oxbox:problem:admin-token-required"
+    );
 
     // Metrics saw all of it.
     let reply = request(addr, "GET", "/metrics", &[], b"");
@@ -667,8 +707,14 @@ fn overload_and_slow_clients_get_their_statuses() {
     let server = ServerProcess::start(&setup.config);
     let addr = server.addr;
     let ct = multipart_type();
+    let (dicom, record) = sample_case();
+    let body = multipart(&[
+        ("dicom", "application/dicom", &dicom),
+        ("emr", "application/json", &record),
+    ]);
 
-    // A client that announces a body and stalls holds the only slot …
+    // A client that announces a body and stalls holds no prediction permit
+    // (the body is read before one is taken) …
     let mut slow = connect(addr);
     slow.write_all(
         format!("POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: {ct}\r\nContent-Length: 1000\r\n\r\n--{BOUNDARY}")
@@ -676,29 +722,7 @@ fn overload_and_slow_clients_get_their_statuses() {
     )
     .expect("slow head");
     std::thread::sleep(Duration::from_millis(300));
-    // … so the next prediction is told to come back later.
-    let (dicom, record) = sample_case();
-    let body = multipart(&[
-        ("dicom", "application/dicom", &dicom),
-        ("emr", "application/json", &record),
-    ]);
-    let reply = request(addr, "POST", "/v1/predict", &[("Content-Type", &ct)], &body);
-    assert_eq!(
-        reply.status,
-        503,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
-    assert_conforms(&doc, "POST", "/v1/predict", &reply);
-    assert_eq!(reply.json()["type"], "urn:oxbox:problem:overloaded");
-    // Health is not a prediction: it still answers.
-    assert_eq!(request(addr, "GET", "/v1/health", &[], b"").status, 200);
-    // The stalled body times out with 408, freeing the slot.
-    let started = Instant::now();
-    let reply = read_reply(&mut slow);
-    assert_eq!(reply.status, 408);
-    assert_conforms(&doc, "POST", "/v1/predict", &reply);
-    assert!(started.elapsed() < Duration::from_secs(5));
+    // … so the only slot still serves the next prediction.
     let reply = request(addr, "POST", "/v1/predict", &[("Content-Type", &ct)], &body);
     assert_eq!(
         reply.status,
@@ -706,6 +730,12 @@ fn overload_and_slow_clients_get_their_statuses() {
         "{}",
         String::from_utf8_lossy(&reply.body)
     );
+    // The stalled body times out with 408.
+    let started = Instant::now();
+    let reply = read_reply(&mut slow);
+    assert_eq!(reply.status, 408);
+    assert_conforms(&doc, "POST", "/v1/predict", &reply);
+    assert!(started.elapsed() < Duration::from_secs(5));
 
     // Headers that never finish: the connection is closed after the header
     // timeout, without a response.
@@ -728,17 +758,72 @@ fn overload_and_slow_clients_get_their_statuses() {
 }
 
 #[test]
-fn a_faulting_plugin_is_quarantined_then_reloaded() {
+fn a_prediction_beyond_max_concurrent_requests_gets_503() {
     let doc = openapi();
-    let setup = Setup::new("listen = \"127.0.0.1:0\"");
-    // Swap the example plugin for one that panics on every record.
-    let wasm = repo_root().join("tests/guests/target/wasm32-wasip2/release/hostile_panics.wasm");
+    let setup = Setup::new("listen = \"127.0.0.1:0\"\nmax_concurrent_requests = 1");
+    // A plugin that spins in map-emr until its (raised) deadline holds the
+    // only permit for 1.5 s.
+    let dist = pack_guest(&setup, "infinite_loop");
+    let text = std::fs::read_to_string(&setup.config).expect("config");
+    let example = repo_root().join("plugins/dist/example-site/plugin.toml");
+    std::fs::write(
+        &setup.config,
+        text.replace(
+            &example.display().to_string(),
+            &dist.join("plugin.toml").display().to_string(),
+        ),
+    )
+    .expect("config");
+    setup.append("[sandbox]\ndeadline_ms = 1500\n");
+    let server = ServerProcess::start(&setup.config);
+    let addr = server.addr;
+    let ct = multipart_type();
+    let (dicom, record) = sample_case();
+    let body = multipart(&[
+        ("dicom", "application/dicom", &dicom),
+        ("emr", "application/json", &record),
+    ]);
+    let busy = {
+        let (ct, body) = (ct.clone(), body.clone());
+        std::thread::spawn(move || {
+            request(addr, "POST", "/v1/predict", &[("Content-Type", &ct)], &body)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let reply = request(addr, "POST", "/v1/predict", &[("Content-Type", &ct)], &body);
+    assert_eq!(
+        reply.status,
+        503,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_conforms(&doc, "POST", "/v1/predict", &reply);
+    assert_eq!(reply.json()["type"], "urn:oxbox:problem:overloaded");
+    // Health is not a prediction: it still answers.
+    assert_eq!(request(addr, "GET", "/v1/health", &[], b"").status, 200);
+    let busy = busy.join().expect("busy request");
+    assert_eq!(busy.status, 500, "{}", String::from_utf8_lossy(&busy.body));
+    assert_eq!(busy.json()["type"], "urn:oxbox:problem:plugin-fault");
+    let metrics =
+        String::from_utf8_lossy(&request(addr, "GET", "/metrics", &[], b"").body).into_owned();
+    assert!(
+        metrics.contains("oxbox_admission_refusals_total{reason=\"requests\"} 1"),
+        "{metrics}"
+    );
+}
+
+/// Packs the test guest `name` (tests/guests, built by
+/// scripts/build-plugins.sh) as a plugin under the setup's directory.
+pub(crate) fn pack_guest(setup: &Setup, name: &str) -> PathBuf {
+    let wasm = repo_root().join(format!(
+        "tests/guests/target/wasm32-wasip2/release/hostile_{name}.wasm"
+    ));
     assert!(
         wasm.is_file(),
         "{}: run scripts/build-plugins.sh",
         wasm.display()
     );
-    let dist = setup.dir.path().join("panics");
+    let dist = setup.dir.path().join(name);
     let pack = run_unbounded(&[
         "plugin".as_ref(),
         "pack".as_ref(),
@@ -747,6 +832,15 @@ fn a_faulting_plugin_is_quarantined_then_reloaded() {
         dist.as_os_str(),
     ]);
     assert!(pack.status.success(), "{}", stderr(&pack));
+    dist
+}
+
+#[test]
+fn a_faulting_plugin_is_quarantined_then_reloaded() {
+    let doc = openapi();
+    let setup = Setup::new("listen = \"127.0.0.1:0\"");
+    // Swap the example plugin for one that panics on every record.
+    let dist = pack_guest(&setup, "panics");
     let text = std::fs::read_to_string(&setup.config).expect("config");
     let example = repo_root().join("plugins/dist/example-site/plugin.toml");
     std::fs::write(
@@ -803,9 +897,17 @@ fn a_faulting_plugin_is_quarantined_then_reloaded() {
     );
     assert!(text.contains("oxbox_http_requests_total{route=\"/v1/predict\",status=\"500\"} 3"));
 
-    // A reload lifts the quarantine.
-    let reply = request(addr, "POST", "/v1/admin/plugins/reload", &[], b"");
-    assert_eq!(reply.status, 200);
+    // A reload (SIGHUP here: this loopback server has no token for the
+    // admin route) lifts the quarantine, and is audited.
+    let hup = Command::new("kill")
+        .args(["-HUP", &server.child.id().to_string()])
+        .status()
+        .expect("kill -HUP");
+    assert!(hup.success());
+    let audit = wait_for_admin_events(&setup, 1);
+    assert_eq!(audit[0].actor, "SIGHUP");
+    assert_eq!(audit[0].outcome, "ok");
+    assert_eq!(audit[0].after[0]["name"], "panics", "{audit:?}");
     assert_eq!(request(addr, "GET", "/v1/ready", &[], b"").status, 200);
     assert_eq!(predict().status, 500);
 }
@@ -864,4 +966,25 @@ fn with_no_model_configured_the_trained_demo_model_is_served() {
         .expect("data/models")
         .count();
     assert_eq!(models, 1);
+}
+
+/// The audit database's administrative records once there are `n` (within
+/// 20 s).
+pub(crate) fn wait_for_admin_events(setup: &Setup, n: usize) -> Vec<oxbox::store::AdminRecord> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let events = oxbox::store::AuditLog::open(&setup.data_dir())
+            .expect("audit database")
+            .admin_tail(100)
+            .expect("admin events");
+        if events.len() >= n {
+            return events;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} admin event(s), expected {n}: {events:?}",
+            events.len()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -15,8 +15,11 @@ Routes: POST /v1/predict (multipart/form-data with a `dicom` and an `emr` part, 
 application/json {\"emr\": {...}} for EMR-only models), GET /v1/health, /v1/ready, /v1/model, \
 /v1/plugins, /v1/openapi.json, /metrics, POST /v1/admin/plugins/reload. Errors are RFC 9457 \
 application/problem+json. Listens on [server] listen (loopback by default; any other address \
-needs [server] token_file, and clients send `Authorization: Bearer <token>`). SIGHUP reloads \
-the plugins; SIGINT/SIGTERM drain and exit. Prints one line, `listening on http://ADDR`, \
+needs [server] token_file, and clients send `Authorization: Bearer <token>`). The reload route \
+needs the token everywhere, loopback included: without [server] token_file it answers 403. \
+Reloads run one at a time, at most one per [server] reload_min_interval_s over HTTP, each \
+recorded in the audit database. SIGHUP reloads the plugins (audited too); SIGINT/SIGTERM drain \
+and exit. Prints one line, `listening on http://ADDR`, \
 once it accepts connections.")]
 pub struct Args {
     /// Model package folder; default: [model] package from the config.

@@ -4,16 +4,32 @@
 //! (and waits up to `server.batch_max_wait_ms` for more, if configured);
 //! while it is busy, new cases queue and form the next batch. With
 //! `batch_max = 1` every case runs alone, in arrival order.
+//!
+//! A panic in a forward pass is contained: the batch's cases are run again
+//! one by one (so one poisoned case fails alone), a case whose forward pass
+//! panics again gets [`BatchError::Panicked`] (500), and the thread keeps
+//! serving. A panic anywhere else in the loop restarts the loop (the cases
+//! of that batch get [`BatchError::Lost`]); after
+//! [`MAX_RESTARTS`] restarts within [`RESTART_WINDOW`] the thread stops and
+//! [`Batcher::stopped`] says why, which readiness reports as 503.
 
-use std::sync::Arc;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
 use super::metrics::Metrics;
-use crate::model::{Model, ModelError, ModelInput, Prediction};
+use crate::model::{ModelError, ModelInput, Prediction};
 use crate::pipeline::Pipeline;
+
+/// Loop restarts after which the inference thread gives up.
+pub const MAX_RESTARTS: usize = 5;
+
+/// The window [`MAX_RESTARTS`] is counted in.
+pub const RESTART_WINDOW: Duration = Duration::from_secs(60);
 
 /// What one case gets back from its batch.
 #[derive(Debug, Clone, Copy)]
@@ -34,9 +50,36 @@ pub enum BatchError {
     /// The model failed on this case.
     #[error(transparent)]
     Model(#[from] ModelError),
-    /// The inference thread is gone (the server is shutting down).
+    /// The forward pass panicked on this case (a bug, not the input's
+    /// fault); the inference thread carries on.
+    #[error("the model's forward pass panicked: {0}")]
+    Panicked(String),
+    /// The case was dropped by an inference loop that panicked and was
+    /// restarted.
+    #[error("the inference loop failed while this case was queued")]
+    Lost,
+    /// The inference thread is gone (the server is shutting down, or the
+    /// thread gave up after repeated panics).
     #[error("the inference thread has stopped")]
     Stopped,
+}
+
+/// The forward step a batch runs: one prediction per input, in order.
+pub trait Forward: Send + 'static {
+    /// Runs `inputs` through the model.
+    ///
+    /// # Errors
+    /// [`ModelError`] for the whole batch.
+    fn forward(&mut self, inputs: &[ModelInput]) -> Result<Vec<Prediction>, ModelError>;
+}
+
+impl<F> Forward for F
+where
+    F: FnMut(&[ModelInput]) -> Result<Vec<Prediction>, ModelError> + Send + 'static,
+{
+    fn forward(&mut self, inputs: &[ModelInput]) -> Result<Vec<Prediction>, ModelError> {
+        self(inputs)
+    }
 }
 
 struct Job {
@@ -45,16 +88,31 @@ struct Job {
     reply: oneshot::Sender<Result<BatchOutput, BatchError>>,
 }
 
-/// The handle requests use to reach the inference thread.
-#[derive(Debug, Clone)]
-pub struct Batcher {
-    jobs: Sender<Job>,
-}
-
 impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Job").finish_non_exhaustive()
     }
+}
+
+/// What the inference thread reports about itself.
+#[derive(Debug, Default)]
+struct Health {
+    /// The thread is running (or has stopped because the server is
+    /// shutting down).
+    alive: AtomicBool,
+    /// Forward passes that panicked.
+    panics: AtomicU64,
+    /// Loop restarts after a panic outside the forward pass.
+    restarts: AtomicU64,
+    /// Why the thread stopped, when it stopped on its own.
+    stopped: Mutex<Option<String>>,
+}
+
+/// The handle requests use to reach the inference thread.
+#[derive(Debug, Clone)]
+pub struct Batcher {
+    jobs: Sender<Job>,
+    health: Arc<Health>,
 }
 
 impl Batcher {
@@ -69,19 +127,40 @@ impl Batcher {
         max_wait: Duration,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
+        let forward = move |inputs: &[ModelInput]| -> Result<Vec<Prediction>, ModelError> {
+            pipeline.model().predict_batch(inputs)
+        };
+        Self::with_forward(forward, max_batch, max_wait, metrics)
+    }
+
+    /// Starts the inference thread around any forward step (the model's,
+    /// or a test's).
+    ///
+    /// # Errors
+    /// If the thread cannot be spawned.
+    pub fn with_forward(
+        forward: impl Forward,
+        max_batch: usize,
+        max_wait: Duration,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Self> {
         let (jobs, queue) = mpsc::channel();
+        let health = Arc::new(Health::default());
+        health.alive.store(true, Ordering::Release);
+        let thread_health = Arc::clone(&health);
         std::thread::Builder::new()
             .name("oxbox-inference".to_owned())
             .spawn(move || {
-                run(
+                supervise(
                     &queue,
-                    pipeline.model(),
+                    forward,
                     max_batch.max(1),
                     max_wait,
                     &metrics,
-                )
+                    &thread_health,
+                );
             })?;
-        Ok(Self { jobs })
+        Ok(Self { jobs, health })
     }
 
     /// Runs one case through the model, batched with whatever else is
@@ -98,16 +177,99 @@ impl Batcher {
                 reply,
             })
             .map_err(|_| BatchError::Stopped)?;
-        answer.await.map_err(|_| BatchError::Stopped)?
+        answer.await.map_err(|_| BatchError::Lost)?
+    }
+
+    /// Why the inference thread stopped on its own, if it did; `None`
+    /// while it serves.
+    pub fn stopped(&self) -> Option<String> {
+        if self.health.alive.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(
+            match self.health.stopped.lock() {
+                Ok(reason) => reason.clone(),
+                Err(poisoned) => poisoned.into_inner().clone(),
+            }
+            .unwrap_or_else(|| "the inference thread has stopped".to_owned()),
+        )
+    }
+
+    /// Forward passes that panicked, and loop restarts, so far.
+    pub fn panics_and_restarts(&self) -> (u64, u64) {
+        (
+            self.health.panics.load(Ordering::Acquire),
+            self.health.restarts.load(Ordering::Acquire),
+        )
+    }
+}
+
+/// Marks the thread as stopped however it ends.
+struct AliveGuard<'a>(&'a Health);
+
+impl Drop for AliveGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let mut reason = match self.0.stopped.lock() {
+                Ok(reason) => reason,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            reason.get_or_insert_with(|| "the inference thread panicked".to_owned());
+        }
+        self.0.alive.store(false, Ordering::Release);
+    }
+}
+
+/// Runs the batching loop, restarting it after a panic outside the forward
+/// pass, up to [`MAX_RESTARTS`] in [`RESTART_WINDOW`].
+fn supervise(
+    queue: &Receiver<Job>,
+    mut forward: impl Forward,
+    max_batch: usize,
+    max_wait: Duration,
+    metrics: &Metrics,
+    health: &Health,
+) {
+    let _guard = AliveGuard(health);
+    let mut restarts: Vec<Instant> = Vec::new();
+    loop {
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            run(queue, &mut forward, max_batch, max_wait, metrics, health);
+        }));
+        let Err(payload) = outcome else {
+            // Every handle is gone: the server is shutting down.
+            return;
+        };
+        let message = panic_message(payload.as_ref());
+        health.restarts.fetch_add(1, Ordering::AcqRel);
+        metrics.inference_restart();
+        let now = Instant::now();
+        restarts.retain(|t| now.duration_since(*t) < RESTART_WINDOW);
+        restarts.push(now);
+        if restarts.len() > MAX_RESTARTS {
+            let reason = format!(
+                "the inference thread stopped after {} panics within {:?} (last: {message}); restart the server",
+                restarts.len(),
+                RESTART_WINDOW
+            );
+            tracing::error!("{reason}");
+            match health.stopped.lock() {
+                Ok(mut r) => *r = Some(reason),
+                Err(poisoned) => *poisoned.into_inner() = Some(reason),
+            }
+            return;
+        }
+        tracing::error!("the inference loop panicked ({message}); restarting it");
     }
 }
 
 fn run(
     queue: &Receiver<Job>,
-    model: &Model,
+    forward: &mut impl Forward,
     max_batch: usize,
     max_wait: Duration,
     metrics: &Metrics,
+    health: &Health,
 ) {
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
@@ -127,11 +289,45 @@ fn run(
                 }
             }
         }
-        run_batch(model, batch, metrics);
+        run_batch(forward, batch, metrics, health);
     }
 }
 
-fn run_batch(model: &Model, batch: Vec<Job>, metrics: &Metrics) {
+/// Why a forward pass gave no predictions.
+enum Failed {
+    Model(ModelError),
+    Panicked(String),
+}
+
+/// One forward pass, a panic turned into [`Failed::Panicked`].
+fn guarded(
+    forward: &mut impl Forward,
+    inputs: &[ModelInput],
+    metrics: &Metrics,
+    health: &Health,
+) -> Result<Vec<Prediction>, Failed> {
+    match catch_unwind(AssertUnwindSafe(|| forward.forward(inputs))) {
+        Ok(Ok(predictions)) if predictions.len() == inputs.len() => Ok(predictions),
+        Ok(Ok(predictions)) => Err(Failed::Model(ModelError::Input(format!(
+            "the model gave {} predictions for {} cases",
+            predictions.len(),
+            inputs.len()
+        )))),
+        Ok(Err(e)) => Err(Failed::Model(e)),
+        Err(payload) => {
+            let message = panic_message(payload.as_ref());
+            health.panics.fetch_add(1, Ordering::AcqRel);
+            metrics.inference_panic();
+            tracing::error!(
+                "the model's forward pass panicked on a batch of {} ({message}); the inference thread carries on",
+                inputs.len()
+            );
+            Err(Failed::Panicked(message))
+        }
+    }
+}
+
+fn run_batch(forward: &mut impl Forward, batch: Vec<Job>, metrics: &Metrics, health: &Health) {
     let started = Instant::now();
     let size = batch.len();
     let (inputs, waiting): (Vec<ModelInput>, Vec<_>) = batch
@@ -143,7 +339,7 @@ fn run_batch(model: &Model, batch: Vec<Job>, metrics: &Metrics) {
         .iter()
         .map(|(queued, _)| (started.duration_since(*queued).as_secs_f64() * 1e6).round() / 1e3)
         .collect();
-    match model.predict_batch(&inputs) {
+    match guarded(forward, &inputs, metrics, health) {
         Ok(predictions) => {
             let inference_ms = ms(started);
             metrics.batch(size);
@@ -163,27 +359,200 @@ fn run_batch(model: &Model, batch: Vec<Job>, metrics: &Metrics) {
             // One case spoiled the batch: run each alone, so only it fails.
             for ((input, (_, reply)), queue_ms) in inputs.into_iter().zip(waiting).zip(queue_ms) {
                 let t = Instant::now();
-                let result = model
-                    .predict_batch(std::slice::from_ref(&input))
-                    .and_then(|mut p| {
-                        p.pop()
-                            .ok_or_else(|| ModelError::Input("empty batch".to_owned()))
-                    })
-                    .map(|prediction| BatchOutput {
-                        prediction,
-                        queue_ms,
-                        inference_ms: ms(t),
-                        batch_size: 1,
-                    })
-                    .map_err(BatchError::from);
+                let result = match guarded(forward, std::slice::from_ref(&input), metrics, health) {
+                    Ok(mut p) => p
+                        .pop()
+                        .ok_or_else(|| ModelError::Input("empty batch".to_owned()).into())
+                        .map(|prediction| BatchOutput {
+                            prediction,
+                            queue_ms,
+                            inference_ms: ms(t),
+                            batch_size: 1,
+                        }),
+                    Err(Failed::Model(e)) => Err(BatchError::Model(e)),
+                    Err(Failed::Panicked(m)) => Err(BatchError::Panicked(m)),
+                };
                 metrics.batch(1);
                 let _ = reply.send(result);
             }
         }
-        Err(e) => {
+        Err(failed) => {
             if let Some((_, reply)) = waiting.into_iter().next() {
-                let _ = reply.send(Err(e.into()));
+                let _ = reply.send(Err(match failed {
+                    Failed::Model(e) => BatchError::Model(e),
+                    Failed::Panicked(m) => BatchError::Panicked(m),
+                }));
             }
         }
+    }
+}
+
+/// The text of a panic payload (`&str` or `String`), for logs.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::HorizonPrediction;
+
+    fn prediction(value: f32) -> Prediction {
+        let h = HorizonPrediction {
+            p_o2_any: value,
+            p_o2_high_flow_or_niv: value,
+            p_ventilation_or_death: value,
+            exam_score: value,
+        };
+        Prediction { h24: h, h72: h }
+    }
+
+    /// A case whose first feature carries `tag`.
+    fn case(tag: f64) -> ModelInput {
+        ModelInput {
+            image: None,
+            features: vec![("tag".to_owned(), Some(tag))],
+        }
+    }
+
+    fn tag(input: &ModelInput) -> f64 {
+        input.features[0].1.unwrap_or(f64::NAN)
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
+    #[test]
+    fn a_panicking_forward_pass_fails_its_case_and_the_thread_keeps_serving() {
+        // The forward step panics on every batch that holds a case tagged
+        // 13 (a bug the model could have), and answers the tag otherwise.
+        let forward = |inputs: &[ModelInput]| -> Result<Vec<Prediction>, ModelError> {
+            assert!(
+                inputs.iter().all(|i| tag(i) != 13.0),
+                "injected fault in the forward pass"
+            );
+            Ok(inputs.iter().map(|i| prediction(tag(i) as f32)).collect())
+        };
+        let metrics = Arc::new(Metrics::new());
+        let batcher =
+            Batcher::with_forward(forward, 1, Duration::ZERO, Arc::clone(&metrics)).expect("start");
+        let rt = runtime();
+        let ok = rt.block_on(batcher.infer(case(1.0))).expect("healthy case");
+        assert_eq!(ok.prediction.h24.p_o2_any, 1.0);
+        let failed = rt.block_on(batcher.infer(case(13.0)));
+        match failed {
+            Err(BatchError::Panicked(m)) => assert!(m.contains("injected fault"), "{m}"),
+            other => panic!("expected Panicked, got {other:?}"),
+        }
+        // The next case is served by the same thread; nothing stopped.
+        let next = rt
+            .block_on(batcher.infer(case(2.0)))
+            .expect("after the panic");
+        assert_eq!(next.prediction.h24.p_o2_any, 2.0);
+        assert_eq!(batcher.stopped(), None);
+        assert_eq!(batcher.panics_and_restarts(), (1, 0));
+        assert!(
+            metrics.encode().contains("oxbox_inference_panics_total 1"),
+            "{}",
+            metrics.encode()
+        );
+    }
+
+    #[test]
+    fn a_panic_outside_the_forward_pass_restarts_the_loop_until_it_gives_up() {
+        // A panic payload whose drop panics: the forward pass's panic is
+        // caught, then dropping its payload panics again, outside the
+        // forward pass, in the batching loop itself.
+        struct Bomb;
+        impl Drop for Bomb {
+            fn drop(&mut self) {
+                panic!("injected fault in the batching loop");
+            }
+        }
+        let forward = |inputs: &[ModelInput]| -> Result<Vec<Prediction>, ModelError> {
+            if inputs.iter().any(|i| tag(i) == 13.0) {
+                std::panic::panic_any(Bomb);
+            }
+            Ok(inputs.iter().map(|i| prediction(tag(i) as f32)).collect())
+        };
+        let metrics = Arc::new(Metrics::new());
+        let batcher =
+            Batcher::with_forward(forward, 1, Duration::ZERO, Arc::clone(&metrics)).expect("start");
+        let rt = runtime();
+        let lost = rt.block_on(batcher.infer(case(13.0)));
+        assert!(matches!(lost, Err(BatchError::Lost)), "{lost:?}");
+        // The loop was restarted: the next case is served, still ready.
+        let next = rt
+            .block_on(batcher.infer(case(2.0)))
+            .expect("after a restart");
+        assert_eq!(next.prediction.h24.p_o2_any, 2.0);
+        assert_eq!(batcher.stopped(), None);
+        assert_eq!(batcher.panics_and_restarts(), (1, 1));
+        // Past MAX_RESTARTS within the window the thread stops and says why.
+        for _ in 0..MAX_RESTARTS {
+            let lost = rt.block_on(batcher.infer(case(13.0)));
+            assert!(matches!(lost, Err(BatchError::Lost)), "{lost:?}");
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let reason = loop {
+            if let Some(reason) = batcher.stopped() {
+                break reason;
+            }
+            assert!(Instant::now() < deadline, "the thread did not stop");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(reason.contains("restart the server"), "{reason}");
+        assert!(
+            reason.contains("injected fault in the batching loop"),
+            "{reason}"
+        );
+        let after = rt.block_on(batcher.infer(case(2.0)));
+        assert!(matches!(after, Err(BatchError::Stopped)), "{after:?}");
+        assert!(
+            metrics.encode().contains(&format!(
+                "oxbox_inference_restarts_total {}",
+                MAX_RESTARTS + 1
+            )),
+            "{}",
+            metrics.encode()
+        );
+    }
+
+    #[test]
+    fn a_panic_in_a_shared_batch_fails_only_the_poisoned_case() {
+        // Batches of up to 8, collected over 200 ms, so the three cases
+        // below share one forward pass.
+        let forward = |inputs: &[ModelInput]| -> Result<Vec<Prediction>, ModelError> {
+            assert!(
+                inputs.iter().all(|i| tag(i) != 13.0),
+                "injected fault in the forward pass"
+            );
+            Ok(inputs.iter().map(|i| prediction(tag(i) as f32)).collect())
+        };
+        let metrics = Arc::new(Metrics::new());
+        let batcher =
+            Batcher::with_forward(forward, 8, Duration::from_millis(200), metrics).expect("start");
+        let rt = runtime();
+        let (a, b, c) = rt.block_on(async {
+            tokio::join!(
+                batcher.infer(case(1.0)),
+                batcher.infer(case(13.0)),
+                batcher.infer(case(3.0))
+            )
+        });
+        assert_eq!(a.expect("a").prediction.h24.p_o2_any, 1.0);
+        assert!(matches!(b, Err(BatchError::Panicked(_))), "{b:?}");
+        assert_eq!(c.expect("c").prediction.h24.p_o2_any, 3.0);
+        // One panic for the shared batch, one for the poisoned case alone.
+        assert_eq!(batcher.panics_and_restarts(), (2, 0));
+        assert_eq!(batcher.stopped(), None);
     }
 }

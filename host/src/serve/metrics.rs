@@ -1,6 +1,7 @@
 //! What `GET /metrics` reports, in the Prometheus/OpenMetrics text format:
-//! requests by route and status, per-stage latency histograms, batch sizes
-//! and plugin faults.
+//! requests by route and status, per-stage latency histograms, batch sizes,
+//! plugin faults, inference panics, admission refusals, the memory budget's
+//! use and open connections.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -32,6 +33,14 @@ pub struct PluginLabels {
     pub plugin: String,
 }
 
+/// Labels of the admission refusal counter.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdmissionLabels {
+    /// `requests` (server.max_concurrent_requests), `memory` (the budget is
+    /// in use) or `too_large` (one case larger than the whole budget).
+    pub reason: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// The server's metrics.
@@ -43,6 +52,13 @@ pub struct Metrics {
     batch_size: Histogram,
     plugin_faults: Family<PluginLabels, Counter>,
     in_flight: Gauge,
+    inference_panics: Counter,
+    inference_restarts: Counter,
+    admission_refusals: Family<AdmissionLabels, Counter>,
+    memory_budget: Gauge,
+    memory_in_use: Gauge,
+    memory_peak: Gauge,
+    connections: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -91,6 +107,48 @@ impl Metrics {
             "Predictions in progress",
             in_flight.clone(),
         );
+        let inference_panics = Counter::default();
+        registry.register(
+            "inference_panics",
+            "Model forward passes that panicked (their cases got 500; the thread carried on)",
+            inference_panics.clone(),
+        );
+        let inference_restarts = Counter::default();
+        registry.register(
+            "inference_restarts",
+            "Restarts of the inference loop after a panic outside the forward pass",
+            inference_restarts.clone(),
+        );
+        let admission_refusals = Family::<AdmissionLabels, Counter>::default();
+        registry.register(
+            "admission_refusals",
+            "Predictions refused before decoding: requests (503), memory (503), too_large (413)",
+            admission_refusals.clone(),
+        );
+        let memory_budget = Gauge::default();
+        registry.register(
+            "memory_budget_bytes",
+            "The admission memory budget (server.memory_budget_mib)",
+            memory_budget.clone(),
+        );
+        let memory_in_use = Gauge::default();
+        registry.register(
+            "memory_budget_in_use_bytes",
+            "Bytes of the memory budget reserved by requests in progress",
+            memory_in_use.clone(),
+        );
+        let memory_peak = Gauge::default();
+        registry.register(
+            "memory_budget_peak_bytes",
+            "Most bytes of the memory budget reserved at once since start",
+            memory_peak.clone(),
+        );
+        let connections = Gauge::default();
+        registry.register(
+            "open_connections",
+            "Client connections open now (server.max_connections)",
+            connections.clone(),
+        );
         Self {
             registry,
             requests,
@@ -98,6 +156,13 @@ impl Metrics {
             batch_size,
             plugin_faults,
             in_flight,
+            inference_panics,
+            inference_restarts,
+            admission_refusals,
+            memory_budget,
+            memory_in_use,
+            memory_peak,
+            connections,
         }
     }
 
@@ -132,6 +197,37 @@ impl Metrics {
     /// The in-flight gauge.
     pub fn in_flight(&self) -> &Gauge {
         &self.in_flight
+    }
+
+    /// Counts a forward pass that panicked.
+    pub fn inference_panic(&self) {
+        self.inference_panics.inc();
+    }
+
+    /// Counts a restart of the inference loop.
+    pub fn inference_restart(&self) {
+        self.inference_restarts.inc();
+    }
+
+    /// Counts a prediction refused at admission, by `reason`.
+    pub fn admission_refused(&self, reason: &'static str) {
+        self.admission_refusals
+            .get_or_create(&AdmissionLabels { reason })
+            .inc();
+    }
+
+    /// Sets the memory budget gauges: the budget, what is reserved now and
+    /// the most ever reserved, bytes.
+    pub fn memory(&self, capacity: u64, in_use: u64, peak: u64) {
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.memory_budget.set(gauge(capacity));
+        self.memory_in_use.set(gauge(in_use));
+        self.memory_peak.set(gauge(peak));
+    }
+
+    /// The open-connections gauge.
+    pub fn connections(&self) -> &Gauge {
+        &self.connections
     }
 
     /// The text exposition.

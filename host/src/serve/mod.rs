@@ -6,17 +6,26 @@
 //! - [`batcher`]: dynamic batching of concurrent predictions;
 //! - [`problem`]: RFC 9457 problem details for every error;
 //! - [`metrics`]: the Prometheus/OpenMetrics exposition;
-//! - [`auth`]: the bearer token required off loopback.
+//! - [`auth`]: the bearer token required off loopback, and on the admin
+//!   route everywhere;
+//! - [`admission`]: the memory budget predictions are admitted against;
+//! - [`reload`]: plugin reloads, serialised, rate-limited and audited.
 //!
 //! Decode and plugins run on tokio's blocking pool, the model on one
 //! inference thread (batches), the SQLite audit log on the blocking pool.
-//! SIGHUP reloads the plugins; SIGINT/SIGTERM stop accepting, let requests
-//! in progress finish (up to 30 s), then exit.
+//! A prediction reads its body (under its timeout, size limit and the
+//! memory budget) before it takes one of `server.max_concurrent_requests`
+//! permits, so a client trickling its body holds none. At most
+//! `server.max_connections` connections are open at once; further ones wait
+//! in the listen backlog. SIGHUP reloads the plugins; SIGINT/SIGTERM stop
+//! accepting, let requests in progress finish (up to 30 s), then exit.
 
+pub mod admission;
 pub mod auth;
 pub mod batcher;
 pub mod metrics;
 pub mod problem;
+pub mod reload;
 pub mod routes;
 
 use std::convert::Infallible;
@@ -28,6 +37,7 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::Semaphore;
 
 use crate::config::{Config, LimitsConfig, LoadedConfig};
@@ -35,12 +45,19 @@ use crate::model::{Model, ModelError, select_device, set_compute_threads};
 use crate::pipeline::Pipeline;
 use crate::plugins::{PluginError, PluginRegistry};
 use crate::store::{AuditLog, StoreError};
+use admission::MemoryBudget;
 use auth::{BearerToken, TokenError};
 use batcher::Batcher;
 use metrics::Metrics;
+use reload::ReloadGate;
 
 /// How long requests in progress may take to finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// The most a connection buffers while reading a request (hyper's
+/// `max_buf_size`; its default is about 400 KiB): request heads larger than
+/// this are refused, bodies stream through it.
+pub const READ_BUFFER_BYTES: usize = 64 * 1024;
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +101,12 @@ pub struct ServerSettings {
     pub body_timeout: Duration,
     /// Predictions in progress at once.
     pub max_concurrent: usize,
+    /// Open connections at once.
+    pub max_connections: usize,
+    /// Least time between two HTTP plugin reloads.
+    pub reload_min_interval: Duration,
+    /// The memory budget, bytes (derived when the config says 0).
+    pub memory_budget_bytes: u64,
 }
 
 impl ServerSettings {
@@ -94,6 +117,13 @@ impl ServerSettings {
             header_timeout: Duration::from_millis(s.header_timeout_ms),
             body_timeout: Duration::from_millis(s.body_timeout_ms),
             max_concurrent: s.max_concurrent_requests,
+            max_connections: s.max_connections,
+            reload_min_interval: Duration::from_secs(s.reload_min_interval_s),
+            memory_budget_bytes: if s.memory_budget_mib == 0 {
+                admission::derived_budget()
+            } else {
+                s.memory_budget_mib * 1024 * 1024
+            },
         }
     }
 }
@@ -110,6 +140,17 @@ pub struct AppState {
     limits: LimitsConfig,
     settings: ServerSettings,
     permits: Arc<Semaphore>,
+    budget: Arc<MemoryBudget>,
+    reloads: ReloadGate,
+}
+
+/// The signals the server handles, installed before it says it listens
+/// (so that a SIGHUP sent at once reloads rather than kills it).
+#[derive(Debug)]
+struct Signals {
+    hangup: Signal,
+    interrupt: Signal,
+    terminate: Signal,
 }
 
 /// A server with its model and plugins loaded and its socket bound.
@@ -117,6 +158,8 @@ pub struct AppState {
 pub struct Server {
     state: Arc<AppState>,
     listener: std::net::TcpListener,
+    runtime: tokio::runtime::Runtime,
+    signals: Signals,
 }
 
 impl Server {
@@ -145,9 +188,6 @@ impl Server {
         let model = Model::load(package, &device)?;
         let pipeline = Arc::new(Pipeline::new(config, model));
         let plugins = Arc::new(PluginRegistry::new(loaded)?);
-        plugins
-            .reload_on_sighup()
-            .map_err(io("installing the SIGHUP handler"))?;
         let audit = Arc::new(Mutex::new(AuditLog::open(&config.storage.data_dir)?));
         let token = config
             .server
@@ -169,6 +209,30 @@ impl Server {
             .set_nonblocking(true)
             .map_err(io("configuring the socket"))?;
         let settings = ServerSettings::from_config(config);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(settings.max_concurrent + 8)
+            .thread_name("oxbox-http")
+            .enable_all()
+            .build()
+            .map_err(io("starting the async runtime"))?;
+        let signals = {
+            let _context = runtime.enter();
+            Signals {
+                hangup: signal(SignalKind::hangup())
+                    .map_err(io("installing the SIGHUP handler"))?,
+                interrupt: signal(SignalKind::interrupt())
+                    .map_err(io("installing the SIGINT handler"))?,
+                terminate: signal(SignalKind::terminate())
+                    .map_err(io("installing the SIGTERM handler"))?,
+            }
+        };
+        tracing::info!(
+            "memory budget {} MiB, at most {} connections, {} predictions at once",
+            settings.memory_budget_bytes / (1024 * 1024),
+            settings.max_connections,
+            settings.max_concurrent
+        );
         Ok(Self {
             state: Arc::new(AppState {
                 pipeline,
@@ -179,9 +243,13 @@ impl Server {
                 token,
                 limits: config.limits.clone(),
                 permits: Arc::new(Semaphore::new(settings.max_concurrent)),
+                budget: MemoryBudget::new(settings.memory_budget_bytes),
+                reloads: ReloadGate::new(settings.reload_min_interval),
                 settings,
             }),
             listener,
+            runtime,
+            signals,
         })
     }
 
@@ -196,67 +264,108 @@ impl Server {
     /// Serves until SIGINT or SIGTERM, then drains.
     ///
     /// # Errors
-    /// [`ServeError::Io`] when the runtime or the socket fail.
+    /// [`ServeError::Io`] when the socket fails.
     pub fn run(self) -> Result<(), ServeError> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .max_blocking_threads(self.state.settings.max_concurrent + 8)
-            .thread_name("oxbox-http")
-            .enable_all()
-            .build()
-            .map_err(io("starting the async runtime"))?;
-        runtime.block_on(self.serve())
+        let Self {
+            state,
+            listener,
+            runtime,
+            signals,
+        } = self;
+        runtime.block_on(serve(state, listener, signals))
     }
+}
 
-    async fn serve(self) -> Result<(), ServeError> {
-        let listener = tokio::net::TcpListener::from_std(self.listener)
-            .map_err(io("registering the socket"))?;
-        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-        let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .map_err(io("installing the SIGTERM handler"))?;
-        let header_timeout = self.state.settings.header_timeout;
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => {
-                    let (stream, _peer) = match accepted {
-                        Ok(pair) => pair,
-                        Err(e) => {
-                            // Out of descriptors and the like: back off, keep serving.
-                            tracing::warn!("accept failed: {e}");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    };
-                    let _ = stream.set_nodelay(true);
-                    let state = Arc::clone(&self.state);
-                    let service = service_fn(move |request| {
-                        let state = Arc::clone(&state);
-                        async move { Ok::<_, Infallible>(routes::handle(state, request).await) }
-                    });
-                    let connection = http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(header_timeout)
-                        .serve_connection(TokioIo::new(stream), service);
-                    let connection = graceful.watch(connection);
-                    tokio::spawn(async move {
-                        if let Err(e) = connection.await {
-                            tracing::debug!("connection ended: {e}");
-                        }
-                    });
+async fn serve(
+    state: Arc<AppState>,
+    listener: std::net::TcpListener,
+    signals: Signals,
+) -> Result<(), ServeError> {
+    let Signals {
+        hangup,
+        mut interrupt,
+        mut terminate,
+    } = signals;
+    let listener =
+        tokio::net::TcpListener::from_std(listener).map_err(io("registering the socket"))?;
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::spawn(reload::on_sighup(Arc::clone(&state), hangup));
+    let header_timeout = state.settings.header_timeout;
+    let connections = Arc::new(Semaphore::new(state.settings.max_connections));
+    loop {
+        // A free connection slot first: at the cap, new connections wait in
+        // the kernel's listen backlog, holding nothing of ours.
+        let slot = tokio::select! {
+            slot = Arc::clone(&connections).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            _ = interrupt.recv() => break,
+            _ = terminate.recv() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of descriptors and the like: back off, keep serving.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
                 }
-                _ = tokio::signal::ctrl_c() => break,
-                _ = terminate.recv() => break,
+            },
+            _ = interrupt.recv() => break,
+            _ = terminate.recv() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service_state = Arc::clone(&state);
+        let service = service_fn(move |request| {
+            let state = Arc::clone(&service_state);
+            async move { Ok::<_, Infallible>(routes::handle(state, peer, request).await) }
+        });
+        let connection = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .max_buf_size(READ_BUFFER_BYTES)
+            .serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        let open = OpenConnection::new(Arc::clone(&state.metrics), slot);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!("connection ended: {e}");
             }
+            drop(open);
+        });
+    }
+    tracing::info!("shutting down: draining requests in progress");
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("requests still in progress after {SHUTDOWN_GRACE:?}; exiting");
+    }
+    Ok(())
+}
+
+/// A connection's slot under `server.max_connections`, counted in the
+/// open-connections gauge while held.
+struct OpenConnection {
+    metrics: Arc<Metrics>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl OpenConnection {
+    fn new(metrics: Arc<Metrics>, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
+        metrics.connections().inc();
+        Self {
+            metrics,
+            _slot: slot,
         }
-        tracing::info!("shutting down: draining requests in progress");
-        drop(listener);
-        if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
-            .await
-            .is_err()
-        {
-            tracing::warn!("requests still in progress after {SHUTDOWN_GRACE:?}; exiting");
-        }
-        Ok(())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.metrics.connections().dec();
     }
 }

@@ -104,6 +104,75 @@ impl Problem {
         p
     }
 
+    /// 503 with Retry-After: the memory budget is in use by other requests
+    /// (`detail` says how much this request needs).
+    pub fn overloaded_memory(detail: impl Into<String>) -> Self {
+        let mut p = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "Overloaded",
+            format!("{}; retry shortly", detail.into()),
+        );
+        p.retry_after = Some(1);
+        p
+    }
+
+    /// Whether this is an overload refusal (503 `overloaded`), which the
+    /// audit log does not record.
+    pub fn is_overloaded(&self) -> bool {
+        self.status == 503 && self.kind == "urn:oxbox:problem:overloaded"
+    }
+
+    /// 413: one case whose estimated decoded size exceeds the whole memory
+    /// budget; retrying cannot help.
+    pub fn case_too_large(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "case-too-large",
+            "Case too large for this box",
+            detail,
+        )
+    }
+
+    /// 403: an admin route on a server without `server.token_file`.
+    pub fn admin_needs_token() -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "admin-token-required",
+            "Admin routes need a token",
+            "the admin routes require a bearer token, on loopback too: set server.token_file \
+             (e.g. `openssl rand -hex 32 > /etc/oxbox/token && chmod 600 /etc/oxbox/token`), \
+             restart, and send Authorization: Bearer <token>; or reload with SIGHUP",
+        )
+    }
+
+    /// 409: another plugin reload is running.
+    pub fn reload_in_progress() -> Self {
+        let mut p = Self::new(
+            StatusCode::CONFLICT,
+            "reload-in-progress",
+            "Reload in progress",
+            "another plugin reload is running; retry when it has finished",
+        );
+        p.retry_after = Some(1);
+        p
+    }
+
+    /// 429 with Retry-After: a reload sooner than
+    /// `server.reload_min_interval_s` after the previous one.
+    pub fn reload_rate_limited(retry_after_s: u32, interval_s: u64) -> Self {
+        let mut p = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+            "Too many reloads",
+            format!(
+                "at most one plugin reload per {interval_s} s (server.reload_min_interval_s); retry in {retry_after_s} s"
+            ),
+        );
+        p.retry_after = Some(retry_after_s);
+        p
+    }
+
     /// 401: no or a wrong bearer token.
     pub fn unauthorized(detail: impl Into<String>) -> Self {
         let mut p = Self::new(

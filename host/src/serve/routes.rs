@@ -1,18 +1,22 @@
 //! Routing and the handlers: one function per route, each returning a
 //! complete response (JSON, the metrics text, or a problem).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode, header};
 use serde_json::json;
 
 use super::AppState;
+use super::admission::{self, AdmissionError, Reservation};
+use super::batcher::BatchError;
 use super::problem::Problem;
-use crate::dicom::DicomFile;
+use super::reload::Refusal;
+use crate::dicom::{DicomFile, ImageHeader};
 use crate::pipeline::{PipelineError, PredictionReport};
 use crate::plugins::PluginError;
 use crate::plugins::manifest::SignatureStatus;
@@ -80,22 +84,37 @@ impl Route {
 
 type HttpResponse = Response<Full<Bytes>>;
 
-/// Answers one request.
-pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> HttpResponse {
+/// Answers one request from `peer`.
+pub async fn handle(
+    state: Arc<AppState>,
+    peer: SocketAddr,
+    request: Request<Incoming>,
+) -> HttpResponse {
     let route = Route::of(request.uri().path());
-    let response = dispatch(&state, route, request).await;
+    let response = dispatch(&state, peer, route, request).await;
     state
         .metrics
         .request(route.label(), response.status().as_u16());
     response
 }
 
-async fn dispatch(state: &Arc<AppState>, route: Route, request: Request<Incoming>) -> HttpResponse {
+async fn dispatch(
+    state: &Arc<AppState>,
+    peer: SocketAddr,
+    route: Route,
+    request: Request<Incoming>,
+) -> HttpResponse {
     let Some(method) = route.method() else {
         return Problem::not_found(request.uri().path()).into_response();
     };
     if request.method() != method {
         return Problem::method_not_allowed(method.as_str()).into_response();
+    }
+    // The admin route needs the token everywhere, loopback included: a
+    // server without one refuses it.
+    if route == Route::Reload && state.token.is_none() {
+        tracing::warn!("plugin reload from {peer} refused: no server.token_file configured");
+        return Problem::admin_needs_token().into_response();
     }
     if route.needs_token()
         && let Some(token) = &state.token
@@ -114,19 +133,25 @@ async fn dispatch(state: &Arc<AppState>, route: Route, request: Request<Incoming
         Route::Ready => ready(state),
         Route::Model => model(state),
         Route::Plugins => plugins(state),
-        Route::Metrics => Response::builder()
-            .header(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )
-            .body(Full::new(Bytes::from(state.metrics.encode())))
-            .unwrap_or_else(|_| Problem::internal("metrics").into_response()),
+        Route::Metrics => {
+            let budget = &state.budget;
+            state
+                .metrics
+                .memory(budget.capacity(), budget.in_use(), budget.peak());
+            Response::builder()
+                .header(
+                    header::CONTENT_TYPE,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )
+                .body(Full::new(Bytes::from(state.metrics.encode())))
+                .unwrap_or_else(|_| Problem::internal("metrics").into_response())
+        }
         Route::OpenApi => Response::builder()
             .header(header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from_static(OPENAPI.as_bytes())))
             .unwrap_or_else(|_| Problem::internal("openapi").into_response()),
         Route::Predict => predict(state, request).await,
-        Route::Reload => reload(state).await,
+        Route::Reload => reload(state, peer).await,
         Route::Other => Problem::not_found(request.uri().path()).into_response(),
     }
 }
@@ -142,9 +167,19 @@ fn json_response(status: StatusCode, value: &impl serde::Serialize) -> HttpRespo
     }
 }
 
-/// Ready when the model is loaded (it is, once the server listens) and no
-/// plugin is quarantined.
+/// Ready when the model is loaded (it is, once the server listens), the
+/// inference thread serves and no plugin is quarantined.
 fn ready(state: &AppState) -> HttpResponse {
+    if let Some(reason) = state.batcher.stopped() {
+        let mut p = Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not-ready",
+            "Not ready",
+            reason,
+        );
+        p.retry_after = Some(60);
+        return p.into_response();
+    }
     let plugins = state.plugins.current();
     let quarantined: Vec<String> = plugins
         .plugins()
@@ -216,21 +251,38 @@ fn plugins(state: &AppState) -> HttpResponse {
     json_response(StatusCode::OK, &json!({ "plugins": list }))
 }
 
-async fn reload(state: &Arc<AppState>) -> HttpResponse {
-    let registry = Arc::clone(&state.plugins);
-    match tokio::task::spawn_blocking(move || registry.reload()).await {
-        Ok(Ok(count)) => {
-            tracing::info!("plugins reloaded over HTTP: {count} plugin(s)");
-            plugins(state)
+/// One reload at a time, at most one per `server.reload_min_interval_s`,
+/// each audited (the token was checked by [`dispatch`]).
+async fn reload(state: &Arc<AppState>, peer: SocketAddr) -> HttpResponse {
+    let turn = match state.reloads.try_begin() {
+        Ok(turn) => turn,
+        Err(Refusal::InProgress) => {
+            tracing::warn!("plugin reload from {peer} refused: another is running");
+            return Problem::reload_in_progress().into_response();
         }
-        Ok(Err(e)) => Problem::new(
+        Err(Refusal::TooSoon { retry_after_s }) => {
+            tracing::warn!("plugin reload from {peer} refused: rate limited");
+            return Problem::reload_rate_limited(
+                retry_after_s,
+                state.settings.reload_min_interval.as_secs(),
+            )
+            .into_response();
+        }
+    };
+    let outcome = super::reload::reload(state, turn, format!("http {peer}")).await;
+    match (outcome.result, outcome.audit_error) {
+        (_, Some(e)) => Problem::internal(format!(
+            "the reload ran but could not be audited ({e}); see GET /v1/plugins"
+        ))
+        .into_response(),
+        (Ok(_), None) => plugins(state),
+        (Err(e), None) => Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "reload-failed",
             "Plugin reload failed",
             format!("{e}; the running plugins stay in place"),
         )
         .into_response(),
-        Err(e) => Problem::internal(format!("reload task: {e}")).into_response(),
     }
 }
 
@@ -242,17 +294,43 @@ enum CaseBody {
     Json(serde_json::Value),
 }
 
+/// Counts a prediction in the in-flight gauge while alive (also when the
+/// client goes away and the request's future is dropped).
+struct InFlight<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl<'a> InFlight<'a> {
+    fn new(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 async fn predict(state: &Arc<AppState>, request: Request<Incoming>) -> HttpResponse {
     let request_id = new_request_id();
-    let Ok(_permit) = Arc::clone(&state.permits).try_acquire_owned() else {
-        return Problem::overloaded(state.settings.max_concurrent)
-            .for_request(&request_id)
-            .into_response();
-    };
-    state.metrics.in_flight().inc();
     let started = Instant::now();
-    let outcome = predict_case(state, &request_id, request).await;
-    state.metrics.in_flight().dec();
+    // The body first, under its timeout, size limit and the memory budget,
+    // and before a prediction permit: a client trickling its body holds
+    // memory only for what it has sent, and no permit.
+    let mut reservation = state.budget.reservation();
+    let outcome = match read_case(state, request, &mut reservation).await {
+        Err(problem) => Err(problem),
+        Ok(body) => {
+            let Ok(_permit) = Arc::clone(&state.permits).try_acquire_owned() else {
+                state.metrics.admission_refused("requests");
+                return Problem::overloaded(state.settings.max_concurrent)
+                    .for_request(&request_id)
+                    .into_response();
+            };
+            let _in_flight = InFlight::new(state.metrics.in_flight());
+            predict_case(state, &request_id, body, reservation).await
+        }
+    };
     let (response, audit) = match outcome {
         Ok(report) => {
             let t = report.timings_ms;
@@ -272,6 +350,11 @@ async fn predict(state: &Arc<AppState>, request: Request<Incoming>) -> HttpRespo
                 response.headers_mut().insert("x-request-id", value);
             }
             (response, audit)
+        }
+        // Overload is not a refusal of the case: not audited (as the
+        // permit overload above), so a flood cannot grow the database.
+        Err(problem) if problem.is_overloaded() => {
+            return problem.for_request(&request_id).into_response();
         }
         Err(problem) => {
             let audit = state.pipeline.refused_record(
@@ -300,14 +383,31 @@ async fn predict(state: &Arc<AppState>, request: Request<Incoming>) -> HttpRespo
     }
 }
 
+/// The problem for an admission refusal, counted in the metrics.
+fn admission_problem(state: &AppState, e: AdmissionError) -> Problem {
+    match e {
+        AdmissionError::Busy { .. } => {
+            state.metrics.admission_refused("memory");
+            Problem::overloaded_memory(e.to_string())
+        }
+        AdmissionError::TooLarge { .. } => {
+            state.metrics.admission_refused("too_large");
+            Problem::case_too_large(e.to_string())
+        }
+    }
+}
+
 async fn predict_case(
     state: &Arc<AppState>,
     request_id: &str,
-    request: Request<Incoming>,
+    body: CaseBody,
+    mut reservation: Reservation,
 ) -> Result<PredictionReport, Problem> {
-    let body = read_case(state, request).await?;
     let (dicom, emr) = match body {
         CaseBody::Multipart { dicom, emr } => {
+            reservation
+                .grow((emr.len() as u64).saturating_mul(admission::JSON_EXPANSION))
+                .map_err(|e| admission_problem(state, e))?;
             let emr: serde_json::Value = serde_json::from_slice(&emr)
                 .map_err(|e| Problem::malformed(format!("the emr part is not JSON: {e}")))?;
             (dicom, emr)
@@ -335,22 +435,60 @@ async fn predict_case(
         ));
     }
 
-    // Decode and plugins: CPU work, off the async threads.
+    // Decode and plugins: CPU work, off the async threads. The file is
+    // parsed and its header read here, so that the decode is admitted
+    // against the memory budget before any pixel buffer exists.
     let pipeline = Arc::clone(&state.pipeline);
     let plugins = state.plugins.current();
     let limits = state.limits.clone();
+    let admit_state = Arc::clone(state);
     let prepared = tokio::task::spawn_blocking(move || {
-        let file = dicom
-            .as_deref()
-            .map(|bytes| DicomFile::from_bytes(bytes, &limits))
-            .transpose()?;
-        pipeline.prepare(file.as_ref(), &emr, &plugins)
+        let file = match dicom.as_deref() {
+            None => None,
+            Some(bytes) => {
+                reservation
+                    .grow(bytes.len() as u64)
+                    .map_err(|e| Admitted::Refused(Box::new(admission_problem(&admit_state, e))))?;
+                let file = DicomFile::from_bytes(bytes, &limits)
+                    .map_err(|e| Admitted::Failed(e.into()))?;
+                if pipeline.model().uses_image() {
+                    let header =
+                        ImageHeader::read(&file).map_err(|e| Admitted::Failed(e.into()))?;
+                    let geometry = header
+                        .accept(&limits)
+                        .map_err(|e| Admitted::Failed(e.into()))?;
+                    let estimate = admission::decode_estimate(
+                        &geometry,
+                        header.pixel_data_encapsulated,
+                        pipeline.model().package().manifest.input_size,
+                        plugins.preprocesses_images(),
+                    );
+                    reservation.grow(estimate).map_err(|e| {
+                        Admitted::Refused(Box::new(admission_problem(&admit_state, e)))
+                    })?;
+                }
+                Some(file)
+            }
+        };
+        let prepared = pipeline
+            .prepare(file.as_ref(), &emr, &plugins)
+            .map_err(Admitted::Failed);
+        // The file, the body and the decode buffers are gone: give the
+        // budget back.
+        drop(file);
+        drop(dicom);
+        drop(reservation);
+        prepared
     })
     .await
     .map_err(|e| Problem::internal(format!("prediction task: {e}")))?;
     let mut case = match prepared {
         Ok(case) => case,
-        Err(e) => {
+        Err(Admitted::Refused(problem)) => {
+            tracing::info!(request_id, "prediction refused at admission");
+            return Err(*problem);
+        }
+        Err(Admitted::Failed(e)) => {
             count_plugin_fault(state, &e);
             tracing::info!(request_id, "prediction refused: {}", category(&e));
             return Err(Problem::from_pipeline(&e));
@@ -361,15 +499,19 @@ async fn predict_case(
         .infer(std::mem::take(&mut case.input))
         .await
         .map_err(|e| match e {
-            super::batcher::BatchError::Model(e) => {
-                Problem::from_pipeline(&PipelineError::Model(e))
-            }
-            super::batcher::BatchError::Stopped => {
+            BatchError::Model(e) => Problem::from_pipeline(&PipelineError::Model(e)),
+            BatchError::Panicked(_) | BatchError::Lost => Problem::internal(format!(
+                "{e}; the inference thread carries on, retry the request"
+            )),
+            BatchError::Stopped => {
                 let mut p = Problem::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "shutting-down",
                     "Shutting down",
-                    "the server is shutting down",
+                    state
+                        .batcher
+                        .stopped()
+                        .unwrap_or_else(|| "the server is shutting down".to_owned()),
                 );
                 p.retry_after = Some(5);
                 p
@@ -379,6 +521,14 @@ async fn predict_case(
     Ok(state
         .pipeline
         .report(request_id, case, output.prediction, output.inference_ms))
+}
+
+/// How the decode-and-plugins step ended without a case.
+enum Admitted {
+    /// Refused at admission (memory budget).
+    Refused(Box<Problem>),
+    /// The pipeline refused or failed.
+    Failed(PipelineError),
 }
 
 /// The error's kind, for logs (never its text: it may echo the input).
@@ -403,8 +553,14 @@ fn count_plugin_fault(state: &AppState, e: &PipelineError) {
 }
 
 /// Reads and splits the body: size limit (from Content-Length before
-/// reading, and while reading), body timeout, media type.
-async fn read_case(state: &AppState, request: Request<Incoming>) -> Result<CaseBody, Problem> {
+/// reading, and while reading), body timeout, media type, and the memory
+/// budget (grown by each chunk as it arrives, and by the multipart
+/// parser's copy).
+async fn read_case(
+    state: &AppState,
+    request: Request<Incoming>,
+    reservation: &mut Reservation,
+) -> Result<CaseBody, Problem> {
     let max = state.settings.max_body_bytes;
     let declared = request
         .headers()
@@ -443,22 +599,63 @@ async fn read_case(state: &AppState, request: Request<Incoming>) -> Result<CaseB
     };
     let limit = usize::try_from(max).unwrap_or(usize::MAX);
     let timeout = state.settings.body_timeout;
-    let body =
-        match tokio::time::timeout(timeout, Limited::new(request.into_body(), limit).collect())
-            .await
-        {
-            Err(_) => return Err(Problem::body_timeout(timeout.as_millis() as u64)),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+    let capacity = declared
+        .and_then(|len| usize::try_from(len).ok())
+        .unwrap_or(0)
+        .min(limit);
+    let read = async {
+        let mut incoming = request.into_body();
+        let mut body = Vec::with_capacity(capacity);
+        let mut received = 0usize;
+        // Refused at admission while reading: the rest of the body is read
+        // and dropped (within the same timeout and size limit), so that the
+        // client gets the 503 rather than a reset connection.
+        let mut refused = None;
+        while let Some(frame) = incoming.frame().await {
+            let frame = frame.map_err(|e| Problem::malformed(format!("reading the body: {e}")))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            received = received.saturating_add(data.len());
+            if received > limit {
                 return Err(Problem::too_large(max));
             }
-            Ok(Err(e)) => return Err(Problem::malformed(format!("reading the body: {e}"))),
-            Ok(Ok(collected)) => collected.to_bytes(),
-        };
+            if refused.is_some() {
+                continue;
+            }
+            match reservation.grow(data.len() as u64) {
+                Ok(()) => body.extend_from_slice(&data),
+                Err(e) => {
+                    refused = Some(admission_problem(state, e));
+                    body = Vec::new();
+                }
+            }
+        }
+        match refused {
+            Some(problem) => Err(problem),
+            None => Ok(Bytes::from(body)),
+        }
+    };
+    let body = match tokio::time::timeout(timeout, read).await {
+        Err(_) => return Err(Problem::body_timeout(timeout.as_millis() as u64)),
+        Ok(result) => result?,
+    };
     match kind {
-        None => serde_json::from_slice(&body)
-            .map(CaseBody::Json)
-            .map_err(|e| Problem::malformed(format!("the body is not JSON: {e}"))),
-        Some(boundary) => parse_multipart(body, boundary).await,
+        None => {
+            reservation
+                .grow((body.len() as u64).saturating_mul(admission::JSON_EXPANSION))
+                .map_err(|e| admission_problem(state, e))?;
+            serde_json::from_slice(&body)
+                .map(CaseBody::Json)
+                .map_err(|e| Problem::malformed(format!("the body is not JSON: {e}")))
+        }
+        Some(boundary) => {
+            // The parser copies the body into its own buffer.
+            reservation
+                .grow(body.len() as u64)
+                .map_err(|e| admission_problem(state, e))?;
+            parse_multipart(body, boundary).await
+        }
     }
 }
 

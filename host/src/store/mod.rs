@@ -1,8 +1,16 @@
-//! Local state in SQLite (rusqlite, bundled): the audit log of predictions.
+//! Local state in SQLite (rusqlite, bundled): the audit log of predictions
+//! and of administrative actions.
 //!
 //! One record per prediction — time, request id, model digest, plugin
 //! versions, outputs, timings, status — and never a patient identifier: the
-//! record is built from the prediction report, which holds none.
+//! record is built from the prediction report, which holds none. One record
+//! per plugin reload (over HTTP or SIGHUP) — time, who asked (the peer
+//! address, or `SIGHUP`), outcome, the plugins before and after.
+//!
+//! The schema is versioned with SQLite's `user_version`: opening a database
+//! applies the migrations it lacks, in order (version 1: `predictions`;
+//! version 2: `admin_events`), so databases written by earlier versions keep
+//! their records and gain the new tables.
 
 use std::path::{Path, PathBuf};
 
@@ -58,7 +66,30 @@ pub struct AuditLog {
     path: PathBuf,
 }
 
-const SCHEMA: &str = "
+/// One audited administrative action.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AdminRecord {
+    /// When it was recorded (UTC, RFC 3339), set by the database.
+    pub time: String,
+    /// Who asked: `http <peer address>` or `SIGHUP`.
+    pub actor: String,
+    /// What: `plugins.reload`.
+    pub action: String,
+    /// `ok`, or `failed`.
+    pub outcome: String,
+    /// The plugins before (JSON: name, version, sha256 of each).
+    pub before: serde_json::Value,
+    /// The plugins after (the same as before when it failed).
+    pub after: serde_json::Value,
+    /// Why it failed (configuration or plugin load errors: no patient data),
+    /// or empty.
+    pub detail: String,
+}
+
+/// The schema migrations, in order; migration `i` brings the database to
+/// `user_version = i + 1`.
+const MIGRATIONS: [&str; 2] = [
+    "
 CREATE TABLE IF NOT EXISTS predictions (
     id           INTEGER PRIMARY KEY,
     time         TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
@@ -68,7 +99,19 @@ CREATE TABLE IF NOT EXISTS predictions (
     outputs      TEXT NOT NULL,
     timings      TEXT NOT NULL,
     status       TEXT NOT NULL
-);";
+);",
+    "
+CREATE TABLE IF NOT EXISTS admin_events (
+    id      INTEGER PRIMARY KEY,
+    time    TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    actor   TEXT NOT NULL,
+    action  TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    before  TEXT NOT NULL,
+    after   TEXT NOT NULL,
+    detail  TEXT NOT NULL
+);",
+];
 
 impl AuditLog {
     /// Opens (creating if needed) the audit log in `data_dir`.
@@ -85,12 +128,11 @@ impl AuditLog {
             path: path.display().to_string(),
             source,
         };
-        let connection = Connection::open(&path).map_err(sqlite)?;
+        let mut connection = Connection::open(&path).map_err(sqlite)?;
         connection
-            .execute_batch(&format!(
-                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; {SCHEMA}"
-            ))
+            .execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")
             .map_err(sqlite)?;
+        migrate(&mut connection).map_err(sqlite)?;
         Ok(Self { connection, path })
     }
 
@@ -123,6 +165,57 @@ impl AuditLog {
             .map_err(|e| self.error(e))
     }
 
+    /// Appends an administrative record (its `time` is ignored).
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn record_admin(&self, record: &AdminRecord) -> Result<(), StoreError> {
+        self.connection
+            .execute(
+                "INSERT INTO admin_events (actor, action, outcome, before, after, detail)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    record.actor,
+                    record.action,
+                    record.outcome,
+                    record.before.to_string(),
+                    record.after.to_string(),
+                    record.detail,
+                ],
+            )
+            .map(drop)
+            .map_err(|e| self.error(e))
+    }
+
+    /// The last `n` administrative records, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn admin_tail(&self, n: usize) -> Result<Vec<AdminRecord>, StoreError> {
+        let mut statement = self
+            .connection
+            .prepare(
+                "SELECT time, actor, action, outcome, before, after, detail
+                 FROM (SELECT * FROM admin_events ORDER BY id DESC LIMIT ?1) ORDER BY id",
+            )
+            .map_err(|e| self.error(e))?;
+        let json = |text: String| serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+        let rows = statement
+            .query_map(params![n as i64], |row| {
+                Ok(AdminRecord {
+                    time: row.get(0)?,
+                    actor: row.get(1)?,
+                    action: row.get(2)?,
+                    outcome: row.get(3)?,
+                    before: json(row.get(4)?),
+                    after: json(row.get(5)?),
+                    detail: row.get(6)?,
+                })
+            })
+            .map_err(|e| self.error(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.error(e))
+    }
+
     /// The last `n` records, oldest first.
     ///
     /// # Errors
@@ -151,6 +244,23 @@ impl AuditLog {
             .map_err(|e| self.error(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.error(e))
     }
+}
+
+/// Applies the migrations the database lacks, each in its own transaction
+/// with the version bump. A database from a later version is left as it is.
+fn migrate(connection: &mut Connection) -> Result<(), rusqlite::Error> {
+    let version: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    for (i, migration) in MIGRATIONS.iter().enumerate() {
+        let target = i as i64 + 1;
+        if version >= target {
+            continue;
+        }
+        let transaction = connection.transaction()?;
+        transaction.execute_batch(migration)?;
+        transaction.execute_batch(&format!("PRAGMA user_version = {target}"))?;
+        transaction.commit()?;
+    }
+    Ok(())
 }
 
 /// A fresh request id: 128 random bits, hex.
@@ -209,6 +319,49 @@ mod tests {
             5
         );
         assert_ne!(new_request_id(), new_request_id());
+    }
+
+    #[test]
+    fn a_database_from_before_admin_events_is_migrated_and_keeps_its_records() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // The version-1 database, as earlier versions wrote it (no
+        // user_version, predictions only), with one record.
+        {
+            let connection = Connection::open(dir.path().join("audit.sqlite3")).expect("sqlite");
+            connection.execute_batch(MIGRATIONS[0]).expect("v1 schema");
+            connection
+                .execute(
+                    "INSERT INTO predictions (request_id, model_digest, plugins, outputs, timings, status)
+                     VALUES ('old', 'abc', '[]', 'null', '{}', 'ok')",
+                    [],
+                )
+                .expect("old record");
+        }
+        let log = AuditLog::open(dir.path()).expect("open migrates");
+        assert_eq!(log.tail(10).expect("tail")[0].request_id, "old");
+        log.record_admin(&AdminRecord {
+            time: String::new(),
+            actor: "http 127.0.0.1:40000".into(),
+            action: "plugins.reload".into(),
+            outcome: "ok".into(),
+            before: serde_json::json!([{"name": "a", "version": "1", "sha256": "x"}]),
+            after: serde_json::json!([{"name": "a", "version": "2", "sha256": "y"}]),
+            detail: String::new(),
+        })
+        .expect("admin record");
+        drop(log);
+        // Reopening applies nothing twice and keeps both kinds of record.
+        let log = AuditLog::open(dir.path()).expect("reopen");
+        let version: i64 = log
+            .connection
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .expect("version");
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        let admin = log.admin_tail(5).expect("admin tail");
+        assert_eq!(admin.len(), 1);
+        assert_eq!(admin[0].outcome, "ok");
+        assert_eq!(admin[0].after[0]["version"], "2");
+        assert_eq!(log.tail(10).expect("tail").len(), 1);
         assert_eq!(new_request_id().len(), 32);
     }
 }
