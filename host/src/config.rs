@@ -113,7 +113,9 @@ pub struct ServerConfig {
     #[serde(default = "default_body_timeout_ms")]
     pub body_timeout_ms: u64,
     /// `max_concurrent_requests = 32`: predictions in progress at once;
-    /// more get 503 with Retry-After.
+    /// more get 503 with Retry-After. At most the plugin sandbox pool's
+    /// size (32, `plugins::engine::MAX_CONCURRENT_SANDBOXES`): each
+    /// prediction may hold one sandbox at a time.
     #[serde(default = "default_max_concurrent")]
     pub max_concurrent_requests: usize,
     /// `batch_max = 8`: most cases per model forward pass (1 = no batching).
@@ -313,6 +315,7 @@ impl SandboxConfig {
             deadline: std::time::Duration::from_millis(self.deadline_ms.into()),
             memory_bytes: self.memory_limit_mib as usize * 1024 * 1024,
             fault_threshold: self.fault_threshold,
+            sandboxes: crate::plugins::engine::MAX_CONCURRENT_SANDBOXES,
         }
     }
 }
@@ -460,11 +463,6 @@ impl Config {
                 server.body_timeout_ms,
                 100..=3_600_000,
             ),
-            (
-                "server.max_concurrent_requests",
-                server.max_concurrent_requests as u64,
-                1..=10_000,
-            ),
             ("server.batch_max", server.batch_max as u64, 1..=256),
             (
                 "server.batch_max_wait_ms",
@@ -480,6 +478,13 @@ impl Config {
                     range.end()
                 ));
             }
+        }
+        let sandboxes = crate::plugins::engine::MAX_CONCURRENT_SANDBOXES as usize;
+        if !(1..=sandboxes).contains(&server.max_concurrent_requests) {
+            problems.push(format!(
+                "server.max_concurrent_requests = {}: must be between 1 and {sandboxes}, the plugin sandboxes that can run at once (each prediction may hold one)",
+                server.max_concurrent_requests
+            ));
         }
         if self.storage.data_dir.as_os_str().is_empty() {
             problems.push("storage.data_dir is empty: name a directory".to_owned());
@@ -665,6 +670,20 @@ mod tests {
             loaded.config.storage.data_dir,
             PathBuf::from("/etc/oxbox/state")
         );
+    }
+
+    #[test]
+    fn concurrency_is_refused_above_the_sandbox_pool() {
+        let text = |n: usize| {
+            format!("[site]\nid = \"a\"\nname = \"b\"\n[server]\nmax_concurrent_requests = {n}\n")
+        };
+        let pool = crate::plugins::engine::MAX_CONCURRENT_SANDBOXES as usize;
+        assert!(from(&text(pool)).is_ok());
+        let err = from(&text(pool + 1))
+            .expect_err("above the pool")
+            .to_string();
+        assert!(err.contains("server.max_concurrent_requests = 33"), "{err}");
+        assert!(err.contains("plugin sandboxes"), "{err}");
     }
 
     #[test]

@@ -187,9 +187,11 @@ impl Pipeline {
                 let geometry = header.accept(&self.limits)?;
                 let frame = dicom::pixels::decode_first_frame(file, &geometry)?;
                 let canonical = dicom::canonical::preprocess(&header, &geometry, &frame, size);
+                // The decoded frame moves into the plugins' `pixels` (rows
+                // converted lazily), or is dropped here.
                 let plugin_input = plugins
                     .preprocesses_images()
-                    .then(|| image_frame(&header, &frame, &canonical));
+                    .then(|| image_frame(&header, frame, &canonical));
                 Some((canonical, plugin_input))
             }
             (true, None) => {

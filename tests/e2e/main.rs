@@ -9,6 +9,7 @@ mod agreement;
 mod bad_input;
 mod cli;
 mod evaluate;
+mod hostile_plugins;
 mod plugins;
 mod predict;
 mod serve;
