@@ -427,6 +427,62 @@ fn more_calls_than_sandboxes_wait_or_are_refused_as_load_never_as_faults() {
         );
         plugin.map_emr(&work).expect("healthy afterwards");
     }
+
+    // Every slot held past a call's whole wait: that call is refused as
+    // load (Busy), and nothing counts towards quarantine.
+    let one = PluginLimits {
+        sandboxes: 1,
+        ..PluginLimits::default()
+    };
+    let engine = Arc::new(PluginEngine::new(&one).expect("engine"));
+    let patient = PluginLimits {
+        deadline: Duration::from_secs(5),
+        ..one.clone()
+    };
+    let holder =
+        Arc::new(LoadedPlugin::load(&engine, None, &bytes, "slow", patient).expect("load"));
+    let waiter = LoadedPlugin::load(&engine, None, &bytes, "slow", one.clone()).expect("load");
+    let probe = 1_000_000u64;
+    let started = Instant::now();
+    holder
+        .map_emr(&record(&[("rounds", &probe.to_string())]))
+        .expect("probe");
+    let per_round = started.elapsed().as_secs_f64() / probe as f64;
+    let long = record(&[("rounds", &((1.5 / per_round) as u64).to_string())]);
+    let running = {
+        let holder = Arc::clone(&holder);
+        std::thread::spawn(move || holder.map_emr(&long))
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let started = Instant::now();
+    let refused = waiter.map_emr(&record(&[("rounds", "1")]));
+    let waited = started.elapsed();
+    eprintln!(
+        "1 sandbox held for ~1.5 s: a concurrent call {} after {:.0} ms; its faults: {}",
+        refused
+            .as_ref()
+            .err()
+            .map(ToString::to_string)
+            .unwrap_or_else(|| "succeeded".to_owned()),
+        waited.as_secs_f64() * 1e3,
+        waiter.consecutive_faults()
+    );
+    assert!(
+        matches!(refused, Err(PluginError::Busy { .. })),
+        "{refused:?}"
+    );
+    assert!(
+        waited >= one.deadline && waited < one.deadline * 2,
+        "{waited:?}"
+    );
+    assert_eq!(waiter.consecutive_faults(), 0);
+    running
+        .join()
+        .expect("holder thread")
+        .expect("the slot holder finishes normally");
+    waiter
+        .map_emr(&record(&[("rounds", "1")]))
+        .expect("served once the slot is free");
 }
 
 #[test]
