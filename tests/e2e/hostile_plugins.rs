@@ -313,6 +313,8 @@ fn plugin_log_lines_are_escaped_prefixed_and_capped() {
 
 /// Runs oxbox with `args` and returns its peak RSS (bytes), from wait4.
 fn peak_rss_of(args: &[&std::ffi::OsStr]) -> u64 {
+    // Reaped below by wait4, which also gives its resource usage.
+    #[allow(clippy::zombie_processes)]
     let child = Command::new(oxbox())
         .args(args)
         .env_remove("OXBOX_CONFIG")
