@@ -483,6 +483,13 @@ fn more_calls_than_sandboxes_wait_or_are_refused_as_load_never_as_faults() {
     waiter
         .map_emr(&record(&[("rounds", "1")]))
         .expect("served once the slot is free");
+    // The server answers it as overload: 503 with Retry-After, not a fault.
+    let problem = oxbox::serve::problem::Problem::from_pipeline(
+        &oxbox::pipeline::PipelineError::Plugin(refused.expect_err("busy")),
+    );
+    assert_eq!(problem.status, 503);
+    assert_eq!(problem.kind, "urn:oxbox:problem:overloaded");
+    assert_eq!(problem.retry_after, Some(1));
 }
 
 #[test]
