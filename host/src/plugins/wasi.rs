@@ -70,6 +70,10 @@ pub const LINKED_WASI: [&str; 18] = [
 pub const MAX_RANDOM_BYTES: u64 = 4096;
 
 /// The `wasi:io/streams` instance wasmtime-wasi 48 links (its WIT version).
+/// It must name that instance exactly: the two writes are redefined inside
+/// it. (Were it to drift on a wasmtime upgrade, the shadowing would replace
+/// the whole instance and every plugin would fail to link, loudly, in the
+/// sandbox tests.)
 const WASI_IO_STREAMS: &str = "wasi:io/streams@0.2.12";
 /// Most bytes one `blocking-write-and-flush` takes (the WASI contract).
 const MAX_BLOCKING_WRITE: usize = 4096;
