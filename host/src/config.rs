@@ -113,7 +113,9 @@ pub struct ServerConfig {
     #[serde(default = "default_body_timeout_ms")]
     pub body_timeout_ms: u64,
     /// `max_concurrent_requests = 32`: predictions in progress at once;
-    /// more get 503 with Retry-After.
+    /// more get 503 with Retry-After. At most the plugin sandbox pool's
+    /// size (32, `plugins::engine::MAX_CONCURRENT_SANDBOXES`): each
+    /// prediction may hold one sandbox at a time.
     #[serde(default = "default_max_concurrent")]
     pub max_concurrent_requests: usize,
     /// `batch_max = 8`: most cases per model forward pass (1 = no batching).
@@ -354,6 +356,7 @@ impl SandboxConfig {
             deadline: std::time::Duration::from_millis(self.deadline_ms.into()),
             memory_bytes: self.memory_limit_mib as usize * 1024 * 1024,
             fault_threshold: self.fault_threshold,
+            sandboxes: crate::plugins::engine::MAX_CONCURRENT_SANDBOXES,
         }
     }
 }
@@ -501,11 +504,6 @@ impl Config {
                 server.body_timeout_ms,
                 100..=3_600_000,
             ),
-            (
-                "server.max_concurrent_requests",
-                server.max_concurrent_requests as u64,
-                1..=10_000,
-            ),
             ("server.batch_max", server.batch_max as u64, 1..=256),
             (
                 "server.batch_max_wait_ms",
@@ -538,6 +536,13 @@ impl Config {
             problems.push(format!(
                 "server.memory_budget_mib = {}: must be 0 (derived from the machine) or between 16 and 16777216",
                 server.memory_budget_mib
+            ));
+        }
+        let sandboxes = crate::plugins::engine::MAX_CONCURRENT_SANDBOXES as usize;
+        if !(1..=sandboxes).contains(&server.max_concurrent_requests) {
+            problems.push(format!(
+                "server.max_concurrent_requests = {}: must be between 1 and {sandboxes}, the plugin sandboxes that can run at once (each prediction may hold one)",
+                server.max_concurrent_requests
             ));
         }
         if self.storage.data_dir.as_os_str().is_empty() {
@@ -758,6 +763,20 @@ mod tests {
         )
         .expect("in range");
         assert_eq!(ok.config.server.memory_budget_mib, 512);
+    }
+
+    #[test]
+    fn concurrency_is_refused_above_the_sandbox_pool() {
+        let text = |n: usize| {
+            format!("[site]\nid = \"a\"\nname = \"b\"\n[server]\nmax_concurrent_requests = {n}\n")
+        };
+        let pool = crate::plugins::engine::MAX_CONCURRENT_SANDBOXES as usize;
+        assert!(from(&text(pool)).is_ok());
+        let err = from(&text(pool + 1))
+            .expect_err("above the pool")
+            .to_string();
+        assert!(err.contains("server.max_concurrent_requests = 33"), "{err}");
+        assert!(err.contains("plugin sandboxes"), "{err}");
     }
 
     #[test]

@@ -70,9 +70,9 @@ impl PipelineError {
             PipelineError::Dicom(e) => format!("radiograph: {e}"),
             // Field names, sizes and fixed reasons only.
             PipelineError::Record(e) => e.to_string(),
-            PipelineError::NotCanonical { field, .. } => format!(
-                "EMR field {field:?}: not a canonical value (name, number, unit or range)"
-            ),
+            PipelineError::NotCanonical { field, .. } => {
+                format!("EMR field {field:?}: not a canonical value (name, number, unit or range)")
+            }
             PipelineError::Plugin(PluginError::Rejected { plugin, field, .. }) => match field {
                 Some(field) => format!("plugin {plugin} rejected the input (field {field})"),
                 None => format!("plugin {plugin} rejected the input (no field named)"),
@@ -218,9 +218,11 @@ impl Pipeline {
                 let geometry = header.accept(&self.limits)?;
                 let frame = dicom::pixels::decode_first_frame(file, &geometry)?;
                 let canonical = dicom::canonical::preprocess(&header, &geometry, &frame, size);
+                // The decoded frame moves into the plugins' `pixels` (rows
+                // converted lazily), or is dropped here.
                 let plugin_input = plugins
                     .preprocesses_images()
-                    .then(|| image_frame(&header, &frame, &canonical));
+                    .then(|| image_frame(&header, frame, &canonical));
                 Some((canonical, plugin_input))
             }
             (true, None) => {

@@ -10,6 +10,7 @@ mod bad_input;
 mod bombs;
 mod cli;
 mod evaluate;
+mod hostile_plugins;
 mod plugins;
 mod predict;
 mod serve;

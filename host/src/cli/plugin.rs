@@ -231,7 +231,7 @@ pub fn run(args: RunArgs, config: &LoadedConfig) -> anyhow::Result<()> {
         let canonical =
             dicom::canonical::preprocess(&header, &geometry, &frame, config.model.input_size);
         let (decision, image) = if set.preprocesses_images() {
-            let (plugin_frame, pixels) = image_frame(&header, &frame, &canonical);
+            let (plugin_frame, pixels) = image_frame(&header, frame, &canonical);
             match set.preprocess_image(&plugin_frame, &pixels)? {
                 ImageDecision::KeepCanonical => ("keep-canonical", canonical.data.clone()),
                 ImageDecision::Replace(image) => ("replace", image),
@@ -329,11 +329,13 @@ fn micros(mut samples: Vec<f64>) -> serde_json::Value {
 
 fn synthetic_frame(side: u32, size: u32) -> (Frame, PixelsData) {
     let n = side as usize * side as usize;
-    let pixels = PixelsData {
+    let decoded = dicom::DecodedFrame {
         rows: side,
         columns: side,
-        values: (0..n).map(|i| (i % 4096) as f32).collect::<Vec<_>>().into(),
+        samples: dicom::Samples::U16((0..n).map(|i| (i % 4096) as u16).collect()),
+        bits: dicom::StoredBits::width(12, false),
     };
+    let pixels = PixelsData::new(Arc::new(decoded), 1.0, 0.0);
     let frame = Frame {
         rows: side,
         columns: side,

@@ -6,7 +6,15 @@
 //! must never load one it did not write itself: every artifact carries an
 //! HMAC-SHA256 tag under a key that exists only on this box
 //! (`<data_dir>/keys/cache-hmac.key`, mode 0600), checked before wasmtime
-//! sees the bytes. A missing, stale or tampered artifact is recompiled.
+//! sees the bytes. The tag binds the artifact to what it was compiled from
+//! and for: it covers a domain label, the component's sha256 and the
+//! engine's compatibility hash, then the artifact bytes — so an artifact
+//! renamed onto another component's entry (or another engine's) does not
+//! verify. A missing, stale, tampered or swapped artifact is recompiled.
+//!
+//! The key is made on first use only: any other failure to read it (a
+//! permission error, a key of the wrong length) stops with an error rather
+//! than silently replacing it.
 
 use std::path::{Path, PathBuf};
 
@@ -39,6 +47,11 @@ impl std::fmt::Debug for ComponentCache {
     }
 }
 
+/// Length of the cache key, bytes.
+const KEY_BYTES: usize = 32;
+/// Domain label of the cache tags (a new label for a new tag layout).
+const TAG_DOMAIN: &[u8] = b"oxbox plugin-cache artifact v2\0";
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PluginError + '_ {
     move |source| PluginError::Io {
         path: path.display().to_string(),
@@ -67,21 +80,33 @@ impl ComponentCache {
         private_dir(&keys)?;
         let key_path = keys.join("cache-hmac.key");
         let key_bytes = match std::fs::read(&key_path) {
-            Ok(bytes) if bytes.len() == 32 => bytes,
-            Ok(_) | Err(_) => {
-                let mut bytes = vec![0u8; 32];
+            Ok(bytes) if bytes.len() == KEY_BYTES => bytes,
+            Ok(bytes) => {
+                return Err(PluginError::Io {
+                    path: key_path.display().to_string(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!(
+                            "the plugin cache key is {} bytes, not {KEY_BYTES}: remove it (and the plugin-cache directory) to make a new one",
+                            bytes.len()
+                        ),
+                    ),
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut bytes = vec![0u8; KEY_BYTES];
                 SystemRandom::new()
                     .fill(&mut bytes)
                     .map_err(|_| PluginError::Io {
                         path: key_path.display().to_string(),
                         source: std::io::Error::other("system random generator failed"),
                     })?;
-                // Replace an unusable key; every artifact tagged with it is
-                // then recompiled.
-                let _ = std::fs::remove_file(&key_path);
+                // First use: `write_new_private` refuses to replace a file
+                // that appeared meanwhile.
                 crate::output::write_new_private(&key_path, &bytes).map_err(io(&key_path))?;
                 bytes
             }
+            Err(e) => return Err(io(&key_path)(e)),
         };
         Ok(Self {
             dir,
@@ -101,20 +126,31 @@ impl ComponentCache {
         digest: &str,
         plugin: &str,
     ) -> Result<(Component, CacheOutcome), PluginError> {
-        let stem = format!("{digest}-{}", engine.compatibility_hash());
+        let engine_hash = engine.compatibility_hash();
+        let stem = format!("{digest}-{engine_hash}");
         let artifact = self.dir.join(format!("{stem}.cwasm"));
         let tag_path = self.dir.join(format!("{stem}.tag"));
         if let (Ok(compiled), Ok(tag)) =
             (std::fs::read(&artifact), std::fs::read_to_string(&tag_path))
-            && let Ok(tag) = hex::decode(tag.trim())
-            && hmac::verify(&self.key, &compiled, &tag).is_ok()
         {
-            // SAFETY: the artifact was produced by `Component::serialize` on
-            // this box: its HMAC verified under a key only this box holds, and
-            // its name carries this engine's compatibility hash.
-            match unsafe { Component::deserialize(engine.engine(), &compiled) } {
-                Ok(component) => return Ok((component, CacheOutcome::Cached)),
-                Err(e) => tracing::warn!(%plugin, "cached artifact unusable, recompiling: {e:#}"),
+            if let Ok(tag) = hex::decode(tag.trim())
+                && self.verify(digest, &engine_hash, &compiled, &tag)
+            {
+                // SAFETY: the artifact was produced by `Component::serialize`
+                // on this box from the component with this digest, for this
+                // engine: its HMAC, which covers both, verified under a key
+                // only this box holds.
+                match unsafe { Component::deserialize(engine.engine(), &compiled) } {
+                    Ok(component) => return Ok((component, CacheOutcome::Cached)),
+                    Err(e) => {
+                        tracing::warn!(%plugin, "cached artifact unusable, recompiling: {e:#}");
+                    }
+                }
+            } else {
+                tracing::warn!(
+                    %plugin,
+                    "cached artifact does not verify for this component and engine, recompiling"
+                );
             }
         }
         let component =
@@ -124,7 +160,7 @@ impl ComponentCache {
             })?;
         match component.serialize() {
             Ok(compiled) => {
-                let tag = hex::encode(hmac::sign(&self.key, &compiled).as_ref());
+                let tag = hex::encode(self.sign(digest, &engine_hash, &compiled));
                 let stored = write_file(&artifact, &compiled)
                     .and_then(|()| write_file(&tag_path, tag.as_bytes()));
                 if let Err(e) = stored {
@@ -137,6 +173,37 @@ impl ComponentCache {
     }
 }
 
+impl ComponentCache {
+    /// The tag context: domain label, component digest, engine hash (each
+    /// length-prefixed), ready for the artifact bytes.
+    fn tag_context(&self, digest: &str, engine_hash: &str) -> hmac::Context {
+        let mut context = hmac::Context::with_key(&self.key);
+        context.update(TAG_DOMAIN);
+        for part in [digest.as_bytes(), engine_hash.as_bytes()] {
+            context.update(&(part.len() as u64).to_be_bytes());
+            context.update(part);
+        }
+        context
+    }
+
+    fn sign(&self, digest: &str, engine_hash: &str, artifact: &[u8]) -> Vec<u8> {
+        let mut context = self.tag_context(digest, engine_hash);
+        context.update(artifact);
+        context.sign().as_ref().to_vec()
+    }
+
+    fn verify(&self, digest: &str, engine_hash: &str, artifact: &[u8], tag: &[u8]) -> bool {
+        let expected = self.sign(digest, engine_hash, artifact);
+        // Constant time: no early exit on the first differing byte.
+        expected.len() == tag.len()
+            && expected
+                .iter()
+                .zip(tag)
+                .fold(0u8, |differ, (a, b)| differ | (a ^ b))
+                == 0
+    }
+}
+
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), crate::output::OutputError> {
     crate::output::write_atomically(path, |out| {
         out.write_all(bytes)
@@ -145,4 +212,26 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), crate::output::OutputErro
                 source,
             })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_bind_the_digest_and_engine() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = ComponentCache::open(dir.path()).expect("open");
+        let tag = cache.sign("aa", "e1", b"artifact");
+        assert!(cache.verify("aa", "e1", b"artifact", &tag));
+        assert!(!cache.verify("bb", "e1", b"artifact", &tag));
+        assert!(!cache.verify("aa", "e2", b"artifact", &tag));
+        assert!(!cache.verify("aa", "e1", b"artifacT", &tag));
+        // Reopening reads the same key; a key of the wrong length stops.
+        let again = ComponentCache::open(dir.path()).expect("reopen");
+        assert!(again.verify("aa", "e1", b"artifact", &tag));
+        std::fs::write(dir.path().join("keys/cache-hmac.key"), b"short").expect("write");
+        let err = ComponentCache::open(dir.path()).expect_err("short key");
+        assert!(err.to_string().contains("5 bytes"), "{err}");
+    }
 }

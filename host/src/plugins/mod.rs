@@ -10,16 +10,21 @@
 //! - [`cache`]: each component compiled once, the artifact kept under the
 //!   data dir, authenticated so the box only ever loads what it wrote itself;
 //! - [`runtime`]: one loaded plugin — interface version and imports checked
-//!   before instantiation, an `InstancePre`, a fresh `Store` per call with
-//!   memory, table, stack, output and time limits, faults classified and
-//!   counted to quarantine a plugin that keeps failing;
+//!   before instantiation, an `InstancePre`, a sandbox slot and a fresh
+//!   `Store` per call with memory, table, resource, stack, output and time
+//!   limits, faults classified by the limit hit and counted to quarantine a
+//!   plugin that keeps failing (a call refused for load is not a fault);
+//! - [`wasi`]: the WASI subset the linker provides — the allowlist —
+//!   where nothing blocks (sleeps return at once) and randomness is seeded;
 //! - [`set`]: the configured plugins in order (EMR mapping chained, the last
 //!   image decision wins) and their atomic reload.
 //!
 //! What a plugin gets: its arguments, and `log`. No filesystem, sockets,
-//! environment, arguments or clock: WASI is linked with an empty context
-//! (frozen clocks, no preopens, no network), and a component that imports
-//! `wasi:filesystem` or `wasi:sockets` is refused before it runs.
+//! environment, arguments or clock: only the WASI interfaces std needs are
+//! linked, with an empty context (frozen clocks whose pollables are ready at
+//! once, a closed stdin, captured stdout/stderr, fixed-seed randomness), and
+//! a component that imports anything else (`wasi:filesystem`,
+//! `wasi:sockets`, …) is refused before it runs.
 
 pub mod cache;
 pub mod engine;
@@ -27,13 +32,17 @@ pub mod manifest;
 pub mod record;
 pub mod runtime;
 pub mod set;
+pub mod wasi;
 
 mod bindings;
 
 use std::fmt;
 use std::time::Duration;
 
-pub use bindings::{Feature, Frame, ImageAttributes, ImageDecision, PixelsData, RawField};
+pub use bindings::{
+    Feature, Frame, ImageAttributes, ImageDecision, LogCounts, MAX_LOG_LINES_PER_MINUTE,
+    MAX_LOG_MESSAGE, MAX_LOG_MESSAGES, MAX_ROWS_PER_READ, MAX_STDIO_BYTES, PixelsData, RawField,
+};
 pub use engine::PluginEngine;
 pub use manifest::{Hook, Manifest};
 pub use runtime::{LoadedPlugin, PluginLimits};
@@ -120,6 +129,21 @@ pub enum PluginError {
         /// What happened.
         cause: FaultCause,
     },
+    /// Every sandbox slot stayed busy for the call's whole wait: the box is
+    /// overloaded (HTTP 503 with Retry-After). Not the plugin's fault: it
+    /// never counts towards quarantine.
+    #[error(
+        "plugin {plugin}: all {sandboxes} sandboxes stayed busy for {} ms; retry shortly",
+        waited.as_millis()
+    )]
+    Busy {
+        /// "name version".
+        plugin: String,
+        /// Sandbox slots in the pool.
+        sandboxes: u32,
+        /// How long the call waited for a slot.
+        waited: Duration,
+    },
     /// The plugin failed too often and is quarantined until reload.
     #[error("plugin {plugin} is quarantined after {faults} consecutive faults; fix it and reload")]
     Quarantined {
@@ -163,8 +187,24 @@ pub enum FaultCause {
         /// The cap, in bytes.
         limit: usize,
     },
+    /// It tried to grow a table past the cap.
+    TableLimit {
+        /// The cap, in elements.
+        limit: usize,
+    },
+    /// It wrote more than the cap to stdout or stderr.
+    StdioLimit {
+        /// The cap per stream, in bytes.
+        limit: usize,
+    },
+    /// It asked a host function for more than that function allows
+    /// (e.g. too many random bytes).
+    HostCallLimit(String),
     /// It exhausted the wasm stack (deep recursion).
     StackOverflow,
+    /// It could not be instantiated (e.g. more instances, tables or
+    /// memories than a sandbox holds).
+    Instantiation(String),
     /// Any other trap (a panic is `unreachable`).
     Trap(String),
     /// It returned something the host does not accept.
@@ -184,7 +224,19 @@ impl fmt::Display for FaultCause {
                     limit / (1024 * 1024)
                 )
             }
+            FaultCause::TableLimit { limit } => {
+                write!(f, "exceeded the table limit of {limit} elements")
+            }
+            FaultCause::StdioLimit { limit } => {
+                write!(
+                    f,
+                    "wrote more than {} KiB to stdout or stderr",
+                    limit / 1024
+                )
+            }
+            FaultCause::HostCallLimit(what) => write!(f, "exceeded a host call limit: {what}"),
             FaultCause::StackOverflow => f.write_str("overflowed its stack (recursion too deep)"),
+            FaultCause::Instantiation(why) => write!(f, "could not be instantiated: {why}"),
             FaultCause::Trap(t) => write!(f, "trapped: {t}"),
             FaultCause::MalformedOutput(m) => write!(f, "returned malformed output: {m}"),
         }

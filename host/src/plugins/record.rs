@@ -2,10 +2,13 @@
 //! raw fields; canonical features → JSON; a decoded radiograph → the
 //! `frame` a `preprocess-image` plugin gets.
 
+use std::borrow::Cow;
+use std::sync::Arc;
+
 use serde_json::{Map, Value};
 
 use super::{Feature, Frame, ImageAttributes, PixelsData, RawField};
-use crate::dicom::{CanonicalImage, DecodedFrame, ImageHeader};
+use crate::dicom::{CanonicalImage, DecodedFrame, ImageHeader, Samples};
 
 /// Most fields accepted in one record.
 pub const MAX_FIELDS: usize = 512;
@@ -136,26 +139,34 @@ pub fn features_to_json(features: &[Feature]) -> Value {
 /// What a `preprocess-image` plugin gets: the `frame` (header attributes
 /// canonical preprocessing uses, and the canonical image) and the `pixels`
 /// it may read (frame 1's modality values, stored × slope + intercept).
+///
+/// The decoded frame is moved into the `pixels` (shared, not converted):
+/// rows become modality values only when a plugin reads them. Samples the
+/// decoder produced are moved; samples borrowed from the file (native
+/// transfer syntaxes) are copied once, at their stored width (1 or 2
+/// bytes per pixel) — never widened to f32 for the whole frame.
 pub fn image_frame(
     header: &ImageHeader,
-    frame: &DecodedFrame<'_>,
+    frame: DecodedFrame<'_>,
     canonical: &CanonicalImage,
 ) -> (Frame, PixelsData) {
     let slope = header.rescale_slope.filter(|&s| s != 0.0).unwrap_or(1.0);
     let intercept = header.rescale_intercept.unwrap_or(0.0);
-    let modality_values: Vec<f32> = frame
-        .stored_values()
-        .into_iter()
-        .map(|v| (v as f64 * slope + intercept) as f32)
-        .collect();
-    let pixels = PixelsData {
-        rows: frame.rows,
-        columns: frame.columns,
-        values: modality_values.into(),
+    let (rows, columns) = (frame.rows, frame.columns);
+    let owned = DecodedFrame {
+        rows,
+        columns,
+        samples: match frame.samples {
+            Samples::U8(s) => Samples::U8(Cow::Owned(s.into_owned())),
+            Samples::U16(s) => Samples::U16(Cow::Owned(s.into_owned())),
+            Samples::Stored(s) => Samples::Stored(s),
+        },
+        bits: frame.bits,
     };
+    let pixels = PixelsData::new(Arc::new(owned), slope, intercept);
     let frame = Frame {
-        rows: frame.rows,
-        columns: frame.columns,
+        rows,
+        columns,
         attributes: ImageAttributes {
             modality: header.modality.clone().unwrap_or_default(),
             photometric_interpretation: header

@@ -6,27 +6,33 @@
 //! instantiated, as is any import the sandbox does not provide — then link
 //! an `InstancePre` and ask the plugin to `describe` itself.
 //!
-//! Calling: a fresh `Store` per call with a memory cap, table and instance
-//! limits, a wall-clock deadline (epoch interruption) and captured stdio.
-//! A guest `plugin-error` is a rejection of the input; a trap, timeout,
-//! exceeded limit or malformed result is a fault, counted: after
-//! `fault_threshold` consecutive faults the plugin is quarantined until the
-//! plugin set is reloaded.
+//! Calling: a sandbox slot from the engine's gate (waiting at most the
+//! deadline, else [`PluginError::Busy`] — load, not a fault), then a fresh
+//! `Store` with a memory cap, table, instance and resource limits, a
+//! wall-clock deadline (epoch interruption) and captured stdio. Nothing a
+//! plugin can import blocks inside the host (see [`super::wasi`]), so the
+//! deadline always fires. A guest `plugin-error` is a rejection of the
+//! input; a trap, timeout, exceeded limit or malformed result is a fault,
+//! classified by the limit the store recorded (not by wasmtime's message
+//! text) and counted: after `fault_threshold` consecutive faults the plugin
+//! is quarantined until the plugin set is reloaded.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use wasmtime::component::Linker;
 use wasmtime::component::types::ComponentItem;
-use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{Store, StoreLimitsBuilder, Trap};
 
 use super::bindings::{
-    Feature, Frame, GuestError, ImageDecision, PixelsData, PluginInfo, PluginState, Preprocessor,
-    PreprocessorPre, RawField, WitHook,
+    Feature, Frame, GuestError, ImageDecision, LimitHit, LogBudget, LogCounts, PixelsData,
+    PluginInfo, PluginState, Preprocessor, PreprocessorPre, RawField, SandboxLimiter, WitHook,
 };
 use super::cache::{CacheOutcome, ComponentCache};
+use super::engine::{MAX_CONCURRENT_SANDBOXES, SlotPermit};
 use super::manifest::{Hook, sha256_hex};
+use super::wasi::{LINKED_WASI, MAX_RANDOM_BYTES};
 use super::{FaultCause, INTERFACE_PACKAGE, INTERFACE_VERSION, PluginEngine, PluginError};
 
 /// Most features a `map-emr` answer may hold (the schema has 21).
@@ -47,6 +53,8 @@ pub struct PluginLimits {
     pub memory_bytes: usize,
     /// Consecutive faults that quarantine a plugin.
     pub fault_threshold: u32,
+    /// Sandbox slots in the engine's pool (calls at once, all plugins).
+    pub sandboxes: u32,
 }
 
 impl Default for PluginLimits {
@@ -55,14 +63,13 @@ impl Default for PluginLimits {
             deadline: Duration::from_millis(250),
             memory_bytes: 128 * 1024 * 1024,
             fault_threshold: 3,
+            sandboxes: MAX_CONCURRENT_SANDBOXES,
         }
     }
 }
 
-/// WASI interfaces a plugin may import. They are linked with an empty
-/// context: std's runtime needs them, but they give nothing away.
-const ALLOWED_WASI: [&str; 4] = ["wasi:cli/", "wasi:io/", "wasi:clocks/", "wasi:random/"];
-/// WASI interfaces refused outright, with the reason.
+/// WASI interfaces refused outright, with the reason (a clearer message
+/// than "not linked"; the linker provides only [`LINKED_WASI`]).
 const FORBIDDEN_WASI: [(&str, &str); 2] = [
     ("wasi:filesystem/", "plugins get no filesystem"),
     ("wasi:sockets/", "plugins get no network"),
@@ -80,6 +87,7 @@ pub struct LoadedPlugin {
     limits: PluginLimits,
     consecutive_faults: AtomicU32,
     cache: CacheOutcome,
+    log: Arc<LogBudget>,
 }
 
 impl std::fmt::Debug for LoadedPlugin {
@@ -133,11 +141,11 @@ impl LoadedPlugin {
             .collect();
         check_imports(label, &imports)?;
 
+        // The linker is the allowlist: the plugin interface and the WASI
+        // subset of `super::wasi`, nothing else.
         let mut linker: Linker<PluginState> = Linker::new(engine.engine());
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
-            .map_err(|e| invalid(format!("{e:#}")))?;
-        Preprocessor::add_to_linker::<PluginState, HasSelf<PluginState>>(&mut linker, |s| s)
-            .map_err(|e| invalid(format!("{e:#}")))?;
+        super::wasi::add_to_linker(&mut linker).map_err(|e| invalid(format!("{e:#}")))?;
+        super::bindings::add_to_linker(&mut linker).map_err(|e| invalid(format!("{e:#}")))?;
         let instance_pre = linker
             .instantiate_pre(&component)
             .map_err(|e| invalid(format!("{e:#}")))?;
@@ -160,6 +168,7 @@ impl LoadedPlugin {
             limits,
             consecutive_faults: AtomicU32::new(0),
             cache: cache_outcome,
+            log: Arc::new(LogBudget::default()),
         };
         let info = plugin.call(|bindings, store| bindings.call_describe(store))?;
         if info.interface_version != INTERFACE_VERSION {
@@ -234,6 +243,29 @@ impl LoadedPlugin {
         self.consecutive_faults() >= self.limits.fault_threshold
     }
 
+    /// Log lines (messages and stdio) written and dropped by the
+    /// per-minute limit, over all its calls so far.
+    pub fn log_counts(&self) -> LogCounts {
+        self.log.counts()
+    }
+
+    /// A sandbox slot, waiting at most the deadline.
+    fn slot(&self) -> Result<SlotPermit<'_>, PluginError> {
+        let wait = self.limits.deadline;
+        self.engine.slot(wait).ok_or_else(|| {
+            tracing::warn!(
+                plugin = %self.label,
+                "every sandbox stayed busy for {} ms; call refused (load, not a fault)",
+                wait.as_millis()
+            );
+            PluginError::Busy {
+                plugin: self.label.clone(),
+                sandboxes: self.engine.sandboxes(),
+                waited: wait,
+            }
+        })
+    }
+
     /// A fresh store with every limit set.
     fn store(&self) -> Store<PluginState> {
         let limits = StoreLimitsBuilder::new()
@@ -244,8 +276,14 @@ impl LoadedPlugin {
             .memories(MAX_INSTANCES)
             .trap_on_grow_failure(true)
             .build();
-        let mut store = Store::new(self.engine.engine(), PluginState::new(&self.label, limits));
-        store.limiter(|state| &mut state.limits);
+        let state = PluginState::new(
+            &self.label,
+            SandboxLimiter::new(limits),
+            self.limits.memory_bytes,
+            Arc::clone(&self.log),
+        );
+        let mut store = Store::new(self.engine.engine(), state);
+        store.limiter(|state| &mut state.limiter);
         store.set_epoch_deadline(PluginEngine::ticks(self.limits.deadline));
         store.epoch_deadline_trap();
         store
@@ -257,15 +295,16 @@ impl LoadedPlugin {
     /// # Errors
     /// A fault or rejection, as [`LoadedPlugin::map_emr`].
     pub fn time_map_emr_call(&self, record: &[RawField]) -> Result<Duration, PluginError> {
+        let _slot = self.slot()?;
         let mut store = self.store();
         let bindings = self
             .pre
             .instantiate(&mut store)
-            .map_err(|e| self.fault(e, Duration::ZERO, false))?;
+            .map_err(|e| self.fault(e, Duration::ZERO, store.data().limit_hit(), true))?;
         let started = Instant::now();
         let answer = bindings
             .call_map_emr(&mut store, record)
-            .map_err(|e| self.fault(e, started.elapsed(), false))?;
+            .map_err(|e| self.fault(e, started.elapsed(), store.data().limit_hit(), false))?;
         let took = started.elapsed();
         answer.map_err(|e| self.rejected(e))?;
         Ok(took)
@@ -276,11 +315,12 @@ impl LoadedPlugin {
     /// # Errors
     /// A fault if instantiation fails.
     pub fn instantiate_only(&self) -> Result<(), PluginError> {
+        let _slot = self.slot()?;
         let mut store = self.store();
         self.pre
             .instantiate(&mut store)
             .map(drop)
-            .map_err(|e| self.fault(e, Duration::ZERO, false))
+            .map_err(|e| self.fault(e, Duration::ZERO, store.data().limit_hit(), true))
     }
 
     /// Runs `f` against a fresh instance, classifying failures and counting
@@ -296,51 +336,75 @@ impl LoadedPlugin {
                 faults,
             });
         }
+        // Declared before the store, so dropped after it: the slot is free
+        // again only once the instance is gone.
+        let _slot = self.slot()?;
         let started = Instant::now();
         let mut store = self.store();
-        let result = self
-            .pre
-            .instantiate(&mut store)
-            .and_then(|bindings| f(&bindings, &mut store));
-        store.data().flush_stdio();
+        let result = match self.pre.instantiate(&mut store) {
+            Ok(bindings) => f(&bindings, &mut store).map_err(|e| (e, false)),
+            Err(e) => Err((e, true)),
+        };
+        store.data_mut().flush_stdio();
         match result {
             Ok(value) => {
                 self.consecutive_faults.store(0, Ordering::Relaxed);
                 Ok(value)
             }
-            Err(e) => Err(self.fault(e, started.elapsed(), store.data().stdio_full())),
+            Err((e, instantiating)) => Err(self.fault(
+                e,
+                started.elapsed(),
+                store.data().limit_hit(),
+                instantiating,
+            )),
         }
     }
 
-    /// Records a fault and turns a wasmtime error into its cause.
-    fn fault(&self, error: wasmtime::Error, elapsed: Duration, stdio_full: bool) -> PluginError {
+    /// Records a fault and turns a wasmtime error into its cause: the limit
+    /// the store recorded, else the trap code, else (instantiation, or a
+    /// host call's error) the root message.
+    fn fault(
+        &self,
+        error: wasmtime::Error,
+        elapsed: Duration,
+        hit: Option<LimitHit>,
+        instantiating: bool,
+    ) -> PluginError {
         let faults = self.consecutive_faults.fetch_add(1, Ordering::Relaxed) + 1;
         // The root cause, not the whole chain: the chain carries a wasm
         // backtrace that says nothing to an operator.
-        let root = error.root_cause().to_string().replace('\n', " ");
-        let cause = match error.downcast_ref::<Trap>() {
+        let root = || {
+            error
+                .root_cause()
+                .to_string()
+                .chars()
+                .take(MAX_TEXT)
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect::<String>()
+        };
+        let cause = match (hit, error.downcast_ref::<Trap>()) {
             // A full stdout/stderr makes the guest's writes fail, and Rust's
             // print macros then panic: the flood is the cause.
-            _ if stdio_full => FaultCause::Trap(format!(
-                "wrote more than {} KiB to stdout or stderr",
-                super::bindings::MAX_STDIO_BYTES / 1024
-            )),
-            Some(Trap::Interrupt) => FaultCause::Timeout(self.limits.deadline),
-            Some(Trap::StackOverflow) => FaultCause::StackOverflow,
-            Some(Trap::UnreachableCodeReached) => {
-                FaultCause::Trap("panicked (wasm `unreachable` executed)".to_owned())
-            }
-            Some(trap) => FaultCause::Trap(trap.to_string()),
-            // StoreLimits with trap_on_grow_failure: "forcing trap when
-            // growing memory to N bytes".
-            None if root.contains("growing memory") => FaultCause::MemoryLimit {
+            (Some(LimitHit::Stdio), _) => FaultCause::StdioLimit {
+                limit: super::bindings::MAX_STDIO_BYTES,
+            },
+            (Some(LimitHit::Memory), _) => FaultCause::MemoryLimit {
                 limit: self.limits.memory_bytes,
             },
-            None if root.contains("write beyond capacity") => FaultCause::Trap(format!(
-                "wrote more than {} KiB to stdout or stderr",
-                super::bindings::MAX_STDIO_BYTES / 1024
+            (Some(LimitHit::Table), _) => FaultCause::TableLimit {
+                limit: MAX_TABLE_ELEMENTS,
+            },
+            (Some(LimitHit::RandomBytes { requested }), _) => FaultCause::HostCallLimit(format!(
+                "asked for {requested} random bytes (at most {MAX_RANDOM_BYTES} per call)"
             )),
-            None => FaultCause::Trap(root.chars().take(MAX_TEXT).collect()),
+            (None, Some(Trap::Interrupt)) => FaultCause::Timeout(self.limits.deadline),
+            (None, Some(Trap::StackOverflow)) => FaultCause::StackOverflow,
+            (None, Some(Trap::UnreachableCodeReached)) => {
+                FaultCause::Trap("panicked (wasm `unreachable` executed)".to_owned())
+            }
+            (None, Some(trap)) => FaultCause::Trap(trap.to_string()),
+            (None, None) if instantiating => FaultCause::Instantiation(root()),
+            (None, None) => FaultCause::Trap(root()),
         };
         tracing::warn!(
             plugin = %self.label,
@@ -456,7 +520,8 @@ fn check_imports(label: &str, imports: &[String]) -> Result<(), PluginError> {
             }
             continue;
         }
-        if !ALLOWED_WASI.iter().any(|prefix| import.starts_with(prefix)) {
+        let interface = import.split_once('@').map_or(import.as_str(), |(i, _)| i);
+        if !LINKED_WASI.contains(&interface) {
             return Err(PluginError::ForbiddenImport {
                 plugin: label.to_owned(),
                 import: import.clone(),

@@ -26,8 +26,8 @@
 //! | decode (image models) | `+ P × b` native, `+ P × (b + 4)` compressed      |
 //! |                       | `+ 4 × S × max(Rows, Columns) + 8 × S² + 1 MiB`   |
 //! |                       |   (canonical resize buffers, lookup table, histogram) |
-//! | image plugins loaded  | `+ P × 12 + 4 × S²` ([`IMAGE_PLUGIN_BYTES_PER_PIXEL`]: |
-//! |                       |   stored and modality values handed to the plugin) |
+//! | image plugins loaded  | `+ P × b + 4 × 1024 × Columns + 4 × S²`             |
+//! |                       |   (the frame lent to the plugin, at most one copy at its stored width ([`IMAGE_PLUGIN_BYTES_PER_PIXEL`] = b); one `read-rows` answer of at most 1024 rows of f32; the canonical image as a list) |
 //!
 //! The plugins' own linear memory is bounded separately, by the sandbox
 //! (`sandbox.memory_limit_mib` per call).
@@ -41,9 +41,12 @@ use crate::dicom::Geometry;
 /// most: a one-byte scalar becomes a 32-byte value.
 pub const JSON_EXPANSION: u64 = 16;
 
-/// Bytes per pixel that `preprocess-image` plugins are handed today: every
-/// stored value (8 bytes) and every modality value (4 bytes).
-pub const IMAGE_PLUGIN_BYTES_PER_PIXEL: u64 = 12;
+/// Bytes per pixel that lending the frame to `preprocess-image` plugins
+/// costs, per byte of stored sample: the frame is moved (decoder output) or
+/// copied once at its stored width (samples borrowed from the file); rows
+/// are converted lazily, one `read-rows` answer at a time
+/// ([`crate::plugins::MAX_ROWS_PER_READ`] rows of f32).
+pub const IMAGE_PLUGIN_BYTES_PER_PIXEL: u64 = 1;
 
 /// Lower bound of the derived budget.
 pub const MIN_DERIVED_BUDGET: u64 = 256 * 1024 * 1024;
@@ -207,7 +210,12 @@ pub fn decode_estimate(
     };
     let canonical = 4 * side * longest + 8 * side * side + (1 << 20);
     let plugins = if image_plugins {
-        pixels.saturating_mul(IMAGE_PLUGIN_BYTES_PER_PIXEL) + 4 * side * side
+        let rows_answer =
+            4 * u64::from(crate::plugins::MAX_ROWS_PER_READ) * u64::from(geometry.columns);
+        pixels
+            .saturating_mul(IMAGE_PLUGIN_BYTES_PER_PIXEL * sample)
+            .saturating_add(rows_answer)
+            + 4 * side * side
     } else {
         0
     };
@@ -342,7 +350,9 @@ mod tests {
         );
         assert_eq!(
             decode_estimate(&g, false, 224, true),
-            2_000_000 * 14 + canonical + 4 * 224 * 224
+            // The frame at its stored width, one 1024-row answer, the
+            // canonical image.
+            2_000_000 * 4 + 4 * 1024 * 1000 + canonical + 4 * 224 * 224
         );
         // 1-bit data still counts a byte per sample (decoded unpacked).
         assert_eq!(

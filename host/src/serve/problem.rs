@@ -232,8 +232,9 @@ impl Problem {
 
     /// The problem for a pipeline failure: 422 for input the DICOM checks,
     /// the schema, a plugin or the model refused; 400 for an EMR record that
-    /// is not a JSON object of scalars; 503 for a quarantined plugin; 500
-    /// for plugin faults and model failures.
+    /// is not a JSON object of scalars; 503 for a quarantined plugin and
+    /// for a plugin call that found every sandbox busy (overloaded, with
+    /// Retry-After); 500 for plugin faults and model failures.
     pub fn from_pipeline(error: &PipelineError) -> Self {
         let unprocessable = |slug, title| {
             Self::new(
@@ -257,6 +258,18 @@ impl Problem {
                     error.to_string(),
                 );
                 p.retry_after = Some(60);
+                p
+            }
+            // Every sandbox busy for the call's whole wait: load, not a
+            // fault of the plugin (never counted towards quarantine).
+            PipelineError::Plugin(PluginError::Busy { .. }) => {
+                let mut p = Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "overloaded",
+                    "Overloaded",
+                    error.to_string(),
+                );
+                p.retry_after = Some(1);
                 p
             }
             PipelineError::Plugin(e) if e.is_bad_input() => {
