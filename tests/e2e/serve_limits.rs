@@ -164,6 +164,25 @@ fn the_reload_route_needs_the_token_and_is_serialised_rate_limited_and_audited()
     assert_eq!(events.len(), 2, "{events:?}");
     assert_eq!(events[1].actor, "SIGHUP");
     assert_eq!(events[1].outcome, "ok");
+    // The operator reads them with `oxbox audit tail --admin`.
+    let tail = Command::new(crate::util::oxbox())
+        .args(["--config".as_ref(), setup.config.as_os_str()])
+        .args(["audit", "tail", "--admin", "-n", "5"])
+        .output()
+        .expect("oxbox audit tail --admin");
+    assert!(tail.status.success(), "{}", crate::util::stderr(&tail));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&tail.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[1]["actor"], "SIGHUP");
+    assert!(
+        lines[0]["actor"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("http ")),
+        "{lines:?}"
+    );
     // The server is still up and ready after all of it.
     assert_eq!(request(addr, "GET", "/v1/ready", &[], b"").status, 200);
 }

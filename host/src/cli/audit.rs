@@ -1,4 +1,5 @@
-//! `oxbox audit tail`: the last predictions from the audit log.
+//! `oxbox audit tail`: the last predictions (or administrative events) from
+//! the audit log.
 
 use std::path::Path;
 
@@ -10,20 +11,31 @@ use oxbox::store::AuditLog;
     after_help = "Example:\n  oxbox audit tail -n 20 --config /etc/oxbox/oxbox.toml\n\n\
 Prints the last N audit records as JSON lines, oldest first: time, request id, model \
 digest, plugin versions, outputs, timings, status. No patient identifier is ever \
-recorded."
+recorded. With --admin, the administrative events instead: plugin reloads (HTTP or \
+SIGHUP), who asked, the outcome, and the plugins' names, versions and sha256 before \
+and after."
 )]
 pub struct TailArgs {
     /// How many records.
     #[arg(short = 'n', long, default_value_t = 10)]
     pub lines: usize,
+    /// Administrative events (plugin reloads) instead of predictions.
+    #[arg(long)]
+    pub admin: bool,
 }
 
 /// Runs `oxbox audit tail`.
 pub fn tail(args: TailArgs, config: Option<&Path>) -> anyhow::Result<()> {
     let config = super::load_config(config)?.config;
     let log = AuditLog::open(&config.storage.data_dir)?;
-    for record in log.tail(args.lines)? {
-        println!("{}", serde_json::to_string(&record)?);
+    if args.admin {
+        for event in log.admin_tail(args.lines)? {
+            println!("{}", serde_json::to_string(&event)?);
+        }
+    } else {
+        for record in log.tail(args.lines)? {
+            println!("{}", serde_json::to_string(&record)?);
+        }
     }
     Ok(())
 }
