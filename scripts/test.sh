@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh --tests
 bash tests/corpus/build.sh
 cargo build --release --locked -p oxbox
-bash scripts/build-plugins.sh
+bash scripts/build-plugins.sh --guests
 
 for manifest in Cargo.toml plugins/Cargo.toml tests/guests/Cargo.toml; do
   cargo fmt --manifest-path "$manifest" --all -- --check
