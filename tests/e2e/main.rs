@@ -9,6 +9,7 @@ mod agreement;
 mod bad_input;
 mod cli;
 mod evaluate;
+mod plugin_dev;
 mod plugins;
 mod predict;
 mod serve;
