@@ -263,6 +263,36 @@ fn plugin_new_refuses_bad_and_existing_names() {
 }
 
 #[test]
+fn plugin_new_adds_the_member_keeping_the_manifest_as_written() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let plugins = tmp.path().join("plugins");
+    std::fs::create_dir_all(&plugins).expect("mkdir");
+    let workspace = "# the plugins\n[workspace]\nresolver = \"3\"\nmembers = [\n    \"emr-schema\", # shared\n    \"canonical\",\n]\n\n[profile.release]\nlto = true\n";
+    std::fs::write(plugins.join("Cargo.toml"), workspace).expect("write");
+    let out = run_in(
+        tmp.path(),
+        tmp.path(),
+        &oxbox(),
+        &[
+            "plugin",
+            "new",
+            "site-2",
+            "--dir",
+            plugins.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read_to_string(plugins.join("Cargo.toml")).expect("read"),
+        workspace.replace("\"canonical\",\n]", "\"canonical\",\n    \"site-2\",\n]")
+    );
+    let lib = std::fs::read_to_string(plugins.join("site-2/src/lib.rs")).expect("lib.rs");
+    assert!(lib.contains("name: \"site-2\".into(),"));
+    assert!(!lib.contains("example-site\".into()") && !lib.contains("ExampleSite"));
+    assert!(plugins.join("site-2/README.md").is_file());
+}
+
+#[test]
 fn keys_generate_twice_names_the_existing_key_once() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let keys = tmp.path().join("keys");
