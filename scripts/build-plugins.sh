@@ -41,7 +41,7 @@ rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add was
 
 manifest=plugins/Cargo.toml
 locked=--locked
-if ! cargo metadata --format-version 1 --locked --offline --manifest-path "$manifest" >/dev/null 2>&1; then
+if ! cargo metadata --format-version 1 --locked --manifest-path "$manifest" >/dev/null 2>&1; then
   echo "plugins/Cargo.lock is out of date (a member was added or changed): updating it for the workspace's own crates (commit it)" >&2
   cargo update --workspace --offline --manifest-path "$manifest" 2>/dev/null ||
     cargo update --workspace --manifest-path "$manifest"
@@ -54,7 +54,7 @@ while IFS= read -r toml; do
   folder=$(basename "$(dirname "$toml")")
   crate=$(sed -n 's/^name *= *"\([^"]*\)".*/\1/p' "$toml" | head -n 1)
   plugins+=("$folder:$crate")
-done < <(cargo metadata --no-deps --format-version 1 $locked --offline --manifest-path "$manifest" |
+done < <(cargo metadata --no-deps --format-version 1 $locked --manifest-path "$manifest" |
   grep -o '"manifest_path":"[^"]*"' | sed 's/^"manifest_path":"\(.*\)"$/\1/')
 
 if [ -n "$name" ]; then
