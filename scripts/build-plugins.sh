@@ -1,24 +1,89 @@
 #!/usr/bin/env bash
-# Builds the site plugins (plugins/) and the hostile test plugins
-# (tests/guests/) for wasm32-wasip2, and packs each site plugin into
-# plugins/dist/<name>/ (component + plugin.toml) with the host's
-# `oxbox plugin pack`. Needs the host built: target/release/oxbox.
-#   scripts/build-plugins.sh [--no-guests]
+# Builds the site plugins of the plugins/ workspace for wasm32-wasip2 and packs
+# each into plugins/dist/<folder>/ (component + plugin.toml) with the host's
+# `oxbox plugin pack`.
+#   scripts/build-plugins.sh [NAME] [--guests]
+# NAME: one plugin (its folder under plugins/, e.g. `my-site`, or its crate
+# name): build and pack just that one. Without NAME: every member of
+# plugins/Cargo.toml that is a plugin (a cdylib crate; `emr-schema` is a
+# library), found with `cargo metadata`, nothing hard-coded.
+# --guests: also build the hostile test plugins (tests/guests/, for the tests).
+#
+# The host is never built here: packing uses target/release/oxbox, else
+# `oxbox` on PATH; without either it stops and says to build it
+# (`cargo build --release -p oxbox`).
+# --locked is used while plugins/Cargo.lock is up to date; once a member was
+# added (`oxbox plugin new`), the lock is first updated for the workspace's
+# own crates (`cargo update --workspace`) and the script says so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+name="" guests=0
+for arg in "$@"; do
+  case "$arg" in
+    --guests) guests=1 ;;
+    --no-guests) guests=0 ;;
+    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -*) echo "error: unknown option $arg (usage: scripts/build-plugins.sh [NAME] [--guests])" >&2; exit 2 ;;
+    *) [ -z "$name" ] || { echo "error: one plugin name at most" >&2; exit 2; }; name=$arg ;;
+  esac
+done
+
+if [ -x ./target/release/oxbox ]; then
+  oxbox=./target/release/oxbox
+elif command -v oxbox >/dev/null 2>&1; then
+  oxbox=$(command -v oxbox)
+else
+  echo "error: no oxbox binary to pack with: build the host first (cargo build --release -p oxbox)" >&2
+  exit 1
+fi
 rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
-cargo build --release --locked --target wasm32-wasip2 --manifest-path plugins/Cargo.toml
-oxbox=./target/release/oxbox
-[ -x "$oxbox" ] || cargo build --release --locked -p oxbox
+
+manifest=plugins/Cargo.toml
+locked=--locked
+if ! cargo metadata --format-version 1 --locked --manifest-path "$manifest" >/dev/null 2>&1; then
+  echo "plugins/Cargo.lock is out of date (a member was added or changed): updating it for the workspace's own crates (commit it)" >&2
+  cargo update --workspace --offline --manifest-path "$manifest" 2>/dev/null ||
+    cargo update --workspace --manifest-path "$manifest"
+fi
+
+# Plugin members: (folder, crate) for each cdylib member of the workspace.
+plugins=()
+while IFS= read -r toml; do
+  grep -Eq '^crate-type *= *\[[^]]*"cdylib"' "$toml" || continue
+  folder=$(basename "$(dirname "$toml")")
+  crate=$(sed -n 's/^name *= *"\([^"]*\)".*/\1/p' "$toml" | head -n 1)
+  plugins+=("$folder:$crate")
+done < <(cargo metadata --no-deps --format-version 1 $locked --manifest-path "$manifest" |
+  grep -o '"manifest_path":"[^"]*"' | sed 's/^"manifest_path":"\(.*\)"$/\1/')
+
+if [ -n "$name" ]; then
+  chosen=()
+  for p in "${plugins[@]}"; do
+    if [ "${p%%:*}" = "$name" ] || [ "${p#*:}" = "$name" ]; then chosen=("$p"); fi
+  done
+  if [ ${#chosen[@]} -eq 0 ]; then
+    echo "error: no plugin $name in plugins/Cargo.toml's members (plugins: $(printf '%s ' "${plugins[@]%%:*}"))" >&2
+    exit 2
+  fi
+  plugins=("${chosen[@]}")
+fi
+[ ${#plugins[@]} -gt 0 ] || { echo "error: plugins/Cargo.toml has no plugin members" >&2; exit 2; }
+
+packages=()
+for p in "${plugins[@]}"; do packages+=(-p "${p#*:}"); done
+cargo build --release $locked --target wasm32-wasip2 --manifest-path "$manifest" "${packages[@]}"
+
 # Packing compiles each component once; its cache lives in a scratch data dir.
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 printf '[site]\nid = "build"\nname = "plugin build"\n[storage]\ndata_dir = "%s"\n' "$scratch" > "$scratch/oxbox.toml"
-for crate in canonical example-site; do
-  wasm="plugins/target/wasm32-wasip2/release/oxbox_plugin_${crate//-/_}.wasm"
-  "$oxbox" --config "$scratch/oxbox.toml" plugin pack "$wasm" --out "plugins/dist/$crate" >/dev/null
-  echo "plugins/dist/$crate/plugin.toml"
+for p in "${plugins[@]}"; do
+  folder=${p%%:*} crate=${p#*:}
+  wasm="${CARGO_TARGET_DIR:-plugins/target}/wasm32-wasip2/release/${crate//-/_}.wasm"
+  "$oxbox" --config "$scratch/oxbox.toml" plugin pack "$wasm" --out "plugins/dist/$folder" >/dev/null
+  echo "plugins/dist/$folder/plugin.toml"
 done
-if [ "${1:-}" != "--no-guests" ]; then
+if [ "$guests" = 1 ]; then
   cargo build --release --locked --target wasm32-wasip2 --manifest-path tests/guests/Cargo.toml
 fi

@@ -28,7 +28,7 @@ if ! cargo test --release --locked --workspace --no-run; then
   exit 1
 fi
 step "site plugins and test guests"
-bash scripts/build-plugins.sh
+bash scripts/build-plugins.sh --guests
 step "waiting for the corpus"
 if ! wait "$corpus"; then
   cat "$corpus_log" >&2
@@ -49,7 +49,7 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
 {
-  cargo test --release --locked --manifest-path plugins/Cargo.toml -p oxbox-emr-schema --lib &&
+  cargo test --release --locked --manifest-path plugins/Cargo.toml --workspace &&
   cargo test --release --locked --workspace
 } 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}

@@ -39,6 +39,31 @@ pub fn write_atomically(
     path: &Path,
     fill: impl FnOnce(&mut dyn Write) -> Result<(), OutputError>,
 ) -> Result<(), OutputError> {
+    write_atomically_with_mode(path, None, fill)
+}
+
+/// Writes `bytes` to `path` atomically (see [`write_atomically`]), readable
+/// by everyone (mode 0644 on Unix, whatever the umask): for files a service
+/// user must read and that hold no secret, such as a packed plugin.
+///
+/// # Errors
+/// [`OutputError::Io`].
+pub fn write_shared_bytes(path: &Path, bytes: &[u8]) -> Result<(), OutputError> {
+    write_atomically_with_mode(path, Some(0o644), |out| {
+        out.write_all(bytes).map_err(|source| OutputError::Io {
+            path: path.display().to_string(),
+            source,
+        })
+    })
+}
+
+/// [`write_atomically`], setting the file's Unix mode before it is renamed
+/// into place (`None`: the temporary file's 0600).
+fn write_atomically_with_mode(
+    path: &Path,
+    #[cfg_attr(not(unix), allow(unused_variables))] mode: Option<u32>,
+    fill: impl FnOnce(&mut dyn Write) -> Result<(), OutputError>,
+) -> Result<(), OutputError> {
     let io = |source| OutputError::Io {
         path: path.display().to_string(),
         source,
@@ -56,6 +81,13 @@ pub fn write_atomically(
         let mut out = BufWriter::new(tmp.as_file_mut());
         fill(&mut out)?;
         out.flush().map_err(io)?;
+    }
+    #[cfg(unix)]
+    if let Some(mode) = mode {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(io)?;
     }
     tmp.as_file().sync_all().map_err(io)?;
     tmp.persist(path).map_err(|e| io(e.error))?;

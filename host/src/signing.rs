@@ -19,7 +19,7 @@ pub const PUBLIC_KEY_FILE: &str = "signing-key.pub";
 #[derive(Debug, thiserror::Error)]
 pub enum SigningError {
     /// A key file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -44,6 +44,14 @@ pub enum SigningError {
     Untrusted {
         /// How many keys were tried.
         trusted: usize,
+    },
+    /// `keys generate` would overwrite an existing private key.
+    #[error(
+        "{path} already exists: keys are never overwritten (move it away, or choose another --out)"
+    )]
+    KeyExists {
+        /// The existing private key file.
+        path: PathBuf,
     },
     /// The system random generator failed.
     #[error("random generator failed")]
@@ -94,7 +102,8 @@ impl SigningKey {
 /// public key (hex). Refuses to overwrite an existing private key.
 ///
 /// # Errors
-/// [`SigningError::Io`] (including an existing key), [`SigningError::Random`].
+/// [`SigningError::KeyExists`] when `dir` already holds a private key,
+/// [`SigningError::Io`], [`SigningError::Random`].
 pub fn generate_keypair(dir: &Path) -> Result<(PathBuf, String), SigningError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -105,7 +114,18 @@ pub fn generate_keypair(dir: &Path) -> Result<(PathBuf, String), SigningError> {
     let pkcs8 =
         Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| SigningError::Random)?;
     let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|_| SigningError::Random)?;
-    crate::output::write_new_private(&private, pkcs8.as_ref()).map_err(io(&private))?;
+    crate::output::write_new_private(&private, pkcs8.as_ref()).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::AlreadyExists {
+            SigningError::KeyExists {
+                path: private.clone(),
+            }
+        } else {
+            SigningError::Io {
+                path: private.clone(),
+                source,
+            }
+        }
+    })?;
     let public = hex::encode(pair.public_key().as_ref());
     let public_path = dir.join(PUBLIC_KEY_FILE);
     std::fs::write(&public_path, format!("{public}\n")).map_err(io(&public_path))?;

@@ -11,6 +11,7 @@ mod bombs;
 mod cli;
 mod evaluate;
 mod hostile_plugins;
+mod plugin_dev;
 mod plugins;
 mod predict;
 mod serve;

@@ -39,7 +39,7 @@ fn guest(name: &str) -> Vec<u8> {
         .join(format!("hostile_{}.wasm", name.replace('-', "_")));
     std::fs::read(&path).unwrap_or_else(|e| {
         panic!(
-            "{}: {e}: run scripts/build-plugins.sh (scripts/test.sh does)",
+            "{}: {e}: run scripts/build-plugins.sh --guests (scripts/test.sh does)",
             path.display()
         )
     })

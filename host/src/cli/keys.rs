@@ -10,7 +10,8 @@ use oxbox::signing;
     after_help = "Example:\n  oxbox keys generate --out /etc/oxbox/keys\n\n\
 Writes signing-key.pk8 (Ed25519, PKCS#8, mode 0600) and signing-key.pub (hex), and \
 prints the public key: put it in sandbox.trusted_plugin_keys of the boxes that should \
-accept what this key signs. Never overwrites an existing key."
+accept what this key signs. Never overwrites an existing key: if DIR already holds \
+signing-key.pk8 it says so and exits 2."
 )]
 pub struct GenerateArgs {
     /// Directory for the key files (created if missing).

@@ -120,6 +120,8 @@ pub enum PluginCommand {
     Sign(plugin::SignArgs),
     /// Measure per-request plugin cost.
     Bench(plugin::BenchArgs),
+    /// Scaffold a new site plugin crate from the example site.
+    New(plugin::NewArgs),
 }
 
 /// `oxbox keys …`
@@ -156,16 +158,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dicom(DicomCommand::Info(args)) => dicom_info::run(args, config),
         Command::Config(ConfigCommand::Check(args)) => config_check::run(args, config),
         Command::Bench(args) => bench::run(args, config),
-        Command::Plugin(command) => {
-            let loaded = load_config(config)?;
-            match command {
-                PluginCommand::Check(args) => plugin::check(args, &loaded),
-                PluginCommand::Run(args) => plugin::run(args, &loaded),
-                PluginCommand::Pack(args) => plugin::pack(args, &loaded),
-                PluginCommand::Sign(args) => plugin::sign(args),
-                PluginCommand::Bench(args) => plugin::bench(args, &loaded),
-            }
-        }
+        Command::Plugin(command) => match command {
+            PluginCommand::Check(args) => plugin::check(args, &plugin::tool_config(config)?),
+            PluginCommand::Run(args) => plugin::run(args, &plugin::tool_config(config)?),
+            PluginCommand::Pack(args) => plugin::pack(args, &plugin::tool_config(config)?),
+            PluginCommand::Sign(args) => plugin::sign(args),
+            PluginCommand::Bench(args) => plugin::bench(args, &plugin::tool_config(config)?),
+            PluginCommand::New(args) => plugin::new(args),
+        },
         Command::Keys(KeysCommand::Generate(args)) => keys::generate(args),
         Command::Model(ModelCommand::Info(args)) => model::info(args),
         Command::Model(ModelCommand::Init(args)) => model::init(args),
@@ -196,6 +196,11 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
                 .is_some_and(PluginError::is_bad_input)
             || cause.is::<oxbox::serve::auth::TokenError>()
             || cause.is::<oxbox::dataset::DatasetError>()
+            || cause.is::<plugin::ScaffoldError>()
+            || matches!(
+                cause.downcast_ref::<oxbox::signing::SigningError>(),
+                Some(oxbox::signing::SigningError::KeyExists { .. })
+            )
             || matches!(
                 cause.downcast_ref::<oxbox::synth::SynthError>(),
                 Some(

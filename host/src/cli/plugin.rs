@@ -1,4 +1,9 @@
-//! `oxbox plugin …`: check, run, pack, sign and benchmark site plugins.
+//! `oxbox plugin …`: scaffold, check, run, pack, sign and benchmark site
+//! plugins.
+
+mod scaffold;
+
+pub use scaffold::{NewArgs, ScaffoldError, new};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -64,10 +69,13 @@ pub struct RunArgs {
 /// Arguments of `oxbox plugin pack`.
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Example:\n  \
-oxbox plugin pack target/wasm32-wasip2/release/my_site.wasm --out dist/my-site\n\n\
+oxbox plugin pack plugins/target/wasm32-wasip2/release/oxbox_plugin_my_site.wasm --out plugins/dist/my-site\n\n\
+(cargo writes crate oxbox-plugin-my-site to plugins/target/wasm32-wasip2/release/\
+oxbox_plugin_my_site.wasm; scripts/build-plugins.sh my-site builds and packs in one step.) \
 Checks the component, asks it to describe itself, and writes DIR/<name>.wasm and \
-DIR/plugin.toml (name, version, interface, sha256, hooks): the folder to deploy and \
-to sign.")]
+DIR/plugin.toml (name, version, interface, sha256, hooks), mode 0644: the folder to \
+deploy and to sign. Packing removes an old plugin.toml.sig (the new manifest pins a new \
+sha256): sign again before deploying.")]
 pub struct PackArgs {
     /// The component (.wasm) built for wasm32-wasip2.
     #[arg(value_name = "WASM")]
@@ -111,6 +119,37 @@ pub struct BenchArgs {
     /// Timed runs per measurement.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     runs: u32,
+}
+
+/// The configuration of `plugin check/run/pack/bench`: `--config`'s, or the
+/// embedded default with `storage.data_dir` moved to a per-user cache
+/// folder — these commands keep nothing but the compiled-component cache,
+/// so they must not create `oxbox-data/` in the working directory.
+pub fn tool_config(path: Option<&Path>) -> anyhow::Result<LoadedConfig> {
+    let mut loaded = super::load_config(path)?;
+    if path.is_none() {
+        loaded.config.storage.data_dir = user_cache_dir();
+    }
+    Ok(loaded)
+}
+
+/// `$XDG_CACHE_HOME/oxbox`, else `$HOME/.cache/oxbox`, else
+/// `<temp dir>/oxbox-cache-<uid>`.
+fn user_cache_dir() -> PathBuf {
+    let absolute = |var: &str| {
+        std::env::var_os(var)
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+    };
+    if let Some(cache) = absolute("XDG_CACHE_HOME") {
+        return cache.join("oxbox");
+    }
+    if let Some(home) = absolute("HOME") {
+        return home.join(".cache").join("oxbox");
+    }
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    std::env::temp_dir().join(format!("oxbox-cache-{uid}"))
 }
 
 /// The engine and compiled-component cache for a command.
@@ -278,13 +317,8 @@ pub fn pack(args: PackArgs, config: &LoadedConfig) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create {}", args.out.display()))?;
     let component = PathBuf::from(format!("{}.wasm", info.name));
     let target = args.out.join(&component);
-    oxbox::output::write_atomically(&target, |out| {
-        out.write_all(&bytes)
-            .map_err(|source| oxbox::output::OutputError::Io {
-                path: target.display().to_string(),
-                source,
-            })
-    })?;
+    // Readable by the service user: a component and its manifest hold no secret.
+    oxbox::output::write_shared_bytes(&target, &bytes)?;
     let manifest = Manifest {
         name: info.name.clone(),
         version: info.version.clone(),
@@ -295,6 +329,12 @@ pub fn pack(args: PackArgs, config: &LoadedConfig) -> anyhow::Result<()> {
     };
     let manifest_path = args.out.join("plugin.toml");
     manifest::write_manifest(&manifest_path, &manifest)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&manifest_path, std::fs::Permissions::from_mode(0o644))
+            .with_context(|| format!("cannot make {} readable", manifest_path.display()))?;
+    }
     // A new manifest invalidates any old signature.
     let _ = std::fs::remove_file(signature_path(&manifest_path));
     println!("{}", manifest_path.display());
@@ -308,12 +348,8 @@ pub fn sign(args: SignArgs) -> anyhow::Result<()> {
     let key = signing::SigningKey::load(&args.key)?;
     let signature = key.sign_hex(&files.manifest_bytes);
     let path = signature_path(&args.manifest);
-    oxbox::output::write_atomically(&path, |out| {
-        writeln!(out, "{signature}").map_err(|source| oxbox::output::OutputError::Io {
-            path: path.display().to_string(),
-            source,
-        })
-    })?;
+    // A signature is public, like the manifest it signs.
+    oxbox::output::write_shared_bytes(&path, format!("{signature}\n").as_bytes())?;
     println!(
         "{}",
         serde_json::json!({"signature": path.display().to_string(), "public_key": key.public_hex()})

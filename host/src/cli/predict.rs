@@ -15,12 +15,16 @@ use oxbox::store::{AuditLog, new_request_id};
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:\n  \
 oxbox predict --dicom chest.dcm --emr record.json --config /etc/oxbox/oxbox.toml\n  \
-oxbox predict --model models/demo --dicom samples/chest-cr-sample.dcm --emr samples/canonical-record.json\n\n\
+oxbox predict --config config/demo.toml --dicom samples/chest-cr-sample.dcm --emr samples/example-site-record.json\n\n\
 Reads the radiograph and the EMR record (a JSON object in the site's own field names), \
 runs the configured site plugins ([[plugins]]) and the model ([model] package, or \
 --model), and prints the prediction: P(any O2), P(high-flow or NIV), P(ventilation or \
 death) and the exam score at 24 h and 72 h, with the model digest, the plugins that \
-ran and stage timings. Without plugins the record must be in the canonical schema. \
+ran and stage timings. Without --model or [model] package, the demo model embedded in \
+the binary is used. Without plugins the record must be in the canonical schema, in \
+canonical units or a spelling of the accepted-units table (plugins/README.md); a \
+differential count in % of WBC needs the canonical plugin (samples/canonical-record.json \
+is that plugin's input). \
 Every prediction, successful or not, is recorded in the audit log (`oxbox audit tail`).")]
 pub struct Args {
     /// The chest radiograph (DICOM); required unless the model is EMR-only.

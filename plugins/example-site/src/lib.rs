@@ -19,16 +19,21 @@ struct ExampleSite;
 enum Column {
     /// Number in the given unit → this feature.
     Number(&'static str, &'static str),
-    /// Sex as "M" / "F".
+    /// Sex code ("M", "F", "U", …): [`schema::sex_code`].
     Sex,
     /// "120/80" → systolic and diastolic.
     BloodPressure,
-    /// Oxygen delivery device codes.
+    /// Oxygen delivery device, codes or free text: [`schema::o2_device_class`].
     O2Delivery,
     /// Differential count in % of WBC → this feature.
     PercentOfWbc(&'static str),
     /// Identifiers and bookkeeping: never leave the plugin.
     Ignored,
+    /// A measurement the schema (v1) has no feature for, e.g. IL-6: dropped
+    /// without a word on every request (the model cannot use it; the host
+    /// treats an unknown feature as a fault). See "Labs outside the schema"
+    /// in plugins/README.md.
+    OutsideSchema,
 }
 
 /// The site's export columns (see README.md).
@@ -55,6 +60,7 @@ fn column(name: &str) -> Option<Column> {
         "FERRITIN" => Column::Number("ferritin_ng_ml", "ug/L"),
         "NA" => Column::Number("sodium_mmol_l", "mmol/L"),
         "MRN" | "ENCOUNTER_ID" | "PT_NAME" | "DOB" | "ARRIVAL_TS" | "ACCESSION" => Column::Ignored,
+        "IL6" => Column::OutsideSchema,
         _ => return None,
     })
 }
@@ -112,11 +118,13 @@ impl Guest for ExampleSite {
         for field in &record {
             let name = field.name.trim();
             let Some(col) = column(name) else {
-                log(Level::Warn, &format!("ignoring unknown column {name:?}"));
+                // Debug, by name only: an export with extra columns is normal,
+                // and a warning on every request would drown the log.
+                log(Level::Debug, &format!("ignoring unknown column {name:?}"));
                 continue;
             };
             let text = field.value.trim();
-            if matches!(col, Column::Ignored) || schema::is_missing(text) {
+            if matches!(col, Column::Ignored | Column::OutsideSchema) || schema::is_missing(text) {
                 continue;
             }
             match col {
@@ -128,18 +136,11 @@ impl Guest for ExampleSite {
                     out.set(feature, value, name)?;
                 }
                 Column::Sex => {
-                    let sex = match text.to_ascii_uppercase().as_str() {
-                        "F" => 0.0,
-                        "M" => 1.0,
-                        "U" | "X" => continue,
-                        other => {
-                            return Err(reject(
-                                name,
-                                format!("unknown sex code {other:?} (M, F, U)"),
-                            ));
-                        }
-                    };
-                    out.set("sex", sex, name)?;
+                    if let Some(sex) =
+                        schema::sex_code(text).map_err(|e| reject(name, e.to_string()))?
+                    {
+                        out.set("sex", sex, name)?;
+                    }
                 }
                 Column::BloodPressure => {
                     let (sys, dia) = text.split_once('/').ok_or_else(|| {
@@ -156,24 +157,15 @@ impl Guest for ExampleSite {
                     out.set("diastolic_bp_mmhg", dia, name)?;
                 }
                 Column::O2Delivery => {
-                    let device = match text.to_ascii_uppercase().as_str() {
-                        "RA" => 0.0,
-                        "NC" | "FM" | "SM" | "VM" | "NRB" => 1.0,
-                        "HFNC" | "NIV" | "BIPAP" | "CPAP" => 2.0,
-                        "MV" | "VENT" | "ETT" => 3.0,
-                        other => {
-                            return Err(reject(
-                                name,
-                                format!("unknown oxygen delivery code {other:?}"),
-                            ));
-                        }
-                    };
-                    out.set("o2_device_at_triage", device, name)?;
+                    let device = schema::o2_device_class(text).ok_or_else(|| {
+                        reject(name, format!("unknown oxygen delivery device {text:?}"))
+                    })?;
+                    out.set("o2_device_at_triage", f64::from(device), name)?;
                 }
                 Column::PercentOfWbc(feature) => {
                     percents.push((feature, name, number(name, text)?))
                 }
-                Column::Ignored => {}
+                Column::Ignored | Column::OutsideSchema => {}
             }
         }
         for (feature, name, percent) in percents {
@@ -242,3 +234,88 @@ impl Guest for ExampleSite {
 const INVERSION_MARGIN: f64 = 0.10;
 
 export!(ExampleSite);
+
+/// Runs on the build machine, no wasm needed:
+/// `cargo test --manifest-path plugins/Cargo.toml -p <this crate>`.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One record with a value in every column `column()` maps, in the
+    /// export's own units: a misspelt unit or an unknown column fails here,
+    /// not on every request in production.
+    const SAMPLE: &[(&str, &str)] = &[
+        ("MRN", "000000"),
+        ("AGE", "59"),
+        ("GENDER", "F"),
+        ("TEMP_F", "101,3"),
+        ("PULSE", "104"),
+        ("RESP", "26"),
+        ("BP", "118/72"),
+        ("O2SAT", "91"),
+        ("O2_DELIVERY", "NC"),
+        ("CRP", "8.4"),
+        ("DDIMER", "650"),
+        ("LDH", "410"),
+        ("PCT", "0.3"),
+        ("TROP_T", "0.012"),
+        ("WBC", "9.2"),
+        ("LYMPH_PCT", "11"),
+        ("NEUT_PCT", "78"),
+        ("CREAT", "97"),
+        ("GLUC", "7.4"),
+        ("FERRITIN", "820"),
+        ("NA", "136"),
+        ("IL6", "42"),
+    ];
+
+    fn sample() -> Vec<RawField> {
+        SAMPLE
+            .iter()
+            .map(|(name, value)| RawField {
+                name: (*name).into(),
+                value: (*value).into(),
+                unit: None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_column_of_the_sample_is_known() {
+        for (name, _) in SAMPLE {
+            assert!(column(name).is_some(), "column {name} is not mapped");
+        }
+    }
+
+    #[test]
+    fn sample_record_converts_through_every_column() {
+        let features = ExampleSite::map_emr(sample())
+            .unwrap_or_else(|e| panic!("{:?}: {}", e.field, e.message));
+        assert_eq!(features.len(), schema::FEATURES.len());
+        for feature in &features {
+            assert!(feature.value.is_some(), "{} not filled", feature.name);
+        }
+        let value = |name: &str| {
+            features
+                .iter()
+                .find(|f| f.name == name)
+                .and_then(|f| f.value)
+                .unwrap_or(f64::NAN)
+        };
+        assert!((value("temperature_c") - 38.5).abs() < 1e-9);
+        assert!((value("creatinine_mg_dl") - 97.0 / 88.42).abs() < 1e-9);
+        assert!((value("lymphocytes_e9_l") - 0.11 * 9.2).abs() < 1e-9);
+        assert_eq!(value("o2_device_at_triage"), 1.0);
+        assert_eq!(value("sex"), 0.0);
+    }
+
+    #[test]
+    fn impossible_value_is_rejected_naming_the_column() {
+        let mut record = sample();
+        if let Some(field) = record.iter_mut().find(|f| f.name == "O2SAT") {
+            field.value = "910".into();
+        }
+        let err = ExampleSite::map_emr(record).err().map(|e| e.field);
+        assert_eq!(err, Some(Some("O2SAT".to_owned())));
+    }
+}
