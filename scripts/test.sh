@@ -15,6 +15,19 @@ cd "$(dirname "$0")/.."
 started=$SECONDS
 step() { printf '[test.sh %5ds] %s\n' $((SECONDS - started)) "$*" >&2; }
 
+# Compiled dependencies outlive a clone: a fresh clone's `target` is a link
+# to one build directory per user ($OXBOX_TARGET_CACHE, default
+# ~/.cache/oxbox/target), so CI on a machine that built oxbox before
+# recompiles only oxbox itself (cargo still checks every fingerprint: a
+# changed dependency or toolchain is rebuilt). An existing `target` (a
+# developer's checkout) is used as it is. OXBOX_TARGET_CACHE=none opts out.
+cache=${OXBOX_TARGET_CACHE:-$HOME/.cache/oxbox/target}
+if [ ! -e target ] && [ "$cache" != none ]; then
+  mkdir -p "$cache"
+  ln -s "$cache" target
+  step "target -> $cache (shared build directory)"
+fi
+
 step "setup"
 bash scripts/setup.sh --tests
 mkdir -p target
