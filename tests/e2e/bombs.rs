@@ -180,6 +180,23 @@ fn lying(
 /// `chunk`-byte private OB elements (`chunk` = the whole: one element), then
 /// a small image. Written streaming: the test never holds the inflated bytes.
 fn deflate_bomb(name: &'static str, chunk: u32, names: &'static [&'static str]) -> Bomb {
+    deflated_zeros(name, INFLATED_SIZE, chunk, names)
+}
+
+/// A deflated DICOM file of a small image after `inflated` bytes of zeros
+/// in one private OB element (slow to parse, small to send).
+pub(crate) fn deflated_zeros_file(inflated: u64) -> Vec<u8> {
+    deflated_zeros("deflated-zeros", inflated, u32::MAX, &[]).bytes
+}
+
+/// A deflated data set holding `inflated` bytes of zeros in `chunk`-byte
+/// private OB elements, then a small image.
+fn deflated_zeros(
+    name: &'static str,
+    inflated: u64,
+    chunk: u32,
+    names: &'static [&'static str],
+) -> Bomb {
     let mut out = part10(DEFLATED);
     let mut encoder =
         flate2::write::DeflateEncoder::new(std::mem::take(&mut out), flate2::Compression::best());
@@ -190,8 +207,8 @@ fn deflate_bomb(name: &'static str, chunk: u32, names: &'static [&'static str]) 
     let zeros = vec![0u8; 1 << 20];
     let mut written = 0u64;
     let mut next_tag = 0x1000u16;
-    while written < INFLATED_SIZE {
-        let len = u64::from(chunk).min(INFLATED_SIZE - written);
+    while written < inflated {
+        let len = u64::from(chunk).min(inflated - written);
         let mut h = Vec::new();
         header(
             &mut h,
@@ -617,6 +634,128 @@ fn the_server_survives_32_concurrent_bomb_uploads_and_serves_a_good_request() {
     eprintln!(
         "server under {CONCURRENT_UPLOADS} concurrent bomb uploads ({} refused with 422): peak RSS (VmHWM) {:.1} MiB",
         refused_per_upload.iter().sum::<u32>(),
+        mib(peak)
+    );
+    assert!(
+        peak <= SERVER_RSS_LIMIT,
+        "server peak RSS {:.1} MiB over {:.0} MiB",
+        mib(peak),
+        mib(SERVER_RSS_LIMIT)
+    );
+}
+
+/// What the deflated upload below inflates to: just under the default
+/// `limits.max_inflated_mib` (256), so the scan passes it.
+const UNDER_THE_CAP: u64 = 250 << 20;
+
+/// The memory budget of the server below, MiB.
+const UNDER_THE_CAP_BUDGET_MIB: u64 = 1024;
+
+#[test]
+fn deflated_uploads_under_the_inflation_cap_are_admitted_by_their_inflated_size() {
+    // 32 concurrent uploads of a 250 KB file that inflates to 250 MiB (one
+    // OB element of zeros), under the cap: each is parsed, so each must be
+    // admitted by what it inflates to, not by its compressed size; with a
+    // 1 GiB budget at most four are parsed at once.
+    let deflated = deflated_zeros("deflated-250-mib", UNDER_THE_CAP, u32::MAX, &[]);
+    assert!(deflated.bytes.len() < 1 << 20, "{}", deflated.bytes.len());
+    // The 32 scans keep a small machine's cores busy: the plugin's
+    // deadline is widened so that CPU contention is not a plugin fault (this
+    // test is about memory).
+    let setup = Setup::new(&format!(
+        "listen = \"127.0.0.1:0\"\nmemory_budget_mib = {UNDER_THE_CAP_BUDGET_MIB}\n[sandbox]\ndeadline_ms = 10000"
+    ));
+    let mut server = ServerProcess::start(&setup.config);
+    let addr = server.addr;
+    let (dicom, record) = sample_case();
+    let content_type = multipart_type();
+    let headers = [("Content-Type", content_type.as_str())];
+    let upload = multipart(&[
+        ("dicom", "application/dicom", &deflated.bytes),
+        ("emr", "application/json", &record),
+    ]);
+    let good = multipart(&[
+        ("dicom", "application/dicom", &dicom),
+        ("emr", "application/json", &record),
+    ]);
+    let good_answered = AtomicBool::new(false);
+    let started = std::sync::Barrier::new(CONCURRENT_UPLOADS + 1);
+    let (answered, busy) = std::thread::scope(|scope| {
+        let uploads: Vec<_> = (0..CONCURRENT_UPLOADS)
+            .map(|_| {
+                let (headers, upload, good_answered, started) =
+                    (&headers, &upload, &good_answered, &started);
+                scope.spawn(move || {
+                    started.wait();
+                    // Parsed (200, or 422 for what the pipeline makes of the
+                    // small image after the zeros) at least once, and until
+                    // the good request has its answer; 503 (the budget is in
+                    // use) is retried.
+                    let (mut parsed, mut busy) = (0u32, 0u32);
+                    let deadline = Instant::now() + Duration::from_secs(300);
+                    while parsed == 0 || !good_answered.load(Ordering::SeqCst) {
+                        assert!(Instant::now() < deadline, "the uploads never ended");
+                        let reply = request(addr, "POST", "/v1/predict", headers, upload);
+                        match reply.status {
+                            200 | 422 => parsed += 1,
+                            503 => {
+                                busy += 1;
+                                std::thread::sleep(Duration::from_millis(200));
+                            }
+                            other => {
+                                panic!("status {other}: {}", String::from_utf8_lossy(&reply.body))
+                            }
+                        }
+                    }
+                    (parsed, busy)
+                })
+            })
+            .collect();
+        started.wait();
+        std::thread::sleep(Duration::from_millis(50));
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let reply = loop {
+            let reply = request(addr, "POST", "/v1/predict", &headers, &good);
+            if reply.status != 503 || Instant::now() > deadline {
+                break reply;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        good_answered.store(true, Ordering::SeqCst);
+        assert_eq!(
+            reply.status,
+            200,
+            "the good request during the uploads: {}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        uploads
+            .into_iter()
+            .map(|u| u.join().expect("upload thread"))
+            .fold((0u32, 0u32), |(a, b), (p, q)| (a + p, b + q))
+    });
+    assert!(answered >= CONCURRENT_UPLOADS as u32, "{answered}");
+    assert!(server.is_running(), "the server died under the uploads");
+    // The budget saw the inflated size: one parse reserved more than the
+    // 250 MiB it inflates to, and the reservations never passed the budget.
+    let metrics = request(addr, "GET", "/metrics", &[], b"");
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    let gauge = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let budget_peak = gauge("oxbox_memory_budget_peak_bytes");
+    assert!(
+        budget_peak >= UNDER_THE_CAP as f64,
+        "budget peak {budget_peak}: the inflated size was not reserved"
+    );
+    assert!(budget_peak <= (UNDER_THE_CAP_BUDGET_MIB << 20) as f64);
+    let peak = vm_hwm(server.pid());
+    eprintln!(
+        "server under {CONCURRENT_UPLOADS} concurrent uploads of a {} byte file inflating to {} MiB ({answered} parsed, {busy} answered 503, budget {UNDER_THE_CAP_BUDGET_MIB} MiB, budget peak {:.1} MiB): peak RSS (VmHWM) {:.1} MiB",
+        deflated.bytes.len(),
+        UNDER_THE_CAP >> 20,
+        budget_peak / f64::from(1u32 << 20),
         mib(peak)
     );
     assert!(

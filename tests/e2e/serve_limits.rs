@@ -46,6 +46,17 @@ fn peak_rss(pid: u32) -> u64 {
         * 1024
 }
 
+/// The process's virtual size (VmSize), bytes.
+fn virtual_size(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmSize:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmSize")
+        * 1024
+}
+
 /// Sockets the process holds open (its descriptors that are sockets).
 fn open_sockets(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -253,6 +264,144 @@ fn a_slow_body_holds_no_prediction_permit() {
     }
     let slow = slow.join().expect("slow client");
     assert_eq!(slow.status, 200, "{}", String::from_utf8_lossy(&slow.body));
+}
+
+#[test]
+fn a_declared_content_length_allocates_nothing_before_the_body_arrives() {
+    // 64 clients each declare a 60 MiB body (under max_body_mib = 64) and
+    // send 1 KiB of it. A server that sized its buffer from the declared
+    // length would map 64 × 60 MiB = 3.75 GiB; it holds what arrived.
+    const CLIENTS: usize = 64;
+    const DECLARED: u64 = 60 << 20;
+    let setup = Setup::new("listen = \"127.0.0.1:0\"\nbody_timeout_ms = 60000");
+    let server = ServerProcess::start(&setup.config);
+    let addr = server.addr;
+    let pid = server.child.id();
+    let ct = multipart_type();
+    // Warm up the runtime's threads and buffers with one good request.
+    let (dicom, record) = sample_case();
+    let body = predict_body(&dicom, &record);
+    let reply = request(addr, "POST", "/v1/predict", &[("Content-Type", &ct)], &body);
+    assert_eq!(reply.status, 200);
+    let before = virtual_size(pid);
+    let clients: Vec<TcpStream> = (0..CLIENTS)
+        .map(|_| {
+            let mut stream = connect(addr);
+            stream
+                .write_all(
+                    format!(
+                        "POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: {ct}\r\nContent-Length: {DECLARED}\r\n\r\n"
+                    )
+                    .as_bytes(),
+                )
+                .expect("head");
+            stream.write_all(&body[..1024]).expect("first KiB");
+            stream
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1000));
+    let during = virtual_size(pid);
+    let grown = during.saturating_sub(before);
+    println!(
+        "{CLIENTS} clients declaring {} MiB bodies, 1 KiB sent: server VmSize {:.1} -> {:.1} MiB (+{:.1} MiB)",
+        DECLARED >> 20,
+        before as f64 / f64::from(1u32 << 20),
+        during as f64 / f64::from(1u32 << 20),
+        grown as f64 / f64::from(1u32 << 20)
+    );
+    assert!(
+        grown < 512 << 20,
+        "the server mapped {} MiB for bodies it has not received",
+        grown >> 20
+    );
+    drop(clients);
+    let reply = request(addr, "POST", "/v1/predict", &[("Content-Type", &ct)], &body);
+    assert_eq!(reply.status, 200);
+}
+
+#[test]
+fn a_client_that_goes_away_frees_its_permit_only_when_its_decode_ends() {
+    // One permit. A case that takes a while to parse (a deflated file of
+    // 250 MiB of zeros) is sent whole, and its client disconnects while the
+    // server parses it: the permit stays with the parse, so a good request
+    // meanwhile gets 503 overloaded, and 200 once the parse has ended.
+    let setup = Setup::new("listen = \"127.0.0.1:0\"\nmax_concurrent_requests = 1");
+    let server = ServerProcess::start(&setup.config);
+    let addr = server.addr;
+    let ct = multipart_type();
+    let (dicom, record) = sample_case();
+    let good = predict_body(&dicom, &record);
+    let slow = predict_body(&crate::bombs::deflated_zeros_file(250 << 20), &record);
+    // How long the slow case takes when its client waits.
+    let started = Instant::now();
+    let reply = request(addr, "POST", "/v1/predict", &[("Content-Type", &ct)], &slow);
+    let took = started.elapsed();
+    assert!(
+        [200, 422].contains(&reply.status),
+        "{}: {}",
+        reply.status,
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert!(
+        took >= Duration::from_millis(200),
+        "the slow case took only {took:?}"
+    );
+    // Again, and the client goes away a quarter of the way in.
+    let mut stream = connect(addr);
+    stream
+        .write_all(
+            format!(
+                "POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: {ct}\r\nContent-Length: {}\r\n\r\n",
+                slow.len()
+            )
+            .as_bytes(),
+        )
+        .expect("head");
+    let sent = Instant::now();
+    stream.write_all(&slow).expect("body");
+    std::thread::sleep(took / 4);
+    drop(stream);
+    std::thread::sleep(took / 8);
+    let during = request(addr, "POST", "/v1/predict", &[("Content-Type", &ct)], &good);
+    let at = sent.elapsed();
+    println!(
+        "slow case {took:?}; its client left after {:?}; a good request at {at:?} -> {}",
+        took / 4,
+        during.status
+    );
+    assert!(
+        at < took,
+        "the good request came too late ({at:?} of {took:?})"
+    );
+    assert_eq!(
+        during.status,
+        503,
+        "the permit was freed while the parse ran: {}",
+        String::from_utf8_lossy(&during.body)
+    );
+    assert!(
+        during.json()["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("server.max_concurrent_requests")),
+        "{}",
+        String::from_utf8_lossy(&during.body)
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let reply = request(addr, "POST", "/v1/predict", &[("Content-Type", &ct)], &good);
+        if reply.status == 200 {
+            break;
+        }
+        assert_eq!(
+            reply.status,
+            503,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        assert!(Instant::now() < deadline, "the permit never came back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!("the good request got 200 after {:?}", sent.elapsed());
 }
 
 #[test]

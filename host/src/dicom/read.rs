@@ -27,7 +27,8 @@ use dicom_object::{
 };
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
-use super::{DicomError, Result, scan};
+use super::scan::{self, Footprint};
+use super::{DicomError, Result};
 use crate::config::LimitsConfig;
 
 /// Explicit VR Big Endian: retired from the standard (so deprecated in the
@@ -102,6 +103,17 @@ impl DicomFile {
     /// # Errors
     /// As [`DicomFile::open`], without the I/O errors.
     pub fn from_bytes(bytes: &[u8], limits: &LimitsConfig) -> Result<Self> {
+        DicomFile::scan_bytes(bytes, limits)?.parse()
+    }
+
+    /// The first half of [`DicomFile::from_bytes`]: checks the size and
+    /// runs the structural scan, so that the caller can admit the parse by
+    /// its [`Footprint`] (the inflated size of a deflated data set, not the
+    /// file's) before [`ScannedBytes::parse`] allocates it.
+    ///
+    /// # Errors
+    /// As [`DicomFile::from_bytes`].
+    pub fn scan_bytes<'a>(bytes: &'a [u8], limits: &LimitsConfig) -> Result<ScannedBytes<'a>> {
         let limit = limits.max_dicom_file_bytes();
         if bytes.len() as u64 > limit {
             return Err(DicomError::FileTooLarge {
@@ -109,17 +121,22 @@ impl DicomFile {
                 limit,
             });
         }
-        let (prefix, rest) = bytes.split_at(bytes.len().min(PREFIX_LEN));
-        let layout = Layout::detect(prefix)?;
+        let prefix_len = bytes.len().min(PREFIX_LEN);
+        let layout = Layout::detect(&bytes[..prefix_len])?;
         let from = layout.scan_from().min(bytes.len());
-        scan_guarded(
+        let footprint = scan_guarded(
             layout,
             &bytes[from..],
             (bytes.len() - from) as u64,
             limits,
             "the DICOM input",
         )?;
-        parse_guarded(prefix, layout, rest)
+        Ok(ScannedBytes {
+            bytes,
+            prefix_len,
+            layout,
+            footprint,
+        })
     }
 
     /// The parsed object (file meta group + data set).
@@ -139,6 +156,41 @@ impl DicomFile {
     /// whose encoding was detected).
     pub fn has_file_meta(&self) -> bool {
         self.has_file_meta
+    }
+}
+
+/// An input in memory that passed the structural scan, ready to parse.
+pub struct ScannedBytes<'a> {
+    bytes: &'a [u8],
+    prefix_len: usize,
+    layout: Layout,
+    footprint: Footprint,
+}
+
+impl std::fmt::Debug for ScannedBytes<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Deliberately not the bytes: they may identify the patient.
+        f.debug_struct("ScannedBytes")
+            .field("len", &self.bytes.len())
+            .field("layout", &self.layout)
+            .field("footprint", &self.footprint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ScannedBytes<'_> {
+    /// What the parsed data set will hold.
+    pub fn footprint(&self) -> Footprint {
+        self.footprint
+    }
+
+    /// Parses the scanned input.
+    ///
+    /// # Errors
+    /// [`DicomError::NotDicom`] when dicom-rs refuses it.
+    pub fn parse(self) -> Result<DicomFile> {
+        let (prefix, rest) = self.bytes.split_at(self.prefix_len);
+        parse_guarded(prefix, self.layout, rest)
     }
 }
 
@@ -201,7 +253,7 @@ fn scan_guarded(
     len: u64,
     limits: &LimitsConfig,
     name: &str,
-) -> Result<()> {
+) -> Result<Footprint> {
     crate::guard::no_panic("DICOM structure scan", || match layout {
         Layout::Bare(uid) => scan::scan_data_set(input, len, uid, name),
         Layout::Magic(_) | Layout::MetaWithoutMagic => scan::scan_part10(input, len, limits, name),

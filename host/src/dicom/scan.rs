@@ -149,6 +149,33 @@ fn coding_for(uid: &str) -> Result<DataSetCoding> {
     }
 }
 
+/// What the data set a scan passed will cost dicom-rs to hold: the bytes it
+/// reads values from and the nodes of the tree it builds. The server admits
+/// a parse against its memory budget from this, before parsing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Footprint {
+    /// Bytes of the data set as dicom-rs reads it: the input's (from the
+    /// file meta group on) for a plain encoding, the inflated stream's
+    /// (file meta group included) for a deflated one.
+    pub data_set_bytes: u64,
+    /// Elements, items, fragments and string values (at most
+    /// [`MAX_DATA_SET_NODES`]).
+    pub nodes: u64,
+}
+
+impl Footprint {
+    /// What the parsed tree costs per node beyond its values, bytes, at
+    /// most (dicom-rs's element header, value enum and map entry).
+    pub const BYTES_PER_NODE: u64 = 128;
+
+    /// The memory the parsed data set holds, at most: its bytes plus
+    /// [`Footprint::BYTES_PER_NODE`] per node.
+    pub fn parsed_bytes(&self) -> u64 {
+        self.data_set_bytes
+            .saturating_add(self.nodes.saturating_mul(Self::BYTES_PER_NODE))
+    }
+}
+
 /// Scans a Part 10 input from its file meta group (the bytes after `DICM`)
 /// to the end of its data set. `len` is the number of bytes `input` holds.
 ///
@@ -162,14 +189,18 @@ pub(crate) fn scan_part10(
     len: u64,
     limits: &LimitsConfig,
     name: &str,
-) -> Result<()> {
+) -> Result<Footprint> {
     let mut source = Source::new(input, len, None, name);
     let uid = scan_meta(&mut source)?;
     match coding_for(&uid)? {
-        DataSetCoding::Plain(encoding) => walk(&mut source, encoding),
+        DataSetCoding::Plain(encoding) => {
+            walk(&mut source, encoding)?;
+            Ok(source.footprint())
+        }
         DataSetCoding::Deflated => {
             // PS3.5 A.5: the data set after the meta group is a raw deflate
             // stream, as dicom-rs reads it.
+            let meta_bytes = source.pos;
             let inflated = flate2::read::DeflateDecoder::new(&mut source.reader);
             let mut inflated = Source::new(
                 inflated,
@@ -178,7 +209,10 @@ pub(crate) fn scan_part10(
                 name,
             );
             inflated.nodes = source.nodes;
-            walk(&mut inflated, Encoding::EXPLICIT_LE)
+            walk(&mut inflated, Encoding::EXPLICIT_LE)?;
+            let mut footprint = inflated.footprint();
+            footprint.data_set_bytes = footprint.data_set_bytes.saturating_add(meta_bytes);
+            Ok(footprint)
         }
     }
 }
@@ -187,10 +221,18 @@ pub(crate) fn scan_part10(
 ///
 /// # Errors
 /// As [`scan_part10`].
-pub(crate) fn scan_data_set(input: impl Read, len: u64, uid: &str, name: &str) -> Result<()> {
+pub(crate) fn scan_data_set(
+    input: impl Read,
+    len: u64,
+    uid: &str,
+    name: &str,
+) -> Result<Footprint> {
     let mut source = Source::new(input, len, None, name);
     match coding_for(uid)? {
-        DataSetCoding::Plain(encoding) => walk(&mut source, encoding),
+        DataSetCoding::Plain(encoding) => {
+            walk(&mut source, encoding)?;
+            Ok(source.footprint())
+        }
         // Bare data sets are detected as plain encodings only.
         DataSetCoding::Deflated => Err(DicomError::UnsupportedTransferSyntax {
             uid: uid.to_owned(),
@@ -249,6 +291,14 @@ impl<'n, R: Read> Source<'n, R> {
             deflated,
             nodes: 0,
             name,
+        }
+    }
+
+    /// The bytes read and nodes counted so far.
+    fn footprint(&self) -> Footprint {
+        Footprint {
+            data_set_bytes: self.pos,
+            nodes: self.nodes,
         }
     }
 
@@ -773,7 +823,7 @@ mod tests {
     }
 
     fn scan(bytes: &[u8], uid: &str) -> Result<()> {
-        scan_data_set(bytes, bytes.len() as u64, uid, "test")
+        scan_data_set(bytes, bytes.len() as u64, uid, "test").map(|_| ())
     }
 
     #[test]
@@ -918,6 +968,15 @@ mod tests {
             max_inflated_mib: 4,
             ..LimitsConfig::default()
         };
-        scan_part10(&file[..], file.len() as u64, &roomy, "t").expect("under the cap");
+        let footprint =
+            scan_part10(&file[..], file.len() as u64, &roomy, "t").expect("under the cap");
+        // The inflated length, not the file's: the meta group, the OB
+        // header and its 3 MiB; one node for each element.
+        assert_eq!(
+            footprint.data_set_bytes,
+            (12 + meta_value.len() + 12 + (3 << 20)) as u64
+        );
+        assert!((1..=3).contains(&footprint.nodes), "{footprint:?}");
+        assert!(footprint.parsed_bytes() > 3 << 20);
     }
 }

@@ -13,7 +13,10 @@
 //!
 //! # The estimate (bytes)
 //!
-//! With `B` the body, `E` the EMR JSON text, `F` the DICOM part,
+//! With `B` the body, `E` the EMR JSON text, `D` the DICOM part's data set
+//! as the structural scan counted it (the part's bytes; for a deflated data
+//! set, the bytes it inflates to), `N` its nodes (elements, items,
+//! fragments, string values),
 //! `P = Rows × Columns` of the first frame, `b` the bytes per stored sample
 //! (`BitsAllocated` / 8, at least 1) and `S` the model's input side:
 //!
@@ -21,8 +24,8 @@
 //! |-----------------------|---------------------------------------------------|
 //! | body, as it arrives   | `B`                                               |
 //! | multipart parse       | `+ B` (the parser's own copy)                     |
-//! | JSON parse            | `+ 16 × E` ([`JSON_EXPANSION`]: the parsed value)  |
-//! | DICOM parse           | `+ F` (the in-memory data set)                    |
+//! | JSON parse            | `+ 16 × E` ([`JSON_EXPANSION`]: the parsed value), `+ B` for a JSON body (its one contiguous copy) |
+//! | DICOM parse           | `+ D + 128 × N` (the in-memory data set, reserved after the scan and before the parse; [`crate::dicom::scan::Footprint`]) |
 //! | decode (image models) | `+ P × b` native, `+ P × (b + 4)` compressed      |
 //! |                       | `+ 4 × S × max(Rows, Columns) + 8 × S² + 1 MiB`   |
 //! |                       |   (canonical resize buffers, lookup table, histogram) |
@@ -32,6 +35,7 @@
 //! The plugins' own linear memory is bounded separately, by the sandbox
 //! (`sandbox.memory_limit_mib` per call).
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -223,20 +227,16 @@ pub fn decode_estimate(
 }
 
 /// The budget when `server.memory_budget_mib = 0`: half of the smaller of
-/// the machine's memory (`MemTotal` in /proc/meminfo) and the cgroup's limit
-/// (cgroup v2 `memory.max`, or v1 `memory.limit_in_bytes`), at least
-/// [`MIN_DERIVED_BUDGET`]. Where none can be read, the floor.
+/// the machine's memory (`MemTotal` in /proc/meminfo) and the process's
+/// cgroup limit ([`cgroup_memory_limit`]: systemd's `MemoryMax=` included),
+/// at least [`MIN_DERIVED_BUDGET`]. Where none can be read, the floor.
 pub fn derived_budget() -> u64 {
     let meminfo = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|text| mem_total(&text));
-    let cgroup = [
-        "/sys/fs/cgroup/memory.max",
-        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
-    ]
-    .iter()
-    .filter_map(|path| std::fs::read_to_string(path).ok())
-    .find_map(|text| cgroup_limit(&text));
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|text| cgroup_memory_limit(&text, Path::new("/sys/fs/cgroup")));
     let machine = match (meminfo, cgroup) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -244,6 +244,45 @@ pub fn derived_budget() -> u64 {
     machine.map_or(MIN_DERIVED_BUDGET, |bytes| {
         (bytes / 2).max(MIN_DERIVED_BUDGET)
     })
+}
+
+/// The tightest memory limit over the process's cgroup and its ancestors,
+/// bytes: `proc_self_cgroup` is /proc/self/cgroup's text, `root` where the
+/// hierarchy is mounted (/sys/fs/cgroup). cgroup v2 (`0::/path`): each
+/// `memory.max` from `root/path` up to `root`; v1 (`N:...memory...:/path`):
+/// each `memory.limit_in_bytes` from `root/memory/path` up. `None` where no
+/// level sets a limit (or none can be read).
+pub fn cgroup_memory_limit(proc_self_cgroup: &str, root: &Path) -> Option<u64> {
+    let mut tightest: Option<u64> = None;
+    for line in proc_self_cgroup.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let (base, file) = if controllers.is_empty() {
+            (root.to_path_buf(), "memory.max")
+        } else if controllers.split(',').any(|c| c == "memory") {
+            (root.join("memory"), "memory.limit_in_bytes")
+        } else {
+            continue;
+        };
+        // The cgroup itself, then each ancestor up to the mount's root.
+        let mut level = PathBuf::from(path.trim().trim_start_matches('/'));
+        loop {
+            let limit = std::fs::read_to_string(base.join(&level).join(file))
+                .ok()
+                .and_then(|text| cgroup_limit(&text));
+            if let Some(limit) = limit {
+                tightest = Some(tightest.map_or(limit, |t| t.min(limit)));
+            }
+            if !level.pop() {
+                break;
+            }
+        }
+    }
+    tightest
 }
 
 /// `MemTotal` from /proc/meminfo text, bytes.
@@ -372,5 +411,33 @@ mod tests {
         assert_eq!(cgroup_limit("9223372036854771712\n"), None);
         assert_eq!(cgroup_limit("2147483648\n"), Some(2 << 30));
         assert!(derived_budget() >= MIN_DERIVED_BUDGET);
+    }
+
+    #[test]
+    fn the_cgroup_limit_is_the_tightest_over_the_process_cgroup_and_its_ancestors() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let write = |rel: &str, text: &str| {
+            let path = root.path().join(rel);
+            std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+            std::fs::write(path, text).expect("write");
+        };
+        // cgroup v2 under systemd: no limit at the root, MemoryMax=2G on
+        // the service, 4G on its slice.
+        write("memory.max", "max\n");
+        write("system.slice/memory.max", "4294967296\n");
+        write("system.slice/oxbox.service/memory.max", "2147483648\n");
+        let v2 = "0::/system.slice/oxbox.service\n";
+        assert_eq!(cgroup_memory_limit(v2, root.path()), Some(2 << 30));
+        // A tighter ancestor wins.
+        write("system.slice/memory.max", "1073741824\n");
+        assert_eq!(cgroup_memory_limit(v2, root.path()), Some(1 << 30));
+        // No limit anywhere on the path.
+        assert_eq!(cgroup_memory_limit("0::/user.slice\n", root.path()), None);
+        // cgroup v1: the memory controller's line and hierarchy.
+        write("memory/docker/abc/memory.limit_in_bytes", "536870912\n");
+        write("memory/memory.limit_in_bytes", "9223372036854771712\n");
+        let v1 = "5:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n";
+        assert_eq!(cgroup_memory_limit(v1, root.path()), Some(512 << 20));
+        assert_eq!(cgroup_memory_limit("garbage", root.path()), None);
     }
 }

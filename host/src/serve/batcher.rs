@@ -8,7 +8,10 @@
 //! A panic in a forward pass is contained: the batch's cases are run again
 //! one by one (so one poisoned case fails alone), a case whose forward pass
 //! panics again gets [`BatchError::Panicked`] (500), and the thread keeps
-//! serving. A panic anywhere else in the loop restarts the loop (the cases
+//! serving. A forward pass that panics [`UNREADY_AFTER_PANICS`] times in a
+//! row, with no successful pass in between (a model that fails on every
+//! case), makes [`Batcher::unready`] say so, and readiness answer 503, until
+//! a pass succeeds again. A panic anywhere else in the loop restarts the loop (the cases
 //! of that batch get [`BatchError::Lost`]); after
 //! [`MAX_RESTARTS`] restarts within [`RESTART_WINDOW`] the thread stops and
 //! [`Batcher::stopped`] says why, which readiness reports as 503.
@@ -27,6 +30,10 @@ use crate::pipeline::Pipeline;
 
 /// Loop restarts after which the inference thread gives up.
 pub const MAX_RESTARTS: usize = 5;
+
+/// Forward passes panicking in a row (no success in between) after which
+/// the batcher reports itself not ready.
+pub const UNREADY_AFTER_PANICS: u64 = 3;
 
 /// The window [`MAX_RESTARTS`] is counted in.
 pub const RESTART_WINDOW: Duration = Duration::from_secs(60);
@@ -102,6 +109,8 @@ struct Health {
     alive: AtomicBool,
     /// Forward passes that panicked.
     panics: AtomicU64,
+    /// Forward passes that panicked since the last one that succeeded.
+    consecutive_panics: AtomicU64,
     /// Loop restarts after a panic outside the forward pass.
     restarts: AtomicU64,
     /// Why the thread stopped, when it stopped on its own.
@@ -193,6 +202,22 @@ impl Batcher {
             }
             .unwrap_or_else(|| "the inference thread has stopped".to_owned()),
         )
+    }
+
+    /// Why the batcher cannot serve predictions now, if it cannot: the
+    /// thread stopped ([`Batcher::stopped`]), or the last
+    /// [`UNREADY_AFTER_PANICS`] or more forward passes all panicked (until
+    /// one succeeds). `None` when ready.
+    pub fn unready(&self) -> Option<String> {
+        if let Some(reason) = self.stopped() {
+            return Some(reason);
+        }
+        let row = self.health.consecutive_panics.load(Ordering::Acquire);
+        (row >= UNREADY_AFTER_PANICS).then(|| {
+            format!(
+                "the model's forward pass panicked on the last {row} attempts with no success in between (see the server log); ready again after a forward pass succeeds"
+            )
+        })
     }
 
     /// Forward passes that panicked, and loop restarts, so far.
@@ -307,7 +332,10 @@ fn guarded(
     health: &Health,
 ) -> Result<Vec<Prediction>, Failed> {
     match catch_unwind(AssertUnwindSafe(|| forward.forward(inputs))) {
-        Ok(Ok(predictions)) if predictions.len() == inputs.len() => Ok(predictions),
+        Ok(Ok(predictions)) if predictions.len() == inputs.len() => {
+            health.consecutive_panics.store(0, Ordering::Release);
+            Ok(predictions)
+        }
         Ok(Ok(predictions)) => Err(Failed::Model(ModelError::Input(format!(
             "the model gave {} predictions for {} cases",
             predictions.len(),
@@ -317,6 +345,7 @@ fn guarded(
         Err(payload) => {
             let message = panic_message(payload.as_ref());
             health.panics.fetch_add(1, Ordering::AcqRel);
+            health.consecutive_panics.fetch_add(1, Ordering::AcqRel);
             metrics.inference_panic();
             tracing::error!(
                 "the model's forward pass panicked on a batch of {} ({message}); the inference thread carries on",
@@ -524,6 +553,40 @@ mod tests {
             "{}",
             metrics.encode()
         );
+    }
+
+    #[test]
+    fn a_forward_pass_that_keeps_panicking_makes_the_batcher_unready_until_one_succeeds() {
+        // Panics on every case tagged 13: three in a row leave the batcher
+        // unready (readiness 503), and the next success makes it ready.
+        let forward = |inputs: &[ModelInput]| -> Result<Vec<Prediction>, ModelError> {
+            assert!(
+                inputs.iter().all(|i| tag(i) != 13.0),
+                "injected fault in the forward pass"
+            );
+            Ok(inputs.iter().map(|i| prediction(tag(i) as f32)).collect())
+        };
+        let metrics = Arc::new(Metrics::new());
+        let batcher = Batcher::with_forward(forward, 1, Duration::ZERO, metrics).expect("start");
+        let rt = runtime();
+        for attempt in 1..=UNREADY_AFTER_PANICS {
+            assert_eq!(batcher.unready(), None, "before attempt {attempt}");
+            let failed = rt.block_on(batcher.infer(case(13.0)));
+            assert!(matches!(failed, Err(BatchError::Panicked(_))), "{failed:?}");
+        }
+        let reason = batcher.unready().expect("unready after 3 panics in a row");
+        assert!(reason.contains("panicked on the last 3"), "{reason}");
+        // Still not stopped: the thread serves, and a success heals it.
+        assert_eq!(batcher.stopped(), None);
+        let ok = rt.block_on(batcher.infer(case(2.0))).expect("a good case");
+        assert_eq!(ok.prediction.h24.p_o2_any, 2.0);
+        assert_eq!(batcher.unready(), None);
+        // Panics with successes in between never add up.
+        for _ in 0..4 {
+            let _ = rt.block_on(batcher.infer(case(13.0)));
+            let _ = rt.block_on(batcher.infer(case(2.0)));
+        }
+        assert_eq!(batcher.unready(), None);
     }
 
     #[test]

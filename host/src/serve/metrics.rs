@@ -1,6 +1,6 @@
 //! What `GET /metrics` reports, in the Prometheus/OpenMetrics text format:
 //! requests by route and status, per-stage latency histograms, batch sizes,
-//! plugin faults, inference panics, admission refusals, the memory budget's
+//! plugin faults, inference panics, admission and reload refusals, the memory budget's
 //! use and open connections.
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -41,6 +41,13 @@ pub struct AdmissionLabels {
     pub reason: &'static str,
 }
 
+/// Labels of the refused-reload counter.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadRefusalLabels {
+    /// `no_token` (403), `in_progress` (409) or `rate_limited` (429).
+    pub reason: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// The server's metrics.
@@ -55,6 +62,7 @@ pub struct Metrics {
     inference_panics: Counter,
     inference_restarts: Counter,
     admission_refusals: Family<AdmissionLabels, Counter>,
+    reload_refusals: Family<ReloadRefusalLabels, Counter>,
     memory_budget: Gauge,
     memory_in_use: Gauge,
     memory_peak: Gauge,
@@ -125,6 +133,12 @@ impl Metrics {
             "Predictions refused before decoding: requests (503), memory (503), too_large (413)",
             admission_refusals.clone(),
         );
+        let reload_refusals = Family::<ReloadRefusalLabels, Counter>::default();
+        registry.register(
+            "reload_refusals",
+            "Plugin reload requests refused: no_token (403), in_progress (409), rate_limited (429)",
+            reload_refusals.clone(),
+        );
         let memory_budget = Gauge::default();
         registry.register(
             "memory_budget_bytes",
@@ -159,6 +173,7 @@ impl Metrics {
             inference_panics,
             inference_restarts,
             admission_refusals,
+            reload_refusals,
             memory_budget,
             memory_in_use,
             memory_peak,
@@ -213,6 +228,13 @@ impl Metrics {
     pub fn admission_refused(&self, reason: &'static str) {
         self.admission_refusals
             .get_or_create(&AdmissionLabels { reason })
+            .inc();
+    }
+
+    /// Counts a refused plugin reload request, by `reason`.
+    pub fn reload_refused(&self, reason: &'static str) {
+        self.reload_refusals
+            .get_or_create(&ReloadRefusalLabels { reason })
             .inc();
     }
 

@@ -15,7 +15,9 @@
 //! inference thread (batches), the SQLite audit log on the blocking pool.
 //! A prediction reads its body (under its timeout, size limit and the
 //! memory budget) before it takes one of `server.max_concurrent_requests`
-//! permits, so a client trickling its body holds none. At most
+//! permits, so a client trickling its body holds none; the permit then
+//! moves into the blocking decode-and-plugins work, so a client that
+//! disconnects frees it only when that work ends. At most
 //! `server.max_connections` connections are open at once; further ones wait
 //! in the listen backlog. SIGHUP reloads the plugins; SIGINT/SIGTERM stop
 //! accepting, let requests in progress finish (up to 30 s), then exit.

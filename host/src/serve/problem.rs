@@ -6,6 +6,8 @@ use http_body_util::Full;
 use hyper::{Response, StatusCode, header};
 use serde::Serialize;
 
+use super::batcher::BatchError;
+use super::reload::ReloadFailure;
 use crate::model::ModelError;
 use crate::pipeline::PipelineError;
 use crate::plugins::PluginError;
@@ -288,6 +290,59 @@ impl Problem {
         }
     }
 
+    /// The problem for a case the inference thread gave no prediction:
+    /// the model's refusal as [`Problem::from_pipeline`]; 500 with a fixed
+    /// detail for a forward pass that panicked (the panic's text, logged by
+    /// the inference thread, may quote anything and is never sent) or a lost
+    /// case; 503 with Retry-After once the thread has stopped
+    /// (`stopped_reason`, from [`super::batcher::Batcher::stopped`]).
+    pub fn from_batch(error: BatchError, stopped_reason: Option<String>) -> Self {
+        match error {
+            BatchError::Model(e) => Self::from_pipeline(&PipelineError::Model(e)),
+            BatchError::Panicked(_) => Self::internal(
+                "the model's forward pass failed on this case (logged on the server); the inference thread carries on, retry the request",
+            ),
+            BatchError::Lost => Self::internal(format!(
+                "{}; the inference thread carries on, retry the request",
+                BatchError::Lost
+            )),
+            BatchError::Stopped => {
+                let mut p = Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "shutting-down",
+                    "Shutting down",
+                    stopped_reason.unwrap_or_else(|| "the server is shutting down".to_owned()),
+                );
+                p.retry_after = Some(5);
+                p
+            }
+        }
+    }
+
+    /// The problem for a plugin reload that loaded no new set: 503
+    /// overloaded with Retry-After when every sandbox was busy (load), 422
+    /// reload-failed otherwise. Either way the running plugins stay.
+    pub fn reload_failed(failure: &ReloadFailure) -> Self {
+        match failure {
+            ReloadFailure::Busy(e) => {
+                let mut p = Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "overloaded",
+                    "Overloaded",
+                    format!("{e}; the running plugins stay in place"),
+                );
+                p.retry_after = Some(1);
+                p
+            }
+            ReloadFailure::Failed(e) => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "reload-failed",
+                "Plugin reload failed",
+                format!("{e}; the running plugins stay in place"),
+            ),
+        }
+    }
+
     /// With the request id.
     pub fn for_request(mut self, request_id: &str) -> Self {
         self.request_id = Some(request_id.to_owned());
@@ -313,5 +368,48 @@ impl Problem {
                 *fallback.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
                 fallback
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_forward_pass_answers_500_without_the_panic_text() {
+        let secret = "index out of bounds: patient DOE^JANE row 17";
+        let p = Problem::from_batch(BatchError::Panicked(secret.to_owned()), None);
+        assert_eq!(p.status, 500);
+        assert!(!p.detail.contains("DOE"), "{}", p.detail);
+        assert!(!p.detail.contains("index out of bounds"), "{}", p.detail);
+        assert!(p.detail.contains("logged on the server"), "{}", p.detail);
+        let body = String::from_utf8(serde_json::to_vec(&p).expect("json")).expect("utf-8");
+        assert!(!body.contains("DOE"), "{body}");
+        let stopped = Problem::from_batch(BatchError::Stopped, Some("gone".to_owned()));
+        assert_eq!((stopped.status, stopped.retry_after), (503, Some(5)));
+        assert_eq!(stopped.detail, "gone");
+    }
+
+    #[test]
+    fn a_reload_that_finds_every_sandbox_busy_is_503_with_retry_after() {
+        let busy = Problem::reload_failed(&ReloadFailure::Busy(
+            "plugin x 1.0: all 32 sandboxes stayed busy for 250 ms; retry shortly".to_owned(),
+        ));
+        assert_eq!(busy.status, 503);
+        assert_eq!(busy.kind, "urn:oxbox:problem:overloaded");
+        assert_eq!(busy.retry_after, Some(1));
+        let response = busy.into_response();
+        assert_eq!(
+            response
+                .headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok()),
+            Some("1")
+        );
+        let failed =
+            Problem::reload_failed(&ReloadFailure::Failed("configuration: bad".to_owned()));
+        assert_eq!(failed.status, 422);
+        assert_eq!(failed.kind, "urn:oxbox:problem:reload-failed");
+        assert!(failed.detail.ends_with("the running plugins stay in place"));
     }
 }

@@ -4,24 +4,31 @@
 //!
 //! - Serialised: a reload holds the gate's lock while it runs. An HTTP
 //!   reload that finds it held gets 409 ([`Refusal::InProgress`]); SIGHUP
-//!   waits its turn.
+//!   waits its turn. The turn is owned ([`ReloadTurn`] holds an owned
+//!   guard) and moved, with the reload and its audit, into a task of its own
+//!   ([`spawn`]): a client that disconnects mid-reload drops only its wait
+//!   for the answer, never the turn, so the reload runs to its audit row and
+//!   no second reload starts before it ends.
 //! - Rate-limited: an HTTP reload sooner than `reload_min_interval_s` after
 //!   the previous reload (HTTP or SIGHUP) began gets 429 with Retry-After
 //!   ([`Refusal::TooSoon`]). SIGHUP is not rate-limited (sending it takes
 //!   the server's own user or root).
 //! - Audited: every reload that runs, successful or not, appends an
 //!   `admin_events` row (who, when, outcome, the plugins before and after)
-//!   to the audit database. Refused attempts are logged, not stored, so an
-//!   unauthenticated client cannot grow the database.
+//!   to the audit database. Refused attempts are counted
+//!   (`oxbox_reload_refusals_total`) and logged at debug level only, so a
+//!   local client can grow neither the database nor the log.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tokio::sync::{Mutex, MutexGuard};
+use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio::task::JoinHandle;
 
 use super::AppState;
-use crate::plugins::PluginSet;
+use crate::plugins::set::ReloadError;
+use crate::plugins::{PluginError, PluginSet};
 use crate::store::AdminRecord;
 
 /// Why an HTTP reload was not started.
@@ -39,21 +46,22 @@ pub enum Refusal {
 /// The one-at-a-time gate and the time of the last reload.
 #[derive(Debug)]
 pub struct ReloadGate {
-    last: Mutex<Option<Instant>>,
+    last: Arc<Mutex<Option<Instant>>>,
     min_interval: Duration,
 }
 
-/// Permission to reload, held while the reload runs.
+/// Permission to reload, held while the reload runs; owned, so that it can
+/// move into the task that runs the reload.
 #[derive(Debug)]
-pub struct ReloadTurn<'a> {
-    last: MutexGuard<'a, Option<Instant>>,
+pub struct ReloadTurn {
+    last: OwnedMutexGuard<Option<Instant>>,
 }
 
 impl ReloadGate {
     /// A gate allowing an HTTP reload every `min_interval`.
     pub fn new(min_interval: Duration) -> Self {
         Self {
-            last: Mutex::new(None),
+            last: Arc::new(Mutex::new(None)),
             min_interval,
         }
     }
@@ -62,8 +70,10 @@ impl ReloadGate {
     ///
     /// # Errors
     /// [`Refusal`].
-    pub fn try_begin(&self) -> Result<ReloadTurn<'_>, Refusal> {
-        let mut last = self.last.try_lock().map_err(|_| Refusal::InProgress)?;
+    pub fn try_begin(&self) -> Result<ReloadTurn, Refusal> {
+        let mut last = Arc::clone(&self.last)
+            .try_lock_owned()
+            .map_err(|_| Refusal::InProgress)?;
         let now = Instant::now();
         if let Some(previous) = *last {
             let since = now.duration_since(previous);
@@ -81,18 +91,30 @@ impl ReloadGate {
     }
 
     /// For SIGHUP: waits for the turn; no rate limit.
-    pub async fn begin(&self) -> ReloadTurn<'_> {
-        let mut last = self.last.lock().await;
+    pub async fn begin(&self) -> ReloadTurn {
+        let mut last = Arc::clone(&self.last).lock_owned().await;
         *last = Some(Instant::now());
         ReloadTurn { last }
     }
+}
+
+/// Why a reload loaded no new set (the running one stays).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReloadFailure {
+    /// Every sandbox stayed busy while the new set was being described:
+    /// load, not a fault of the plugins (HTTP 503 with Retry-After).
+    #[error("{0}")]
+    Busy(String),
+    /// The configuration or a plugin failed to load (HTTP 422).
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// What a reload did.
 #[derive(Debug)]
 pub struct ReloadOutcome {
     /// Plugins loaded, or why the reload failed (the old set stays).
-    pub result: Result<usize, String>,
+    pub result: Result<usize, ReloadFailure>,
     /// Why the audit row could not be written, if it could not.
     pub audit_error: Option<String>,
 }
@@ -105,15 +127,48 @@ fn identities(set: &PluginSet) -> serde_json::Value {
         .collect()
 }
 
-/// Runs one reload in `turn`, on the blocking pool, and audits it as done
-/// by `actor`.
-pub async fn reload(state: &Arc<AppState>, turn: ReloadTurn<'_>, actor: String) -> ReloadOutcome {
+/// Runs `work` in a task of its own that holds `turn` until `work` has
+/// finished: awaiting the handle is optional, dropping it (a client that
+/// went away) leaves the work and the turn to finish together.
+pub fn spawn<F>(turn: ReloadTurn, work: F) -> JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    tokio::spawn(async move {
+        let output = work.await;
+        drop(turn);
+        output
+    })
+}
+
+/// Runs one reload in `turn` (in a task of its own, see [`spawn`]), on the
+/// blocking pool, and audits it as done by `actor`.
+///
+/// # Errors
+/// The task's own failure (a panic in the reload or the audit), as text.
+pub async fn reload(
+    state: &Arc<AppState>,
+    turn: ReloadTurn,
+    actor: String,
+) -> Result<ReloadOutcome, String> {
+    let state = Arc::clone(state);
+    spawn(turn, async move { reload_and_audit(&state, actor).await })
+        .await
+        .map_err(|e| format!("reload task: {e}"))
+}
+
+/// One reload, on the blocking pool, and its audit row.
+async fn reload_and_audit(state: &Arc<AppState>, actor: String) -> ReloadOutcome {
     let before = identities(&state.plugins.current());
     let registry = Arc::clone(&state.plugins);
     let result = match tokio::task::spawn_blocking(move || registry.reload()).await {
         Ok(Ok(count)) => Ok(count),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(e) => Err(format!("reload task: {e}")),
+        Ok(Err(e @ ReloadError::Plugin(PluginError::Busy { .. }))) => {
+            Err(ReloadFailure::Busy(e.to_string()))
+        }
+        Ok(Err(e)) => Err(ReloadFailure::Failed(e.to_string())),
+        Err(e) => Err(ReloadFailure::Failed(format!("reload task: {e}"))),
     };
     let after = identities(&state.plugins.current());
     match &result {
@@ -127,7 +182,11 @@ pub async fn reload(state: &Arc<AppState>, turn: ReloadTurn<'_>, actor: String) 
         outcome: if result.is_ok() { "ok" } else { "failed" }.to_owned(),
         before,
         after,
-        detail: result.as_ref().err().cloned().unwrap_or_default(),
+        detail: result
+            .as_ref()
+            .err()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
     };
     let log = Arc::clone(&state.audit);
     let written = tokio::task::spawn_blocking(move || match log.lock() {
@@ -135,7 +194,6 @@ pub async fn reload(state: &Arc<AppState>, turn: ReloadTurn<'_>, actor: String) 
         Err(_) => Err("audit log lock poisoned".to_owned()),
     })
     .await;
-    drop(turn);
     let audit_error = match written {
         Ok(Ok(())) => None,
         Ok(Err(e)) => Some(e),
@@ -155,11 +213,13 @@ pub async fn reload(state: &Arc<AppState>, turn: ReloadTurn<'_>, actor: String) 
 pub async fn on_sighup(state: Arc<AppState>, mut hangup: tokio::signal::unix::Signal) {
     while hangup.recv().await.is_some() {
         let turn = state.reloads.begin().await;
-        let _ = reload(&state, turn, "SIGHUP".to_owned()).await;
+        if let Err(e) = reload(&state, turn, "SIGHUP".to_owned()).await {
+            tracing::error!("SIGHUP: {e}");
+        }
     }
 }
 
-impl ReloadTurn<'_> {
+impl ReloadTurn {
     /// When this reload began.
     pub fn started(&self) -> Option<Instant> {
         *self.last
@@ -186,5 +246,46 @@ mod tests {
         let open = ReloadGate::new(Duration::ZERO);
         drop(open.try_begin().expect("first"));
         drop(open.try_begin().expect("no interval: second at once"));
+    }
+
+    #[test]
+    fn a_reload_whose_requester_goes_away_keeps_its_turn_and_finishes() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let gate = ReloadGate::new(Duration::ZERO);
+            let (release, released) = tokio::sync::oneshot::channel::<()>();
+            let audited = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let written = Arc::clone(&audited);
+            let turn = gate.try_begin().expect("first");
+            // The reload waits until released, then writes its "audit row".
+            let handle = spawn(turn, async move {
+                let _ = released.await;
+                written.store(true, std::sync::atomic::Ordering::SeqCst);
+            });
+            // The requester waits a little and goes away (hyper drops the
+            // request's future when the client disconnects).
+            let waited = tokio::time::timeout(Duration::from_millis(20), handle).await;
+            assert!(waited.is_err(), "the reload cannot have finished yet");
+            // The turn is still held: a second reload is refused.
+            assert_eq!(gate.try_begin().err(), Some(Refusal::InProgress));
+            release.send(()).expect("release");
+            // The reload runs to its audit and then gives the turn back.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let turn = loop {
+                match gate.try_begin() {
+                    Ok(turn) => break turn,
+                    Err(Refusal::InProgress) => {
+                        assert!(Instant::now() < deadline, "the turn was never given back");
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    Err(other) => panic!("{other:?}"),
+                }
+            };
+            assert!(audited.load(std::sync::atomic::Ordering::SeqCst));
+            drop(turn);
+        });
     }
 }

@@ -10,16 +10,17 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode, header};
 use serde_json::json;
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::AppState;
 use super::admission::{self, AdmissionError, Reservation};
-use super::batcher::BatchError;
 use super::problem::Problem;
 use super::reload::Refusal;
+use crate::config::LimitsConfig;
 use crate::dicom::{DicomFile, ImageHeader};
-use crate::pipeline::{PipelineError, PredictionReport};
-use crate::plugins::PluginError;
+use crate::pipeline::{Pipeline, PipelineError, PredictionReport, PreparedCase};
 use crate::plugins::manifest::SignatureStatus;
+use crate::plugins::{PluginError, PluginSet};
 use crate::store::new_request_id;
 
 /// The OpenAPI 3.1 document of this API (`GET /v1/openapi.json`).
@@ -113,7 +114,9 @@ async fn dispatch(
     // The admin route needs the token everywhere, loopback included: a
     // server without one refuses it.
     if route == Route::Reload && state.token.is_none() {
-        tracing::warn!("plugin reload from {peer} refused: no server.token_file configured");
+        // Debug only, and counted: any local client can send these.
+        tracing::debug!("plugin reload from {peer} refused: no server.token_file configured");
+        state.metrics.reload_refused("no_token");
         return Problem::admin_needs_token().into_response();
     }
     if route.needs_token()
@@ -168,9 +171,10 @@ fn json_response(status: StatusCode, value: &impl serde::Serialize) -> HttpRespo
 }
 
 /// Ready when the model is loaded (it is, once the server listens), the
-/// inference thread serves and no plugin is quarantined.
+/// inference thread serves (and its forward pass has not panicked on the
+/// last attempts in a row) and no plugin is quarantined.
 fn ready(state: &AppState) -> HttpResponse {
-    if let Some(reason) = state.batcher.stopped() {
+    if let Some(reason) = state.batcher.unready() {
         let mut p = Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "not-ready",
@@ -252,16 +256,19 @@ fn plugins(state: &AppState) -> HttpResponse {
 }
 
 /// One reload at a time, at most one per `server.reload_min_interval_s`,
-/// each audited (the token was checked by [`dispatch`]).
+/// each audited (the token was checked by [`dispatch`]). The reload runs in
+/// a task of its own: a client that disconnects does not cut it short.
 async fn reload(state: &Arc<AppState>, peer: SocketAddr) -> HttpResponse {
     let turn = match state.reloads.try_begin() {
         Ok(turn) => turn,
         Err(Refusal::InProgress) => {
-            tracing::warn!("plugin reload from {peer} refused: another is running");
+            tracing::debug!("plugin reload from {peer} refused: another is running");
+            state.metrics.reload_refused("in_progress");
             return Problem::reload_in_progress().into_response();
         }
         Err(Refusal::TooSoon { retry_after_s }) => {
-            tracing::warn!("plugin reload from {peer} refused: rate limited");
+            tracing::debug!("plugin reload from {peer} refused: rate limited");
+            state.metrics.reload_refused("rate_limited");
             return Problem::reload_rate_limited(
                 retry_after_s,
                 state.settings.reload_min_interval.as_secs(),
@@ -269,20 +276,23 @@ async fn reload(state: &Arc<AppState>, peer: SocketAddr) -> HttpResponse {
             .into_response();
         }
     };
-    let outcome = super::reload::reload(state, turn, format!("http {peer}")).await;
+    let outcome = match super::reload::reload(state, turn, format!("http {peer}")).await {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            tracing::error!("plugin reload: {e}");
+            return Problem::internal(
+                "the reload task failed; see the server log and GET /v1/plugins",
+            )
+            .into_response();
+        }
+    };
     match (outcome.result, outcome.audit_error) {
         (_, Some(e)) => Problem::internal(format!(
             "the reload ran but could not be audited ({e}); see GET /v1/plugins"
         ))
         .into_response(),
         (Ok(_), None) => plugins(state),
-        (Err(e), None) => Problem::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "reload-failed",
-            "Plugin reload failed",
-            format!("{e}; the running plugins stay in place"),
-        )
-        .into_response(),
+        (Err(failure), None) => Problem::reload_failed(&failure).into_response(),
     }
 }
 
@@ -321,14 +331,14 @@ async fn predict(state: &Arc<AppState>, request: Request<Incoming>) -> HttpRespo
     let outcome = match read_case(state, request, &mut reservation).await {
         Err(problem) => Err(problem),
         Ok(body) => {
-            let Ok(_permit) = Arc::clone(&state.permits).try_acquire_owned() else {
+            let Ok(permit) = Arc::clone(&state.permits).try_acquire_owned() else {
                 state.metrics.admission_refused("requests");
                 return Problem::overloaded(state.settings.max_concurrent)
                     .for_request(&request_id)
                     .into_response();
             };
             let _in_flight = InFlight::new(state.metrics.in_flight());
-            predict_case(state, &request_id, body, reservation).await
+            predict_case(state, &request_id, body, reservation, permit).await
         }
     };
     let (response, audit) = match outcome {
@@ -397,11 +407,17 @@ fn admission_problem(state: &AppState, e: AdmissionError) -> Problem {
     }
 }
 
+/// Decodes, runs the plugins and infers one case. `permit` (one of
+/// `server.max_concurrent_requests`) moves into the blocking decode-and-
+/// plugins work and is held through inference: a client that goes away
+/// mid-request frees it only when that work has ended, so no more than the
+/// configured number of decodes and plugin calls ever run at once.
 async fn predict_case(
     state: &Arc<AppState>,
     request_id: &str,
     body: CaseBody,
     mut reservation: Reservation,
+    permit: OwnedSemaphorePermit,
 ) -> Result<PredictionReport, Problem> {
     let (dicom, emr) = match body {
         CaseBody::Multipart { dicom, emr } => {
@@ -443,45 +459,22 @@ async fn predict_case(
     let limits = state.limits.clone();
     let admit_state = Arc::clone(state);
     let prepared = tokio::task::spawn_blocking(move || {
-        let file = match dicom.as_deref() {
-            None => None,
-            Some(bytes) => {
-                reservation
-                    .grow(bytes.len() as u64)
-                    .map_err(|e| Admitted::Refused(Box::new(admission_problem(&admit_state, e))))?;
-                let file = DicomFile::from_bytes(bytes, &limits)
-                    .map_err(|e| Admitted::Failed(e.into()))?;
-                if pipeline.model().uses_image() {
-                    let header =
-                        ImageHeader::read(&file).map_err(|e| Admitted::Failed(e.into()))?;
-                    let geometry = header
-                        .accept(&limits)
-                        .map_err(|e| Admitted::Failed(e.into()))?;
-                    let estimate = admission::decode_estimate(
-                        &geometry,
-                        header.pixel_data_encapsulated,
-                        pipeline.model().package().manifest.input_size,
-                        plugins.preprocesses_images(),
-                    );
-                    reservation.grow(estimate).map_err(|e| {
-                        Admitted::Refused(Box::new(admission_problem(&admit_state, e)))
-                    })?;
-                }
-                Some(file)
-            }
-        };
-        let prepared = pipeline
-            .prepare(file.as_ref(), &emr, &plugins)
-            .map_err(Admitted::Failed);
-        // The file, the body and the decode buffers are gone: give the
-        // budget back.
-        drop(file);
-        drop(dicom);
-        drop(reservation);
-        prepared
+        let prepared = prepare_case(
+            &admit_state,
+            &pipeline,
+            &plugins,
+            &limits,
+            dicom,
+            &emr,
+            reservation,
+        );
+        // Handed back to be held through inference; dropped here with the
+        // result if the request has gone away.
+        (prepared, permit)
     })
     .await
     .map_err(|e| Problem::internal(format!("prediction task: {e}")))?;
+    let (prepared, _permit) = prepared;
     let mut case = match prepared {
         Ok(case) => case,
         Err(Admitted::Refused(problem)) => {
@@ -498,29 +491,62 @@ async fn predict_case(
         .batcher
         .infer(std::mem::take(&mut case.input))
         .await
-        .map_err(|e| match e {
-            BatchError::Model(e) => Problem::from_pipeline(&PipelineError::Model(e)),
-            BatchError::Panicked(_) | BatchError::Lost => Problem::internal(format!(
-                "{e}; the inference thread carries on, retry the request"
-            )),
-            BatchError::Stopped => {
-                let mut p = Problem::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "shutting-down",
-                    "Shutting down",
-                    state
-                        .batcher
-                        .stopped()
-                        .unwrap_or_else(|| "the server is shutting down".to_owned()),
-                );
-                p.retry_after = Some(5);
-                p
-            }
-        })?;
+        .map_err(|e| Problem::from_batch(e, state.batcher.stopped()))?;
     state.metrics.stage("queue", output.queue_ms);
     Ok(state
         .pipeline
         .report(request_id, case, output.prediction, output.inference_ms))
+}
+
+/// The blocking half of a prediction: parses the DICOM part (admitted by
+/// the scan's [`Footprint`](crate::dicom::scan::Footprint): the inflated
+/// size of a deflated data set, and its node count), admits the decode from
+/// the image header, then decodes and runs the plugins. The reservation is
+/// given back when this returns.
+fn prepare_case(
+    state: &AppState,
+    pipeline: &Pipeline,
+    plugins: &Arc<PluginSet>,
+    limits: &LimitsConfig,
+    dicom: Option<Bytes>,
+    emr: &serde_json::Value,
+    mut reservation: Reservation,
+) -> Result<PreparedCase, Admitted> {
+    let refused = |e| Admitted::Refused(Box::new(admission_problem(state, e)));
+    let file = match dicom.as_deref() {
+        None => None,
+        Some(bytes) => {
+            let scanned =
+                DicomFile::scan_bytes(bytes, limits).map_err(|e| Admitted::Failed(e.into()))?;
+            reservation
+                .grow(scanned.footprint().parsed_bytes())
+                .map_err(refused)?;
+            let file = scanned.parse().map_err(|e| Admitted::Failed(e.into()))?;
+            if pipeline.model().uses_image() {
+                let header = ImageHeader::read(&file).map_err(|e| Admitted::Failed(e.into()))?;
+                let geometry = header
+                    .accept(limits)
+                    .map_err(|e| Admitted::Failed(e.into()))?;
+                let estimate = admission::decode_estimate(
+                    &geometry,
+                    header.pixel_data_encapsulated,
+                    pipeline.model().package().manifest.input_size,
+                    plugins.preprocesses_images(),
+                );
+                reservation.grow(estimate).map_err(refused)?;
+            }
+            Some(file)
+        }
+    };
+    let prepared = pipeline
+        .prepare(file.as_ref(), emr, plugins)
+        .map_err(Admitted::Failed);
+    // The file, the body and the decode buffers are gone: give the budget
+    // back.
+    drop(file);
+    drop(dicom);
+    drop(reservation);
+    prepared
 }
 
 /// How the decode-and-plugins step ended without a case.
@@ -599,13 +625,12 @@ async fn read_case(
     };
     let limit = usize::try_from(max).unwrap_or(usize::MAX);
     let timeout = state.settings.body_timeout;
-    let capacity = declared
-        .and_then(|len| usize::try_from(len).ok())
-        .unwrap_or(0)
-        .min(limit);
+    // The body is kept as the chunks hyper hands over (each reserved as it
+    // arrives), never in a buffer sized from the declared Content-Length:
+    // a client that declares 64 MiB and sends nothing holds nothing.
     let read = async {
         let mut incoming = request.into_body();
-        let mut body = Vec::with_capacity(capacity);
+        let mut chunks: Vec<Bytes> = Vec::new();
         let mut received = 0usize;
         // Refused at admission while reading: the rest of the body is read
         // and dropped (within the same timeout and size limit), so that the
@@ -623,44 +648,67 @@ async fn read_case(
             if refused.is_some() {
                 continue;
             }
+            if data.is_empty() {
+                continue;
+            }
             match reservation.grow(data.len() as u64) {
-                Ok(()) => body.extend_from_slice(&data),
+                Ok(()) => chunks.push(data),
                 Err(e) => {
                     refused = Some(admission_problem(state, e));
-                    body = Vec::new();
+                    chunks = Vec::new();
                 }
             }
         }
         match refused {
             Some(problem) => Err(problem),
-            None => Ok(Bytes::from(body)),
+            None => Ok((chunks, received)),
         }
     };
-    let body = match tokio::time::timeout(timeout, read).await {
+    let (chunks, received) = match tokio::time::timeout(timeout, read).await {
         Err(_) => return Err(Problem::body_timeout(timeout.as_millis() as u64)),
         Ok(result) => result?,
     };
     match kind {
         None => {
+            // One contiguous copy of the text (exactly its size), then the
+            // parsed value.
             reservation
-                .grow((body.len() as u64).saturating_mul(admission::JSON_EXPANSION))
+                .grow(
+                    (received as u64)
+                        .saturating_mul(admission::JSON_EXPANSION)
+                        .saturating_add(received as u64),
+                )
                 .map_err(|e| admission_problem(state, e))?;
+            let body = contiguous(chunks, received);
             serde_json::from_slice(&body)
                 .map(CaseBody::Json)
                 .map_err(|e| Problem::malformed(format!("the body is not JSON: {e}")))
         }
         Some(boundary) => {
-            // The parser copies the body into its own buffer.
+            // The parser copies the chunks into its own buffer.
             reservation
-                .grow(body.len() as u64)
+                .grow(received as u64)
                 .map_err(|e| admission_problem(state, e))?;
-            parse_multipart(body, boundary).await
+            parse_multipart(chunks, boundary).await
         }
     }
 }
 
-async fn parse_multipart(body: Bytes, boundary: String) -> Result<CaseBody, Problem> {
-    let stream = futures_util::stream::once(async move { Ok::<Bytes, std::io::Error>(body) });
+/// The body's chunks as one buffer of exactly `len` bytes (no copy for a
+/// body that came in one chunk).
+fn contiguous(chunks: Vec<Bytes>, len: usize) -> Bytes {
+    if chunks.len() == 1 {
+        return chunks.into_iter().next().unwrap_or_default();
+    }
+    let mut body = Vec::with_capacity(len);
+    for chunk in chunks {
+        body.extend_from_slice(&chunk);
+    }
+    Bytes::from(body)
+}
+
+async fn parse_multipart(chunks: Vec<Bytes>, boundary: String) -> Result<CaseBody, Problem> {
+    let stream = futures_util::stream::iter(chunks.into_iter().map(Ok::<Bytes, std::io::Error>));
     let mut multipart = multer::Multipart::new(stream, boundary);
     let mut dicom = None;
     let mut emr = None;
