@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use crate::util::{corpus, corpus_file, max_abs_diff, read_npy, run_args};
+use crate::util::{corpus, corpus_file, max_abs_diff, read_npy, run};
 
 const LOSSLESS_TOLERANCE: f32 = 1e-3;
 const LOSSY_TOLERANCE: f32 = 5e-3;
@@ -66,7 +66,7 @@ fn manifest() -> Vec<Row> {
 }
 
 fn preprocess(file: &Path, out: &Path) -> std::process::Output {
-    run_args(&[
+    run(&[
         "preprocess".as_ref(),
         "--dicom".as_ref(),
         file.as_os_str(),

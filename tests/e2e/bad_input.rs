@@ -2,12 +2,14 @@
 //! file, and bounded time and memory. Nothing caps the binary's memory:
 //! inputs built to exhaust it are in `bombs`, which measures the peak.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
 
 use dicom_dictionary_std::tags;
 use dicom_object::open_file;
 
-use crate::util::{assert_clean_refusal, corpus_file, run_args};
+use crate::util::{assert_clean_refusal, corpus_file, oxbox, run};
 
 /// Runs `oxbox preprocess` on `input` with an optional config file, expects a
 /// clean refusal whose message contains `cause`, and no output file.
@@ -192,7 +194,7 @@ fn truncated_files_are_refused() {
             let path = write(tmp.path(), &format!("cut-{cut}-{name}"), &bytes[..cut]);
             let tmp_out = tempfile::tempdir().expect("tempdir");
             let out = tmp_out.path().join("o.npy");
-            let result = run_args(&[
+            let result = run(&[
                 "preprocess".as_ref(),
                 "--dicom".as_ref(),
                 path.as_os_str(),
@@ -274,7 +276,7 @@ fn random_bit_flips_never_crash_or_leave_partial_files() {
             }
             let path = write(tmp.path(), &format!("flip-{k}-{name}"), &bytes);
             let out = tmp.path().join(format!("flip-{k}-{name}.npy"));
-            let result = run_args(&[
+            let result = run(&[
                 "preprocess".as_ref(),
                 "--dicom".as_ref(),
                 path.as_os_str(),
@@ -316,4 +318,70 @@ fn errors_never_carry_patient_identifiers() {
     let path = write(tmp.path(), "ct.dcm", &bytes[..bytes.len() / 2]);
     let line = refuse(&path, None, "error");
     assert!(!line.contains(&name) && !line.contains(&id), "{line}");
+}
+
+/// Runs `oxbox preprocess --dicom /dev/stdin` with `bytes` written to its
+/// stdin through a pipe (not seekable, no length), and `config` if given.
+fn preprocess_from_pipe(bytes: Vec<u8>, config: Option<&Path>, out: &Path) -> Output {
+    let mut command = Command::new(oxbox());
+    command
+        .args(["preprocess", "--dicom", "/dev/stdin", "--out"])
+        .arg(out)
+        .env_remove("OXBOX_CONFIG")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(config) = config {
+        command.arg("--config").arg(config);
+    }
+    let mut child = command.spawn().expect("spawn oxbox");
+    let mut stdin = child.stdin.take().expect("stdin");
+    // A refusal may stop reading early: a broken pipe here is expected.
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&bytes);
+    });
+    let output = child.wait_with_output().expect("wait for oxbox");
+    writer.join().expect("writer thread");
+    output
+}
+
+#[test]
+fn a_dicom_file_can_come_through_a_pipe() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let bytes = std::fs::read(corpus_file("RG1_UNCR.dcm")).expect("RG1_UNCR");
+    // Through a pipe: the same output as from the file.
+    let piped = tmp.path().join("piped.npy");
+    let out = preprocess_from_pipe(bytes.clone(), None, &piped);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let from_file = tmp.path().join("file.npy");
+    let file = corpus_file("RG1_UNCR.dcm");
+    let out = run(&[
+        "preprocess".as_ref(),
+        "--dicom".as_ref(),
+        file.as_os_str(),
+        "--out".as_ref(),
+        from_file.as_os_str(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(&piped).expect("piped output"),
+        std::fs::read(&from_file).expect("file output")
+    );
+    // The size limit holds for a pipe too (RG1_UNCR is 7 MB), with no file
+    // left behind.
+    let config = config_with_limits(tmp.path(), "max_dicom_file_mib = 1");
+    let refused = tmp.path().join("refused.npy");
+    let out = preprocess_from_pipe(bytes, Some(&config), &refused);
+    let line = assert_clean_refusal(&out, "a 7 MB file through a pipe, limit 1 MiB");
+    assert!(line.contains("max_dicom_file_mib"), "{line}");
+    assert!(!refused.exists(), "an output was written");
 }

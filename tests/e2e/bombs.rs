@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::serve::{ServerProcess, Setup, multipart, multipart_type, request, sample_case};
-use crate::util::{assert_clean_refusal, run_measured};
+use crate::util::{assert_clean_refusal, run_measured, vm_hwm};
 
 /// Most memory `oxbox preprocess` may reach on any bomb.
 const PEAK_RSS_LIMIT: u64 = 300 << 20;
@@ -304,6 +304,35 @@ fn decoy_jpeg_2000() -> Bomb {
     }
 }
 
+/// A 255 × 255 JPEG 2000 image whose SIZ marker declares 1 × 1 pixel
+/// tiles: 65,025 tiles, each of which OpenJPEG would give a few kilobytes of
+/// coding parameters (about 490 MiB) from a file under 500 bytes. The
+/// codestream is a valid main header (SIZ, COD, QCD) and no tile.
+fn jpeg_2000_tile_bomb() -> Bomb {
+    let side = 255u32;
+    let mut codestream = vec![0xFF, 0x4F, 0xFF, 0x51, 0x00, 0x29, 0x00, 0x00];
+    for v in [side, side, 0, 0, 1, 1, 0, 0] {
+        codestream.extend_from_slice(&v.to_be_bytes());
+    }
+    codestream.extend_from_slice(&1u16.to_be_bytes()); // Csiz
+    codestream.extend_from_slice(&[15, 1, 1]); // 16 bits, no subsampling
+    // COD: LRCP, 1 layer, no MCT, no decomposition, 64 × 64 code blocks,
+    // the reversible 5-3 wavelet.
+    codestream.extend_from_slice(&[0xFF, 0x52, 0x00, 0x0C, 0, 0, 0, 1, 0, 0, 4, 4, 0, 1]);
+    // QCD: no quantisation, one guard bit, one subband.
+    codestream.extend_from_slice(&[0xFF, 0x5C, 0x00, 0x04, 0x20, 8 << 3]);
+    codestream.extend_from_slice(&[0xFF, 0xD9]);
+    let mut out = part10(JPEG_2000_LOSSLESS);
+    identity(&mut out);
+    image_pixel(&mut out, 255, 255, 16);
+    encapsulated(&mut out, &codestream);
+    Bomb {
+        name: "jpeg-2000-tile-bomb",
+        bytes: out,
+        names: &["JPEG 2000", "(7FE0,0010)", "65025 tiles"],
+    }
+}
+
 /// A JPEG-LS marker segment.
 fn segment(out: &mut Vec<u8>, code: u8, body: &[u8]) {
     out.extend_from_slice(&[0xFF, code]);
@@ -426,6 +455,7 @@ fn bombs() -> &'static [Bomb] {
                 ],
             ),
             decoy_jpeg_2000(),
+            jpeg_2000_tile_bomb(),
             decoy_jpeg_ls(),
         ]
     })
@@ -509,18 +539,6 @@ fn deflate_bombs_are_small_files_that_inflate_past_1_5_gib() {
         let size = std::io::copy(&mut inflated, &mut std::io::sink()).expect("inflate");
         assert!(size >= INFLATED_SIZE, "{}: inflates to {size}", bomb.name);
     }
-}
-
-/// The peak resident set size of a running process (`VmHWM`), in bytes.
-fn vm_hwm(pid: u32) -> u64 {
-    let status =
-        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/<pid>/status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM in /proc/<pid>/status");
-    kib * 1024
 }
 
 #[test]

@@ -1,12 +1,12 @@
 //! The command line itself: help, version, config check, dicom info,
 //! preprocess outputs.
 
-use crate::util::{corpus_file, read_npy, run_args, stderr};
+use crate::util::{corpus_file, read_npy, run, stderr};
 use dicom_dictionary_std::tags;
 
 #[test]
 fn help_and_version() {
-    let out = run_args(&["--version"]);
+    let out = run(&["--version"]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("oxbox "));
     for cmd in [
@@ -25,7 +25,7 @@ fn help_and_version() {
         vec!["keys", "generate", "--help"],
         vec!["audit", "tail", "--help"],
     ] {
-        let out = run_args(&cmd);
+        let out = run(&cmd);
         assert!(out.status.success(), "{cmd:?}");
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
@@ -33,13 +33,13 @@ fn help_and_version() {
             "{cmd:?} help has no example:\n{text}"
         );
     }
-    let out = run_args(&["preprocess", "--no-such-flag"]);
+    let out = run(&["preprocess", "--no-such-flag"]);
     assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
 }
 
 #[test]
 fn config_check_prints_the_effective_default() {
-    let out = run_args(&["config", "check"]);
+    let out = run(&["config", "check"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("listen = \"127.0.0.1:8480\""), "{text}");
@@ -54,7 +54,7 @@ fn config_errors_name_file_line_and_key() {
     // `oxbox config check` on `text`: the one error line it must print.
     let refuse = |text: &str, what: &str| {
         std::fs::write(&path, text).expect("write");
-        let out = run_args(&[
+        let out = run(&[
             "config".as_ref(),
             "check".as_ref(),
             "--config".as_ref(),
@@ -82,7 +82,7 @@ fn config_errors_name_file_line_and_key() {
 #[test]
 fn dicom_info_reports_attributes_and_no_identifiers() {
     let file = corpus_file("RG1_UNCR.dcm");
-    let out = run_args(&["dicom".as_ref(), "info".as_ref(), file.as_os_str()]);
+    let out = run(&["dicom".as_ref(), "info".as_ref(), file.as_os_str()]);
     assert!(out.status.success(), "{}", stderr(&out));
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(info["modality"], "CR");
@@ -96,7 +96,7 @@ fn dicom_info_reports_attributes_and_no_identifiers() {
 
     let ct = corpus_file("CT_small.dcm");
     let obj = dicom_object::open_file(&ct).expect("open");
-    let out = run_args(&["dicom".as_ref(), "info".as_ref(), ct.as_os_str()]);
+    let out = run(&["dicom".as_ref(), "info".as_ref(), ct.as_os_str()]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     for tag in [
@@ -120,7 +120,7 @@ fn preprocess_writes_npy_and_png() {
     let npy = tmp.path().join("chest.npy");
     let png = tmp.path().join("chest.png");
     let file = corpus_file("RG1_J2KR.dcm");
-    let out = run_args(&[
+    let out = run(&[
         "preprocess".as_ref(),
         "--dicom".as_ref(),
         file.as_os_str(),

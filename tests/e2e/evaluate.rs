@@ -7,7 +7,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::util::{repo_root, run_unbounded, stderr};
+use crate::util::{repo_root, run, stderr};
 
 /// The Python with scikit-learn (`scripts/setup.sh --tests` makes it).
 fn python() -> PathBuf {
@@ -51,7 +51,7 @@ print(checked)
 fn report_aucs_match_scikit_learn_and_charts_are_written() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let cohort = tmp.path().join("cohort");
-    let synth = run_unbounded(&[
+    let synth = run(&[
         "synth".as_ref(),
         "--sites".as_ref(),
         "2".as_ref(),
@@ -64,7 +64,7 @@ fn report_aucs_match_scikit_learn_and_charts_are_written() {
     ]);
     assert!(synth.status.success(), "{}", stderr(&synth));
     let model = tmp.path().join("model");
-    let init = run_unbounded(&[
+    let init = run(&[
         "model".as_ref(),
         "init".as_ref(),
         "--out".as_ref(),
@@ -82,7 +82,7 @@ fn report_aucs_match_scikit_learn_and_charts_are_written() {
         cohort.join("site-2").display()
     );
     let plugins = repo_root().join("plugins/dist");
-    let out = run_unbounded(&[
+    let out = run(&[
         "evaluate".as_ref(),
         "--model".as_ref(),
         model.as_os_str(),
@@ -169,7 +169,7 @@ fn refusals_in_reports_name_the_field_never_the_value() {
     const LEAK: &str = "PHI-LEAK-4711";
     let tmp = tempfile::tempdir().expect("tempdir");
     let cohort = tmp.path().join("cohort");
-    let synth = run_unbounded(&[
+    let synth = run(&[
         "synth".as_ref(),
         "--sites".as_ref(),
         "2".as_ref(),
@@ -202,7 +202,7 @@ fn refusals_in_reports_name_the_field_never_the_value() {
     );
     let plugins = repo_root().join("plugins/dist");
     let model = tmp.path().join("model");
-    let init = run_unbounded(&[
+    let init = run(&[
         "model".as_ref(),
         "init".as_ref(),
         "--out".as_ref(),
@@ -214,7 +214,7 @@ fn refusals_in_reports_name_the_field_never_the_value() {
     ]);
     assert!(init.status.success(), "{}", stderr(&init));
     let report_dir = tmp.path().join("report");
-    let out = run_unbounded(&[
+    let out = run(&[
         "evaluate".as_ref(),
         "--model".as_ref(),
         model.as_os_str(),
@@ -240,7 +240,7 @@ fn refusals_in_reports_name_the_field_never_the_value() {
     assert!(reason.contains("(field TEMP_F)"), "{reason}");
 
     let trained = tmp.path().join("trained");
-    let train = run_unbounded(&[
+    let train = run(&[
         "train".as_ref(),
         "--data".as_ref(),
         data.as_ref(),

@@ -5,13 +5,15 @@
 //! host about the frame's stored bytes, not ~20 bytes per pixel. Each test
 //! measures its bound from outside and prints the figure.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::ffi::OsStr;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::util::{oxbox, repo_root, run_unbounded, stderr};
+use crate::serve::{ServerProcess, multipart, multipart_type, request};
+use crate::serve_limits::square_image;
+use crate::util::{oxbox, repo_root, run, run_measured, stderr};
 
 /// A hostile guest component (tests/guests/, built by
 /// scripts/build-plugins.sh).
@@ -55,7 +57,7 @@ fn write_config(
 fn pack(dir: &Path, name: &str) -> PathBuf {
     let out = dir.join(name);
     let config = write_config(dir, "", "", None, &[]);
-    let packed = run_unbounded(&[
+    let packed = run(&[
         "--config".as_ref(),
         config.as_os_str(),
         "plugin".as_ref(),
@@ -68,112 +70,46 @@ fn pack(dir: &Path, name: &str) -> PathBuf {
     out.join("plugin.toml")
 }
 
-/// A running `oxbox serve`.
-struct Server {
-    child: Option<Child>,
-    addr: SocketAddr,
+/// Sends SIGTERM to `server` and waits (at most 30 s) for it to exit: how
+/// long it took.
+fn terminate(server: &mut ServerProcess) -> Duration {
+    let started = Instant::now();
+    let sent = Command::new("kill")
+        .args(["-TERM", &server.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    while started.elapsed() < Duration::from_secs(30) {
+        if !server.is_running() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    started.elapsed()
 }
 
-impl Server {
-    fn start(config: &Path) -> Self {
-        let mut child = Command::new(oxbox())
-            .args(["--config".as_ref(), config.as_os_str(), "serve".as_ref()])
-            .env_remove("OXBOX_CONFIG")
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn oxbox serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read the listening line");
-        let addr = line
-            .trim()
-            .strip_prefix("listening on http://")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .parse()
-            .expect("address");
-        Self {
-            child: Some(child),
-            addr,
-        }
-    }
-
-    /// Sends SIGTERM and waits (at most 30 s) for the exit: how long it took.
-    fn terminate(&mut self) -> Duration {
-        let mut child = self.child.take().expect("running");
-        let started = Instant::now();
-        let sent = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(sent.success());
-        while started.elapsed() < Duration::from_secs(30) {
-            if let Ok(Some(_)) = child.try_wait() {
-                return started.elapsed();
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        started.elapsed()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-const BOUNDARY: &str = "oxbox-hostile-boundary-19c2";
-
-/// POSTs a multipart predict request; returns the status.
+/// POSTs a predict request; returns the status.
 fn predict(addr: SocketAddr, dicom: &[u8], record: &[u8]) -> u16 {
-    let mut body = Vec::new();
-    for (name, content_type, bytes) in [
+    let body = multipart(&[
         ("dicom", "application/dicom", dicom),
         ("emr", "application/json", record),
-    ] {
-        body.extend_from_slice(
-            format!(
-                "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{name}\"\r\nContent-Type: {content_type}\r\n\r\n"
-            )
-            .as_bytes(),
-        );
-        body.extend_from_slice(bytes);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
-    let mut stream = TcpStream::connect(addr).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .expect("timeout");
-    let head = format!(
-        "POST /v1/predict HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).expect("send head");
-    stream.write_all(&body).expect("send body");
-    let mut reply = Vec::new();
-    let _ = stream.read_to_end(&mut reply);
-    let text = String::from_utf8_lossy(&reply);
-    text.split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {text:?}"))
+    ]);
+    let content_type = multipart_type();
+    request(
+        addr,
+        "POST",
+        "/v1/predict",
+        &[("Content-Type", &content_type)],
+        &body,
+    )
+    .status
 }
 
 #[test]
 fn a_sleeping_plugin_does_not_hold_the_server_or_its_shutdown() {
     let dir = tempfile::tempdir().expect("tempdir");
     let model = dir.path().join("model");
-    let init = run_unbounded(&[
+    let init = run(&[
         "model".as_ref(),
         "init".as_ref(),
         "--out".as_ref(),
@@ -195,7 +131,7 @@ fn a_sleeping_plugin_does_not_hold_the_server_or_its_shutdown() {
         Some(&model),
         &[sleeper],
     );
-    let mut server = Server::start(&config);
+    let mut server = ServerProcess::start(&config);
     let addr = server.addr;
     let dicom = std::fs::read(repo_root().join("samples/chest-cr-sample.dcm")).expect("sample");
     let record = br#"{"AGE": 70}"#.to_vec();
@@ -226,7 +162,7 @@ fn a_sleeping_plugin_does_not_hold_the_server_or_its_shutdown() {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(20));
-    let shutdown = server.terminate();
+    let shutdown = terminate(&mut server);
     eprintln!(
         "SIGTERM with 4 requests to the sleeping plugin in flight: exited in {:.0} ms (bound 5000 ms)",
         shutdown.as_secs_f64() * 1e3
@@ -311,138 +247,18 @@ fn plugin_log_lines_are_escaped_prefixed_and_capped() {
     );
 }
 
-/// Runs oxbox with `args` and returns its peak RSS (bytes), from wait4.
-fn peak_rss_of(args: &[&std::ffi::OsStr]) -> u64 {
-    // Reaped below by wait4, which also gives its resource usage.
-    #[allow(clippy::zombie_processes)]
-    let child = Command::new(oxbox())
-        .args(args)
-        .env_remove("OXBOX_CONFIG")
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn oxbox");
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: plain FFI; `usage` is a valid out-pointer for the call.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(waited, pid, "wait4");
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "oxbox {args:?} failed (status {status})"
-    );
-    usage.ru_maxrss as u64 * 1024
-}
-
-/// A 2048 x 2048, 16-bit (12 stored) MONOCHROME2 DX image, explicit VR
-/// little endian: the frame size the issue's figure is about.
-fn write_2048_dicom(path: &Path) {
-    fn element(out: &mut Vec<u8>, group: u16, elem: u16, vr: &[u8; 2], value: &[u8]) {
-        out.extend_from_slice(&group.to_le_bytes());
-        out.extend_from_slice(&elem.to_le_bytes());
-        out.extend_from_slice(vr);
-        if matches!(vr, b"OB" | b"OW" | b"UN" | b"SQ" | b"UT") {
-            out.extend_from_slice(&[0, 0]);
-            out.extend_from_slice(&(value.len() as u32).to_le_bytes());
-        } else {
-            out.extend_from_slice(&(value.len() as u16).to_le_bytes());
-        }
-        out.extend_from_slice(value);
-    }
-    fn text(value: &str) -> Vec<u8> {
-        let mut bytes = value.as_bytes().to_vec();
-        if bytes.len() % 2 == 1 {
-            bytes.push(0);
-        }
-        bytes
-    }
-    let side: u16 = 2048;
-    let mut meta = Vec::new();
-    element(&mut meta, 0x0002, 0x0001, b"OB", &[0, 1]);
-    element(
-        &mut meta,
-        0x0002,
-        0x0002,
-        b"UI",
-        &text("1.2.840.10008.5.1.4.1.1.1.1"),
-    );
-    element(
-        &mut meta,
-        0x0002,
-        0x0003,
-        b"UI",
-        &text("1.2.826.0.1.3680043.10.9999.1"),
-    );
-    element(
-        &mut meta,
-        0x0002,
-        0x0010,
-        b"UI",
-        &text("1.2.840.10008.1.2.1"),
-    );
-    element(
-        &mut meta,
-        0x0002,
-        0x0012,
-        b"UI",
-        &text("1.2.826.0.1.3680043.10.9999"),
-    );
-    let mut file = vec![0u8; 128];
-    file.extend_from_slice(b"DICM");
-    element(
-        &mut file,
-        0x0002,
-        0x0000,
-        b"UL",
-        &(meta.len() as u32).to_le_bytes(),
-    );
-    file.extend_from_slice(&meta);
-    element(
-        &mut file,
-        0x0008,
-        0x0016,
-        b"UI",
-        &text("1.2.840.10008.5.1.4.1.1.1.1"),
-    );
-    element(
-        &mut file,
-        0x0008,
-        0x0018,
-        b"UI",
-        &text("1.2.826.0.1.3680043.10.9999.1"),
-    );
-    element(&mut file, 0x0008, 0x0060, b"CS", &text("DX"));
-    element(&mut file, 0x0028, 0x0002, b"US", &1u16.to_le_bytes());
-    element(&mut file, 0x0028, 0x0004, b"CS", &text("MONOCHROME2 "));
-    element(&mut file, 0x0028, 0x0010, b"US", &side.to_le_bytes());
-    element(&mut file, 0x0028, 0x0011, b"US", &side.to_le_bytes());
-    element(&mut file, 0x0028, 0x0100, b"US", &16u16.to_le_bytes());
-    element(&mut file, 0x0028, 0x0101, b"US", &12u16.to_le_bytes());
-    element(&mut file, 0x0028, 0x0102, b"US", &11u16.to_le_bytes());
-    element(&mut file, 0x0028, 0x0103, b"US", &0u16.to_le_bytes());
-    let n = usize::from(side) * usize::from(side);
-    let pixels: Vec<u8> = (0..n)
-        .flat_map(|i| (((i * 7 + i / 2048 * 13) % 4096) as u16).to_le_bytes())
-        .collect();
-    element(&mut file, 0x7FE0, 0x0010, b"OW", &pixels);
-    std::fs::write(path, file).expect("write the 2048x2048 DICOM");
-}
-
 #[test]
 fn an_image_plugin_costs_the_host_about_the_stored_frame() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = write_config(dir.path(), "", "", None, &[]);
-    let dicom = dir.path().join("2048.dcm");
-    write_2048_dicom(&dicom);
-    let run = |plugin: &str, record: &str| {
+    let dicom = square_image(dir.path(), 2048);
+    let peak_of = |plugin: &str, record: &str| {
         let manifest = repo_root()
             .join("plugins/dist")
             .join(plugin)
             .join("plugin.toml");
         let record = repo_root().join("samples").join(record);
-        let args: [&std::ffi::OsStr; 9] = [
+        let args: [&OsStr; 9] = [
             "--config".as_ref(),
             config.as_os_str(),
             "plugin".as_ref(),
@@ -454,14 +270,20 @@ fn an_image_plugin_costs_the_host_about_the_stored_frame() {
             dicom.as_os_str(),
         ];
         // The first run compiles into the cache; the measured one loads.
-        peak_rss_of(&args);
-        peak_rss_of(&args)
+        // Each peak is oxbox's own, taken by GNU time (see `run_measured`).
+        let mut peak = 0;
+        for _ in 0..2 {
+            let (out, rss) = run_measured(&args);
+            assert!(out.status.success(), "{plugin}: {}", stderr(&out));
+            peak = rss;
+        }
+        peak
     };
     // Same decode and canonical image; example-site has preprocess-image
     // (and reads no rows), canonical has none: the difference is what
     // handing the frame to an image plugin costs.
-    let without = run("canonical", "canonical-record.json");
-    let with = run("example-site", "example-site-record.json");
+    let without = peak_of("canonical", "canonical-record.json");
+    let with = peak_of("example-site", "example-site-record.json");
     let pixels = 2048.0 * 2048.0;
     let per_pixel = (with as f64 - without as f64) / pixels;
     eprintln!(

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::util::{assert_clean_refusal, repo_root, run_unbounded, stderr};
+use crate::util::{assert_clean_refusal, repo_root, run, stderr};
 
 fn json(out: &std::process::Output) -> serde_json::Value {
     assert!(out.status.success(), "{}", stderr(out));
@@ -14,7 +14,7 @@ fn json(out: &std::process::Output) -> serde_json::Value {
 fn predict_runs_plugins_and_model_end_to_end() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let model = tmp.path().join("model");
-    let init = json(&run_unbounded(&[
+    let init = json(&run(&[
         "model".as_ref(),
         "init".as_ref(),
         "--out".as_ref(),
@@ -24,7 +24,7 @@ fn predict_runs_plugins_and_model_end_to_end() {
         "--seed".as_ref(),
         "5".as_ref(),
     ]));
-    let info = json(&run_unbounded(&[
+    let info = json(&run(&[
         "model".as_ref(),
         "info".as_ref(),
         model.as_os_str(),
@@ -59,7 +59,7 @@ fn predict_runs_plugins_and_model_end_to_end() {
             args.push("--dicom".as_ref());
             args.push(d.as_os_str());
         }
-        run_unbounded(&args)
+        run(&args)
     };
     let out = predict(Some(&dicom));
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -101,7 +101,7 @@ fn predict_runs_plugins_and_model_end_to_end() {
     assert!(line.contains("needs a radiograph"), "{line}");
 
     // Every prediction is audited, the refused one too; no identifiers.
-    let out = run_unbounded(&[
+    let out = run(&[
         "--config".as_ref(),
         config.as_os_str(),
         "audit".as_ref(),

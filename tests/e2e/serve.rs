@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::util::{oxbox, repo_root, run_unbounded, stderr};
+use crate::util::{oxbox, repo_root, run, stderr};
 
 /// A running `oxbox serve`, stopped (SIGTERM, then kill) on drop.
 pub(crate) struct ServerProcess {
@@ -262,7 +262,7 @@ impl Setup {
     pub(crate) fn new(server: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let model = dir.path().join("model");
-        let init = run_unbounded(&[
+        let init = run(&[
             "model".as_ref(),
             "init".as_ref(),
             "--out".as_ref(),
@@ -370,7 +370,7 @@ fn every_route_and_error_status_conforms_and_matches_the_cli() {
     check("POST", "/v1/predict", &reply);
     let served = reply.json();
     assert_eq!(reply.header("x-request-id"), served["request_id"].as_str());
-    let cli = run_unbounded(&[
+    let cli = run(&[
         "--config".as_ref(),
         setup.config.as_os_str(),
         "predict".as_ref(),
@@ -388,7 +388,7 @@ fn every_route_and_error_status_conforms_and_matches_the_cli() {
     }
 
     // The audit record: the outputs given out, no patient identifiers.
-    let audit = run_unbounded(&[
+    let audit = run(&[
         "--config".as_ref(),
         setup.config.as_os_str(),
         "audit".as_ref(),
@@ -617,7 +617,7 @@ fn every_route_and_error_status_conforms_and_matches_the_cli() {
 fn off_loopback_the_token_is_required() {
     // Without a token file the server refuses to start.
     let setup = Setup::new("listen = \"0.0.0.0:0\"");
-    let out = run_unbounded(&[
+    let out = run(&[
         "--config".as_ref(),
         setup.config.as_os_str(),
         "serve".as_ref(),
@@ -824,7 +824,7 @@ pub(crate) fn pack_guest(setup: &Setup, name: &str) -> PathBuf {
         wasm.display()
     );
     let dist = setup.dir.path().join(name);
-    let pack = run_unbounded(&[
+    let pack = run(&[
         "plugin".as_ref(),
         "pack".as_ref(),
         wasm.as_os_str(),
@@ -924,7 +924,7 @@ fn with_no_model_configured_the_trained_demo_model_is_served() {
     assert_ne!(without_model, text);
     std::fs::write(&setup.config, without_model).expect("config");
     // What the committed demo package is.
-    let info = run_unbounded(&[
+    let info = run(&[
         "model".as_ref(),
         "info".as_ref(),
         repo_root().join("host/assets/demo-model").as_os_str(),

@@ -23,7 +23,7 @@ use crate::serve::{
     BOUNDARY, Reply, ServerProcess, Setup, assert_conforms, connect, multipart, multipart_type,
     openapi, read_reply, request, sample_case, wait_for_admin_events,
 };
-use crate::util::corpus_file;
+use crate::util::{corpus_file, vm_hwm};
 
 /// A line of the server's /metrics whose name and labels are `series`.
 fn metric(addr: std::net::SocketAddr, auth: &[(&str, &str)], series: &str) -> f64 {
@@ -33,17 +33,6 @@ fn metric(addr: std::net::SocketAddr, auth: &[(&str, &str)], series: &str) -> f6
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0.0)
-}
-
-/// The server's peak resident set (VmHWM), bytes.
-fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmHWM")
-        * 1024
 }
 
 /// The process's virtual size (VmSize), bytes.
@@ -492,7 +481,7 @@ fn the_connection_cap_bounds_the_sockets_the_server_holds() {
 
 /// RG1_UNCR (1955 × 1841, 16-bit native) re-sized to `side` × `side` with
 /// real pixel data (a gradient), written under `dir`.
-fn square_image(dir: &Path, side: u16) -> PathBuf {
+pub(crate) fn square_image(dir: &Path, side: u16) -> PathBuf {
     let mut obj = dicom_object::open_file(corpus_file("RG1_UNCR.dcm")).expect("open RG1_UNCR");
     for tag in [tags::ROWS, tags::COLUMNS] {
         obj.put_element(dicom_object::mem::InMemElement::new(
@@ -656,7 +645,7 @@ fn memory_admission_refuses_beyond_the_budget() {
         ),
         1.0
     );
-    let rss = peak_rss(server.child.id());
+    let rss = vm_hwm(server.child.id());
     println!(
         "budget {BUDGET_MIB} MiB: peak reserved {:.1} MiB; server peak RSS (VmHWM) {:.1} MiB",
         peak / 1048576.0,

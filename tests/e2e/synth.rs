@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::util::{assert_clean_refusal, repo_root, run_unbounded, stderr};
+use crate::util::{assert_clean_refusal, repo_root, run, stderr};
 
 fn synth(out: &Path, seed: &str) -> Value {
-    let result = run_unbounded(&[
+    let result = run(&[
         "synth".as_ref(),
         "--sites".as_ref(),
         "3".as_ref(),
@@ -138,7 +138,7 @@ fn a_small_cohort_is_deterministic_ingestible_and_readable_by_its_plugins() {
 
             // The image is real DICOM the ingest accepts.
             let image = dir.join(&case["image_file"]);
-            let info = run_unbounded(&["dicom".as_ref(), "info".as_ref(), image.as_os_str()]);
+            let info = run(&["dicom".as_ref(), "info".as_ref(), image.as_os_str()]);
             assert!(
                 info.status.success(),
                 "{}: {}",
@@ -160,7 +160,7 @@ fn a_small_cohort_is_deterministic_ingestible_and_readable_by_its_plugins() {
                 .max(info["columns"].as_u64().unwrap_or(0));
             assert!((1024..=3000).contains(&side), "{side}");
             let npy = tmp.path().join("x.npy");
-            let pre = run_unbounded(&[
+            let pre = run(&[
                 "preprocess".as_ref(),
                 "--dicom".as_ref(),
                 image.as_os_str(),
@@ -192,7 +192,7 @@ fn a_small_cohort_is_deterministic_ingestible_and_readable_by_its_plugins() {
             let record_path = tmp.path().join("record.json");
             std::fs::write(&record_path, Value::Object(record).to_string()).expect("record");
             let manifest = repo_root().join(format!("plugins/dist/{plugin}/plugin.toml"));
-            let mapped = run_unbounded(&[
+            let mapped = run(&[
                 "plugin".as_ref(),
                 "run".as_ref(),
                 manifest.as_os_str(),
@@ -218,7 +218,7 @@ fn a_small_cohort_is_deterministic_ingestible_and_readable_by_its_plugins() {
     assert_eq!(modalities.len(), 2, "{modalities:?}");
 
     // An existing, non-empty output folder is refused, not mixed.
-    let again = run_unbounded(&[
+    let again = run(&[
         "synth".as_ref(),
         "--sites".as_ref(),
         "1".as_ref(),

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::util::{repo_root, run_unbounded, stderr};
+use crate::util::{repo_root, run, stderr};
 
 fn train(cohort: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
     let data = format!(
@@ -40,7 +40,7 @@ fn train(cohort: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
         "11".as_ref(),
     ];
     args.extend(extra.iter().map(|a| OsStr::new(*a)));
-    run_unbounded(&args)
+    run(&args)
 }
 
 fn json(path: &Path) -> Value {
@@ -71,7 +71,7 @@ fn auc(scores: &[f64], labels: &[bool]) -> f64 {
 fn train_learns_is_deterministic_and_resumes_exactly() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let cohort = tmp.path().join("cohort");
-    let synth = run_unbounded(&[
+    let synth = run(&[
         "synth".as_ref(),
         "--sites".as_ref(),
         "2".as_ref(),
@@ -145,7 +145,7 @@ fn train_learns_is_deterministic_and_resumes_exactly() {
     // It learned: the trained model, through the same plugins, ranks the
     // training cohort's P(level >= 1 at 24 h) far better than chance.
     let report = tmp.path().join("report");
-    let evaluate = run_unbounded(&[
+    let evaluate = run(&[
         "evaluate".as_ref(),
         "--model".as_ref(),
         straight.as_os_str(),

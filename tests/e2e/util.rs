@@ -39,21 +39,11 @@ pub fn corpus_file(name: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("{name} not in corpus"))
 }
 
-/// Runs oxbox with `args`. No address-space or memory cap: bounds are
-/// measured from outside ([`run_measured`]), never imposed on the binary.
-pub fn run(args: &[&OsStr]) -> Output {
-    run_unbounded(args)
-}
-
-/// Runs oxbox with `args` (the name dates from when [`run`] capped the
-/// address space; both run the binary as it is).
-pub fn run_unbounded<S: AsRef<OsStr>>(args: &[S]) -> Output {
+/// Runs oxbox with `args` and waits for its output. No address-space or
+/// memory cap: bounds are measured from outside ([`run_measured`],
+/// [`vm_hwm`]), never imposed on the binary.
+pub fn run<S: AsRef<OsStr>>(args: &[S]) -> Output {
     command(args).output().expect("run oxbox")
-}
-
-/// Convenience: runs oxbox with string-like arguments.
-pub fn run_args<S: AsRef<OsStr>>(args: &[S]) -> Output {
-    run_unbounded(args)
 }
 
 /// `oxbox <args>` with the environment that could change its behaviour removed.
@@ -102,6 +92,19 @@ pub fn run_measured<S: AsRef<OsStr>>(args: &[S]) -> (Output, u64) {
         .next_back()
         .unwrap_or_else(|| panic!("no peak RSS in the time report {text:?}"));
     (output, kib * 1024)
+}
+
+/// The peak resident set size (`VmHWM` in `/proc/<pid>/status`) of a
+/// running process, in bytes: how a test measures a server it keeps running.
+pub fn vm_hwm(pid: u32) -> u64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/<pid>/status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/<pid>/status");
+    kib * 1024
 }
 
 /// stderr as text.

@@ -616,9 +616,42 @@ fn j2k_codestream(stream: &[u8]) -> std::result::Result<&[u8], String> {
     Err("a JP2 file without codestream box (jp2c)".to_owned())
 }
 
-/// The JPEG 2000 image and tile size marker (SIZ) of a codestream that
-/// starts with SOC and SIZ: (width, height, components).
-fn j2k_siz(codestream: &[u8]) -> Option<(u32, u32, u32)> {
+/// Most tiles a JPEG 2000 codestream may declare. OpenJPEG allocates a few
+/// kilobytes of coding parameters for every tile the SIZ marker declares
+/// before it reads any tile, so a SIZ of 1 × 1 tiles over a 255 × 255 image
+/// (65,025 tiles, under 500 bytes of file) cost about 490 MiB. Encoders
+/// write one tile, or tiles of hundreds of pixels a side (4096 is a
+/// 4096 × 4096 image in 64 × 64 tiles).
+const MAX_J2K_TILES: u64 = 4096;
+
+/// What a JPEG 2000 image and tile size marker (SIZ, ISO/IEC 15444-1
+/// A.5.1) declares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct J2kSiz {
+    /// Image width, `Xsiz - XOsiz`.
+    width: u32,
+    /// Image height, `Ysiz - YOsiz`.
+    height: u32,
+    /// Components, `Csiz`.
+    components: u32,
+    /// Tiles across and down: `(Xsiz - XTOsiz) / XTsiz` and
+    /// `(Ysiz - YTOsiz) / YTsiz`, rounded up; `None` for a tile grid the
+    /// standard rules out (a tile side of 0, a tile origin past the image
+    /// origin or past the image).
+    tile_grid: Option<(u32, u32)>,
+}
+
+impl J2kSiz {
+    /// Tiles in all (`None` as for [`J2kSiz::tile_grid`]).
+    fn tiles(&self) -> Option<u64> {
+        self.tile_grid
+            .map(|(across, down)| u64::from(across) * u64::from(down))
+    }
+}
+
+/// The SIZ marker of a codestream that starts with SOC and SIZ; `None` when
+/// it is cut off or its image origin lies past its image.
+fn j2k_siz(codestream: &[u8]) -> Option<J2kSiz> {
     if !codestream.starts_with(&J2K_SOC_SIZ) {
         return None;
     }
@@ -627,8 +660,24 @@ fn j2k_siz(codestream: &[u8]) -> Option<(u32, u32, u32)> {
     let siz = codestream.get(6..42)?;
     let be32 = |i: usize| u32::from_be_bytes([siz[i], siz[i + 1], siz[i + 2], siz[i + 3]]);
     let (xsiz, ysiz, x0, y0) = (be32(2), be32(6), be32(10), be32(14));
+    let (tile_w, tile_h, tile_x0, tile_y0) = (be32(18), be32(22), be32(26), be32(30));
     let csiz = u32::from(u16::from_be_bytes([siz[34], siz[35]]));
-    Some((xsiz.checked_sub(x0)?, ysiz.checked_sub(y0)?, csiz))
+    // A.5.1: 0 <= XTOsiz <= XOsiz, XTsiz + XTOsiz > XOsiz (and so for Y).
+    let across = |size: u32, origin: u32, tile: u32, tile_origin: u32| {
+        let valid = tile > 0
+            && tile_origin <= origin
+            && u64::from(tile) + u64::from(tile_origin) > u64::from(origin);
+        valid.then(|| (size - tile_origin).div_ceil(tile))
+    };
+    let width = xsiz.checked_sub(x0)?;
+    let height = ysiz.checked_sub(y0)?;
+    let tile_grid = across(xsiz, x0, tile_w, tile_x0).zip(across(ysiz, y0, tile_h, tile_y0));
+    Some(J2kSiz {
+        width,
+        height,
+        components: csiz,
+        tile_grid,
+    })
 }
 
 fn jpeg2000(stream: &[u8], g: &Geometry) -> Result<Vec<i32>> {
@@ -637,8 +686,8 @@ fn jpeg2000(stream: &[u8], g: &Geometry) -> Result<Vec<i32>> {
         reason,
     };
     let stream = j2k_codestream(stream).map_err(corrupt)?;
-    let (width, height, components) =
-        j2k_siz(stream).ok_or_else(|| corrupt("SIZ marker cut off".to_owned()))?;
+    let siz = j2k_siz(stream).ok_or_else(|| corrupt("SIZ marker cut off".to_owned()))?;
+    let (width, height, components) = (siz.width, siz.height, siz.components);
     if width != g.columns || height != g.rows {
         return Err(corrupt(format!(
             "stream is {width}x{height} pixels, the header says {}x{}",
@@ -649,6 +698,22 @@ fn jpeg2000(stream: &[u8], g: &Geometry) -> Result<Vec<i32>> {
         return Err(corrupt(format!(
             "{components} components; a grayscale image has 1"
         )));
+    }
+    // The decoder allocates per declared tile before reading one: the
+    // grid is checked first.
+    match siz.tiles() {
+        None => {
+            return Err(corrupt(
+                "the SIZ marker's tile grid is invalid (tile size 0 or tile origin past the image origin)"
+                    .to_owned(),
+            ));
+        }
+        Some(tiles) if tiles > MAX_J2K_TILES => {
+            return Err(corrupt(format!(
+                "the SIZ marker declares {tiles} tiles, more than the {MAX_J2K_TILES} allowed"
+            )));
+        }
+        Some(_) => {}
     }
     let params = jpeg2k::DecodeParameters::new().strict(true);
     let image = no_panic("JPEG 2000 decoder", || {
@@ -739,20 +804,66 @@ mod tests {
         s.extend_from_slice(&80u32.to_be_bytes()); // Ysiz
         s.extend_from_slice(&0u32.to_be_bytes());
         s.extend_from_slice(&0u32.to_be_bytes());
-        s.extend_from_slice(&[0u8; 16]);
+        s.extend_from_slice(&64u32.to_be_bytes()); // XTsiz
+        s.extend_from_slice(&64u32.to_be_bytes()); // YTsiz
+        s.extend_from_slice(&[0u8; 8]);
         s.extend_from_slice(&1u16.to_be_bytes()); // Csiz
-        assert_eq!(j2k_siz(&s), Some((100, 80, 1)));
+        let siz = j2k_siz(&s).expect("SIZ");
+        assert_eq!((siz.width, siz.height, siz.components), (100, 80, 1));
+        assert_eq!(siz.tile_grid, Some((2, 2)));
+        assert_eq!(siz.tiles(), Some(4));
         assert_eq!(j2k_siz(&s[..20]), None);
         assert_eq!(j2k_codestream(&s), Ok(&s[..]));
     }
 
     fn siz(width: u32, height: u32) -> Vec<u8> {
+        tiled_siz(width, height, width, height)
+    }
+
+    /// SOC and the SIZ of a one-component image in `tile_w` × `tile_h` tiles.
+    fn tiled_siz(width: u32, height: u32, tile_w: u32, tile_h: u32) -> Vec<u8> {
         let mut s = vec![0xFF, 0x4F, 0xFF, 0x51, 0x00, 0x29, 0x00, 0x00];
-        s.extend_from_slice(&width.to_be_bytes());
-        s.extend_from_slice(&height.to_be_bytes());
-        s.extend_from_slice(&[0u8; 24]);
+        for v in [width, height, 0, 0, tile_w, tile_h, 0, 0] {
+            s.extend_from_slice(&v.to_be_bytes());
+        }
         s.extend_from_slice(&1u16.to_be_bytes());
         s
+    }
+
+    #[test]
+    fn the_tile_grid_is_counted_and_bounded() {
+        // One tile, the usual case.
+        assert_eq!(j2k_siz(&siz(2048, 2048)).and_then(|s| s.tiles()), Some(1));
+        // Partial tiles at the right and bottom edges count.
+        let siz = j2k_siz(&tiled_siz(100, 65, 64, 64)).expect("SIZ");
+        assert_eq!(siz.tile_grid, Some((2, 2)));
+        // A tile side of 0 is no grid.
+        assert_eq!(
+            j2k_siz(&tiled_siz(16, 16, 0, 16)).expect("SIZ").tiles(),
+            None
+        );
+        // The bomb: 1 × 1 tiles over 255 × 255 pixels, refused before the
+        // decoder sees it, with the count named.
+        assert_eq!(
+            j2k_siz(&tiled_siz(255, 255, 1, 1)).expect("SIZ").tiles(),
+            Some(65_025)
+        );
+        let g = Geometry {
+            rows: 255,
+            columns: 255,
+            ..geometry(16, 16, 15, false)
+        };
+        let err = jpeg2000(&tiled_siz(255, 255, 1, 1), &g).expect_err("too many tiles");
+        assert!(err.to_string().contains("65025 tiles"), "{err}");
+        // 4096 tiles (64 × 64 tiles of a 4096² image) pass the check and
+        // reach the decoder, which refuses this stream for its own reasons.
+        let g = Geometry {
+            rows: 4096,
+            columns: 4096,
+            ..geometry(16, 16, 15, false)
+        };
+        let err = jpeg2000(&tiled_siz(4096, 4096, 64, 64), &g).expect_err("no tile data");
+        assert!(!err.to_string().contains("tiles"), "{err}");
     }
 
     #[test]
@@ -773,7 +884,8 @@ mod tests {
         jp2.extend_from_slice(b"jp2c");
         jp2.extend_from_slice(&real);
         let codestream = j2k_codestream(&jp2).expect("jp2c box");
-        assert_eq!(j2k_siz(codestream), Some((60_000, 60_000, 1)));
+        let siz = j2k_siz(codestream).expect("SIZ");
+        assert_eq!((siz.width, siz.height, siz.components), (60_000, 60_000, 1));
         // A box that claims more than the stream holds.
         let mut lying = JP2_SIGNATURE.to_vec();
         lying.extend_from_slice(&u32::MAX.to_be_bytes());

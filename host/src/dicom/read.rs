@@ -53,7 +53,9 @@ impl std::fmt::Debug for DicomFile {
 
 impl DicomFile {
     /// Opens and parses `path`, refusing files over `limits.max_dicom_file_mib`
-    /// and files whose structure fails the pre-scan ([`super::scan`]).
+    /// and files whose structure fails the pre-scan ([`super::scan`]). A
+    /// regular file is streamed (never held whole); anything else (a pipe,
+    /// `/dev/stdin`) is read into memory under the same limit first.
     ///
     /// # Errors
     /// [`DicomError::Io`], [`DicomError::FileTooLarge`], [`DicomError::Empty`],
@@ -68,8 +70,21 @@ impl DicomFile {
             source,
         };
         let mut file = std::fs::File::open(path).map_err(io)?;
-        let size = file.metadata().map_err(io)?.len();
+        let metadata = file.metadata().map_err(io)?;
         let limit = limits.max_dicom_file_bytes();
+        if !metadata.is_file() {
+            // A pipe, FIFO or terminal (`--dicom /dev/stdin`): no length to
+            // check first, no second pass. Read at most one byte past the
+            // limit into memory (a size over the limit is then the bytes
+            // read so far) and parse from there.
+            let mut bytes = Vec::new();
+            (&mut file)
+                .take(limit.saturating_add(1))
+                .read_to_end(&mut bytes)
+                .map_err(io)?;
+            return Self::from_bytes(&bytes, limits);
+        }
+        let size = metadata.len();
         if size > limit {
             return Err(DicomError::FileTooLarge { size, limit });
         }

@@ -191,6 +191,11 @@ fn scores(p: &Prediction) -> [f64; 6] {
 /// case as `case id: reason`, the reason redacted
 /// ([`PipelineError::redacted`]: category and field, never a value). `progress` is called once per case. What
 /// evaluation and training both start from.
+///
+/// At most as many cases run at once as the plugins have sandbox slots
+/// ([`with_plugin_parallelism`]): on a machine with more cores than slots,
+/// a case would otherwise wait for a slot, time out `Busy` and be refused —
+/// load, not a fault of the case.
 pub fn prepare_cases(
     site: &Site,
     pipeline: &Pipeline,
@@ -199,21 +204,50 @@ pub fn prepare_cases(
     progress: &(dyn Fn() + Sync),
 ) -> Vec<Result<ModelInput, String>> {
     use rayon::prelude::*;
-    site.cases
-        .par_iter()
-        .map(|case| {
-            let prepared = DicomFile::open(&case.image, limits)
-                .map_err(PipelineError::from)
-                .and_then(|file| {
-                    pipeline
-                        .prepare(Some(&file), &case.emr, plugins)
-                        .map(|p| p.input)
-                })
-                .map_err(|e| format!("{}: {}", case.case_id, e.redacted()));
-            progress();
-            prepared
-        })
-        .collect()
+    let prepare = |case: &dataset::Case| {
+        let prepared = DicomFile::open(&case.image, limits)
+            .map_err(PipelineError::from)
+            .and_then(|file| {
+                pipeline
+                    .prepare(Some(&file), &case.emr, plugins)
+                    .map(|p| p.input)
+            })
+            .map_err(|e| format!("{}: {}", case.case_id, e.redacted()));
+        progress();
+        prepared
+    };
+    with_plugin_parallelism(plugins.sandboxes(), |parallel| {
+        if parallel {
+            site.cases.par_iter().map(prepare).collect()
+        } else {
+            site.cases.iter().map(prepare).collect()
+        }
+    })
+}
+
+/// Runs `work` with its rayon parallelism capped at `sandboxes` threads
+/// (`None`: no cap): in the current pool when that is no larger, else in a
+/// pool of `sandboxes` threads. `work` is told whether it may run in
+/// parallel: not when that pool cannot be built (then one case at a time,
+/// slower but never refused).
+pub fn with_plugin_parallelism<R: Send>(
+    sandboxes: Option<u32>,
+    work: impl FnOnce(bool) -> R + Send,
+) -> R {
+    let threads = rayon::current_num_threads();
+    let cap = sandboxes.map_or(threads, |s| (s.max(1) as usize).min(threads));
+    if cap == threads {
+        return work(true);
+    }
+    match rayon::ThreadPoolBuilder::new().num_threads(cap).build() {
+        Ok(pool) => pool.install(|| work(true)),
+        Err(e) => {
+            tracing::warn!(
+                "no pool of {cap} threads for the plugin stage ({e}): one case at a time"
+            );
+            work(false)
+        }
+    }
 }
 
 /// Runs every case of `site` through its plugins and the model; refused
@@ -372,4 +406,55 @@ fn scores_csv(cases: &[ScoredCase]) -> String {
 
 fn write_text(path: &Path, text: &str) -> Result<(), EvaluateError> {
     Ok(crate::output::write_bytes(path, text.as_bytes())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `f` in a rayon pool of `threads` threads.
+    fn in_pool<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("test pool")
+            .install(f)
+    }
+
+    #[test]
+    fn the_plugin_stage_runs_on_no_more_threads_than_sandbox_slots() {
+        // A 64-core machine, 32 sandbox slots: 32 cases at a time.
+        let seen = in_pool(64, || {
+            with_plugin_parallelism(Some(32), |parallel| {
+                (parallel, rayon::current_num_threads())
+            })
+        });
+        assert_eq!(seen, (true, 32));
+        // Fewer cores than slots, or no plugins: the pool as it is.
+        let seen = in_pool(3, || {
+            with_plugin_parallelism(Some(32), |_| rayon::current_num_threads())
+        });
+        assert_eq!(seen, 3);
+        let seen = in_pool(5, || {
+            with_plugin_parallelism(None, |_| rayon::current_num_threads())
+        });
+        assert_eq!(seen, 5);
+        // And the work really runs at most that wide.
+        let widest = in_pool(16, || {
+            with_plugin_parallelism(Some(2), |_| {
+                use rayon::prelude::*;
+                let running = std::sync::atomic::AtomicUsize::new(0);
+                (0..64)
+                    .into_par_iter()
+                    .map(|_| {
+                        let now = running.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                        std::thread::sleep(std::time::Duration::from_millis(2));
+                        running.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                        now
+                    })
+                    .max()
+            })
+        });
+        assert!(widest.is_some_and(|w| w <= 2), "{widest:?} cases at once");
+    }
 }

@@ -174,33 +174,29 @@ impl ComponentCache {
 }
 
 impl ComponentCache {
-    /// The tag context: domain label, component digest, engine hash (each
-    /// length-prefixed), ready for the artifact bytes.
-    fn tag_context(&self, digest: &str, engine_hash: &str) -> hmac::Context {
-        let mut context = hmac::Context::with_key(&self.key);
-        context.update(TAG_DOMAIN);
+    /// What a tag is computed over: domain label, component digest, engine
+    /// hash (each length-prefixed), then the artifact bytes.
+    fn tagged_input(digest: &str, engine_hash: &str, artifact: &[u8]) -> Vec<u8> {
+        let mut input = Vec::with_capacity(TAG_DOMAIN.len() + 32 + 128 + artifact.len());
+        input.extend_from_slice(TAG_DOMAIN);
         for part in [digest.as_bytes(), engine_hash.as_bytes()] {
-            context.update(&(part.len() as u64).to_be_bytes());
-            context.update(part);
+            input.extend_from_slice(&(part.len() as u64).to_be_bytes());
+            input.extend_from_slice(part);
         }
-        context
+        input.extend_from_slice(artifact);
+        input
     }
 
     fn sign(&self, digest: &str, engine_hash: &str, artifact: &[u8]) -> Vec<u8> {
-        let mut context = self.tag_context(digest, engine_hash);
-        context.update(artifact);
-        context.sign().as_ref().to_vec()
+        let input = Self::tagged_input(digest, engine_hash, artifact);
+        hmac::sign(&self.key, &input).as_ref().to_vec()
     }
 
+    /// Whether `tag` is the artifact's tag; compared in constant time
+    /// (`ring::hmac::verify`).
     fn verify(&self, digest: &str, engine_hash: &str, artifact: &[u8], tag: &[u8]) -> bool {
-        let expected = self.sign(digest, engine_hash, artifact);
-        // Constant time: no early exit on the first differing byte.
-        expected.len() == tag.len()
-            && expected
-                .iter()
-                .zip(tag)
-                .fold(0u8, |differ, (a, b)| differ | (a ^ b))
-                == 0
+        let input = Self::tagged_input(digest, engine_hash, artifact);
+        hmac::verify(&self.key, &input, tag).is_ok()
     }
 }
 
@@ -227,6 +223,18 @@ mod tests {
         assert!(!cache.verify("bb", "e1", b"artifact", &tag));
         assert!(!cache.verify("aa", "e2", b"artifact", &tag));
         assert!(!cache.verify("aa", "e1", b"artifacT", &tag));
+        assert!(!cache.verify("aa", "e1", b"artifact", &tag[..16]));
+        assert!(!cache.verify("aa", "e1", b"artifact", b""));
+        // The layout tags had before (an incremental HMAC over the same
+        // parts): artifacts already in a cache stay valid.
+        let mut context = hmac::Context::with_key(&cache.key);
+        context.update(TAG_DOMAIN);
+        for part in [&b"aa"[..], b"e1"] {
+            context.update(&(part.len() as u64).to_be_bytes());
+            context.update(part);
+        }
+        context.update(b"artifact");
+        assert_eq!(context.sign().as_ref(), &tag[..]);
         // Reopening reads the same key; a key of the wrong length stops.
         let again = ComponentCache::open(dir.path()).expect("reopen");
         assert!(again.verify("aa", "e1", b"artifact", &tag));

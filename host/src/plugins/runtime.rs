@@ -198,6 +198,12 @@ impl LoadedPlugin {
         &self.info
     }
 
+    /// Sandbox slots in the pool its calls take a slot from (shared by
+    /// every plugin of its engine).
+    pub fn sandboxes(&self) -> u32 {
+        self.engine.sandboxes()
+    }
+
     /// Its name.
     pub fn name(&self) -> &str {
         &self.info.name

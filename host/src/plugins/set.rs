@@ -99,6 +99,13 @@ impl PluginSet {
         &self.signatures
     }
 
+    /// The fewest sandbox slots any of its plugins' pools holds: how many
+    /// cases may run through the set at once without waiting for a slot
+    /// (each case calls one plugin at a time). `None` without plugins.
+    pub fn sandboxes(&self) -> Option<u32> {
+        self.plugins.iter().map(|p| p.sandboxes()).min()
+    }
+
     /// Whether any plugin maps EMR records.
     pub fn maps_emr(&self) -> bool {
         self.plugins.iter().any(|p| p.has_hook(Hook::MapEmr))
@@ -231,32 +238,6 @@ impl PluginRegistry {
         };
         *guard = Arc::new(set);
         Ok(count)
-    }
-
-    /// Reloads on every SIGHUP, from a background thread, logging the
-    /// outcome.
-    ///
-    /// # Errors
-    /// If the signal handler cannot be installed.
-    pub fn reload_on_sighup(self: &Arc<Self>) -> std::io::Result<()> {
-        let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])?;
-        let registry = Arc::downgrade(self);
-        std::thread::Builder::new()
-            .name("oxbox-sighup".to_owned())
-            .spawn(move || {
-                for _ in signals.forever() {
-                    let Some(registry) = registry.upgrade() else {
-                        break;
-                    };
-                    match registry.reload() {
-                        Ok(n) => tracing::info!("SIGHUP: reloaded {n} plugin(s)"),
-                        Err(e) => tracing::error!(
-                            "SIGHUP: reload failed, keeping the running plugins: {e}"
-                        ),
-                    }
-                }
-            })?;
-        Ok(())
     }
 }
 
