@@ -23,7 +23,7 @@ use crate::serve::{
     BOUNDARY, Reply, ServerProcess, Setup, assert_conforms, connect, multipart, multipart_type,
     openapi, read_reply, request, sample_case, wait_for_admin_events,
 };
-use crate::util::{corpus_file, vm_hwm};
+use crate::util::{corpus_file, vm_hwm, vm_size};
 
 /// A line of the server's /metrics whose name and labels are `series`.
 fn metric(addr: std::net::SocketAddr, auth: &[(&str, &str)], series: &str) -> f64 {
@@ -33,17 +33,6 @@ fn metric(addr: std::net::SocketAddr, auth: &[(&str, &str)], series: &str) -> f6
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0.0)
-}
-
-/// The process's virtual size (VmSize), bytes.
-fn virtual_size(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmSize:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmSize")
-        * 1024
 }
 
 /// Sockets the process holds open (its descriptors that are sockets).
@@ -272,7 +261,7 @@ fn a_declared_content_length_allocates_nothing_before_the_body_arrives() {
     let body = predict_body(&dicom, &record);
     let reply = request(addr, "POST", "/v1/predict", &[("Content-Type", &ct)], &body);
     assert_eq!(reply.status, 200);
-    let before = virtual_size(pid);
+    let before = vm_size(pid);
     let clients: Vec<TcpStream> = (0..CLIENTS)
         .map(|_| {
             let mut stream = connect(addr);
@@ -289,7 +278,7 @@ fn a_declared_content_length_allocates_nothing_before_the_body_arrives() {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(1000));
-    let during = virtual_size(pid);
+    let during = vm_size(pid);
     let grown = during.saturating_sub(before);
     println!(
         "{CLIENTS} clients declaring {} MiB bodies, 1 KiB sent: server VmSize {:.1} -> {:.1} MiB (+{:.1} MiB)",

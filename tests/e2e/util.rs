@@ -97,13 +97,23 @@ pub fn run_measured<S: AsRef<OsStr>>(args: &[S]) -> (Output, u64) {
 /// The peak resident set size (`VmHWM` in `/proc/<pid>/status`) of a
 /// running process, in bytes: how a test measures a server it keeps running.
 pub fn vm_hwm(pid: u32) -> u64 {
+    proc_status_bytes(pid, "VmHWM")
+}
+
+/// The virtual size (`VmSize`) of a running process, in bytes.
+pub fn vm_size(pid: u32) -> u64 {
+    proc_status_bytes(pid, "VmSize")
+}
+
+/// A `kB` field of `/proc/<pid>/status`, in bytes.
+fn proc_status_bytes(pid: u32, field: &str) -> u64 {
     let status =
         std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/<pid>/status");
     let kib: u64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM in /proc/<pid>/status");
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"));
     kib * 1024
 }
 
