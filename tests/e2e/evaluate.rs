@@ -2,7 +2,7 @@
 //! scikit-learn's `roc_auc_score` computed on the same scores, in a
 //! separate process; the charts are real PNG and SVG files.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
@@ -47,23 +47,27 @@ for group in report["groups"]:
 print(checked)
 "#;
 
-#[test]
-fn report_aucs_match_scikit_learn_and_charts_are_written() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let cohort = tmp.path().join("cohort");
+/// `oxbox synth` of two sites into `dir/cohort`; the cohort's folder.
+fn synth_two_sites(dir: &Path, cases_per_site: &str, seed: &str) -> PathBuf {
+    let cohort = dir.join("cohort");
     let synth = run(&[
         "synth".as_ref(),
         "--sites".as_ref(),
         "2".as_ref(),
         "--cases-per-site".as_ref(),
-        "30".as_ref(),
+        cases_per_site.as_ref(),
         "--seed".as_ref(),
-        "3".as_ref(),
+        seed.as_ref(),
         "--out".as_ref(),
         cohort.as_os_str(),
     ]);
     assert!(synth.status.success(), "{}", stderr(&synth));
-    let model = tmp.path().join("model");
+    cohort
+}
+
+/// An untrained `tiny` model package of input side `size` in `dir/model`.
+fn init_tiny_model(dir: &Path, size: &str) -> PathBuf {
+    let model = dir.join("model");
     let init = run(&[
         "model".as_ref(),
         "init".as_ref(),
@@ -72,10 +76,16 @@ fn report_aucs_match_scikit_learn_and_charts_are_written() {
         "--backbone".as_ref(),
         "tiny".as_ref(),
         "--input-size".as_ref(),
-        "64".as_ref(),
+        size.as_ref(),
     ]);
     assert!(init.status.success(), "{}", stderr(&init));
-    let report_dir = tmp.path().join("report");
+    model
+}
+
+/// `oxbox evaluate` of `model` on both sites of `cohort` into `dir/report`,
+/// through the packed plugins; the command's output and the report folder.
+fn evaluate(dir: &Path, model: &Path, cohort: &Path) -> (std::process::Output, PathBuf) {
+    let report_dir = dir.join("report");
     let data = format!(
         "{},{}",
         cohort.join("site-1").display(),
@@ -93,6 +103,15 @@ fn report_aucs_match_scikit_learn_and_charts_are_written() {
         "--out".as_ref(),
         report_dir.as_os_str(),
     ]);
+    (out, report_dir)
+}
+
+#[test]
+fn report_aucs_match_scikit_learn_and_charts_are_written() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cohort = synth_two_sites(tmp.path(), "30", "3");
+    let model = init_tiny_model(tmp.path(), "64");
+    let (out, report_dir) = evaluate(tmp.path(), &model, &cohort);
     assert!(out.status.success(), "{}", stderr(&out));
     let report: Value = serde_json::from_slice(
         &std::fs::read(report_dir.join("report.json")).expect("report.json"),
@@ -168,19 +187,7 @@ fn report_aucs_match_scikit_learn_and_charts_are_written() {
 fn refusals_in_reports_name_the_field_never_the_value() {
     const LEAK: &str = "PHI-LEAK-4711";
     let tmp = tempfile::tempdir().expect("tempdir");
-    let cohort = tmp.path().join("cohort");
-    let synth = run(&[
-        "synth".as_ref(),
-        "--sites".as_ref(),
-        "2".as_ref(),
-        "--cases-per-site".as_ref(),
-        "24".as_ref(),
-        "--seed".as_ref(),
-        "5".as_ref(),
-        "--out".as_ref(),
-        cohort.as_os_str(),
-    ]);
-    assert!(synth.status.success(), "{}", stderr(&synth));
+    let cohort = synth_two_sites(tmp.path(), "24", "5");
     // Site 2 exports in the example site's convention: put a value its
     // plugin refuses, and quotes, into the first case's temperature.
     let csv_path = cohort.join("site-2/cases.csv");
@@ -195,36 +202,8 @@ fn refusals_in_reports_name_the_field_never_the_value() {
     lines[1] = cells.join(",");
     std::fs::write(&csv_path, lines.join("\n") + "\n").expect("write cases.csv");
 
-    let data = format!(
-        "{},{}",
-        cohort.join("site-1").display(),
-        cohort.join("site-2").display()
-    );
-    let plugins = repo_root().join("plugins/dist");
-    let model = tmp.path().join("model");
-    let init = run(&[
-        "model".as_ref(),
-        "init".as_ref(),
-        "--out".as_ref(),
-        model.as_os_str(),
-        "--backbone".as_ref(),
-        "tiny".as_ref(),
-        "--input-size".as_ref(),
-        "48".as_ref(),
-    ]);
-    assert!(init.status.success(), "{}", stderr(&init));
-    let report_dir = tmp.path().join("report");
-    let out = run(&[
-        "evaluate".as_ref(),
-        "--model".as_ref(),
-        model.as_os_str(),
-        "--data".as_ref(),
-        data.as_ref(),
-        "--plugins-dir".as_ref(),
-        plugins.as_os_str(),
-        "--out".as_ref(),
-        report_dir.as_os_str(),
-    ]);
+    let model = init_tiny_model(tmp.path(), "48");
+    let (out, report_dir) = evaluate(tmp.path(), &model, &cohort);
     assert!(out.status.success(), "{}", stderr(&out));
     let report: Value = serde_json::from_slice(
         &std::fs::read(report_dir.join("report.json")).expect("report.json"),
@@ -239,6 +218,12 @@ fn refusals_in_reports_name_the_field_never_the_value() {
     let reason = refused[0].as_str().expect("text");
     assert!(reason.contains("(field TEMP_F)"), "{reason}");
 
+    let data = format!(
+        "{},{}",
+        cohort.join("site-1").display(),
+        cohort.join("site-2").display()
+    );
+    let plugins = repo_root().join("plugins/dist");
     let trained = tmp.path().join("trained");
     let train = run(&[
         "train".as_ref(),
