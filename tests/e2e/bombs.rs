@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::serve::{ServerProcess, Setup, multipart, multipart_type, request, sample_case};
+use crate::serve::{Reply, ServerProcess, Setup, multipart, multipart_type, request, sample_case};
 use crate::util::{assert_clean_refusal, run_measured, vm_hwm};
 
 /// Most memory `oxbox preprocess` may reach on any bomb.
@@ -622,14 +622,7 @@ fn the_server_survives_32_concurrent_bomb_uploads_and_serves_a_good_request() {
             .collect();
         storm_started.wait();
         std::thread::sleep(Duration::from_millis(20));
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let reply = loop {
-            let reply = request(addr, "POST", "/v1/predict", &headers, &good);
-            if reply.status != 503 || Instant::now() > deadline {
-                break reply;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let reply = predict_retrying_while_busy(addr, &headers, &good);
         good_answered.store(true, Ordering::SeqCst);
         assert_eq!(
             reply.status,
@@ -731,14 +724,7 @@ fn deflated_uploads_under_the_inflation_cap_are_admitted_by_their_inflated_size(
             .collect();
         started.wait();
         std::thread::sleep(Duration::from_millis(50));
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let reply = loop {
-            let reply = request(addr, "POST", "/v1/predict", &headers, &good);
-            if reply.status != 503 || Instant::now() > deadline {
-                break reply;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let reply = predict_retrying_while_busy(addr, &headers, &good);
         good_answered.store(true, Ordering::SeqCst);
         assert_eq!(
             reply.status,
@@ -782,4 +768,21 @@ fn deflated_uploads_under_the_inflation_cap_are_admitted_by_their_inflated_size(
         mib(peak),
         mib(SERVER_RSS_LIMIT)
     );
+}
+
+/// The good prediction sent during a storm: retried while the server
+/// answers 503 (every slot busy), for at most two minutes.
+fn predict_retrying_while_busy(
+    addr: std::net::SocketAddr,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Reply {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let reply = request(addr, "POST", "/v1/predict", headers, body);
+        if reply.status != 503 || Instant::now() > deadline {
+            return reply;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
