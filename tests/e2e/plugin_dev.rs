@@ -1,13 +1,16 @@
 //! A plugin author's flow, as plugins/README.md tells it: `oxbox plugin new`,
 //! the scaffold's own unit test (which catches a misspelt unit), the
-//! per-plugin build (`scripts/build-plugins.sh NAME`), `plugin run`; and the
-//! author-facing refusals: a bad or existing plugin name, a second `keys
+//! per-plugin build (`scripts/build-plugins.sh NAME`), `plugin run`; then
+//! sign, deploy, `config check`, predict, serve, change, re-sign, reload and
+//! tamper; and the author-facing refusals: a bad or existing plugin name, a second `keys
 //! generate`, and the modes of packed files.
 
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
+use crate::serve::{ServerProcess, multipart, multipart_type, request};
 use crate::util::{assert_clean_refusal, oxbox, repo_root, stderr};
 
 /// Copies `from` into `to` recursively (plain files and folders only).
@@ -70,6 +73,7 @@ fn run_in(cwd: &Path, home: &Path, program: &Path, args: &[&str]) -> Output {
         .current_dir(cwd)
         .env("HOME", home)
         .env_remove("XDG_CACHE_HOME")
+        .env_remove("XDG_DATA_HOME")
         .env_remove("OXBOX_CONFIG")
         .env_remove("RUST_LOG")
         .env("PATH", std::env::join_paths(paths).expect("PATH"))
@@ -91,7 +95,7 @@ fn cargo() -> PathBuf {
 }
 
 #[test]
-fn new_plugin_is_scaffolded_tested_built_and_run() {
+fn a_new_plugin_goes_from_scaffold_to_a_reloaded_signed_deployment() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (root, home) = (tmp.path().join("repo"), tmp.path().join("home"));
     checkout(&root);
@@ -222,6 +226,291 @@ fn new_plugin_is_scaffolded_tested_built_and_run() {
     // Its compile cache went to the per-user cache, not ./oxbox-data.
     assert!(!root.join("oxbox-data").exists(), "created oxbox-data/");
     assert!(home.join(".cache/oxbox/plugin-cache").is_dir());
+
+    deploy_serve_change_reload_and_tamper(&root, &home);
+}
+
+/// The rest of the engineer's day, continuing from a built `e2e-site`:
+/// pack and sign in one step, deploy under a config that requires
+/// signatures, `config check`, predict, serve; change the plugin, re-sign,
+/// redeploy, reload (old → new in the log); then a tampered deployment is
+/// refused by `config check` and by the reload, and the box keeps serving
+/// the last good plugin.
+fn deploy_serve_change_reload_and_tamper(root: &Path, home: &Path) {
+    let keys = home.join("keys");
+    let out = run_in(
+        root,
+        home,
+        &oxbox(),
+        &["keys", "generate", "--out", keys.to_str().expect("utf-8")],
+    );
+    assert!(out.status.success(), "keys generate: {}", stderr(&out));
+    let key = keys.join("signing-key.pk8");
+    let public = std::fs::read_to_string(keys.join("signing-key.pub")).expect("public key");
+    let public = public.trim();
+
+    // Pack and sign in one step.
+    let build_and_sign = || {
+        let script = root.join("scripts/build-plugins.sh");
+        let out = run_in(
+            root,
+            home,
+            Path::new("bash"),
+            &[
+                script.to_str().expect("utf-8"),
+                "e2e-site",
+                "--sign-key",
+                key.to_str().expect("utf-8"),
+            ],
+        );
+        assert!(out.status.success(), "build-plugins.sh: {}", stderr(&out));
+        let dist = root.join("plugins/dist/e2e-site");
+        assert!(dist.join("plugin.toml.sig").is_file(), "not signed");
+        assert_eq!(mode(&dist.join("plugin.toml.sig")), 0o644);
+        dist
+    };
+    let dist = build_and_sign();
+
+    // Signed by a key this (default) config does not trust, with
+    // signatures optional: the developer's own check works, with a warning
+    // that names the key — not a "does not verify" error.
+    let manifest = dist.join("plugin.toml");
+    let out = run_in(
+        root,
+        home,
+        &oxbox(),
+        &["plugin", "check", manifest.to_str().expect("utf-8")],
+    );
+    assert!(out.status.success(), "plugin check: {}", stderr(&out));
+    let check: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(check["signature"]["status"], "untrusted-key", "{check}");
+    assert_eq!(check["signature"]["key"], public, "{check}");
+
+    // Deploy: the packed folder under /etc-like path, a config that trusts
+    // the key and requires signatures, a model, a token for the admin route.
+    let etc = home.join("etc");
+    let deployed = etc.join("plugins/e2e-site");
+    let deploy = |dist: &Path| {
+        std::fs::create_dir_all(&deployed).expect("mkdir");
+        for file in ["plugin.toml", "plugin.toml.sig", "e2e-site.wasm"] {
+            std::fs::copy(dist.join(file), deployed.join(file)).expect("deploy");
+        }
+    };
+    deploy(&dist);
+    let model = home.join("model");
+    let out = run_in(
+        root,
+        home,
+        &oxbox(),
+        &[
+            "model",
+            "init",
+            "--out",
+            model.to_str().expect("utf-8"),
+            "--backbone",
+            "tiny",
+            "--seed",
+            "3",
+        ],
+    );
+    assert!(out.status.success(), "model init: {}", stderr(&out));
+    let token = "5d41402abc4b2a76b9719d911017c592aaf4b2d3b1c65f5e1d8c4f1e2a3b4c5d";
+    let token_file = etc.join("token");
+    std::fs::write(&token_file, format!("{token}\n")).expect("token");
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let config = etc.join("oxbox.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[site]\nid = \"e2e\"\nname = \"E2E General\"\n\
+             [server]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\nreload_min_interval_s = 0\n\
+             [storage]\ndata_dir = \"{}\"\n[model]\npackage = \"{}\"\n\
+             [sandbox]\nrequire_signed_plugins = true\ntrusted_plugin_keys = [\"{public}\"]\n\
+             [[plugins]]\npath = \"{}\"\n",
+            token_file.display(),
+            home.join("var/oxbox").display(),
+            model.display(),
+            deployed.join("plugin.toml").display(),
+        ),
+    )
+    .expect("config");
+    let config = config.to_str().expect("utf-8");
+    let config_check = || {
+        run_in(
+            root,
+            home,
+            &oxbox(),
+            &["--config", config, "config", "check"],
+        )
+    };
+    let out = config_check();
+    assert!(out.status.success(), "config check: {}", stderr(&out));
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    assert!(
+        said.contains("e2e-site") && said.contains("verified"),
+        "config check does not report the plugin it loaded: {said}"
+    );
+
+    // Predict from the command line.
+    let dicom = repo_root().join("samples/chest-cr-sample.dcm");
+    let record = repo_root().join("samples/example-site-record.json");
+    let out = run_in(
+        root,
+        home,
+        &oxbox(),
+        &[
+            "--config",
+            config,
+            "predict",
+            "--dicom",
+            dicom.to_str().expect("utf-8"),
+            "--emr",
+            record.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(out.status.success(), "predict: {}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(
+        report["plugins"],
+        serde_json::json!([{"name": "e2e-site", "version": "0.1.0"}])
+    );
+
+    // Serve it, logging to a file the test reads.
+    let log_path = home.join("serve.log");
+    let mut child = Command::new(oxbox())
+        .args(["--config", config, "serve"])
+        .current_dir(root)
+        .env("HOME", home)
+        .env_remove("OXBOX_CONFIG")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log_path).expect("log file"))
+        .spawn()
+        .expect("spawn oxbox serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("listening line");
+    let addr = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .expect("address");
+    let server = ServerProcess { child, addr };
+    let case = multipart(&[
+        (
+            "dicom",
+            "application/dicom",
+            &std::fs::read(&dicom).expect("dicom"),
+        ),
+        (
+            "emr",
+            "application/json",
+            &std::fs::read(&record).expect("record"),
+        ),
+    ]);
+    let content_type = multipart_type();
+    let predict = || {
+        let reply = request(
+            server.addr,
+            "POST",
+            "/v1/predict",
+            &[("Content-Type", &content_type)],
+            &case,
+        );
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        reply.json()["plugins"][0]["version"]
+            .as_str()
+            .expect("plugin version")
+            .to_owned()
+    };
+    assert_eq!(predict(), "0.1.0");
+
+    // Change the plugin (a new version), rebuild, re-sign, redeploy, reload.
+    let cargo_toml = root.join("plugins/e2e-site/Cargo.toml");
+    let text = std::fs::read_to_string(&cargo_toml).expect("Cargo.toml");
+    std::fs::write(
+        &cargo_toml,
+        text.replacen("\nversion = \"0.1.0\"\n", "\nversion = \"0.2.0\"\n", 1),
+    )
+    .expect("bump version");
+    let dist = build_and_sign();
+    deploy(&dist);
+    let out = config_check();
+    assert!(
+        out.status.success(),
+        "config check after the change: {}",
+        stderr(&out)
+    );
+    let new_sha256 = sha256_of_manifest(&deployed.join("plugin.toml"));
+    let authorization = format!("Bearer {token}");
+    let reload = || {
+        request(
+            server.addr,
+            "POST",
+            "/v1/admin/plugins/reload",
+            &[("Authorization", &authorization)],
+            b"",
+        )
+    };
+    let reply = reload();
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(predict(), "0.2.0");
+    let log = std::fs::read_to_string(&log_path).expect("server log");
+    assert!(
+        log.lines().any(|l| l.contains("e2e-site")
+            && l.contains("0.1.0")
+            && l.contains("0.2.0")
+            && l.contains(&new_sha256)),
+        "the reload did not log old → new with the sha256:\n{log}"
+    );
+
+    // Tamper with the deployed component (the manifest's sha256 made to
+    // match, as an intruder would): the signature no longer verifies.
+    let wasm = deployed.join("e2e-site.wasm");
+    let mut bytes = std::fs::read(&wasm).expect("wasm");
+    bytes.extend_from_slice(b"\0");
+    std::fs::write(&wasm, &bytes).expect("tamper");
+    let manifest_text = std::fs::read_to_string(deployed.join("plugin.toml")).expect("manifest");
+    let tampered_sha = oxbox::plugins::manifest::sha256_hex(&bytes);
+    std::fs::write(
+        deployed.join("plugin.toml"),
+        manifest_text.replace(&new_sha256, &tampered_sha),
+    )
+    .expect("tamper manifest");
+    let out = config_check();
+    let line = assert_clean_refusal(&out, "config check of a tampered plugin");
+    assert!(
+        line.contains("e2e-site") && line.contains("tampered"),
+        "{line}"
+    );
+    let reply = reload();
+    assert_eq!(
+        reply.status,
+        422,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    // The last good plugin keeps serving.
+    assert_eq!(predict(), "0.2.0");
+}
+
+/// The `sha256` a plugin manifest pins.
+fn sha256_of_manifest(path: &Path) -> String {
+    let manifest: toml::Table =
+        toml::from_str(&std::fs::read_to_string(path).expect("manifest")).expect("TOML");
+    manifest["sha256"].as_str().expect("sha256").to_owned()
 }
 
 #[test]
