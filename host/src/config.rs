@@ -425,7 +425,8 @@ impl SandboxConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginEntry {
-    /// `path = "plugins/example-site/plugin.toml"`: the plugin's manifest.
+    /// `path = "plugins/dist/example-site/plugin.toml"`: the plugin's packed
+    /// manifest (`scripts/build-plugins.sh` writes it).
     pub path: PathBuf,
 }
 

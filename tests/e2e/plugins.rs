@@ -712,3 +712,78 @@ fn plugin_sets_chain_and_reload_atomically() {
     assert!(registry.reload().is_err());
     assert_eq!(registry.current().plugins().len(), 2);
 }
+
+#[test]
+fn serve_logs_untrusted_signers_at_start_and_reload_and_lists_their_status() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::Stdio;
+
+    use crate::serve::{Setup, assert_conforms, openapi, request, wait_for_admin_events};
+
+    let setup = Setup::new("listen = \"127.0.0.1:0\"");
+    let public = generate_key(&setup.dir.path().join("keys"));
+    let manifest = example_site_copy(&setup.dir.path().join("example-site"));
+    sign(&manifest, &setup.dir.path().join("keys/signing-key.pk8"));
+    // The config trusts no key and signatures are optional.
+    let text = std::fs::read_to_string(&setup.config).expect("config");
+    let packed = dist("example-site").display().to_string();
+    assert!(text.contains(&packed), "{text}");
+    std::fs::write(
+        &setup.config,
+        text.replace(&packed, &manifest.display().to_string()),
+    )
+    .expect("config");
+
+    let mut child = crate::util::oxbox_command()
+        .args([
+            "--config".as_ref(),
+            setup.config.as_os_str(),
+            "serve".as_ref(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn oxbox serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("the listening line");
+    let addr: std::net::SocketAddr = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .expect("address");
+    let reply = request(addr, "GET", "/v1/plugins", &[], b"");
+    assert_eq!(reply.status, 200);
+    assert_conforms(&openapi(), "GET", "/v1/plugins", &reply);
+    let plugin = reply.json()["plugins"][0].clone();
+    assert_eq!(
+        plugin["signature"],
+        serde_json::json!({"status": "untrusted-key", "key": public})
+    );
+    assert_eq!(plugin["signed_by"], serde_json::Value::Null);
+
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .expect("kill -HUP");
+    assert!(hup.success());
+    assert_eq!(wait_for_admin_events(&setup, 1)[0].outcome, "ok");
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(term.success());
+    let mut log = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut log)
+        .expect("read the log");
+    assert!(child.wait().expect("wait").success(), "{log}");
+    // Logged when the set was loaded at start and again on the reload.
+    let warning = format!("plugin example-site is signed by key {public}");
+    assert_eq!(log.matches(&warning).count(), 2, "{log}");
+}
