@@ -75,8 +75,7 @@ pub struct RunArgs {
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:\n  \
 oxbox plugin pack plugins/target/wasm32-wasip2/release/oxbox_plugin_my_site.wasm --out plugins/dist/my-site\n  \
-oxbox plugin pack plugins/target/wasm32-wasip2/release/oxbox_plugin_my_site.wasm --out plugins/dist/my-site \\\n      \
---sign-key keys/signing-key.pk8\n\n\
+oxbox plugin pack my_site.wasm --out dist/my-site --sign-key keys/signing-key.pk8\n\n\
 (cargo writes crate oxbox-plugin-my-site to plugins/target/wasm32-wasip2/release/\
 oxbox_plugin_my_site.wasm; scripts/build-plugins.sh my-site builds and packs in one step.) \
 Checks the component, asks it to describe itself, and writes DIR/<name>.wasm and \
