@@ -2,11 +2,14 @@
 # Builds the site plugins of the plugins/ workspace for wasm32-wasip2 and packs
 # each into plugins/dist/<folder>/ (component + plugin.toml) with the host's
 # `oxbox plugin pack`.
-#   scripts/build-plugins.sh [NAME] [--guests]
+#   scripts/build-plugins.sh [NAME] [--sign-key KEY.pk8] [--guests]
 # NAME: one plugin (its folder under plugins/, e.g. `my-site`, or its crate
 # name): build and pack just that one. Without NAME: every member of
 # plugins/Cargo.toml that is a plugin (a cdylib crate; `emr-schema` is a
 # library), found with `cargo metadata`, nothing hard-coded.
+# --sign-key KEY.pk8: also sign each packed manifest with this private key
+# (`oxbox plugin pack --sign-key`; from `oxbox keys generate`). Without it,
+# packing removes an old plugin.toml.sig: a new manifest needs a new signature.
 # --guests: also build the hostile test plugins (tests/guests/, for the tests).
 #
 # The host is never built here: packing uses target/release/oxbox, else
@@ -16,18 +19,30 @@
 # added (`oxbox plugin new`), the lock is first updated for the workspace's
 # own crates (`cargo update --workspace`) and the script says so.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+usage="usage: scripts/build-plugins.sh [NAME] [--sign-key KEY.pk8] [--guests]"
 
-name="" guests=0
-for arg in "$@"; do
-  case "$arg" in
+name="" guests=0 sign_key=""
+while [ $# -gt 0 ]; do
+  case "$1" in
     --guests) guests=1 ;;
     --no-guests) guests=0 ;;
-    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    -*) echo "error: unknown option $arg (usage: scripts/build-plugins.sh [NAME] [--guests])" >&2; exit 2 ;;
-    *) [ -z "$name" ] || { echo "error: one plugin name at most" >&2; exit 2; }; name=$arg ;;
+    --sign-key|--sign-key=*)
+      if [ "$1" = --sign-key ]; then
+        [ $# -ge 2 ] || { echo "error: --sign-key needs a key file ($usage)" >&2; exit 2; }
+        sign_key=$2; shift
+      else
+        sign_key=${1#--sign-key=}
+      fi
+      [ -f "$sign_key" ] || { echo "error: --sign-key $sign_key: no such file" >&2; exit 2; }
+      # The script works from the repository root: make the path absolute.
+      sign_key=$(cd "$(dirname "$sign_key")" && pwd)/$(basename "$sign_key") ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+    -*) echo "error: unknown option $1 ($usage)" >&2; exit 2 ;;
+    *) [ -z "$name" ] || { echo "error: one plugin name at most" >&2; exit 2; }; name=$1 ;;
   esac
+  shift
 done
+cd "$(dirname "$0")/.."
 
 if [ -x ./target/release/oxbox ]; then
   oxbox=./target/release/oxbox
@@ -81,7 +96,9 @@ printf '[site]\nid = "build"\nname = "plugin build"\n[storage]\ndata_dir = "%s"\
 for p in "${plugins[@]}"; do
   folder=${p%%:*} crate=${p#*:}
   wasm="${CARGO_TARGET_DIR:-plugins/target}/wasm32-wasip2/release/${crate//-/_}.wasm"
-  "$oxbox" --config "$scratch/oxbox.toml" plugin pack "$wasm" --out "plugins/dist/$folder" >/dev/null
+  sign=()
+  [ -z "$sign_key" ] || sign=(--sign-key "$sign_key")
+  "$oxbox" --config "$scratch/oxbox.toml" plugin pack "$wasm" --out "plugins/dist/$folder" ${sign[@]+"${sign[@]}"} >/dev/null
   echo "plugins/dist/$folder/plugin.toml"
 done
 if [ "$guests" = 1 ]; then

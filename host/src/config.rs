@@ -54,6 +54,64 @@ pub enum ConfigError {
         /// Each problem, naming the key and how to fix it.
         problems: Vec<String>,
     },
+    /// The embedded default keeps its state in the per-user data directory,
+    /// and there is none to be found.
+    #[error(
+        "{EMBEDDED_NAME}: no per-user data directory for storage.data_dir (neither XDG_DATA_HOME \
+         nor HOME is set to an absolute path): pass --config FILE naming [storage] data_dir"
+    )]
+    NoUserDataDir,
+}
+
+/// A per-user folder of oxbox, found from the environment as the XDG Base
+/// Directory specification says (relative values are ignored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserDir {
+    /// `$XDG_DATA_HOME/oxbox`, else `$HOME/.local/share/oxbox`: the state
+    /// of commands run without `--config` (audit log, plugin cache, the
+    /// demo model).
+    Data,
+    /// `$XDG_CACHE_HOME/oxbox`, else `$HOME/.cache/oxbox`: what the plugin
+    /// tools keep (compiled components), safe to delete.
+    Cache,
+}
+
+impl UserDir {
+    /// The folder, from the environment; `None` when neither variable is
+    /// set to an absolute path.
+    pub fn locate(self) -> Option<PathBuf> {
+        let (xdg, _) = self.names();
+        self.locate_in(std::env::var_os(xdg), std::env::var_os("HOME"))
+    }
+
+    /// The variable that names it and its place under `$HOME`.
+    fn names(self) -> (&'static str, &'static [&'static str]) {
+        match self {
+            UserDir::Data => ("XDG_DATA_HOME", &[".local", "share"]),
+            UserDir::Cache => ("XDG_CACHE_HOME", &[".cache"]),
+        }
+    }
+
+    /// [`UserDir::locate`] from given values of the XDG variable and HOME.
+    fn locate_in(
+        self,
+        xdg: Option<std::ffi::OsString>,
+        home: Option<std::ffi::OsString>,
+    ) -> Option<PathBuf> {
+        let absolute = |value: Option<std::ffi::OsString>| {
+            value.map(PathBuf::from).filter(|p| p.is_absolute())
+        };
+        let (_, under_home) = self.names();
+        if let Some(base) = absolute(xdg) {
+            return Some(base.join("oxbox"));
+        }
+        absolute(home).map(|home| {
+            under_home
+                .iter()
+                .fold(home, |p, part| p.join(part))
+                .join("oxbox")
+        })
+    }
 }
 
 /// The validated configuration of one box.
@@ -190,7 +248,9 @@ impl Default for ServerConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
-    /// `data_dir = "/var/lib/oxbox"`: the box's state directory.
+    /// `data_dir = "/var/lib/oxbox"`: the box's state directory (relative:
+    /// to the config file's folder; the embedded default uses
+    /// [`UserDir::Data`]).
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
 }
@@ -365,7 +425,8 @@ impl SandboxConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginEntry {
-    /// `path = "plugins/example-site/plugin.toml"`: the plugin's manifest.
+    /// `path = "plugins/dist/example-site/plugin.toml"`: the plugin's packed
+    /// manifest (`scripts/build-plugins.sh` writes it).
     pub path: PathBuf,
 }
 
@@ -403,6 +464,8 @@ impl LoadedConfig {
     /// [`ConfigError::Read`] when the file cannot be read, [`ConfigError::Parse`]
     /// for syntax, unknown keys and wrong types, [`ConfigError::Invalid`] for
     /// values that parse but are not acceptable.
+    /// The embedded default's `storage.data_dir` is the per-user data
+    /// folder ([`UserDir::Data`]); [`ConfigError::NoUserDataDir`] without one.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         match path {
             None => Self::from_toml(EMBEDDED_DEFAULT, ConfigSource::Embedded),
@@ -421,11 +484,36 @@ impl LoadedConfig {
     /// # Errors
     /// As [`LoadedConfig::load`], without the read step.
     pub fn from_toml(text: &str, source: ConfigSource) -> Result<Self, ConfigError> {
+        Self::build(text, source, || {
+            UserDir::Data.locate().ok_or(ConfigError::NoUserDataDir)
+        })
+    }
+
+    /// The embedded default with its `storage.data_dir` set to `data_dir`
+    /// instead of the per-user data folder (the plugin tools keep only a
+    /// compile cache, in [`UserDir::Cache`]).
+    ///
+    /// # Errors
+    /// As [`LoadedConfig::load`].
+    pub fn embedded_with_data_dir(data_dir: PathBuf) -> Result<Self, ConfigError> {
+        Self::build(EMBEDDED_DEFAULT, ConfigSource::Embedded, || Ok(data_dir))
+    }
+
+    /// Parses, resolves and validates; `embedded_data_dir` gives the
+    /// embedded default's data dir.
+    fn build(
+        text: &str,
+        source: ConfigSource,
+        embedded_data_dir: impl FnOnce() -> Result<PathBuf, ConfigError>,
+    ) -> Result<Self, ConfigError> {
         let origin = source.to_string();
         let mut config: Config =
             toml::from_str(text).map_err(|e| parse_error(&origin, text, &e))?;
         let base = match &source {
-            ConfigSource::Embedded => None,
+            ConfigSource::Embedded => {
+                config.storage.data_dir = embedded_data_dir()?;
+                None
+            }
             ConfigSource::File(p) => p.parent().map(Path::to_path_buf),
         };
         config.resolve_paths(base.as_deref());
@@ -777,6 +865,40 @@ mod tests {
             .to_string();
         assert!(err.contains("server.max_concurrent_requests = 33"), "{err}");
         assert!(err.contains("plugin sandboxes"), "{err}");
+    }
+
+    #[test]
+    fn user_dirs_follow_xdg_then_home() {
+        let os = |s: &str| Some(std::ffi::OsString::from(s));
+        assert_eq!(
+            UserDir::Data.locate_in(os("/x/data"), os("/home/u")),
+            Some(PathBuf::from("/x/data/oxbox"))
+        );
+        assert_eq!(
+            UserDir::Data.locate_in(None, os("/home/u")),
+            Some(PathBuf::from("/home/u/.local/share/oxbox"))
+        );
+        // A relative XDG value is ignored, as the specification says.
+        assert_eq!(
+            UserDir::Cache.locate_in(os("rel"), os("/home/u")),
+            Some(PathBuf::from("/home/u/.cache/oxbox"))
+        );
+        assert_eq!(UserDir::Cache.locate_in(os("rel"), os("home")), None);
+        assert_eq!(UserDir::Data.locate_in(None, None), None);
+    }
+
+    #[test]
+    fn embedded_default_keeps_state_in_the_user_data_dir() {
+        let loaded = LoadedConfig::load(None).expect("embedded default");
+        assert_eq!(Some(loaded.config.storage.data_dir), UserDir::Data.locate());
+        let moved = LoadedConfig::embedded_with_data_dir(PathBuf::from("/tmp/c")).expect("ok");
+        assert_eq!(moved.config.storage.data_dir, PathBuf::from("/tmp/c"));
+        // A file without data_dir still keeps it beside the file.
+        let file = from("[site]\nid = \"a\"\nname = \"b\"\n").expect("valid");
+        assert_eq!(
+            file.config.storage.data_dir,
+            PathBuf::from("/etc/oxbox/oxbox-data")
+        );
     }
 
     #[test]

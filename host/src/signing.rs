@@ -92,6 +92,20 @@ impl SigningKey {
         hex::encode(self.pair.public_key().as_ref())
     }
 
+    /// The public key.
+    pub fn public_key(&self) -> [u8; 32] {
+        let mut key = [0u8; 32];
+        key.copy_from_slice(self.pair.public_key().as_ref());
+        key
+    }
+
+    /// A detached signature over `message`.
+    pub fn sign(&self, message: &[u8]) -> [u8; 64] {
+        let mut signature = [0u8; 64];
+        signature.copy_from_slice(self.pair.sign(message).as_ref());
+        signature
+    }
+
     /// A detached signature over `message`, hex.
     pub fn sign_hex(&self, message: &[u8]) -> String {
         hex::encode(self.pair.sign(message).as_ref())
@@ -144,6 +158,24 @@ pub fn parse_public_key(text: &str) -> Result<[u8; 32], SigningError> {
         .map_err(|_| SigningError::BadHex { what: "public key" })
 }
 
+/// Parses a hex Ed25519 signature (64 bytes).
+///
+/// # Errors
+/// [`SigningError::BadHex`].
+pub fn parse_signature(text: &str) -> Result<[u8; 64], SigningError> {
+    let bytes = hex::decode(text.trim()).map_err(|_| SigningError::BadHex { what: "signature" })?;
+    bytes
+        .try_into()
+        .map_err(|_| SigningError::BadHex { what: "signature" })
+}
+
+/// Whether `signature` over `message` verifies under the public key `key`.
+pub fn verifies(message: &[u8], signature: &[u8; 64], key: &[u8; 32]) -> bool {
+    UnparsedPublicKey::new(&ED25519, key)
+        .verify(message, signature)
+        .is_ok()
+}
+
 /// Verifies a hex signature over `message` against any of `trusted` keys;
 /// returns the index of the key that verified.
 ///
@@ -154,18 +186,10 @@ pub fn verify_any(
     signature_hex: &str,
     trusted: &[[u8; 32]],
 ) -> Result<usize, SigningError> {
-    let signature = hex::decode(signature_hex.trim())
-        .map_err(|_| SigningError::BadHex { what: "signature" })?;
-    if signature.len() != 64 {
-        return Err(SigningError::BadHex { what: "signature" });
-    }
+    let signature = parse_signature(signature_hex)?;
     trusted
         .iter()
-        .position(|key| {
-            UnparsedPublicKey::new(&ED25519, key)
-                .verify(message, &signature)
-                .is_ok()
-        })
+        .position(|key| verifies(message, &signature, key))
         .ok_or(SigningError::Untrusted {
             trusted: trusted.len(),
         })

@@ -4,12 +4,12 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 
 use dicom_dictionary_std::tags;
 use dicom_object::open_file;
 
-use crate::util::{assert_clean_refusal, corpus_file, oxbox, run};
+use crate::util::{assert_clean_refusal, corpus_file, run};
 
 /// Runs `oxbox preprocess` on `input` with an optional config file, expects a
 /// clean refusal whose message contains `cause`, and no output file.
@@ -323,7 +323,7 @@ fn errors_never_carry_patient_identifiers() {
 /// Runs `oxbox preprocess --dicom /dev/stdin` with `bytes` written to its
 /// stdin through a pipe (not seekable, no length), and `config` if given.
 fn preprocess_from_pipe(bytes: Vec<u8>, config: Option<&Path>, out: &Path) -> Output {
-    let mut command = Command::new(oxbox());
+    let mut command = crate::util::oxbox_command();
     command
         .args(["preprocess", "--dicom", "/dev/stdin", "--out"])
         .arg(out)

@@ -48,6 +48,84 @@ fn config_check_prints_the_effective_default() {
 }
 
 #[test]
+fn commands_without_config_keep_state_in_the_user_data_dir() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (cwd, home, xdg) = (
+        tmp.path().join("cwd"),
+        tmp.path().join("home"),
+        tmp.path().join("xdg-data"),
+    );
+    for dir in [&cwd, &home] {
+        std::fs::create_dir_all(dir).expect("mkdir");
+    }
+    let record = cwd.join("record.json");
+    std::fs::write(&record, r#"{"age_years": 64, "spo2_pct": 92, "sex": 1}"#).expect("record");
+    let dicom = crate::util::repo_root().join("samples/chest-cr-sample.dcm");
+    let oxbox = |args: &[&std::ffi::OsStr], xdg_data: Option<&std::path::Path>| {
+        let mut command = crate::util::oxbox_command();
+        command
+            .args(args)
+            .current_dir(&cwd)
+            .env("HOME", &home)
+            .env_remove("XDG_DATA_HOME");
+        if let Some(dir) = xdg_data {
+            command.env("XDG_DATA_HOME", dir);
+        }
+        command.output().expect("run oxbox")
+    };
+    // predict with the embedded default: the demo model and the audit log
+    // go to $XDG_DATA_HOME/oxbox.
+    let out = oxbox(
+        &[
+            "predict".as_ref(),
+            "--dicom".as_ref(),
+            dicom.as_os_str(),
+            "--emr".as_ref(),
+            record.as_os_str(),
+        ],
+        Some(&xdg),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(xdg.join("oxbox/audit.sqlite3").is_file());
+    assert!(xdg.join("oxbox/models").is_dir());
+    let out = oxbox(&["audit".as_ref(), "tail".as_ref()], Some(&xdg));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
+    // Without XDG_DATA_HOME: ~/.local/share/oxbox.
+    let out = oxbox(&["audit".as_ref(), "tail".as_ref()], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(home.join(".local/share/oxbox/audit.sqlite3").is_file());
+    let out = oxbox(&["config".as_ref(), "check".as_ref()], None);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let want = format!(
+        "data_dir = \"{}\"",
+        home.join(".local/share/oxbox").display()
+    );
+    assert!(text.contains(&want), "{text}");
+    // Nothing in the working directory, ever.
+    let entries: Vec<_> = std::fs::read_dir(&cwd)
+        .expect("read_dir")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(entries, ["record.json"]);
+    // Neither variable: a clear refusal asking for --config.
+    let mut command = crate::util::oxbox_command();
+    let out = command
+        .args(["audit", "tail"])
+        .current_dir(&cwd)
+        .env_remove("HOME")
+        .env_remove("XDG_DATA_HOME")
+        .output()
+        .expect("run oxbox");
+    let line = crate::util::assert_clean_refusal(&out, "no HOME");
+    assert!(
+        line.contains("no per-user data directory") && line.contains("--config"),
+        "{line}"
+    );
+    assert!(!cwd.join("oxbox-data").exists());
+}
+
+#[test]
 fn config_errors_name_file_line_and_key() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let path = tmp.path().join("bad.toml");

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::serve::{ServerProcess, multipart, multipart_type, request};
 use crate::serve_limits::square_image;
-use crate::util::{oxbox, repo_root, run, run_measured, stderr};
+use crate::util::{repo_root, run, run_measured, stderr};
 
 /// A hostile guest component (tests/guests/, built by
 /// scripts/build-plugins.sh).
@@ -184,7 +184,7 @@ fn plugin_log_lines_are_escaped_prefixed_and_capped() {
     let config = write_config(dir.path(), "", "", None, &[]);
     let record = dir.path().join("record.json");
     std::fs::write(&record, br#"{"AGE": 70}"#).expect("record");
-    let out = Command::new(oxbox())
+    let out = crate::util::oxbox_command()
         .args([
             "--config".as_ref(),
             config.as_os_str(),

@@ -59,8 +59,8 @@ fn checkout(dir: &Path) {
     .expect("copy toolchain pin");
 }
 
-/// Runs `program` in `cwd` with HOME in `home` (so a per-user cache lands
-/// there), no OXBOX_CONFIG, the oxbox under test first on PATH, and the
+/// Runs `program` in `cwd` with HOME in `home` (so the per-user data and
+/// cache folders land there), no OXBOX_CONFIG, the oxbox under test first on PATH, and the
 /// plugins' build cache shared with the repository's (only the new crate
 /// is compiled).
 fn run_in(cwd: &Path, home: &Path, program: &Path, args: &[&str]) -> Output {
@@ -127,14 +127,32 @@ fn a_new_plugin_goes_from_scaffold_to_a_reloaded_signed_deployment() {
         "{manifest}"
     );
 
-    // The per-plugin build: updates the lock for the new member, builds and
-    // packs only this plugin, and never the host.
+    // The per-plugin build: updates the lock for the new member, builds,
+    // packs and signs (a key path relative to the caller's folder) only this
+    // plugin, and never the host.
+    let out = run_in(
+        &root,
+        &home,
+        &oxbox(),
+        &["keys", "generate", "--out", "keys"],
+    );
+    assert!(out.status.success(), "keys generate: {}", stderr(&out));
+    let generated: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let public = generated["public_key"]
+        .as_str()
+        .expect("public key")
+        .to_owned();
     let script = root.join("scripts/build-plugins.sh");
     let out = run_in(
         &root,
         &home,
         Path::new("bash"),
-        &[script.to_str().expect("utf-8"), "e2e-site"],
+        &[
+            script.to_str().expect("utf-8"),
+            "e2e-site",
+            "--sign-key",
+            "keys/signing-key.pk8",
+        ],
     );
     assert!(out.status.success(), "build-plugins.sh: {}", stderr(&out));
     assert!(
@@ -160,6 +178,12 @@ fn a_new_plugin_goes_from_scaffold_to_a_reloaded_signed_deployment() {
     );
     assert_eq!(mode(&dist.join("plugin.toml")), 0o644);
     assert_eq!(mode(&dist.join("e2e-site.wasm")), 0o644);
+    assert_eq!(mode(&dist.join("plugin.toml.sig")), 0o644);
+    let signature = std::fs::read_to_string(dist.join("plugin.toml.sig")).expect("signature");
+    assert!(
+        signature.starts_with(&format!("ed25519 {public} ")),
+        "{signature}"
+    );
 
     // The scaffold's unit test runs on the build machine (no wasm) and passes…
     let manifest_path = root.join("plugins/Cargo.toml");
@@ -214,6 +238,17 @@ fn a_new_plugin_goes_from_scaffold_to_a_reloaded_signed_deployment() {
         ],
     );
     assert!(out.status.success(), "plugin run: {}", stderr(&out));
+    // Signed by a key the embedded default does not trust, signatures
+    // optional: it runs, with one warning naming the key.
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "warning: plugin e2e-site is signed by key {public}, which \
+             sandbox.trusted_plugin_keys does not list: loaded because signatures are \
+             optional here; add the key to trusted_plugin_keys to trust it (with \
+             require_signed_plugins it is refused)\n"
+        )
+    );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(report["plugin"]["name"], "e2e-site");
     assert_eq!(report["plugin"]["version"], "0.1.0");

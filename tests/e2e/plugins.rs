@@ -57,7 +57,7 @@ fn plugin_run(
         record.as_os_str(),
     ];
     args.extend_from_slice(extra);
-    std::process::Command::new(crate::util::oxbox())
+    crate::util::oxbox_command()
         .args(&args)
         .env_remove("OXBOX_CONFIG")
         .output()
@@ -270,22 +270,72 @@ fn tampered_cache_artifacts_are_never_loaded() {
     );
 }
 
-#[test]
-fn signed_plugins_and_trust() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let keys = tmp.path().join("keys");
+/// Generates a key pair into `dir`; returns its public key (hex).
+fn generate_key(dir: &Path) -> String {
     let out = run(&[
         "keys".as_ref(),
         "generate".as_ref(),
         "--out".as_ref(),
-        keys.as_os_str(),
+        dir.as_os_str(),
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let generated: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    let public = generated["public_key"]
+    generated["public_key"]
         .as_str()
         .expect("public key")
-        .to_owned();
+        .to_owned()
+}
+
+/// A private copy of the example site's packed folder, to sign and tamper
+/// with; returns its manifest.
+fn example_site_copy(dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    for name in ["plugin.toml", "example-site.wasm"] {
+        std::fs::copy(dist("example-site").with_file_name(name), dir.join(name)).expect("copy");
+    }
+    dir.join("plugin.toml")
+}
+
+/// A config file `name` in `dir` (data dir `dir/data`) with `sandbox` as
+/// its `[sandbox]` table and `plugins` as `[[plugins]]` entries.
+fn config_named(dir: &Path, name: &str, sandbox: &str, plugins: &[&Path]) -> PathBuf {
+    let path = dir.join(name);
+    let mut text = format!(
+        "[site]\nid = \"test\"\nname = \"test site\"\n[storage]\ndata_dir = \"{}\"\n[sandbox]\n{sandbox}\n",
+        dir.join("data").display()
+    );
+    for plugin in plugins {
+        text.push_str(&format!("[[plugins]]\npath = \"{}\"\n", plugin.display()));
+    }
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+fn sign(manifest: &Path, key: &Path) {
+    let out = run(&[
+        "plugin".as_ref(),
+        "sign".as_ref(),
+        manifest.as_os_str(),
+        "--key".as_ref(),
+        key.as_os_str(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// Changes the last hex digit of a signature file.
+fn flip_last_digit(sig: &Path) {
+    let text = std::fs::read_to_string(sig).expect("sig");
+    let body = text.trim_end();
+    let last = if body.ends_with('0') { "1" } else { "0" };
+    std::fs::write(sig, format!("{}{last}\n", &body[..body.len() - 1])).expect("write");
+}
+
+#[test]
+fn signed_plugins_and_trust() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let keys = tmp.path().join("keys");
+    let public = generate_key(&keys);
+    let other = generate_key(&tmp.path().join("other-keys"));
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -295,78 +345,313 @@ fn signed_plugins_and_trust() {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
-    // A private copy of the plugin folder to sign and tamper with.
     let folder = tmp.path().join("example-site");
-    std::fs::create_dir_all(&folder).expect("mkdir");
-    for name in ["plugin.toml", "example-site.wasm"] {
-        std::fs::copy(dist("example-site").with_file_name(name), folder.join(name)).expect("copy");
-    }
-    let manifest = folder.join("plugin.toml");
-    let strict = config_in(
+    let manifest = example_site_copy(&folder);
+    let trusting = format!("trusted_plugin_keys = [\"{public}\"]");
+    let untrusting = format!("trusted_plugin_keys = [\"{other}\"]");
+    // (config, signatures required?) for each trust × policy.
+    let optional = config_named(tmp.path(), "optional.toml", &trusting, &[]);
+    let strict = config_named(
         tmp.path(),
-        &format!(
-            "[sandbox]\nrequire_signed_plugins = true\ntrusted_plugin_keys = [\"{public}\"]\n"
-        ),
+        "strict.toml",
+        &format!("require_signed_plugins = true\n{trusting}"),
+        &[],
     );
-    let check = |config: &Path| {
-        run(&[
+    let untrusting_optional = config_named(tmp.path(), "untrusting.toml", "", &[]);
+    let untrusting_strict = config_named(
+        tmp.path(),
+        "untrusting-strict.toml",
+        &format!("require_signed_plugins = true\n{untrusting}"),
+        &[],
+    );
+    let tool = |command: &str, config: &Path| {
+        let mut args: Vec<&std::ffi::OsStr> = vec![
             "--config".as_ref(),
             config.as_os_str(),
+            "plugin".as_ref(),
+            command.as_ref(),
+            manifest.as_os_str(),
+        ];
+        let record = sample("example-site-record.json");
+        if command == "run" {
+            args.extend(["--emr".as_ref(), record.as_os_str()]);
+        }
+        run(&args)
+    };
+    let check = |config: &Path| tool("check", config);
+    let status_of = |config: &Path| {
+        let out = check(config);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        (report["signature"].clone(), stderr(&out))
+    };
+
+    // 1. Unsigned: fine where optional, refused where required.
+    for config in [&optional, &untrusting_optional] {
+        let (status, err) = status_of(config);
+        assert_eq!(status, serde_json::json!({"status": "unsigned"}));
+        assert!(err.is_empty(), "{err}");
+    }
+    for config in [&strict, &untrusting_strict] {
+        let line = assert_clean_refusal(&check(config), "unsigned under require_signed_plugins");
+        assert!(line.contains("require_signed_plugins"), "{line}");
+    }
+
+    // 2. Signed by a trusted key: verified under both policies.
+    let key = keys.join("signing-key.pk8");
+    sign(&manifest, &key);
+    let sig = folder.join("plugin.toml.sig");
+    let sig_text = std::fs::read_to_string(&sig).expect("sig");
+    assert!(
+        sig_text.starts_with(&format!("ed25519 {public} ")),
+        "{sig_text}"
+    );
+    for config in [&optional, &strict] {
+        let (status, err) = status_of(config);
+        assert_eq!(
+            status,
+            serde_json::json!({"status": "verified", "key": public})
+        );
+        assert!(err.is_empty(), "{err}");
+    }
+
+    // 3. Signed by a key this config does not trust: a warning where
+    // signatures are optional (check and run succeed), an error naming the
+    // key where they are required.
+    let (status, err) = status_of(&untrusting_optional);
+    assert_eq!(
+        status,
+        serde_json::json!({"status": "untrusted-key", "key": public})
+    );
+    assert!(
+        err.starts_with("warning: ")
+            && err.contains(&public)
+            && err.contains("trusted_plugin_keys"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let out = tool("run", &untrusting_optional);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("warning: "), "{}", stderr(&out));
+    let line = assert_clean_refusal(&check(&untrusting_strict), "untrusted key, required");
+    assert!(
+        line.contains(&format!("signed by key {public}"))
+            && line.contains("add it to sandbox.trusted_plugin_keys")
+            && !line.contains("tampered"),
+        "{line}"
+    );
+
+    // 4. Tampered: an edited manifest, under every config.
+    let original = std::fs::read_to_string(&manifest).expect("read");
+    std::fs::write(
+        &manifest,
+        original.replace("\"\ninterface", "-edited\"\ninterface"),
+    )
+    .expect("edit");
+    for config in [&optional, &strict, &untrusting_optional, &untrusting_strict] {
+        let line = assert_clean_refusal(&check(config), "edited manifest");
+        assert!(line.contains("signature: tampered"), "{line}");
+    }
+    std::fs::write(&manifest, &original).expect("restore");
+    assert!(check(&strict).status.success());
+    // …and an edited signature file.
+    flip_last_digit(&sig);
+    for config in [&optional, &strict, &untrusting_optional, &untrusting_strict] {
+        let line = assert_clean_refusal(&check(config), "edited signature");
+        assert!(line.contains("signature: tampered"), "{line}");
+    }
+    // A signature file that is not one at all.
+    std::fs::write(&sig, "not a signature\n").expect("write");
+    let line = assert_clean_refusal(&check(&optional), "garbage signature");
+    assert!(line.contains("not an oxbox signature file"), "{line}");
+
+    // A legacy bare-hex signature: verifies against a trusted key; else it
+    // cannot tell untrusted from tampered, and says so.
+    let legacy = keys.join("legacy");
+    sign(&manifest, &key);
+    let words: Vec<String> = std::fs::read_to_string(&sig)
+        .expect("sig")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    std::fs::write(&legacy, format!("{}\n", words[2])).expect("legacy");
+    std::fs::copy(&legacy, &sig).expect("legacy sig");
+    let (status, _) = status_of(&strict);
+    assert_eq!(status["status"], "verified");
+    let line = assert_clean_refusal(&check(&untrusting_optional), "legacy, unknown key");
+    assert!(
+        line.contains("signed by an unknown key or changed since signing; re-sign to tell which"),
+        "{line}"
+    );
+
+    // A signed manifest whose component was swapped: the digest check fails.
+    sign(&manifest, &key);
+    let wasm = folder.join("example-site.wasm");
+    let component = std::fs::read(&wasm).expect("wasm");
+    std::fs::copy(dist("canonical").with_file_name("canonical.wasm"), &wasm).expect("swap");
+    let line = assert_clean_refusal(&check(&strict), "swapped component");
+    assert!(line.contains("sha256"), "{line}");
+    std::fs::write(&wasm, component).expect("restore");
+    assert!(check(&strict).status.success());
+}
+
+#[test]
+fn pack_signs_in_one_step_and_a_plain_repack_drops_the_signature() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let keys = tmp.path().join("keys");
+    let public = generate_key(&keys);
+    let strict = config_named(
+        tmp.path(),
+        "strict.toml",
+        &format!("require_signed_plugins = true\ntrusted_plugin_keys = [\"{public}\"]"),
+        &[],
+    );
+    let wasm = dist("example-site").with_file_name("example-site.wasm");
+    let out_dir = tmp.path().join("dist");
+    let pack = |sign_key: Option<&Path>| {
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "--config".as_ref(),
+            strict.as_os_str(),
+            "plugin".as_ref(),
+            "pack".as_ref(),
+            wasm.as_os_str(),
+            "--out".as_ref(),
+            out_dir.as_os_str(),
+        ];
+        if let Some(key) = sign_key {
+            args.extend(["--sign-key".as_ref(), key.as_os_str()]);
+        }
+        run(&args)
+    };
+    let manifest = out_dir.join("plugin.toml");
+    let check = || {
+        run(&[
+            "--config".as_ref(),
+            strict.as_os_str(),
             "plugin".as_ref(),
             "check".as_ref(),
             manifest.as_os_str(),
         ])
     };
-    let line = assert_clean_refusal(&check(&strict), "unsigned under require_signed_plugins");
-    assert!(line.contains("require_signed_plugins"), "{line}");
+    // A bad key: refused before anything is written.
+    let out = pack(Some(&wasm));
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("PKCS#8"), "{}", stderr(&out));
+    assert!(!out_dir.exists(), "wrote before the key was read");
 
-    let key = keys.join("signing-key.pk8");
-    let out = run(&[
-        "plugin".as_ref(),
-        "sign".as_ref(),
-        manifest.as_os_str(),
-        "--key".as_ref(),
-        key.as_os_str(),
-    ]);
+    let out = pack(Some(&keys.join("signing-key.pk8")));
     assert!(out.status.success(), "{}", stderr(&out));
-    let out = check(&strict);
+    let sig = out_dir.join("plugin.toml.sig");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{}\n{}\n", manifest.display(), sig.display())
+    );
+    let out = check();
     assert!(out.status.success(), "{}", stderr(&out));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    assert_eq!(report["signature"]["status"], "verified");
-    assert_eq!(report["signature"]["key"], public);
-
-    // A signed manifest whose component was swapped: the digest check fails.
-    let original = std::fs::read(folder.join("example-site.wasm")).expect("wasm");
-    std::fs::copy(
-        dist("canonical").with_file_name("canonical.wasm"),
-        folder.join("example-site.wasm"),
-    )
-    .expect("swap");
-    let line = assert_clean_refusal(&check(&strict), "swapped component");
-    assert!(line.contains("sha256"), "{line}");
-    std::fs::write(folder.join("example-site.wasm"), original).expect("restore");
-    // An edited manifest: the signature fails.
-    let text = std::fs::read_to_string(&manifest)
-        .expect("read")
-        .replace("0.1.0\"\ninterface", "0.1.1\"\ninterface");
-    std::fs::write(&manifest, text).expect("edit");
-    let line = assert_clean_refusal(&check(&strict), "edited manifest");
-    assert!(line.contains("signature"), "{line}");
-    // Signed by a key the box does not trust.
-    let other = config_in(
-        tmp.path(),
-        "[sandbox]\ntrusted_plugin_keys = [\"0000000000000000000000000000000000000000000000000000000000000000\"]\n",
+    assert_eq!(
+        report["signature"],
+        serde_json::json!({"status": "verified", "key": public})
     );
-    let out = run(&[
-        "plugin".as_ref(),
-        "sign".as_ref(),
-        manifest.as_os_str(),
-        "--key".as_ref(),
-        key.as_os_str(),
-    ]);
-    assert!(out.status.success());
-    let line = assert_clean_refusal(&check(&other), "untrusted key");
-    assert!(line.contains("trusted key"), "{line}");
+    // Packing again without a key: the old signature goes, so the box
+    // refuses an unsigned plugin rather than reporting tampering.
+    let out = pack(None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!sig.exists());
+    let line = assert_clean_refusal(&check(), "re-packed, not re-signed");
+    assert!(line.contains("require_signed_plugins"), "{line}");
+}
+
+#[test]
+fn config_check_loads_the_plugins_as_serve_would() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let keys = tmp.path().join("keys");
+    let public = generate_key(&keys);
+    let manifest = example_site_copy(&tmp.path().join("example-site"));
+    let trusting = format!("trusted_plugin_keys = [\"{public}\"]");
+    let strict_policy = format!("require_signed_plugins = true\n{trusting}");
+    let config_check = |config: &Path| {
+        run(&[
+            "--config".as_ref(),
+            config.as_os_str(),
+            "config".as_ref(),
+            "check".as_ref(),
+        ])
+    };
+    let strict = config_named(tmp.path(), "strict.toml", &strict_policy, &[&manifest]);
+    let untrusting = config_named(tmp.path(), "untrusting.toml", "", &[&manifest]);
+
+    // Unsigned under require_signed_plugins: refused, naming the plugin.
+    let line = assert_clean_refusal(&config_check(&strict), "unsigned, required");
+    assert!(
+        line.contains("example-site") && line.contains("require_signed_plugins"),
+        "{line}"
+    );
+    assert!(line.contains("strict.toml"), "{line}");
+
+    // Signed by the trusted key: passes and says what would be loaded.
+    sign(&manifest, &keys.join("signing-key.pk8"));
+    let out = config_check(&strict);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).is_empty(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let sha256 = oxbox::plugins::manifest::sha256_hex(
+        &std::fs::read(manifest.with_file_name("example-site.wasm")).expect("wasm"),
+    );
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("# plugin: example-site "))
+        .unwrap_or_else(|| panic!("no plugin line in {text}"));
+    assert!(
+        line.contains(&format!("sha256 {sha256}"))
+            && line.contains(&format!("signature verified (key {public})")),
+        "{line}"
+    );
+    assert!(text.contains("# model: none configured"), "{text}");
+    // Nothing left behind: no compile cache, no data dir.
+    assert!(
+        !tmp.path().join("data").exists(),
+        "config check wrote state"
+    );
+
+    // Signed by a key this config does not trust, signatures optional:
+    // passes, with a warning.
+    let out = config_check(&untrusting);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).starts_with("warning: plugin example-site is signed by key"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains(&format!("signature untrusted-key (key {public}")),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // A tampered signature.
+    let sig = manifest.with_file_name("plugin.toml.sig");
+    let good_sig = std::fs::read(&sig).expect("sig");
+    flip_last_digit(&sig);
+    for config in [&strict, &untrusting] {
+        let line = assert_clean_refusal(&config_check(config), "tampered signature");
+        assert!(
+            line.contains("example-site") && line.contains("tampered"),
+            "{line}"
+        );
+    }
+    std::fs::write(&sig, good_sig).expect("restore");
+
+    // A wrong sha256 in the manifest (signatures optional, so the digest
+    // check is what fails).
+    let text = std::fs::read_to_string(&manifest).expect("manifest");
+    std::fs::write(&manifest, text.replace(&sha256, &"0".repeat(64))).expect("edit");
+    let line = assert_clean_refusal(&config_check(&untrusting), "wrong sha256");
+    assert!(
+        line.contains("sha256") && line.contains("example-site"),
+        "{line}"
+    );
 }
 
 #[test]
@@ -426,4 +711,79 @@ fn plugin_sets_chain_and_reload_atomically() {
     .expect("write");
     assert!(registry.reload().is_err());
     assert_eq!(registry.current().plugins().len(), 2);
+}
+
+#[test]
+fn serve_logs_untrusted_signers_at_start_and_reload_and_lists_their_status() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::Stdio;
+
+    use crate::serve::{Setup, assert_conforms, openapi, request, wait_for_admin_events};
+
+    let setup = Setup::new("listen = \"127.0.0.1:0\"");
+    let public = generate_key(&setup.dir.path().join("keys"));
+    let manifest = example_site_copy(&setup.dir.path().join("example-site"));
+    sign(&manifest, &setup.dir.path().join("keys/signing-key.pk8"));
+    // The config trusts no key and signatures are optional.
+    let text = std::fs::read_to_string(&setup.config).expect("config");
+    let packed = dist("example-site").display().to_string();
+    assert!(text.contains(&packed), "{text}");
+    std::fs::write(
+        &setup.config,
+        text.replace(&packed, &manifest.display().to_string()),
+    )
+    .expect("config");
+
+    let mut child = crate::util::oxbox_command()
+        .args([
+            "--config".as_ref(),
+            setup.config.as_os_str(),
+            "serve".as_ref(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn oxbox serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("the listening line");
+    let addr: std::net::SocketAddr = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .expect("address");
+    let reply = request(addr, "GET", "/v1/plugins", &[], b"");
+    assert_eq!(reply.status, 200);
+    assert_conforms(&openapi(), "GET", "/v1/plugins", &reply);
+    let plugin = reply.json()["plugins"][0].clone();
+    assert_eq!(
+        plugin["signature"],
+        serde_json::json!({"status": "untrusted-key", "key": public})
+    );
+    assert_eq!(plugin["signed_by"], serde_json::Value::Null);
+
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .expect("kill -HUP");
+    assert!(hup.success());
+    assert_eq!(wait_for_admin_events(&setup, 1)[0].outcome, "ok");
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(term.success());
+    let mut log = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut log)
+        .expect("read the log");
+    assert!(child.wait().expect("wait").success(), "{log}");
+    // Logged when the set was loaded at start and again on the reload.
+    let warning = format!("plugin example-site is signed by key {public}");
+    assert_eq!(log.matches(&warning).count(), 2, "{log}");
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::util::{oxbox, repo_root, run, stderr};
+use crate::util::{repo_root, run, stderr};
 
 /// A running `oxbox serve`, stopped (SIGTERM, then kill) on drop.
 pub(crate) struct ServerProcess {
@@ -23,7 +23,7 @@ pub(crate) struct ServerProcess {
 
 impl ServerProcess {
     pub(crate) fn start(config: &Path) -> Self {
-        let mut child = Command::new(oxbox())
+        let mut child = crate::util::oxbox_command()
             .args(["--config".as_ref(), config.as_os_str(), "serve".as_ref()])
             .env_remove("OXBOX_CONFIG")
             .env_remove("RUST_LOG")

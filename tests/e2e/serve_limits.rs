@@ -154,7 +154,7 @@ fn the_reload_route_needs_the_token_and_is_serialised_rate_limited_and_audited()
     assert_eq!(events[1].actor, "SIGHUP");
     assert_eq!(events[1].outcome, "ok");
     // The operator reads them with `oxbox audit tail --admin`.
-    let tail = Command::new(crate::util::oxbox())
+    let tail = crate::util::oxbox_command()
         .args(["--config".as_ref(), setup.config.as_os_str()])
         .args(["audit", "tail", "--admin", "-n", "5"])
         .output()

@@ -48,11 +48,30 @@ pub fn run<S: AsRef<OsStr>>(args: &[S]) -> Output {
 
 /// `oxbox <args>` with the environment that could change its behaviour removed.
 fn command<S: AsRef<OsStr>>(args: &[S]) -> Command {
+    let mut command = oxbox_command();
+    command.args(args);
+    command
+}
+
+/// The per-user folders the tests give oxbox: `XDG_DATA_HOME` and
+/// `XDG_CACHE_HOME`, under cargo's scratch folder for integration tests
+/// (`target/tmp`), so a command run without `--config` writes neither
+/// into the real home nor into the working directory.
+pub fn user_dirs() -> (PathBuf, PathBuf) {
+    let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join("oxbox-e2e-user");
+    (base.join("data"), base.join("cache"))
+}
+
+/// A command for the oxbox under test, hermetic: no `OXBOX_CONFIG` or
+/// `RUST_LOG` from the caller, and the per-user folders of [`user_dirs`].
+pub fn oxbox_command() -> Command {
+    let (data, cache) = user_dirs();
     let mut command = Command::new(oxbox());
     command
-        .args(args)
         .env_remove("OXBOX_CONFIG")
-        .env_remove("RUST_LOG");
+        .env_remove("RUST_LOG")
+        .env("XDG_DATA_HOME", data)
+        .env("XDG_CACHE_HOME", cache);
     command
 }
 
@@ -81,6 +100,8 @@ pub fn run_measured<S: AsRef<OsStr>>(args: &[S]) -> (Output, u64) {
         .args(args)
         .env_remove("OXBOX_CONFIG")
         .env_remove("RUST_LOG")
+        .env("XDG_DATA_HOME", user_dirs().0)
+        .env("XDG_CACHE_HOME", user_dirs().1)
         .stdin(Stdio::null())
         .output()
         .expect("run oxbox under /usr/bin/time");

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use oxbox::config::{Config, LoadedConfig};
+use oxbox::config::{Config, LoadedConfig, UserDir};
 use oxbox::dicom::{self, DicomFile, ImageHeader};
 use oxbox::plugins::cache::ComponentCache;
 use oxbox::plugins::manifest::{self, Manifest, PluginFiles, SignatureStatus, signature_path};
@@ -37,7 +37,12 @@ oxbox plugin check my-plugin.wasm\n\n\
 Prints, as JSON: name, version, site, interface version, hooks, imports, sha256, \
 signature status (against sandbox.trusted_plugin_keys) and compile time. Refuses \
 plugins for another interface version or that import what the sandbox does not \
-provide (filesystem, sockets)."
+provide (filesystem, sockets).\n\n\
+Signature status: \"unsigned\" (no plugin.toml.sig); \"verified\" (signed by a \
+trusted key); \"untrusted-key\" (a valid signature by a key this config does not \
+trust: a warning on stderr, or an error under require_signed_plugins). A signature \
+that does not verify under the key that made it (manifest or signature changed since \
+signing) is an error: tampered."
 )]
 pub struct CheckArgs {
     #[command(flatten)]
@@ -68,14 +73,17 @@ pub struct RunArgs {
 
 /// Arguments of `oxbox plugin pack`.
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Example:\n  \
-oxbox plugin pack plugins/target/wasm32-wasip2/release/oxbox_plugin_my_site.wasm --out plugins/dist/my-site\n\n\
+#[command(after_help = "Examples:\n  \
+oxbox plugin pack plugins/target/wasm32-wasip2/release/oxbox_plugin_my_site.wasm --out plugins/dist/my-site\n  \
+oxbox plugin pack my_site.wasm --out dist/my-site --sign-key keys/signing-key.pk8\n\n\
 (cargo writes crate oxbox-plugin-my-site to plugins/target/wasm32-wasip2/release/\
 oxbox_plugin_my_site.wasm; scripts/build-plugins.sh my-site builds and packs in one step.) \
 Checks the component, asks it to describe itself, and writes DIR/<name>.wasm and \
 DIR/plugin.toml (name, version, interface, sha256, hooks), mode 0644: the folder to \
-deploy and to sign. Packing removes an old plugin.toml.sig (the new manifest pins a new \
-sha256): sign again before deploying.")]
+deploy and to sign. With --sign-key it also signs: DIR/plugin.toml.sig, as `oxbox plugin \
+sign` writes it. Without, packing removes an old plugin.toml.sig (the new manifest pins a \
+new sha256, so the old signature would read as tampered): sign again before deploying. \
+Prints the manifest's path (and the signature's, when signed).")]
 pub struct PackArgs {
     /// The component (.wasm) built for wasm32-wasip2.
     #[arg(value_name = "WASM")]
@@ -83,16 +91,24 @@ pub struct PackArgs {
     /// Output directory.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
+    /// Also sign the new manifest with this private key (PKCS#8, from
+    /// `oxbox keys generate`).
+    #[arg(long, value_name = "KEY.pk8")]
+    sign_key: Option<PathBuf>,
 }
 
 /// Arguments of `oxbox plugin sign`.
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Example:\n  \
 oxbox plugin sign dist/my-site/plugin.toml --key /etc/oxbox/keys/signing-key.pk8\n\n\
-Writes plugin.toml.sig: an Ed25519 signature over the manifest, which pins the \
-component through its sha256. Boxes that list the public key in \
-sandbox.trusted_plugin_keys accept it; with require_signed_plugins they accept \
-nothing else.")]
+Writes plugin.toml.sig, one line `ed25519 <public key hex> <signature hex>`: an \
+Ed25519 signature over the manifest, which pins the component through its sha256, \
+and the key that made it. Boxes that list the public key in \
+sandbox.trusted_plugin_keys accept it as verified; with require_signed_plugins they \
+accept nothing else. A box that does not list the key loads it with a warning \
+(untrusted key) while signatures are optional. Any later change to plugin.toml \
+(a re-pack too) needs a new signature: `oxbox plugin pack --sign-key` packs and \
+signs in one step. Prints, as JSON, the signature file and the public key.")]
 pub struct SignArgs {
     /// The plugin.toml to sign.
     #[arg(value_name = "MANIFEST")]
@@ -122,34 +138,24 @@ pub struct BenchArgs {
 }
 
 /// The configuration of `plugin check/run/pack/bench`: `--config`'s, or the
-/// embedded default with `storage.data_dir` moved to a per-user cache
+/// embedded default with `storage.data_dir` moved to the per-user cache
 /// folder — these commands keep nothing but the compiled-component cache,
-/// so they must not create `oxbox-data/` in the working directory.
+/// so they need no data folder.
 pub fn tool_config(path: Option<&Path>) -> anyhow::Result<LoadedConfig> {
-    let mut loaded = super::load_config(path)?;
-    if path.is_none() {
-        loaded.config.storage.data_dir = user_cache_dir();
+    match path {
+        Some(_) => super::load_config(path),
+        None => Ok(LoadedConfig::embedded_with_data_dir(user_cache_dir())?),
     }
-    Ok(loaded)
 }
 
-/// `$XDG_CACHE_HOME/oxbox`, else `$HOME/.cache/oxbox`, else
-/// `<temp dir>/oxbox-cache-<uid>`.
+/// [`UserDir::Cache`] (`$XDG_CACHE_HOME/oxbox`, else `$HOME/.cache/oxbox`),
+/// else `<temp dir>/oxbox-cache-<uid>`.
 fn user_cache_dir() -> PathBuf {
-    let absolute = |var: &str| {
-        std::env::var_os(var)
-            .map(PathBuf::from)
-            .filter(|p| p.is_absolute())
-    };
-    if let Some(cache) = absolute("XDG_CACHE_HOME") {
-        return cache.join("oxbox");
-    }
-    if let Some(home) = absolute("HOME") {
-        return home.join(".cache").join("oxbox");
-    }
-    // SAFETY: getuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::getuid() };
-    std::env::temp_dir().join(format!("oxbox-cache-{uid}"))
+    UserDir::Cache.locate().unwrap_or_else(|| {
+        // SAFETY: getuid has no preconditions and cannot fail.
+        let uid = unsafe { libc::getuid() };
+        std::env::temp_dir().join(format!("oxbox-cache-{uid}"))
+    })
 }
 
 /// The engine and compiled-component cache for a command.
@@ -170,13 +176,11 @@ fn load_plugin(
     let is_manifest = path.extension().is_some_and(|e| e == "toml");
     if is_manifest {
         let files = PluginFiles::load(path)?;
-        let trusted = config
-            .sandbox
-            .trusted_plugin_keys
-            .iter()
-            .map(|k| signing::parse_public_key(k))
-            .collect::<Result<Vec<_>, _>>()?;
+        let trusted = oxbox::plugins::set::trusted_keys(config)?;
         let status = files.verify(&trusted, config.sandbox.require_signed_plugins)?;
+        if let Some(warning) = status.warning(&files.manifest.name) {
+            eprintln!("warning: {warning}");
+        }
         let plugin = LoadedPlugin::load(
             engine,
             Some(cache),
@@ -298,6 +302,12 @@ pub fn run(args: RunArgs, config: &LoadedConfig) -> anyhow::Result<()> {
 /// Runs `oxbox plugin pack`.
 pub fn pack(args: PackArgs, config: &LoadedConfig) -> anyhow::Result<()> {
     let config = &config.config;
+    // Read the key first: a bad key leaves nothing half done.
+    let key = args
+        .sign_key
+        .as_deref()
+        .map(signing::SigningKey::load)
+        .transpose()?;
     let (engine, cache) = engine_and_cache(config)?;
     let bytes = std::fs::read(&args.wasm)
         .with_context(|| format!("cannot read {}", args.wasm.display()))?;
@@ -335,9 +345,26 @@ pub fn pack(args: PackArgs, config: &LoadedConfig) -> anyhow::Result<()> {
         std::fs::set_permissions(&manifest_path, std::fs::Permissions::from_mode(0o644))
             .with_context(|| format!("cannot make {} readable", manifest_path.display()))?;
     }
-    // A new manifest invalidates any old signature.
-    let _ = std::fs::remove_file(signature_path(&manifest_path));
     println!("{}", manifest_path.display());
+    match key {
+        Some(key) => {
+            let signature = PluginFiles::load(&manifest_path)?.sign(&key)?;
+            println!("{}", signature.display());
+        }
+        // A new manifest invalidates any old signature.
+        None => match std::fs::remove_file(signature_path(&manifest_path)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "cannot remove the old signature {}",
+                        signature_path(&manifest_path).display()
+                    )
+                });
+            }
+        },
+    }
     Ok(())
 }
 
@@ -346,10 +373,7 @@ pub fn sign(args: SignArgs) -> anyhow::Result<()> {
     // Load fully first: never sign a manifest whose component does not match.
     let files = PluginFiles::load(&args.manifest)?;
     let key = signing::SigningKey::load(&args.key)?;
-    let signature = key.sign_hex(&files.manifest_bytes);
-    let path = signature_path(&args.manifest);
-    // A signature is public, like the manifest it signs.
-    oxbox::output::write_shared_bytes(&path, format!("{signature}\n").as_bytes())?;
+    let path = files.sign(&key)?;
     println!(
         "{}",
         serde_json::json!({"signature": path.display().to_string(), "public_key": key.public_hex()})

@@ -57,6 +57,7 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
     let engine = Arc::new(PluginEngine::new(&config.sandbox.limits())?);
     let cache = ComponentCache::open(&config.storage.data_dir)?;
     let plugins = Arc::new(PluginSet::load(&config, &engine, Some(&cache))?);
+    plugins.log_warnings();
 
     let text = std::fs::read_to_string(&args.emr)
         .with_context(|| format!("cannot read {}", args.emr.display()))?;

@@ -3,6 +3,21 @@
 //! (`plugin.toml.sig`, Ed25519 over the manifest's exact bytes — and so over
 //! the component, through its digest).
 //!
+//! `plugin.toml.sig` is one line naming the scheme, the signer's public key
+//! and the signature, both hex:
+//!
+//! ```text
+//! ed25519 <public key, 64 hex digits> <signature, 128 hex digits>
+//! ```
+//!
+//! Naming the key tells the four [`SignatureStatus`]es apart: no file
+//! (unsigned), a signature by a trusted key (verified), a valid signature by
+//! a key this box does not trust (untrusted key: a warning where signatures
+//! are optional, an error where required), and a signature that does not
+//! verify under the key that made it (tampered: always an error). A legacy
+//! file holding only the hex signature still verifies against the trusted
+//! keys; when it does not, which of the last two it is cannot be told.
+//!
 //! ```toml
 //! name = "example-site"
 //! version = "0.1.0"
@@ -25,6 +40,10 @@ const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
 pub const MAX_COMPONENT_BYTES: u64 = 64 * 1024 * 1024;
 /// The signature file beside a manifest.
 pub const SIGNATURE_SUFFIX: &str = ".sig";
+/// Largest signature file accepted (a real one is 195 bytes).
+pub const MAX_SIGNATURE_BYTES: u64 = 4 * 1024;
+/// The first word of a signature file: the scheme.
+pub const SIGNATURE_SCHEME: &str = "ed25519";
 
 /// A hook a plugin implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,8 +94,9 @@ pub struct PluginFiles {
     pub manifest_bytes: Vec<u8>,
     /// The component's bytes, digest-checked.
     pub component: Vec<u8>,
-    /// The hex signature beside the manifest, if any.
-    pub signature: Option<String>,
+    /// The bytes of the signature file beside the manifest, if any (at
+    /// most [`MAX_SIGNATURE_BYTES`] + 1: parsed by [`PluginFiles::verify`]).
+    pub signature: Option<Vec<u8>>,
 }
 
 /// Whether and how a plugin's manifest is signed.
@@ -90,6 +110,96 @@ pub enum SignatureStatus {
         /// The trusted public key that verified.
         key: String,
     },
+    /// Validly signed by a key that `sandbox.trusted_plugin_keys` does not
+    /// list: loaded (with a warning) only where signatures are optional.
+    UntrustedKey {
+        /// The signer's public key (hex).
+        key: String,
+    },
+}
+
+impl SignatureStatus {
+    /// The trusted key that verified the manifest, if one did.
+    pub fn trusted_key(&self) -> Option<&str> {
+        match self {
+            SignatureStatus::Verified { key } => Some(key),
+            SignatureStatus::Unsigned | SignatureStatus::UntrustedKey { .. } => None,
+        }
+    }
+
+    /// What an operator should be told about plugin `plugin` loaded with
+    /// this status, if anything: a signature by an untrusted key.
+    pub fn warning(&self, plugin: &str) -> Option<String> {
+        match self {
+            SignatureStatus::UntrustedKey { key } => Some(format!(
+                "plugin {plugin} is signed by key {key}, which sandbox.trusted_plugin_keys does \
+                 not list: loaded because signatures are optional here; add the key to \
+                 trusted_plugin_keys to trust it (with require_signed_plugins it is refused)"
+            )),
+            SignatureStatus::Unsigned | SignatureStatus::Verified { .. } => None,
+        }
+    }
+}
+
+/// The contents of a `plugin.toml.sig`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignatureFile {
+    /// `ed25519 <public key hex> <signature hex>`: the signature and the
+    /// key that made it.
+    Ed25519 {
+        /// The signer's public key.
+        key: [u8; 32],
+        /// The signature over the manifest's bytes.
+        signature: [u8; 64],
+    },
+    /// A bare hex signature, as written before the key was named.
+    Legacy {
+        /// The signature over the manifest's bytes.
+        signature: [u8; 64],
+    },
+}
+
+impl SignatureFile {
+    /// Parses a signature file's bytes.
+    ///
+    /// # Errors
+    /// Why the bytes are not a signature file.
+    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
+        if bytes.len() as u64 > MAX_SIGNATURE_BYTES {
+            return Err(format!("over {MAX_SIGNATURE_BYTES} bytes"));
+        }
+        let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_owned())?;
+        let words: Vec<&str> = text.split_whitespace().collect();
+        match words.as_slice() {
+            [scheme, key, signature] if *scheme == SIGNATURE_SCHEME => Ok(Self::Ed25519 {
+                key: signing::parse_public_key(key)
+                    .map_err(|_| "the public key is not 64 hex digits".to_owned())?,
+                signature: signing::parse_signature(signature)
+                    .map_err(|_| "the signature is not 128 hex digits".to_owned())?,
+            }),
+            [signature] => Ok(Self::Legacy {
+                signature: signing::parse_signature(signature).map_err(|_| {
+                    format!("expected `{SIGNATURE_SCHEME} <public key hex> <signature hex>`")
+                })?,
+            }),
+            [] => Err("empty".to_owned()),
+            _ => Err(format!(
+                "expected one line `{SIGNATURE_SCHEME} <public key hex> <signature hex>`"
+            )),
+        }
+    }
+
+    /// The file's text (one line, newline-terminated).
+    pub fn to_text(&self) -> String {
+        match self {
+            Self::Ed25519 { key, signature } => format!(
+                "{SIGNATURE_SCHEME} {} {}\n",
+                hex::encode(key),
+                hex::encode(signature)
+            ),
+            Self::Legacy { signature } => format!("{}\n", hex::encode(signature)),
+        }
+    }
 }
 
 /// sha256 of `bytes`, lowercase hex.
@@ -163,17 +273,7 @@ impl PluginFiles {
                 manifest.sha256
             )));
         }
-        let sig_path = signature_path(manifest_path);
-        let signature = match std::fs::read_to_string(&sig_path) {
-            Ok(text) => Some(text.trim().to_owned()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(source) => {
-                return Err(PluginError::Io {
-                    path: sig_path.display().to_string(),
-                    source,
-                });
-            }
-        };
+        let signature = read_signature(&signature_path(manifest_path))?;
         Ok(Self {
             manifest,
             manifest_path: manifest_path.to_path_buf(),
@@ -183,11 +283,13 @@ impl PluginFiles {
         })
     }
 
-    /// Checks the signature against `trusted` keys. Unsigned is accepted
-    /// only when `required` is false; a present signature must verify.
+    /// Checks the signature against `trusted` keys. Unsigned, and signed
+    /// by a key not in `trusted`, are accepted only when `required` is
+    /// false; a signature that does not verify under the key that made it
+    /// (tampered) never is.
     ///
     /// # Errors
-    /// [`PluginError::Signature`].
+    /// [`PluginError::Signature`], saying which case it is.
     pub fn verify(
         &self,
         trusted: &[[u8; 32]],
@@ -197,22 +299,107 @@ impl PluginFiles {
             plugin: self.manifest.name.clone(),
             reason,
         };
-        match &self.signature {
-            None if required => Err(fail(format!(
-                "require_signed_plugins is on and {} has no {}",
-                self.manifest_path.display(),
-                SIGNATURE_SUFFIX
-            ))),
-            None => Ok(SignatureStatus::Unsigned),
-            Some(sig) => {
-                let index = signing::verify_any(&self.manifest_bytes, sig, trusted)
-                    .map_err(|e| fail(e.to_string()))?;
-                Ok(SignatureStatus::Verified {
-                    key: hex::encode(trusted[index]),
-                })
+        let sig_path = signature_path(&self.manifest_path);
+        let Some(bytes) = &self.signature else {
+            return if required {
+                Err(fail(format!(
+                    "require_signed_plugins is on and {} has no {}: sign it (`oxbox plugin sign`)",
+                    self.manifest_path.display(),
+                    SIGNATURE_SUFFIX
+                )))
+            } else {
+                Ok(SignatureStatus::Unsigned)
+            };
+        };
+        let file = SignatureFile::parse(bytes).map_err(|why| {
+            fail(format!(
+                "{} is not an oxbox signature file ({why}): damaged or tampered; sign the \
+                 manifest again (`oxbox plugin sign`)",
+                sig_path.display()
+            ))
+        })?;
+        match file {
+            SignatureFile::Ed25519 { key, signature } => {
+                let key_hex = hex::encode(key);
+                if !signing::verifies(&self.manifest_bytes, &signature, &key) {
+                    return Err(fail(format!(
+                        "tampered: {} does not verify under the key that made it ({key_hex}): \
+                         {} or the signature changed since signing (after a deliberate \
+                         change or a re-pack, sign again)",
+                        sig_path.display(),
+                        self.manifest_path.display()
+                    )));
+                }
+                if trusted.contains(&key) {
+                    Ok(SignatureStatus::Verified { key: key_hex })
+                } else if required {
+                    Err(fail(format!(
+                        "signed by key {key_hex}, which this box does not trust \
+                         (require_signed_plugins is on): add it to \
+                         sandbox.trusted_plugin_keys"
+                    )))
+                } else {
+                    Ok(SignatureStatus::UntrustedKey { key: key_hex })
+                }
             }
+            SignatureFile::Legacy { signature } => trusted
+                .iter()
+                .find(|key| signing::verifies(&self.manifest_bytes, &signature, key))
+                .map(|key| SignatureStatus::Verified {
+                    key: hex::encode(key),
+                })
+                .ok_or_else(|| {
+                    fail(format!(
+                        "{} (an old-format file that does not name its key) verifies under \
+                         none of the {} trusted key(s): signed by an unknown key or changed \
+                         since signing; re-sign to tell which (`oxbox plugin sign`)",
+                        sig_path.display(),
+                        trusted.len()
+                    ))
+                }),
         }
     }
+
+    /// Signs the manifest with `key`: writes `plugin.toml.sig` (mode 0644,
+    /// atomically) naming the key; returns its path.
+    ///
+    /// # Errors
+    /// [`PluginError::Io`].
+    pub fn sign(&self, key: &signing::SigningKey) -> Result<PathBuf, PluginError> {
+        let file = SignatureFile::Ed25519 {
+            key: key.public_key(),
+            signature: key.sign(&self.manifest_bytes),
+        };
+        let path = signature_path(&self.manifest_path);
+        // A signature is public, like the manifest it signs.
+        crate::output::write_shared_bytes(&path, file.to_text().as_bytes()).map_err(|e| {
+            PluginError::Io {
+                path: path.display().to_string(),
+                source: std::io::Error::other(e.to_string()),
+            }
+        })?;
+        Ok(path)
+    }
+}
+
+/// Reads a signature file, if there is one: at most
+/// [`MAX_SIGNATURE_BYTES`] + 1 bytes (so an oversized one is seen as such).
+fn read_signature(path: &Path) -> Result<Option<Vec<u8>>, PluginError> {
+    use std::io::Read;
+    let io = |source| PluginError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(io(source)),
+    };
+    let mut bytes = Vec::new();
+    file.take(MAX_SIGNATURE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    Ok(Some(bytes))
 }
 
 /// The signature file of a manifest: `plugin.toml.sig`.
@@ -269,32 +456,186 @@ mod tests {
         assert!(err.to_string().contains("sha256 of p.wasm"), "{err}");
     }
 
-    #[test]
-    fn signatures_are_checked_and_required_when_asked() {
+    /// A signed plugin in a fresh folder, the trusted-key list holding its
+    /// key, and a second key pair that signs nothing.
+    struct Signed {
+        dir: tempfile::TempDir,
+        path: PathBuf,
+        key: signing::SigningKey,
+        public: [u8; 32],
+        other: [u8; 32],
+    }
+
+    fn signed() -> Signed {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = write_plugin(dir.path(), b"\0asm", &sha256_hex(b"\0asm"));
-        let keys = tempfile::tempdir().expect("keys");
-        let (private, public) = signing::generate_keypair(keys.path()).expect("keys");
-        let trusted = [signing::parse_public_key(&public).expect("hex")];
-        let files = PluginFiles::load(&path).expect("load");
-        assert_eq!(
-            files.verify(&trusted, false).expect("ok"),
-            SignatureStatus::Unsigned
-        );
-        assert!(files.verify(&trusted, true).is_err());
+        let (private, public) = signing::generate_keypair(&dir.path().join("k1")).expect("keys");
+        let (_, other) = signing::generate_keypair(&dir.path().join("k2")).expect("keys");
         let key = signing::SigningKey::load(&private).expect("key");
-        std::fs::write(signature_path(&path), key.sign_hex(&files.manifest_bytes)).expect("sig");
-        let files = PluginFiles::load(&path).expect("load");
-        assert!(matches!(
-            files.verify(&trusted, true),
-            Ok(SignatureStatus::Verified { .. })
-        ));
-        // Any change to the manifest breaks the signature.
-        let text = std::fs::read_to_string(&path)
-            .expect("read")
-            .replace("1.0.0", "1.0.1");
-        std::fs::write(&path, text).expect("write");
-        let files = PluginFiles::load(&path).expect("load");
-        assert!(files.verify(&trusted, false).is_err());
+        PluginFiles::load(&path)
+            .expect("load")
+            .sign(&key)
+            .expect("sign");
+        Signed {
+            dir,
+            path,
+            key,
+            public: signing::parse_public_key(&public).expect("hex"),
+            other: signing::parse_public_key(&other).expect("hex"),
+        }
+    }
+
+    fn verify(
+        path: &Path,
+        trusted: &[[u8; 32]],
+        required: bool,
+    ) -> Result<SignatureStatus, String> {
+        PluginFiles::load(path)
+            .expect("load")
+            .verify(trusted, required)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn unsigned_is_accepted_only_where_signatures_are_optional() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write_plugin(dir.path(), b"\0asm", &sha256_hex(b"\0asm"));
+        assert_eq!(verify(&path, &[], false), Ok(SignatureStatus::Unsigned));
+        let err = verify(&path, &[], true).expect_err("required");
+        assert!(err.contains("require_signed_plugins is on"), "{err}");
+    }
+
+    #[test]
+    fn signed_by_a_trusted_key_verifies_under_both_policies() {
+        let s = signed();
+        let text = std::fs::read_to_string(signature_path(&s.path)).expect("sig");
+        assert!(
+            text.starts_with(&format!("ed25519 {} ", hex::encode(s.public))),
+            "{text}"
+        );
+        assert_eq!(text.len(), 8 + 64 + 1 + 128 + 1, "{text}");
+        for required in [false, true] {
+            assert_eq!(
+                verify(&s.path, &[s.other, s.public], required),
+                Ok(SignatureStatus::Verified {
+                    key: hex::encode(s.public)
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn untrusted_key_warns_where_optional_and_fails_where_required() {
+        let s = signed();
+        let status = verify(&s.path, &[s.other], false).expect("optional: loads");
+        assert_eq!(
+            status,
+            SignatureStatus::UntrustedKey {
+                key: hex::encode(s.public)
+            }
+        );
+        let warning = status.warning("p").expect("a warning");
+        assert!(
+            warning.contains(&hex::encode(s.public)) && warning.contains("trusted_plugin_keys"),
+            "{warning}"
+        );
+        assert_eq!(SignatureStatus::Unsigned.warning("p"), None);
+        for trusted in [&[][..], &[s.other][..]] {
+            let err = verify(&s.path, trusted, true).expect_err("required");
+            assert!(
+                err.contains(&format!("signed by key {}", hex::encode(s.public)))
+                    && err.contains("add it to sandbox.trusted_plugin_keys")
+                    && !err.contains("tampered"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_changed_manifest_or_signature_is_tampered_under_both_policies() {
+        let s = signed();
+        let trusting = [s.public];
+        // The manifest edited after signing.
+        let original = std::fs::read_to_string(&s.path).expect("read");
+        std::fs::write(&s.path, original.replace("1.0.0", "1.0.1")).expect("write");
+        for (trusted, required) in [
+            (&trusting[..], true),
+            (&[][..], false),
+            (&trusting[..], false),
+        ] {
+            let err = verify(&s.path, trusted, required).expect_err("tampered");
+            assert!(err.contains("tampered"), "{err}");
+        }
+        std::fs::write(&s.path, &original).expect("restore");
+        assert!(verify(&s.path, &trusting, true).is_ok());
+        // One digit of the signature changed.
+        let sig_path = signature_path(&s.path);
+        let text = std::fs::read_to_string(&sig_path).expect("sig");
+        let flipped = if text.ends_with("0\n") { "1\n" } else { "0\n" };
+        std::fs::write(&sig_path, format!("{}{flipped}", &text[..text.len() - 2])).expect("write");
+        for required in [false, true] {
+            let err = verify(&s.path, &trusting, required).expect_err("tampered");
+            assert!(err.contains("tampered"), "{err}");
+        }
+        // The key swapped for another one: the signature is not its.
+        std::fs::write(
+            &sig_path,
+            text.replace(&hex::encode(s.public), &hex::encode(s.other)),
+        )
+        .expect("write");
+        let err = verify(&s.path, &[s.other], false).expect_err("tampered");
+        assert!(err.contains("tampered"), "{err}");
+    }
+
+    #[test]
+    fn malformed_and_oversized_signature_files_are_refused_without_panic() {
+        let s = signed();
+        let sig_path = signature_path(&s.path);
+        let good = std::fs::read(&sig_path).expect("sig");
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (Vec::new(), "empty"),
+            (b"ed25519 zz 00\n".to_vec(), "public key"),
+            (b"rsa 00 11\n".to_vec(), "expected one line"),
+            (vec![0xff, 0xfe], "UTF-8"),
+            (b"ab".repeat(3000), "over 4096 bytes"),
+            ([&good[..], &good[..]].concat(), "expected one line"),
+        ];
+        for (bytes, why) in cases {
+            std::fs::write(&sig_path, &bytes).expect("write");
+            for required in [false, true] {
+                let err = verify(&s.path, &[s.public], required).expect_err("malformed");
+                assert!(
+                    err.contains("not an oxbox signature file") && err.contains(why),
+                    "{why}: {err}"
+                );
+            }
+        }
+        drop(s.dir);
+    }
+
+    #[test]
+    fn legacy_bare_signatures_verify_against_trusted_keys_only() {
+        let s = signed();
+        let files = PluginFiles::load(&s.path).expect("load");
+        std::fs::write(
+            signature_path(&s.path),
+            format!("{}\n", s.key.sign_hex(&files.manifest_bytes)),
+        )
+        .expect("legacy");
+        assert_eq!(
+            verify(&s.path, &[s.public], true),
+            Ok(SignatureStatus::Verified {
+                key: hex::encode(s.public)
+            })
+        );
+        for required in [false, true] {
+            let err = verify(&s.path, &[s.other], required).expect_err("unknown");
+            assert!(
+                err.contains(
+                    "signed by an unknown key or changed since signing; re-sign to tell which"
+                ),
+                "{err}"
+            );
+        }
     }
 }

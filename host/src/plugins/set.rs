@@ -99,6 +99,24 @@ impl PluginSet {
         &self.signatures
     }
 
+    /// What the operator should be told about the loaded set: plugins
+    /// signed by a key this box does not trust (accepted only because
+    /// signatures are optional).
+    pub fn warnings(&self) -> Vec<String> {
+        self.plugins
+            .iter()
+            .zip(&self.signatures)
+            .filter_map(|(plugin, signature)| signature.warning(plugin.name()))
+            .collect()
+    }
+
+    /// Logs [`PluginSet::warnings`] (serve at start and on reload, predict).
+    pub fn log_warnings(&self) {
+        for warning in self.warnings() {
+            tracing::warn!("{warning}");
+        }
+    }
+
     /// The fewest sandbox slots any of its plugins' pools holds: how many
     /// cases may run through the set at once without waiting for a slot
     /// (each case calls one plugin at a time). `None` without plugins.
@@ -161,7 +179,11 @@ impl PluginSet {
     }
 }
 
-fn trusted_keys(config: &Config) -> Result<Vec<[u8; 32]>, PluginError> {
+/// The public keys of `sandbox.trusted_plugin_keys`, parsed.
+///
+/// # Errors
+/// [`PluginError::Signature`] naming the setting when one is not a key.
+pub fn trusted_keys(config: &Config) -> Result<Vec<[u8; 32]>, PluginError> {
     config
         .sandbox
         .trusted_plugin_keys
@@ -201,6 +223,7 @@ impl PluginRegistry {
         let engine = Arc::new(PluginEngine::new(&config.sandbox.limits())?);
         let cache = ComponentCache::open(&config.storage.data_dir)?;
         let set = PluginSet::load(config, &engine, Some(&cache))?;
+        set.log_warnings();
         Ok(Self {
             current: RwLock::new(Arc::new(set)),
             engine,
@@ -231,6 +254,7 @@ impl PluginRegistry {
             LoadedConfig::load(self.config_path.as_deref()).map_err(ReloadError::Config)?;
         let set = PluginSet::load(&loaded.config, &self.engine, self.cache.as_ref())
             .map_err(ReloadError::Plugin)?;
+        set.log_warnings();
         let count = set.plugins.len();
         let mut guard = match self.current.write() {
             Ok(guard) => guard,

@@ -19,7 +19,6 @@ use super::reload::Refusal;
 use crate::config::LimitsConfig;
 use crate::dicom::{DicomFile, ImageHeader};
 use crate::pipeline::{Pipeline, PipelineError, PredictionReport, PreparedCase};
-use crate::plugins::manifest::SignatureStatus;
 use crate::plugins::{PluginError, PluginSet};
 use crate::store::new_request_id;
 
@@ -243,10 +242,8 @@ fn plugins(state: &AppState) -> HttpResponse {
                 "version": p.version(),
                 "sha256": p.sha256(),
                 "hooks": p.hooks().iter().map(|h| h.as_str()).collect::<Vec<_>>(),
-                "signed_by": match signature {
-                    SignatureStatus::Verified { key } => Some(key.clone()),
-                    SignatureStatus::Unsigned => None,
-                },
+                "signed_by": signature.trusted_key(),
+                "signature": signature,
                 "consecutive_faults": p.consecutive_faults(),
                 "quarantined": p.is_quarantined(),
             })
