@@ -262,29 +262,22 @@ fn a_new_plugin_goes_from_scaffold_to_a_reloaded_signed_deployment() {
     assert!(!root.join("oxbox-data").exists(), "created oxbox-data/");
     assert!(home.join(".cache/oxbox/plugin-cache").is_dir());
 
-    deploy_serve_change_reload_and_tamper(&root, &home);
+    deploy_serve_change_reload_and_tamper(
+        &root,
+        &home,
+        &root.join("keys/signing-key.pk8"),
+        &public,
+    );
 }
 
-/// The rest of the engineer's day, continuing from a built `e2e-site`:
-/// pack and sign in one step, deploy under a config that requires
+/// The rest of the engineer's day, continuing from a built and signed
+/// `e2e-site` (`key`, whose public half is `public`): deploy under a config that requires
 /// signatures, `config check`, predict, serve; change the plugin, re-sign,
 /// redeploy, reload (old → new in the log); then a tampered deployment is
 /// refused by `config check` and by the reload, and the box keeps serving
 /// the last good plugin.
-fn deploy_serve_change_reload_and_tamper(root: &Path, home: &Path) {
-    let keys = home.join("keys");
-    let out = run_in(
-        root,
-        home,
-        &oxbox(),
-        &["keys", "generate", "--out", keys.to_str().expect("utf-8")],
-    );
-    assert!(out.status.success(), "keys generate: {}", stderr(&out));
-    let key = keys.join("signing-key.pk8");
-    let public = std::fs::read_to_string(keys.join("signing-key.pub")).expect("public key");
-    let public = public.trim();
-
-    // Pack and sign in one step.
+fn deploy_serve_change_reload_and_tamper(root: &Path, home: &Path, key: &Path, public: &str) {
+    // Build, pack and sign in one step.
     let build_and_sign = || {
         let script = root.join("scripts/build-plugins.sh");
         let out = run_in(
@@ -304,7 +297,7 @@ fn deploy_serve_change_reload_and_tamper(root: &Path, home: &Path) {
         assert_eq!(mode(&dist.join("plugin.toml.sig")), 0o644);
         dist
     };
-    let dist = build_and_sign();
+    let dist = root.join("plugins/dist/e2e-site");
 
     // Signed by a key this (default) config does not trust, with
     // signatures optional: the developer's own check works, with a warning
