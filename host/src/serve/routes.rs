@@ -371,6 +371,7 @@ async fn predict(state: &Arc<AppState>, request: Request<Incoming>) -> HttpRespo
                 &request_id,
                 &state.plugins.current(),
                 problem.status < 500,
+                &problem.audit_reason(),
             );
             (problem.for_request(&request_id).into_response(), audit)
         }
@@ -483,7 +484,25 @@ async fn predict_case(
         }
         Err(Admitted::Failed(e)) => {
             count_plugin_fault(state, &e);
-            tracing::info!(request_id, "prediction refused: {}", category(&e));
+            // The redacted text: the plugin and field at fault, never a
+            // value (the plugin's own message may quote one). Bad input and
+            // load (every sandbox busy, already warned once) at info, a
+            // failure of the box at warn.
+            if e.is_bad_input() || matches!(e, PipelineError::Plugin(PluginError::Busy { .. })) {
+                tracing::info!(
+                    request_id,
+                    "prediction refused ({}): {}",
+                    category(&e),
+                    e.redacted()
+                );
+            } else {
+                tracing::warn!(
+                    request_id,
+                    "prediction failed ({}): {}",
+                    category(&e),
+                    e.redacted()
+                );
+            }
             return Err(Problem::from_pipeline(&e));
         }
     };
