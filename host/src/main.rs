@@ -10,10 +10,11 @@ use clap::Parser;
 fn main() -> ExitCode {
     oxbox::guard::install_quiet_panic_hook();
     let args = cli::Cli::parse();
-    if !matches!(args.command, cli::Command::Serve(_)) {
+    let server = matches!(args.command, cli::Command::Serve(_));
+    if !server {
         restore_sigpipe();
     }
-    cli::init_logging(args.verbose);
+    cli::init_logging(args.verbose, server);
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -77,6 +77,11 @@ impl PipelineError {
                 Some(field) => format!("plugin {plugin} rejected the input (field {field})"),
                 None => format!("plugin {plugin} rejected the input (no field named)"),
             },
+            PipelineError::Plugin(PluginError::Implausible {
+                plugin,
+                feature,
+                reason,
+            }) => format!("plugin {plugin} gave an implausible {feature} ({reason})"),
             // Faults and load errors are the host's own words.
             PipelineError::Plugin(e) => e.to_string(),
             PipelineError::Model(e) => e.to_string(),
@@ -262,6 +267,7 @@ impl Pipeline {
             None => None,
         };
         timings.plugins = ms(t);
+        self.check_model_ranges(&features)?;
         let input = ModelInput { image, features };
         self.model.check_input(&input)?;
         Ok(PreparedCase {
@@ -278,6 +284,32 @@ impl Pipeline {
             timings,
             started,
         })
+    }
+
+    /// Re-checks present values against the ranges of the model's own
+    /// manifest (`[[emr]] min`/`max`), which may be narrower than the
+    /// schema's: the model would otherwise clamp such a value silently.
+    /// Features the model does not use are not its concern (a model may use
+    /// a subset of the schema).
+    ///
+    /// # Errors
+    /// [`ModelError::Input`] naming the feature and the model's range,
+    /// never the value.
+    fn check_model_ranges(&self, features: &[(String, Option<f64>)]) -> Result<(), ModelError> {
+        let manifest = &self.model.package().manifest;
+        for spec in &manifest.emr {
+            let value = features
+                .iter()
+                .find(|(name, _)| *name == spec.name)
+                .and_then(|(_, v)| *v);
+            if value.is_some_and(|v| !(spec.min..=spec.max).contains(&v)) {
+                return Err(ModelError::Input(format!(
+                    "{} is outside the range model {} {} takes ({}..={} {}); the value is not shown",
+                    spec.name, manifest.name, manifest.version, spec.min, spec.max, spec.unit
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The report for a prepared case and its prediction; `inference_ms`
@@ -304,13 +336,15 @@ impl Pipeline {
     }
 
     /// The audit record of a prediction that was not given: the category
-    /// only (`rejected` for bad input, else `failed`), never the error's
-    /// text, which may echo the input.
+    /// (`rejected` for bad input, else `failed`) and `reason`, the error as
+    /// [`PipelineError::redacted`] gives it (the plugin and field, never a
+    /// value) — never the error's own text, which may echo the input.
     pub fn refused_record(
         &self,
         request_id: &str,
         plugins: &PluginSet,
         bad_input: bool,
+        reason: &str,
     ) -> crate::store::AuditRecord {
         crate::store::AuditRecord {
             time: String::new(),
@@ -324,6 +358,7 @@ impl Pipeline {
             outputs: serde_json::Value::Null,
             timings_ms: serde_json::Value::Null,
             status: if bad_input { "rejected" } else { "failed" }.to_owned(),
+            reason: Some(reason.to_owned()),
         }
     }
 
@@ -373,6 +408,7 @@ impl PredictionReport {
             outputs: as_json(&self.horizons),
             timings_ms: as_json(&self.timings_ms),
             status: "ok".to_owned(),
+            reason: None,
         }
     }
 }
@@ -427,6 +463,17 @@ mod tests {
         };
         assert!(!schema.redacted().contains("917"), "{}", schema.redacted());
         assert!(schema.redacted().contains("spo2_pct"));
+
+        let implausible = PipelineError::Plugin(PluginError::Implausible {
+            plugin: "my-site 0.2.0".to_owned(),
+            feature: "spo2_pct".to_owned(),
+            reason: "outside the plausible range 30..=100 % of EMR schema v1".to_owned(),
+        });
+        assert!(implausible.is_bad_input());
+        assert_eq!(
+            implausible.redacted(),
+            "plugin my-site 0.2.0 gave an implausible spo2_pct (outside the plausible range 30..=100 % of EMR schema v1)"
+        );
 
         let io = PipelineError::Dicom(dicom::DicomError::Io {
             path: "/pacs/DOE^JANE/chest.dcm".to_owned(),

@@ -1,8 +1,11 @@
 //! The plugin sandbox under attack: every hostile test plugin
 //! (tests/guests/) is contained — refused, or failed with its named cause
 //! within 2× the deadline — while the host's memory stays bounded and a good
-//! plugin keeps working. A test binary of its own, its tests serialised, so
-//! that timings and memory measurements are not disturbed by other tests.
+//! plugin keeps working; and what a plugin returns is checked against EMR
+//! schema v1 (unknown or doubled features are faults, implausible values
+//! refusals that never quarantine). A test binary of its own, its tests
+//! serialised, so that timings and memory measurements are not disturbed by
+//! other tests.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -651,4 +654,97 @@ fn plugin_logs_are_capped_per_call_and_per_minute() {
         u64::from(oxbox::plugins::MAX_LOG_LINES_PER_MINUTE)
     );
     assert!(many.dropped > 0);
+}
+
+#[test]
+fn plugin_output_is_checked_against_the_emr_schema() {
+    let _alone = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let limits = PluginLimits::default();
+    let engine = Arc::new(PluginEngine::new(&limits).expect("engine"));
+    let echo = || {
+        LoadedPlugin::load(
+            &engine,
+            None,
+            &guest("feature-echo"),
+            "feature-echo",
+            limits.clone(),
+        )
+        .expect("feature-echo loads")
+    };
+    let malformed = |result: Result<_, PluginError>| match result {
+        Err(PluginError::Fault {
+            cause: FaultCause::MalformedOutput(what),
+            ..
+        }) => what,
+        other => panic!("expected a malformed-output fault, got {other:?}"),
+    };
+
+    // Schema features, a subset, one missing: accepted as they are.
+    let plugin = echo();
+    let features = plugin
+        .map_emr(&record(&[("spo2_pct", "95"), ("age_years", "")]))
+        .expect("schema features");
+    assert_eq!(features.len(), 2);
+    assert_eq!(
+        (features[1].name.as_str(), features[1].value),
+        ("age_years", None)
+    );
+
+    // A lab outside the schema: a fault naming it, no suggestion.
+    let what = malformed(plugin.map_emr(&record(&[("spo2_pct", "95"), ("il6_pg_ml", "12")])));
+    assert!(
+        what.contains("\"il6_pg_ml\" is not in EMR schema v1"),
+        "{what}"
+    );
+    assert!(!what.contains("did you mean"), "{what}");
+    // A typo: the schema name it is closest to.
+    let what = malformed(plugin.map_emr(&record(&[("spo2_pc", "95")])));
+    assert!(
+        what.contains("feature \"spo2_pc\" is not in EMR schema v1 (did you mean \"spo2_pct\"?)"),
+        "{what}"
+    );
+    let what = malformed(plugin.map_emr(&record(&[("Heart_Rate_BPM", "80")])));
+    assert!(what.contains("did you mean \"heart_rate_bpm\"?"), "{what}");
+    // Three deterministic plugin bugs in a row: quarantined.
+    assert_eq!(plugin.consecutive_faults(), 3);
+    assert!(plugin.is_quarantined());
+
+    // A feature given twice.
+    let plugin = echo();
+    let what = malformed(plugin.map_emr(&record(&[("spo2_pct", "95"), ("spo2_pct", "96")])));
+    assert!(what.contains("\"spo2_pct\" given twice"), "{what}");
+
+    // A value outside the schema's range is the input's fault: refused,
+    // naming the feature and not the value, and never a fault — however
+    // often hostile input sends it, the plugin stays in service.
+    let plugin = echo();
+    for _ in 0..limits.fault_threshold + 2 {
+        match plugin.map_emr(&record(&[("spo2_pct", "917.25")])) {
+            Err(e @ PluginError::Implausible { .. }) => {
+                let text = e.to_string();
+                assert!(e.is_bad_input() && e.is_rejection());
+                assert!(text.contains("spo2_pct"), "{text}");
+                assert!(text.contains("30..=100"), "{text}");
+                assert!(!text.contains("917"), "the value leaked: {text}");
+            }
+            other => panic!("expected Implausible, got {other:?}"),
+        }
+    }
+    match plugin.map_emr(&record(&[("sex", "0.5")])) {
+        Err(PluginError::Implausible {
+            feature, reason, ..
+        }) => {
+            assert_eq!(feature, "sex");
+            assert!(reason.contains("whole-number code"), "{reason}");
+            assert!(!reason.contains("0.5"), "{reason}");
+        }
+        other => panic!("expected Implausible, got {other:?}"),
+    }
+    assert_eq!(plugin.consecutive_faults(), 0);
+    assert!(!plugin.is_quarantined());
+    plugin
+        .map_emr(&record(&[("spo2_pct", "95")]))
+        .expect("still in service");
 }

@@ -10,8 +10,9 @@ use oxbox::store::AuditLog;
 #[command(
     after_help = "Example:\n  oxbox audit tail -n 20 --config /etc/oxbox/oxbox.toml\n\n\
 Prints the last N audit records as JSON lines, oldest first: time, request id, model \
-digest, plugin versions, outputs, timings, status. No patient identifier is ever \
-recorded. With --admin, the administrative events instead: plugin reloads (HTTP or \
+digest, plugin versions, outputs, timings, status (ok, rejected or failed) and, for a \
+refused prediction, the reason: the stage, plugin and field at fault (never a value \
+from the input). No patient identifier is ever recorded. With --admin, the administrative events instead: plugin reloads (HTTP or \
 SIGHUP), who asked, the outcome, and the plugins' names, versions and sha256 before \
 and after."
 )]

@@ -227,13 +227,18 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
     }
 }
 
-/// Logs go to stderr; stdout is for results.
-pub fn init_logging(verbose: u8) {
+/// Logs go to stderr; stdout is for results. `server`: the long-running
+/// `oxbox serve`, whose operator log holds oxbox's own `info` lines
+/// (refused predictions with the plugin and field at fault, reloads)
+/// without `-v`; what plugins log or print at `info` still needs `-v`
+/// (their text is theirs, and may be chatty).
+pub fn init_logging(verbose: u8, server: bool) {
     // Dependencies' own warnings (e.g. dicom-rs on a missing optional meta
     // attribute) stay quiet unless asked for: stderr carries one error line.
-    let default = match verbose {
-        0 => "error,oxbox=warn",
-        1 => "warn,oxbox=info",
+    let default = match (verbose, server) {
+        (0, false) => "error,oxbox=warn",
+        (0, true) => "warn,oxbox=info,oxbox::plugins::bindings=warn",
+        (1, _) => "warn,oxbox=info",
         _ => "debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -55,7 +55,12 @@ pub struct CheckArgs {
 oxbox plugin run plugins/dist/example-site/plugin.toml --emr samples/example-site-record.json\n  \
 oxbox plugin run plugin.toml --emr record.json --dicom chest.dcm --out chest.npy\n\n\
 Runs one plugin on one case, under the same sandbox and limits as the box, and prints \
-the canonical features as JSON. With --dicom, also runs preprocess-image on the \
+the canonical features as JSON. The host checks them as the box does: a feature outside \
+EMR schema v1 (or given twice) is a plugin fault naming it, a value outside the schema's \
+range refuses the case (exit 2, naming the feature). `model` says which emitted features \
+the model uses, which it ignores, and which it uses that the plugin did not emit — the \
+model of --model, else [model] package, else the embedded demo model, as `predict` \
+chooses. With --dicom, also runs preprocess-image on the \
 canonical image of the radiograph and writes the image the model would get to --out.")]
 pub struct RunArgs {
     #[command(flatten)]
@@ -69,6 +74,10 @@ pub struct RunArgs {
     /// Where to write the final image (.npy), with --dicom.
     #[arg(long, value_name = "X.npy", requires = "dicom")]
     out: Option<PathBuf>,
+    /// Model package whose features to mark; default: [model] package
+    /// from the config, else the embedded demo model.
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
 }
 
 /// Arguments of `oxbox plugin pack`.
@@ -260,6 +269,7 @@ pub fn run(args: RunArgs, config: &LoadedConfig) -> anyhow::Result<()> {
     let mut report = serde_json::json!({
         "plugin": {"name": name, "version": version},
         "features": features_to_json(&features),
+        "model": model_marks(args.model.as_deref(), config, &features)?,
     });
     if let Some(dicom_path) = &args.dicom {
         let limits = &config.limits;
@@ -297,6 +307,59 @@ pub fn run(args: RunArgs, config: &LoadedConfig) -> anyhow::Result<()> {
     }
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
+}
+
+/// Which of the emitted features the model uses: the model of `explicit`
+/// (`--model`; failing to load it is an error), else the configured or
+/// embedded one as `predict` chooses (failing to load it is said in the
+/// answer, not an error: the features are still worth seeing).
+fn model_marks(
+    explicit: Option<&Path>,
+    config: &Config,
+    features: &[oxbox::plugins::Feature],
+) -> anyhow::Result<serde_json::Value> {
+    let source = match (explicit, &config.model.package) {
+        (Some(_), _) => "--model",
+        (None, Some(_)) => "[model] package",
+        (None, None) => "embedded demo model",
+    };
+    // As `demo::resolve`, without its warning: `source` says which it is.
+    let package = match explicit.or(config.model.package.as_deref()) {
+        Some(dir) => oxbox::model::ModelPackage::load(dir),
+        None => oxbox::model::demo::materialize(&config.storage.data_dir),
+    };
+    let package = match package {
+        Ok(package) => package,
+        Err(e) if explicit.is_some() => return Err(e.into()),
+        Err(e) => {
+            return Ok(serde_json::json!({
+                "source": source,
+                "error": format!("no model to mark the features against: {e}"),
+            }));
+        }
+    };
+    let manifest = &package.manifest;
+    let used = |name: &str| manifest.emr.iter().any(|f| f.name == name);
+    let emitted = |name: &str| features.iter().any(|f| f.name == name);
+    let (uses, ignores): (Vec<&str>, Vec<&str>) = features
+        .iter()
+        .map(|f| f.name.as_str())
+        .partition(|name| used(name));
+    let not_emitted: Vec<&str> = manifest
+        .emr
+        .iter()
+        .map(|f| f.name.as_str())
+        .filter(|name| !emitted(name))
+        .collect();
+    Ok(serde_json::json!({
+        "source": source,
+        "name": manifest.name,
+        "version": manifest.version,
+        "digest": package.digest,
+        "uses": uses,
+        "ignores": ignores,
+        "not_emitted": not_emitted,
+    }))
 }
 
 /// Runs `oxbox plugin pack`.

@@ -77,7 +77,12 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
             Ok(())
         }
         Err(e) => {
-            audit.record(&pipeline.refused_record(&request_id, &plugins, e.is_bad_input()))?;
+            audit.record(&pipeline.refused_record(
+                &request_id,
+                &plugins,
+                e.is_bad_input(),
+                &e.redacted(),
+            ))?;
             Err(e.into())
         }
     }

@@ -19,7 +19,9 @@ needs [server] token_file, and clients send `Authorization: Bearer <token>`). Th
 needs the token everywhere, loopback included: without [server] token_file it answers 403. \
 Reloads run one at a time, at most one per [server] reload_min_interval_s over HTTP, each \
 recorded in the audit database. SIGHUP reloads the plugins (audited too); SIGINT/SIGTERM drain \
-and exit. Prints one line, `listening on http://ADDR`, \
+and exit. The log (stderr, `info` by default here; RUST_LOG overrides) names each refused \
+prediction's request id, plugin and field (never a value) and each reload's plugins, old -> \
+new, with versions and sha256. Prints one line, `listening on http://ADDR`, \
 once it accepts connections.")]
 pub struct Args {
     /// Model package folder; default: [model] package from the config.

@@ -121,6 +121,21 @@ pub enum PluginError {
         /// The plugin's message (capped in length).
         message: String,
     },
+    /// The plugin returned a value outside EMR schema v1's plausible range
+    /// for a feature (or a code that is not a whole number): the input's
+    /// fault — the plugin passed on what the record held — so HTTP 422, and
+    /// never counted towards quarantine. Names the feature, never the value.
+    #[error(
+        "plugin {plugin} mapped the record to an implausible {feature}: {reason} (the value is not shown)"
+    )]
+    Implausible {
+        /// "name version".
+        plugin: String,
+        /// The canonical feature.
+        feature: String,
+        /// Why, in the host's words (the range, never the value).
+        reason: String,
+    },
     /// The plugin failed: trap, timeout, limit, malformed output: HTTP 500.
     #[error("plugin {plugin} failed: {cause}")]
     Fault {
@@ -155,10 +170,14 @@ pub enum PluginError {
 }
 
 impl PluginError {
-    /// Whether the plugin rejected the input (as opposed to failing): the
-    /// HTTP layer maps this to 422 and every other call error to 500.
+    /// Whether the input was refused through a plugin (the plugin's own
+    /// rejection, or a value it returned outside the schema's range) as
+    /// opposed to the plugin failing: the HTTP layer maps this to 422.
     pub fn is_rejection(&self) -> bool {
-        matches!(self, PluginError::Rejected { .. })
+        matches!(
+            self,
+            PluginError::Rejected { .. } | PluginError::Implausible { .. }
+        )
     }
 
     /// Whether the error is about the input given (a record the plugin
@@ -168,6 +187,7 @@ impl PluginError {
         matches!(
             self,
             PluginError::Rejected { .. }
+                | PluginError::Implausible { .. }
                 | PluginError::Manifest { .. }
                 | PluginError::Signature { .. }
                 | PluginError::UnsupportedInterface { .. }

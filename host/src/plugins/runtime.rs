@@ -12,7 +12,9 @@
 //! wall-clock deadline (epoch interruption) and captured stdio. Nothing a
 //! plugin can import blocks inside the host (see [`super::wasi`]), so the
 //! deadline always fires. A guest `plugin-error` is a rejection of the
-//! input; a trap, timeout, exceeded limit or malformed result is a fault,
+//! input, and so is a `map-emr` value outside EMR schema v1's plausible
+//! range; a trap, timeout, exceeded limit or malformed result (a feature
+//! name the schema does not know, a feature given twice) is a fault,
 //! classified by the limit the store recorded (not by wasmtime's message
 //! text) and counted: after `fault_threshold` consecutive faults the plugin
 //! is quarantined until the plugin set is reloaded.
@@ -21,6 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use oxbox_emr_schema::FeatureSpec;
 use wasmtime::component::Linker;
 use wasmtime::component::types::ComponentItem;
 use wasmtime::{Store, StoreLimitsBuilder, Trap};
@@ -352,11 +355,10 @@ impl LoadedPlugin {
             Err(e) => Err((e, true)),
         };
         store.data_mut().flush_stdio();
+        // A call that returns is not yet a success: its answer is checked
+        // by the hook's caller, which settles the count ([`Self::settle`]).
         match result {
-            Ok(value) => {
-                self.consecutive_faults.store(0, Ordering::Relaxed);
-                Ok(value)
-            }
+            Ok(value) => Ok(value),
             Err((e, instantiating)) => Err(self.fault(
                 e,
                 started.elapsed(),
@@ -424,8 +426,22 @@ impl LoadedPlugin {
         }
     }
 
+    /// Ends the count of consecutive faults unless `result` is one: an
+    /// answer that passed the host's checks, or a refusal of the input, is
+    /// the plugin working.
+    fn settle<T>(&self, result: &Result<T, PluginError>) {
+        if !matches!(result, Err(PluginError::Fault { .. })) {
+            self.consecutive_faults.store(0, Ordering::Relaxed);
+        }
+    }
+
     fn malformed(&self, what: String) -> PluginError {
-        self.consecutive_faults.fetch_add(1, Ordering::Relaxed);
+        let faults = self.consecutive_faults.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::warn!(
+            plugin = %self.label,
+            faults,
+            "plugin fault: returned malformed output: {what}"
+        );
         PluginError::Fault {
             plugin: self.label.clone(),
             cause: FaultCause::MalformedOutput(what),
@@ -440,26 +456,59 @@ impl LoadedPlugin {
         }
     }
 
-    /// `map-emr`: the site's record → canonical features.
+    /// `map-emr`: the site's record → canonical features, checked against
+    /// EMR schema v1: every name a schema feature, none twice, every value
+    /// finite and within the schema's plausible range.
     ///
     /// # Errors
-    /// [`PluginError::Rejected`] when the plugin refuses the record, a
-    /// fault otherwise.
+    /// [`PluginError::Rejected`] when the plugin refuses the record,
+    /// [`PluginError::Implausible`] when it returns a value outside the
+    /// schema's range (the input's fault), a fault otherwise — including a
+    /// feature the schema does not know (named, with the nearest schema
+    /// name when one is close) or one given twice.
     pub fn map_emr(&self, record: &[RawField]) -> Result<Vec<Feature>, PluginError> {
         let answer = self.call(|bindings, store| bindings.call_map_emr(store, record))?;
-        let features = answer.map_err(|e| self.rejected(e))?;
+        let result = answer
+            .map_err(|e| self.rejected(e))
+            .and_then(|features| self.check_features(features));
+        self.settle(&result);
+        result
+    }
+
+    /// The host's checks of a `map-emr` answer (see [`Self::map_emr`]).
+    fn check_features(&self, features: Vec<Feature>) -> Result<Vec<Feature>, PluginError> {
         if features.len() > MAX_FEATURES {
             return Err(self.malformed(format!(
                 "{} features (at most {MAX_FEATURES})",
                 features.len()
             )));
         }
+        let mut specs = Vec::with_capacity(features.len());
         for feature in &features {
             if feature.name.is_empty() || feature.name.len() > 64 {
                 return Err(self.malformed("a feature name is empty or too long".to_owned()));
             }
+            let spec = check_feature_name(&feature.name).map_err(|what| self.malformed(what))?;
+            if specs.iter().any(|s: &&FeatureSpec| s.name == spec.name) {
+                return Err(self.malformed(format!("feature {:?} given twice", spec.name)));
+            }
             if feature.value.is_some_and(|v| !v.is_finite()) {
-                return Err(self.malformed(format!("{} is not a finite number", feature.name)));
+                return Err(self.malformed(format!("{} is not a finite number", spec.name)));
+            }
+            specs.push(spec);
+        }
+        // Names first: a plugin bug is reported as one even when the value
+        // is also wrong. A value outside the schema's range is the input's
+        // fault (the plugin passed on what it was given): a refusal of the
+        // case, never counted towards quarantine, so hostile input cannot
+        // take a healthy plugin out of service.
+        for (feature, spec) in features.iter().zip(&specs) {
+            if let Some(value) = feature.value {
+                oxbox_emr_schema::check(spec, value).map_err(|e| PluginError::Implausible {
+                    plugin: self.label.clone(),
+                    feature: spec.name.to_owned(),
+                    reason: implausible_reason(spec, &e),
+                })?;
             }
         }
         Ok(features)
@@ -480,7 +529,19 @@ impl LoadedPlugin {
             let lent = store.data_mut().lend_pixels(pixels.clone())?;
             bindings.call_preprocess_image(store, frame, lent)
         })?;
-        let decision = answer.map_err(|e| self.rejected(e))?;
+        let result = answer
+            .map_err(|e| self.rejected(e))
+            .and_then(|decision| self.check_decision(frame, decision));
+        self.settle(&result);
+        result
+    }
+
+    /// The host's checks of a `preprocess-image` answer.
+    fn check_decision(
+        &self,
+        frame: &Frame,
+        decision: ImageDecision,
+    ) -> Result<ImageDecision, PluginError> {
         if let ImageDecision::Replace(image) = &decision {
             let expected = frame.size as usize * frame.size as usize;
             if image.len() != expected {
@@ -496,6 +557,79 @@ impl LoadedPlugin {
             }
         }
         Ok(decision)
+    }
+}
+
+/// The schema v1 spec of a feature a plugin returned, or why the name is
+/// not one: the text names the feature and, where a schema name is a small
+/// edit away (a typo, another case), suggests it.
+///
+/// # Errors
+/// The malformed-output text.
+pub fn check_feature_name(name: &str) -> Result<&'static FeatureSpec, String> {
+    oxbox_emr_schema::feature(name).ok_or_else(|| {
+        let mut what = format!(
+            "feature {name:?} is not in EMR schema v{}",
+            oxbox_emr_schema::SCHEMA_VERSION
+        );
+        if let Some(near) = nearest_feature(name) {
+            what.push_str(&format!(" (did you mean {near:?}?)"));
+        }
+        what.push_str("; plugins/README.md lists the schema's features");
+        what
+    })
+}
+
+/// The schema feature closest to `name` in edit distance (ASCII case
+/// ignored), if within [`SUGGESTION_DISTANCE`].
+fn nearest_feature(name: &str) -> Option<&'static str> {
+    let name = name.to_ascii_lowercase();
+    oxbox_emr_schema::FEATURES
+        .iter()
+        .map(|f| (edit_distance(&name, f.name), f.name))
+        .filter(|(d, _)| *d <= SUGGESTION_DISTANCE)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, f)| f)
+}
+
+/// Largest edit distance at which an unknown feature name is taken for a
+/// typo of a schema name: two edits catch a dropped, added or swapped
+/// character ("spo2_pc", "sp02_pct", "temperature") without pairing
+/// unrelated names (a lab outside the schema, "il6_pg_ml", is 5 from the
+/// nearest); the nearest wins (the closest two schema names,
+/// systolic/diastolic, are 3 apart).
+const SUGGESTION_DISTANCE: usize = 2;
+
+/// Levenshtein distance, by characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitute = diagonal + usize::from(ca != *cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitute.min(row[j] + 1).min(row[j + 1] + 1);
+        }
+    }
+    row[b.len()]
+}
+
+/// Why a value fails the schema's check, without the value: the range (a
+/// property of the schema) or that a code must be a whole number.
+fn implausible_reason(spec: &FeatureSpec, error: &oxbox_emr_schema::ValueError) -> String {
+    match error {
+        oxbox_emr_schema::ValueError::NotACode(_) => {
+            format!("not a whole-number code ({})", spec.unit)
+        }
+        _ => format!(
+            "outside the plausible range {}..={} {} of EMR schema v{}",
+            spec.min,
+            spec.max,
+            spec.unit,
+            oxbox_emr_schema::SCHEMA_VERSION
+        ),
     }
 }
 
@@ -558,6 +692,50 @@ fn truncate(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unknown_features_are_named_with_the_nearest_schema_name() {
+        assert_eq!(edit_distance("spo2_pc", "spo2_pct"), 1);
+        assert_eq!(edit_distance("sp02_pct", "spo2_pct"), 1);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(nearest_feature("spo2_pc"), Some("spo2_pct"));
+        assert_eq!(nearest_feature("CRP_MG_L"), Some("crp_mg_l"));
+        assert_eq!(nearest_feature("il6_pg_ml"), None);
+        assert_eq!(nearest_feature("temperature"), Some("temperature_c"));
+        assert_eq!(nearest_feature("temp_c"), None);
+        // The two closest schema names (3 edits apart): each typo goes to
+        // the nearer one.
+        assert_eq!(
+            nearest_feature("sistolic_bp_mmhg"),
+            Some("systolic_bp_mmhg")
+        );
+        assert_eq!(
+            nearest_feature("diastolic_bp_mmgh"),
+            Some("diastolic_bp_mmhg")
+        );
+        assert!(check_feature_name("spo2_pct").is_ok());
+        let what = check_feature_name("spo2_pc").expect_err("typo");
+        assert!(
+            what.starts_with(
+                "feature \"spo2_pc\" is not in EMR schema v1 (did you mean \"spo2_pct\"?)"
+            ),
+            "{what}"
+        );
+    }
+
+    #[test]
+    fn implausible_values_are_described_without_the_value() {
+        let spo2 = oxbox_emr_schema::feature("spo2_pct").expect("schema");
+        let error = oxbox_emr_schema::check(spo2, 917.25).expect_err("out of range");
+        let reason = implausible_reason(spo2, &error);
+        assert_eq!(
+            reason,
+            "outside the plausible range 30..=100 % of EMR schema v1"
+        );
+        let sex = oxbox_emr_schema::feature("sex").expect("schema");
+        let error = oxbox_emr_schema::check(sex, 0.5).expect_err("not a code");
+        assert!(!implausible_reason(sex, &error).contains("0.5"));
+    }
 
     #[test]
     fn imports_are_screened() {

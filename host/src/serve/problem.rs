@@ -37,6 +37,12 @@ pub struct Problem {
     /// Extra headers (`WWW-Authenticate`, `Allow`).
     #[serde(skip)]
     pub headers: Vec<(header::HeaderName, String)>,
+    /// What the server log and the audit record say about it, when the
+    /// detail may quote the input (a plugin's message, a schema error):
+    /// [`PipelineError::redacted`]. Not sent to the client, which gets the
+    /// detail.
+    #[serde(skip)]
+    pub reason: Option<String>,
 }
 
 impl Problem {
@@ -55,6 +61,7 @@ impl Problem {
             request_id: None,
             retry_after: None,
             headers: Vec::new(),
+            reason: None,
         }
     }
 
@@ -238,6 +245,18 @@ impl Problem {
     /// for a plugin call that found every sandbox busy (overloaded, with
     /// Retry-After); 500 for plugin faults and model failures.
     pub fn from_pipeline(error: &PipelineError) -> Self {
+        let mut problem = Self::from_pipeline_error(error);
+        problem.reason = Some(error.redacted());
+        problem
+    }
+
+    /// What to log and audit for this problem: the redacted reason when it
+    /// came from the pipeline, else its title (fixed text).
+    pub fn audit_reason(&self) -> String {
+        self.reason.clone().unwrap_or_else(|| self.title.to_owned())
+    }
+
+    fn from_pipeline_error(error: &PipelineError) -> Self {
         let unprocessable = |slug, title| {
             Self::new(
                 StatusCode::UNPROCESSABLE_ENTITY,

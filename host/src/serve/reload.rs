@@ -18,6 +18,9 @@
 //!   to the audit database. Refused attempts are counted
 //!   (`oxbox_reload_refusals_total`) and logged at debug level only, so a
 //!   local client can grow neither the database nor the log.
+//! - Logged: a successful reload logs one `info` line per plugin, old → new
+//!   with name, version and sha256 (changed, added, removed or unchanged),
+//!   and says when nothing changed; a failed one logs why at `error`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -119,12 +122,71 @@ pub struct ReloadOutcome {
     pub audit_error: Option<String>,
 }
 
-/// The plugins of a set as the audit records them.
-fn identities(set: &PluginSet) -> serde_json::Value {
+/// A loaded plugin as reloads log and audit it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Identity {
+    name: String,
+    version: String,
+    sha256: String,
+}
+
+impl Identity {
+    fn json(&self) -> serde_json::Value {
+        json!({ "name": self.name, "version": self.version, "sha256": self.sha256 })
+    }
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (sha256 {})", self.version, self.sha256)
+    }
+}
+
+/// The plugins of a set, in run order.
+fn identities(set: &PluginSet) -> Vec<Identity> {
     set.plugins()
         .iter()
-        .map(|p| json!({ "name": p.name(), "version": p.version(), "sha256": p.sha256() }))
+        .map(|p| Identity {
+            name: p.name().to_owned(),
+            version: p.version().to_owned(),
+            sha256: p.sha256().to_owned(),
+        })
         .collect()
+}
+
+/// One line per plugin of a reload, old → new by name: changed, added,
+/// removed or unchanged, each with version and sha256; and whether anything
+/// changed at all.
+fn changes(before: &[Identity], after: &[Identity]) -> (Vec<String>, bool) {
+    let mut lines = Vec::new();
+    let mut changed = false;
+    for new in after {
+        match before.iter().find(|old| old.name == new.name) {
+            Some(old) if old == new => lines.push(format!("plugin {}: unchanged, {new}", new.name)),
+            Some(old) => {
+                changed = true;
+                lines.push(format!("plugin {}: {old} -> {new}", new.name));
+            }
+            None => {
+                changed = true;
+                lines.push(format!("plugin {}: added, {new}", new.name));
+            }
+        }
+    }
+    for old in before {
+        if !after.iter().any(|new| new.name == old.name) {
+            changed = true;
+            lines.push(format!("plugin {}: removed, was {old}", old.name));
+        }
+    }
+    if before
+        .iter()
+        .map(|i| &i.name)
+        .ne(after.iter().map(|i| &i.name))
+    {
+        changed = true;
+    }
+    (lines, changed)
 }
 
 /// Runs `work` in a task of its own that holds `turn` until `work` has
@@ -172,7 +234,17 @@ async fn reload_and_audit(state: &Arc<AppState>, actor: String) -> ReloadOutcome
     };
     let after = identities(&state.plugins.current());
     match &result {
-        Ok(count) => tracing::info!("{actor}: reloaded {count} plugin(s)"),
+        Ok(count) => {
+            let (lines, changed) = changes(&before, &after);
+            for line in &lines {
+                tracing::info!("{actor}: reload: {line}");
+            }
+            if changed {
+                tracing::info!("{actor}: reloaded {count} plugin(s)");
+            } else {
+                tracing::info!("{actor}: reloaded {count} plugin(s): nothing changed");
+            }
+        }
         Err(e) => tracing::error!("{actor}: reload failed, keeping the running plugins: {e}"),
     }
     let record = AdminRecord {
@@ -180,8 +252,8 @@ async fn reload_and_audit(state: &Arc<AppState>, actor: String) -> ReloadOutcome
         actor,
         action: "plugins.reload".to_owned(),
         outcome: if result.is_ok() { "ok" } else { "failed" }.to_owned(),
-        before,
-        after,
+        before: before.iter().map(Identity::json).collect(),
+        after: after.iter().map(Identity::json).collect(),
         detail: result
             .as_ref()
             .err()
@@ -229,6 +301,39 @@ impl ReloadTurn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reload_logs_each_plugin_old_to_new_and_says_when_nothing_changed() {
+        let id = |name: &str, version: &str, sha: &str| Identity {
+            name: name.to_owned(),
+            version: version.to_owned(),
+            sha256: sha.to_owned(),
+        };
+        let before = vec![id("site", "0.1.0", "aa"), id("canonical", "0.1.0", "cc")];
+        let (lines, changed) = changes(&before, &before);
+        assert!(!changed);
+        assert_eq!(
+            lines,
+            [
+                "plugin site: unchanged, 0.1.0 (sha256 aa)",
+                "plugin canonical: unchanged, 0.1.0 (sha256 cc)"
+            ]
+        );
+        let after = vec![id("site", "0.2.0", "bb"), id("extra", "1.0.0", "ee")];
+        let (lines, changed) = changes(&before, &after);
+        assert!(changed);
+        assert_eq!(
+            lines,
+            [
+                "plugin site: 0.1.0 (sha256 aa) -> 0.2.0 (sha256 bb)",
+                "plugin extra: added, 1.0.0 (sha256 ee)",
+                "plugin canonical: removed, was 0.1.0 (sha256 cc)"
+            ]
+        );
+        // The same plugins in another order: the chain changed.
+        let swapped = vec![before[1].clone(), before[0].clone()];
+        assert!(changes(&before, &swapped).1);
+    }
 
     #[test]
     fn reloads_are_one_at_a_time_and_rate_limited() {

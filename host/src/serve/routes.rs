@@ -368,6 +368,7 @@ async fn predict(state: &Arc<AppState>, request: Request<Incoming>) -> HttpRespo
                 &request_id,
                 &state.plugins.current(),
                 problem.status < 500,
+                &problem.audit_reason(),
             );
             (problem.for_request(&request_id).into_response(), audit)
         }
@@ -475,12 +476,52 @@ async fn predict_case(
     let mut case = match prepared {
         Ok(case) => case,
         Err(Admitted::Refused(problem)) => {
-            tracing::info!(request_id, "prediction refused at admission");
+            // Overload is counted in the metrics and not audited; at the
+            // default level it is not logged per request either, so a flood
+            // cannot grow the log. A case too large for the budget is (its
+            // detail holds sizes only).
+            if problem.is_overloaded() {
+                tracing::debug!(
+                    request_id,
+                    "prediction refused at admission: {}",
+                    problem.detail
+                );
+            } else {
+                tracing::info!(
+                    request_id,
+                    "prediction refused at admission: {}",
+                    problem.detail
+                );
+            }
             return Err(*problem);
         }
         Err(Admitted::Failed(e)) => {
             count_plugin_fault(state, &e);
-            tracing::info!(request_id, "prediction refused: {}", category(&e));
+            // The redacted text: the plugin and field at fault, never a
+            // value (the plugin's own message may quote one). Bad input at
+            // info, a failure of the box at warn; load (every sandbox busy:
+            // a 503 the plugin host has already warned about) at debug.
+            if matches!(e, PipelineError::Plugin(PluginError::Busy { .. })) {
+                tracing::debug!(
+                    request_id,
+                    "prediction refused (overloaded): {}",
+                    e.redacted()
+                );
+            } else if e.is_bad_input() {
+                tracing::info!(
+                    request_id,
+                    "prediction refused ({}): {}",
+                    category(&e),
+                    e.redacted()
+                );
+            } else {
+                tracing::warn!(
+                    request_id,
+                    "prediction failed ({}): {}",
+                    category(&e),
+                    e.redacted()
+                );
+            }
             return Err(Problem::from_pipeline(&e));
         }
     };

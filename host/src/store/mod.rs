@@ -9,8 +9,9 @@
 //!
 //! The schema is versioned with SQLite's `user_version`: opening a database
 //! applies the migrations it lacks, in order (version 1: `predictions`;
-//! version 2: `admin_events`), so databases written by earlier versions keep
-//! their records and gain the new tables.
+//! version 2: `admin_events`; version 3: `predictions.reason`, why a
+//! prediction was refused), so databases written by earlier versions keep
+//! their records and gain the new tables and columns.
 
 use std::path::{Path, PathBuf};
 
@@ -55,8 +56,14 @@ pub struct AuditRecord {
     pub outputs: serde_json::Value,
     /// Stage timings (JSON).
     pub timings_ms: serde_json::Value,
-    /// "ok", or the failure's category (never its text: it may echo input).
+    /// "ok", or the failure's category: "rejected" (bad input) or
+    /// "failed" (the box).
     pub status: String,
+    /// Why a prediction was refused, redacted: the stage, plugin and field
+    /// at fault, never a value from the input (`PipelineError::redacted`).
+    /// `None` for a prediction that was given, and for records written
+    /// before the column existed.
+    pub reason: Option<String>,
 }
 
 /// The audit log under the data dir (`audit.sqlite3`).
@@ -88,7 +95,7 @@ pub struct AdminRecord {
 
 /// The schema migrations, in order; migration `i` brings the database to
 /// `user_version = i + 1`.
-const MIGRATIONS: [&str; 2] = [
+const MIGRATIONS: [&str; 3] = [
     "
 CREATE TABLE IF NOT EXISTS predictions (
     id           INTEGER PRIMARY KEY,
@@ -111,6 +118,7 @@ CREATE TABLE IF NOT EXISTS admin_events (
     after   TEXT NOT NULL,
     detail  TEXT NOT NULL
 );",
+    "ALTER TABLE predictions ADD COLUMN reason TEXT;",
 ];
 
 impl AuditLog {
@@ -150,8 +158,8 @@ impl AuditLog {
     pub fn record(&self, record: &AuditRecord) -> Result<(), StoreError> {
         self.connection
             .execute(
-                "INSERT INTO predictions (request_id, model_digest, plugins, outputs, timings, status)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO predictions (request_id, model_digest, plugins, outputs, timings, status, reason)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
                     record.request_id,
                     record.model_digest,
@@ -159,6 +167,7 @@ impl AuditLog {
                     record.outputs.to_string(),
                     record.timings_ms.to_string(),
                     record.status,
+                    record.reason,
                 ],
             )
             .map(drop)
@@ -224,7 +233,7 @@ impl AuditLog {
         let mut statement = self
             .connection
             .prepare(
-                "SELECT time, request_id, model_digest, plugins, outputs, timings, status
+                "SELECT time, request_id, model_digest, plugins, outputs, timings, status, reason
                  FROM (SELECT * FROM predictions ORDER BY id DESC LIMIT ?1) ORDER BY id",
             )
             .map_err(|e| self.error(e))?;
@@ -239,6 +248,7 @@ impl AuditLog {
                     outputs: json(row.get(4)?),
                     timings_ms: json(row.get(5)?),
                     status: row.get(6)?,
+                    reason: row.get(7)?,
                 })
             })
             .map_err(|e| self.error(e))?;
@@ -293,7 +303,9 @@ mod tests {
                 plugins: vec!["example-site 0.1.0".into()],
                 outputs: serde_json::json!({"24h": {"p_o2_any": 0.5}}),
                 timings_ms: serde_json::json!({"total": 12.5}),
-                status: "ok".into(),
+                status: if i == 4 { "rejected" } else { "ok" }.into(),
+                reason: (i == 4)
+                    .then(|| "plugin example-site 0.1.0 rejected the input (field TEMP_F)".into()),
             })
             .expect("record");
         }
@@ -303,6 +315,11 @@ mod tests {
         assert_eq!(tail[1].request_id, "r4");
         assert_eq!(tail[1].plugins, vec!["example-site 0.1.0".to_owned()]);
         assert_eq!(tail[1].outputs["24h"]["p_o2_any"], 0.5);
+        assert_eq!(tail[0].reason, None);
+        assert_eq!(
+            tail[1].reason.as_deref(),
+            Some("plugin example-site 0.1.0 rejected the input (field TEMP_F)")
+        );
         assert!(
             tail[1].time.ends_with('Z') && tail[1].time.contains('T'),
             "{}",
@@ -363,5 +380,59 @@ mod tests {
         assert_eq!(admin[0].after[0]["version"], "2");
         assert_eq!(log.tail(10).expect("tail").len(), 1);
         assert_eq!(new_request_id().len(), 32);
+    }
+
+    #[test]
+    fn a_database_from_before_the_reason_column_is_migrated_and_keeps_its_records() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // The version-2 database as the previous release wrote it, with a
+        // refused prediction and an admin event.
+        {
+            let connection = Connection::open(dir.path().join("audit.sqlite3")).expect("sqlite");
+            connection.execute_batch(MIGRATIONS[0]).expect("v1 schema");
+            connection.execute_batch(MIGRATIONS[1]).expect("v2 schema");
+            connection
+                .execute_batch(
+                    "PRAGMA user_version = 2;
+                     INSERT INTO predictions (request_id, model_digest, plugins, outputs, timings, status)
+                     VALUES ('old', 'abc', '[\"example-site 0.1.0\"]', 'null', 'null', 'rejected');
+                     INSERT INTO admin_events (actor, action, outcome, before, after, detail)
+                     VALUES ('SIGHUP', 'plugins.reload', 'ok', '[]', '[]', '');",
+                )
+                .expect("old records");
+        }
+        let log = AuditLog::open(dir.path()).expect("open migrates");
+        let version: i64 = log
+            .connection
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .expect("version");
+        assert_eq!(version, 3);
+        let old = log.tail(10).expect("tail");
+        assert_eq!(old.len(), 1);
+        assert_eq!(
+            (old[0].request_id.as_str(), old[0].status.as_str()),
+            ("old", "rejected")
+        );
+        assert_eq!(old[0].reason, None, "an old record has no reason");
+        assert_eq!(log.admin_tail(10).expect("admin tail").len(), 1);
+        log.record(&AuditRecord {
+            time: String::new(),
+            request_id: "new".into(),
+            model_digest: "abc".into(),
+            plugins: vec![],
+            outputs: serde_json::Value::Null,
+            timings_ms: serde_json::Value::Null,
+            status: "rejected".into(),
+            reason: Some("plugin my-site 0.2.0 gave an implausible spo2_pct".into()),
+        })
+        .expect("new record");
+        drop(log);
+        let log = AuditLog::open(dir.path()).expect("reopen");
+        let tail = log.tail(10).expect("tail");
+        assert_eq!(tail.len(), 2);
+        assert_eq!(
+            tail[1].reason.as_deref(),
+            Some("plugin my-site 0.2.0 gave an implausible spo2_pct")
+        );
     }
 }
