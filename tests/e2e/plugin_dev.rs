@@ -439,12 +439,17 @@ fn deploy_serve_change_reload_and_tamper(root: &Path, home: &Path, key: &Path, p
         ),
     ]);
     let content_type = multipart_type();
+    // With a token configured, every route asks for it.
+    let authorization = format!("Bearer {token}");
     let predict = || {
         let reply = request(
             server.addr,
             "POST",
             "/v1/predict",
-            &[("Content-Type", &content_type)],
+            &[
+                ("Content-Type", &content_type),
+                ("Authorization", &authorization),
+            ],
             &case,
         );
         assert_eq!(
@@ -477,7 +482,6 @@ fn deploy_serve_change_reload_and_tamper(root: &Path, home: &Path, key: &Path, p
         stderr(&out)
     );
     let new_sha256 = sha256_of_manifest(&deployed.join("plugin.toml"));
-    let authorization = format!("Bearer {token}");
     let reload = || {
         request(
             server.addr,
