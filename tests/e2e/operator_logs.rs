@@ -5,9 +5,8 @@
 //! sha256, and "nothing changed" when nothing did; the example plugin's
 //! unknown columns not logged at the default level.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -16,32 +15,7 @@ use crate::serve::{
     ServerProcess, Setup, multipart, multipart_type, pack_guest, request, sample_case,
     wait_for_admin_events,
 };
-use crate::util::{oxbox, repo_root, run, stderr};
-
-/// `oxbox serve` with its log (stderr) going to `log`.
-fn start_logged(config: &Path, log: &Path) -> ServerProcess {
-    let file = std::fs::File::create(log).expect("log file");
-    let mut child = Command::new(oxbox())
-        .args(["--config".as_ref(), config.as_os_str(), "serve".as_ref()])
-        .env_remove("OXBOX_CONFIG")
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(file))
-        .spawn()
-        .expect("spawn oxbox serve");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("read the listening line");
-    let addr = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .expect("address");
-    ServerProcess { child, addr }
-}
+use crate::util::{manifest_sha256, repo_root, run, stderr};
 
 /// The log once it holds a line containing `needle` (within 20 s).
 fn wait_for_log(log: &Path, needle: &str) -> String {
@@ -57,16 +31,6 @@ fn wait_for_log(log: &Path, needle: &str) -> String {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// The `sha256 = "…"` of a plugin manifest.
-fn manifest_sha256(manifest: &Path) -> String {
-    let text = std::fs::read_to_string(manifest).expect("plugin.toml");
-    text.lines()
-        .find_map(|l| l.strip_prefix("sha256 = \""))
-        .and_then(|rest| rest.strip_suffix('"'))
-        .unwrap_or_else(|| panic!("no sha256 in {text}"))
-        .to_owned()
 }
 
 /// The example plugin's component with a custom section appended: the same
@@ -100,7 +64,7 @@ fn rebuilt_example_site(dir: &Path) -> PathBuf {
 fn refusals_and_reloads_are_in_the_server_log_and_the_audit_without_values() {
     let setup = Setup::new("listen = \"127.0.0.1:0\"");
     let log = setup.dir.path().join("server.log");
-    let server = start_logged(&setup.config, &log);
+    let server = ServerProcess::start_logged(&setup.config, &log);
     let (dicom, record) = sample_case();
     let mut record: Value = serde_json::from_slice(&record).expect("record");
     // A column the example plugin does not know: debug only.

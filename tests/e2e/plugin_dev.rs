@@ -5,13 +5,12 @@
 //! tamper; and the author-facing refusals: a bad or existing plugin name, a second `keys
 //! generate`, and the modes of packed files.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use crate::serve::{ServerProcess, multipart, multipart_type, request};
-use crate::util::{assert_clean_refusal, oxbox, repo_root, stderr};
+use crate::util::{assert_clean_refusal, manifest_sha256, oxbox, repo_root, stderr};
 
 /// Copies `from` into `to` recursively (plain files and folders only).
 fn copy_tree(from: &Path, to: &Path) {
@@ -405,27 +404,7 @@ fn deploy_serve_change_reload_and_tamper(root: &Path, home: &Path, key: &Path, p
 
     // Serve it, logging to a file the test reads.
     let log_path = home.join("serve.log");
-    let mut child = Command::new(oxbox())
-        .args(["--config", config, "serve"])
-        .current_dir(root)
-        .env("HOME", home)
-        .env_remove("OXBOX_CONFIG")
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log_path).expect("log file"))
-        .spawn()
-        .expect("spawn oxbox serve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("listening line");
-    let addr = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .expect("address");
-    let server = ServerProcess { child, addr };
+    let server = ServerProcess::start_logged(Path::new(config), &log_path);
     let case = multipart(&[
         (
             "dicom",
@@ -481,7 +460,7 @@ fn deploy_serve_change_reload_and_tamper(root: &Path, home: &Path, key: &Path, p
         "config check after the change: {}",
         stderr(&out)
     );
-    let new_sha256 = sha256_of_manifest(&deployed.join("plugin.toml"));
+    let new_sha256 = manifest_sha256(&deployed.join("plugin.toml"));
     let reload = || {
         request(
             server.addr,
@@ -536,13 +515,6 @@ fn deploy_serve_change_reload_and_tamper(root: &Path, home: &Path, key: &Path, p
     );
     // The last good plugin keeps serving.
     assert_eq!(predict(), "0.2.0");
-}
-
-/// The `sha256` a plugin manifest pins.
-fn sha256_of_manifest(path: &Path) -> String {
-    let manifest: toml::Table =
-        toml::from_str(&std::fs::read_to_string(path).expect("manifest")).expect("TOML");
-    manifest["sha256"].as_str().expect("sha256").to_owned()
 }
 
 #[test]

@@ -22,13 +22,23 @@ pub(crate) struct ServerProcess {
 }
 
 impl ServerProcess {
+    /// `oxbox --config CONFIG serve`, its log (stderr) on the test's stderr.
     pub(crate) fn start(config: &Path) -> Self {
+        Self::spawn(config, Stdio::inherit())
+    }
+
+    /// `oxbox --config CONFIG serve`, its log (stderr) going to the file `log`.
+    pub(crate) fn start_logged(config: &Path, log: &Path) -> Self {
+        let file = std::fs::File::create(log).expect("log file");
+        Self::spawn(config, Stdio::from(file))
+    }
+
+    /// Spawns the server and waits for its `listening on` line.
+    fn spawn(config: &Path, log: Stdio) -> Self {
         let mut child = crate::util::oxbox_command()
             .args(["--config".as_ref(), config.as_os_str(), "serve".as_ref()])
-            .env_remove("OXBOX_CONFIG")
-            .env_remove("RUST_LOG")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(log)
             .spawn()
             .expect("spawn oxbox serve");
         let stdout = child.stdout.take().expect("stdout");

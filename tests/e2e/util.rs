@@ -225,3 +225,13 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// The `sha256` a plugin manifest (`plugin.toml`) pins.
+pub fn manifest_sha256(manifest: &Path) -> String {
+    let text = std::fs::read_to_string(manifest).expect("plugin.toml");
+    let table: toml::Table = toml::from_str(&text).expect("plugin.toml is TOML");
+    table["sha256"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no sha256 in {text}"))
+        .to_owned()
+}
