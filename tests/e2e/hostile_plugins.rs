@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::serve::{ServerProcess, multipart, multipart_type, request};
 use crate::serve_limits::square_image;
-use crate::util::{repo_root, run, run_measured, stderr};
+use crate::util::{init_model, repo_root, run, run_measured, stderr};
 
 /// A hostile guest component (tests/guests/, built by
 /// scripts/build-plugins.sh).
@@ -109,17 +109,7 @@ fn predict(addr: SocketAddr, dicom: &[u8], record: &[u8]) -> u16 {
 fn a_sleeping_plugin_does_not_hold_the_server_or_its_shutdown() {
     let dir = tempfile::tempdir().expect("tempdir");
     let model = dir.path().join("model");
-    let init = run(&[
-        "model".as_ref(),
-        "init".as_ref(),
-        "--out".as_ref(),
-        model.as_os_str(),
-        "--backbone".as_ref(),
-        "tiny".as_ref(),
-        "--seed".as_ref(),
-        "11".as_ref(),
-    ]);
-    assert!(init.status.success(), "{}", stderr(&init));
+    init_model(&model, &["--backbone", "tiny", "--seed", "11"]);
     let sleeper = pack(dir.path(), "sleeper");
     // A deadline well above the request's own work (decode, model), far
     // below the plugin's two 20 s sleeps.

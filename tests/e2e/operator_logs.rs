@@ -15,7 +15,7 @@ use crate::serve::{
     ServerProcess, Setup, multipart, multipart_type, pack_guest, request, sample_case,
     wait_for_admin_events,
 };
-use crate::util::{manifest_sha256, repo_root, run, stderr};
+use crate::util::{manifest_sha256, pack_plugin, repo_root, run, stderr};
 
 /// The log once it holds a line containing `needle` (within 20 s).
 fn wait_for_log(log: &Path, needle: &str) -> String {
@@ -49,15 +49,7 @@ fn rebuilt_example_site(dir: &Path) -> PathBuf {
     let wasm = dir.join("example-site-rebuilt.wasm");
     std::fs::write(&wasm, bytes).expect("component");
     let out = dir.join("example-site-rebuilt");
-    let pack = run(&[
-        "plugin".as_ref(),
-        "pack".as_ref(),
-        wasm.as_os_str(),
-        "--out".as_ref(),
-        out.as_os_str(),
-    ]);
-    assert!(pack.status.success(), "{}", stderr(&pack));
-    out.join("plugin.toml")
+    pack_plugin(&wasm, &out)
 }
 
 #[test]

@@ -14,7 +14,7 @@ use std::process::{Command, Output};
 use serde_json::{Value, json};
 
 use crate::serve::{ServerProcess, assert_conforms, openapi, request};
-use crate::util::{assert_clean_refusal, oxbox, repo_root, run, stderr};
+use crate::util::{assert_clean_refusal, init_model, oxbox, pack_plugin, repo_root, run, stderr};
 
 /// An EMR-only model, the `feature-echo` plugin and a config using both.
 struct Site {
@@ -28,16 +28,7 @@ impl Site {
     fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let model = dir.path().join("model");
-        let init = run(&[
-            "model".as_ref(),
-            "init".as_ref(),
-            "--out".as_ref(),
-            model.as_os_str(),
-            "--emr-only".as_ref(),
-            "--seed".as_ref(),
-            "5".as_ref(),
-        ]);
-        assert!(init.status.success(), "{}", stderr(&init));
+        init_model(&model, &["--emr-only", "--seed", "5"]);
         let wasm =
             repo_root().join("tests/guests/target/wasm32-wasip2/release/hostile_feature_echo.wasm");
         assert!(
@@ -46,15 +37,7 @@ impl Site {
             wasm.display()
         );
         let out = dir.path().join("feature-echo");
-        let pack = run(&[
-            "plugin".as_ref(),
-            "pack".as_ref(),
-            wasm.as_os_str(),
-            "--out".as_ref(),
-            out.as_os_str(),
-        ]);
-        assert!(pack.status.success(), "{}", stderr(&pack));
-        let plugin = out.join("plugin.toml");
+        let plugin = pack_plugin(&wasm, &out);
         let config = dir.path().join("oxbox.toml");
         std::fs::write(
             &config,
@@ -328,16 +311,7 @@ fn plugin_run_marks_the_features_the_model_uses() {
 
     // --model names another model: the full schema, nothing ignored.
     let full = site.dir.path().join("full-model");
-    let init = run(&[
-        "model".as_ref(),
-        "init".as_ref(),
-        "--out".as_ref(),
-        full.as_os_str(),
-        "--emr-only".as_ref(),
-        "--name".as_ref(),
-        "full".as_ref(),
-    ]);
-    assert!(init.status.success(), "{}", stderr(&init));
+    init_model(&full, &["--emr-only", "--name", "full"]);
     let out = site.plugin_run(record.clone(), &["--model".as_ref(), full.as_os_str()]);
     assert!(out.status.success(), "{}", stderr(&out));
     let report: Value = serde_json::from_slice(&out.stdout).expect("JSON");

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::util::{repo_root, run, stderr};
+use crate::util::{init_model, pack_plugin, repo_root, run, stderr};
 
 /// A running `oxbox serve`, stopped (SIGTERM, then kill) on drop.
 pub(crate) struct ServerProcess {
@@ -272,17 +272,7 @@ impl Setup {
     pub(crate) fn new(server: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let model = dir.path().join("model");
-        let init = run(&[
-            "model".as_ref(),
-            "init".as_ref(),
-            "--out".as_ref(),
-            model.as_os_str(),
-            "--backbone".as_ref(),
-            "tiny".as_ref(),
-            "--seed".as_ref(),
-            "11".as_ref(),
-        ]);
-        assert!(init.status.success(), "{}", stderr(&init));
+        init_model(&model, &["--backbone", "tiny", "--seed", "11"]);
         let plugin = repo_root().join("plugins/dist/example-site/plugin.toml");
         let config = dir.path().join("oxbox.toml");
         std::fs::write(
@@ -834,14 +824,7 @@ pub(crate) fn pack_guest(setup: &Setup, name: &str) -> PathBuf {
         wasm.display()
     );
     let dist = setup.dir.path().join(name);
-    let pack = run(&[
-        "plugin".as_ref(),
-        "pack".as_ref(),
-        wasm.as_os_str(),
-        "--out".as_ref(),
-        dist.as_os_str(),
-    ]);
-    assert!(pack.status.success(), "{}", stderr(&pack));
+    pack_plugin(&wasm, &dist);
     dist
 }
 

@@ -235,3 +235,28 @@ pub fn manifest_sha256(manifest: &Path) -> String {
         .unwrap_or_else(|| panic!("no sha256 in {text}"))
         .to_owned()
 }
+
+/// `oxbox model init --out OUT ARGS…`, which must succeed; its output (the
+/// package's JSON description on stdout).
+pub fn init_model(out: &Path, args: &[&str]) -> Output {
+    let mut all: Vec<&OsStr> = vec!["model".as_ref(), "init".as_ref(), "--out".as_ref()];
+    all.push(out.as_os_str());
+    all.extend(args.iter().map(OsStr::new));
+    let init = run(&all);
+    assert!(init.status.success(), "model init: {}", stderr(&init));
+    init
+}
+
+/// `oxbox plugin pack WASM --out OUT`, which must succeed; the manifest
+/// (`OUT/plugin.toml`).
+pub fn pack_plugin(wasm: &Path, out: &Path) -> PathBuf {
+    let pack = run(&[
+        "plugin".as_ref(),
+        "pack".as_ref(),
+        wasm.as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+    ]);
+    assert!(pack.status.success(), "plugin pack: {}", stderr(&pack));
+    out.join("plugin.toml")
+}
