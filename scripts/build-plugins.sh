@@ -35,13 +35,21 @@ while [ $# -gt 0 ]; do
       fi
       [ -f "$sign_key" ] || { echo "error: --sign-key $sign_key: no such file" >&2; exit 2; }
       # The script works from the repository root: make the path absolute.
-      sign_key=$(cd "$(dirname "$sign_key")" && pwd)/$(basename "$sign_key") ;;
+      sign_key=$(CDPATH= cd -- "$(dirname -- "$sign_key")" && pwd)/$(basename -- "$sign_key") ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     -*) echo "error: unknown option $1 ($usage)" >&2; exit 2 ;;
     *) [ -z "$name" ] || { echo "error: one plugin name at most" >&2; exit 2; }; name=$1 ;;
   esac
   shift
 done
+# A relative CARGO_TARGET_DIR names a folder from where the script was
+# started: make it absolute before moving to the repository root.
+if [ -n "${CARGO_TARGET_DIR:-}" ]; then
+  case "$CARGO_TARGET_DIR" in
+    /*) ;;
+    *) CARGO_TARGET_DIR=$(pwd)/$CARGO_TARGET_DIR; export CARGO_TARGET_DIR ;;
+  esac
+fi
 cd "$(dirname "$0")/.."
 
 if [ -x ./target/release/oxbox ]; then
@@ -72,6 +80,7 @@ while IFS= read -r toml; do
 done < <(cargo metadata --no-deps --format-version 1 $locked --manifest-path "$manifest" |
   grep -o '"manifest_path":"[^"]*"' | sed 's/^"manifest_path":"\(.*\)"$/\1/')
 
+[ ${#plugins[@]} -gt 0 ] || { echo "error: plugins/Cargo.toml has no plugin members" >&2; exit 2; }
 if [ -n "$name" ]; then
   chosen=()
   for p in "${plugins[@]}"; do
@@ -83,7 +92,6 @@ if [ -n "$name" ]; then
   fi
   plugins=("${chosen[@]}")
 fi
-[ ${#plugins[@]} -gt 0 ] || { echo "error: plugins/Cargo.toml has no plugin members" >&2; exit 2; }
 
 packages=()
 for p in "${plugins[@]}"; do packages+=(-p "${p#*:}"); done

@@ -61,6 +61,14 @@ pub enum ConfigError {
          nor HOME is set to an absolute path): pass --config FILE naming [storage] data_dir"
     )]
     NoUserDataDir,
+    /// The plugin tools without `--config` keep their compile cache in the
+    /// per-user cache directory, and there is none to be found. (A shared
+    /// temporary folder would let another local user plant compiled code.)
+    #[error(
+        "no per-user cache directory for the compiled-plugin cache (neither XDG_CACHE_HOME \
+         nor HOME is set to an absolute path): pass --config FILE naming [storage] data_dir"
+    )]
+    NoUserCacheDir,
 }
 
 /// A per-user folder of oxbox, found from the environment as the XDG Base

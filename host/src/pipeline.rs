@@ -267,7 +267,6 @@ impl Pipeline {
             None => None,
         };
         timings.plugins = ms(t);
-        self.check_model_ranges(&features)?;
         let input = ModelInput { image, features };
         self.model.check_input(&input)?;
         Ok(PreparedCase {
@@ -284,32 +283,6 @@ impl Pipeline {
             timings,
             started,
         })
-    }
-
-    /// Re-checks present values against the ranges of the model's own
-    /// manifest (`[[emr]] min`/`max`), which may be narrower than the
-    /// schema's: the model would otherwise clamp such a value silently.
-    /// Features the model does not use are not its concern (a model may use
-    /// a subset of the schema).
-    ///
-    /// # Errors
-    /// [`ModelError::Input`] naming the feature and the model's range,
-    /// never the value.
-    fn check_model_ranges(&self, features: &[(String, Option<f64>)]) -> Result<(), ModelError> {
-        let manifest = &self.model.package().manifest;
-        for spec in &manifest.emr {
-            let value = features
-                .iter()
-                .find(|(name, _)| *name == spec.name)
-                .and_then(|(_, v)| *v);
-            if value.is_some_and(|v| !(spec.min..=spec.max).contains(&v)) {
-                return Err(ModelError::Input(format!(
-                    "{} is outside the range model {} {} takes ({}..={} {}); the value is not shown",
-                    spec.name, manifest.name, manifest.version, spec.min, spec.max, spec.unit
-                )));
-            }
-        }
-        Ok(())
     }
 
     /// The report for a prepared case and its prediction; `inference_ms`

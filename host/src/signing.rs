@@ -39,12 +39,6 @@ pub enum SigningError {
         /// What was being parsed.
         what: &'static str,
     },
-    /// The signature does not verify under any trusted key.
-    #[error("signature does not verify under any of the {trusted} trusted key(s)")]
-    Untrusted {
-        /// How many keys were tried.
-        trusted: usize,
-    },
     /// `keys generate` would overwrite an existing private key.
     #[error(
         "{path} already exists: keys are never overwritten (move it away, or choose another --out)"
@@ -104,11 +98,6 @@ impl SigningKey {
         let mut signature = [0u8; 64];
         signature.copy_from_slice(self.pair.sign(message).as_ref());
         signature
-    }
-
-    /// A detached signature over `message`, hex.
-    pub fn sign_hex(&self, message: &[u8]) -> String {
-        hex::encode(self.pair.sign(message).as_ref())
     }
 }
 
@@ -176,25 +165,6 @@ pub fn verifies(message: &[u8], signature: &[u8; 64], key: &[u8; 32]) -> bool {
         .is_ok()
 }
 
-/// Verifies a hex signature over `message` against any of `trusted` keys;
-/// returns the index of the key that verified.
-///
-/// # Errors
-/// [`SigningError::BadHex`] or [`SigningError::Untrusted`].
-pub fn verify_any(
-    message: &[u8],
-    signature_hex: &str,
-    trusted: &[[u8; 32]],
-) -> Result<usize, SigningError> {
-    let signature = parse_signature(signature_hex)?;
-    trusted
-        .iter()
-        .position(|key| verifies(message, &signature, key))
-        .ok_or(SigningError::Untrusted {
-            trusted: trusted.len(),
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,16 +184,14 @@ mod tests {
         }
         let key = SigningKey::load(&private).expect("load");
         assert_eq!(key.public_hex(), public);
-        let signature = key.sign_hex(b"manifest bytes");
-        let trusted = [parse_public_key(&public).expect("hex")];
+        let signature = key.sign(b"manifest bytes");
+        let public = parse_public_key(&public).expect("hex");
+        assert!(verifies(b"manifest bytes", &signature, &public));
+        assert!(!verifies(b"manifest bytez", &signature, &public));
         assert_eq!(
-            verify_any(b"manifest bytes", &signature, &trusted).expect("verify"),
-            0
+            parse_signature(&hex::encode(signature)).expect("hex"),
+            signature
         );
-        assert!(matches!(
-            verify_any(b"manifest bytez", &signature, &trusted),
-            Err(SigningError::Untrusted { trusted: 1 })
-        ));
         assert!(
             generate_keypair(dir.path()).is_err(),
             "must not overwrite a key"

@@ -692,6 +692,24 @@ fn plugin_output_is_checked_against_the_emr_schema() {
         ("age_years", None)
     );
 
+    // A rejection whose `field` is not a name of the record (here it holds
+    // the value): the field is not kept as a name — logs and audit rows
+    // carry only names — and the text stays in the message, for the caller.
+    match plugin.map_emr(&record(&[("spo2_pct", "ninety")])) {
+        Err(PluginError::Rejected { field, message, .. }) => {
+            assert_eq!(field, None);
+            assert!(message.contains("spo2_pct=ninety"), "{message}");
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    let redacted = oxbox::pipeline::PipelineError::Plugin(
+        plugin
+            .map_emr(&record(&[("spo2_pct", "ninety")]))
+            .expect_err("rejected"),
+    )
+    .redacted();
+    assert!(!redacted.contains("ninety"), "{redacted}");
+
     // A lab outside the schema: a fault naming it, no suggestion.
     let what = malformed(plugin.map_emr(&record(&[("spo2_pct", "95"), ("il6_pg_ml", "12")])));
     assert!(

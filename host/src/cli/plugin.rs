@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use oxbox::config::{Config, LoadedConfig, UserDir};
+use oxbox::config::{Config, ConfigError, LoadedConfig, UserDir};
 use oxbox::dicom::{self, DicomFile, ImageHeader};
 use oxbox::plugins::cache::ComponentCache;
 use oxbox::plugins::manifest::{self, Manifest, PluginFiles, SignatureStatus, signature_path};
@@ -153,18 +153,15 @@ pub struct BenchArgs {
 pub fn tool_config(path: Option<&Path>) -> anyhow::Result<LoadedConfig> {
     match path {
         Some(_) => super::load_config(path),
-        None => Ok(LoadedConfig::embedded_with_data_dir(user_cache_dir())?),
+        None => Ok(LoadedConfig::embedded_with_data_dir(user_cache_dir()?)?),
     }
 }
 
-/// [`UserDir::Cache`] (`$XDG_CACHE_HOME/oxbox`, else `$HOME/.cache/oxbox`),
-/// else `<temp dir>/oxbox-cache-<uid>`.
-fn user_cache_dir() -> PathBuf {
-    UserDir::Cache.locate().unwrap_or_else(|| {
-        // SAFETY: getuid has no preconditions and cannot fail.
-        let uid = unsafe { libc::getuid() };
-        std::env::temp_dir().join(format!("oxbox-cache-{uid}"))
-    })
+/// [`UserDir::Cache`] (`$XDG_CACHE_HOME/oxbox`, else `$HOME/.cache/oxbox`).
+/// Never a shared temporary folder: another local user could create it
+/// first and plant a cache key and compiled code.
+fn user_cache_dir() -> Result<PathBuf, ConfigError> {
+    UserDir::Cache.locate().ok_or(ConfigError::NoUserCacheDir)
 }
 
 /// The engine and compiled-component cache for a command.
@@ -401,6 +398,22 @@ pub fn pack(args: PackArgs, config: &LoadedConfig) -> anyhow::Result<()> {
         hooks: plugin.hooks().to_vec(),
     };
     let manifest_path = args.out.join("plugin.toml");
+    // A new manifest invalidates any old signature: remove it first, so
+    // that no failure below leaves the new manifest beside the old
+    // signature (which would read as tampered).
+    let old_signature = signature_path(&manifest_path);
+    match std::fs::remove_file(&old_signature) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "cannot remove the old signature {}",
+                    old_signature.display()
+                )
+            });
+        }
+    }
     manifest::write_manifest(&manifest_path, &manifest)?;
     #[cfg(unix)]
     {
@@ -409,24 +422,10 @@ pub fn pack(args: PackArgs, config: &LoadedConfig) -> anyhow::Result<()> {
             .with_context(|| format!("cannot make {} readable", manifest_path.display()))?;
     }
     println!("{}", manifest_path.display());
-    match key {
-        Some(key) => {
-            let signature = PluginFiles::load(&manifest_path)?.sign(&key)?;
-            println!("{}", signature.display());
-        }
-        // A new manifest invalidates any old signature.
-        None => match std::fs::remove_file(signature_path(&manifest_path)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(e).with_context(|| {
-                    format!(
-                        "cannot remove the old signature {}",
-                        signature_path(&manifest_path).display()
-                    )
-                });
-            }
-        },
+    if let Some(key) = key {
+        // Signed as `plugin sign` would: the files read back and checked.
+        let signature = PluginFiles::load(&manifest_path)?.sign(&key)?;
+        println!("{}", signature.display());
     }
     Ok(())
 }

@@ -203,23 +203,47 @@ impl Model {
             .ok_or_else(|| ModelError::Input("empty batch".to_owned()))
     }
 
-    /// Checks one case's image against the model: its size, and that an
-    /// image model gets one.
+    /// Checks one case against the model: the image's size, that an image
+    /// model gets one, and every present feature the model uses against
+    /// the range of its manifest (`[[emr]] min`/`max`, which may be
+    /// narrower than the schema's: the encoding would otherwise clamp such
+    /// a value silently). Features the model does not use are not its
+    /// concern (a model may use a subset of the schema).
     ///
     /// # Errors
-    /// [`ModelError::Input`], saying what is wrong.
+    /// [`ModelError::Input`], saying what is wrong — naming a feature and
+    /// the model's range, never the value.
     pub fn check_input(&self, case: &ModelInput) -> Result<(), ModelError> {
-        let size = self.package.manifest.input_size as usize;
+        let manifest = &self.package.manifest;
+        let size = manifest.input_size as usize;
         match (self.net.uses_image(), &case.image) {
-            (true, Some(pixels)) if pixels.len() != size * size => Err(ModelError::Input(format!(
-                "image has {} values, the model takes {size}x{size}",
-                pixels.len()
-            ))),
-            (true, None) => Err(ModelError::Input(
-                "this model needs a radiograph".to_owned(),
-            )),
-            _ => Ok(()),
+            (true, Some(pixels)) if pixels.len() != size * size => {
+                return Err(ModelError::Input(format!(
+                    "image has {} values, the model takes {size}x{size}",
+                    pixels.len()
+                )));
+            }
+            (true, None) => {
+                return Err(ModelError::Input(
+                    "this model needs a radiograph".to_owned(),
+                ));
+            }
+            _ => {}
         }
+        for spec in &manifest.emr {
+            let value = case
+                .features
+                .iter()
+                .find(|(name, _)| *name == spec.name)
+                .and_then(|(_, v)| *v);
+            if value.is_some_and(|v| !(spec.min..=spec.max).contains(&v)) {
+                return Err(ModelError::Input(format!(
+                    "{} is outside the range model {} {} takes ({}..={} {}); the value is not shown",
+                    spec.name, manifest.name, manifest.version, spec.min, spec.max, spec.unit
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Predicts a batch of cases in one forward pass (what the server's

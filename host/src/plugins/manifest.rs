@@ -40,7 +40,7 @@ const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
 pub const MAX_COMPONENT_BYTES: u64 = 64 * 1024 * 1024;
 /// The signature file beside a manifest.
 pub const SIGNATURE_SUFFIX: &str = ".sig";
-/// Largest signature file accepted (a real one is 195 bytes).
+/// Largest signature file accepted (a real one is 202 bytes).
 pub const MAX_SIGNATURE_BYTES: u64 = 4 * 1024;
 /// The first word of a signature file: the scheme.
 pub const SIGNATURE_SCHEME: &str = "ed25519";
@@ -364,7 +364,7 @@ impl PluginFiles {
     /// atomically) naming the key; returns its path.
     ///
     /// # Errors
-    /// [`PluginError::Io`].
+    /// [`PluginError::Write`].
     pub fn sign(&self, key: &signing::SigningKey) -> Result<PathBuf, PluginError> {
         let file = SignatureFile::Ed25519 {
             key: key.public_key(),
@@ -372,12 +372,7 @@ impl PluginFiles {
         };
         let path = signature_path(&self.manifest_path);
         // A signature is public, like the manifest it signs.
-        crate::output::write_shared_bytes(&path, file.to_text().as_bytes()).map_err(|e| {
-            PluginError::Io {
-                path: path.display().to_string(),
-                source: std::io::Error::other(e.to_string()),
-            }
-        })?;
+        crate::output::write_shared_bytes(&path, file.to_text().as_bytes())?;
         Ok(path)
     }
 }
@@ -412,7 +407,7 @@ pub fn signature_path(manifest: &Path) -> PathBuf {
 /// Writes a manifest as TOML (atomically).
 ///
 /// # Errors
-/// [`PluginError::Io`].
+/// [`PluginError::Manifest`] if it cannot be encoded, [`PluginError::Write`].
 pub fn write_manifest(path: &Path, manifest: &Manifest) -> Result<(), PluginError> {
     let text = toml::to_string(manifest).map_err(|e| PluginError::Manifest {
         path: path.display().to_string(),
@@ -424,11 +419,8 @@ pub fn write_manifest(path: &Path, manifest: &Manifest) -> Result<(), PluginErro
                 path: path.display().to_string(),
                 source,
             })
-    })
-    .map_err(|e| PluginError::Io {
-        path: path.display().to_string(),
-        source: std::io::Error::other(e.to_string()),
-    })
+    })?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -619,7 +611,7 @@ mod tests {
         let files = PluginFiles::load(&s.path).expect("load");
         std::fs::write(
             signature_path(&s.path),
-            format!("{}\n", s.key.sign_hex(&files.manifest_bytes)),
+            format!("{}\n", hex::encode(s.key.sign(&files.manifest_bytes))),
         )
         .expect("legacy");
         assert_eq!(

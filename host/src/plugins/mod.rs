@@ -56,6 +56,9 @@ pub const INTERFACE_PACKAGE: &str = "oxbox:plugin";
 /// Why a plugin call or load failed. Every variant names the plugin.
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
+    /// A file (manifest, signature) could not be written.
+    #[error(transparent)]
+    Write(#[from] crate::output::OutputError),
     /// A file (manifest, component, signature, cache) could not be read or written.
     #[error("{path}: {source}")]
     Io {

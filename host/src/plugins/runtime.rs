@@ -315,7 +315,7 @@ impl LoadedPlugin {
             .call_map_emr(&mut store, record)
             .map_err(|e| self.fault(e, started.elapsed(), store.data().limit_hit(), false))?;
         let took = started.elapsed();
-        answer.map_err(|e| self.rejected(e))?;
+        answer.map_err(|e| self.rejected(e, |f| is_record_field(record, f)))?;
         Ok(took)
     }
 
@@ -414,12 +414,7 @@ impl LoadedPlugin {
             (None, None) if instantiating => FaultCause::Instantiation(root()),
             (None, None) => FaultCause::Trap(root()),
         };
-        tracing::warn!(
-            plugin = %self.label,
-            faults,
-            elapsed_ms = elapsed.as_millis() as u64,
-            "plugin fault: {cause}"
-        );
+        self.log_fault(faults, &cause, Some(elapsed));
         PluginError::Fault {
             plugin: self.label.clone(),
             cause,
@@ -437,22 +432,56 @@ impl LoadedPlugin {
 
     fn malformed(&self, what: String) -> PluginError {
         let faults = self.consecutive_faults.fetch_add(1, Ordering::Relaxed) + 1;
-        tracing::warn!(
-            plugin = %self.label,
-            faults,
-            "plugin fault: returned malformed output: {what}"
-        );
+        let cause = FaultCause::MalformedOutput(what);
+        self.log_fault(faults, &cause, None);
         PluginError::Fault {
             plugin: self.label.clone(),
-            cause: FaultCause::MalformedOutput(what),
+            cause,
         }
     }
 
-    fn rejected(&self, error: GuestError) -> PluginError {
-        PluginError::Rejected {
-            plugin: self.label.clone(),
-            field: error.field.map(|f| truncate(&f)),
-            message: truncate(&error.message),
+    /// Logs a fault: at debug while it is one of a run below the threshold
+    /// (the caller — the server, with its request id, or the command line —
+    /// reports the failure itself), at warn when it is the one that
+    /// quarantines the plugin.
+    fn log_fault(&self, faults: u32, cause: &FaultCause, elapsed: Option<Duration>) {
+        let elapsed_ms = elapsed.map(|e| e.as_millis() as u64);
+        if faults == self.limits.fault_threshold {
+            tracing::warn!(
+                plugin = %self.label,
+                faults,
+                elapsed_ms,
+                "plugin quarantined after {faults} consecutive faults (until reload); the last: {cause}"
+            );
+        } else {
+            tracing::debug!(plugin = %self.label, faults, elapsed_ms, "plugin fault: {cause}");
+        }
+    }
+
+    /// A guest's `plugin-error` as a rejection. The `field` it names is
+    /// kept as the field only when `is_field` recognises it (a column of the
+    /// record, a schema feature, an image attribute): that name is what
+    /// logs and audit records may carry. Anything else the plugin put there
+    /// is its own text, which may hold a value, so it moves into the
+    /// message, which only the caller sees.
+    fn rejected(&self, error: GuestError, is_field: impl Fn(&str) -> bool) -> PluginError {
+        let message = truncate(&error.message);
+        match error.field {
+            Some(field) if is_field(&field) => PluginError::Rejected {
+                plugin: self.label.clone(),
+                field: Some(truncate(&field)),
+                message,
+            },
+            Some(text) => PluginError::Rejected {
+                plugin: self.label.clone(),
+                field: None,
+                message: truncate(&format!("{text}: {message}")),
+            },
+            None => PluginError::Rejected {
+                plugin: self.label.clone(),
+                field: None,
+                message,
+            },
         }
     }
 
@@ -469,7 +498,7 @@ impl LoadedPlugin {
     pub fn map_emr(&self, record: &[RawField]) -> Result<Vec<Feature>, PluginError> {
         let answer = self.call(|bindings, store| bindings.call_map_emr(store, record))?;
         let result = answer
-            .map_err(|e| self.rejected(e))
+            .map_err(|e| self.rejected(e, |f| is_record_field(record, f)))
             .and_then(|features| self.check_features(features));
         self.settle(&result);
         result
@@ -530,7 +559,7 @@ impl LoadedPlugin {
             bindings.call_preprocess_image(store, frame, lent)
         })?;
         let result = answer
-            .map_err(|e| self.rejected(e))
+            .map_err(|e| self.rejected(e, is_image_field))
             .and_then(|decision| self.check_decision(frame, decision));
         self.settle(&result);
         result
@@ -566,7 +595,7 @@ impl LoadedPlugin {
 ///
 /// # Errors
 /// The malformed-output text.
-pub fn check_feature_name(name: &str) -> Result<&'static FeatureSpec, String> {
+fn check_feature_name(name: &str) -> Result<&'static FeatureSpec, String> {
     oxbox_emr_schema::feature(name).ok_or_else(|| {
         let mut what = format!(
             "feature {name:?} is not in EMR schema v{}",
@@ -680,6 +709,36 @@ fn check_text(label: &str, what: &str, text: &str) -> Result<(), PluginError> {
         });
     }
     Ok(())
+}
+
+/// Whether `name` is a field of `record` or an EMR schema v1 feature: a
+/// name a `map-emr` rejection may carry into logs.
+fn is_record_field(record: &[RawField], name: &str) -> bool {
+    record.iter().any(|f| f.name == name) || oxbox_emr_schema::feature(name).is_some()
+}
+
+/// What a `preprocess-image` rejection may name: the frame's parts and
+/// attributes as the WIT interface calls them (either `-` or `_`).
+fn is_image_field(name: &str) -> bool {
+    const IMAGE_FIELDS: [&str; 15] = [
+        "canonical",
+        "pixels",
+        "rows",
+        "columns",
+        "size",
+        "modality",
+        "photometric-interpretation",
+        "bits-stored",
+        "signed",
+        "rescale-slope",
+        "rescale-intercept",
+        "window-center",
+        "window-width",
+        "presentation-lut-shape",
+        "manufacturer",
+    ];
+    let name = name.replace('_', "-");
+    IMAGE_FIELDS.contains(&name.as_str())
 }
 
 fn truncate(text: &str) -> String {

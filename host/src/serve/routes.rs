@@ -500,11 +500,18 @@ async fn predict_case(
             // The redacted text: the plugin and field at fault, never a
             // value (the plugin's own message may quote one). Bad input at
             // info, a failure of the box at warn; load (every sandbox busy:
-            // a 503 the plugin host has already warned about) at debug.
-            if matches!(e, PipelineError::Plugin(PluginError::Busy { .. })) {
+            // a 503 the plugin host has already warned about) and a
+            // quarantined plugin (warned about once, when it was
+            // quarantined; in GET /v1/plugins and the metrics since) at
+            // debug, so that neither grows the log per request.
+            if matches!(
+                e,
+                PipelineError::Plugin(PluginError::Busy { .. } | PluginError::Quarantined { .. })
+            ) {
                 tracing::debug!(
                     request_id,
-                    "prediction refused (overloaded): {}",
+                    "prediction refused ({}): {}",
+                    category(&e),
                     e.redacted()
                 );
             } else if e.is_bad_input() {

@@ -1,4 +1,4 @@
-//! Test plugin `feature-echo`: returns every field of the record as a feature of the same name and value, unchecked — so a test chooses what the host gets: a name outside EMR schema v1, a misspelt one, one given twice, a value outside the schema's range. The host must check each (tests/sandbox, tests/e2e/plugin_schema.rs).
+//! Test plugin `feature-echo`: returns every field of the record as a feature of the same name and value, unchecked — so a test chooses what the host gets: a name outside EMR schema v1, a misspelt one, one given twice, a value outside the schema's range; a non-number is rejected with the value inside `field`. The host must check each (tests/sandbox, tests/e2e/plugin_schema.rs).
 
 wit_bindgen::generate!({
     path: "../../../wit",
@@ -28,8 +28,10 @@ impl Guest for Echo {
                 let value = if text.is_empty() {
                     None
                 } else {
+                    // A careless rejection: the value inside `field`, where
+                    // the host expects only a name.
                     Some(text.parse::<f64>().map_err(|_| PluginError {
-                        field: Some(field.name.clone()),
+                        field: Some(format!("{}={}", field.name, field.value)),
                         message: "not a number".into(),
                     })?)
                 };
