@@ -91,8 +91,8 @@ fn openapi_spec_validator_refuses_a_description_on_a_media_type() {
     let text = std::fs::read_to_string(repo_root().join("host/api/openapi.json"))
         .expect("host/api/openapi.json");
     let mut doc: serde_json::Value = serde_json::from_str(&text).expect("OpenAPI JSON");
-    let media = &mut doc["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
-        ["application/json"];
+    let media =
+        &mut doc["paths"]["/v1/predict"]["post"]["requestBody"]["content"]["application/json"];
     assert!(media.is_object(), "no application/json request body");
     media["description"] = "EMR-only models".into();
     let dir = tempfile::tempdir().expect("tempdir");
