@@ -113,18 +113,16 @@ impl BearerToken {
         digest(&SHA256, presented.trim_ascii()).as_ref() == self.sha256.as_slice()
     }
 
-    /// Checks a request's `Authorization` header.
-    ///
-    /// # Errors
-    /// 401 [`Problem::unauthorized`] (with `WWW-Authenticate`) when the
-    /// header is missing or carries another token; its detail tells the
-    /// client to send the token from `setting` (the config key naming the
-    /// token file).
-    pub fn authorize(&self, headers: &HeaderMap, setting: &str) -> Result<(), Problem> {
+    /// The refusal for a request whose `Authorization` header is missing
+    /// or carries another token, `None` when it carries this one: 401
+    /// [`Problem::unauthorized`] (with `WWW-Authenticate`), whose detail
+    /// tells the client to send the token from `setting` (the config key
+    /// naming the token file).
+    pub fn refusal(&self, headers: &HeaderMap, setting: &str) -> Option<Problem> {
         if self.accepts(headers.get(AUTHORIZATION).map(|v| v.as_bytes())) {
-            Ok(())
+            None
         } else {
-            Err(Problem::unauthorized(format!(
+            Some(Problem::unauthorized(format!(
                 "send Authorization: Bearer <token from {setting}>"
             )))
         }
@@ -150,8 +148,8 @@ mod tests {
         let token = BearerToken::new("0123456789abcdef0123456789abcdef");
         let mut headers = HeaderMap::new();
         let refused = token
-            .authorize(&headers, "server.token_file")
-            .expect_err("no header");
+            .refusal(&headers, "server.token_file")
+            .expect("no header: refused");
         assert_eq!(refused.status, 401);
         assert!(
             refused.detail.contains("server.token_file"),
@@ -172,7 +170,7 @@ mod tests {
                 .parse()
                 .expect("header value"),
         );
-        assert!(token.authorize(&headers, "server.token_file").is_ok());
+        assert!(token.refusal(&headers, "server.token_file").is_none());
     }
 
     #[test]

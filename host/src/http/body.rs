@@ -30,20 +30,17 @@ pub struct BodyLimits {
 }
 
 impl BodyLimits {
-    /// 413 when the request declares a `Content-Length` over the limit
-    /// (before anything is read).
-    ///
-    /// # Errors
-    /// [`Problem::too_large`].
-    pub fn check_declared(&self, headers: &HeaderMap) -> Result<(), Problem> {
+    /// 413 [`Problem::too_large`] when the request declares a
+    /// `Content-Length` over the limit (checked before anything is read),
+    /// else `None`.
+    pub fn declared_too_large(&self, headers: &HeaderMap) -> Option<Problem> {
         let declared = headers
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|len| len > self.max_bytes) {
-            return Err(self.too_large());
-        }
-        Ok(())
+        declared
+            .is_some_and(|len| len > self.max_bytes)
+            .then(|| self.too_large())
     }
 
     fn too_large(&self) -> Problem {
@@ -96,9 +93,11 @@ impl Body {
 pub async fn read_body(
     request: Request<Incoming>,
     limits: &BodyLimits,
-    mut admit: impl FnMut(&Bytes) -> Result<(), Problem>,
+    mut admit: impl FnMut(&Bytes) -> Result<(), Box<Problem>>,
 ) -> Result<Body, Problem> {
-    limits.check_declared(request.headers())?;
+    if let Some(problem) = limits.declared_too_large(request.headers()) {
+        return Err(problem);
+    }
     let limit = usize::try_from(limits.max_bytes).unwrap_or(usize::MAX);
     let read = async {
         let mut incoming = request.into_body();
@@ -119,7 +118,7 @@ pub async fn read_body(
             match admit(&data) {
                 Ok(()) => body.chunks.push(data),
                 Err(problem) => {
-                    refused = Some(problem);
+                    refused = Some(*problem);
                     body.chunks = Vec::new();
                 }
             }
@@ -149,11 +148,11 @@ mod tests {
     #[test]
     fn a_declared_length_over_the_limit_is_refused_before_reading() {
         let mut headers = HeaderMap::new();
-        assert!(LIMITS.check_declared(&headers).is_ok());
+        assert!(LIMITS.declared_too_large(&headers).is_none());
         headers.insert(CONTENT_LENGTH, "2097152".parse().expect("value"));
-        assert!(LIMITS.check_declared(&headers).is_ok());
+        assert!(LIMITS.declared_too_large(&headers).is_none());
         headers.insert(CONTENT_LENGTH, "2097153".parse().expect("value"));
-        let p = LIMITS.check_declared(&headers).expect_err("over the limit");
+        let p = LIMITS.declared_too_large(&headers).expect("over the limit");
         assert_eq!(p.status, 413);
         assert!(
             p.detail.contains("server.max_body_mib (2 MiB)"),

@@ -111,7 +111,8 @@ pub fn install_signal(
     signal(kind).map_err(io(format!("installing the {name} handler")))
 }
 
-/// SIGINT and SIGTERM, which make [`serve`] drain and return.
+/// SIGINT and SIGTERM: [`ShutdownSignals::received`] is the shutdown
+/// future a server passes to [`serve`].
 #[derive(Debug)]
 pub struct ShutdownSignals {
     interrupt: Signal,
@@ -130,8 +131,8 @@ impl ShutdownSignals {
         })
     }
 
-    /// Returns when either signal arrives.
-    async fn recv(&mut self) {
+    /// Completes when either signal arrives.
+    pub async fn received(mut self) {
         tokio::select! {
             _ = self.interrupt.recv() => {}
             _ = self.terminate.recv() => {}
@@ -139,9 +140,12 @@ impl ShutdownSignals {
     }
 }
 
-/// Serves HTTP/1.1 on `listener` until SIGINT or SIGTERM, then drains:
-/// each request goes to `handler` with the peer's address; the number of
-/// open connections is kept in `open_connections`.
+/// Serves HTTP/1.1 on `listener` until `shutdown` completes (for a
+/// server, [`ShutdownSignals::received`]), then drains: stops accepting and
+/// lets the requests in progress finish, up to
+/// [`ConnectionLimits::shutdown_grace`]. Each request goes to `handler`
+/// with the peer's address; the number of open connections is kept in
+/// `open_connections`.
 ///
 /// # Errors
 /// [`HttpError::Io`] when the socket cannot be registered with the
@@ -150,7 +154,7 @@ impl ShutdownSignals {
 pub async fn serve<H, F>(
     listener: std::net::TcpListener,
     limits: ConnectionLimits,
-    mut shutdown: ShutdownSignals,
+    shutdown: impl Future<Output = ()>,
     open_connections: Gauge,
     handler: H,
 ) -> Result<(), HttpError>
@@ -158,6 +162,8 @@ where
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = HttpResponse> + Send + 'static,
 {
+    // Polled until it completes, then never again (the loop breaks).
+    let mut shutdown = std::pin::pin!(shutdown);
     let listener =
         tokio::net::TcpListener::from_std(listener).map_err(io("registering the socket"))?;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -170,7 +176,7 @@ where
                 Ok(slot) => slot,
                 Err(_) => break,
             },
-            () = shutdown.recv() => break,
+            () = &mut shutdown => break,
         };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -182,7 +188,7 @@ where
                     continue;
                 }
             },
-            () = shutdown.recv() => break,
+            () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
@@ -235,5 +241,93 @@ impl OpenConnection {
 impl Drop for OpenConnection {
     fn drop(&mut self) {
         self.gauge.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use hyper::StatusCode;
+
+    use super::*;
+
+    fn request(addr: SocketAddr, path: &str) -> std::net::TcpStream {
+        let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+        )
+        .expect("send");
+        stream
+    }
+
+    fn reply(mut stream: std::net::TcpStream) -> String {
+        let mut text = String::new();
+        stream.read_to_string(&mut text).expect("read the reply");
+        text
+    }
+
+    /// A request is answered by the handler; at shutdown a request in
+    /// progress still gets its answer, then `serve` returns and the
+    /// open-connections gauge is back to zero.
+    #[test]
+    fn requests_are_served_and_a_request_in_progress_is_drained_at_shutdown() {
+        let runtime = runtime(4).expect("runtime");
+        let listener = bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let limits = ConnectionLimits {
+            max_connections: 4,
+            header_timeout: Duration::from_secs(5),
+            read_buffer_bytes: READ_BUFFER_BYTES,
+            shutdown_grace: Duration::from_secs(20),
+        };
+        let gauge = Gauge::default();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+        let started_tx = Arc::new(std::sync::Mutex::new(started_tx));
+        let handler = move |_peer, request: Request<Incoming>| {
+            let started = Arc::clone(&started_tx);
+            async move {
+                if request.uri().path() == "/slow" {
+                    if let Ok(tx) = started.lock() {
+                        let _ = tx.send(());
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                crate::http::response::json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "path": request.uri().path() }),
+                )
+            }
+        };
+        let server = runtime.spawn(serve(
+            listener,
+            limits,
+            async move {
+                let _ = stopped.await;
+            },
+            gauge.clone(),
+            handler,
+        ));
+        let fast = reply(request(addr, "/fast"));
+        assert!(fast.starts_with("HTTP/1.1 200"), "{fast}");
+        assert!(fast.ends_with(r#"{"path":"/fast"}"#), "{fast}");
+        let slow = request(addr, "/slow");
+        started_rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the slow request reached the handler");
+        stop.send(()).expect("stop");
+        let slow = reply(slow);
+        assert!(slow.starts_with("HTTP/1.1 200"), "{slow}");
+        assert!(slow.ends_with(r#"{"path":"/slow"}"#), "{slow}");
+        let result = runtime.block_on(server).expect("server task");
+        assert!(result.is_ok(), "{result:?}");
+        assert_eq!(gauge.get(), 0);
+        // Nothing listens any more.
+        assert!(std::net::TcpStream::connect(addr).is_err());
     }
 }

@@ -271,6 +271,13 @@ async fn serve(
     let limits = state.settings.connections;
     let open_connections = state.metrics.connections().clone();
     let handler = move |peer, request| routes::handle(Arc::clone(&state), peer, request);
-    server::serve(listener, limits, shutdown, open_connections, handler).await?;
+    server::serve(
+        listener,
+        limits,
+        shutdown.received(),
+        open_connections,
+        handler,
+    )
+    .await?;
     Ok(())
 }

@@ -119,7 +119,7 @@ async fn dispatch(
     }
     if route.needs_token()
         && let Some(token) = &state.token
-        && let Err(problem) = token.authorize(request.headers(), "server.token_file")
+        && let Some(problem) = token.refusal(request.headers(), "server.token_file")
     {
         return problem.into_response();
     }
@@ -599,7 +599,9 @@ async fn read_case(
     reservation: &mut Reservation,
 ) -> Result<CaseBody, Problem> {
     let limits = &state.settings.body;
-    limits.check_declared(request.headers())?;
+    if let Some(problem) = limits.declared_too_large(request.headers()) {
+        return Err(problem);
+    }
     let content_type = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -632,7 +634,7 @@ async fn read_case(
     let body = read_body(request, limits, |chunk| {
         reservation
             .grow(chunk.len() as u64)
-            .map_err(|e| admission_problem(state, e))
+            .map_err(|e| Box::new(admission_problem(state, e)))
     })
     .await?;
     let received = body.len as u64;
