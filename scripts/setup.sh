@@ -3,8 +3,9 @@
 # a C/C++ toolchain, cmake and nasm (libjpeg-turbo, CharLS and OpenJPEG are
 # built from the sources vendored in their -sys crates; nothing is downloaded
 # at build time). With --tests, also what the test suite needs: dcmtk and
-# GDCM (re-encoders), GNU time (peak RSS of the binary under test) and the
-# reference venv (shared/reference).
+# GDCM (re-encoders), GNU time (peak RSS of the binary under test), the
+# reference venv (shared/reference), scikit-learn (target/py-eval) and
+# openapi-spec-validator (target/py-openapi).
 #   scripts/setup.sh [--tests]
 set -euo pipefail
 need=()
@@ -35,4 +36,12 @@ if [ "${1:-}" = "--tests" ] && ! target/py-eval/bin/python -c 'import sklearn' 2
   rm -rf target/py-eval
   python3 -m venv target/py-eval
   target/py-eval/bin/pip install -q 'scikit-learn>=1.5,<2'
+fi
+# Every OpenAPI document the repository ships is checked by an independent
+# validator (what client generators trip over), not only by our own tests.
+if [ "${1:-}" = "--tests" ] && ! target/py-openapi/bin/python -c 'import openapi_spec_validator' 2>/dev/null; then
+  echo "setup: creating target/py-openapi (openapi-spec-validator)" >&2
+  rm -rf target/py-openapi
+  python3 -m venv target/py-openapi
+  target/py-openapi/bin/pip install -q 'openapi-spec-validator>=0.9,<0.10'
 fi

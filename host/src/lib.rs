@@ -14,6 +14,8 @@
 //! | [`plugins`]   | site plugins: sandboxed WebAssembly components (wasmtime)      |
 //! | [`model`]     | the EXAM-style network (candle), model packages, inference     |
 //! | [`pipeline`]  | one case end to end: radiograph + EMR → plugins → model        |
+//! | [`http`]      | HTTP plumbing every server shares: accept loop, limits, drain, |
+//! |               | problem+json, bearer token (no plugins, DICOM or pipeline)     |
 //! | [`serve`]     | the local HTTP endpoint: predictions, health, metrics (hyper)  |
 //! | [`store`]     | local state in SQLite: the audit log of predictions            |
 //! | [`synth`]     | a multi-site synthetic cohort with known truth (`oxbox synth`) |
@@ -37,6 +39,7 @@ pub mod dataset;
 pub mod dicom;
 pub mod evaluate;
 pub mod guard;
+pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod output;

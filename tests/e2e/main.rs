@@ -11,6 +11,7 @@ mod bombs;
 mod cli;
 mod evaluate;
 mod hostile_plugins;
+mod openapi;
 mod operator_logs;
 mod plugin_dev;
 mod plugin_schema;

@@ -35,7 +35,7 @@ pub fn run(_args: Args, config: Option<&Path>) -> anyhow::Result<()> {
     let source = &loaded.source;
     let config = &loaded.config;
     if let Some(token_file) = &config.server.token_file {
-        oxbox::serve::auth::BearerToken::from_file(token_file)
+        oxbox::http::BearerToken::from_file(token_file)
             .with_context(|| format!("{source}: server.token_file: serve would not start"))?;
     }
     let model = match &config.model.package {

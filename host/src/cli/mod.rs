@@ -194,7 +194,7 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
             || cause
                 .downcast_ref::<PluginError>()
                 .is_some_and(PluginError::is_bad_input)
-            || cause.is::<oxbox::serve::auth::TokenError>()
+            || cause.is::<oxbox::http::TokenError>()
             || cause.is::<oxbox::dataset::DatasetError>()
             || cause.is::<plugin::ScaffoldError>()
             || matches!(

@@ -4,12 +4,15 @@
 //!   JSON EMR only), health, readiness, model, plugins, metrics, the
 //!   OpenAPI document and the plugin reload;
 //! - [`batcher`]: dynamic batching of concurrent predictions;
-//! - [`problem`]: RFC 9457 problem details for every error;
+//! - [`problem`]: the endpoint's own problem details (overload, admission,
+//!   reloads, pipeline failures);
 //! - [`metrics`]: the Prometheus/OpenMetrics exposition;
-//! - [`auth`]: the bearer token required off loopback, and on the admin
-//!   route everywhere;
 //! - [`admission`]: the memory budget predictions are admitted against;
 //! - [`reload`]: plugin reloads, serialised, rate-limited and audited.
+//!
+//! The HTTP plumbing (accept loop, connection and body limits, drain,
+//! problem rendering, the bearer token) is [`crate::http`]'s; the token is
+//! required off loopback, and on the admin route everywhere.
 //!
 //! Decode and plugins run on tokio's blocking pool, the model on one
 //! inference thread (batches), the SQLite audit log on the blocking pool.
@@ -23,43 +26,31 @@
 //! accepting, let requests in progress finish (up to 30 s), then exit.
 
 pub mod admission;
-pub mod auth;
 pub mod batcher;
 pub mod metrics;
 pub mod problem;
 pub mod reload;
 pub mod routes;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind};
 use tokio::sync::Semaphore;
 
 use crate::config::{Config, LimitsConfig, LoadedConfig};
+use crate::http::server::{self, ConnectionLimits, HttpError, ShutdownSignals};
+use crate::http::{BearerToken, BodyLimits, TokenError};
 use crate::model::{Model, ModelError, select_device, set_compute_threads};
 use crate::pipeline::Pipeline;
 use crate::plugins::{PluginError, PluginRegistry};
 use crate::store::{AuditLog, StoreError};
 use admission::MemoryBudget;
-use auth::{BearerToken, TokenError};
 use batcher::Batcher;
 use metrics::Metrics;
 use reload::ReloadGate;
-
-/// How long requests in progress may take to finish at shutdown.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-
-/// The most a connection buffers while reading a request (hyper's
-/// `max_buf_size`; its default is about 400 KiB): request heads larger than
-/// this are refused, bodies stream through it.
-pub const READ_BUFFER_BYTES: usize = 64 * 1024;
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +67,10 @@ pub enum ServeError {
     /// The token file is unusable.
     #[error(transparent)]
     Token(#[from] TokenError),
-    /// Binding, the runtime or a thread failed.
+    /// Binding, the runtime, a signal handler or the socket failed.
+    #[error(transparent)]
+    Http(#[from] HttpError),
+    /// A thread failed to start.
     #[error("{what}: {source}")]
     Io {
         /// What was being done.
@@ -95,16 +89,13 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
 /// Server limits from `[server]`.
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
-    /// Largest body, bytes.
-    pub max_body_bytes: u64,
-    /// Time to send the headers.
-    pub header_timeout: Duration,
-    /// Time to send the body.
-    pub body_timeout: Duration,
+    /// The connections: how many at once, the header timeout, the read
+    /// buffer, the drain at shutdown.
+    pub connections: ConnectionLimits,
+    /// The body: largest size and the time it may take.
+    pub body: BodyLimits,
     /// Predictions in progress at once.
     pub max_concurrent: usize,
-    /// Open connections at once.
-    pub max_connections: usize,
     /// Least time between two HTTP plugin reloads.
     pub reload_min_interval: Duration,
     /// The memory budget, bytes (derived when the config says 0).
@@ -115,11 +106,19 @@ impl ServerSettings {
     fn from_config(config: &Config) -> Self {
         let s = &config.server;
         Self {
-            max_body_bytes: s.max_body_mib * 1024 * 1024,
-            header_timeout: Duration::from_millis(s.header_timeout_ms),
-            body_timeout: Duration::from_millis(s.body_timeout_ms),
+            connections: ConnectionLimits {
+                max_connections: s.max_connections,
+                header_timeout: Duration::from_millis(s.header_timeout_ms),
+                read_buffer_bytes: server::READ_BUFFER_BYTES,
+                shutdown_grace: server::SHUTDOWN_GRACE,
+            },
+            body: BodyLimits {
+                max_bytes: s.max_body_mib * 1024 * 1024,
+                max_bytes_setting: "server.max_body_mib",
+                timeout: Duration::from_millis(s.body_timeout_ms),
+                timeout_setting: "server.body_timeout_ms",
+            },
             max_concurrent: s.max_concurrent_requests,
-            max_connections: s.max_connections,
             reload_min_interval: Duration::from_secs(s.reload_min_interval_s),
             memory_budget_bytes: if s.memory_budget_mib == 0 {
                 admission::derived_budget()
@@ -150,9 +149,10 @@ pub struct AppState {
 /// (so that a SIGHUP sent at once reloads rather than kills it).
 #[derive(Debug)]
 struct Signals {
+    /// Reloads the plugins.
     hangup: Signal,
-    interrupt: Signal,
-    terminate: Signal,
+    /// SIGINT and SIGTERM: drain and exit.
+    shutdown: ShutdownSignals,
 }
 
 /// A server with its model and plugins loaded and its socket bound.
@@ -205,34 +205,17 @@ impl Server {
             Arc::clone(&metrics),
         )
         .map_err(io("starting the inference thread"))?;
-        let listener = std::net::TcpListener::bind(&config.server.listen)
-            .map_err(io(format!("binding {}", config.server.listen)))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(io("configuring the socket"))?;
+        let listener = server::bind(&config.server.listen)?;
         let settings = ServerSettings::from_config(config);
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .max_blocking_threads(settings.max_concurrent + 8)
-            .thread_name("oxbox-http")
-            .enable_all()
-            .build()
-            .map_err(io("starting the async runtime"))?;
-        let signals = {
-            let _context = runtime.enter();
-            Signals {
-                hangup: signal(SignalKind::hangup())
-                    .map_err(io("installing the SIGHUP handler"))?,
-                interrupt: signal(SignalKind::interrupt())
-                    .map_err(io("installing the SIGINT handler"))?,
-                terminate: signal(SignalKind::terminate())
-                    .map_err(io("installing the SIGTERM handler"))?,
-            }
+        let runtime = server::runtime(settings.max_concurrent + 8)?;
+        let signals = Signals {
+            hangup: server::install_signal(&runtime, SignalKind::hangup(), "SIGHUP")?,
+            shutdown: ShutdownSignals::install(&runtime)?,
         };
         tracing::info!(
             "memory budget {} MiB, at most {} connections, {} predictions at once",
             settings.memory_budget_bytes / (1024 * 1024),
-            settings.max_connections,
+            settings.connections.max_connections,
             settings.max_concurrent
         );
         Ok(Self {
@@ -266,7 +249,7 @@ impl Server {
     /// Serves until SIGINT or SIGTERM, then drains.
     ///
     /// # Errors
-    /// [`ServeError::Io`] when the socket fails.
+    /// [`ServeError::Http`] when the socket fails.
     pub fn run(self) -> Result<(), ServeError> {
         let Self {
             state,
@@ -283,91 +266,18 @@ async fn serve(
     listener: std::net::TcpListener,
     signals: Signals,
 ) -> Result<(), ServeError> {
-    let Signals {
-        hangup,
-        mut interrupt,
-        mut terminate,
-    } = signals;
-    let listener =
-        tokio::net::TcpListener::from_std(listener).map_err(io("registering the socket"))?;
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let Signals { hangup, shutdown } = signals;
     tokio::spawn(reload::on_sighup(Arc::clone(&state), hangup));
-    let header_timeout = state.settings.header_timeout;
-    let connections = Arc::new(Semaphore::new(state.settings.max_connections));
-    loop {
-        // A free connection slot first: at the cap, new connections wait in
-        // the kernel's listen backlog, holding nothing of ours.
-        let slot = tokio::select! {
-            slot = Arc::clone(&connections).acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => break,
-            },
-            _ = interrupt.recv() => break,
-            _ = terminate.recv() => break,
-        };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // Out of descriptors and the like: back off, keep serving.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = interrupt.recv() => break,
-            _ = terminate.recv() => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let service_state = Arc::clone(&state);
-        let service = service_fn(move |request| {
-            let state = Arc::clone(&service_state);
-            async move { Ok::<_, Infallible>(routes::handle(state, peer, request).await) }
-        });
-        let connection = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(header_timeout)
-            .max_buf_size(READ_BUFFER_BYTES)
-            .serve_connection(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection);
-        let open = OpenConnection::new(Arc::clone(&state.metrics), slot);
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!("connection ended: {e}");
-            }
-            drop(open);
-        });
-    }
-    tracing::info!("shutting down: draining requests in progress");
-    drop(listener);
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("requests still in progress after {SHUTDOWN_GRACE:?}; exiting");
-    }
+    let limits = state.settings.connections;
+    let open_connections = state.metrics.connections().clone();
+    let handler = move |peer, request| routes::handle(Arc::clone(&state), peer, request);
+    server::serve(
+        listener,
+        limits,
+        shutdown.received(),
+        open_connections,
+        handler,
+    )
+    .await?;
     Ok(())
-}
-
-/// A connection's slot under `server.max_connections`, counted in the
-/// open-connections gauge while held.
-struct OpenConnection {
-    metrics: Arc<Metrics>,
-    _slot: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl OpenConnection {
-    fn new(metrics: Arc<Metrics>, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
-        metrics.connections().inc();
-        Self {
-            metrics,
-            _slot: slot,
-        }
-    }
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        self.metrics.connections().dec();
-    }
 }

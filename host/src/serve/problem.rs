@@ -1,104 +1,19 @@
-//! Errors as RFC 9457 problem details (`application/problem+json`): the
-//! same causes the CLI prints, with an HTTP status and a stable `type`.
+//! The endpoint's own problems (RFC 9457, rendered by
+//! [`crate::http::problem`]): overload and admission refusals, plugin
+//! reloads, and the mapping of pipeline and inference failures to HTTP
+//! statuses. The generic ones (400, 401, 404, 405, 408, 413, 415, 500)
+//! are [`Problem`]'s own.
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Response, StatusCode, header};
-use serde::Serialize;
+use hyper::StatusCode;
 
 use super::batcher::BatchError;
 use super::reload::ReloadFailure;
+pub use crate::http::problem::{PROBLEM_JSON, Problem};
 use crate::model::ModelError;
 use crate::pipeline::PipelineError;
 use crate::plugins::PluginError;
 
-/// The media type of problem responses.
-pub const PROBLEM_JSON: &str = "application/problem+json";
-
-/// One problem: what went wrong, for the client (never patient data: the
-/// detail comes from checks that name tags, fields and limits, not values).
-#[derive(Debug, Clone, Serialize)]
-pub struct Problem {
-    /// A URI naming the kind of problem (`urn:oxbox:problem:<slug>`).
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// A short summary of the kind.
-    pub title: &'static str,
-    /// The HTTP status.
-    pub status: u16,
-    /// What exactly is wrong with this request.
-    pub detail: String,
-    /// The request id (also in the audit log), when one was assigned.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub request_id: Option<String>,
-    /// Seconds after which a retry may succeed (also sent as Retry-After).
-    #[serde(skip)]
-    pub retry_after: Option<u32>,
-    /// Extra headers (`WWW-Authenticate`, `Allow`).
-    #[serde(skip)]
-    pub headers: Vec<(header::HeaderName, String)>,
-    /// What the server log and the audit record say about it, when the
-    /// detail may quote the input (a plugin's message, a schema error):
-    /// [`PipelineError::redacted`]. Not sent to the client, which gets the
-    /// detail.
-    #[serde(skip)]
-    pub reason: Option<String>,
-}
-
 impl Problem {
-    /// A problem of kind `slug` with `status`, `title` and `detail`.
-    pub fn new(
-        status: StatusCode,
-        slug: &str,
-        title: &'static str,
-        detail: impl Into<String>,
-    ) -> Self {
-        Self {
-            kind: format!("urn:oxbox:problem:{slug}"),
-            title,
-            status: status.as_u16(),
-            detail: detail.into(),
-            request_id: None,
-            retry_after: None,
-            headers: Vec::new(),
-            reason: None,
-        }
-    }
-
-    /// 400: the request is malformed.
-    pub fn malformed(detail: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::BAD_REQUEST,
-            "malformed-request",
-            "Malformed request",
-            detail,
-        )
-    }
-
-    /// 413: the body is larger than `server.max_body_mib`.
-    pub fn too_large(limit_bytes: u64) -> Self {
-        Self::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload-too-large",
-            "Request body too large",
-            format!(
-                "the body exceeds server.max_body_mib ({} MiB)",
-                limit_bytes / (1024 * 1024)
-            ),
-        )
-    }
-
-    /// 415: neither `multipart/form-data` nor `application/json`, or a part
-    /// of the wrong type.
-    pub fn unsupported_media_type(detail: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported-media-type",
-            "Unsupported media type",
-            detail,
-        )
-    }
-
     /// 503 with Retry-After: too many predictions in progress.
     pub fn overloaded(limit: usize) -> Self {
         let mut p = Self::new(
@@ -124,12 +39,6 @@ impl Problem {
         );
         p.retry_after = Some(1);
         p
-    }
-
-    /// Whether this is an overload refusal (503 `overloaded`), which the
-    /// audit log does not record.
-    pub fn is_overloaded(&self) -> bool {
-        self.status == 503 && self.kind == "urn:oxbox:problem:overloaded"
     }
 
     /// 413: one case whose estimated decoded size exceeds the whole memory
@@ -182,63 +91,6 @@ impl Problem {
         p
     }
 
-    /// 401: no or a wrong bearer token.
-    pub fn unauthorized(detail: impl Into<String>) -> Self {
-        let mut p = Self::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "Unauthorized",
-            detail,
-        );
-        p.headers.push((
-            header::WWW_AUTHENTICATE,
-            "Bearer realm=\"oxbox\"".to_owned(),
-        ));
-        p
-    }
-
-    /// 404: no such route.
-    pub fn not_found(path: &str) -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            "not-found",
-            "Not found",
-            format!("no route {path:?}; see /v1/openapi.json"),
-        )
-    }
-
-    /// 405: the route exists with other methods.
-    pub fn method_not_allowed(allowed: &str) -> Self {
-        let mut p = Self::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method-not-allowed",
-            "Method not allowed",
-            format!("this route takes {allowed}"),
-        );
-        p.headers.push((header::ALLOW, allowed.to_owned()));
-        p
-    }
-
-    /// 408: the body did not arrive within `server.body_timeout_ms`.
-    pub fn body_timeout(ms: u64) -> Self {
-        Self::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "body-timeout",
-            "Request body timeout",
-            format!("the body did not arrive within server.body_timeout_ms ({ms} ms)"),
-        )
-    }
-
-    /// 500: the box failed (not the input's fault).
-    pub fn internal(detail: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal-error",
-            "Internal error",
-            detail,
-        )
-    }
-
     /// The problem for a pipeline failure: 422 for input the DICOM checks,
     /// the schema, a plugin or the model refused; 400 for an EMR record that
     /// is not a JSON object of scalars; 503 for a quarantined plugin and
@@ -248,12 +100,6 @@ impl Problem {
         let mut problem = Self::from_pipeline_error(error);
         problem.reason = Some(error.redacted());
         problem
-    }
-
-    /// What to log and audit for this problem: the redacted reason when it
-    /// came from the pipeline, else its title (fixed text).
-    pub fn audit_reason(&self) -> String {
-        self.reason.clone().unwrap_or_else(|| self.title.to_owned())
     }
 
     fn from_pipeline_error(error: &PipelineError) -> Self {
@@ -361,37 +207,12 @@ impl Problem {
             ),
         }
     }
-
-    /// With the request id.
-    pub fn for_request(mut self, request_id: &str) -> Self {
-        self.request_id = Some(request_id.to_owned());
-        self
-    }
-
-    /// The HTTP response.
-    pub fn into_response(self) -> Response<Full<Bytes>> {
-        let body = serde_json::to_vec(&self).unwrap_or_default();
-        let mut builder = Response::builder()
-            .status(self.status)
-            .header(header::CONTENT_TYPE, PROBLEM_JSON);
-        if let Some(seconds) = self.retry_after {
-            builder = builder.header(header::RETRY_AFTER, seconds.to_string());
-        }
-        for (name, value) in &self.headers {
-            builder = builder.header(name, value);
-        }
-        builder
-            .body(Full::new(Bytes::from(body)))
-            .unwrap_or_else(|_| {
-                let mut fallback = Response::new(Full::new(Bytes::new()));
-                *fallback.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-                fallback
-            })
-    }
 }
 
 #[cfg(test)]
 mod tests {
+    use hyper::header;
+
     use super::*;
 
     #[test]

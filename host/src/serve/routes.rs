@@ -6,9 +6,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::{Method, Request, Response, StatusCode, header};
+use hyper::{Method, Request, StatusCode, header};
 use serde_json::json;
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -18,6 +17,8 @@ use super::problem::Problem;
 use super::reload::Refusal;
 use crate::config::LimitsConfig;
 use crate::dicom::{DicomFile, ImageHeader};
+use crate::http::body::{Body, read_body};
+use crate::http::response::{self, HttpResponse};
 use crate::pipeline::{Pipeline, PipelineError, PredictionReport, PreparedCase};
 use crate::plugins::{PluginError, PluginSet};
 use crate::store::new_request_id;
@@ -82,8 +83,6 @@ impl Route {
     }
 }
 
-type HttpResponse = Response<Full<Bytes>>;
-
 /// Answers one request from `peer`.
 pub async fn handle(
     state: Arc<AppState>,
@@ -120,18 +119,12 @@ async fn dispatch(
     }
     if route.needs_token()
         && let Some(token) = &state.token
-        && !token.accepts(
-            request
-                .headers()
-                .get(header::AUTHORIZATION)
-                .map(|v| v.as_bytes()),
-        )
+        && let Some(problem) = token.refusal(request.headers(), "server.token_file")
     {
-        return Problem::unauthorized("send Authorization: Bearer <token from server.token_file>")
-            .into_response();
+        return problem.into_response();
     }
     match route {
-        Route::Health => json_response(StatusCode::OK, &json!({ "status": "ok" })),
+        Route::Health => response::json(StatusCode::OK, &json!({ "status": "ok" })),
         Route::Ready => ready(state),
         Route::Model => model(state),
         Route::Plugins => plugins(state),
@@ -140,32 +133,12 @@ async fn dispatch(
             state
                 .metrics
                 .memory(budget.capacity(), budget.in_use(), budget.peak());
-            Response::builder()
-                .header(
-                    header::CONTENT_TYPE,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                )
-                .body(Full::new(Bytes::from(state.metrics.encode())))
-                .unwrap_or_else(|_| Problem::internal("metrics").into_response())
+            response::openmetrics(state.metrics.encode())
         }
-        Route::OpenApi => Response::builder()
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from_static(OPENAPI.as_bytes())))
-            .unwrap_or_else(|_| Problem::internal("openapi").into_response()),
+        Route::OpenApi => response::static_json(OPENAPI),
         Route::Predict => predict(state, request).await,
         Route::Reload => reload(state, peer).await,
         Route::Other => Problem::not_found(request.uri().path()).into_response(),
-    }
-}
-
-fn json_response(status: StatusCode, value: &impl serde::Serialize) -> HttpResponse {
-    match serde_json::to_vec(value) {
-        Ok(body) => Response::builder()
-            .status(status)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .unwrap_or_else(|_| Problem::internal("response").into_response()),
-        Err(e) => Problem::internal(format!("serialising the response: {e}")).into_response(),
     }
 }
 
@@ -191,7 +164,7 @@ fn ready(state: &AppState) -> HttpResponse {
         .map(|p| format!("{} {}", p.name(), p.version()))
         .collect();
     if quarantined.is_empty() {
-        json_response(
+        response::json(
             StatusCode::OK,
             &json!({
                 "ready": true,
@@ -217,7 +190,7 @@ fn ready(state: &AppState) -> HttpResponse {
 fn model(state: &AppState) -> HttpResponse {
     let package = state.pipeline.model().package();
     let manifest = &package.manifest;
-    json_response(
+    response::json(
         StatusCode::OK,
         &json!({
             "model": state.pipeline.model_identity(),
@@ -249,7 +222,7 @@ fn plugins(state: &AppState) -> HttpResponse {
             })
         })
         .collect();
-    json_response(StatusCode::OK, &json!({ "plugins": list }))
+    response::json(StatusCode::OK, &json!({ "plugins": list }))
 }
 
 /// One reload at a time, at most one per `server.reload_min_interval_s`,
@@ -352,7 +325,7 @@ async fn predict(state: &Arc<AppState>, request: Request<Incoming>) -> HttpRespo
                 .metrics
                 .stage("total", started.elapsed().as_secs_f64() * 1e3);
             let audit = report.audit_record();
-            let mut response = json_response(StatusCode::OK, &report);
+            let mut response = response::json(StatusCode::OK, &report);
             if let Ok(value) = header::HeaderValue::from_str(&request_id) {
                 response.headers_mut().insert("x-request-id", value);
             }
@@ -632,14 +605,9 @@ async fn read_case(
     request: Request<Incoming>,
     reservation: &mut Reservation,
 ) -> Result<CaseBody, Problem> {
-    let max = state.settings.max_body_bytes;
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > max) {
-        return Err(Problem::too_large(max));
+    let limits = &state.settings.body;
+    if let Some(problem) = limits.declared_too_large(request.headers()) {
+        return Err(problem);
     }
     let content_type = request
         .headers()
@@ -668,92 +636,43 @@ async fn read_case(
             )));
         }
     };
-    let limit = usize::try_from(max).unwrap_or(usize::MAX);
-    let timeout = state.settings.body_timeout;
-    // The body is kept as the chunks hyper hands over (each reserved as it
-    // arrives), never in a buffer sized from the declared Content-Length:
-    // a client that declares 64 MiB and sends nothing holds nothing.
-    let read = async {
-        let mut incoming = request.into_body();
-        let mut chunks: Vec<Bytes> = Vec::new();
-        let mut received = 0usize;
-        // Refused at admission while reading: the rest of the body is read
-        // and dropped (within the same timeout and size limit), so that the
-        // client gets the 503 rather than a reset connection.
-        let mut refused = None;
-        while let Some(frame) = incoming.frame().await {
-            let frame = frame.map_err(|e| Problem::malformed(format!("reading the body: {e}")))?;
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
-            received = received.saturating_add(data.len());
-            if received > limit {
-                return Err(Problem::too_large(max));
-            }
-            if refused.is_some() {
-                continue;
-            }
-            if data.is_empty() {
-                continue;
-            }
-            match reservation.grow(data.len() as u64) {
-                Ok(()) => chunks.push(data),
-                Err(e) => {
-                    refused = Some(admission_problem(state, e));
-                    chunks = Vec::new();
-                }
-            }
-        }
-        match refused {
-            Some(problem) => Err(problem),
-            None => Ok((chunks, received)),
-        }
-    };
-    let (chunks, received) = match tokio::time::timeout(timeout, read).await {
-        Err(_) => return Err(Problem::body_timeout(timeout.as_millis() as u64)),
-        Ok(result) => result?,
-    };
+    // Each chunk is reserved as it arrives; refused at admission, the rest
+    // of the body is read and dropped, and the client gets the 503.
+    let body = read_body(request, limits, |chunk| {
+        reservation
+            .grow(chunk.len() as u64)
+            .map_err(|e| Box::new(admission_problem(state, e)))
+    })
+    .await?;
+    let received = body.len as u64;
     match kind {
         None => {
             // One contiguous copy of the text (exactly its size), then the
             // parsed value.
             reservation
                 .grow(
-                    (received as u64)
+                    received
                         .saturating_mul(admission::JSON_EXPANSION)
-                        .saturating_add(received as u64),
+                        .saturating_add(received),
                 )
                 .map_err(|e| admission_problem(state, e))?;
-            let body = contiguous(chunks, received);
-            serde_json::from_slice(&body)
+            serde_json::from_slice(&body.into_contiguous())
                 .map(CaseBody::Json)
                 .map_err(|e| Problem::malformed(format!("the body is not JSON: {e}")))
         }
         Some(boundary) => {
             // The parser copies the chunks into its own buffer.
             reservation
-                .grow(received as u64)
+                .grow(received)
                 .map_err(|e| admission_problem(state, e))?;
-            parse_multipart(chunks, boundary).await
+            parse_multipart(body, boundary).await
         }
     }
 }
 
-/// The body's chunks as one buffer of exactly `len` bytes (no copy for a
-/// body that came in one chunk).
-fn contiguous(chunks: Vec<Bytes>, len: usize) -> Bytes {
-    if chunks.len() == 1 {
-        return chunks.into_iter().next().unwrap_or_default();
-    }
-    let mut body = Vec::with_capacity(len);
-    for chunk in chunks {
-        body.extend_from_slice(&chunk);
-    }
-    Bytes::from(body)
-}
-
-async fn parse_multipart(chunks: Vec<Bytes>, boundary: String) -> Result<CaseBody, Problem> {
-    let stream = futures_util::stream::iter(chunks.into_iter().map(Ok::<Bytes, std::io::Error>));
+async fn parse_multipart(body: Body, boundary: String) -> Result<CaseBody, Problem> {
+    let stream =
+        futures_util::stream::iter(body.chunks.into_iter().map(Ok::<Bytes, std::io::Error>));
     let mut multipart = multer::Multipart::new(stream, boundary);
     let mut dicom = None;
     let mut emr = None;

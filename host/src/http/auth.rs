@@ -1,9 +1,13 @@
-//! The bearer token: read from `server.token_file`, required from clients
-//! on every route but liveness and readiness.
+//! The bearer token: read from a file only its owner can read
+//! (`server.token_file`), compared by digest, and checked on the routes a
+//! server protects (which ones is the server's choice).
 
 use std::path::Path;
 
+use hyper::header::{AUTHORIZATION, HeaderMap};
 use ring::digest::{SHA256, digest};
+
+use super::problem::Problem;
 
 /// Shortest token accepted, in characters.
 pub const MIN_TOKEN_CHARS: usize = 32;
@@ -108,6 +112,21 @@ impl BearerToken {
         };
         digest(&SHA256, presented.trim_ascii()).as_ref() == self.sha256.as_slice()
     }
+
+    /// The refusal for a request whose `Authorization` header is missing
+    /// or carries another token, `None` when it carries this one: 401
+    /// [`Problem::unauthorized`] (with `WWW-Authenticate`), whose detail
+    /// tells the client to send the token from `setting` (the config key
+    /// naming the token file).
+    pub fn refusal(&self, headers: &HeaderMap, setting: &str) -> Option<Problem> {
+        if self.accepts(headers.get(AUTHORIZATION).map(|v| v.as_bytes())) {
+            None
+        } else {
+            Some(Problem::unauthorized(format!(
+                "send Authorization: Bearer <token from {setting}>"
+            )))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -122,6 +141,36 @@ mod tests {
         assert!(!token.accepts(Some(b"Basic 0123456789abcdef0123456789abcdef")));
         assert!(!token.accepts(Some(b"0123456789abcdef0123456789abcdef")));
         assert!(!token.accepts(None));
+    }
+
+    #[test]
+    fn a_request_without_the_token_gets_401_with_www_authenticate() {
+        let token = BearerToken::new("0123456789abcdef0123456789abcdef");
+        let mut headers = HeaderMap::new();
+        let refused = token
+            .refusal(&headers, "server.token_file")
+            .expect("no header: refused");
+        assert_eq!(refused.status, 401);
+        assert!(
+            refused.detail.contains("server.token_file"),
+            "{}",
+            refused.detail
+        );
+        let response = refused.into_response();
+        assert_eq!(
+            response
+                .headers()
+                .get(hyper::header::WWW_AUTHENTICATE)
+                .and_then(|v| v.to_str().ok()),
+            Some("Bearer realm=\"oxbox\"")
+        );
+        headers.insert(
+            AUTHORIZATION,
+            "Bearer 0123456789abcdef0123456789abcdef"
+                .parse()
+                .expect("header value"),
+        );
+        assert!(token.refusal(&headers, "server.token_file").is_none());
     }
 
     #[test]
