@@ -144,28 +144,29 @@ pub struct Report {
 pub struct EvaluateOptions {
     /// Site folders.
     pub sites: Vec<PathBuf>,
-    /// Where site plugins are (`<dir>/<plugin>/plugin.toml`).
-    pub plugins_dir: PathBuf,
+    /// Where the sites' plugins are found.
+    pub plugins: dataset::PluginLookup,
     /// Report folder.
     pub out: PathBuf,
     /// Operating point: probability threshold for sensitivity/specificity.
     pub threshold: f64,
 }
 
-/// The plugins a site's folder names, loaded with `config`'s sandbox.
+/// The plugin a site's folder names, found by `lookup` (among `config`'s
+/// plugins, …) and loaded with `config`'s sandbox.
 ///
 /// # Errors
-/// [`EvaluateError::Plugin`].
+/// [`EvaluateError::Dataset`] when it is nowhere, [`EvaluateError::Plugin`]
+/// when it does not load.
 pub fn site_plugins(
     site: &Site,
     config: &Config,
-    plugins_dir: &Path,
+    lookup: &dataset::PluginLookup,
     engine: &Arc<PluginEngine>,
 ) -> Result<Arc<PluginSet>, EvaluateError> {
+    let path = lookup.resolve(site, &config.plugins)?;
     let mut config = config.clone();
-    config.plugins = vec![PluginEntry {
-        path: plugins_dir.join(&site.plugin).join("plugin.toml"),
-    }];
+    config.plugins = vec![PluginEntry { path }];
     PluginSet::load(&config, engine, None)
         .map(Arc::new)
         .map_err(|source| EvaluateError::Plugin {
@@ -346,7 +347,7 @@ pub fn evaluate(
     let mut all_refused = Vec::new();
     for dir in &options.sites {
         let site = dataset::read_site(dir)?;
-        let plugins = site_plugins(&site, config, &options.plugins_dir, &engine)?;
+        let plugins = site_plugins(&site, config, &options.plugins, &engine)?;
         let (scored, refused) = score_site(&site, pipeline, &plugins, &config.limits, progress)?;
         groups.push(GroupReport {
             group: site.id.clone(),

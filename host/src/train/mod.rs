@@ -90,8 +90,8 @@ pub struct TrainOptions {
     pub data: Vec<PathBuf>,
     /// The output folder: must be absent or empty, unless `resume`.
     pub out: PathBuf,
-    /// Where the site plugins are built (`<dir>/<plugin>/plugin.toml`).
-    pub plugins_dir: PathBuf,
+    /// Where the sites' plugins are found.
+    pub plugins: dataset::PluginLookup,
     /// The package's name.
     pub name: String,
     /// Image backbone.
@@ -390,7 +390,7 @@ pub fn train(
     );
     let (mut train_set, mut validation_set, mut refused) = (Vec::new(), Vec::new(), Vec::new());
     for site in &sites {
-        let plugins = site_plugins(site, config, &options.plugins_dir, &engine)?;
+        let plugins = site_plugins(site, config, &options.plugins, &engine)?;
         let prepared = data::prepare_site(
             site,
             &pipeline,
