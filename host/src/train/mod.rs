@@ -22,7 +22,6 @@ pub mod objective;
 pub mod optimizer;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{D, DType, Device, Tensor};
@@ -30,14 +29,13 @@ use candle_nn::{VarBuilder, VarMap};
 use rayon::prelude::*;
 use serde::Serialize;
 
+use crate::cases::site_plugins;
 use crate::config::Config;
 use crate::dataset;
-use crate::evaluate::site_plugins;
 use crate::model::net::{HORIZONS, THRESHOLDS};
 use crate::model::package::{ModelManifest, encode_emr};
 use crate::model::{Architecture, Backbone, ExamNet, Model, default_manifest, init_package};
 use crate::pipeline::Pipeline;
-use crate::plugins::PluginEngine;
 use crate::rng::Pcg;
 use checkpoint::{EpochRecord, TrainState};
 use data::{Augmentation, Example};
@@ -62,7 +60,7 @@ pub enum TrainError {
     Dataset(#[from] dataset::DatasetError),
     /// A site's plugins could not be loaded.
     #[error(transparent)]
-    Evaluate(#[from] crate::evaluate::EvaluateError),
+    Cases(#[from] crate::cases::CasesError),
     /// The model package failed.
     #[error(transparent)]
     Model(#[from] crate::model::ModelError),
@@ -380,14 +378,7 @@ pub fn train(
     progress(TrainEvent::Preparing {
         total: sites.iter().map(|s| s.cases.len()).sum(),
     });
-    let engine = Arc::new(
-        PluginEngine::new(&config.sandbox.limits()).map_err(|source| {
-            crate::evaluate::EvaluateError::Plugin {
-                site: "-".to_owned(),
-                source,
-            }
-        })?,
-    );
+    let engine = crate::cases::plugin_engine(config)?;
     let (mut train_set, mut validation_set, mut refused) = (Vec::new(), Vec::new(), Vec::new());
     for site in &sites {
         let plugins = site_plugins(site, config, &options.plugins, &engine)?;
