@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use oxbox::model::{Backbone, set_compute_threads};
+use oxbox::model::{Backbone, select_device, set_compute_threads};
 use oxbox::train::data::Augmentation;
 use oxbox::train::objective::ClassWeighting;
 use oxbox::train::optimizer::AdamWConfig;
@@ -92,6 +92,10 @@ pub struct Args {
 pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
     let config = super::load_config(config)?.config;
     set_compute_threads(args.threads.unwrap_or(config.model.threads));
+    let device = select_device(
+        oxbox::config::parse_device(&config.model.device)
+            .ok_or_else(|| anyhow::anyhow!("model.device = {:?}", config.model.device))?,
+    )?;
     let options = TrainOptions {
         data: args.data,
         out: args.out.clone(),
@@ -125,6 +129,9 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
         },
         seed: args.seed,
         resume: args.resume,
+        device,
+        refit_normalisation: true,
+        refit_thresholds: true,
     };
     let bar: Mutex<Option<ProgressBar>> = Mutex::new(None);
     let style = |template: &str| {
