@@ -85,12 +85,20 @@ pub fn prepare_cases(
     progress: &(dyn Fn() + Sync),
 ) -> Vec<Result<ModelInput, String>> {
     use rayon::prelude::*;
+    let uses_image = pipeline.model().uses_image();
     let prepare = |case: &dataset::Case| {
-        let prepared = DicomFile::open(&case.image, limits)
-            .map_err(PipelineError::from)
+        // An EMR-only model reads no radiograph; an image model refuses a
+        // case without one (`Pipeline::prepare`).
+        let file = match (&case.image, uses_image) {
+            (Some(path), true) => DicomFile::open(path, limits)
+                .map(Some)
+                .map_err(PipelineError::from),
+            _ => Ok(None),
+        };
+        let prepared = file
             .and_then(|file| {
                 pipeline
-                    .prepare(Some(&file), &case.emr, plugins)
+                    .prepare(file.as_ref(), &case.emr, plugins)
                     .map(|p| p.input)
             })
             .map_err(|e| format!("{}: {}", case.case_id, e.redacted()));

@@ -1,7 +1,7 @@
 //! Site folders as cases, for training and evaluation: `site.toml` (the
 //! site's convention, the plugin that reads it, its identifier columns),
 //! `cases.csv` (the site's own EMR export, one row per case, `case_id` and
-//! `image_file` first), `labels.csv` (`case_id`, `o2_level_24h`,
+//! `image_file` first; an empty `image_file`: a case without radiograph), `labels.csv` (`case_id`, `o2_level_24h`,
 //! `o2_level_72h`) and the images. `oxbox synth` writes such folders; a
 //! hospital can export its own the same way.
 //!
@@ -73,8 +73,9 @@ struct SiteSection {
 pub struct Case {
     /// The case id (not a patient identifier).
     pub case_id: String,
-    /// The radiograph.
-    pub image: PathBuf,
+    /// The radiograph; none when `image_file` is empty (usable by
+    /// EMR-only models only).
+    pub image: Option<PathBuf>,
     /// The EMR record in the site's field names, identifiers removed.
     pub emr: serde_json::Value,
     /// Oxygen level within 24 h.
@@ -190,7 +191,7 @@ pub fn read_site(dir: &Path) -> Result<Site, DatasetError> {
             .ok_or_else(|| invalid(&labels_path, format!("no labels for {case_id}")))?;
         cases.push(Case {
             case_id,
-            image: dir.join(image_file),
+            image: (!image_file.is_empty()).then(|| dir.join(image_file)),
             emr: serde_json::Value::Object(emr),
             level_24h,
             level_72h,

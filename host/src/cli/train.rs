@@ -37,6 +37,10 @@ pub struct Args {
     /// Image backbone.
     #[arg(long, value_enum, default_value = "resnet18")]
     pub backbone: Backbone,
+    /// No image branch: train on the EMR alone (cases need no radiograph;
+    /// an empty image_file in cases.csv is allowed).
+    #[arg(long)]
+    pub emr_only: bool,
     /// Most epochs.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub epochs: u32,
@@ -105,6 +109,7 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
         },
         name: args.name,
         backbone: args.backbone,
+        emr_only: args.emr_only,
         input_size: args.input_size.unwrap_or(config.model.input_size),
         epochs: args.epochs as usize,
         batch_size: args.batch_size as usize,

@@ -103,6 +103,8 @@ pub struct TrainOptions {
     pub name: String,
     /// Image backbone.
     pub backbone: Backbone,
+    /// No image branch: the EMR alone (cases need no radiograph).
+    pub emr_only: bool,
     /// Side of the canonical image.
     pub input_size: u32,
     /// Most epochs.
@@ -246,9 +248,13 @@ impl TrainOptions {
         Ok(())
     }
 
-    /// The network trained (see [`architecture`]).
+    /// The network trained (see [`architecture`]), without its image
+    /// branch when `emr_only`.
     pub fn architecture(&self) -> Architecture {
-        architecture(self.backbone)
+        Architecture {
+            emr_only: self.emr_only,
+            ..architecture(self.backbone)
+        }
     }
 }
 
