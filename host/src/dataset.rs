@@ -1,9 +1,12 @@
 //! Site folders as cases, for training and evaluation: `site.toml` (the
 //! site's convention, the plugin that reads it, its identifier columns),
 //! `cases.csv` (the site's own EMR export, one row per case, `case_id` and
-//! `image_file` first), `labels.csv` (`case_id`, `o2_level_24h`,
+//! `image_file` first; an empty `image_file`: a case without radiograph), `labels.csv` (`case_id`, `o2_level_24h`,
 //! `o2_level_72h`) and the images. `oxbox synth` writes such folders; a
 //! hospital can export its own the same way.
+//!
+//! A site's `plugin` is a plugin name, never a path: [`PluginLookup`]
+//! finds its `plugin.toml` (never relative to the working directory).
 //!
 //! Identifier columns are dropped here, before any plugin or model sees a
 //! record. A column named `field [unit]` becomes `{"value", "unit"}`, the
@@ -13,6 +16,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+use crate::config::PluginEntry;
 
 /// Why a site folder cannot be read.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +39,20 @@ pub enum DatasetError {
         /// What is wrong.
         reason: String,
     },
+    /// No `plugin.toml` for the plugin a site folder names.
+    #[error(
+        "site {site}: no plugin {plugin:?} (looked in: {}); pass --plugins-dir DIR \
+         (DIR/{plugin}/plugin.toml) or list it under [[plugins]] in the config",
+        searched.join(", ")
+    )]
+    NoPlugin {
+        /// The site.
+        site: String,
+        /// The plugin's name, from `site.toml`.
+        plugin: String,
+        /// Where it was looked for, in order.
+        searched: Vec<String>,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -54,8 +73,9 @@ struct SiteSection {
 pub struct Case {
     /// The case id (not a patient identifier).
     pub case_id: String,
-    /// The radiograph.
-    pub image: PathBuf,
+    /// The radiograph; none when `image_file` is empty (usable by
+    /// EMR-only models only).
+    pub image: Option<PathBuf>,
     /// The EMR record in the site's field names, identifiers removed.
     pub emr: serde_json::Value,
     /// Oxygen level within 24 h.
@@ -71,7 +91,8 @@ pub struct Site {
     pub id: String,
     /// The folder.
     pub dir: PathBuf,
-    /// The plugin that maps its records (`plugins/dist/<plugin>`).
+    /// The name of the plugin that maps its records (found by
+    /// [`PluginLookup::resolve`]).
     pub plugin: String,
     /// Its cases, in `cases.csv` order.
     pub cases: Vec<Case>,
@@ -99,6 +120,12 @@ pub fn read_site(dir: &Path) -> Result<Site, DatasetError> {
     let toml_path = dir.join("site.toml");
     let site: SiteToml =
         toml::from_str(&read_text(&toml_path)?).map_err(|e| invalid(&toml_path, e.to_string()))?;
+    if !is_plugin_name(&site.site.plugin) {
+        return Err(invalid(
+            &toml_path,
+            "site.plugin: a plugin name (1 to 64 letters, digits, '-' or '_'), not a path",
+        ));
+    }
     let labels_path = dir.join("labels.csv");
     let mut labels: HashMap<String, (u8, u8)> = HashMap::new();
     let mut reader =
@@ -164,7 +191,7 @@ pub fn read_site(dir: &Path) -> Result<Site, DatasetError> {
             .ok_or_else(|| invalid(&labels_path, format!("no labels for {case_id}")))?;
         cases.push(Case {
             case_id,
-            image: dir.join(image_file),
+            image: (!image_file.is_empty()).then(|| dir.join(image_file)),
             emr: serde_json::Value::Object(emr),
             level_24h,
             level_72h,
@@ -176,4 +203,191 @@ pub fn read_site(dir: &Path) -> Result<Site, DatasetError> {
         plugin: site.site.plugin,
         cases,
     })
+}
+
+/// Whether `name` can be a plugin's name: 1 to 64 ASCII letters, digits,
+/// `-` or `_` (so it never climbs out of a plugins folder).
+fn is_plugin_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// Where the plugin a site folder names (`site.toml`: `plugin = "NAME"`)
+/// is found; the first that exists wins:
+///
+/// 1. `dir` (`--plugins-dir DIR`, when given): `DIR/NAME/plugin.toml`;
+/// 2. the box's configured plugins (`[[plugins]]`, paths relative to the
+///    config file): the one whose `plugin.toml` is named `NAME`;
+/// 3. the site folder's own `plugins/NAME/plugin.toml` (a site folder
+///    that carries its plugin);
+/// 4. `installed` (the `plugins/dist` folder of the oxbox installation,
+///    [`PluginLookup::installed_dir`]): `plugins/dist/NAME/plugin.toml`.
+///
+/// Never the working directory: a relative `dir` is the operator's own
+/// argument, and the rest are anchored to the config file, the site folder
+/// or the executable.
+#[derive(Debug, Clone, Default)]
+pub struct PluginLookup {
+    /// `--plugins-dir`.
+    pub dir: Option<PathBuf>,
+    /// The installation's `plugins/dist`.
+    pub installed: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+struct ManifestName {
+    name: String,
+}
+
+/// The `name` of the plugin manifest at `path`, if it can be read.
+fn manifest_name(path: &Path) -> Option<String> {
+    const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
+    if std::fs::metadata(path).ok()?.len() > MAX_MANIFEST_BYTES {
+        return None;
+    }
+    let text = std::fs::read_to_string(path).ok()?;
+    toml::from_str::<ManifestName>(&text).ok().map(|m| m.name)
+}
+
+impl PluginLookup {
+    /// The plugins a source checkout or an installation ships: the first
+    /// `plugins/dist` folder in an ancestor of the running executable's
+    /// folder (`target/release/oxbox` → the checkout's `plugins/dist`).
+    pub fn installed_dir() -> Option<PathBuf> {
+        let exe = std::env::current_exe().ok()?;
+        exe.ancestors()
+            .skip(1)
+            .map(|a| a.join("plugins").join("dist"))
+            .find(|d| d.is_dir())
+    }
+
+    /// The `plugin.toml` of `site`'s plugin, looked up in the documented
+    /// order ([`PluginLookup`]) among `dir`, `configured`, the site folder
+    /// and `installed`.
+    ///
+    /// # Errors
+    /// [`DatasetError::NoPlugin`], naming every place looked in.
+    pub fn resolve(
+        &self,
+        site: &Site,
+        configured: &[PluginEntry],
+    ) -> Result<PathBuf, DatasetError> {
+        let name = &site.plugin;
+        let mut searched = Vec::new();
+        let in_dir = |dir: &Path| dir.join(name).join("plugin.toml");
+        if let Some(dir) = &self.dir {
+            let path = in_dir(dir);
+            if path.is_file() {
+                return Ok(path);
+            }
+            searched.push(path.display().to_string());
+        }
+        if let Some(entry) = configured
+            .iter()
+            .find(|e| manifest_name(&e.path).as_deref() == Some(name.as_str()))
+        {
+            return Ok(entry.path.clone());
+        }
+        searched.push(format!("{} configured plugin(s)", configured.len()));
+        for dir in [Some(site.dir.join("plugins")), self.installed.clone()]
+            .into_iter()
+            .flatten()
+        {
+            let path = in_dir(&dir);
+            if path.is_file() {
+                return Ok(path);
+            }
+            searched.push(path.display().to_string());
+        }
+        Err(DatasetError::NoPlugin {
+            site: site.id.clone(),
+            plugin: name.clone(),
+            searched,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plugin(dir: &Path, folder: &str, name: &str) -> PathBuf {
+        let path = dir.join(folder).join("plugin.toml");
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&path, format!("name = \"{name}\"\nversion = \"0.1.0\"\n")).expect("write");
+        path
+    }
+
+    fn site(dir: &Path) -> Site {
+        Site {
+            id: "site-1".to_owned(),
+            dir: dir.to_path_buf(),
+            plugin: "canonical".to_owned(),
+            cases: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_site_plugin_is_found_in_the_documented_order_never_in_the_working_directory() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path();
+        let site = site(&root.join("cohort/site-1"));
+        let installed = root.join("install/plugins/dist");
+        let lookup = PluginLookup {
+            dir: Some(root.join("explicit")),
+            installed: Some(installed.clone()),
+        };
+        // Nothing anywhere: every place is named.
+        let err = lookup.resolve(&site, &[]).expect_err("no plugin");
+        let text = err.to_string();
+        assert!(text.contains("explicit/canonical/plugin.toml"), "{text}");
+        assert!(
+            text.contains("site-1/plugins/canonical/plugin.toml"),
+            "{text}"
+        );
+        assert!(
+            text.contains("install/plugins/dist/canonical/plugin.toml"),
+            "{text}"
+        );
+
+        // 4. the installation.
+        let from_install = plugin(&installed, "canonical", "canonical");
+        assert_eq!(lookup.resolve(&site, &[]).expect("found"), from_install);
+        // 3. the site folder's own, before the installation.
+        let from_site = plugin(&site.dir.join("plugins"), "canonical", "canonical");
+        assert_eq!(lookup.resolve(&site, &[]).expect("found"), from_site);
+        // 2. the configured plugin named so (by its manifest, whatever its
+        // folder), before the site folder; others are passed over.
+        let other = plugin(&root.join("conf"), "x", "example-site");
+        let configured = plugin(&root.join("conf"), "renamed", "canonical");
+        let entries = [
+            PluginEntry { path: other },
+            PluginEntry {
+                path: configured.clone(),
+            },
+        ];
+        assert_eq!(lookup.resolve(&site, &entries).expect("found"), configured);
+        // 1. --plugins-dir first.
+        let explicit = plugin(&root.join("explicit"), "canonical", "canonical");
+        assert_eq!(lookup.resolve(&site, &entries).expect("found"), explicit);
+    }
+
+    #[test]
+    fn a_site_plugin_must_be_a_name_not_a_path() {
+        for bad in ["../../etc", "a/b", "", "plugins/dist/canonical"] {
+            assert!(!is_plugin_name(bad), "{bad:?}");
+        }
+        assert!(is_plugin_name("example-site"));
+        let tmp = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            tmp.path().join("site.toml"),
+            "[site]\nid = \"s\"\nplugin = \"../evil\"\n",
+        )
+        .expect("write");
+        let err = read_site(tmp.path()).expect_err("refused");
+        assert!(err.to_string().contains("a plugin name"), "{err}");
+    }
 }

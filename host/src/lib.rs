@@ -20,6 +20,7 @@
 //! | [`store`]     | local state in SQLite: the audit log of predictions            |
 //! | [`synth`]     | a multi-site synthetic cohort with known truth (`oxbox synth`) |
 //! | [`dataset`]   | site folders (EMR export, labels, images) as labelled cases    |
+//! | [`cases`]     | a site's cases through its plugin, up to the model (shared)    |
 //! | [`train`]     | local training: site folders → a trained model package         |
 //! | [`evaluate`]  | clinical evaluation: AUC with CI, calibration, ROC charts      |
 //! | [`metrics`]   | evaluation statistics: ROC AUC, the normal distribution        |
@@ -34,6 +35,7 @@
 
 #![deny(missing_docs)]
 
+pub mod cases;
 pub mod config;
 pub mod dataset;
 pub mod dicom;

@@ -261,3 +261,112 @@ fn refusals_in_reports_name_the_field_never_the_value() {
         assert!(!stderr(output).contains(LEAK), "{}", stderr(output));
     }
 }
+
+/// `oxbox synth` then `oxbox evaluate` run from a working directory outside
+/// the repository, with relative paths and no `--plugins-dir`: each site's
+/// plugin is found by name (here in the checkout's `plugins/dist`, above the
+/// executable), never relative to the working directory. A configured
+/// `[[plugins]]` entry of that name comes first: a broken copy of it under
+/// another folder name is the one loaded, and named in the error.
+#[test]
+fn synth_then_evaluate_run_from_any_working_directory() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let work = tmp.path().join("elsewhere");
+    std::fs::create_dir_all(&work).expect("mkdir");
+    let in_work = |args: &[&str]| {
+        let out = crate::util::oxbox_command()
+            .current_dir(&work)
+            .args(args)
+            .output()
+            .expect("run oxbox");
+        (out.status.success(), stderr(&out))
+    };
+    let synth = in_work(&[
+        "synth",
+        "--sites",
+        "2",
+        "--cases-per-site",
+        "6",
+        "--seed",
+        "4",
+        "--out",
+        "cohort",
+    ]);
+    assert!(synth.0, "{}", synth.1);
+    let init = in_work(&[
+        "model",
+        "init",
+        "--out",
+        "model",
+        "--backbone",
+        "tiny",
+        "--input-size",
+        "32",
+    ]);
+    assert!(init.0, "{}", init.1);
+    let evaluate = |extra: &[&str], out: &str| {
+        let mut args = vec![
+            "evaluate",
+            "--model",
+            "model",
+            "--data",
+            "cohort/site-1,cohort/site-2",
+            "--out",
+            out,
+        ];
+        args.extend_from_slice(extra);
+        in_work(&args)
+    };
+    let (ok, err) = evaluate(&[], "report");
+    assert!(ok, "{err}");
+    let report: Value = serde_json::from_slice(
+        &std::fs::read(work.join("report/report.json")).expect("report.json"),
+    )
+    .expect("JSON");
+    let cases: Vec<u64> = report["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .map(|g| g["cases"].as_u64().unwrap_or(0))
+        .collect();
+    assert!(cases.len() == 3 && cases[2] > 0, "{report}");
+
+    // The box's configured plugin of that name wins over the installation's.
+    let copy = tmp.path().join("conf/renamed");
+    std::fs::create_dir_all(&copy).expect("mkdir");
+    let dist = repo_root().join("plugins/dist/example-site");
+    std::fs::copy(
+        dist.join("example-site.wasm"),
+        copy.join("example-site.wasm"),
+    )
+    .expect("copy");
+    let manifest = std::fs::read_to_string(dist.join("plugin.toml")).expect("plugin.toml");
+    let broken: String = manifest
+        .lines()
+        .map(|l| {
+            if l.starts_with("sha256") {
+                format!("sha256 = \"{}\"", "0".repeat(64))
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(copy.join("plugin.toml"), broken + "\n").expect("write");
+    std::fs::write(
+        tmp.path().join("conf/box.toml"),
+        "[site]\nid = \"box\"\nname = \"box\"\n[storage]\ndata_dir = \"data\"\n\
+         [[plugins]]\npath = \"renamed/plugin.toml\"\n",
+    )
+    .expect("config");
+    let config = tmp.path().join("conf/box.toml");
+    let (ok, err) = evaluate(
+        &["--config", config.to_str().expect("utf-8")],
+        "report-configured",
+    );
+    assert!(!ok, "a broken configured plugin must be the one loaded");
+    assert!(
+        err.contains("renamed/plugin.toml") && err.contains("site-2"),
+        "{err}"
+    );
+}

@@ -238,3 +238,79 @@ fn train_learns_is_deterministic_and_resumes_exactly() {
         assert!(!text.contains(&name), "identifier in {file}");
     }
 }
+
+/// `oxbox train --emr-only` trains on cases without a radiograph (an empty
+/// `image_file`, the images deleted: none is read) and writes an EMR-only
+/// package; an image model on the same folders refuses exactly those cases,
+/// each by case id, for the missing radiograph.
+#[test]
+fn emr_only_models_train_on_cases_without_images() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cohort = tmp.path().join("cohort");
+    let synth = run(&[
+        "synth".as_ref(),
+        "--sites".as_ref(),
+        "2".as_ref(),
+        "--cases-per-site".as_ref(),
+        "40".as_ref(),
+        "--seed".as_ref(),
+        "12".as_ref(),
+        "--out".as_ref(),
+        cohort.as_os_str(),
+    ]);
+    assert!(synth.status.success(), "{}", stderr(&synth));
+    // Site 1 without radiographs.
+    let csv_path = cohort.join("site-1/cases.csv");
+    let csv = std::fs::read_to_string(&csv_path).expect("cases.csv");
+    let mut lines: Vec<String> = csv.lines().map(str::to_owned).collect();
+    assert!(lines[0].starts_with("case_id,image_file,"), "{}", lines[0]);
+    for line in lines.iter_mut().skip(1) {
+        let mut cells: Vec<&str> = line.split(',').collect();
+        cells[1] = "";
+        *line = cells.join(",");
+    }
+    let imageless = lines.len() - 1;
+    std::fs::write(&csv_path, lines.join("\n") + "\n").expect("write cases.csv");
+    std::fs::remove_dir_all(cohort.join("site-1/images")).expect("remove images");
+    let total = imageless
+        + std::fs::read_to_string(cohort.join("site-2/cases.csv"))
+            .expect("cases.csv")
+            .lines()
+            .count()
+        - 1;
+
+    let emr_only = tmp.path().join("emr-only");
+    let out = train(&cohort, &emr_only, &["--emr-only", "--epochs", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let summary = json(&emr_only.join("training.json"));
+    let cases = &summary["cases"];
+    assert_eq!(cases["refused"], 0, "{summary}");
+    assert_eq!(
+        cases["train"].as_u64().unwrap_or(0) + cases["validation"].as_u64().unwrap_or(0),
+        total as u64,
+        "{summary}"
+    );
+    assert_eq!(summary["history"].as_array().map(Vec::len), Some(2));
+    let manifest: toml::Table = std::fs::read_to_string(emr_only.join("model.toml"))
+        .expect("model.toml")
+        .parse()
+        .expect("TOML");
+    assert_eq!(
+        manifest["architecture"]["emr_only"].as_bool(),
+        Some(true),
+        "{manifest}"
+    );
+    let weights = std::fs::read(emr_only.join("weights.safetensors")).expect("weights");
+    assert!(
+        !String::from_utf8_lossy(&weights[..weights.len().min(64 * 1024)]).contains("image."),
+        "an EMR-only package has no image branch"
+    );
+
+    let with_images = tmp.path().join("with-images");
+    let out = train(&cohort, &with_images, &["--epochs", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let summary = json(&with_images.join("training.json"));
+    assert_eq!(summary["cases"]["refused"], imageless as u64, "{summary}");
+    let first = summary["refused_examples"][0].as_str().unwrap_or("");
+    assert!(first.contains("needs a radiograph"), "{first}");
+}

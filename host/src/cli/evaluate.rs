@@ -12,8 +12,9 @@ use oxbox::pipeline::Pipeline;
 #[command(
     after_help = "Example:\n  oxbox evaluate --model models/demo --data cohorts/demo/site-1 cohorts/demo/site-2 --out reports/demo\n\n\
 Runs every case of each site folder (as `oxbox synth` writes them: site.toml, cases.csv, \
-labels.csv, images/) through that site's plugin (--plugins-dir/<plugin>/plugin.toml) and the \
-model, then writes REPORT_DIR/report.json, report.md, scores.csv and per site (and pooled) \
+labels.csv, images/) through that site's plugin (site.toml names it; found in --plugins-dir, \
+the configured [[plugins]], the site folder's plugins/, then the installation's plugins/dist; \
+never the working directory) and the model, then writes REPORT_DIR/report.json, report.md, scores.csv and per site (and pooled) \
 ROC curves and reliability diagrams as PNG and SVG. Per output: AUC with DeLong 95 % CI, \
 sensitivity and specificity at --threshold, expected calibration error."
 )]
@@ -27,9 +28,11 @@ pub struct Args {
     /// Report folder.
     #[arg(long, value_name = "REPORT_DIR")]
     pub out: PathBuf,
-    /// Where the site plugins are built.
-    #[arg(long, value_name = "DIR", default_value = "plugins/dist")]
-    pub plugins_dir: PathBuf,
+    /// Where the site plugins are built (DIR/<plugin>/plugin.toml), looked
+    /// in first; then the configured [[plugins]], the site folder's
+    /// plugins/, and the plugins/dist of the oxbox installation.
+    #[arg(long, value_name = "DIR")]
+    pub plugins_dir: Option<PathBuf>,
     /// Operating point: a probability threshold.
     #[arg(long, default_value_t = 0.5)]
     pub threshold: f64,
@@ -64,7 +67,10 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
     );
     let options = EvaluateOptions {
         sites: args.data,
-        plugins_dir: args.plugins_dir,
+        plugins: oxbox::dataset::PluginLookup {
+            dir: args.plugins_dir,
+            installed: oxbox::dataset::PluginLookup::installed_dir(),
+        },
         out: args.out.clone(),
         threshold: args.threshold,
     };

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use oxbox::model::{Backbone, set_compute_threads};
+use oxbox::model::{Backbone, select_device, set_compute_threads};
 use oxbox::train::data::Augmentation;
 use oxbox::train::objective::ClassWeighting;
 use oxbox::train::optimizer::AdamWConfig;
@@ -16,8 +16,9 @@ use oxbox::train::{TrainEvent, TrainOptions, train};
     after_help = "Examples:\n  oxbox synth --sites 4 --cases-per-site 400 --seed 2020 --out cohort\n  \
 oxbox train --data cohort/site-1,cohort/site-2,cohort/site-3,cohort/site-4 --out models/mine --backbone tiny\n  \
 oxbox train --data cohort/site-1,cohort/site-2 --out models/mine --backbone tiny --resume --epochs 40\n\n\
-Every case is read through its site's plugin (--plugins-dir/<plugin>/plugin.toml, as named in \
-site.toml) exactly as a prediction is, then split into training and validation (--validation, \
+Every case is read through its site's plugin (named in site.toml; found in --plugins-dir, \
+the configured [[plugins]], the site folder's plugins/, then the installation's plugins/dist) exactly as a prediction is, \
+then split into training and validation (--validation, \
 by a hash of seed, site and case id). AdamW (cosine learning-rate decay over --decay-epochs) on the class-weighted ordinal \
 cross-entropy of P(level >= k) at 24 h and 72 h; images rotated, shifted and contrast-jittered each epoch. \
 After each epoch: validation loss, a checkpoint in OUT/checkpoints, early stopping after \
@@ -36,6 +37,10 @@ pub struct Args {
     /// Image backbone.
     #[arg(long, value_enum, default_value = "resnet18")]
     pub backbone: Backbone,
+    /// No image branch: train on the EMR alone (cases need no radiograph;
+    /// an empty image_file in cases.csv is allowed).
+    #[arg(long)]
+    pub emr_only: bool,
     /// Most epochs.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub epochs: u32,
@@ -76,9 +81,11 @@ pub struct Args {
     /// Continue the run in --out from its last checkpoint.
     #[arg(long)]
     pub resume: bool,
-    /// Where the site plugins are built.
-    #[arg(long, value_name = "DIR", default_value = "plugins/dist")]
-    pub plugins_dir: PathBuf,
+    /// Where the site plugins are built (DIR/<plugin>/plugin.toml), looked
+    /// in first; then the configured [[plugins]], the site folder's
+    /// plugins/, and the plugins/dist of the oxbox installation.
+    #[arg(long, value_name = "DIR")]
+    pub plugins_dir: Option<PathBuf>,
     /// CPU threads (default: model.threads from the config, 0 = one per
     /// core). Results are reproducible for a seed and thread count.
     #[arg(long, value_name = "N")]
@@ -89,12 +96,20 @@ pub struct Args {
 pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
     let config = super::load_config(config)?.config;
     set_compute_threads(args.threads.unwrap_or(config.model.threads));
+    let device = select_device(
+        oxbox::config::parse_device(&config.model.device)
+            .ok_or_else(|| anyhow::anyhow!("model.device = {:?}", config.model.device))?,
+    )?;
     let options = TrainOptions {
         data: args.data,
         out: args.out.clone(),
-        plugins_dir: args.plugins_dir,
+        plugins: oxbox::dataset::PluginLookup {
+            dir: args.plugins_dir,
+            installed: oxbox::dataset::PluginLookup::installed_dir(),
+        },
         name: args.name,
         backbone: args.backbone,
+        emr_only: args.emr_only,
         input_size: args.input_size.unwrap_or(config.model.input_size),
         epochs: args.epochs as usize,
         batch_size: args.batch_size as usize,
@@ -119,6 +134,9 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
         },
         seed: args.seed,
         resume: args.resume,
+        device,
+        refit_normalisation: true,
+        refit_thresholds: true,
     };
     let bar: Mutex<Option<ProgressBar>> = Mutex::new(None);
     let style = |template: &str| {

@@ -3,7 +3,8 @@
 //! specificity at an operating point, calibration (ECE and a reliability
 //! diagram), ROC curves — as `report.json`, `report.md`, `scores.csv` and
 //! PNG + SVG charts (plotters). Cases go through each site's plugin and the
-//! model exactly as predictions do (`Pipeline::prepare`, batched forward).
+//! model exactly as predictions do ([`crate::cases`]: `Pipeline::prepare`;
+//! then the batched forward).
 //!
 //! - this module: running the cases, computing the statistics;
 //! - [`report`]: the Markdown report;
@@ -17,13 +18,13 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::config::{Config, PluginEntry};
+use crate::cases::{self, prepare_cases, site_plugins};
+use crate::config::Config;
 use crate::dataset::{self, Site};
-use crate::dicom::DicomFile;
 use crate::metrics::{self, AucEstimate, CalibrationBin};
 use crate::model::{ModelInput, Prediction};
-use crate::pipeline::{Pipeline, PipelineError};
-use crate::plugins::{PluginEngine, PluginSet};
+use crate::pipeline::Pipeline;
+use crate::plugins::PluginSet;
 
 /// Why an evaluation could not run.
 #[derive(Debug, thiserror::Error)]
@@ -31,15 +32,9 @@ pub enum EvaluateError {
     /// A site folder is unreadable.
     #[error(transparent)]
     Dataset(#[from] dataset::DatasetError),
-    /// A site's plugin could not be loaded.
-    #[error("site {site}: {source}")]
-    Plugin {
-        /// The site.
-        site: String,
-        /// Why.
-        #[source]
-        source: crate::plugins::PluginError,
-    },
+    /// A site's cases could not be prepared (its plugin).
+    #[error(transparent)]
+    Cases(#[from] crate::cases::CasesError),
     /// The model failed.
     #[error(transparent)]
     Model(#[from] crate::model::ModelError),
@@ -144,34 +139,12 @@ pub struct Report {
 pub struct EvaluateOptions {
     /// Site folders.
     pub sites: Vec<PathBuf>,
-    /// Where site plugins are (`<dir>/<plugin>/plugin.toml`).
-    pub plugins_dir: PathBuf,
+    /// Where the sites' plugins are found.
+    pub plugins: dataset::PluginLookup,
     /// Report folder.
     pub out: PathBuf,
     /// Operating point: probability threshold for sensitivity/specificity.
     pub threshold: f64,
-}
-
-/// The plugins a site's folder names, loaded with `config`'s sandbox.
-///
-/// # Errors
-/// [`EvaluateError::Plugin`].
-pub fn site_plugins(
-    site: &Site,
-    config: &Config,
-    plugins_dir: &Path,
-    engine: &Arc<PluginEngine>,
-) -> Result<Arc<PluginSet>, EvaluateError> {
-    let mut config = config.clone();
-    config.plugins = vec![PluginEntry {
-        path: plugins_dir.join(&site.plugin).join("plugin.toml"),
-    }];
-    PluginSet::load(&config, engine, None)
-        .map(Arc::new)
-        .map_err(|source| EvaluateError::Plugin {
-            site: site.id.clone(),
-            source,
-        })
 }
 
 fn scores(p: &Prediction) -> [f64; 6] {
@@ -184,70 +157,6 @@ fn scores(p: &Prediction) -> [f64; 6] {
         p.h72.p_ventilation_or_death,
     ]
     .map(f64::from)
-}
-
-/// Every case of `site` through the pipeline up to the model (read,
-/// ingest, its plugins), in parallel, results in file order; a refused
-/// case as `case id: reason`, the reason redacted
-/// ([`PipelineError::redacted`]: category and field, never a value). `progress` is called once per case. What
-/// evaluation and training both start from.
-///
-/// At most as many cases run at once as the plugins have sandbox slots
-/// ([`with_plugin_parallelism`]): on a machine with more cores than slots,
-/// a case would otherwise wait for a slot, time out `Busy` and be refused —
-/// load, not a fault of the case.
-pub fn prepare_cases(
-    site: &Site,
-    pipeline: &Pipeline,
-    plugins: &Arc<PluginSet>,
-    limits: &crate::config::LimitsConfig,
-    progress: &(dyn Fn() + Sync),
-) -> Vec<Result<ModelInput, String>> {
-    use rayon::prelude::*;
-    let prepare = |case: &dataset::Case| {
-        let prepared = DicomFile::open(&case.image, limits)
-            .map_err(PipelineError::from)
-            .and_then(|file| {
-                pipeline
-                    .prepare(Some(&file), &case.emr, plugins)
-                    .map(|p| p.input)
-            })
-            .map_err(|e| format!("{}: {}", case.case_id, e.redacted()));
-        progress();
-        prepared
-    };
-    with_plugin_parallelism(plugins.sandboxes(), |parallel| {
-        if parallel {
-            site.cases.par_iter().map(prepare).collect()
-        } else {
-            site.cases.iter().map(prepare).collect()
-        }
-    })
-}
-
-/// Runs `work` with its rayon parallelism capped at `sandboxes` threads
-/// (`None`: no cap): in the current pool when that is no larger, else in a
-/// pool of `sandboxes` threads. `work` is told whether it may run in
-/// parallel: not when that pool cannot be built (then one case at a time,
-/// slower but never refused).
-pub fn with_plugin_parallelism<R: Send>(
-    sandboxes: Option<u32>,
-    work: impl FnOnce(bool) -> R + Send,
-) -> R {
-    let threads = rayon::current_num_threads();
-    let cap = sandboxes.map_or(threads, |s| (s.max(1) as usize).min(threads));
-    if cap == threads {
-        return work(true);
-    }
-    match rayon::ThreadPoolBuilder::new().num_threads(cap).build() {
-        Ok(pool) => pool.install(|| work(true)),
-        Err(e) => {
-            tracing::warn!(
-                "no pool of {cap} threads for the plugin stage ({e}): one case at a time"
-            );
-            work(false)
-        }
-    }
 }
 
 /// Runs every case of `site` through its plugins and the model; refused
@@ -335,18 +244,13 @@ pub fn evaluate(
     config: &Config,
     progress: &(dyn Fn() + Sync),
 ) -> Result<Report, EvaluateError> {
-    let engine = Arc::new(
-        PluginEngine::new(&config.sandbox.limits()).map_err(|source| EvaluateError::Plugin {
-            site: "-".to_owned(),
-            source,
-        })?,
-    );
+    let engine = cases::plugin_engine(config)?;
     let mut groups = Vec::new();
     let mut all = Vec::new();
     let mut all_refused = Vec::new();
     for dir in &options.sites {
         let site = dataset::read_site(dir)?;
-        let plugins = site_plugins(&site, config, &options.plugins_dir, &engine)?;
+        let plugins = site_plugins(&site, config, &options.plugins, &engine)?;
         let (scored, refused) = score_site(&site, pipeline, &plugins, &config.limits, progress)?;
         groups.push(GroupReport {
             group: site.id.clone(),
@@ -406,55 +310,4 @@ fn scores_csv(cases: &[ScoredCase]) -> String {
 
 fn write_text(path: &Path, text: &str) -> Result<(), EvaluateError> {
     Ok(crate::output::write_bytes(path, text.as_bytes())?)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Runs `f` in a rayon pool of `threads` threads.
-    fn in_pool<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .expect("test pool")
-            .install(f)
-    }
-
-    #[test]
-    fn the_plugin_stage_runs_on_no_more_threads_than_sandbox_slots() {
-        // A 64-core machine, 32 sandbox slots: 32 cases at a time.
-        let seen = in_pool(64, || {
-            with_plugin_parallelism(Some(32), |parallel| {
-                (parallel, rayon::current_num_threads())
-            })
-        });
-        assert_eq!(seen, (true, 32));
-        // Fewer cores than slots, or no plugins: the pool as it is.
-        let seen = in_pool(3, || {
-            with_plugin_parallelism(Some(32), |_| rayon::current_num_threads())
-        });
-        assert_eq!(seen, 3);
-        let seen = in_pool(5, || {
-            with_plugin_parallelism(None, |_| rayon::current_num_threads())
-        });
-        assert_eq!(seen, 5);
-        // And the work really runs at most that wide.
-        let widest = in_pool(16, || {
-            with_plugin_parallelism(Some(2), |_| {
-                use rayon::prelude::*;
-                let running = std::sync::atomic::AtomicUsize::new(0);
-                (0..64)
-                    .into_par_iter()
-                    .map(|_| {
-                        let now = running.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-                        std::thread::sleep(std::time::Duration::from_millis(2));
-                        running.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-                        now
-                    })
-                    .max()
-            })
-        });
-        assert!(widest.is_some_and(|w| w <= 2), "{widest:?} cases at once");
-    }
 }

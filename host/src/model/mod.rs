@@ -30,8 +30,8 @@ use candle_nn::{VarBuilder, VarMap};
 use serde::Serialize;
 
 use crate::config::DeviceSpec;
-pub use net::ExamNet;
-pub use package::{Architecture, Backbone, ModelManifest, ModelPackage};
+pub use net::{ExamNet, ParameterGroup};
+pub use package::{Architecture, Backbone, ModelManifest, ModelPackage, PackageBytes};
 
 /// Errors from packages, devices and inference.
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +155,39 @@ impl Model {
             path: package.weights_path().display().to_string(),
             source,
         })?;
+        let sha256 = hex::encode(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref());
+        if sha256 != package.weights_sha256 {
+            return Err(ModelError::Invalid {
+                path: package.weights_path().display().to_string(),
+                reason: "changed since the package was read (its digest would not be \
+                         the weights loaded)"
+                    .to_owned(),
+            });
+        }
+        Self::from_weights(package, bytes, device)
+    }
+
+    /// Loads a package from its bytes onto `device`: the digest is computed
+    /// over exactly these bytes, and these bytes are the weights loaded;
+    /// `dir` is where the package lives (or will).
+    ///
+    /// # Errors
+    /// [`ModelError::Invalid`] for a bad manifest, [`ModelError::Tensor`]
+    /// when the weights do not fit the architecture.
+    pub fn from_bytes(
+        bytes: package::PackageBytes,
+        dir: &Path,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let package = bytes.package(dir)?;
+        Self::from_weights(package, bytes.weights, device)
+    }
+
+    fn from_weights(
+        package: ModelPackage,
+        bytes: Vec<u8>,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
         let vb = VarBuilder::from_buffered_safetensors(bytes, DType::F32, device)?;
         let manifest = &package.manifest;
         let mut net = ExamNet::new(&manifest.architecture, manifest.emr.len(), vb)?;
@@ -611,5 +644,120 @@ mod tests {
         // torchvision ResNet-18 without fc, 1-channel stem: 11.17 M
         // (including batch-norm running statistics).
         assert!((11_100_000..11_300_000).contains(&params), "{params}");
+    }
+
+    fn variable_names(architecture: &Architecture) -> Vec<String> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        ExamNet::new(architecture, 5, vb).expect("net");
+        let data = varmap.data().lock().expect("lock");
+        data.keys().cloned().collect()
+    }
+
+    #[test]
+    fn every_parameter_is_in_exactly_one_named_group() {
+        use std::collections::BTreeSet;
+        let names = variable_names(&arch(Backbone::Tiny, false));
+        let groups: BTreeSet<ParameterGroup> = names
+            .iter()
+            .map(|n| ParameterGroup::of(n).unwrap_or_else(|| panic!("{n}: no group")))
+            .collect();
+        assert_eq!(groups, ParameterGroup::ALL.into_iter().collect());
+        for name in &names {
+            let group = ParameterGroup::of(name).expect("group");
+            let statistic = name.ends_with("running_mean") || name.ends_with("running_var");
+            assert_eq!(
+                group == ParameterGroup::BatchNormStatistics,
+                statistic,
+                "{name}"
+            );
+        }
+        assert_eq!(
+            ParameterGroup::of("image.stem.bn.running_var"),
+            Some(ParameterGroup::BatchNormStatistics)
+        );
+        assert_eq!(
+            ParameterGroup::of("image.stem.bn.weight"),
+            Some(ParameterGroup::ImageBackbone)
+        );
+        assert_eq!(
+            ParameterGroup::of("head.threshold_base"),
+            Some(ParameterGroup::Head)
+        );
+        assert_eq!(ParameterGroup::of("other.weight"), None);
+        assert_eq!(ParameterGroup::of("nodot"), None);
+        for g in ParameterGroup::ALL {
+            assert_eq!(ParameterGroup::from_name(g.as_str()), Some(g));
+        }
+        // An EMR-only network has neither backbone nor batch norm.
+        let groups: BTreeSet<ParameterGroup> = variable_names(&arch(Backbone::Tiny, true))
+            .iter()
+            .filter_map(|n| ParameterGroup::of(n))
+            .collect();
+        assert_eq!(
+            groups,
+            [
+                ParameterGroup::EmrBranch,
+                ParameterGroup::Fusion,
+                ParameterGroup::Head
+            ]
+            .into_iter()
+            .collect()
+        );
+    }
+
+    #[test]
+    fn a_package_round_trips_through_bytes_and_its_digest_is_over_the_bytes_loaded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let package = init_package(
+            &dir.path().join("a"),
+            "b",
+            arch(Backbone::Tiny, false),
+            32,
+            4,
+        )
+        .expect("init");
+        let bytes = PackageBytes::read(&package.dir).expect("read");
+        assert_eq!(bytes.digest(), package.digest);
+        // Written elsewhere: the same package.
+        let copy = dir.path().join("copy");
+        bytes.write(&copy).expect("write");
+        assert_eq!(
+            ModelPackage::load(&copy).expect("load").digest,
+            package.digest
+        );
+        // Loaded from the bytes: the same model as from the folder.
+        let image = vec![0.25f32; 32 * 32];
+        let from_dir = Model::load(package.clone(), &Device::Cpu).expect("load");
+        let from_bytes = Model::from_bytes(bytes.clone(), &copy, &Device::Cpu).expect("bytes");
+        assert_eq!(from_bytes.package().digest, package.digest);
+        let (a, b) = (
+            from_dir.predict(Some(&image), &[]).expect("predict"),
+            from_bytes.predict(Some(&image), &[]).expect("predict"),
+        );
+        assert_eq!(a.h24.p_o2_any, b.h24.p_o2_any);
+        // One byte different: another digest (a float of a weight, near the end).
+        let mut tampered = bytes.clone();
+        let last = tampered.weights.len() - 1;
+        tampered.weights[last] ^= 1;
+        assert_ne!(tampered.digest(), package.digest);
+        assert_ne!(
+            Model::from_bytes(tampered.clone(), &copy, &Device::Cpu)
+                .expect("still loads")
+                .package()
+                .digest,
+            package.digest
+        );
+        // Weights changed on disk after the package was read: refused, not
+        // loaded under the old digest.
+        std::fs::write(package.weights_path(), &tampered.weights).expect("tamper");
+        let err = Model::load(package, &Device::Cpu).expect_err("refused");
+        assert!(err.to_string().contains("changed since"), "{err}");
+        // A bad manifest in bytes names the file.
+        let bad = PackageBytes {
+            manifest: b"name = 1".to_vec(),
+            weights: bytes.weights,
+        };
+        assert!(bad.package(&copy).is_err());
     }
 }

@@ -24,6 +24,67 @@ use super::cpu_conv::FusedConv;
 const BN_EPS: f64 = 1e-5;
 use super::package::{Architecture, Backbone};
 
+/// The network's parameters by part, as privacy filters and FedBN name
+/// them: every variable of [`ExamNet`] is in exactly one group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ParameterGroup {
+    /// The image branch's convolutions and batch-norm scales and shifts
+    /// (`image.…`).
+    ImageBackbone,
+    /// Batch-norm running means and variances (`…running_mean`,
+    /// `…running_var`): excluded from sharing, FedBN.
+    BatchNormStatistics,
+    /// The EMR branch: cross layers and MLP (`emr.…`).
+    EmrBranch,
+    /// The fusion layers (`fusion.…`).
+    Fusion,
+    /// The ordinal head: score and thresholds (`head.…`).
+    Head,
+}
+
+impl ParameterGroup {
+    /// Every group.
+    pub const ALL: [ParameterGroup; 5] = [
+        ParameterGroup::ImageBackbone,
+        ParameterGroup::BatchNormStatistics,
+        ParameterGroup::EmrBranch,
+        ParameterGroup::Fusion,
+        ParameterGroup::Head,
+    ];
+
+    /// The group's name in configurations (`image_backbone`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ParameterGroup::ImageBackbone => "image_backbone",
+            ParameterGroup::BatchNormStatistics => "batch_norm_statistics",
+            ParameterGroup::EmrBranch => "emr_branch",
+            ParameterGroup::Fusion => "fusion",
+            ParameterGroup::Head => "head",
+        }
+    }
+
+    /// The group called `name` ([`ParameterGroup::as_str`]).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|g| g.as_str() == name)
+    }
+
+    /// The group of the variable called `variable` (a name in the weights
+    /// file); `None` for a name the network does not have.
+    pub fn of(variable: &str) -> Option<Self> {
+        if variable.ends_with(".running_mean") || variable.ends_with(".running_var") {
+            return Some(ParameterGroup::BatchNormStatistics);
+        }
+        let (prefix, _) = variable.split_once('.')?;
+        match prefix {
+            "image" => Some(ParameterGroup::ImageBackbone),
+            "emr" => Some(ParameterGroup::EmrBranch),
+            "fusion" => Some(ParameterGroup::Fusion),
+            "head" => Some(ParameterGroup::Head),
+            _ => None,
+        }
+    }
+}
+
 /// Thresholds per horizon: P(≥1) … P(≥4) (the fourth, death, feeds the
 /// exam score).
 pub const THRESHOLDS: usize = 4;

@@ -3,6 +3,11 @@
 //! architecture) and `weights.safetensors`. Its digest — sha256 over a
 //! canonical listing of both files' sha256 — identifies exactly which model
 //! produced a prediction (audit records carry it).
+//!
+//! A package travels as bytes too ([`PackageBytes`]: read, written, sent);
+//! its digest is always computed over the bytes that are parsed and loaded
+//! ([`PackageBytes::package`], `Model::from_bytes`), and `Model::load`
+//! refuses weights that changed since the package was read.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -129,24 +134,116 @@ pub struct ModelPackage {
     pub dir: PathBuf,
     /// sha256 over the canonical listing of the package's files, hex.
     pub digest: String,
+    /// sha256 of the weights file's bytes, hex (what `Model::load`
+    /// checks the bytes it loads against).
+    pub weights_sha256: String,
 }
 
-fn sha256_file(path: &Path) -> Result<String, ModelError> {
-    let io = |source| ModelError::Io {
-        path: path.display().to_string(),
-        source,
-    };
-    let mut file = std::fs::File::open(path).map_err(io)?;
-    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut buffer = vec![0u8; 1 << 16];
-    loop {
-        let n = file.read(&mut buffer).map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        context.update(&buffer[..n]);
+/// A package's two files, as bytes: what is read, written, sent and loaded.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PackageBytes {
+    /// `model.toml`.
+    pub manifest: Vec<u8>,
+    /// `weights.safetensors`.
+    pub weights: Vec<u8>,
+}
+
+impl std::fmt::Debug for PackageBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackageBytes")
+            .field("manifest", &format_args!("{} bytes", self.manifest.len()))
+            .field("weights", &format_args!("{} bytes", self.weights.len()))
+            .finish()
     }
-    Ok(hex::encode(context.finish().as_ref()))
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+}
+
+impl PackageBytes {
+    /// Reads both files of the package in `dir` (`model.toml` at most
+    /// 256 KiB).
+    ///
+    /// # Errors
+    /// [`ModelError::Io`], or [`ModelError::Invalid`] for an oversized
+    /// manifest.
+    pub fn read(dir: &Path) -> Result<Self, ModelError> {
+        let manifest_path = dir.join(MANIFEST_FILE);
+        let io = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| ModelError::Io { path, source }
+        };
+        let file = std::fs::File::open(&manifest_path).map_err(io(&manifest_path))?;
+        let mut manifest = Vec::new();
+        file.take(MAX_MANIFEST_BYTES + 1)
+            .read_to_end(&mut manifest)
+            .map_err(io(&manifest_path))?;
+        if manifest.len() as u64 > MAX_MANIFEST_BYTES {
+            return Err(ModelError::Invalid {
+                path: manifest_path.display().to_string(),
+                reason: format!("over {MAX_MANIFEST_BYTES} bytes"),
+            });
+        }
+        let weights_path = dir.join(WEIGHTS_FILE);
+        let weights = std::fs::read(&weights_path).map_err(io(&weights_path))?;
+        Ok(Self { manifest, weights })
+    }
+
+    /// Writes both files into `dir` (created if needed), each atomically.
+    ///
+    /// # Errors
+    /// [`ModelError::Io`].
+    pub fn write(&self, dir: &Path) -> Result<(), ModelError> {
+        std::fs::create_dir_all(dir).map_err(|source| ModelError::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        for (name, bytes) in [
+            (WEIGHTS_FILE, &self.weights),
+            (MANIFEST_FILE, &self.manifest),
+        ] {
+            let path = dir.join(name);
+            crate::output::write_bytes(&path, bytes).map_err(|e| ModelError::Io {
+                path: path.display().to_string(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The package digest of these bytes.
+    pub fn digest(&self) -> String {
+        package_digest(&sha256_hex(&self.manifest), &sha256_hex(&self.weights))
+    }
+
+    /// Parses and checks the manifest; the package these bytes are, its
+    /// digest over these very bytes; `dir` is where it lives (or will).
+    ///
+    /// # Errors
+    /// [`ModelError::Invalid`] naming `dir/model.toml`.
+    pub fn package(&self, dir: &Path) -> Result<ModelPackage, ModelError> {
+        let manifest_path = dir.join(MANIFEST_FILE);
+        let invalid = |reason: String| ModelError::Invalid {
+            path: manifest_path.display().to_string(),
+            reason,
+        };
+        if self.manifest.len() as u64 > MAX_MANIFEST_BYTES {
+            return Err(invalid(format!("over {MAX_MANIFEST_BYTES} bytes")));
+        }
+        let text =
+            std::str::from_utf8(&self.manifest).map_err(|_| invalid("not UTF-8".to_owned()))?;
+        let manifest: ModelManifest =
+            toml::from_str(text).map_err(|e| invalid(e.message().to_owned()))?;
+        manifest.validate().map_err(invalid)?;
+        let weights_sha256 = sha256_hex(&self.weights);
+        Ok(ModelPackage {
+            manifest,
+            dir: dir.to_path_buf(),
+            digest: package_digest(&sha256_hex(&self.manifest), &weights_sha256),
+            weights_sha256,
+        })
+    }
 }
 
 /// The package digest from its files' digests.
@@ -164,35 +261,7 @@ impl ModelPackage {
     /// [`ModelError::Io`] or [`ModelError::Invalid`] (syntax, unknown keys,
     /// a feature outside schema v1, a non-positive std, …).
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
-        let manifest_path = dir.join(MANIFEST_FILE);
-        let invalid = |reason: String| ModelError::Invalid {
-            path: manifest_path.display().to_string(),
-            reason,
-        };
-        let size = std::fs::metadata(&manifest_path)
-            .map_err(|source| ModelError::Io {
-                path: manifest_path.display().to_string(),
-                source,
-            })?
-            .len();
-        if size > MAX_MANIFEST_BYTES {
-            return Err(invalid(format!("{size} bytes, over {MAX_MANIFEST_BYTES}")));
-        }
-        let text = std::fs::read_to_string(&manifest_path).map_err(|source| ModelError::Io {
-            path: manifest_path.display().to_string(),
-            source,
-        })?;
-        let manifest: ModelManifest =
-            toml::from_str(&text).map_err(|e| invalid(e.message().to_owned()))?;
-        manifest.validate().map_err(invalid)?;
-        let manifest_sha =
-            hex::encode(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref());
-        let weights_sha = sha256_file(&dir.join(WEIGHTS_FILE))?;
-        Ok(Self {
-            manifest,
-            dir: dir.to_path_buf(),
-            digest: package_digest(&manifest_sha, &weights_sha),
-        })
+        PackageBytes::read(dir)?.package(dir)
     }
 
     /// The weights file.

@@ -540,7 +540,9 @@ fn write_site_toml(site: &SiteProfile, path: &Path) -> Result<(), SynthError> {
     let text = format!(
         "# A synthetic site written by `oxbox synth`.\n\
 [site]\nid = \"{id}\"\nconvention = \"{convention}\"\n\
-# The plugin that maps cases.csv to the canonical schema (plugins/dist/<name>).\n\
+# The plugin that maps cases.csv to the canonical schema, by name: found in\n\
+# --plugins-dir, the configured [[plugins]], this folder's plugins/<name>, then\n\
+# the oxbox installation's plugins/dist/<name> (never the working directory).\n\
 plugin = \"{plugin}\"\ncases = {cases}\n\
 # cases.csv: case_id and image_file first, then these identifier columns\n\
 # (fake, for privacy tests; never passed to plugins or models), then the EMR.\n\

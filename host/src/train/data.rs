@@ -47,7 +47,7 @@ pub fn in_validation(seed: u64, site: &str, case_id: &str, fraction: f64) -> boo
 }
 
 /// Prepares every case of `site` in parallel through its plugins
-/// ([`crate::evaluate::prepare_cases`]), labels it and assigns its split;
+/// ([`crate::cases::prepare_cases`]), labels it and assigns its split;
 /// `progress` is called once per case.
 pub fn prepare_site(
     site: &Site,
@@ -57,7 +57,7 @@ pub fn prepare_site(
     split: (u64, f64),
     progress: &(dyn Fn() + Sync),
 ) -> PreparedSite {
-    let inputs = crate::evaluate::prepare_cases(site, pipeline, plugins, &config.limits, progress);
+    let inputs = crate::cases::prepare_cases(site, pipeline, plugins, &config.limits, progress);
     let results = inputs.into_iter().zip(&site.cases).map(|(input, case)| {
         input.map(|input| {
             let example = Example {

@@ -1,17 +1,24 @@
-//! Local training (`oxbox train`): site folders → a trained model package.
+//! Local training (`oxbox train`): site folders → a trained model package,
+//! in three stages:
 //!
-//! 1. every case is prepared once through its site's plugins, exactly as a
-//!    prediction is ([`data`], `Pipeline::prepare`), and split into
-//!    training and validation by a stable hash of (seed, site, case id);
-//! 2. the EMR normalisation is fitted on the training split and written
-//!    into the package's `model.toml`;
-//! 3. the network ([`crate::model::ExamNet`], trainable batch norm) learns
-//!    with AdamW ([`optimizer`]) on the class-weighted ordinal loss
-//!    ([`objective`]), images augmented each epoch;
-//! 4. after every epoch: validation loss, a checkpoint, early stopping
-//!    after `patience` epochs without improvement ([`checkpoint`]);
-//! 5. the best epoch's weights, with thresholds refit without class
-//!    weights on the validation split, become the package in `OUT`.
+//! - **preparation** ([`prepare`]): every case once through its site's
+//!   plugins, exactly as a prediction is ([`crate::cases`], [`data`]), split
+//!   into training and validation by a stable hash of (seed, site, case
+//!   id); the EMR normalisation fitted on the training split and written
+//!   into the package's `model.toml` (optional: `refit_normalisation`);
+//! - **fitting** ([`trainer::Trainer`]): the network
+//!   ([`crate::model::ExamNet`], trainable batch norm) learns, on the
+//!   configured device, from given weights and optimizer state, with AdamW
+//!   ([`optimizer`]) on the class-weighted ordinal loss ([`objective`]),
+//!   images augmented each epoch; after every epoch: validation loss, a
+//!   checkpoint, early stopping after `patience` epochs without
+//!   improvement ([`checkpoint`]);
+//! - **finalisation**: the best epoch's weights, with thresholds refit
+//!   without class weights on the validation split (optional:
+//!   `refit_thresholds`), become the package in `OUT`.
+//!
+//! In a federation the normalisation and thresholds come from the global
+//! model: both refits are then switched off.
 //!
 //! Deterministic for a seed and thread count: the initial weights, the
 //! split, the order of cases and every augmentation derive from the seed.
@@ -20,9 +27,9 @@ pub mod checkpoint;
 pub mod data;
 pub mod objective;
 pub mod optimizer;
+pub mod trainer;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{D, DType, Device, Tensor};
@@ -30,19 +37,19 @@ use candle_nn::{VarBuilder, VarMap};
 use rayon::prelude::*;
 use serde::Serialize;
 
+use crate::cases::site_plugins;
 use crate::config::Config;
 use crate::dataset;
-use crate::evaluate::site_plugins;
 use crate::model::net::{HORIZONS, THRESHOLDS};
 use crate::model::package::{ModelManifest, encode_emr};
 use crate::model::{Architecture, Backbone, ExamNet, Model, default_manifest, init_package};
 use crate::pipeline::Pipeline;
-use crate::plugins::PluginEngine;
 use crate::rng::Pcg;
 use checkpoint::{EpochRecord, TrainState};
 use data::{Augmentation, Example};
 use objective::{ClassWeighting, ClassWeights};
 use optimizer::{AdamW, AdamWConfig};
+use trainer::{FitSettings, Trainer};
 
 /// Why training failed.
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +69,7 @@ pub enum TrainError {
     Dataset(#[from] dataset::DatasetError),
     /// A site's plugins could not be loaded.
     #[error(transparent)]
-    Evaluate(#[from] crate::evaluate::EvaluateError),
+    Cases(#[from] crate::cases::CasesError),
     /// The model package failed.
     #[error(transparent)]
     Model(#[from] crate::model::ModelError),
@@ -90,12 +97,14 @@ pub struct TrainOptions {
     pub data: Vec<PathBuf>,
     /// The output folder: must be absent or empty, unless `resume`.
     pub out: PathBuf,
-    /// Where the site plugins are built (`<dir>/<plugin>/plugin.toml`).
-    pub plugins_dir: PathBuf,
+    /// Where the sites' plugins are found.
+    pub plugins: dataset::PluginLookup,
     /// The package's name.
     pub name: String,
     /// Image backbone.
     pub backbone: Backbone,
+    /// No image branch: the EMR alone (cases need no radiograph).
+    pub emr_only: bool,
     /// Side of the canonical image.
     pub input_size: u32,
     /// Most epochs.
@@ -118,6 +127,14 @@ pub struct TrainOptions {
     pub seed: u64,
     /// Continue the run in `out` from its last checkpoint.
     pub resume: bool,
+    /// The device training runs on (`model.device`, [`crate::model::select_device`]).
+    pub device: Device,
+    /// Fit the EMR normalisation on the training split (else keep the
+    /// initial package's: in a federation, the global model's).
+    pub refit_normalisation: bool,
+    /// Refit the ordinal thresholds on the validation split at the end
+    /// (else keep the trained ones).
+    pub refit_thresholds: bool,
 }
 
 /// Progress, for a progress bar.
@@ -231,9 +248,13 @@ impl TrainOptions {
         Ok(())
     }
 
-    /// The network trained (see [`architecture`]).
+    /// The network trained (see [`architecture`]), without its image
+    /// branch when `emr_only`.
     pub fn architecture(&self) -> Architecture {
-        architecture(self.backbone)
+        Architecture {
+            emr_only: self.emr_only,
+            ..architecture(self.backbone)
+        }
     }
 }
 
@@ -278,7 +299,7 @@ fn fingerprint(
 /// Tensors for one batch: image (B,1,S,S), values and missing (B,F),
 /// targets and weights (B,H,T).
 struct Batch {
-    image: Tensor,
+    image: Option<Tensor>,
     values: Tensor,
     missing: Tensor,
     targets: Tensor,
@@ -293,22 +314,27 @@ fn batch(
     manifest: &ModelManifest,
     class_weights: &ClassWeights,
     augment: Option<(&Augmentation, u64, usize)>,
+    device: &Device,
 ) -> Result<Batch, TrainError> {
     let size = manifest.input_size as usize;
     let b = cases.len();
-    let images: Vec<Vec<f32>> = cases
-        .par_iter()
-        .map(|(index, e)| {
-            let image = e.image.as_deref().unwrap_or_default();
-            match augment {
-                Some((augmentation, seed, epoch)) => {
-                    let stream = ((epoch as u64) << 32) | *index as u64;
-                    augmentation.apply(image, size, &mut Pcg::new(seed, stream))
+    let images: Vec<Vec<f32>> = if manifest.architecture.emr_only {
+        Vec::new()
+    } else {
+        cases
+            .par_iter()
+            .map(|(index, e)| {
+                let image = e.image.as_deref().unwrap_or_default();
+                match augment {
+                    Some((augmentation, seed, epoch)) => {
+                        let stream = ((epoch as u64) << 32) | *index as u64;
+                        augmentation.apply(image, size, &mut Pcg::new(seed, stream))
+                    }
+                    None => image.to_vec(),
                 }
-                None => image.to_vec(),
-            }
-        })
-        .collect();
+            })
+            .collect()
+    };
     let pixels: Vec<f32> = images.concat();
     let n = manifest.emr.len();
     let (mut values, mut missing) = (Vec::with_capacity(b * n), Vec::with_capacity(b * n));
@@ -319,13 +345,17 @@ fn batch(
     }
     let levels: Vec<[u8; HORIZONS]> = cases.iter().map(|(_, e)| e.levels).collect();
     let (targets, weights) = objective::targets(&levels, class_weights);
-    let cpu = &Device::Cpu;
+    let image = if manifest.architecture.emr_only {
+        None
+    } else {
+        Some(Tensor::from_vec(pixels, (b, 1, size, size), device)?)
+    };
     Ok(Batch {
-        image: Tensor::from_vec(pixels, (b, 1, size, size), cpu)?,
-        values: Tensor::from_vec(values, (b, n), cpu)?,
-        missing: Tensor::from_vec(missing, (b, n), cpu)?,
-        targets: Tensor::from_vec(targets, (b, HORIZONS, THRESHOLDS), cpu)?,
-        weights: Tensor::from_vec(weights, (b, HORIZONS, THRESHOLDS), cpu)?,
+        image,
+        values: Tensor::from_vec(values, (b, n), device)?,
+        missing: Tensor::from_vec(missing, (b, n), device)?,
+        targets: Tensor::from_vec(targets, (b, HORIZONS, THRESHOLDS), device)?,
+        weights: Tensor::from_vec(weights, (b, HORIZONS, THRESHOLDS), device)?,
     })
 }
 
@@ -347,7 +377,87 @@ fn decays(name: &str) -> bool {
     name.ends_with(".weight") && !name.contains(".bn.")
 }
 
-/// Trains on the site folders and writes the package to `options.out`.
+/// The prepared data of a run: every case through its site's plugins,
+/// split.
+pub struct Prepared {
+    /// Site ids, in order.
+    pub sites: Vec<String>,
+    /// The training split.
+    pub train: Vec<Example>,
+    /// The validation split.
+    pub validation: Vec<Example>,
+    /// Refused cases (`case id: reason`).
+    pub refused: Vec<String>,
+    /// Seconds it took.
+    pub seconds: f64,
+}
+
+/// Preparation: reads the site folders and runs every case through its
+/// site's plugins with `pipeline` (whose model fixes the input), split into
+/// training and validation.
+///
+/// # Errors
+/// [`TrainError`]: unreadable sites, plugins that do not load, too few
+/// usable cases.
+pub fn prepare(
+    options: &TrainOptions,
+    config: &Config,
+    pipeline: &Pipeline,
+    progress: &(dyn Fn(TrainEvent) + Sync),
+) -> Result<Prepared, TrainError> {
+    let started = Instant::now();
+    let sites: Vec<dataset::Site> = options
+        .data
+        .iter()
+        .map(|d| dataset::read_site(d))
+        .collect::<Result<_, _>>()?;
+    progress(TrainEvent::Preparing {
+        total: sites.iter().map(|s| s.cases.len()).sum(),
+    });
+    let engine = crate::cases::plugin_engine(config)?;
+    let (mut train_set, mut validation_set, mut refused) = (Vec::new(), Vec::new(), Vec::new());
+    for site in &sites {
+        let plugins = site_plugins(site, config, &options.plugins, &engine)?;
+        let prepared = data::prepare_site(
+            site,
+            pipeline,
+            &plugins,
+            config,
+            (options.seed, options.validation),
+            &|| progress(TrainEvent::Prepared),
+        );
+        for (example, validation) in prepared.examples {
+            if validation {
+                validation_set.push(example);
+            } else {
+                train_set.push(example);
+            }
+        }
+        refused.extend(prepared.refused);
+    }
+    if train_set.len() < options.batch_size || validation_set.len() < 2 {
+        return Err(TrainError::Options(format!(
+            "too few usable cases: {} for training (at least --batch-size {}), {} for validation \
+             (at least 2); {} refused",
+            train_set.len(),
+            options.batch_size,
+            validation_set.len(),
+            refused.len()
+        )));
+    }
+    Ok(Prepared {
+        sites: sites.iter().map(|s| s.id.clone()).collect(),
+        train: train_set,
+        validation: validation_set,
+        refused,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Trains on the site folders and writes the package to `options.out`:
+/// [`prepare`], then a [`Trainer`] from the initial (or checkpointed)
+/// weights and optimizer state, epoch by epoch with checkpoints and early
+/// stopping, then finalisation.
 ///
 /// # Errors
 /// [`TrainError`], naming the cause.
@@ -370,77 +480,36 @@ pub fn train(
     )?;
     let pipeline = Pipeline::new(config, Model::load(init.clone(), &Device::Cpu)?);
 
-    // 1. Every case through its site's plugins.
-    let started = Instant::now();
-    let sites: Vec<dataset::Site> = options
-        .data
-        .iter()
-        .map(|d| dataset::read_site(d))
-        .collect::<Result<_, _>>()?;
-    progress(TrainEvent::Preparing {
-        total: sites.iter().map(|s| s.cases.len()).sum(),
-    });
-    let engine = Arc::new(
-        PluginEngine::new(&config.sandbox.limits()).map_err(|source| {
-            crate::evaluate::EvaluateError::Plugin {
-                site: "-".to_owned(),
-                source,
-            }
-        })?,
-    );
-    let (mut train_set, mut validation_set, mut refused) = (Vec::new(), Vec::new(), Vec::new());
-    for site in &sites {
-        let plugins = site_plugins(site, config, &options.plugins_dir, &engine)?;
-        let prepared = data::prepare_site(
-            site,
-            &pipeline,
-            &plugins,
-            config,
-            (options.seed, options.validation),
-            &|| progress(TrainEvent::Prepared),
-        );
-        for (example, validation) in prepared.examples {
-            if validation {
-                validation_set.push(example);
-            } else {
-                train_set.push(example);
-            }
-        }
-        refused.extend(prepared.refused);
-    }
-    let preparation_seconds = started.elapsed().as_secs_f64();
-    if train_set.len() < options.batch_size || validation_set.len() < 2 {
-        return Err(TrainError::Options(format!(
-            "too few usable cases: {} for training (at least --batch-size {}), {} for validation \
-             (at least 2); {} refused",
-            train_set.len(),
-            options.batch_size,
-            validation_set.len(),
-            refused.len()
-        )));
-    }
+    // 1. Preparation: every case through its site's plugins.
+    let prepared = prepare(options, config, &pipeline, progress)?;
+    let (train_set, validation_set) = (&prepared.train, &prepared.validation);
 
-    // 2. Normalisation from the training split.
+    // The normalisation from the training split (or the initial one).
     let mut manifest = init.manifest.clone();
-    data::fit_normalisation(&mut manifest.emr, &train_set.iter().collect::<Vec<_>>());
+    if options.refit_normalisation {
+        data::fit_normalisation(&mut manifest.emr, &train_set.iter().collect::<Vec<_>>());
+    }
     manifest.trained = true;
-    let site_ids: Vec<String> = sites.iter().map(|s| s.id.clone()).collect();
     let fingerprint = fingerprint(
         options,
-        &site_ids,
+        &prepared.sites,
         (train_set.len(), validation_set.len()),
         &manifest,
         &init.digest,
     );
 
-    // 3. The network, its optimizer, and where the run stands.
-    let mut varmap = VarMap::new();
-    let net = ExamNet::new(
-        &manifest.architecture,
-        manifest.emr.len(),
-        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+    // 2. The trainer, from the initial weights or the last checkpoint.
+    let mut trainer = Trainer::new(
+        &manifest,
+        FitSettings {
+            batch_size: options.batch_size,
+            optimizer: options.optimizer,
+            decay_epochs: options.decay_epochs,
+            augmentation: options.augmentation,
+            seed: options.seed,
+        },
+        &options.device,
     )?;
-    let mut optimizer = AdamW::new(trainable(&varmap)?, options.optimizer, decays)?;
     let mut state = if options.resume {
         let state = checkpoint::read_state(out)?;
         if state.fingerprint != fingerprint {
@@ -451,11 +520,11 @@ pub fn train(
             )));
         }
         let dir = checkpoint::epoch_dir(out, state.epoch);
-        varmap.load(dir.join(crate::model::package::WEIGHTS_FILE))?;
-        optimizer.load(&dir.join(checkpoint::OPTIMIZER_FILE), state.optimizer_steps)?;
+        trainer.load_weights(&dir.join(crate::model::package::WEIGHTS_FILE))?;
+        trainer.load_optimizer(&dir.join(checkpoint::OPTIMIZER_FILE), state.optimizer_steps)?;
         state
     } else {
-        varmap.load(init.weights_path())?;
+        trainer.load_weights(&init.weights_path())?;
         TrainState {
             fingerprint,
             epoch: 0,
@@ -468,109 +537,101 @@ pub fn train(
     };
     let levels: Vec<[u8; HORIZONS]> = train_set.iter().map(|e| e.levels).collect();
     let class_weights = objective::class_weights(&levels, options.class_weighting);
-    let steps_per_epoch = train_set.len().div_ceil(options.batch_size);
     progress(TrainEvent::Started {
         train: train_set.len(),
         validation: validation_set.len(),
         first_epoch: state.epoch + 1,
         epochs: options.epochs,
-        steps_per_epoch,
+        steps_per_epoch: train_set.len().div_ceil(options.batch_size),
     });
 
-    // 4. Epochs.
+    // Epochs, each checkpointed, until the last or early stopping.
     let training_started = Instant::now();
     let mut speeds = Vec::new();
     while state.epoch < options.epochs && state.epochs_without_improvement < options.patience {
-        let epoch = state.epoch + 1;
-        optimizer.set_learning_rate(cosine_learning_rate(
-            options.optimizer.learning_rate,
-            epoch,
-            options.decay_epochs,
-        ));
-        let epoch_started = Instant::now();
-        let mut order: Vec<usize> = (0..train_set.len()).collect();
-        let mut shuffle = Pcg::new(options.seed, 0x5348_5546_0000_0000 | epoch as u64);
-        for i in (1..order.len()).rev() {
-            order.swap(i, shuffle.below(i + 1));
-        }
-        let (mut running, mut steps) = (0.0, 0usize);
-        for chunk in order.chunks(options.batch_size) {
-            // A lone last case would give batch norm a batch of one.
-            if chunk.len() < 2 {
-                continue;
-            }
-            let cases: Vec<(usize, &Example)> = chunk.iter().map(|&i| (i, &train_set[i])).collect();
-            let b = batch(
-                &cases,
-                &manifest,
-                &class_weights,
-                Some((&options.augmentation, options.seed, epoch)),
-            )?;
-            let logits = net.forward(Some(&b.image), &b.values, &b.missing, true)?;
-            let loss = objective::ordinal_loss(&logits, &b.targets, &b.weights)?;
-            optimizer.step(&loss.backward()?)?;
-            running += f64::from(loss.to_scalar::<f32>()?);
-            steps += 1;
-            progress(TrainEvent::Step {
-                epoch,
-                loss: running / steps as f64,
-            });
-        }
-        let train_seconds = epoch_started.elapsed().as_secs_f64();
-        let cases_per_second = train_set.len() as f64 / train_seconds;
-        speeds.push(cases_per_second);
+        let fit = trainer.fit_epoch(
+            state.epoch + 1,
+            train_set,
+            &class_weights,
+            &|epoch, loss| progress(TrainEvent::Step { epoch, loss }),
+        )?;
+        speeds.push(fit.cases_per_second);
         let (validation_loss, _) = validation_pass(
-            &net,
-            &validation_set,
+            trainer.net(),
+            validation_set,
             &manifest,
             &class_weights,
             options.batch_size,
+            &options.device,
         )?;
         let record = EpochRecord {
-            epoch,
-            train_loss: running / steps.max(1) as f64,
+            epoch: fit.epoch,
+            train_loss: fit.train_loss,
             validation_loss,
-            cases_per_second,
+            cases_per_second: fit.cases_per_second,
         };
-        state.epoch = epoch;
-        state.optimizer_steps = optimizer.steps();
+        state.epoch = fit.epoch;
+        state.optimizer_steps = trainer.optimizer().steps();
         if validation_loss < state.best_validation_loss {
             state.best_validation_loss = validation_loss;
-            state.best_epoch = epoch;
+            state.best_epoch = fit.epoch;
             state.epochs_without_improvement = 0;
         } else {
             state.epochs_without_improvement += 1;
         }
         state.history.push(record.clone());
-        checkpoint::write_checkpoint(out, &manifest, &varmap, &optimizer, &state)?;
+        checkpoint::write_checkpoint(
+            out,
+            &manifest,
+            trainer.varmap(),
+            trainer.optimizer(),
+            &state,
+        )?;
         progress(TrainEvent::Epoch(record));
     }
     let training_seconds = training_started.elapsed().as_secs_f64();
 
-    // 5. The best epoch, recalibrated, becomes the package.
+    // 3. Finalisation: the best epoch, recalibrated, becomes the package.
     let best = checkpoint::epoch_dir(out, state.best_epoch);
-    varmap.load(best.join(crate::model::package::WEIGHTS_FILE))?;
-    let (thresholds, recalibrated) = recalibrate(&net, &varmap, &validation_set, &manifest)?;
-    let package = checkpoint::write_package(out, &manifest, &varmap)?;
+    trainer.load_weights(&best.join(crate::model::package::WEIGHTS_FILE))?;
+    let (thresholds, recalibrated) = if options.refit_thresholds {
+        recalibrate(
+            trainer.net(),
+            trainer.varmap(),
+            validation_set,
+            &manifest,
+            &options.device,
+        )?
+    } else {
+        let current = trainer.net().thresholds()?.to_vec2::<f32>()?;
+        (
+            current
+                .iter()
+                .map(|row| row.iter().map(|&t| f64::from(t)).collect())
+                .collect(),
+            vec![vec![false; THRESHOLDS]; HORIZONS],
+        )
+    };
+    let package = checkpoint::write_package(out, &manifest, trainer.varmap())?;
     let summary = TrainSummary {
         name: options.name.clone(),
         digest: package.digest,
         backbone: options.backbone,
         input_size: options.input_size,
-        sites: site_ids,
+        sites: prepared.sites,
         cases: CaseCounts {
             train: train_set.len(),
             validation: validation_set.len(),
-            refused: refused.len(),
+            refused: prepared.refused.len(),
         },
-        refused_examples: refused.into_iter().take(20).collect(),
+        refused_examples: prepared.refused.into_iter().take(20).collect(),
         epochs: state.epoch,
         best_epoch: state.best_epoch,
         best_validation_loss: state.best_validation_loss,
         stopped_early: state.epochs_without_improvement >= options.patience,
         cases_per_second: (!speeds.is_empty())
             .then(|| speeds.iter().sum::<f64>() / speeds.len() as f64),
-        preparation_seconds,
+        preparation_seconds: prepared.seconds,
         training_seconds,
         thresholds,
         recalibrated,
@@ -626,14 +687,15 @@ fn validation_pass(
     manifest: &ModelManifest,
     class_weights: &ClassWeights,
     batch_size: usize,
+    device: &Device,
 ) -> Result<(f64, Vec<[f64; HORIZONS]>), TrainError> {
     let thresholds = net.thresholds()?.to_vec2::<f32>()?;
     let mut total = 0.0;
     let mut scores = Vec::with_capacity(cases.len());
     let indexed: Vec<(usize, &Example)> = cases.iter().enumerate().collect();
     for chunk in indexed.chunks(batch_size) {
-        let b = batch(chunk, manifest, class_weights, None)?;
-        let logits = net.forward(Some(&b.image), &b.values, &b.missing, false)?;
+        let b = batch(chunk, manifest, class_weights, None, device)?;
+        let logits = net.forward(b.image.as_ref(), &b.values, &b.missing, false)?;
         let loss = objective::ordinal_loss(&logits, &b.targets, &b.weights)?;
         total += f64::from(loss.to_scalar::<f32>()?) * chunk.len() as f64;
         // s = (s − θ₁) + θ₁.
@@ -662,9 +724,10 @@ fn recalibrate(
     varmap: &VarMap,
     validation: &[Example],
     manifest: &ModelManifest,
+    device: &Device,
 ) -> Result<Thresholds, TrainError> {
     let unweighted = [[(1f32, 1f32); THRESHOLDS]; HORIZONS];
-    let (_, scores) = validation_pass(net, validation, manifest, &unweighted, 32)?;
+    let (_, scores) = validation_pass(net, validation, manifest, &unweighted, 32, device)?;
     let current = net.thresholds()?.to_vec2::<f32>()?;
     let mut thresholds = [[0f64; THRESHOLDS]; HORIZONS];
     let mut refit = vec![vec![false; THRESHOLDS]; HORIZONS];
@@ -698,7 +761,7 @@ fn recalibrate(
         let var = data
             .get(name)
             .ok_or_else(|| TrainError::Internal(format!("no variable {name}")))?;
-        var.set(&Tensor::from_vec(values, shape, &Device::Cpu)?)?;
+        var.set(&Tensor::from_vec(values, shape, var.device())?)?;
         Ok(())
     };
     set("head.threshold_base", base, &[HORIZONS])?;
@@ -755,8 +818,14 @@ pub fn measure_throughput(
         if step == 1 {
             started = Instant::now();
         }
-        let b = batch(&cases, &manifest, &weights, Some((&augmentation, 1, step)))?;
-        let logits = net.forward(Some(&b.image), &b.values, &b.missing, true)?;
+        let b = batch(
+            &cases,
+            &manifest,
+            &weights,
+            Some((&augmentation, 1, step)),
+            &Device::Cpu,
+        )?;
+        let logits = net.forward(b.image.as_ref(), &b.values, &b.missing, true)?;
         let loss = objective::ordinal_loss(&logits, &b.targets, &b.weights)?;
         optimizer.step(&loss.backward()?)?;
     }
