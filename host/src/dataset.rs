@@ -255,13 +255,21 @@ fn manifest_name(path: &Path) -> Option<String> {
 impl PluginLookup {
     /// The plugins a source checkout or an installation ships: the first
     /// `plugins/dist` folder in an ancestor of the running executable's
-    /// folder (`target/release/oxbox` → the checkout's `plugins/dist`).
+    /// folder (an installation's `bin/oxbox` → its `plugins/dist`), else the
+    /// `plugins/dist` of the source checkout the binary was built from, if
+    /// it is still there (`target/` may be a link to a shared build folder,
+    /// whose ancestors are not the checkout's).
     pub fn installed_dir() -> Option<PathBuf> {
-        let exe = std::env::current_exe().ok()?;
-        exe.ancestors()
-            .skip(1)
-            .map(|a| a.join("plugins").join("dist"))
-            .find(|d| d.is_dir())
+        let beside_exe = std::env::current_exe().ok().and_then(|exe| {
+            exe.ancestors()
+                .skip(1)
+                .map(|a| a.join("plugins").join("dist"))
+                .find(|d| d.is_dir())
+        });
+        beside_exe.or_else(|| {
+            let checkout = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist");
+            checkout.is_dir().then_some(checkout)
+        })
     }
 
     /// The `plugin.toml` of `site`'s plugin, looked up in the documented
