@@ -452,6 +452,16 @@ mod tests {
         input.features[0].1.unwrap_or(f64::NAN)
     }
 
+    /// A forward step that panics on every batch holding a case tagged 13
+    /// (a bug the model could have) and answers each case's tag otherwise.
+    fn forward_panicking_on_13(inputs: &[ModelInput]) -> Result<Vec<Prediction>, ModelError> {
+        assert!(
+            inputs.iter().all(|i| tag(i) != 13.0),
+            "injected fault in the forward pass"
+        );
+        Ok(inputs.iter().map(|i| prediction(tag(i) as f32)).collect())
+    }
+
     fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -461,15 +471,7 @@ mod tests {
 
     #[test]
     fn a_panicking_forward_pass_fails_its_case_and_the_thread_keeps_serving() {
-        // The forward step panics on every batch that holds a case tagged
-        // 13 (a bug the model could have), and answers the tag otherwise.
-        let forward = |inputs: &[ModelInput]| -> Result<Vec<Prediction>, ModelError> {
-            assert!(
-                inputs.iter().all(|i| tag(i) != 13.0),
-                "injected fault in the forward pass"
-            );
-            Ok(inputs.iter().map(|i| prediction(tag(i) as f32)).collect())
-        };
+        let forward = forward_panicking_on_13;
         let metrics = Arc::new(Metrics::new());
         let batcher =
             Batcher::with_forward(forward, 1, Duration::ZERO, Arc::clone(&metrics)).expect("start");
@@ -559,13 +561,7 @@ mod tests {
     fn a_forward_pass_that_keeps_panicking_makes_the_batcher_unready_until_one_succeeds() {
         // Panics on every case tagged 13: three in a row leave the batcher
         // unready (readiness 503), and the next success makes it ready.
-        let forward = |inputs: &[ModelInput]| -> Result<Vec<Prediction>, ModelError> {
-            assert!(
-                inputs.iter().all(|i| tag(i) != 13.0),
-                "injected fault in the forward pass"
-            );
-            Ok(inputs.iter().map(|i| prediction(tag(i) as f32)).collect())
-        };
+        let forward = forward_panicking_on_13;
         let metrics = Arc::new(Metrics::new());
         let batcher = Batcher::with_forward(forward, 1, Duration::ZERO, metrics).expect("start");
         let rt = runtime();
@@ -593,13 +589,7 @@ mod tests {
     fn a_panic_in_a_shared_batch_fails_only_the_poisoned_case() {
         // Batches of up to 8, collected over 200 ms, so the three cases
         // below share one forward pass.
-        let forward = |inputs: &[ModelInput]| -> Result<Vec<Prediction>, ModelError> {
-            assert!(
-                inputs.iter().all(|i| tag(i) != 13.0),
-                "injected fault in the forward pass"
-            );
-            Ok(inputs.iter().map(|i| prediction(tag(i) as f32)).collect())
-        };
+        let forward = forward_panicking_on_13;
         let metrics = Arc::new(Metrics::new());
         let batcher =
             Batcher::with_forward(forward, 8, Duration::from_millis(200), metrics).expect("start");
