@@ -253,6 +253,26 @@ pub(crate) fn assert_conforms(doc: &Value, method: &str, path: &str, reply: &Rep
     }
 }
 
+/// Checks that `reply` is the problem `kind` (`urn:oxbox:problem:<kind>`)
+/// with `status`, and conforms to the OpenAPI document.
+pub(crate) fn assert_problem(
+    doc: &Value,
+    method: &str,
+    path: &str,
+    reply: &Reply,
+    status: u16,
+    kind: &str,
+) {
+    assert_eq!(
+        reply.status,
+        status,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_conforms(doc, method, path, reply);
+    assert_eq!(reply.json()["type"], format!("urn:oxbox:problem:{kind}"));
+}
+
 pub(crate) fn openapi() -> Value {
     let text = std::fs::read_to_string(repo_root().join("host/api/openapi.json"))
         .expect("host/api/openapi.json");
@@ -791,14 +811,7 @@ fn a_prediction_beyond_max_concurrent_requests_gets_503() {
     };
     std::thread::sleep(Duration::from_millis(500));
     let reply = request(addr, "POST", "/v1/predict", &[("Content-Type", &ct)], &body);
-    assert_eq!(
-        reply.status,
-        503,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
-    assert_conforms(&doc, "POST", "/v1/predict", &reply);
-    assert_eq!(reply.json()["type"], "urn:oxbox:problem:overloaded");
+    assert_problem(&doc, "POST", "/v1/predict", &reply, 503, "overloaded");
     // Health is not a prediction: it still answers.
     assert_eq!(request(addr, "GET", "/v1/health", &[], b"").status, 200);
     let busy = busy.join().expect("busy request");
@@ -857,25 +870,18 @@ fn a_faulting_plugin_is_quarantined_then_reloaded() {
     // Three faults (sandbox.fault_threshold), each a 500 naming the trap …
     for _ in 0..3 {
         let reply = predict();
-        assert_eq!(
-            reply.status,
-            500,
-            "{}",
-            String::from_utf8_lossy(&reply.body)
-        );
-        assert_conforms(&doc, "POST", "/v1/predict", &reply);
-        assert_eq!(reply.json()["type"], "urn:oxbox:problem:plugin-fault");
+        assert_problem(&doc, "POST", "/v1/predict", &reply, 500, "plugin-fault");
     }
     // … then quarantine: 503 with Retry-After, and the box is not ready.
     let reply = predict();
-    assert_eq!(
-        reply.status,
+    assert_problem(
+        &doc,
+        "POST",
+        "/v1/predict",
+        &reply,
         503,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
+        "plugin-quarantined",
     );
-    assert_conforms(&doc, "POST", "/v1/predict", &reply);
-    assert_eq!(reply.json()["type"], "urn:oxbox:problem:plugin-quarantined");
     let ready = request(addr, "GET", "/v1/ready", &[], b"");
     assert_eq!(ready.status, 503);
     assert_conforms(&doc, "GET", "/v1/ready", &ready);

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use dicom_dictionary_std::tags;
 
 use crate::serve::{
-    BOUNDARY, Reply, ServerProcess, Setup, assert_conforms, connect, multipart, multipart_type,
-    openapi, read_reply, request, sample_case, wait_for_admin_events,
+    BOUNDARY, Reply, ServerProcess, Setup, assert_conforms, assert_problem, connect, multipart,
+    multipart_type, openapi, read_reply, request, sample_case, wait_for_admin_events,
 };
 use crate::util::{corpus_file, vm_hwm, vm_size};
 
@@ -544,14 +544,7 @@ fn memory_admission_refuses_beyond_the_budget() {
     }
     // … so the next large case does not fit: 503 with Retry-After.
     let reply = predict(&body);
-    assert_eq!(
-        reply.status,
-        503,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
-    assert_conforms(&doc, "POST", "/v1/predict", &reply);
-    assert_eq!(reply.json()["type"], "urn:oxbox:problem:overloaded");
+    assert_problem(&doc, "POST", "/v1/predict", &reply, 503, "overloaded");
     assert!(
         reply
             .header("retry-after")
@@ -600,14 +593,7 @@ fn memory_admission_refuses_beyond_the_budget() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let huge = std::fs::read(square_image(tmp.path(), 3000)).expect("square");
     let reply = predict(&predict_body(&huge, &record));
-    assert_eq!(
-        reply.status,
-        413,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
-    assert_conforms(&doc, "POST", "/v1/predict", &reply);
-    assert_eq!(reply.json()["type"], "urn:oxbox:problem:case-too-large");
+    assert_problem(&doc, "POST", "/v1/predict", &reply, 413, "case-too-large");
     assert!(reply.header("retry-after").is_none());
     println!("3000 x 3000 case -> 413: {}", reply.json()["detail"]);
 
