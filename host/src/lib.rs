@@ -40,6 +40,7 @@ pub mod config;
 pub mod dataset;
 pub mod dicom;
 pub mod evaluate;
+pub mod federation;
 pub mod guard;
 pub mod http;
 pub mod metrics;
