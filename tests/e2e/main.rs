@@ -11,6 +11,7 @@ mod bombs;
 mod cli;
 mod evaluate;
 mod hostile_plugins;
+mod model_swap;
 mod openapi;
 mod operator_logs;
 mod plugin_dev;
