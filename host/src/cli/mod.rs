@@ -1,6 +1,7 @@
 //! Command-line interface: one file per subcommand, each with worked
 //! examples in its help. Errors are `anyhow` here and only here.
 
+mod aggregator;
 mod audit;
 mod bench;
 mod bench_http;
@@ -89,6 +90,18 @@ pub enum Command {
     /// Read the audit log of predictions.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// The federation aggregator: serve a job, or show its status.
+    #[command(subcommand)]
+    Aggregator(AggregatorCommand),
+}
+
+/// `oxbox aggregator …`
+#[derive(Debug, Subcommand)]
+pub enum AggregatorCommand {
+    /// Run the aggregator of a federation job (--config A.toml).
+    Serve(aggregator::ServeArgs),
+    /// Print a running aggregator's status: rounds, sites, bytes.
+    Status(aggregator::StatusArgs),
 }
 
 /// `oxbox audit …`
@@ -170,6 +183,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Model(ModelCommand::Info(args)) => model::info(args),
         Command::Model(ModelCommand::Init(args)) => model::init(args),
         Command::Audit(AuditCommand::Tail(args)) => audit::tail(args, config),
+        Command::Aggregator(AggregatorCommand::Serve(args)) => aggregator::serve(args, config),
+        Command::Aggregator(AggregatorCommand::Status(args)) => aggregator::status(args, config),
     }
 }
 
@@ -195,6 +210,8 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
                 .downcast_ref::<PluginError>()
                 .is_some_and(PluginError::is_bad_input)
             || cause.is::<oxbox::http::TokenError>()
+            || cause.is::<oxbox::aggregator::AggregatorConfigError>()
+            || cause.is::<oxbox::http::tls::TlsError>()
             || cause.is::<oxbox::dataset::DatasetError>()
             || cause.is::<plugin::ScaffoldError>()
             || matches!(
