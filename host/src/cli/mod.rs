@@ -7,6 +7,7 @@ mod bench_http;
 mod config_check;
 mod dicom_info;
 mod evaluate;
+mod federate;
 mod keys;
 mod model;
 mod plugin;
@@ -69,6 +70,8 @@ pub enum Command {
     Train(train::Args),
     /// Evaluate a model on labelled site folders: AUC with CI, calibration, ROC.
     Evaluate(evaluate::Args),
+    /// Take part in a federated training job as a site (polls the aggregator).
+    Federate(federate::Args),
     /// Inspect DICOM files.
     #[command(subcommand)]
     Dicom(DicomCommand),
@@ -155,6 +158,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Synth(args) => synth::run(args),
         Command::Train(args) => train::run(args, config),
         Command::Evaluate(args) => evaluate::run(args, config),
+        Command::Federate(args) => federate::run(args, config),
         Command::Dicom(DicomCommand::Info(args)) => dicom_info::run(args, config),
         Command::Config(ConfigCommand::Check(args)) => config_check::run(args, config),
         Command::Bench(args) => bench::run(args, config),
@@ -194,6 +198,10 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
             || cause
                 .downcast_ref::<PluginError>()
                 .is_some_and(PluginError::is_bad_input)
+            || matches!(
+                cause.downcast_ref::<oxbox::federation::site::SiteError>(),
+                Some(oxbox::federation::site::SiteError::Config(_))
+            )
             || cause.is::<oxbox::http::TokenError>()
             || cause.is::<oxbox::dataset::DatasetError>()
             || cause.is::<plugin::ScaffoldError>()

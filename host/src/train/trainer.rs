@@ -56,6 +56,13 @@ pub struct Trainer {
     manifest: ModelManifest,
     settings: FitSettings,
     device: Device,
+    proximal: Option<Proximal>,
+}
+
+/// FedProx's proximal term μ/2·‖w − w_g‖² over the trainable variables.
+struct Proximal {
+    mu: f64,
+    anchors: Vec<(candle_core::Var, Tensor)>,
 }
 
 impl Trainer {
@@ -84,7 +91,39 @@ impl Trainer {
             manifest: manifest.clone(),
             settings,
             device: device.clone(),
+            proximal: None,
         })
+    }
+
+    /// Adds FedProx's proximal term μ/2·‖w − w_g‖² (over the trainable
+    /// variables; `anchor` = w_g, by name) to the loss of every step from
+    /// now on; `mu = 0` removes it.
+    ///
+    /// # Errors
+    /// [`TrainError::Internal`] when `anchor` lacks a trainable variable;
+    /// tensor errors.
+    pub fn set_proximal(
+        &mut self,
+        mu: f64,
+        anchor: &HashMap<String, Tensor>,
+    ) -> Result<(), TrainError> {
+        if mu <= 0.0 {
+            self.proximal = None;
+            return Ok(());
+        }
+        let anchors = trainable(&self.varmap)?
+            .into_iter()
+            .map(|(name, var)| {
+                let value = anchor
+                    .get(&name)
+                    .ok_or_else(|| TrainError::Internal(format!("no anchor for {name}")))?
+                    .to_device(&self.device)?
+                    .detach();
+                Ok((var, value))
+            })
+            .collect::<Result<_, TrainError>>()?;
+        self.proximal = Some(Proximal { mu, anchors });
+        Ok(())
     }
 
     /// The network.
@@ -224,7 +263,14 @@ impl Trainer {
             let logits = self
                 .net
                 .forward(b.image.as_ref(), &b.values, &b.missing, true)?;
-            let loss = objective::ordinal_loss(&logits, &b.targets, &b.weights)?;
+            let mut loss = objective::ordinal_loss(&logits, &b.targets, &b.weights)?;
+            if let Some(proximal) = &self.proximal {
+                let mut sum = Tensor::zeros((), DType::F32, &self.device)?;
+                for (var, anchor) in &proximal.anchors {
+                    sum = (sum + var.as_tensor().sub(anchor)?.sqr()?.sum_all()?)?;
+                }
+                loss = (loss + (sum * (proximal.mu / 2.0))?)?;
+            }
             self.optimizer.step(&loss.backward()?)?;
             running += f64::from(loss.to_scalar::<f32>()?);
             steps += 1;
