@@ -3,6 +3,7 @@
 
 mod audit;
 mod bench;
+mod bench_federation;
 mod bench_http;
 mod config_check;
 mod dicom_info;

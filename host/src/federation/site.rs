@@ -861,45 +861,32 @@ impl<'a> SiteClient<'a> {
 
         // Δ, filters, shards, manifest, signature.
         let local = tensors::from_candle(&trainer.weights()?)?;
-        let mut delta = tensors::difference(&local, &global_tensors)?;
-        let mut noise = SystemNormal::new();
-        let applied = filters::apply(&self.federation.filters, &mut delta, &mut noise)?;
-        let excluded: BTreeSet<&String> = applied.iter().flat_map(|a| &a.excluded).collect();
+        let delta = tensors::difference(&local, &global_tensors)?;
+        let update = build_update(
+            UpdateHeader {
+                job: &task.job,
+                round: task.round,
+                site: &self.config.site.id,
+                base_model: &global.digest,
+                samples: train.len() as u64,
+            },
+            delta,
+            &self.federation.filters,
+            (self.federation.shard_mib as usize) << 20,
+            &self.key,
+            &mut SystemNormal::new(),
+        )?;
+        let (document, manifest, encoded) = (&update.document, &update.manifest, &update.shards);
+        // What the update does not carry stays on the site (FedBN).
+        let shared: BTreeSet<&String> = manifest.tensors.iter().map(|t| &t.name).collect();
         let kept: Tensors = local
             .iter()
-            .filter(|(name, _)| excluded.contains(name) || !delta.contains_key(*name))
+            .filter(|(name, _)| !shared.contains(name))
             .map(|(name, t)| (name.clone(), t.clone()))
             .collect();
-        let encoded = shards::encode(&delta, (self.federation.shard_mib as usize) << 20)?;
-        let manifest = UpdateManifest {
-            format: FORMAT,
-            job: task.job.clone(),
-            round: task.round,
-            site: self.config.site.id.clone(),
-            base_model: global.digest.clone(),
-            samples: train.len() as u64,
-            filters: applied,
-            tensors: delta
-                .iter()
-                .map(|(name, t)| TensorInfo {
-                    name: name.clone(),
-                    shape: t.shape.clone(),
-                })
-                .collect(),
-            shards: encoded
-                .iter()
-                .map(|s| ShardInfo {
-                    index: s.index,
-                    sha256: sha256_hex(&s.bytes),
-                    bytes: s.bytes.len() as u64,
-                    tensors: s.tensors.clone(),
-                })
-                .collect(),
-        };
-        let document = SignedDocument::sign(&manifest, &self.key)?;
 
         // The update folder, complete or absent: written aside, renamed.
-        let update = dir.join("update");
+        let folder = dir.join("update");
         let partial = dir.join("update.partial");
         let _ = std::fs::remove_dir_all(&partial);
         std::fs::create_dir_all(&partial).map_err(|e| SiteError::state(&partial, e))?;
@@ -914,8 +901,8 @@ impl<'a> SiteClient<'a> {
             document.signature_line().as_bytes(),
         )?;
         write_file(&partial.join("manifest.json"), &document.body)?;
-        let _ = std::fs::remove_dir_all(&update);
-        std::fs::rename(&partial, &update).map_err(|e| SiteError::state(&update, e))?;
+        let _ = std::fs::remove_dir_all(&folder);
+        std::fs::rename(&partial, &folder).map_err(|e| SiteError::state(&folder, e))?;
         if !kept.is_empty() {
             write_file(
                 &self.job_dir(&task.job).join("kept.safetensors"),
@@ -929,15 +916,7 @@ impl<'a> SiteClient<'a> {
             round: task.round,
             shards: manifest.shards.len(),
             bytes: manifest.shards.iter().map(|s| s.bytes).sum(),
-            nonzero: manifest.filters.last().map_or_else(
-                || {
-                    delta
-                        .values()
-                        .map(|t| t.values.iter().filter(|v| **v != 0.0).count() as u64)
-                        .sum()
-                },
-                |f| f.nonzero,
-            ),
+            nonzero: update.nonzero,
         });
         Ok(())
     }
@@ -1155,6 +1134,89 @@ impl<'a> SiteClient<'a> {
     }
 }
 
+/// What identifies an update: job, round, site, base model, samples.
+#[derive(Debug, Clone, Copy)]
+pub struct UpdateHeader<'h> {
+    /// The federation job.
+    pub job: &'h str,
+    /// The round.
+    pub round: u64,
+    /// The site id.
+    pub site: &'h str,
+    /// Digest of the global model Δ is against.
+    pub base_model: &'h str,
+    /// Training cases (the FedAvg weight).
+    pub samples: u64,
+}
+
+/// A signed update, ready to store and send.
+#[derive(Debug)]
+pub struct SignedUpdate {
+    /// The signed canonical manifest.
+    pub document: SignedDocument,
+    /// The manifest.
+    pub manifest: UpdateManifest,
+    /// Its shards, in order.
+    pub shards: Vec<shards::Shard>,
+    /// Entries shared (non-zero after the filters).
+    pub nonzero: u64,
+}
+
+/// The way of a site's Δ to the wire: the privacy filters in order, then
+/// safetensors shards of at most `shard_bytes`, each hashed, then the
+/// manifest that declares them, signed with `key`.
+///
+/// # Errors
+/// [`SiteError::Federation`] from the filters, the shard encoding or the
+/// signature.
+pub fn build_update(
+    header: UpdateHeader<'_>,
+    mut delta: Tensors,
+    filters: &[filters::Filter],
+    shard_bytes: usize,
+    key: &SigningKey,
+    noise: &mut dyn NormalSource,
+) -> Result<SignedUpdate, SiteError> {
+    let applied = filters::apply(filters, &mut delta, noise)?;
+    let nonzero = delta
+        .values()
+        .map(|t| t.values.iter().filter(|v| **v != 0.0).count() as u64)
+        .sum();
+    let encoded = shards::encode(&delta, shard_bytes)?;
+    let manifest = UpdateManifest {
+        format: FORMAT,
+        job: header.job.to_owned(),
+        round: header.round,
+        site: header.site.to_owned(),
+        base_model: header.base_model.to_owned(),
+        samples: header.samples,
+        filters: applied,
+        tensors: delta
+            .iter()
+            .map(|(name, t)| TensorInfo {
+                name: name.clone(),
+                shape: t.shape.clone(),
+            })
+            .collect(),
+        shards: encoded
+            .iter()
+            .map(|s| ShardInfo {
+                index: s.index,
+                sha256: sha256_hex(&s.bytes),
+                bytes: s.bytes.len() as u64,
+                tensors: s.tensors.clone(),
+            })
+            .collect(),
+    };
+    let document = SignedDocument::sign(&manifest, key)?;
+    Ok(SignedUpdate {
+        document,
+        manifest,
+        shards: encoded,
+        nonzero,
+    })
+}
+
 /// The counters as OpenMetrics text.
 pub fn openmetrics(c: &SiteCounters) -> String {
     let mut out = String::new();
@@ -1250,10 +1312,17 @@ fn promote(package: &PackageBytes, served: &Path) -> Result<(), SiteError> {
 
 /// Standard normal draws from a generator seeded by the system's random
 /// source (the `noise` filter's).
-struct SystemNormal(crate::rng::Pcg);
+pub struct SystemNormal(crate::rng::Pcg);
+
+impl Default for SystemNormal {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl SystemNormal {
-    fn new() -> Self {
+    /// A generator seeded from the system's random source.
+    pub fn new() -> Self {
         use ring::rand::SecureRandom;
         let mut seed = [0u8; 16];
         // The system generator does not fail on supported platforms; the
@@ -1317,7 +1386,8 @@ fn round_seed(site: &str, job: &str, round: u64) -> u64 {
     u64::from_le_bytes(head)
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+/// sha256 of `bytes`, hex (a shard's name).
+pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
 
