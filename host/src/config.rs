@@ -192,9 +192,10 @@ pub struct FederationConfig {
     /// poll; waits double from 0.5 s, at most 30 s.
     #[serde(default = "default_max_retries")]
     pub max_retries: u32,
-    /// `shard_mib = 8`: largest update shard.
+    /// `shard_mib = 8`: largest update shard, MiB (a fraction is fine:
+    /// `0.0625` = 64 KiB, the smallest).
     #[serde(default = "default_shard_mib")]
-    pub shard_mib: u64,
+    pub shard_mib: f64,
     /// `max_upload_kib_s = 0`: average upload rate the site keeps under
     /// (KiB/s) so that a round's upload does not fill the hospital's
     /// uplink; 0 = unlimited.
@@ -237,8 +238,8 @@ fn default_request_timeout_ms() -> u64 {
 fn default_max_retries() -> u32 {
     6
 }
-fn default_shard_mib() -> u64 {
-    8
+fn default_shard_mib() -> f64 {
+    8.0
 }
 fn default_min_count() -> u64 {
     crate::federation::stats::DEFAULT_MIN_COUNT
@@ -315,7 +316,6 @@ impl FederationConfig {
                 u64::from(self.max_retries),
                 0..=100,
             ),
-            ("federation.shard_mib", self.shard_mib, 1..=1024),
             ("federation.min_count", self.min_count, 1..=1_000_000),
         ] {
             if !range.contains(&value) {
@@ -325,6 +325,12 @@ impl FederationConfig {
                     range.end()
                 ));
             }
+        }
+        if !(0.0625..=1024.0).contains(&self.shard_mib) {
+            problems.push(format!(
+                "federation.shard_mib = {}: must be between 0.0625 (64 KiB) and 1024",
+                self.shard_mib
+            ));
         }
         if !(0.0..=1.0).contains(&self.promote_max_auc_drop) {
             problems.push(format!(
@@ -1130,5 +1136,43 @@ mod tests {
         assert_eq!(parse_device("cuda:1"), Some(DeviceSpec::Cuda(1)));
         assert_eq!(parse_device("cuda:"), None);
         assert_eq!(parse_device("gpu"), None);
+    }
+
+    #[test]
+    fn the_federation_section_is_resolved_and_every_problem_named_on_one_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("site-1")).expect("site folder");
+        std::fs::write(dir.path().join("key.pk8"), b"k").expect("key");
+        let key = "ab".repeat(32);
+        let path = dir.path().join("oxbox.toml");
+        let good = format!(
+            "[site]\nid = \"site-1\"\nname = \"One\"\n[federation]\n\
+             aggregator_url = \"http://127.0.0.1:7400\"\naggregator_key = \"{key}\"\n\
+             key_file = \"key.pk8\"\ndata = [\"site-1\"]\nshard_mib = 0.5\n\
+             [[federation.filters]]\nkind = \"percentile\"\npercent = 10\n"
+        );
+        let loaded = LoadedConfig::from_toml(&good, ConfigSource::File(path.clone()))
+            .expect("a valid [federation] section");
+        let federation = loaded.config.federation.expect("section");
+        assert_eq!(federation.key_file, dir.path().join("key.pk8"));
+        assert_eq!(federation.data, [dir.path().join("site-1")]);
+        assert_eq!((federation.holdout, federation.shard_mib), (0.2, 0.5));
+        assert!(!federation.promote);
+
+        let bad = format!(
+            "[site]\nid = \"site-1\"\nname = \"One\"\n[federation]\n\
+             aggregator_url = \"http://10.1.2.3:7400\"\naggregator_key = \"{key}\"\n\
+             key_file = \"missing.pk8\"\ndata = [\"site-1\"]\n\
+             [[federation.filters]]\nkind = \"percentile\"\npercent = 150\n"
+        );
+        let err = LoadedConfig::from_toml(&bad, ConfigSource::File(path))
+            .expect_err("three problems")
+            .to_string();
+        assert!(!err.contains('\n'), "one line: {err}");
+        assert!(err.contains("3 problem(s)"), "{err}");
+        assert!(err.contains("federation.aggregator_url"), "{err}");
+        assert!(err.contains("loopback"), "{err}");
+        assert!(err.contains("federation.key_file"), "{err}");
+        assert!(err.contains("federation.filters"), "{err}");
     }
 }

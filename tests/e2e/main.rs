@@ -10,6 +10,7 @@ mod bad_input;
 mod bombs;
 mod cli;
 mod evaluate;
+mod federate;
 mod hostile_plugins;
 mod openapi;
 mod operator_logs;

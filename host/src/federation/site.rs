@@ -872,7 +872,7 @@ impl<'a> SiteClient<'a> {
             },
             delta,
             &self.federation.filters,
-            (self.federation.shard_mib as usize) << 20,
+            (self.federation.shard_mib * 1_048_576.0) as usize,
             &self.key,
             &mut SystemNormal::new(),
         )?;
