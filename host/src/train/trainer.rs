@@ -382,4 +382,37 @@ mod tests {
             .expect("fit");
         assert!(same(&second.weights().expect("weights"), &two));
     }
+
+    /// Squared distance of `a` from `b` over the trainable variables.
+    fn distance(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> f64 {
+        a.iter()
+            .filter(|(name, _)| !name.ends_with("running_mean") && !name.ends_with("running_var"))
+            .map(|(name, t)| {
+                let d = (t - &b[name]).and_then(|d| d.sqr()).and_then(|d| d.sum_all());
+                f64::from(d.and_then(|d| d.to_scalar::<f32>()).expect("distance"))
+            })
+            .sum()
+    }
+
+    #[test]
+    fn the_proximal_term_keeps_the_weights_near_the_anchor() {
+        let (manifest, settings, cases, class_weights) = setup();
+        let quiet = |_: usize, _: f64| {};
+        let anchor = Trainer::new(&manifest, settings, &Device::Cpu)
+            .expect("trainer")
+            .weights()
+            .expect("weights");
+        let moved = |mu: f64| {
+            let mut trainer = Trainer::new(&manifest, settings, &Device::Cpu).expect("trainer");
+            trainer.set_weights(&anchor).expect("set");
+            trainer.set_proximal(mu, &anchor).expect("proximal");
+            trainer
+                .fit(1, 2, &cases, &class_weights, &quiet)
+                .expect("fit");
+            distance(&trainer.weights().expect("weights"), &anchor)
+        };
+        let (free, held) = (moved(0.0), moved(100.0));
+        assert!(free > 0.0, "training moved the weights");
+        assert!(held < free * 0.9, "μ = 100: {held} vs μ = 0: {free}");
+    }
 }
