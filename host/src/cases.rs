@@ -139,6 +139,17 @@ pub fn with_plugin_parallelism<R: Send>(
     }
 }
 
+/// Whether a case is held out of training for testing: the federation's
+/// promotion gate and `oxbox simulate`'s test sets (a stable hash of site
+/// and case id, independent of any training seed, so every model of a
+/// comparison is tested on the same cases and trained on none of them).
+pub fn is_held_out(site: &str, case_id: &str, fraction: f64) -> bool {
+    crate::train::data::in_validation(HOLD_OUT_SEED, site, case_id, fraction)
+}
+
+/// The split seed of [`is_held_out`], apart from any training seed.
+const HOLD_OUT_SEED: u64 = 0x0a_b0_c5_7e_57;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,14 +200,3 @@ mod tests {
         assert!(widest.is_some_and(|w| w <= 2), "{widest:?} cases at once");
     }
 }
-
-/// Whether a case is held out of training for testing: the federation's
-/// promotion gate and `oxbox simulate`'s test sets (a stable hash of site
-/// and case id, independent of any training seed, so every model of a
-/// comparison is tested on the same cases and trained on none of them).
-pub fn is_held_out(site: &str, case_id: &str, fraction: f64) -> bool {
-    crate::train::data::in_validation(HOLD_OUT_SEED, site, case_id, fraction)
-}
-
-/// The split seed of [`is_held_out`], apart from any training seed.
-const HOLD_OUT_SEED: u64 = 0x0a_b0_c5_7e_57;

@@ -17,13 +17,87 @@ pub struct Tensor32 {
 /// Named tensors, in name order: a model's weights, or an update (Δ).
 pub type Tensors = BTreeMap<String, Tensor32>;
 
+/// A tensor as safetensors sees it: F32 values as little-endian bytes.
+struct F32View {
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl safetensors::View for F32View {
+    fn dtype(&self) -> safetensors::Dtype {
+        safetensors::Dtype::F32
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.bytes)
+    }
+
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+/// `values` as little-endian bytes.
+pub(crate) fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(values.len() * 4);
+    for v in values {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    bytes
+}
+
+/// Little-endian bytes as `f32` values (`bytes.len()` a multiple of 4).
+pub(crate) fn f32_values(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+impl Tensor32 {
+    /// Number of values the shape calls for (`None` on overflow).
+    pub fn expected_len(&self) -> Option<usize> {
+        self.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
+    }
+
+    /// Whether the shape and the number of values agree.
+    pub fn is_consistent(&self) -> bool {
+        self.expected_len() == Some(self.values.len())
+    }
+}
+
 /// Reads a safetensors file's bytes (F32 tensors only).
 ///
 /// # Errors
 /// [`FederationError::Malformed`] naming `what`.
 pub fn from_safetensors(bytes: &[u8], what: &str) -> Result<Tensors, FederationError> {
-    let _ = (bytes, what);
-    todo!("federation maths")
+    let malformed = |reason: String| FederationError::Malformed {
+        what: what.to_string(),
+        reason,
+    };
+    let file = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| malformed(format!("not a safetensors file: {e}")))?;
+    let mut tensors = Tensors::new();
+    for (name, view) in file.iter() {
+        if view.dtype() != safetensors::Dtype::F32 {
+            return Err(malformed(format!(
+                "tensor {name} is {:?}, expected F32",
+                view.dtype()
+            )));
+        }
+        tensors.insert(
+            name.to_string(),
+            Tensor32 {
+                shape: view.shape().to_vec(),
+                values: f32_values(view.data()),
+            },
+        );
+    }
+    Ok(tensors)
 }
 
 /// Writes tensors as one safetensors file (F32).
@@ -31,8 +105,30 @@ pub fn from_safetensors(bytes: &[u8], what: &str) -> Result<Tensors, FederationE
 /// # Errors
 /// [`FederationError::Malformed`] when a shape and its values disagree.
 pub fn to_safetensors(tensors: &Tensors) -> Result<Vec<u8>, FederationError> {
-    let _ = tensors;
-    todo!("federation maths")
+    let mut views = Vec::with_capacity(tensors.len());
+    for (name, tensor) in tensors {
+        if !tensor.is_consistent() {
+            return Err(FederationError::Malformed {
+                what: format!("tensor {name}"),
+                reason: format!(
+                    "shape {:?} but {} values",
+                    tensor.shape,
+                    tensor.values.len()
+                ),
+            });
+        }
+        views.push((
+            name.as_str(),
+            F32View {
+                shape: tensor.shape.clone(),
+                bytes: f32_bytes(&tensor.values),
+            },
+        ));
+    }
+    safetensors::serialize(views, None).map_err(|e| FederationError::Malformed {
+        what: "tensors".to_string(),
+        reason: e.to_string(),
+    })
 }
 
 /// Δ = `local` − `global`, tensor by tensor.
@@ -40,8 +136,33 @@ pub fn to_safetensors(tensors: &Tensors) -> Result<Vec<u8>, FederationError> {
 /// # Errors
 /// [`FederationError::Mismatch`] when names or shapes differ.
 pub fn difference(local: &Tensors, global: &Tensors) -> Result<Tensors, FederationError> {
-    let _ = (local, global);
-    todo!("federation maths")
+    if let Some(name) = global.keys().find(|n| !local.contains_key(*n)) {
+        return Err(FederationError::Mismatch {
+            name: name.clone(),
+            reason: "in the global model but not in the local one".to_string(),
+        });
+    }
+    let mut delta = Tensors::new();
+    for (name, l) in local {
+        let g = global.get(name).ok_or_else(|| FederationError::Mismatch {
+            name: name.clone(),
+            reason: "in the local model but not in the global one".to_string(),
+        })?;
+        if l.shape != g.shape || !l.is_consistent() || !g.is_consistent() {
+            return Err(FederationError::Mismatch {
+                name: name.clone(),
+                reason: format!("local shape {:?}, global shape {:?}", l.shape, g.shape),
+            });
+        }
+        delta.insert(
+            name.clone(),
+            Tensor32 {
+                shape: l.shape.clone(),
+                values: l.values.iter().zip(&g.values).map(|(a, b)| a - b).collect(),
+            },
+        );
+    }
+    Ok(delta)
 }
 
 /// Converts candle tensors (any device) to [`Tensors`].
@@ -51,8 +172,21 @@ pub fn difference(local: &Tensors, global: &Tensors) -> Result<Tensors, Federati
 pub fn from_candle(
     tensors: &std::collections::HashMap<String, candle_core::Tensor>,
 ) -> Result<Tensors, candle_core::Error> {
-    let _ = tensors;
-    todo!("federation maths")
+    let mut out = Tensors::new();
+    for (name, tensor) in tensors {
+        let values = tensor
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        out.insert(
+            name.clone(),
+            Tensor32 {
+                shape: tensor.dims().to_vec(),
+                values,
+            },
+        );
+    }
+    Ok(out)
 }
 
 /// Converts [`Tensors`] to candle tensors on `device`.
@@ -63,6 +197,105 @@ pub fn to_candle(
     tensors: &Tensors,
     device: &candle_core::Device,
 ) -> Result<std::collections::HashMap<String, candle_core::Tensor>, candle_core::Error> {
-    let _ = (tensors, device);
-    todo!("federation maths")
+    let mut out = std::collections::HashMap::with_capacity(tensors.len());
+    for (name, tensor) in tensors {
+        let t = candle_core::Tensor::from_slice(&tensor.values, tensor.shape.as_slice(), device)?;
+        out.insert(name.clone(), t);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Tensors {
+        let mut t = Tensors::new();
+        t.insert(
+            "head.weight".into(),
+            Tensor32 {
+                shape: vec![2, 3],
+                values: vec![1.0, -2.5, 0.0, 3.25, f32::MIN_POSITIVE, -0.0],
+            },
+        );
+        t.insert(
+            "emr.bias".into(),
+            Tensor32 {
+                shape: vec![1],
+                values: vec![7.0],
+            },
+        );
+        t.insert(
+            "empty".into(),
+            Tensor32 {
+                shape: vec![0],
+                values: vec![],
+            },
+        );
+        t
+    }
+
+    #[test]
+    fn safetensors_round_trip_is_exact() {
+        let t = sample();
+        let bytes = to_safetensors(&t).expect("encode");
+        let back = from_safetensors(&bytes, "weights").expect("decode");
+        assert_eq!(back, t);
+        // Bitwise too (-0.0 stays -0.0).
+        assert_eq!(back["head.weight"].values[5].to_bits(), (-0.0f32).to_bits());
+    }
+
+    #[test]
+    fn safetensors_refuses_garbage_and_other_dtypes() {
+        assert!(matches!(
+            from_safetensors(b"not safetensors", "weights"),
+            Err(FederationError::Malformed { what, .. }) if what == "weights"
+        ));
+        let bytes = safetensors::serialize(
+            [(
+                "x",
+                safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![1], &[0u8; 8])
+                    .expect("view"),
+            )],
+            None,
+        )
+        .expect("serialize");
+        let err = from_safetensors(&bytes, "weights").expect_err("I64 refused");
+        assert!(err.to_string().contains("expected F32"), "{err}");
+    }
+
+    #[test]
+    fn to_safetensors_refuses_inconsistent_shapes() {
+        let mut t = sample();
+        t.get_mut("emr.bias").expect("tensor").values.push(1.0);
+        assert!(to_safetensors(&t).is_err());
+    }
+
+    #[test]
+    fn difference_subtracts_and_checks_names_and_shapes() {
+        let global = sample();
+        let mut local = sample();
+        local.get_mut("emr.bias").expect("tensor").values[0] = 9.5;
+        let d = difference(&local, &global).expect("difference");
+        assert_eq!(d["emr.bias"].values, vec![2.5]);
+        assert!(d["head.weight"].values.iter().all(|v| *v == 0.0));
+        let mut other = sample();
+        other.get_mut("emr.bias").expect("tensor").shape = vec![1, 1];
+        assert!(matches!(
+            difference(&other, &global),
+            Err(FederationError::Mismatch { name, .. }) if name == "emr.bias"
+        ));
+        let mut fewer = sample();
+        fewer.remove("empty");
+        assert!(difference(&fewer, &global).is_err());
+        assert!(difference(&global, &fewer).is_err());
+    }
+
+    #[test]
+    fn candle_round_trip() {
+        let t = sample();
+        let c = to_candle(&t, &candle_core::Device::Cpu).expect("to candle");
+        assert_eq!(c["head.weight"].dims(), &[2, 3]);
+        assert_eq!(from_candle(&c).expect("from candle"), t);
+    }
 }
