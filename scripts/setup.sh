@@ -3,7 +3,8 @@
 # a C/C++ toolchain, cmake and nasm (libjpeg-turbo, CharLS and OpenJPEG are
 # built from the sources vendored in their -sys crates; nothing is downloaded
 # at build time). With --tests, also what the test suite needs: dcmtk and
-# GDCM (re-encoders), GNU time (peak RSS of the binary under test), the
+# GDCM (re-encoders), GNU time (peak RSS of the binary under test), openssl
+# (the aggregator's TLS test certificate), the
 # reference venv (shared/reference), scikit-learn (target/py-eval) and
 # openapi-spec-validator (target/py-openapi).
 #   scripts/setup.sh [--tests]
@@ -17,6 +18,8 @@ if [ "${1:-}" = "--tests" ]; then
   command -v dcmconv >/dev/null || need+=(dcmtk)
   command -v gdcmconv >/dev/null || need+=(libgdcm-tools)
   [ -x /usr/bin/time ] || need+=(time)
+  # The aggregator's TLS test makes a self-signed certificate with it.
+  command -v openssl >/dev/null || need+=(openssl)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2

@@ -18,6 +18,8 @@
 //! |               | problem+json, bearer token (no plugins, DICOM or pipeline)     |
 //! | [`serve`]     | the local HTTP endpoint: predictions, health, metrics (hyper)  |
 //! | [`store`]     | local state in SQLite: the audit log of predictions            |
+//! | [`federation`]| federated learning maths and formats: filters, shards, signing |
+//! | [`aggregator`]| the federation aggregator: rounds, uploads, FedAvg, HTTP API   |
 //! | [`synth`]     | a multi-site synthetic cohort with known truth (`oxbox synth`) |
 //! | [`dataset`]   | site folders (EMR export, labels, images) as labelled cases    |
 //! | [`cases`]     | a site's cases through its plugin, up to the model (shared)    |
@@ -35,6 +37,7 @@
 
 #![deny(missing_docs)]
 
+pub mod aggregator;
 pub mod cases;
 pub mod config;
 pub mod dataset;

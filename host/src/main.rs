@@ -10,7 +10,10 @@ use clap::Parser;
 fn main() -> ExitCode {
     oxbox::guard::install_quiet_panic_hook();
     let args = cli::Cli::parse();
-    let server = matches!(args.command, cli::Command::Serve(_));
+    let server = matches!(
+        args.command,
+        cli::Command::Serve(_) | cli::Command::Aggregator(cli::AggregatorCommand::Serve(_))
+    );
     if !server {
         restore_sigpipe();
     }

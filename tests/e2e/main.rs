@@ -5,6 +5,7 @@
 //! implementation's output for each) is built by `tests/corpus/build.sh`,
 //! which the README's test command runs first.
 
+mod aggregator;
 mod agreement;
 mod bad_input;
 mod bombs;

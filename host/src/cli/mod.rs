@@ -1,6 +1,7 @@
 //! Command-line interface: one file per subcommand, each with worked
 //! examples in its help. Errors are `anyhow` here and only here.
 
+mod aggregator;
 mod audit;
 mod bench;
 mod bench_federation;
@@ -93,6 +94,18 @@ pub enum Command {
     /// Read the audit log of predictions.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// The federation aggregator: serve a job, or show its status.
+    #[command(subcommand)]
+    Aggregator(AggregatorCommand),
+}
+
+/// `oxbox aggregator …`
+#[derive(Debug, Subcommand)]
+pub enum AggregatorCommand {
+    /// Run the aggregator of a federation job (--config A.toml).
+    Serve(aggregator::ServeArgs),
+    /// Print a running aggregator's status: rounds, sites, bytes.
+    Status(aggregator::StatusArgs),
 }
 
 /// `oxbox audit …`
@@ -175,6 +188,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Model(ModelCommand::Info(args)) => model::info(args),
         Command::Model(ModelCommand::Init(args)) => model::init(args),
         Command::Audit(AuditCommand::Tail(args)) => audit::tail(args, config),
+        Command::Aggregator(AggregatorCommand::Serve(args)) => aggregator::serve(args, config),
+        Command::Aggregator(AggregatorCommand::Status(args)) => aggregator::status(args, config),
     }
 }
 
@@ -204,6 +219,8 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
                 Some(oxbox::federation::site::SiteError::Config(_))
             )
             || cause.is::<oxbox::http::TokenError>()
+            || cause.is::<oxbox::aggregator::AggregatorConfigError>()
+            || cause.is::<oxbox::http::tls::TlsError>()
             || cause.is::<oxbox::dataset::DatasetError>()
             || cause.is::<plugin::ScaffoldError>()
             || matches!(

@@ -11,10 +11,11 @@
 //!   401, 404, 405, 408, 413, 415, 500);
 //! - [`auth`]: the bearer token, read from a file only its owner can read
 //!   and compared by digest;
-//! - [`response`]: JSON and OpenMetrics responses.
+//! - [`response`]: JSON and OpenMetrics responses;
+//! - [`tls`]: rustls server acceptor and client connector from PEM files.
 //!
 //! This module depends on no other module of the crate (no plugins, DICOM,
-//! pipeline, model, store or `serve`): a unit test below reads its sources
+//! pipeline, model, store, `serve` or the aggregator): a unit test below reads its sources
 //! and fails on any path from the crate root that leaves it. What a server
 //! does with a request (routes, admission, the model) is the caller's
 //! handler.
@@ -24,6 +25,7 @@ pub mod body;
 pub mod problem;
 pub mod response;
 pub mod server;
+pub mod tls;
 
 pub use auth::{BearerToken, TokenError};
 pub use body::{Body, BodyLimits};

@@ -162,6 +162,27 @@ where
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = HttpResponse> + Send + 'static,
 {
+    serve_with_tls(listener, limits, None, shutdown, open_connections, handler).await
+}
+
+/// [`serve`], over TLS when `tls` is given ([`super::tls::acceptor`]): the
+/// handshake must complete within [`ConnectionLimits::header_timeout`],
+/// like a request head; a failed handshake closes the connection.
+///
+/// # Errors
+/// As [`serve`].
+pub async fn serve_with_tls<H, F>(
+    listener: std::net::TcpListener,
+    limits: ConnectionLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: impl Future<Output = ()>,
+    open_connections: Gauge,
+    handler: H,
+) -> Result<(), HttpError>
+where
+    H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = HttpResponse> + Send + 'static,
+{
     // Polled until it completes, then never again (the loop breaks).
     let mut shutdown = std::pin::pin!(shutdown);
     let listener =
@@ -196,15 +217,43 @@ where
             let response = handler(peer, request);
             async move { Ok::<_, Infallible>(response.await) }
         });
-        let connection = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_timeout)
-            .max_buf_size(limits.read_buffer_bytes)
-            .serve_connection(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection);
+        let builder = {
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .max_buf_size(limits.read_buffer_bytes);
+            builder
+        };
         let open = OpenConnection::new(open_connections.clone(), slot);
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            let result = match tls {
+                None => {
+                    let connection = builder.serve_connection(TokioIo::new(stream), service);
+                    watcher.watch(connection).await
+                }
+                Some(acceptor) => {
+                    match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(stream)) => {
+                            let connection =
+                                builder.serve_connection(TokioIo::new(stream), service);
+                            watcher.watch(connection).await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!("TLS handshake with {peer} failed: {e}");
+                            Ok(())
+                        }
+                        Err(_) => {
+                            tracing::debug!("TLS handshake with {peer} timed out");
+                            Ok(())
+                        }
+                    }
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!("connection ended: {e}");
             }
             drop(open);
