@@ -208,11 +208,11 @@ fn finish(child: Child, limit: Duration) -> Output {
     let (done, wait) = mpsc::channel();
     std::thread::spawn(move || {
         if wait.recv_timeout(limit).is_err() {
-            // SAFETY: kill(2) on the pid of our own child, which has not
-            // been reaped (wait_with_output has not returned).
-            unsafe {
-                libc::kill(pid as i32, libc::SIGKILL);
-            }
+            // Our own child, not reaped yet (wait_with_output has not
+            // returned).
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
         }
     });
     let out = child.wait_with_output().expect("wait");
@@ -417,15 +417,18 @@ fn a_site_killed_mid_upload_resends_nothing_the_aggregator_has() {
         "{log}"
     );
 
-    // Every byte received once: the aggregator's count equals the sum of
-    // the shards the site declared.
+    // The aggregator holds the update exactly once: its count is the
+    // manifest and each declared shard, once.
     let update = dir.join("site-1/data/federation/e2e-upload/round-1/update");
     let declared: u64 = std::fs::read_dir(&update)
         .expect("update folder")
         .flatten()
         .filter(|e| e.path().extension().is_some_and(|x| x == "shard"))
         .map(|e| e.metadata().map_or(0, |m| m.len()))
-        .sum();
+        .sum::<u64>()
+        + std::fs::metadata(update.join("manifest.json"))
+            .expect("manifest")
+            .len();
     let status = job.status();
     let received = &status["sites"][0]["bytes_received"][0];
     assert_eq!(received["round"], 1, "{status}");

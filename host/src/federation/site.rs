@@ -121,10 +121,15 @@ impl SiteError {
         }
     }
 
-    /// Whether polling again later may get past it (the aggregator
-    /// unreachable, overloaded, or refusing for now).
+    /// Whether polling again later may get past it: the aggregator
+    /// unreachable, overloaded, or refusing for now — not a refusal of the
+    /// site's documents as such (400 malformed, 401/403 a key or site the
+    /// aggregator does not accept), which needs the operator.
     pub fn is_transient(&self) -> bool {
-        matches!(self, SiteError::Client(_))
+        match self {
+            SiteError::Client(e) => !matches!(e.status(), Some(400 | 401 | 403)),
+            _ => false,
+        }
     }
 }
 

@@ -388,7 +388,9 @@ mod tests {
         a.iter()
             .filter(|(name, _)| !name.ends_with("running_mean") && !name.ends_with("running_var"))
             .map(|(name, t)| {
-                let d = (t - &b[name]).and_then(|d| d.sqr()).and_then(|d| d.sum_all());
+                let d = (t - &b[name])
+                    .and_then(|d| d.sqr())
+                    .and_then(|d| d.sum_all());
                 f64::from(d.and_then(|d| d.to_scalar::<f32>()).expect("distance"))
             })
             .sum()
