@@ -146,6 +146,215 @@ pub struct Config {
     /// `[[plugins]]`: site plugins, in the order they run.
     #[serde(default)]
     pub plugins: Vec<PluginEntry>,
+    /// `[federation]`: this box as a site of a federated training job
+    /// (`oxbox federate`); absent = the box does not federate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub federation: Option<FederationConfig>,
+}
+
+/// `[federation]`: how this box takes part in a federation as a site. The
+/// site id is `[site] id`, as the aggregator enrolled it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationConfig {
+    /// `aggregator_url = "https://aggregator.example.org:7400"`: the
+    /// aggregator's base URL; `http://` only for a loopback address.
+    pub aggregator_url: String,
+    /// `aggregator_key = "<64 hex digits>"`: the aggregator's Ed25519
+    /// public key; tasks and global-model records signed by any other key
+    /// are refused.
+    pub aggregator_key: String,
+    /// `key_file = "site/signing-key.pk8"`: this site's Ed25519 private key
+    /// (PKCS#8, `oxbox keys generate`), which signs its statistics and
+    /// updates.
+    pub key_file: PathBuf,
+    /// `tls_ca = "aggregator-ca.pem"`: the PEM certificate(s) trusted for
+    /// an `https://` aggregator (required with `https://`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
+    /// `data = ["/data/site-1"]`: the labelled site folders trained on
+    /// (`oxbox synth` layout), each through its site's plugins.
+    pub data: Vec<PathBuf>,
+    /// `holdout = 0.2`: share of cases never trained on
+    /// ([`crate::cases::is_held_out`]), the promotion gate's test set.
+    #[serde(default = "default_holdout")]
+    pub holdout: f64,
+    /// `poll_interval_ms = 2000`: time between two task requests while
+    /// there is nothing to do.
+    #[serde(default = "default_poll_interval_ms")]
+    pub poll_interval_ms: u64,
+    /// `request_timeout_ms = 120000`: longest a single request to the
+    /// aggregator may take (connect, send, answer).
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// `max_retries = 6`: attempts after a failed transfer (connection
+    /// lost, 5xx, 429) before the round's upload gives up until the next
+    /// poll; waits double from 0.5 s, at most 30 s.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    /// `shard_mib = 8`: largest update shard, MiB (a fraction is fine:
+    /// `0.0625` = 64 KiB, the smallest).
+    #[serde(default = "default_shard_mib")]
+    pub shard_mib: f64,
+    /// `max_upload_kib_s = 0`: average upload rate the site keeps under
+    /// (KiB/s) so that a round's upload does not fill the hospital's
+    /// uplink; 0 = unlimited.
+    #[serde(default)]
+    pub max_upload_kib_s: u64,
+    /// `min_count = 10`: smallest count a statistics histogram bucket (or
+    /// a feature's moments) may describe; smaller ones are not sent.
+    #[serde(default = "default_min_count")]
+    pub min_count: u64,
+    /// `promote = false`: evaluate each new global model on the held-out
+    /// cases and, when it passes the gate, make it the served model
+    /// (`model.package`, which must then be set).
+    #[serde(default)]
+    pub promote: bool,
+    /// `promote_max_auc_drop = 0.01`: the gate: the new model's held-out
+    /// AUC (P(level ≥ 1) at 24 h) may be at most this much below the
+    /// served model's.
+    #[serde(default = "default_promote_max_auc_drop")]
+    pub promote_max_auc_drop: f64,
+    /// `serve_url = "http://127.0.0.1:8480"`: the local `oxbox serve` to
+    /// tell (`POST /v1/admin/model/reload`, with `server.token_file`'s
+    /// token) after a promotion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serve_url: Option<String>,
+    /// `[[federation.filters]]`: privacy filters applied, in order, to
+    /// every update before it leaves ([`crate::federation::filters`]).
+    #[serde(default)]
+    pub filters: Vec<crate::federation::filters::Filter>,
+}
+
+fn default_holdout() -> f64 {
+    0.2
+}
+fn default_poll_interval_ms() -> u64 {
+    2000
+}
+fn default_request_timeout_ms() -> u64 {
+    120_000
+}
+fn default_max_retries() -> u32 {
+    6
+}
+fn default_shard_mib() -> f64 {
+    8.0
+}
+fn default_min_count() -> u64 {
+    crate::federation::stats::DEFAULT_MIN_COUNT
+}
+fn default_promote_max_auc_drop() -> f64 {
+    0.01
+}
+
+impl FederationConfig {
+    /// Every problem of the section, each naming its key.
+    fn problems(&self, model_package: Option<&Path>) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Err(reason) = crate::federation::client::AggregatorUrl::parse(&self.aggregator_url) {
+            problems.push(format!(
+                "federation.aggregator_url = {:?}: {reason}",
+                self.aggregator_url
+            ));
+        } else if self.aggregator_url.starts_with("https://") && self.tls_ca.is_none() {
+            problems.push(
+                "federation.tls_ca: an https:// aggregator needs the PEM certificate to trust"
+                    .to_owned(),
+            );
+        }
+        if crate::signing::parse_public_key(&self.aggregator_key).is_err() {
+            problems.push(
+                "federation.aggregator_key: not a hex Ed25519 public key (64 hex digits)"
+                    .to_owned(),
+            );
+        }
+        if !self.key_file.is_file() {
+            problems.push(format!(
+                "federation.key_file = {:?}: no such file (create one with `oxbox keys generate`)",
+                self.key_file.display().to_string()
+            ));
+        }
+        if let Some(ca) = &self.tls_ca
+            && !ca.is_file()
+        {
+            problems.push(format!(
+                "federation.tls_ca = {:?}: no such file",
+                ca.display().to_string()
+            ));
+        }
+        if self.data.is_empty() {
+            problems.push("federation.data: name at least one site folder".to_owned());
+        }
+        for (i, dir) in self.data.iter().enumerate() {
+            if !dir.is_dir() {
+                problems.push(format!(
+                    "federation.data[{i}] = {:?}: no such folder",
+                    dir.display().to_string()
+                ));
+            }
+        }
+        if !(self.holdout > 0.0 && self.holdout < 1.0) {
+            problems.push(format!(
+                "federation.holdout = {}: a share strictly between 0 and 1",
+                self.holdout
+            ));
+        }
+        for (key, value, range) in [
+            (
+                "federation.poll_interval_ms",
+                self.poll_interval_ms,
+                10..=3_600_000,
+            ),
+            (
+                "federation.request_timeout_ms",
+                self.request_timeout_ms,
+                100..=3_600_000,
+            ),
+            (
+                "federation.max_retries",
+                u64::from(self.max_retries),
+                0..=100,
+            ),
+            ("federation.min_count", self.min_count, 1..=1_000_000),
+        ] {
+            if !range.contains(&value) {
+                problems.push(format!(
+                    "{key} = {value}: must be between {} and {}",
+                    range.start(),
+                    range.end()
+                ));
+            }
+        }
+        if !(0.0625..=1024.0).contains(&self.shard_mib) {
+            problems.push(format!(
+                "federation.shard_mib = {}: must be between 0.0625 (64 KiB) and 1024",
+                self.shard_mib
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.promote_max_auc_drop) {
+            problems.push(format!(
+                "federation.promote_max_auc_drop = {}: must be between 0 and 1",
+                self.promote_max_auc_drop
+            ));
+        }
+        if self.promote && model_package.is_none() {
+            problems.push(
+                "federation.promote = true needs model.package: the served model a passing global \
+                 model replaces"
+                    .to_owned(),
+            );
+        }
+        if let Some(url) = &self.serve_url
+            && let Err(reason) = crate::federation::client::AggregatorUrl::parse(url)
+        {
+            problems.push(format!("federation.serve_url = {url:?}: {reason}"));
+        }
+        if let Err(e) = crate::federation::filters::validate(&self.filters) {
+            problems.push(format!("federation.filters: {e}"));
+        }
+        problems
+    }
 }
 
 /// `[site]`
@@ -552,6 +761,15 @@ impl Config {
         for plugin in &mut self.plugins {
             resolve(&mut plugin.path);
         }
+        if let Some(federation) = &mut self.federation {
+            resolve(&mut federation.key_file);
+            if let Some(ca) = &mut federation.tls_ca {
+                resolve(ca);
+            }
+            for dir in &mut federation.data {
+                resolve(dir);
+            }
+        }
     }
 
     /// Checks every value; returns all problems found, each naming its key.
@@ -700,6 +918,9 @@ impl Config {
                     plugin.path.display().to_string()
                 ));
             }
+        }
+        if let Some(federation) = &self.federation {
+            problems.extend(federation.problems(self.model.package.as_deref()));
         }
         if problems.is_empty() {
             Ok(())
@@ -915,5 +1136,43 @@ mod tests {
         assert_eq!(parse_device("cuda:1"), Some(DeviceSpec::Cuda(1)));
         assert_eq!(parse_device("cuda:"), None);
         assert_eq!(parse_device("gpu"), None);
+    }
+
+    #[test]
+    fn the_federation_section_is_resolved_and_every_problem_named_on_one_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("site-1")).expect("site folder");
+        std::fs::write(dir.path().join("key.pk8"), b"k").expect("key");
+        let key = "ab".repeat(32);
+        let path = dir.path().join("oxbox.toml");
+        let good = format!(
+            "[site]\nid = \"site-1\"\nname = \"One\"\n[federation]\n\
+             aggregator_url = \"http://127.0.0.1:7400\"\naggregator_key = \"{key}\"\n\
+             key_file = \"key.pk8\"\ndata = [\"site-1\"]\nshard_mib = 0.5\n\
+             [[federation.filters]]\nkind = \"percentile\"\npercent = 10\n"
+        );
+        let loaded = LoadedConfig::from_toml(&good, ConfigSource::File(path.clone()))
+            .expect("a valid [federation] section");
+        let federation = loaded.config.federation.expect("section");
+        assert_eq!(federation.key_file, dir.path().join("key.pk8"));
+        assert_eq!(federation.data, [dir.path().join("site-1")]);
+        assert_eq!((federation.holdout, federation.shard_mib), (0.2, 0.5));
+        assert!(!federation.promote);
+
+        let bad = format!(
+            "[site]\nid = \"site-1\"\nname = \"One\"\n[federation]\n\
+             aggregator_url = \"http://10.1.2.3:7400\"\naggregator_key = \"{key}\"\n\
+             key_file = \"missing.pk8\"\ndata = [\"site-1\"]\n\
+             [[federation.filters]]\nkind = \"percentile\"\npercent = 150\n"
+        );
+        let err = LoadedConfig::from_toml(&bad, ConfigSource::File(path))
+            .expect_err("three problems")
+            .to_string();
+        assert!(!err.contains('\n'), "one line: {err}");
+        assert!(err.contains("3 problem(s)"), "{err}");
+        assert!(err.contains("federation.aggregator_url"), "{err}");
+        assert!(err.contains("loopback"), "{err}");
+        assert!(err.contains("federation.key_file"), "{err}");
+        assert!(err.contains("federation.filters"), "{err}");
     }
 }

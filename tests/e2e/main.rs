@@ -11,6 +11,7 @@ mod bad_input;
 mod bombs;
 mod cli;
 mod evaluate;
+mod federate;
 mod hostile_plugins;
 mod model_swap;
 mod openapi;

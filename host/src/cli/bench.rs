@@ -12,10 +12,13 @@ use oxbox::model::{Model, ModelPackage};
 /// Arguments of `oxbox bench`.
 #[derive(Debug, clap::Args)]
 #[command(
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
     after_help = "Examples:\n  oxbox bench --dicom RG1_UNCR.dcm --runs 20\n  \
 oxbox bench --dicom RG1_UNCR.dcm --model models/demo --threads 2\n  \
 oxbox bench --url http://127.0.0.1:8480 --dicom RG1_UNCR.dcm --emr record.json --requests 200 --concurrency 16\n  \
-oxbox bench --train resnet18 --size 224 --batch 16 --steps 5 --threads 2\n\n\
+oxbox bench --train resnet18 --size 224 --batch 16 --steps 5 --threads 2\n  \
+oxbox bench federation-round --sites 20 --backbone resnet18 --percentile 10\n\n\
 Prints JSON: median and minimum milliseconds for decode (read + parse + pixel decode), \
 preprocess (canonical v1 on decoded pixels) and both together; with --model, the model's \
 forward pass at batch 1 and end to end (read to probabilities). Compare with \
@@ -24,6 +27,9 @@ forward pass at batch 1 and end to end (read to probabilities). Compare with \
 measures training throughput (cases/s) instead."
 )]
 pub struct Args {
+    /// A benchmark of its own (instead of the options below).
+    #[command(subcommand)]
+    pub what: Option<BenchCommand>,
     /// The DICOM file.
     #[arg(long, value_name = "FILE", required_unless_present = "train")]
     pub dicom: Option<PathBuf>,
@@ -72,6 +78,14 @@ pub struct Args {
     pub token_file: Option<PathBuf>,
 }
 
+/// `oxbox bench …` benchmarks with options of their own.
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCommand {
+    /// One federated round without training, on a real aggregator: filter,
+    /// shard, sign, upload, verify, aggregate, publish.
+    FederationRound(super::bench_federation::Args),
+}
+
 pub(crate) fn stats(mut ms: Vec<f64>) -> serde_json::Value {
     ms.sort_by(f64::total_cmp);
     let median = if ms.len() % 2 == 1 {
@@ -85,6 +99,9 @@ pub(crate) fn stats(mut ms: Vec<f64>) -> serde_json::Value {
 
 /// Runs `oxbox bench`.
 pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
+    if let Some(BenchCommand::FederationRound(round)) = args.what {
+        return super::bench_federation::run(round);
+    }
     let loaded = super::load_config(config)?.config;
     oxbox::model::set_compute_threads(args.threads.unwrap_or(loaded.model.threads));
     if let Some(backbone) = args.train {

@@ -4,10 +4,12 @@
 mod aggregator;
 mod audit;
 mod bench;
+mod bench_federation;
 mod bench_http;
 mod config_check;
 mod dicom_info;
 mod evaluate;
+mod federate;
 mod keys;
 mod model;
 mod plugin;
@@ -70,6 +72,8 @@ pub enum Command {
     Train(train::Args),
     /// Evaluate a model on labelled site folders: AUC with CI, calibration, ROC.
     Evaluate(evaluate::Args),
+    /// Take part in a federated training job as a site (polls the aggregator).
+    Federate(federate::Args),
     /// Inspect DICOM files.
     #[command(subcommand)]
     Dicom(DicomCommand),
@@ -168,6 +172,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Synth(args) => synth::run(args),
         Command::Train(args) => train::run(args, config),
         Command::Evaluate(args) => evaluate::run(args, config),
+        Command::Federate(args) => federate::run(args, config),
         Command::Dicom(DicomCommand::Info(args)) => dicom_info::run(args, config),
         Command::Config(ConfigCommand::Check(args)) => config_check::run(args, config),
         Command::Bench(args) => bench::run(args, config),
@@ -209,6 +214,10 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
             || cause
                 .downcast_ref::<PluginError>()
                 .is_some_and(PluginError::is_bad_input)
+            || matches!(
+                cause.downcast_ref::<oxbox::federation::site::SiteError>(),
+                Some(oxbox::federation::site::SiteError::Config(_))
+            )
             || cause.is::<oxbox::http::TokenError>()
             || cause.is::<oxbox::aggregator::AggregatorConfigError>()
             || cause.is::<oxbox::http::tls::TlsError>()

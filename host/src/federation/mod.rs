@@ -16,10 +16,12 @@
 //! [`shards::decode`] → [`aggregate::RunningAverage`] → new global.
 
 pub mod aggregate;
+pub mod client;
 pub mod filters;
 pub mod protocol;
 pub mod shards;
 pub mod signed;
+pub mod site;
 pub mod stats;
 pub mod tensors;
 

@@ -56,6 +56,13 @@ pub struct Trainer {
     manifest: ModelManifest,
     settings: FitSettings,
     device: Device,
+    proximal: Option<Proximal>,
+}
+
+/// FedProx's proximal term μ/2·‖w − w_g‖² over the trainable variables.
+struct Proximal {
+    mu: f64,
+    anchors: Vec<(candle_core::Var, Tensor)>,
 }
 
 impl Trainer {
@@ -84,7 +91,39 @@ impl Trainer {
             manifest: manifest.clone(),
             settings,
             device: device.clone(),
+            proximal: None,
         })
+    }
+
+    /// Adds FedProx's proximal term μ/2·‖w − w_g‖² (over the trainable
+    /// variables; `anchor` = w_g, by name) to the loss of every step from
+    /// now on; `mu = 0` removes it.
+    ///
+    /// # Errors
+    /// [`TrainError::Internal`] when `anchor` lacks a trainable variable;
+    /// tensor errors.
+    pub fn set_proximal(
+        &mut self,
+        mu: f64,
+        anchor: &HashMap<String, Tensor>,
+    ) -> Result<(), TrainError> {
+        if mu <= 0.0 {
+            self.proximal = None;
+            return Ok(());
+        }
+        let anchors = trainable(&self.varmap)?
+            .into_iter()
+            .map(|(name, var)| {
+                let value = anchor
+                    .get(&name)
+                    .ok_or_else(|| TrainError::Internal(format!("no anchor for {name}")))?
+                    .to_device(&self.device)?
+                    .detach();
+                Ok((var, value))
+            })
+            .collect::<Result<_, TrainError>>()?;
+        self.proximal = Some(Proximal { mu, anchors });
+        Ok(())
     }
 
     /// The network.
@@ -224,7 +263,14 @@ impl Trainer {
             let logits = self
                 .net
                 .forward(b.image.as_ref(), &b.values, &b.missing, true)?;
-            let loss = objective::ordinal_loss(&logits, &b.targets, &b.weights)?;
+            let mut loss = objective::ordinal_loss(&logits, &b.targets, &b.weights)?;
+            if let Some(proximal) = &self.proximal {
+                let mut sum = Tensor::zeros((), DType::F32, &self.device)?;
+                for (var, anchor) in &proximal.anchors {
+                    sum = (sum + var.as_tensor().sub(anchor)?.sqr()?.sum_all()?)?;
+                }
+                loss = (loss + (sum * (proximal.mu / 2.0))?)?;
+            }
             self.optimizer.step(&loss.backward()?)?;
             running += f64::from(loss.to_scalar::<f32>()?);
             steps += 1;
@@ -335,5 +381,40 @@ mod tests {
             .fit(2, 1, &cases, &class_weights, &quiet)
             .expect("fit");
         assert!(same(&second.weights().expect("weights"), &two));
+    }
+
+    /// Squared distance of `a` from `b` over the trainable variables.
+    fn distance(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> f64 {
+        a.iter()
+            .filter(|(name, _)| !name.ends_with("running_mean") && !name.ends_with("running_var"))
+            .map(|(name, t)| {
+                let d = (t - &b[name])
+                    .and_then(|d| d.sqr())
+                    .and_then(|d| d.sum_all());
+                f64::from(d.and_then(|d| d.to_scalar::<f32>()).expect("distance"))
+            })
+            .sum()
+    }
+
+    #[test]
+    fn the_proximal_term_keeps_the_weights_near_the_anchor() {
+        let (manifest, settings, cases, class_weights) = setup();
+        let quiet = |_: usize, _: f64| {};
+        let anchor = Trainer::new(&manifest, settings, &Device::Cpu)
+            .expect("trainer")
+            .weights()
+            .expect("weights");
+        let moved = |mu: f64| {
+            let mut trainer = Trainer::new(&manifest, settings, &Device::Cpu).expect("trainer");
+            trainer.set_weights(&anchor).expect("set");
+            trainer.set_proximal(mu, &anchor).expect("proximal");
+            trainer
+                .fit(1, 2, &cases, &class_weights, &quiet)
+                .expect("fit");
+            distance(&trainer.weights().expect("weights"), &anchor)
+        };
+        let (free, held) = (moved(0.0), moved(100.0));
+        assert!(free > 0.0, "training moved the weights");
+        assert!(held < free * 0.9, "μ = 100: {held} vs μ = 0: {free}");
     }
 }
