@@ -13,6 +13,7 @@ mod plugin;
 mod predict;
 mod preprocess;
 mod serve;
+mod simulate;
 mod synth;
 mod train;
 
@@ -69,6 +70,8 @@ pub enum Command {
     Train(train::Args),
     /// Evaluate a model on labelled site folders: AUC with CI, calibration, ROC.
     Evaluate(evaluate::Args),
+    /// Simulate a federation on loopback and compare it with local-only and pooled models.
+    Simulate(simulate::Args),
     /// Inspect DICOM files.
     #[command(subcommand)]
     Dicom(DicomCommand),
@@ -155,6 +158,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Synth(args) => synth::run(args),
         Command::Train(args) => train::run(args, config),
         Command::Evaluate(args) => evaluate::run(args, config),
+        Command::Simulate(args) => simulate::run(args, config),
         Command::Dicom(DicomCommand::Info(args)) => dicom_info::run(args, config),
         Command::Config(ConfigCommand::Check(args)) => config_check::run(args, config),
         Command::Bench(args) => bench::run(args, config),
@@ -214,6 +218,10 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
                         | oxbox::train::TrainError::Resume(_)
                         | oxbox::train::TrainError::Dataset(_)
                 )
+            )
+            || matches!(
+                cause.downcast_ref::<oxbox::simulate::SimulateError>(),
+                Some(oxbox::simulate::SimulateError::Options(_))
             )
             || matches!(
                 cause.downcast_ref::<oxbox::serve::ServeError>(),
