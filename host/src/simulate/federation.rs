@@ -235,7 +235,7 @@ fn site_toml(
         "# Written by `oxbox simulate` ({variant}).\n[site]\nid = {id}\nname = {name}\n\n\
 [storage]\ndata_dir = {state}\n\n[model]\ninput_size = {input}\nthreads = {threads}\n\n\
 [federation]\naggregator_url = {url}\naggregator_key = {akey}\nkey_file = {key}\n\
-data = [{data}]\nholdout = {holdout:?}\npoll_interval_ms = 200\nshard_mib = 8\npromote = false\n{filters}",
+data = [{data}]\nholdout = {holdout:?}\npoll_interval_ms = 200\npromote = false\n{filters}",
         variant = variant.name(),
         id = quoted(&site.id),
         name = quoted(&format!("{} (simulated)", site.id)),
