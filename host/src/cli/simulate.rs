@@ -75,6 +75,10 @@ pub struct Args {
     /// report (to size a cohort and settings quickly).
     #[arg(long, conflicts_with = "variants")]
     pub baselines_only: bool,
+    /// Skip the federated statistics round (the start model's EMR
+    /// normalisation is used instead of the federated one).
+    #[arg(long)]
+    pub no_statistics: bool,
     /// Keep every byte the sites send (a recording proxy per site).
     #[arg(long)]
     pub record: bool,
@@ -116,6 +120,7 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
         },
         record: args.record,
         timeout: Duration::from_secs(args.timeout_s),
+        statistics: !args.no_statistics,
         site_threads: 1,
     };
     let bar = ProgressBar::new_spinner();

@@ -192,7 +192,7 @@ fn aggregator_toml(
     let mut text = format!(
         "# Written by `oxbox simulate` ({variant}).\n[aggregator]\nlisten = {listen}\n\
 data_dir = {data}\nkey_file = {key}\n\n[job]\nid = {job}\nstart_model = {start}\n\
-rounds = {rounds}\nmin_sites = {min_sites}\nmax_wait_s = {max_wait}\nstatistics = true\n\
+rounds = {rounds}\nmin_sites = {min_sites}\nmax_wait_s = {max_wait}\nstatistics = {statistics}\n\
 min_count = {min_count}\n\n[job.training]\nepochs = {epochs}\nbatch_size = {batch}\n\
 learning_rate = {lr:?}\nproximal_mu = 0.0\n",
         variant = variant.name(),
@@ -203,6 +203,7 @@ learning_rate = {lr:?}\nproximal_mu = 0.0\n",
         start = quoted(&start.display().to_string()),
         rounds = options.rounds,
         min_sites = sites.len(),
+        statistics = options.statistics,
         max_wait = options.timeout.as_secs(),
         min_count = crate::federation::stats::DEFAULT_MIN_COUNT,
         epochs = options.epochs,

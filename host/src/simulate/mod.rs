@@ -220,6 +220,9 @@ pub struct SimulateOptions {
     pub record: bool,
     /// Longest a federation job may take.
     pub timeout: Duration,
+    /// Start each job with the federated statistics round (global EMR
+    /// normalisation); off, the start model's normalisation is used.
+    pub statistics: bool,
     /// Compute threads of each site process.
     pub site_threads: usize,
 }
