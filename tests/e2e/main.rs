@@ -22,6 +22,7 @@ mod plugins;
 mod predict;
 mod serve;
 mod serve_limits;
+mod simulate;
 mod synth;
 mod train;
 mod util;
