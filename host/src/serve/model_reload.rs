@@ -97,7 +97,7 @@ async fn reload_and_audit(state: &Arc<AppState>, actor: String) -> ModelReloadOu
             state.metrics.model_reload("changed");
         }
         Ok(false) => {
-            tracing::info!("{actor}: model reload: nothing changed, {after}");
+            tracing::info!("{actor}: model reload: the served model is unchanged, {after}");
             state.metrics.model_reload("unchanged");
         }
         Err(e) => {
