@@ -471,10 +471,10 @@ async fn read_signed<T: serde::de::DeserializeOwned + Serialize>(
     ))
 }
 
-fn check_site(aggregator: &Aggregator, key: &[u8; 32], site: &str) -> Result<(), Problem> {
+fn check_site(aggregator: &Aggregator, key: &[u8; 32], site: &str) -> Option<Problem> {
     match aggregator.config.sites.iter().find(|s| s.id == site) {
-        Some(enrolled) if &enrolled.public_key == key => Ok(()),
-        _ => Err(problems::site_key_mismatch(site)),
+        Some(enrolled) if &enrolled.public_key == key => None,
+        _ => Some(problems::site_key_mismatch(site)),
     }
 }
 
@@ -484,7 +484,9 @@ async fn post_statistics(
 ) -> Result<HttpResponse, Problem> {
     let (doc, key) = read_signed::<SiteStatistics>(aggregator, request, "site statistics").await?;
     let statistics = doc.value;
-    check_site(aggregator, &key, &statistics.site)?;
+    if let Some(problem) = check_site(aggregator, &key, &statistics.site) {
+        return Err(problem);
+    }
     if statistics.job != aggregator.config.job.id {
         return Err(problems::wrong_job(&aggregator.config.job.id));
     }
@@ -576,57 +578,59 @@ async fn post_statistics(
 }
 
 /// Checks a manifest's own consistency (before any state is consulted).
-fn check_manifest(m: &UpdateManifest) -> Result<Vec<DeclaredShard>, Problem> {
+fn check_manifest(m: &UpdateManifest) -> Result<Vec<DeclaredShard>, Box<Problem>> {
     if m.format != FORMAT {
-        return Err(problems::malformed_document(format!(
+        return Err(Box::new(problems::malformed_document(format!(
             "format {} (this aggregator speaks {FORMAT})",
             m.format
-        )));
+        ))));
     }
     if m.shards.is_empty() {
-        return Err(problems::malformed_document(
+        return Err(Box::new(problems::malformed_document(
             "the manifest declares no shard",
-        ));
+        )));
     }
     if m.samples == 0 {
-        return Err(problems::malformed_document("samples must be at least 1"));
+        return Err(Box::new(problems::malformed_document(
+            "samples must be at least 1",
+        )));
     }
     let mut names = std::collections::BTreeSet::new();
     for t in &m.tensors {
         if !names.insert(t.name.as_str()) {
-            return Err(problems::malformed_document(format!(
+            return Err(Box::new(problems::malformed_document(format!(
                 "tensor {} declared twice",
                 t.name
-            )));
+            ))));
         }
     }
     let mut digests = std::collections::BTreeSet::new();
     let mut declared = Vec::new();
     for (i, s) in m.shards.iter().enumerate() {
         if s.index as usize != i {
-            return Err(problems::malformed_document(
+            return Err(Box::new(problems::malformed_document(
                 "shard indices must be 0, 1, 2, … in order",
-            ));
+            )));
         }
         if !valid_hex_digest(&s.sha256) {
-            return Err(problems::malformed_document(format!(
+            return Err(Box::new(problems::malformed_document(format!(
                 "shard {i}: sha256 must be 64 lowercase hex digits"
-            )));
+            ))));
         }
         if !digests.insert(s.sha256.as_str()) {
-            return Err(problems::malformed_document(format!(
+            return Err(Box::new(problems::malformed_document(format!(
                 "shard {i}: the same sha256 twice"
-            )));
+            ))));
         }
         if s.bytes == 0 {
-            return Err(problems::malformed_document(format!(
+            return Err(Box::new(problems::malformed_document(format!(
                 "shard {i}: declared size 0"
-            )));
+            ))));
         }
         if let Some(t) = s.tensors.iter().find(|t| !names.contains(t.as_str())) {
-            return Err(problems::malformed_document(format!(
+            return Err(Box::new(problems::malformed_document(format!(
                 "shard {i}: tensor {t} is not in the manifest's tensors"
-            )));
+            ))));
         }
         declared.push(DeclaredShard {
             index: s.index,
@@ -681,11 +685,13 @@ async fn post_update(
 ) -> Result<HttpResponse, Problem> {
     let (doc, key) = read_signed::<UpdateManifest>(aggregator, request, "update manifest").await?;
     let manifest = doc.value;
-    check_site(aggregator, &key, &manifest.site)?;
+    if let Some(problem) = check_site(aggregator, &key, &manifest.site) {
+        return Err(problem);
+    }
     if manifest.job != aggregator.config.job.id {
         return Err(problems::wrong_job(&aggregator.config.job.id));
     }
-    let declared = check_manifest(&manifest)?;
+    let declared = check_manifest(&manifest).map_err(|p| *p)?;
     let total: u64 = declared.iter().map(|s| s.bytes).sum();
     let limit = aggregator.config.max_upload_bytes;
     let stored = doc.stored;
