@@ -25,7 +25,7 @@ use crate::federation::protocol::{Contribution, FORMAT, GlobalModelRecord, Phase
 use crate::federation::signed::SignedDocument;
 use crate::federation::stats::{self, SiteStatistics};
 use crate::federation::{shards, tensors};
-use crate::model::package::{ModelManifest, PackageBytes};
+use crate::model::package::{ModelManifest, ModelProvenance, PackageBytes};
 
 fn sign_record(
     aggregator: &Aggregator,
@@ -185,6 +185,7 @@ fn combine_statistics(
     let mut manifest: ModelManifest = toml::from_str(text)
         .map_err(|e| AggregatorError::Corrupt(format!("start model.toml: {}", e.message())))?;
     manifest.emr = stats::combine(&manifest.emr, &sites);
+    manifest.federation = Some(provenance(aggregator, 0));
     let manifest = toml::to_string(&manifest)
         .map_err(|e| AggregatorError::Corrupt(format!("writing model.toml: {e}")))?;
     let bytes = PackageBytes {
@@ -261,6 +262,7 @@ fn average_updates(
         .map_err(|e| AggregatorError::Corrupt(format!("global model.toml: {}", e.message())))?;
     model.version = format!("{}-round-{}", aggregator.config.job.id, state.round);
     model.trained = true;
+    model.federation = Some(provenance(aggregator, state.round));
     let manifest = toml::to_string(&model)
         .map_err(|e| AggregatorError::Corrupt(format!("writing model.toml: {e}")))?;
     let bytes = PackageBytes {
@@ -281,4 +283,15 @@ fn average_updates(
 /// sha256 of `bytes`, lowercase hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+}
+
+/// The `[federation]` table of a published model: which job and round it
+/// came from, and which aggregator key signed it (`GET /v1/model` on the
+/// sites shows it).
+fn provenance(aggregator: &Aggregator, round: u64) -> ModelProvenance {
+    ModelProvenance {
+        job: aggregator.config.job.id.clone(),
+        round,
+        aggregator: aggregator.public_hex(),
+    }
 }
