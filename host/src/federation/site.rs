@@ -523,7 +523,7 @@ impl<'a> SiteClient<'a> {
     fn training(&mut self, task: &RoundTask) -> Result<Step, SiteError> {
         self.forget_old_rounds(task)?;
         let dir = self.round_dir(&task.job, task.round);
-        if task.received.iter().any(|s| *s == self.config.site.id)
+        if task.received.contains(&self.config.site.id)
             || dir.join("uploaded").is_file()
             || dir.join("refused").is_file()
         {
