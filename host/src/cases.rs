@@ -150,6 +150,41 @@ pub fn is_held_out(site: &str, case_id: &str, fraction: f64) -> bool {
 /// The split seed of [`is_held_out`], apart from any training seed.
 const HOLD_OUT_SEED: u64 = 0x0a_b0_c5_7e_57;
 
+/// Which of a site's cases a run uses, by the held-out split
+/// ([`is_held_out`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum HeldOut {
+    /// Every case.
+    All,
+    /// Only the cases not held out at this fraction (training).
+    Exclude(f64),
+    /// Only the cases held out at this fraction (testing).
+    Only(f64),
+}
+
+impl HeldOut {
+    /// `site` with only the cases this selection keeps (file order kept).
+    pub fn select(self, site: &Site) -> Site {
+        let keep = |case: &dataset::Case| match self {
+            HeldOut::All => true,
+            HeldOut::Exclude(f) => !is_held_out(&site.id, &case.case_id, f),
+            HeldOut::Only(f) => is_held_out(&site.id, &case.case_id, f),
+        };
+        Site {
+            cases: site.cases.iter().filter(|c| keep(c)).cloned().collect(),
+            ..site.clone()
+        }
+    }
+
+    /// Whether the fraction (if any) is a share strictly between 0 and 1.
+    pub fn is_valid(self) -> bool {
+        match self {
+            HeldOut::All => true,
+            HeldOut::Exclude(f) | HeldOut::Only(f) => f > 0.0 && f < 1.0,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

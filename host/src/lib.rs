@@ -25,6 +25,7 @@
 //! | [`cases`]     | a site's cases through its plugin, up to the model (shared)    |
 //! | [`train`]     | local training: site folders → a trained model package         |
 //! | [`evaluate`]  | clinical evaluation: AUC with CI, calibration, ROC charts      |
+//! | [`simulate`]  | a whole federation on loopback vs local-only and pooled models |
 //! | [`metrics`]   | evaluation statistics: ROC AUC, the normal distribution        |
 //! | [`rng`]       | the deterministic random generator behind seeds                |
 //! | [`signing`]   | Ed25519 keys and signatures (plugin manifests, weight shards)  |
@@ -54,6 +55,7 @@ pub mod plugins;
 pub mod rng;
 pub mod serve;
 pub mod signing;
+pub mod simulate;
 pub mod store;
 pub mod synth;
 pub mod train;

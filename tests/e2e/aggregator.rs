@@ -775,9 +775,9 @@ fn the_statistics_round_publishes_the_start_model_with_the_federated_normalisati
 
 #[test]
 fn forged_stale_replayed_oversized_and_tampered_uploads_are_refused_before_anything_is_stored() {
-    // Three sites; a round closes as soon as two are complete.
+    // Four sites; a round closes as soon as two are complete.
     let f = Federation::new(
-        3,
+        4,
         "max_upload_mib_per_site_round = 1",
         "rounds = 2\nmin_sites = 2\nmax_wait_s = 0\nstatistics = false",
     );
@@ -931,6 +931,20 @@ fn forged_stale_replayed_oversized_and_tampered_uploads_are_refused_before_anyth
         &garbage,
     )
     .assert_problem(422, "malformed-shard");
+    assert!(
+        shard_files(&f).is_empty(),
+        "nothing stored: {:?}",
+        shard_files(&f)
+    );
+
+    // An update whose shards would not cover its tensors (site-4 declares
+    // every tensor but only the first shard): its last shard is refused.
+    let full = update("site-4", f.site(3), 1, &base, 5, &delta(&global, 5));
+    let mut partial = full.manifest.clone();
+    partial.shards.truncate(1);
+    let pdoc = SignedDocument::sign(&partial, f.site(3)).expect("sign");
+    assert_eq!(post_signed(a.addr, "/v1/updates", &pdoc).status, 201);
+    full.put(a.addr, 0).assert_problem(422, "incomplete-update");
     assert!(
         shard_files(&f).is_empty(),
         "nothing stored: {:?}",

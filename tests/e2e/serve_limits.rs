@@ -149,10 +149,15 @@ fn the_reload_route_needs_the_token_and_is_serialised_rate_limited_and_audited()
         .status()
         .expect("kill -HUP");
     assert!(hup.success());
-    let events = wait_for_admin_events(&setup, 2);
-    assert_eq!(events.len(), 2, "{events:?}");
+    // SIGHUP reloads the plugins, then the model (here unchanged): two rows.
+    let events = wait_for_admin_events(&setup, 3);
+    assert_eq!(events.len(), 3, "{events:?}");
     assert_eq!(events[1].actor, "SIGHUP");
+    assert_eq!(events[1].action, "plugins.reload");
     assert_eq!(events[1].outcome, "ok");
+    assert_eq!(events[2].actor, "SIGHUP");
+    assert_eq!(events[2].action, "model.reload");
+    assert_eq!(events[2].outcome, "unchanged");
     // The operator reads them with `oxbox audit tail --admin`.
     let tail = crate::util::oxbox_command()
         .args(["--config".as_ref(), setup.config.as_os_str()])
@@ -164,8 +169,9 @@ fn the_reload_route_needs_the_token_and_is_serialised_rate_limited_and_audited()
         .lines()
         .map(|l| serde_json::from_str(l).expect("a JSON line"))
         .collect();
-    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines.len(), 3, "{lines:?}");
     assert_eq!(lines[1]["actor"], "SIGHUP");
+    assert_eq!(lines[2]["action"], "model.reload");
     assert!(
         lines[0]["actor"]
             .as_str()

@@ -210,6 +210,17 @@ pub mod problems {
             detail,
         )
     }
+    /// 422 `incomplete-update`: with this last shard, the update's shards
+    /// would not cover each declared tensor exactly once (nothing stored;
+    /// the update never counts).
+    pub fn incomplete_update(detail: impl Into<String>) -> Problem {
+        Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "incomplete-update",
+            "Update does not cover its tensors",
+            detail,
+        )
+    }
     /// 404 `unknown-model`: no published model with this digest.
     pub fn unknown_model() -> Problem {
         Problem::new(
@@ -831,7 +842,36 @@ async fn put_shard(
             }
         }
         drop(chunks);
+        // The last missing shard of a site's update completes it: the whole
+        // update must then cover each of its tensors exactly once, or it
+        // would not aggregate. A shard every declarer of which would be
+        // incomplete is refused; one that completes a bad update but also
+        // serves another site is stored, and the bad update rejected (so a
+        // site cannot block another's shard by declaring its digest).
+        let mut bad = Vec::new();
+        let mut sites: Vec<&String> = declarations.iter().map(|d| &d.0).collect();
+        sites.dedup();
+        for site in &sites {
+            let missing = a.store.missing(round, site)?;
+            if missing.iter().all(|m| m == &sha)
+                && let Some(problem) = check_update(a, round, site, &sha, &body)?
+            {
+                bad.push(((*site).clone(), problem));
+            }
+        }
+        if bad.len() == sites.len()
+            && let Some((_, problem)) = bad.first()
+        {
+            return Ok(Err(problem.clone()));
+        }
         let written = a.store.store_shard(round, &sha, &body)?;
+        for (site, problem) in bad {
+            tracing::warn!(
+                "round {round}: the update of {site} is rejected: {}",
+                problem.detail
+            );
+            a.store.reject(round, &site, &problem.detail)?;
+        }
         Ok(Ok(written))
     })
     .await??;
@@ -853,6 +893,79 @@ async fn put_shard(
             &json!({"sha256": sha256, "bytes": declared}),
         ))
     }
+}
+
+/// Checks that `site`'s update for `round` (its stored shards, and `body`
+/// as the shard `pending`) covers every position of each tensor it
+/// declares exactly once, decoding one shard at a time.
+fn check_update(
+    aggregator: &Aggregator,
+    round: u64,
+    site: &str,
+    pending: &str,
+    body: &[u8],
+) -> Result<Option<Problem>, AggregatorError> {
+    let Some(document) = aggregator.store.manifest(round, site)? else {
+        return Ok(None);
+    };
+    let manifest: UpdateManifest = serde_json::from_slice(&document.body)
+        .map_err(|e| AggregatorError::Corrupt(format!("stored manifest of {site}: {e}")))?;
+    let sizes: std::collections::BTreeMap<&str, usize> = manifest
+        .tensors
+        .iter()
+        .map(|t| (t.name.as_str(), t.shape.iter().product()))
+        .collect();
+    let mut covered: std::collections::BTreeMap<String, Vec<(usize, usize)>> =
+        std::collections::BTreeMap::new();
+    for info in &manifest.shards {
+        let stored;
+        let bytes: &[u8] = if info.sha256 == pending {
+            body
+        } else {
+            let path = aggregator.store.shard_path(&info.sha256);
+            stored = std::fs::read(&path).map_err(|source| AggregatorError::Io {
+                path: path.display().to_string(),
+                source,
+            })?;
+            &stored
+        };
+        let chunks = match shards::decode(bytes, info.index) {
+            Ok(chunks) => chunks,
+            Err(e) => return Ok(Some(problems::malformed_shard(e.to_string()))),
+        };
+        for c in chunks {
+            if !info.tensors.contains(&c.tensor) || !sizes.contains_key(c.tensor.as_str()) {
+                return Ok(Some(problems::malformed_shard(format!(
+                    "shard {}: tensor {} is not declared for it",
+                    info.index, c.tensor
+                ))));
+            }
+            covered
+                .entry(c.tensor)
+                .or_default()
+                .push((c.offset, c.offset.saturating_add(c.len)));
+        }
+    }
+    for (name, size) in sizes {
+        let mut ranges = covered.remove(name).unwrap_or_default();
+        ranges.sort_unstable();
+        let mut end = 0;
+        for (from, to) in ranges {
+            if from != end {
+                return Ok(Some(problems::incomplete_update(format!(
+                    "tensor {name}: positions from {end} are {}",
+                    if from < end { "sent twice" } else { "missing" }
+                ))));
+            }
+            end = to;
+        }
+        if end != size {
+            return Ok(Some(problems::incomplete_update(format!(
+                "tensor {name}: {end} of {size} positions sent"
+            ))));
+        }
+    }
+    Ok(None)
 }
 
 /// `GET /v1/status`.
@@ -1020,6 +1133,7 @@ mod tests {
             "shard-size-mismatch",
             "shard-digest-mismatch",
             "malformed-shard",
+            "incomplete-update",
             "unknown-model",
         ] {
             assert!(

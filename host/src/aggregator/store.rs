@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS manifests (
     samples        INTEGER NOT NULL,
     declared_bytes INTEGER NOT NULL,
     received_at    INTEGER NOT NULL,
+    rejected       TEXT,
     PRIMARY KEY (round, site)
 );
 CREATE TABLE IF NOT EXISTS shards (
@@ -698,7 +699,7 @@ impl Store {
         let c = self.lock();
         let mut stmt = c
             .prepare(
-                "SELECT m.site FROM manifests m WHERE m.round = ?1 AND NOT EXISTS (
+                "SELECT m.site FROM manifests m WHERE m.round = ?1 AND m.rejected IS NULL AND NOT EXISTS (
                    SELECT 1 FROM shards s WHERE s.round = m.round AND s.site = m.site AND s.stored = 0)
                  ORDER BY m.site",
             )
@@ -709,6 +710,21 @@ impl Store {
             .collect::<Result<Vec<_>, _>>()
             .map_err(self.sqlite())?;
         Ok(rows)
+    }
+
+    /// Marks `site`'s update for `round` rejected: it never counts (its
+    /// shards, once all stored, would not aggregate).
+    ///
+    /// # Errors
+    /// [`AggregatorError::Sqlite`].
+    pub fn reject(&self, round: u64, site: &str, reason: &str) -> Result<(), AggregatorError> {
+        let c = self.lock();
+        c.execute(
+            "UPDATE manifests SET rejected = ?3 WHERE round = ?1 AND site = ?2",
+            params![to_i64(round), site, reason],
+        )
+        .map_err(self.sqlite())?;
+        Ok(())
     }
 
     /// Sites that sent statistics, sorted.
@@ -813,7 +829,7 @@ impl Store {
             .prepare(
                 "SELECT m.site, m.round, length(m.body)
                    + COALESCE((SELECT SUM(s.bytes) FROM shards s WHERE s.round = m.round AND s.site = m.site AND s.stored = 1), 0),
-                   NOT EXISTS (SELECT 1 FROM shards s WHERE s.round = m.round AND s.site = m.site AND s.stored = 0)
+                   m.rejected IS NULL AND NOT EXISTS (SELECT 1 FROM shards s WHERE s.round = m.round AND s.site = m.site AND s.stored = 0)
                  FROM manifests m ORDER BY m.round, m.site",
             )
             .map_err(self.sqlite())?;

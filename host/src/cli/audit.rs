@@ -12,15 +12,15 @@ use oxbox::store::AuditLog;
 Prints the last N audit records as JSON lines, oldest first: time, request id, model \
 digest, plugin versions, outputs, timings, status (ok, rejected or failed) and, for a \
 refused prediction, the reason: the stage, plugin and field at fault (never a value \
-from the input). No patient identifier is ever recorded. With --admin, the administrative events instead: plugin reloads (HTTP or \
-SIGHUP), who asked, the outcome, and the plugins' names, versions and sha256 before \
-and after."
+from the input). No patient identifier is ever recorded. With --admin, the administrative events instead: plugin and model reloads (HTTP or \
+SIGHUP), who asked, the outcome, and the plugins' names, versions and sha256 (or the \
+model's name, version, digest and federation round) before and after."
 )]
 pub struct TailArgs {
     /// How many records.
     #[arg(short = 'n', long, default_value_t = 10)]
     pub lines: usize,
-    /// Administrative events (plugin reloads) instead of predictions.
+    /// Administrative events (plugin and model reloads) instead of predictions.
     #[arg(long)]
     pub admin: bool,
 }

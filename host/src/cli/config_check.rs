@@ -40,7 +40,7 @@ pub fn run(_args: Args, config: Option<&Path>) -> anyhow::Result<()> {
     }
     let model = match &config.model.package {
         Some(dir) => {
-            let package = oxbox::model::ModelPackage::load(dir)
+            let package = oxbox::model::promote::load_served(dir)
                 .with_context(|| format!("{source}: model.package: serve would not start"))?;
             format!(
                 "{} ({} {}, digest {})",

@@ -36,6 +36,10 @@ pub struct Args {
     /// Operating point: a probability threshold.
     #[arg(long, default_value_t = 0.5)]
     pub threshold: f64,
+    /// Score only the held-out test cases at this share (those `oxbox
+    /// train --exclude-held-out` with the same share never trained on).
+    #[arg(long, value_name = "SHARE")]
+    pub held_out_only: Option<f64>,
 }
 
 /// Runs `oxbox evaluate`.
@@ -44,6 +48,13 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
         (0.0..=1.0).contains(&args.threshold),
         "--threshold {}: a probability between 0 and 1",
         args.threshold
+    );
+    let held_out = args
+        .held_out_only
+        .map_or(oxbox::cases::HeldOut::All, oxbox::cases::HeldOut::Only);
+    anyhow::ensure!(
+        held_out.is_valid(),
+        "--held-out-only: a share strictly between 0 and 1"
     );
     let config = super::load_config(config)?.config;
     set_compute_threads(config.model.threads);
@@ -58,7 +69,7 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
     let total: usize = args
         .data
         .iter()
-        .map(|d| oxbox::dataset::read_site(d).map(|s| s.cases.len()))
+        .map(|d| oxbox::dataset::read_site(d).map(|s| held_out.select(&s).cases.len()))
         .sum::<Result<usize, _>>()?;
     let bar = ProgressBar::new(total as u64);
     bar.set_style(
@@ -73,6 +84,7 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
         },
         out: args.out.clone(),
         threshold: args.threshold,
+        held_out,
     };
     let report = evaluate(&options, &pipeline, &config, &|| bar.inc(1))?;
     bar.finish_and_clear();

@@ -16,6 +16,7 @@ mod plugin;
 mod predict;
 mod preprocess;
 mod serve;
+mod simulate;
 mod synth;
 mod train;
 
@@ -74,6 +75,8 @@ pub enum Command {
     Evaluate(evaluate::Args),
     /// Take part in a federated training job as a site (polls the aggregator).
     Federate(federate::Args),
+    /// Simulate a federation on loopback and compare it with local-only and pooled models.
+    Simulate(simulate::Args),
     /// Inspect DICOM files.
     #[command(subcommand)]
     Dicom(DicomCommand),
@@ -173,6 +176,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => train::run(args, config),
         Command::Evaluate(args) => evaluate::run(args, config),
         Command::Federate(args) => federate::run(args, config),
+        Command::Simulate(args) => simulate::run(args, config),
         Command::Dicom(DicomCommand::Info(args)) => dicom_info::run(args, config),
         Command::Config(ConfigCommand::Check(args)) => config_check::run(args, config),
         Command::Bench(args) => bench::run(args, config),
@@ -240,6 +244,10 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
                         | oxbox::train::TrainError::Resume(_)
                         | oxbox::train::TrainError::Dataset(_)
                 )
+            )
+            || matches!(
+                cause.downcast_ref::<oxbox::simulate::SimulateError>(),
+                Some(oxbox::simulate::SimulateError::Options(_))
             )
             || matches!(
                 cause.downcast_ref::<oxbox::serve::ServeError>(),

@@ -322,7 +322,7 @@ fn model_marks(
     };
     // As `demo::resolve`, without its warning: `source` says which it is.
     let package = match explicit.or(config.model.package.as_deref()) {
-        Some(dir) => oxbox::model::ModelPackage::load(dir),
+        Some(dir) => oxbox::model::promote::load_served(dir),
         None => oxbox::model::demo::materialize(&config.storage.data_dir),
     };
     let package = match package {

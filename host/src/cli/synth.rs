@@ -9,7 +9,8 @@ use oxbox::synth::{SynthOptions, generate};
 /// Arguments of `oxbox synth`.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Example:\n  oxbox synth --sites 5 --cases-per-site 400 --seed 7 --out cohorts/demo\n\n\
+    after_help = "Examples:\n  oxbox synth --sites 5 --cases-per-site 400 --seed 7 --out cohorts/demo\n  \
+oxbox synth --site-sizes 600,400,250,150,100 --seed 7 --out cohorts/federation\n\n\
 Writes, per site, DIR/site-N/ with site.toml (conventions and the plugin that reads the site), \
 cases.csv (the site's own EMR export: column names, units, codes, missingness; fake patient \
 name, ID and birth date), images/*.dcm (CR/DX, MONOCHROME1/2, 10-16 bits, 1024-3000 px, native, \
@@ -26,6 +27,17 @@ pub struct Args {
     /// Mean cases per site (sites range from 0.7× to 1.3×).
     #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub cases_per_site: u32,
+    /// Exact cases of each site, comma-separated (e.g. 600,400,250,150,100):
+    /// unequal sites; replaces --sites and --cases-per-site. The label model
+    /// and each site's other parameters stay those of its index.
+    #[arg(long, value_name = "N,N,...", value_delimiter = ',', num_args = 1..,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub site_sizes: Option<Vec<u32>>,
+    /// Write no radiographs (image_file left empty): a cohort for EMR-only
+    /// models (`--emr-only`), written in seconds; labels and EMR values are
+    /// the same as with images.
+    #[arg(long)]
+    pub no_images: bool,
     /// Seed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -39,12 +51,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let options = SynthOptions {
         sites: args.sites as usize,
         cases_per_site: args.cases_per_site as usize,
+        site_sizes: args
+            .site_sizes
+            .map(|sizes| sizes.into_iter().map(|s| s as usize).collect()),
+        no_images: args.no_images,
         seed: args.seed,
         out: args.out,
     };
-    let total: usize = (0..options.sites)
-        .map(|i| oxbox::synth::cohort::site_profile(i, options.cases_per_site).cases)
-        .sum();
+    let total: usize = options.profiles().iter().map(|p| p.cases).sum();
     let bar = ProgressBar::new(total as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} cases  {elapsed} elapsed, ETA {eta}")

@@ -86,6 +86,11 @@ pub struct Args {
     /// plugins/, and the plugins/dist of the oxbox installation.
     #[arg(long, value_name = "DIR")]
     pub plugins_dir: Option<PathBuf>,
+    /// Leave out the held-out test cases at this share (the split of
+    /// `oxbox simulate` and the federation's promotion gate; evaluate them
+    /// with `oxbox evaluate --held-out-only` at the same share).
+    #[arg(long, value_name = "SHARE")]
+    pub exclude_held_out: Option<f64>,
     /// CPU threads (default: model.threads from the config, 0 = one per
     /// core). Results are reproducible for a seed and thread count.
     #[arg(long, value_name = "N")]
@@ -137,6 +142,9 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
         device,
         refit_normalisation: true,
         refit_thresholds: true,
+        held_out: args
+            .exclude_held_out
+            .map_or(oxbox::cases::HeldOut::All, oxbox::cases::HeldOut::Exclude),
     };
     let bar: Mutex<Option<ProgressBar>> = Mutex::new(None);
     let style = |template: &str| {

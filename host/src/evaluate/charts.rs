@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Once;
 
 use plotters::prelude::*;
-use plotters::style::{FontStyle, register_font};
+use plotters::style::FontStyle;
 
 use super::{EvaluateError, GroupReport, OutputMetrics};
 
@@ -19,10 +19,11 @@ const COLOURS: [RGBColor; 3] = [
     RGBColor(44, 160, 44),
 ];
 
-fn register() {
+/// Registers the bundled font as `sans-serif` (once per process).
+pub fn register_font() {
     FONT.call_once(|| {
         // The bundled font parses; failure would only lose text.
-        let _ = register_font("sans-serif", FontStyle::Normal, FONT_BYTES);
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT_BYTES);
     });
 }
 
@@ -38,7 +39,7 @@ fn chart_error(path: &Path, e: impl std::fmt::Display) -> EvaluateError {
 /// # Errors
 /// [`EvaluateError::Chart`].
 pub fn draw_group(dir: &Path, group: &GroupReport) -> Result<(), EvaluateError> {
-    register();
+    register_font();
     for horizon in ["24h", "72h"] {
         let outputs: Vec<&OutputMetrics> = group
             .outputs

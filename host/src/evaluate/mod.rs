@@ -145,6 +145,9 @@ pub struct EvaluateOptions {
     pub out: PathBuf,
     /// Operating point: probability threshold for sensitivity/specificity.
     pub threshold: f64,
+    /// Which cases are scored: [`cases::HeldOut::Only`] tests on the
+    /// held-out cases alone ([`cases::is_held_out`]).
+    pub held_out: cases::HeldOut,
 }
 
 fn scores(p: &Prediction) -> [f64; 6] {
@@ -249,7 +252,7 @@ pub fn evaluate(
     let mut all = Vec::new();
     let mut all_refused = Vec::new();
     for dir in &options.sites {
-        let site = dataset::read_site(dir)?;
+        let site = options.held_out.select(&dataset::read_site(dir)?);
         let plugins = site_plugins(&site, config, &options.plugins, &engine)?;
         let (scored, refused) = score_site(&site, pipeline, &plugins, &config.limits, progress)?;
         groups.push(GroupReport {

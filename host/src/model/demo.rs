@@ -73,8 +73,11 @@ pub fn materialize(data_dir: &Path) -> Result<ModelPackage, ModelError> {
 }
 
 /// The package a command uses: `explicit` (`--model DIR`), else
-/// `configured` (`[model] package`), else the embedded demo model
-/// (written under `data_dir`), with a warning in the log.
+/// `configured` (`[model] package`), else a promoted model under
+/// `data_dir` ([`super::promote::default_served_dir`]), else the embedded
+/// demo model (written under `data_dir`), with a warning in the log. A
+/// folder that is a promotion layout serves the version its `CURRENT`
+/// names ([`super::promote::load_served`]).
 ///
 /// # Errors
 /// [`ModelError`] from loading the package.
@@ -83,8 +86,10 @@ pub fn resolve(
     configured: Option<&Path>,
     data_dir: &Path,
 ) -> Result<ModelPackage, ModelError> {
+    let promoted = super::promote::default_served_dir(data_dir);
     match explicit.or(configured) {
-        Some(dir) => ModelPackage::load(dir),
+        Some(dir) => super::promote::load_served(dir),
+        None if super::promote::is_layout(&promoted) => super::promote::load_served(&promoted),
         None => {
             let package = materialize(data_dir)?;
             tracing::warn!(

@@ -22,6 +22,7 @@ pub mod cpu_conv_grad;
 pub mod demo;
 pub mod net;
 pub mod package;
+pub mod promote;
 
 use std::path::Path;
 
@@ -31,7 +32,10 @@ use serde::Serialize;
 
 use crate::config::DeviceSpec;
 pub use net::{ExamNet, ParameterGroup};
-pub use package::{Architecture, Backbone, ModelManifest, ModelPackage, PackageBytes};
+pub use package::{
+    Architecture, Backbone, ModelManifest, ModelPackage, ModelProvenance, PackageBytes,
+};
+pub use promote::promote;
 
 /// Errors from packages, devices and inference.
 #[derive(Debug, thiserror::Error)]
@@ -368,6 +372,7 @@ pub fn default_manifest(name: &str, architecture: Architecture, input_size: u32)
         trained: false,
         input_size,
         architecture,
+        federation: None,
         emr,
     }
 }

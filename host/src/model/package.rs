@@ -121,8 +121,27 @@ pub struct ModelManifest {
     pub input_size: u32,
     /// The network.
     pub architecture: Architecture,
+    /// `[federation]`: where a federated model came from (written by the
+    /// aggregator; absent for a locally trained or initialised model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub federation: Option<ModelProvenance>,
     /// The EMR features, in input order.
     pub emr: Vec<EmrFeature>,
+}
+
+/// `[federation]` of `model.toml`: the federation round that produced a
+/// global model (`GET /v1/model` shows it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelProvenance {
+    /// `job = "exam-sim"`: the federation job.
+    pub job: String,
+    /// `round = 3`: the round whose aggregation produced the weights (0:
+    /// the starting model with the federated normalisation).
+    pub round: u64,
+    /// `aggregator = "<hex>"`: the aggregator's Ed25519 public key, which
+    /// signed the round's global-model record.
+    pub aggregator: String,
 }
 
 /// A loaded, checked model package.

@@ -48,6 +48,13 @@ pub struct ReloadRefusalLabels {
     pub reason: &'static str,
 }
 
+/// Labels of the model reload counter.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelReloadLabels {
+    /// `changed`, `unchanged` or `failed`.
+    pub outcome: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// The server's metrics.
@@ -63,6 +70,8 @@ pub struct Metrics {
     inference_restarts: Counter,
     admission_refusals: Family<AdmissionLabels, Counter>,
     reload_refusals: Family<ReloadRefusalLabels, Counter>,
+    model_reload_refusals: Family<ReloadRefusalLabels, Counter>,
+    model_reloads: Family<ModelReloadLabels, Counter>,
     memory_budget: Gauge,
     memory_in_use: Gauge,
     memory_peak: Gauge,
@@ -139,6 +148,18 @@ impl Metrics {
             "Plugin reload requests refused: no_token (403), in_progress (409), rate_limited (429)",
             reload_refusals.clone(),
         );
+        let model_reload_refusals = Family::<ReloadRefusalLabels, Counter>::default();
+        registry.register(
+            "model_reload_refusals",
+            "Model reload requests refused: no_token (403), in_progress (409), rate_limited (429)",
+            model_reload_refusals.clone(),
+        );
+        let model_reloads = Family::<ModelReloadLabels, Counter>::default();
+        registry.register(
+            "model_reloads",
+            "Model reloads that ran: changed (another model is served), unchanged, failed (the running model stayed)",
+            model_reloads.clone(),
+        );
         let memory_budget = Gauge::default();
         registry.register(
             "memory_budget_bytes",
@@ -174,6 +195,8 @@ impl Metrics {
             inference_restarts,
             admission_refusals,
             reload_refusals,
+            model_reload_refusals,
+            model_reloads,
             memory_budget,
             memory_in_use,
             memory_peak,
@@ -235,6 +258,20 @@ impl Metrics {
     pub fn reload_refused(&self, reason: &'static str) {
         self.reload_refusals
             .get_or_create(&ReloadRefusalLabels { reason })
+            .inc();
+    }
+
+    /// Counts a refused model reload request, by `reason`.
+    pub fn model_reload_refused(&self, reason: &'static str) {
+        self.model_reload_refusals
+            .get_or_create(&ReloadRefusalLabels { reason })
+            .inc();
+    }
+
+    /// Counts a model reload that ran, by `outcome`.
+    pub fn model_reload(&self, outcome: &'static str) {
+        self.model_reloads
+            .get_or_create(&ModelReloadLabels { outcome })
             .inc();
     }
 

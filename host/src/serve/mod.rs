@@ -22,19 +22,21 @@
 //! moves into the blocking decode-and-plugins work, so a client that
 //! disconnects frees it only when that work ends. At most
 //! `server.max_connections` connections are open at once; further ones wait
-//! in the listen backlog. SIGHUP reloads the plugins; SIGINT/SIGTERM stop
+//! in the listen backlog. SIGHUP reloads the plugins and the model
+//! ([`model_reload`]); SIGINT/SIGTERM stop
 //! accepting, let requests in progress finish (up to 30 s), then exit.
 
 pub mod admission;
 pub mod batcher;
 pub mod metrics;
+pub mod model_reload;
 pub mod problem;
 pub mod reload;
 pub mod routes;
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::signal::unix::{Signal, SignalKind};
@@ -49,6 +51,7 @@ use crate::plugins::{PluginError, PluginRegistry};
 use crate::store::{AuditLog, StoreError};
 use admission::MemoryBudget;
 use batcher::Batcher;
+use candle_core::Device;
 use metrics::Metrics;
 use reload::ReloadGate;
 
@@ -96,7 +99,8 @@ pub struct ServerSettings {
     pub body: BodyLimits,
     /// Predictions in progress at once.
     pub max_concurrent: usize,
-    /// Least time between two HTTP plugin reloads.
+    /// Least time between two HTTP plugin reloads (and, apart, between
+    /// two HTTP model reloads).
     pub reload_min_interval: Duration,
     /// The memory budget, bytes (derived when the config says 0).
     pub memory_budget_bytes: u64,
@@ -129,12 +133,54 @@ impl ServerSettings {
     }
 }
 
+/// The served model: its pipeline and the inference thread that runs it.
+/// A request takes the one current when it starts and keeps it to the end,
+/// so a model reload lets requests in progress finish on the old model
+/// (whose thread stops when the last of them lets go).
+#[derive(Debug)]
+pub struct Served {
+    /// The model with the site's settings.
+    pub pipeline: Arc<Pipeline>,
+    /// Its inference thread.
+    pub batcher: Batcher,
+}
+
+/// Where the served model comes from, for reloads: the same resolution as
+/// at start ([`crate::model::demo::resolve`]), on the same device.
+#[derive(Debug, Clone)]
+pub struct ModelSource {
+    /// `--model DIR`.
+    pub explicit: Option<PathBuf>,
+    /// `[model] package`.
+    pub configured: Option<PathBuf>,
+    /// `[storage] data_dir` (the demo model, the default promotion folder).
+    pub data_dir: PathBuf,
+    /// The compute device.
+    pub device: Device,
+    /// The configuration the server started with (site, limits, batching).
+    pub config: Config,
+}
+
+impl ModelSource {
+    /// Resolves and reads the package the server should serve now.
+    ///
+    /// # Errors
+    /// [`ModelError`] from reading or checking it.
+    pub fn package(&self) -> Result<crate::model::ModelPackage, ModelError> {
+        crate::model::demo::resolve(
+            self.explicit.as_deref(),
+            self.configured.as_deref(),
+            &self.data_dir,
+        )
+    }
+}
+
 /// What every request handler shares.
 #[derive(Debug)]
 pub struct AppState {
-    pipeline: Arc<Pipeline>,
+    served: RwLock<Arc<Served>>,
+    model_source: ModelSource,
     plugins: Arc<PluginRegistry>,
-    batcher: Batcher,
     audit: Arc<Mutex<AuditLog>>,
     metrics: Arc<Metrics>,
     token: Option<BearerToken>,
@@ -143,13 +189,46 @@ pub struct AppState {
     permits: Arc<Semaphore>,
     budget: Arc<MemoryBudget>,
     reloads: ReloadGate,
+    model_reloads: ReloadGate,
+}
+
+impl AppState {
+    /// The model served now (kept by a request to its end).
+    pub fn served(&self) -> Arc<Served> {
+        match self.served.read() {
+            Ok(served) => Arc::clone(&served),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Serves `model` from now on: a new pipeline and inference thread;
+    /// requests in progress keep the old ones.
+    ///
+    /// # Errors
+    /// When the inference thread cannot be started (the old model stays).
+    pub fn swap_model(&self, model: Model) -> std::io::Result<()> {
+        let config = &self.model_source.config;
+        let pipeline = Arc::new(Pipeline::new(config, model));
+        let batcher = Batcher::start(
+            Arc::clone(&pipeline),
+            config.server.batch_max,
+            Duration::from_millis(config.server.batch_max_wait_ms),
+            Arc::clone(&self.metrics),
+        )?;
+        let next = Arc::new(Served { pipeline, batcher });
+        match self.served.write() {
+            Ok(mut served) => *served = next,
+            Err(poisoned) => *poisoned.into_inner() = next,
+        }
+        Ok(())
+    }
 }
 
 /// The signals the server handles, installed before it says it listens
 /// (so that a SIGHUP sent at once reloads rather than kills it).
 #[derive(Debug)]
 struct Signals {
-    /// Reloads the plugins.
+    /// Reloads the plugins and the model.
     hangup: Signal,
     /// SIGINT and SIGTERM: drain and exit.
     shutdown: ShutdownSignals,
@@ -182,12 +261,14 @@ impl Server {
                 }
             })?,
         )?;
-        let package = crate::model::demo::resolve(
-            model_dir,
-            config.model.package.as_deref(),
-            &config.storage.data_dir,
-        )?;
-        let model = Model::load(package, &device)?;
+        let model_source = ModelSource {
+            explicit: model_dir.map(Path::to_path_buf),
+            configured: config.model.package.clone(),
+            data_dir: config.storage.data_dir.clone(),
+            device: device.clone(),
+            config: config.clone(),
+        };
+        let model = Model::load(model_source.package()?, &device)?;
         let pipeline = Arc::new(Pipeline::new(config, model));
         let plugins = Arc::new(PluginRegistry::new(loaded)?);
         let audit = Arc::new(Mutex::new(AuditLog::open(&config.storage.data_dir)?));
@@ -220,9 +301,9 @@ impl Server {
         );
         Ok(Self {
             state: Arc::new(AppState {
-                pipeline,
+                served: RwLock::new(Arc::new(Served { pipeline, batcher })),
+                model_source,
                 plugins,
-                batcher,
                 audit,
                 metrics,
                 token,
@@ -230,6 +311,7 @@ impl Server {
                 permits: Arc::new(Semaphore::new(settings.max_concurrent)),
                 budget: MemoryBudget::new(settings.memory_budget_bytes),
                 reloads: ReloadGate::new(settings.reload_min_interval),
+                model_reloads: ReloadGate::new(settings.reload_min_interval),
                 settings,
             }),
             listener,

@@ -91,6 +91,45 @@ impl Problem {
         p
     }
 
+    /// 409: another model reload is running.
+    pub fn model_reload_in_progress() -> Self {
+        let mut p = Self::new(
+            StatusCode::CONFLICT,
+            "reload-in-progress",
+            "Reload in progress",
+            "another model reload is running; retry when it has finished",
+        );
+        p.retry_after = Some(1);
+        p
+    }
+
+    /// 429 with Retry-After: a model reload sooner than
+    /// `server.reload_min_interval_s` after the previous one.
+    pub fn model_reload_rate_limited(retry_after_s: u32, interval_s: u64) -> Self {
+        let mut p = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+            "Too many reloads",
+            format!(
+                "at most one model reload per {interval_s} s (server.reload_min_interval_s); retry in {retry_after_s} s"
+            ),
+        );
+        p.retry_after = Some(retry_after_s);
+        p
+    }
+
+    /// 422: the model to serve did not load (unreadable, corrupted, not
+    /// the digest its promotion named, weights that do not fit); the
+    /// running model stays.
+    pub fn model_reload_failed(detail: &str) -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "model-reload-failed",
+            "Model reload failed",
+            format!("{detail}; the running model stays in place"),
+        )
+    }
+
     /// The problem for a pipeline failure: 422 for input the DICOM checks,
     /// the schema, a plugin or the model refused; 400 for an EMR record that
     /// is not a JSON object of scalars; 503 for a quarantined plugin and

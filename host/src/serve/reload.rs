@@ -280,12 +280,16 @@ async fn reload_and_audit(state: &Arc<AppState>, actor: String) -> ReloadOutcome
     }
 }
 
-/// Reloads on every SIGHUP, through the same gate and audit, until the
-/// runtime stops.
+/// Reloads the plugins, then the model ([`super::model_reload`]), on every
+/// SIGHUP, each through its own gate and audit, until the runtime stops.
 pub async fn on_sighup(state: Arc<AppState>, mut hangup: tokio::signal::unix::Signal) {
     while hangup.recv().await.is_some() {
         let turn = state.reloads.begin().await;
         if let Err(e) = reload(&state, turn, "SIGHUP".to_owned()).await {
+            tracing::error!("SIGHUP: {e}");
+        }
+        let turn = state.model_reloads.begin().await;
+        if let Err(e) = super::model_reload::reload(&state, turn, "SIGHUP".to_owned()).await {
             tracing::error!("SIGHUP: {e}");
         }
     }

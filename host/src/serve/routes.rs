@@ -37,6 +37,7 @@ enum Route {
     OpenApi,
     Predict,
     Reload,
+    ModelReload,
     Other,
 }
 
@@ -51,6 +52,7 @@ impl Route {
             "/v1/openapi.json" => Route::OpenApi,
             "/v1/predict" => Route::Predict,
             "/v1/admin/plugins/reload" => Route::Reload,
+            "/v1/admin/model/reload" => Route::ModelReload,
             _ => Route::Other,
         }
     }
@@ -65,13 +67,14 @@ impl Route {
             Route::OpenApi => "/v1/openapi.json",
             Route::Predict => "/v1/predict",
             Route::Reload => "/v1/admin/plugins/reload",
+            Route::ModelReload => "/v1/admin/model/reload",
             Route::Other => "other",
         }
     }
 
     fn method(self) -> Option<Method> {
         match self {
-            Route::Predict | Route::Reload => Some(Method::POST),
+            Route::Predict | Route::Reload | Route::ModelReload => Some(Method::POST),
             Route::Other => None,
             _ => Some(Method::GET),
         }
@@ -109,12 +112,17 @@ async fn dispatch(
     if request.method() != method {
         return Problem::method_not_allowed(method.as_str()).into_response();
     }
-    // The admin route needs the token everywhere, loopback included: a
-    // server without one refuses it.
+    // The admin routes need the token everywhere, loopback included: a
+    // server without one refuses them.
     if route == Route::Reload && state.token.is_none() {
         // Debug only, and counted: any local client can send these.
         tracing::debug!("plugin reload from {peer} refused: no server.token_file configured");
         state.metrics.reload_refused("no_token");
+        return Problem::admin_needs_token().into_response();
+    }
+    if route == Route::ModelReload && state.token.is_none() {
+        tracing::debug!("model reload from {peer} refused: no server.token_file configured");
+        state.metrics.model_reload_refused("no_token");
         return Problem::admin_needs_token().into_response();
     }
     if route.needs_token()
@@ -138,6 +146,7 @@ async fn dispatch(
         Route::OpenApi => response::static_json(OPENAPI),
         Route::Predict => predict(state, request).await,
         Route::Reload => reload(state, peer).await,
+        Route::ModelReload => model_reload(state, peer).await,
         Route::Other => Problem::not_found(request.uri().path()).into_response(),
     }
 }
@@ -146,7 +155,8 @@ async fn dispatch(
 /// inference thread serves (and its forward pass has not panicked on the
 /// last attempts in a row) and no plugin is quarantined.
 fn ready(state: &AppState) -> HttpResponse {
-    if let Some(reason) = state.batcher.unready() {
+    let served = state.served();
+    if let Some(reason) = served.batcher.unready() {
         let mut p = Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "not-ready",
@@ -168,7 +178,7 @@ fn ready(state: &AppState) -> HttpResponse {
             StatusCode::OK,
             &json!({
                 "ready": true,
-                "model_digest": state.pipeline.model().package().digest,
+                "model_digest": served.pipeline.model().package().digest,
                 "plugins": plugins.plugins().len(),
             }),
         )
@@ -187,20 +197,24 @@ fn ready(state: &AppState) -> HttpResponse {
     }
 }
 
+/// The served model; `federation` (job, round, aggregator) when it came
+/// from a federation round.
 fn model(state: &AppState) -> HttpResponse {
-    let package = state.pipeline.model().package();
+    let served = state.served();
+    let package = served.pipeline.model().package();
     let manifest = &package.manifest;
-    response::json(
-        StatusCode::OK,
-        &json!({
-            "model": state.pipeline.model_identity(),
-            "input_size": manifest.input_size,
-            "architecture": manifest.architecture,
-            "emr": manifest.emr,
-            "outputs": ["p_o2_any", "p_o2_high_flow_or_niv", "p_ventilation_or_death", "exam_score"],
-            "horizons": ["24h", "72h"],
-        }),
-    )
+    let mut body = json!({
+        "model": served.pipeline.model_identity(),
+        "input_size": manifest.input_size,
+        "architecture": manifest.architecture,
+        "emr": manifest.emr,
+        "outputs": ["p_o2_any", "p_o2_high_flow_or_niv", "p_ventilation_or_death", "exam_score"],
+        "horizons": ["24h", "72h"],
+    });
+    if let (Some(federation), Some(object)) = (&manifest.federation, body.as_object_mut()) {
+        object.insert("federation".to_owned(), json!(federation));
+    }
+    response::json(StatusCode::OK, &body)
 }
 
 fn plugins(state: &AppState) -> HttpResponse {
@@ -266,6 +280,49 @@ async fn reload(state: &Arc<AppState>, peer: SocketAddr) -> HttpResponse {
     }
 }
 
+/// One model reload at a time, at most one per
+/// `server.reload_min_interval_s`, each audited (the token was checked by
+/// [`dispatch`]); in a task of its own, as the plugin reload. Answers the
+/// model served afterwards (`GET /v1/model`'s body), or 422 when the
+/// package did not load (the running model stays).
+async fn model_reload(state: &Arc<AppState>, peer: SocketAddr) -> HttpResponse {
+    let turn = match state.model_reloads.try_begin() {
+        Ok(turn) => turn,
+        Err(Refusal::InProgress) => {
+            tracing::debug!("model reload from {peer} refused: another is running");
+            state.metrics.model_reload_refused("in_progress");
+            return Problem::model_reload_in_progress().into_response();
+        }
+        Err(Refusal::TooSoon { retry_after_s }) => {
+            tracing::debug!("model reload from {peer} refused: rate limited");
+            state.metrics.model_reload_refused("rate_limited");
+            return Problem::model_reload_rate_limited(
+                retry_after_s,
+                state.settings.reload_min_interval.as_secs(),
+            )
+            .into_response();
+        }
+    };
+    let outcome = match super::model_reload::reload(state, turn, format!("http {peer}")).await {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            tracing::error!("model reload: {e}");
+            return Problem::internal(
+                "the model reload task failed; see the server log and GET /v1/model",
+            )
+            .into_response();
+        }
+    };
+    match (outcome.result, outcome.audit_error) {
+        (_, Some(e)) => Problem::internal(format!(
+            "the model reload ran but could not be audited ({e}); see GET /v1/model"
+        ))
+        .into_response(),
+        (Ok(_), None) => model(state),
+        (Err(failure), None) => Problem::model_reload_failed(&failure).into_response(),
+    }
+}
+
 /// The two ways a prediction request can carry its case.
 enum CaseBody {
     /// `multipart/form-data`: a `dicom` part and an `emr` part.
@@ -298,6 +355,9 @@ async fn predict(state: &Arc<AppState>, request: Request<Incoming>) -> HttpRespo
     // and before a prediction permit: a client trickling its body holds
     // memory only for what it has sent, and no permit.
     let mut reservation = state.budget.reservation();
+    // The model this request runs on, to its end (a reload meanwhile
+    // serves later requests).
+    let served = state.served();
     let outcome = match read_case(state, request, &mut reservation).await {
         Err(problem) => Err(problem),
         Ok(body) => {
@@ -308,7 +368,7 @@ async fn predict(state: &Arc<AppState>, request: Request<Incoming>) -> HttpRespo
                     .into_response();
             };
             let _in_flight = InFlight::new(state.metrics.in_flight());
-            predict_case(state, &request_id, body, reservation, permit).await
+            predict_case(state, &served, &request_id, body, reservation, permit).await
         }
     };
     let (response, audit) = match outcome {
@@ -337,7 +397,7 @@ async fn predict(state: &Arc<AppState>, request: Request<Incoming>) -> HttpRespo
             return problem.for_request(&request_id).into_response();
         }
         Err(problem) => {
-            let audit = state.pipeline.refused_record(
+            let audit = served.pipeline.refused_record(
                 &request_id,
                 &state.plugins.current(),
                 problem.status < 500,
@@ -385,6 +445,7 @@ fn admission_problem(state: &AppState, e: AdmissionError) -> Problem {
 /// configured number of decodes and plugin calls ever run at once.
 async fn predict_case(
     state: &Arc<AppState>,
+    served: &super::Served,
     request_id: &str,
     body: CaseBody,
     mut reservation: Reservation,
@@ -425,7 +486,7 @@ async fn predict_case(
     // Decode and plugins: CPU work, off the async threads. The file is
     // parsed and its header read here, so that the decode is admitted
     // against the memory budget before any pixel buffer exists.
-    let pipeline = Arc::clone(&state.pipeline);
+    let pipeline = Arc::clone(&served.pipeline);
     let plugins = state.plugins.current();
     let limits = state.limits.clone();
     let admit_state = Arc::clone(state);
@@ -505,13 +566,13 @@ async fn predict_case(
             return Err(Problem::from_pipeline(&e));
         }
     };
-    let output = state
+    let output = served
         .batcher
         .infer(std::mem::take(&mut case.input))
         .await
-        .map_err(|e| Problem::from_batch(e, state.batcher.stopped()))?;
+        .map_err(|e| Problem::from_batch(e, served.batcher.stopped()))?;
     state.metrics.stage("queue", output.queue_ms);
-    Ok(state
+    Ok(served
         .pipeline
         .report(request_id, case, output.prediction, output.inference_ms))
 }

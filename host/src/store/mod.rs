@@ -80,11 +80,13 @@ pub struct AdminRecord {
     pub time: String,
     /// Who asked: `http <peer address>` or `SIGHUP`.
     pub actor: String,
-    /// What: `plugins.reload`.
+    /// What: `plugins.reload` or `model.reload`.
     pub action: String,
-    /// `ok`, or `failed`.
+    /// `ok`, `failed`, or for a model reload that found the served model
+    /// `unchanged`.
     pub outcome: String,
-    /// The plugins before (JSON: name, version, sha256 of each).
+    /// The plugins before (JSON: name, version, sha256 of each), or the
+    /// model (name, version, digest, federation).
     pub before: serde_json::Value,
     /// The plugins after (the same as before when it failed).
     pub after: serde_json::Value,

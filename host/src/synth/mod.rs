@@ -56,10 +56,47 @@ pub struct SynthOptions {
     pub sites: usize,
     /// Mean cases per site (sites range 0.7×–1.3×; site 1 exactly).
     pub cases_per_site: usize,
+    /// Exact cases of each site, in order (overrides `sites` and
+    /// `cases_per_site`; the label model and the sites' other parameters
+    /// stay those of their index): unequal sites for federation studies.
+    pub site_sizes: Option<Vec<usize>>,
+    /// Write no radiographs (`image_file` empty): a cohort for EMR-only
+    /// models, written in seconds (the labels and EMR values are the same
+    /// as with images).
+    pub no_images: bool,
     /// The seed.
     pub seed: u64,
     /// The output folder (created; must be empty or absent).
     pub out: PathBuf,
+}
+
+impl SynthOptions {
+    /// The number of sites: `site_sizes`' length when given.
+    pub fn site_count(&self) -> usize {
+        self.site_sizes.as_ref().map_or(self.sites, Vec::len)
+    }
+
+    /// The mean site size the profiles are drawn around.
+    fn mean_cases(&self) -> usize {
+        match &self.site_sizes {
+            Some(sizes) if !sizes.is_empty() => (sizes.iter().sum::<usize>() / sizes.len()).max(1),
+            _ => self.cases_per_site,
+        }
+    }
+
+    /// Every site's profile (sizes from `site_sizes` when given).
+    pub fn profiles(&self) -> Vec<SiteProfile> {
+        let mean = self.mean_cases();
+        (0..self.site_count())
+            .map(|i| {
+                let mut profile = cohort::site_profile(i, mean);
+                if let Some(size) = self.site_sizes.as_ref().and_then(|s| s.get(i)) {
+                    profile.cases = *size;
+                }
+                profile
+            })
+            .collect()
+    }
 }
 
 /// Bayes-optimal AUCs at one horizon.
@@ -192,10 +229,20 @@ fn population(site: &SiteProfile, draws: usize, seed: u64) -> Vec<Draw> {
 /// # Errors
 /// [`SynthError`].
 pub fn generate(options: &SynthOptions, progress: &(dyn Fn() + Sync)) -> Result<Truth, SynthError> {
-    if !(1..=64).contains(&options.sites) {
+    if !(1..=64).contains(&options.site_count()) {
         return Err(SynthError::Options(format!(
             "--sites {}: between 1 and 64",
-            options.sites
+            options.site_count()
+        )));
+    }
+    if let Some(size) = options
+        .site_sizes
+        .iter()
+        .flatten()
+        .find(|s| !(1..=100_000).contains(*s))
+    {
+        return Err(SynthError::Options(format!(
+            "--site-sizes: {size} cases; every site between 1 and 100000"
         )));
     }
     if !(1..=100_000).contains(&options.cases_per_site) {
@@ -205,16 +252,15 @@ pub fn generate(options: &SynthOptions, progress: &(dyn Fn() + Sync)) -> Result<
         )));
     }
     prepare_output(&options.out)?;
-    let profiles: Vec<SiteProfile> = (0..options.sites)
-        .map(|i| cohort::site_profile(i, options.cases_per_site))
-        .collect();
+    let profiles: Vec<SiteProfile> = options.profiles();
     let mut sites = Vec::new();
     let mut pooled_population = Vec::new();
     let mut pooled_sample = Vec::new();
     for site in &profiles {
         let dir = options.out.join(&site.id);
         let images = dir.join("images");
-        std::fs::create_dir_all(&images).map_err(|e| SynthError::Output {
+        let folder = if options.no_images { &dir } else { &images };
+        std::fs::create_dir_all(folder).map_err(|e| SynthError::Output {
             path: images.display().to_string(),
             reason: e.to_string(),
         })?;
@@ -232,11 +278,13 @@ pub fn generate(options: &SynthOptions, progress: &(dyn Fn() + Sync)) -> Result<
                     options.seed ^ 0x0069_6d61_6765,
                     ((site.index as u64) << 32) | i as u64,
                 );
-                write_case_image(site, patient, &images, &mut rng)?;
+                if !options.no_images {
+                    write_case_image(site, patient, &images, &mut rng)?;
+                }
                 progress();
                 Ok::<(), SynthError>(())
             })?;
-        write_cases_csv(site, &patients, &dir.join("cases.csv"))?;
+        write_cases_csv(site, &patients, !options.no_images, &dir.join("cases.csv"))?;
         write_labels_csv(&patients, &dir.join("labels.csv"))?;
         write_site_toml(site, &dir.join("site.toml"))?;
 
@@ -251,7 +299,7 @@ pub fn generate(options: &SynthOptions, progress: &(dyn Fn() + Sync)) -> Result<
             .collect();
         let draws = population(
             site,
-            200_000 * site.cases / options.cases_per_site.max(1),
+            200_000 * site.cases / options.mean_cases(),
             options.seed,
         );
         sites.push(SiteTruth {
@@ -424,6 +472,7 @@ fn text(value: Option<f64>, digits: usize) -> String {
 fn write_cases_csv(
     site: &SiteProfile,
     patients: &[Patient],
+    images: bool,
     path: &Path,
 ) -> Result<(), SynthError> {
     let csv_error = |e: csv::Error| SynthError::Csv(format!("{}: {e}", path.display()));
@@ -448,7 +497,8 @@ fn write_cases_csv(
     out.write_record(&header).map_err(csv_error)?;
     for p in patients {
         let v = |name: &str| names.iter().position(|n| *n == name).and_then(|i| p.emr[i]);
-        let mut row = vec![p.case_id.clone(), image_file(p)];
+        let image = if images { image_file(p) } else { String::new() };
+        let mut row = vec![p.case_id.clone(), image];
         match site.convention {
             Convention::ExampleSite => {
                 let wbc = v("wbc_e9_l");

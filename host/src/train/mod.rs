@@ -135,6 +135,9 @@ pub struct TrainOptions {
     /// Refit the ordinal thresholds on the validation split at the end
     /// (else keep the trained ones).
     pub refit_thresholds: bool,
+    /// Which cases train: [`crate::cases::HeldOut::Exclude`] never sees the
+    /// held-out test cases ([`crate::cases::is_held_out`]).
+    pub held_out: crate::cases::HeldOut,
 }
 
 /// Progress, for a progress bar.
@@ -244,6 +247,9 @@ impl TrainOptions {
         }
         if self.patience == 0 || self.decay_epochs == 0 {
             return bad("--patience and --decay-epochs must be at least 1");
+        }
+        if !self.held_out.is_valid() {
+            return bad("--exclude-held-out: a share strictly between 0 and 1");
         }
         Ok(())
     }
@@ -409,7 +415,7 @@ pub fn prepare(
     let sites: Vec<dataset::Site> = options
         .data
         .iter()
-        .map(|d| dataset::read_site(d))
+        .map(|d| dataset::read_site(d).map(|site| options.held_out.select(&site)))
         .collect::<Result<_, _>>()?;
     progress(TrainEvent::Preparing {
         total: sites.iter().map(|s| s.cases.len()).sum(),
