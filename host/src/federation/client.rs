@@ -10,7 +10,6 @@
 //! and shard bytes, nothing else.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -316,8 +315,8 @@ impl AggregatorClient {
             .map_err(|e| transport(e.to_string()))?;
         let response = match &self.tls {
             Some(connector) => {
-                let name = rustls::pki_types::ServerName::try_from(self.url.host.clone())
-                    .map_err(|e| transport(format!("server name: {e}")))?;
+                let name = crate::http::tls::server_name(&self.url.host)
+                    .map_err(|e| transport(e.to_string()))?;
                 let stream = connector
                     .connect(name, stream)
                     .await
@@ -566,31 +565,13 @@ fn refusal(what: &str, answer: &Answer) -> ClientError {
     }
 }
 
-/// A TLS connector trusting exactly the certificates in the PEM file.
+/// A TLS connector trusting exactly the certificates in the PEM file
+/// ([`crate::http::tls::connector`], shared with the aggregator).
 fn tls_connector(ca: &Path) -> Result<tokio_rustls::TlsConnector, ClientError> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let tls = |reason: String| ClientError::Tls {
+    crate::http::tls::connector(ca).map_err(|e| ClientError::Tls {
         path: ca.display().to_string(),
-        reason,
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    let certificates = CertificateDer::pem_file_iter(ca).map_err(|e| tls(e.to_string()))?;
-    for certificate in certificates {
-        roots
-            .add(certificate.map_err(|e| tls(e.to_string()))?)
-            .map_err(|e| tls(e.to_string()))?;
-    }
-    if roots.is_empty() {
-        return Err(tls("no certificate in the file".to_owned()));
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| tls(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+        reason: e.to_string(),
+    })
 }
 
 #[cfg(test)]

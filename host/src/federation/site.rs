@@ -523,7 +523,7 @@ impl<'a> SiteClient<'a> {
     fn training(&mut self, task: &RoundTask) -> Result<Step, SiteError> {
         self.forget_old_rounds(task)?;
         let dir = self.round_dir(&task.job, task.round);
-        if task.received.iter().any(|s| *s == self.config.site.id)
+        if task.received.contains(&self.config.site.id)
             || dir.join("uploaded").is_file()
             || dir.join("refused").is_file()
         {
@@ -1025,9 +1025,17 @@ impl<'a> SiteClient<'a> {
         let held_out = &self.prepared_cases()?.held_out;
         let auc = held_out_auc(candidate.clone(), held_out, &self.device)?;
         let served = self.config.model.package.as_deref();
-        let served_auc = match served.map(PackageBytes::read) {
-            Some(Ok(bytes)) => held_out_auc(bytes, held_out, &self.device).ok().flatten(),
-            _ => None,
+        // The served package: the promotion layout's current version, or
+        // a plain package folder.
+        let served_bytes = served.and_then(|dir| {
+            crate::model::promote::load_served(dir)
+                .ok()
+                .and_then(|p| PackageBytes::read(&p.dir).ok())
+                .or_else(|| PackageBytes::read(dir).ok())
+        });
+        let served_auc = match served_bytes {
+            Some(bytes) => held_out_auc(bytes, held_out, &self.device).ok().flatten(),
+            None => None,
         };
         let passes = match (auc, served_auc) {
             (Some(new), Some(old)) => new >= old - self.federation.promote_max_auc_drop,
@@ -1036,7 +1044,7 @@ impl<'a> SiteClient<'a> {
         };
         let promoted = self.federation.promote && passes;
         if promoted && let Some(served) = served {
-            promote(&candidate, served)?;
+            crate::model::promote(&candidate, served)?;
             self.counters.promotions += 1;
             self.notify_serve();
         }
@@ -1301,18 +1309,6 @@ fn held_out_auc(
     }
     let labels: Vec<bool> = cases.iter().map(|e| e.levels[0] >= 1).collect();
     Ok(crate::metrics::auc(&scores, &labels))
-}
-
-/// Makes `package` the served model in `served`.
-///
-/// FOR THE LEAD: a stand-in for `model::promote(package_bytes,
-/// served_dir)` (helper fmath), which was not in main when this was
-/// written; replace this call with it at the merge. This one writes each
-/// file atomically (weights, then manifest), so a reader sees either
-/// package's manifest, but not one atomic swap of both.
-fn promote(package: &PackageBytes, served: &Path) -> Result<(), SiteError> {
-    package.write(served)?;
-    Ok(())
 }
 
 /// Standard normal draws from a generator seeded by the system's random
