@@ -535,7 +535,7 @@ fn a_tampered_global_model_is_refused_and_not_loaded() {
             ),
         ]
     };
-    let cases: Vec<(&str, Vec<(String, Vec<u8>, Option<String>)>, &str)> = vec![
+    let cases: Vec<(&str, Vec<FakeRoute>, &str)> = vec![
         (
             "weights changed after signing",
             {
@@ -605,3 +605,6 @@ fn a_tampered_global_model_is_refused_and_not_loaded() {
         );
     }
 }
+
+/// One route of the fake aggregator: path, body, `Oxbox-Signature` line.
+type FakeRoute = (String, Vec<u8>, Option<String>);
