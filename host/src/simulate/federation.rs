@@ -628,7 +628,10 @@ mod tests {
 
     #[test]
     fn configs_quote_paths_and_carry_the_variant_filters() {
-        assert_eq!(quoted("a\"b"), "\"a\\\"b\"");
+        for path in ["a\"b", "c:\\x", "it's", "new\nline"] {
+            let doc: toml::Table = toml::from_str(&format!("p = {}", quoted(path))).expect("toml");
+            assert_eq!(doc["p"].as_str(), Some(path), "{path:?} survives quoting");
+        }
         let percent: Variant = "percentile=10".parse().expect("variant");
         assert!(percent.filters_toml().contains("percent = 10.0"));
         let fedbn: Variant = "fedbn".parse().expect("variant");
