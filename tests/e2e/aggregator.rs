@@ -985,7 +985,7 @@ fn forged_stale_replayed_oversized_and_tampered_uploads_are_refused_before_anyth
 
 /// Round 1 of a three-site job from the same updates, uninterrupted: the
 /// digest of the global model it publishes.
-fn reference_digest(updates: impl Fn(&Federation, &str) -> Vec<Update>) -> String {
+fn reference_weights(updates: impl Fn(&Federation, &str) -> Vec<Update>) -> String {
     let f = Federation::new(3, "", "rounds = 1\nmin_sites = 3\nstatistics = false");
     let a = f.start();
     let base = a.task(&f.aggregator_key).global_model;
@@ -993,10 +993,9 @@ fn reference_digest(updates: impl Fn(&Federation, &str) -> Vec<Update>) -> Strin
         u.send(a.addr);
     }
     let s = a.wait_for("the reference round", |s| s["phase"] == "finished");
-    s["global_model"]["digest"]
-        .as_str()
-        .expect("digest")
-        .to_owned()
+    let digest = s["global_model"]["digest"].as_str().expect("digest");
+    let (bytes, _) = fetch_model(&a, &f.aggregator_key, digest);
+    sha256(&bytes.weights)
 }
 
 #[test]
@@ -1016,7 +1015,9 @@ fn kill_9_mid_upload_and_mid_aggregation_loses_nothing_and_counts_nothing_twice(
             })
             .collect()
     };
-    let reference = reference_digest(make);
+    // The reference runs under another aggregator key, which the model's
+    // [federation] provenance names: its weights must be the same bytes.
+    let reference = reference_weights(make);
 
     let f = Federation::new(3, "", "rounds = 1\nmin_sites = 3\nstatistics = false");
     let slow = [("OXBOX_TEST_AGGREGATION_DELAY_MS", "1500")];
@@ -1078,10 +1079,23 @@ fn kill_9_mid_upload_and_mid_aggregation_loses_nothing_and_counts_nothing_twice(
     let s = a.wait_for("the round to close after the restart", |s| {
         s["phase"] == "finished"
     });
+    let digest = s["global_model"]["digest"]
+        .as_str()
+        .expect("digest")
+        .to_owned();
+    let (package, record) = fetch_model(&a, &f.aggregator_key, &digest);
     assert_eq!(
-        s["global_model"]["digest"].as_str(),
-        Some(reference.as_str()),
-        "the same global model as the uninterrupted run"
+        sha256(&package.weights),
+        reference,
+        "the same global weights as the uninterrupted run"
+    );
+    let manifest: ModelManifest =
+        toml::from_str(std::str::from_utf8(&package.manifest).expect("utf-8")).expect("model.toml");
+    let provenance = manifest.federation.expect("[federation] provenance");
+    assert_eq!(
+        (provenance.round, provenance.aggregator),
+        (1, hex::encode(f.aggregator_key)),
+        "the provenance names the round and this aggregator's key"
     );
     let closed = s["closed_rounds"].as_array().expect("closed rounds");
     assert_eq!(closed.len(), 1, "{s:#}");
@@ -1089,7 +1103,6 @@ fn kill_9_mid_upload_and_mid_aggregation_loses_nothing_and_counts_nothing_twice(
         closed[0]["sites"],
         serde_json::json!(["site-1", "site-2", "site-3"])
     );
-    let (_, record) = fetch_model(&a, &f.aggregator_key, &reference);
     let samples: Vec<u64> = record.contributions.iter().map(|c| c.samples).collect();
     assert_eq!(samples, [10, 20, 30], "each site counted once");
     let bytes: BTreeMap<String, u64> = s["sites"]
