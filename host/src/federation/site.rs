@@ -1230,8 +1230,16 @@ pub fn build_update(
     })
 }
 
-/// The counters as OpenMetrics text.
+/// The counters as OpenMetrics text (a whole exposition, `# EOF` last).
 pub fn openmetrics(c: &SiteCounters) -> String {
+    let mut out = openmetrics_families(c);
+    out.push_str("# EOF\n");
+    out
+}
+
+/// The counters as OpenMetrics metric families, without the closing
+/// `# EOF`: what `oxbox serve` adds to its own `/metrics`.
+pub fn openmetrics_families(c: &SiteCounters) -> String {
     let mut out = String::new();
     for (name, help, value) in [
         (
@@ -1273,8 +1281,15 @@ pub fn openmetrics(c: &SiteCounters) -> String {
              oxbox_federation_{name}_total {value}\n"
         ));
     }
-    out.push_str("# EOF\n");
     out
+}
+
+/// The site's federation counters as `oxbox federate` last saved them
+/// under `data_dir` (None: this box has not federated, or the file is
+/// unreadable).
+pub fn saved_counters(data_dir: &Path) -> Option<SiteCounters> {
+    let bytes = std::fs::read(data_dir.join("federation").join("counters.json")).ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 /// The wait before retry `attempt` (2 = the first retry).
@@ -1477,5 +1492,27 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"));
+        assert_eq!(text.matches("# EOF").count(), 1);
+        assert!(!openmetrics_families(&counters).contains("# EOF"));
+    }
+
+    #[test]
+    fn saved_counters_are_read_back_and_absent_ones_are_none() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(saved_counters(dir.path()).is_none());
+        let counters = SiteCounters {
+            rounds_trained: 4,
+            ..SiteCounters::default()
+        };
+        std::fs::create_dir_all(dir.path().join("federation")).expect("mkdir");
+        std::fs::write(
+            dir.path().join("federation/counters.json"),
+            serde_json::to_vec(&counters).expect("json"),
+        )
+        .expect("write");
+        assert_eq!(
+            saved_counters(dir.path()).map(|c| c.rounds_trained),
+            Some(4)
+        );
     }
 }

@@ -193,6 +193,11 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// `[storage] data_dir`.
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.model_source.data_dir
+    }
+
     /// The model served now (kept by a request to its end).
     pub fn served(&self) -> Arc<Served> {
         match self.served.read() {

@@ -141,7 +141,15 @@ async fn dispatch(
             state
                 .metrics
                 .memory(budget.capacity(), budget.in_use(), budget.peak());
-            response::openmetrics(state.metrics.encode())
+            let text = state.metrics.encode();
+            let federation = crate::federation::site::saved_counters(state.data_dir());
+            response::openmetrics(match federation {
+                Some(counters) => with_federation_counters(
+                    text,
+                    &crate::federation::site::openmetrics_families(&counters),
+                ),
+                None => text,
+            })
         }
         Route::OpenApi => response::static_json(OPENAPI),
         Route::Predict => predict(state, request).await,
@@ -194,6 +202,15 @@ fn ready(state: &AppState) -> HttpResponse {
         );
         p.retry_after = Some(60);
         p.into_response()
+    }
+}
+
+/// The server's exposition with the site's federation counters (written by
+/// `oxbox federate` on this box) inserted before its closing `# EOF`.
+fn with_federation_counters(text: String, families: &str) -> String {
+    match text.strip_suffix("# EOF\n") {
+        Some(head) => format!("{head}{families}# EOF\n"),
+        None => text,
     }
 }
 
@@ -784,4 +801,20 @@ async fn parse_multipart(body: Body, boundary: String) -> Result<CaseBody, Probl
     }
     let emr = emr.ok_or_else(|| Problem::malformed("the multipart body has no emr part"))?;
     Ok(CaseBody::Multipart { dicom, emr })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_federation_counters;
+
+    #[test]
+    fn federation_counters_go_before_the_one_closing_eof() {
+        let text = "# TYPE a counter\na_total 1\n# EOF\n".to_owned();
+        let merged = with_federation_counters(text, "# TYPE b counter\nb_total 2\n");
+        assert_eq!(
+            merged,
+            "# TYPE a counter\na_total 1\n# TYPE b counter\nb_total 2\n# EOF\n"
+        );
+        assert_eq!(merged.matches("# EOF").count(), 1);
+    }
 }
