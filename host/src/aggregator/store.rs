@@ -211,6 +211,21 @@ impl Store {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Every row of `sql` with `params`, each mapped by `row`.
+    fn query_rows<T, P: rusqlite::Params>(
+        &self,
+        sql: &str,
+        params: P,
+        row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>, AggregatorError> {
+        let c = self.lock();
+        let mut stmt = c.prepare(sql).map_err(self.sqlite())?;
+        stmt.query_map(params, row)
+            .map_err(self.sqlite())?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.sqlite())
+    }
+
     fn sqlite(&self) -> impl Fn(rusqlite::Error) -> AggregatorError + '_ {
         |source| AggregatorError::Sqlite {
             path: self.path.display().to_string(),
@@ -398,18 +413,7 @@ impl Store {
     /// # Errors
     /// [`AggregatorError::Sqlite`].
     pub fn models(&self) -> Result<Vec<PublishedModel>, AggregatorError> {
-        let c = self.lock();
-        let mut stmt = c
-            .prepare(
-                "SELECT digest, round, previous, record, signature, contributions, aggregate_seconds FROM models ORDER BY round, published_at, rowid",
-            )
-            .map_err(self.sqlite())?;
-        let rows = stmt
-            .query_map([], model_row)
-            .map_err(self.sqlite())?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(self.sqlite())?;
-        Ok(rows)
+        self.query_rows("SELECT digest, round, previous, record, signature, contributions, aggregate_seconds FROM models ORDER BY round, published_at, rowid", params![], model_row)
     }
 
     /// Stores a site's statistics document.
@@ -453,12 +457,10 @@ impl Store {
     /// # Errors
     /// [`AggregatorError::Sqlite`].
     pub fn statistics(&self) -> Result<Vec<(String, StoredDocument)>, AggregatorError> {
-        let c = self.lock();
-        let mut stmt = c
-            .prepare("SELECT site, body, signature FROM statistics ORDER BY site")
-            .map_err(self.sqlite())?;
-        let rows = stmt
-            .query_map([], |r| {
+        self.query_rows(
+            "SELECT site, body, signature FROM statistics ORDER BY site",
+            params![],
+            |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     StoredDocument {
@@ -466,11 +468,8 @@ impl Store {
                         signature: r.get(2)?,
                     },
                 ))
-            })
-            .map_err(self.sqlite())?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(self.sqlite())?;
-        Ok(rows)
+            },
+        )
     }
 
     /// Stores a site's update manifest for `round` with its declared
@@ -568,18 +567,11 @@ impl Store {
     /// # Errors
     /// [`AggregatorError::Sqlite`].
     pub fn missing(&self, round: u64, site: &str) -> Result<Vec<String>, AggregatorError> {
-        let c = self.lock();
-        let mut stmt = c
-            .prepare(
-                "SELECT sha256 FROM shards WHERE round = ?1 AND site = ?2 AND stored = 0 ORDER BY idx",
-            )
-            .map_err(self.sqlite())?;
-        let rows = stmt
-            .query_map(params![to_i64(round), site], |r| r.get::<_, String>(0))
-            .map_err(self.sqlite())?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(self.sqlite())?;
-        Ok(rows)
+        self.query_rows(
+            "SELECT sha256 FROM shards WHERE round = ?1 AND site = ?2 AND stored = 0 ORDER BY idx",
+            params![to_i64(round), site],
+            |r| r.get::<_, String>(0),
+        )
     }
 
     /// The declaration of the shard `sha256` in `round`: its declared
@@ -593,12 +585,7 @@ impl Store {
         round: u64,
         sha256: &str,
     ) -> Result<Vec<(String, u32, u64, bool)>, AggregatorError> {
-        let c = self.lock();
-        let mut stmt = c
-            .prepare("SELECT site, idx, bytes, stored FROM shards WHERE round = ?1 AND sha256 = ?2 ORDER BY site, idx")
-            .map_err(self.sqlite())?;
-        let rows = stmt
-            .query_map(params![to_i64(round), sha256], |r| {
+        self.query_rows("SELECT site, idx, bytes, stored FROM shards WHERE round = ?1 AND sha256 = ?2 ORDER BY site, idx", params![to_i64(round), sha256], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, u32>(1)?,
@@ -606,10 +593,6 @@ impl Store {
                     r.get::<_, i64>(3)? != 0,
                 ))
             })
-            .map_err(self.sqlite())?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(self.sqlite())?;
-        Ok(rows)
     }
 
     /// Writes a checked shard's bytes to `shards/<sha256>` atomically
@@ -696,20 +679,9 @@ impl Store {
     /// # Errors
     /// [`AggregatorError::Sqlite`].
     pub fn complete_updates(&self, round: u64) -> Result<Vec<String>, AggregatorError> {
-        let c = self.lock();
-        let mut stmt = c
-            .prepare(
-                "SELECT m.site FROM manifests m WHERE m.round = ?1 AND m.rejected IS NULL AND NOT EXISTS (
+        self.query_rows("SELECT m.site FROM manifests m WHERE m.round = ?1 AND m.rejected IS NULL AND NOT EXISTS (
                    SELECT 1 FROM shards s WHERE s.round = m.round AND s.site = m.site AND s.stored = 0)
-                 ORDER BY m.site",
-            )
-            .map_err(self.sqlite())?;
-        let rows = stmt
-            .query_map(params![to_i64(round)], |r| r.get::<_, String>(0))
-            .map_err(self.sqlite())?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(self.sqlite())?;
-        Ok(rows)
+                 ORDER BY m.site", params![to_i64(round)], |r| r.get::<_, String>(0))
     }
 
     /// Marks `site`'s update for `round` rejected: it never counts (its
@@ -785,18 +757,11 @@ impl Store {
     /// # Errors
     /// [`AggregatorError::Sqlite`].
     pub fn seen(&self) -> Result<Vec<(String, u64)>, AggregatorError> {
-        let c = self.lock();
-        let mut stmt = c
-            .prepare("SELECT site, last_seen FROM seen ORDER BY site")
-            .map_err(self.sqlite())?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((r.get::<_, String>(0)?, to_u64(r.get::<_, i64>(1)?)))
-            })
-            .map_err(self.sqlite())?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(self.sqlite())?;
-        Ok(rows)
+        self.query_rows(
+            "SELECT site, last_seen FROM seen ORDER BY site",
+            params![],
+            |r| Ok((r.get::<_, String>(0)?, to_u64(r.get::<_, i64>(1)?))),
+        )
     }
 
     /// Bytes each site sent per round: round 0 its statistics document,
