@@ -119,20 +119,7 @@ async fn reload_and_audit(state: &Arc<AppState>, actor: String) -> ModelReloadOu
         after,
         detail: result.as_ref().err().cloned().unwrap_or_default(),
     };
-    let log = Arc::clone(&state.audit);
-    let written = tokio::task::spawn_blocking(move || match log.lock() {
-        Ok(log) => log.record_admin(&record).map_err(|e| e.to_string()),
-        Err(_) => Err("audit log lock poisoned".to_owned()),
-    })
-    .await;
-    let audit_error = match written {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(e),
-        Err(e) => Some(format!("audit task: {e}")),
-    };
-    if let Some(e) = &audit_error {
-        tracing::error!("model reload not audited: {e}");
-    }
+    let audit_error = super::reload::audit_admin(state, record, "model reload").await;
     ModelReloadOutcome {
         result,
         audit_error,

@@ -260,20 +260,7 @@ async fn reload_and_audit(state: &Arc<AppState>, actor: String) -> ReloadOutcome
             .map(ToString::to_string)
             .unwrap_or_default(),
     };
-    let log = Arc::clone(&state.audit);
-    let written = tokio::task::spawn_blocking(move || match log.lock() {
-        Ok(log) => log.record_admin(&record).map_err(|e| e.to_string()),
-        Err(_) => Err("audit log lock poisoned".to_owned()),
-    })
-    .await;
-    let audit_error = match written {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(e),
-        Err(e) => Some(format!("audit task: {e}")),
-    };
-    if let Some(e) = &audit_error {
-        tracing::error!("plugin reload not audited: {e}");
-    }
+    let audit_error = audit_admin(state, record, "plugin reload").await;
     ReloadOutcome {
         result,
         audit_error,
@@ -300,6 +287,30 @@ impl ReloadTurn {
     pub fn started(&self) -> Option<Instant> {
         *self.last
     }
+}
+
+/// Writes an admin action's audit row off the async threads; the error,
+/// also logged, when it could not be written (`what` names the action).
+pub(super) async fn audit_admin(
+    state: &AppState,
+    record: AdminRecord,
+    what: &str,
+) -> Option<String> {
+    let log = Arc::clone(&state.audit);
+    let written = tokio::task::spawn_blocking(move || match log.lock() {
+        Ok(log) => log.record_admin(&record).map_err(|e| e.to_string()),
+        Err(_) => Err("audit log lock poisoned".to_owned()),
+    })
+    .await;
+    let audit_error = match written {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e),
+        Err(e) => Some(format!("audit task: {e}")),
+    };
+    if let Some(e) = &audit_error {
+        tracing::error!("{what} not audited: {e}");
+    }
+    audit_error
 }
 
 #[cfg(test)]
