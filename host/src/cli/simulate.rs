@@ -40,6 +40,10 @@ pub struct Args {
     /// Local epochs per round.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub epochs: u32,
+    /// Epochs of the local-only and pooled models (default rounds ×
+    /// epochs); the epoch with the best validation loss is kept.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub baseline_epochs: Option<u32>,
     /// The cohort (`oxbox synth` output).
     #[arg(long, value_name = "COHORT_DIR")]
     pub data: PathBuf,
@@ -101,6 +105,7 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
         sites: args.sites.map(|s| s as usize),
         rounds: args.rounds,
         epochs: args.epochs as usize,
+        baseline_epochs: args.baseline_epochs.map(|e| e as usize),
         out: args.out.clone(),
         backbone: args.backbone,
         emr_only: args.emr_only,
