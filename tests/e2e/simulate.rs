@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::util::{repo_root, run, site_identifiers, stderr};
+use crate::util::{csv_rows, repo_root, run, site_identifiers, stderr};
 
 /// Site sizes of the CI cohort: unequal, two of them ≤ 150 cases.
 const SITE_SIZES: &str = "300,200,120,80,60";
@@ -234,22 +234,13 @@ fn identifiers(cohort: &Path) -> Vec<String> {
         let Some((columns, _)) = site_identifiers(&dir) else {
             continue;
         };
-        let mut reader = csv::Reader::from_path(dir.join("cases.csv")).expect("cases.csv");
-        let header: Vec<String> = reader
-            .headers()
-            .expect("header")
-            .iter()
-            .map(str::to_owned)
-            .collect();
-        for record in reader.records() {
-            let record = record.expect("row");
+        for row in csv_rows(&dir.join("cases.csv")) {
             for column in &columns {
                 // The arrival time is the same for everyone: not an identifier.
                 if column == "ARRIVAL_TS" {
                     continue;
                 }
-                let i = header.iter().position(|h| h == column).expect("column");
-                let value = record.get(i).unwrap_or("").to_owned();
+                let value = row.get(column).expect("column").clone();
                 if value.len() < 6 {
                     continue;
                 }

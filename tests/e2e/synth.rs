@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::util::{assert_clean_refusal, repo_root, run, site_identifiers, stderr};
+use crate::util::{assert_clean_refusal, csv_rows, repo_root, run, site_identifiers, stderr};
 
 fn synth(out: &Path, seed: &str) -> Value {
     let result = run(&[
@@ -43,26 +43,6 @@ fn files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 }
 
 /// The CSV's rows as (header → value) maps.
-fn rows(path: &Path) -> Vec<BTreeMap<String, String>> {
-    let mut reader = csv::Reader::from_path(path).expect("csv");
-    let header: Vec<String> = reader
-        .headers()
-        .expect("header")
-        .iter()
-        .map(str::to_owned)
-        .collect();
-    reader
-        .records()
-        .map(|r| {
-            header
-                .iter()
-                .cloned()
-                .zip(r.expect("record").iter().map(str::to_owned))
-                .collect()
-        })
-        .collect()
-}
-
 #[test]
 fn a_small_cohort_is_deterministic_ingestible_and_readable_by_its_plugins() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -107,8 +87,8 @@ fn a_small_cohort_is_deterministic_ingestible_and_readable_by_its_plugins() {
     for site in ["site-1", "site-2", "site-3"] {
         let dir = a.join(site);
         let (identifiers, plugin) = site_identifiers(&dir).expect("site.toml");
-        let cases = rows(&dir.join("cases.csv"));
-        let labels = rows(&dir.join("labels.csv"));
+        let cases = csv_rows(&dir.join("cases.csv"));
+        let labels = csv_rows(&dir.join("labels.csv"));
         assert_eq!(cases.len(), labels.len());
         for (case, label) in cases.iter().zip(&labels) {
             assert_eq!(case["case_id"], label["case_id"]);
@@ -265,7 +245,7 @@ fn site_mixes_give_each_site_its_case_mix_under_the_same_label_model() {
             .contains("z = s + e")
     );
     // The vitals-only site's export has no lab value, its vitals are there.
-    let cases = rows(&out.join("site-3").join("cases.csv"));
+    let cases = csv_rows(&out.join("site-3").join("cases.csv"));
     let column = |name: &str| {
         cases
             .iter()

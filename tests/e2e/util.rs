@@ -276,3 +276,24 @@ pub fn site_identifiers(site_dir: &Path) -> Option<(Vec<String>, String)> {
     let plugin = site["site"]["plugin"].as_str().expect("plugin").to_owned();
     Some((columns, plugin))
 }
+
+/// Every row of a CSV file, as column name → value.
+pub fn csv_rows(path: &Path) -> Vec<std::collections::BTreeMap<String, String>> {
+    let mut reader = csv::Reader::from_path(path).expect("csv");
+    let header: Vec<String> = reader
+        .headers()
+        .expect("header")
+        .iter()
+        .map(str::to_owned)
+        .collect();
+    reader
+        .records()
+        .map(|r| {
+            header
+                .iter()
+                .cloned()
+                .zip(r.expect("record").iter().map(str::to_owned))
+                .collect()
+        })
+        .collect()
+}
