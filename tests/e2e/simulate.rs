@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::util::{repo_root, run, stderr};
+use crate::util::{csv_rows, repo_root, run, site_identifiers, stderr};
 
 /// Site sizes of the CI cohort: unequal, two of them ≤ 150 cases.
 const SITE_SIZES: &str = "300,200,120,80,60";
@@ -177,6 +177,9 @@ fn simulate_reports_federated_local_and_pooled_auc_and_federation_beats_local() 
                 / 5.0;
             assert!((mean - direct).abs() < 1e-9, "{name}: {mean} vs {direct}");
             assert!(m["generalisability"].as_f64().is_some(), "{name}");
+            // Each site its own model only for local-only here (an EMR-only
+            // model has no batch norm a FedBN site could keep).
+            assert_eq!(m["site_specific"], name == "local-only", "{name}");
         }
     }
 
@@ -228,32 +231,16 @@ fn identifiers(cohort: &Path) -> Vec<String> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(cohort).expect("cohort") {
         let dir = entry.expect("entry").path();
-        let Ok(toml_text) = std::fs::read_to_string(dir.join("site.toml")) else {
+        let Some((columns, _)) = site_identifiers(&dir) else {
             continue;
         };
-        let site: toml::Value = toml::from_str(&toml_text).expect("site.toml");
-        let columns: Vec<String> = site["site"]["identifier_columns"]
-            .as_array()
-            .expect("identifier_columns")
-            .iter()
-            .filter_map(|c| c.as_str().map(str::to_owned))
-            .collect();
-        let mut reader = csv::Reader::from_path(dir.join("cases.csv")).expect("cases.csv");
-        let header: Vec<String> = reader
-            .headers()
-            .expect("header")
-            .iter()
-            .map(str::to_owned)
-            .collect();
-        for record in reader.records() {
-            let record = record.expect("row");
+        for row in csv_rows(&dir.join("cases.csv")) {
             for column in &columns {
                 // The arrival time is the same for everyone: not an identifier.
                 if column == "ARRIVAL_TS" {
                     continue;
                 }
-                let i = header.iter().position(|h| h == column).expect("column");
-                let value = record.get(i).unwrap_or("").to_owned();
+                let value = row.get(column).expect("column").clone();
                 if value.len() < 6 {
                     continue;
                 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::util::{assert_clean_refusal, repo_root, run, stderr};
+use crate::util::{assert_clean_refusal, csv_rows, repo_root, run, site_identifiers, stderr};
 
 fn synth(out: &Path, seed: &str) -> Value {
     let result = run(&[
@@ -43,26 +43,6 @@ fn files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 }
 
 /// The CSV's rows as (header → value) maps.
-fn rows(path: &Path) -> Vec<BTreeMap<String, String>> {
-    let mut reader = csv::Reader::from_path(path).expect("csv");
-    let header: Vec<String> = reader
-        .headers()
-        .expect("header")
-        .iter()
-        .map(str::to_owned)
-        .collect();
-    reader
-        .records()
-        .map(|r| {
-            header
-                .iter()
-                .cloned()
-                .zip(r.expect("record").iter().map(str::to_owned))
-                .collect()
-        })
-        .collect()
-}
-
 #[test]
 fn a_small_cohort_is_deterministic_ingestible_and_readable_by_its_plugins() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -106,22 +86,9 @@ fn a_small_cohort_is_deterministic_ingestible_and_readable_by_its_plugins() {
     let mut modalities = std::collections::BTreeSet::new();
     for site in ["site-1", "site-2", "site-3"] {
         let dir = a.join(site);
-        let site_toml: toml::Table = std::fs::read_to_string(dir.join("site.toml"))
-            .expect("site.toml")
-            .parse()
-            .expect("TOML");
-        let plugin = site_toml["site"]["plugin"]
-            .as_str()
-            .expect("plugin")
-            .to_owned();
-        let identifiers: Vec<String> = site_toml["site"]["identifier_columns"]
-            .as_array()
-            .expect("identifier_columns")
-            .iter()
-            .filter_map(|v| v.as_str().map(str::to_owned))
-            .collect();
-        let cases = rows(&dir.join("cases.csv"));
-        let labels = rows(&dir.join("labels.csv"));
+        let (identifiers, plugin) = site_identifiers(&dir).expect("site.toml");
+        let cases = csv_rows(&dir.join("cases.csv"));
+        let labels = csv_rows(&dir.join("labels.csv"));
         assert_eq!(cases.len(), labels.len());
         for (case, label) in cases.iter().zip(&labels) {
             assert_eq!(case["case_id"], label["case_id"]);
@@ -229,4 +196,81 @@ fn a_small_cohort_is_deterministic_ingestible_and_readable_by_its_plugins() {
     ]);
     let line = assert_clean_refusal(&again, "synth into a used folder");
     assert!(line.contains("not empty"), "{line}");
+}
+
+#[test]
+fn site_mixes_give_each_site_its_case_mix_under_the_same_label_model() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let synth_mixed = |out: &Path, mixes: &str| {
+        run(&[
+            "synth".as_ref(),
+            "--site-sizes".as_ref(),
+            "200,200,200".as_ref(),
+            "--site-mixes".as_ref(),
+            mixes.as_ref(),
+            "--no-images".as_ref(),
+            "--seed".as_ref(),
+            "3".as_ref(),
+            "--out".as_ref(),
+            out.as_os_str(),
+        ])
+    };
+    let out = tmp.path().join("mixed");
+    let result = synth_mixed(&out, "referral,community,vitals-only");
+    assert!(result.status.success(), "{}", stderr(&result));
+    let truth: Value =
+        serde_json::from_slice(&std::fs::read(out.join("truth.json")).expect("truth"))
+            .expect("JSON");
+    let sites = truth["sites"].as_array().expect("sites");
+    let mixes: Vec<&str> = sites
+        .iter()
+        .filter_map(|s| s["case_mix"].as_str())
+        .collect();
+    assert_eq!(mixes, ["referral", "community", "vitals-only"]);
+    let prevalence = |i: usize| {
+        sites[i]["prevalence_o2_any_24h"]
+            .as_f64()
+            .expect("prevalence")
+    };
+    assert!(
+        prevalence(0) > prevalence(1) + 0.3,
+        "the referral centre's patients are sicker: {} vs {}",
+        prevalence(0),
+        prevalence(1)
+    );
+    assert!(
+        truth["label_model"]
+            .as_str()
+            .expect("label model")
+            .contains("z = s + e")
+    );
+    // The vitals-only site's export has no lab value, its vitals are there.
+    let cases = csv_rows(&out.join("site-3").join("cases.csv"));
+    let column = |name: &str| {
+        cases
+            .iter()
+            .filter(|c| c.iter().any(|(k, v)| k.starts_with(name) && !v.is_empty()))
+            .count()
+    };
+    assert_eq!(
+        column("crp_mg_l") + column("ldh_u_l") + column("ferritin_ng_ml"),
+        0
+    );
+    assert!(column("spo2_pct") > 150);
+    // One mix per site, and only known mixes (the latter refused by the
+    // argument parser, with its usage lines).
+    let refused = synth_mixed(&tmp.path().join("two"), "referral,community");
+    let line = assert_clean_refusal(&refused, "two mixes for three sites");
+    assert!(line.contains("one per site"), "{line}");
+    let refused = synth_mixed(&tmp.path().join("unknown"), "referral,tertiary,general");
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        stderr(&refused).contains("one of general, community"),
+        "{}",
+        stderr(&refused)
+    );
+    assert!(
+        !tmp.path().join("two").join("site-1").exists(),
+        "nothing written"
+    );
 }

@@ -260,3 +260,40 @@ pub fn pack_plugin(wasm: &Path, out: &Path) -> PathBuf {
     assert!(pack.status.success(), "plugin pack: {}", stderr(&pack));
     out.join("plugin.toml")
 }
+
+/// A synthetic site's identifier columns, as its `site.toml` lists them
+/// (`oxbox synth` output), and its plugin's name; `None` when the folder
+/// has no `site.toml`.
+pub fn site_identifiers(site_dir: &Path) -> Option<(Vec<String>, String)> {
+    let text = std::fs::read_to_string(site_dir.join("site.toml")).ok()?;
+    let site: toml::Table = text.parse().expect("site.toml is TOML");
+    let columns = site["site"]["identifier_columns"]
+        .as_array()
+        .expect("identifier_columns")
+        .iter()
+        .filter_map(|c| c.as_str().map(str::to_owned))
+        .collect();
+    let plugin = site["site"]["plugin"].as_str().expect("plugin").to_owned();
+    Some((columns, plugin))
+}
+
+/// Every row of a CSV file, as column name → value.
+pub fn csv_rows(path: &Path) -> Vec<std::collections::BTreeMap<String, String>> {
+    let mut reader = csv::Reader::from_path(path).expect("csv");
+    let header: Vec<String> = reader
+        .headers()
+        .expect("header")
+        .iter()
+        .map(str::to_owned)
+        .collect();
+    reader
+        .records()
+        .map(|r| {
+            header
+                .iter()
+                .cloned()
+                .zip(r.expect("record").iter().map(str::to_owned))
+                .collect()
+        })
+        .collect()
+}

@@ -16,19 +16,23 @@ use oxbox::simulate::{SimulateEvent, SimulateOptions, Variant, simulate};
 oxbox synth --site-sizes 300,200,120,80,60 --no-images --seed 7 --out cohort\n  \
 oxbox simulate --sites 5 --rounds 5 --data cohort --out report --emr-only\n  \
 oxbox simulate --sites 5 --rounds 5 --data cohort --out report --emr-only \
---variant fedavg --variant percentile=10 --variant fedbn\n\n\
+--variant fedavg --variant percentile=10 --variant fedbn\n  \
+oxbox synth --site-sizes 400,250,150,80,60 --site-mixes referral,general,community,vitals-only,community \
+--no-images --seed 7 --out non-iid   (a non-IID cohort)\n\n\
 Per variant: Ed25519 keys for the aggregator and every site, a start model (`model init`), \
 aggregator.toml and one box config per site under REPORT_DIR/work/<variant>/, then \
 `oxbox aggregator serve` and one `oxbox federate --exit-when-finished` per site as separate \
 processes speaking HTTP on loopback, watched through GET /v1/status until the job is \
 finished; the final global model is fetched over the same API. Then, in-process, each \
-site's local-only model and a pooled model train for rounds x epochs on the same training \
-cases (each site's --holdout share is never trained on: crate::cases::is_held_out). Every \
+site's local-only model and a pooled model train for rounds x epochs (or --baseline-epochs) \
+on the same training cases (each site's --holdout share is never trained on: crate::cases::is_held_out). Every \
 model is scored on every site's held-out cases: per-site AUC of P(level >= 1) at 24 h and \
 72 h with DeLong 95 % CI, mean AUC, generalisability (mean AUC on the other sites' test \
 sets), bytes sent per site per round. Writes REPORT_DIR/report.md, report.json and bar \
 charts (PNG, SVG). With --record, every byte each site sends passes a recording proxy and \
-is kept under REPORT_DIR/work/<variant>/sent/<site>/ (the privacy guard reads it)."
+is kept under REPORT_DIR/work/<variant>/sent/<site>/ (the privacy guard reads it). A FedBN \
+site's model is its own (the global model with its kept batch-norm statistics overlaid): \
+scored per site on its own test cases and, for generalisability, on the other sites'."
 )]
 pub struct Args {
     /// Sites taking part (the cohort's first N site-* folders; default all).
@@ -40,6 +44,10 @@ pub struct Args {
     /// Local epochs per round.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub epochs: u32,
+    /// Epochs of the local-only and pooled models (default rounds ×
+    /// epochs); the epoch with the best validation loss is kept.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub baseline_epochs: Option<u32>,
     /// The cohort (`oxbox synth` output).
     #[arg(long, value_name = "COHORT_DIR")]
     pub data: PathBuf,
@@ -101,6 +109,7 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
         sites: args.sites.map(|s| s as usize),
         rounds: args.rounds,
         epochs: args.epochs as usize,
+        baseline_epochs: args.baseline_epochs.map(|e| e as usize),
         out: args.out.clone(),
         backbone: args.backbone,
         emr_only: args.emr_only,

@@ -18,7 +18,10 @@ deflated, RLE or JPEG-LS) and labels.csv (oxygen level 0-4 at 24 h and 72 h), an
 the label model and the Bayes-optimal AUC of every output per site and pooled. Site 1 uses the \
 canonical schema, site 2 the example site's convention (plugins/example-site), the others \
 alternate canonical names in other units and the example convention. Sites differ in \
-prevalence, age, label noise, missingness, size and scanner. Same seed, same files."
+prevalence, age, label noise, missingness, size and scanner; --site-mixes gives them different \
+case mixes (a non-IID cohort for federation studies):\n  \
+oxbox synth --site-sizes 400,250,150,80,60 --site-mixes referral,general,community,vitals-only,community \
+--no-images --seed 7 --out cohorts/non-iid\nSame seed, same files."
 )]
 pub struct Args {
     /// Number of sites.
@@ -33,6 +36,13 @@ pub struct Args {
     #[arg(long, value_name = "N,N,...", value_delimiter = ',', num_args = 1..,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub site_sizes: Option<Vec<u32>>,
+    /// Each site's case mix, comma-separated, one per site: general (the
+    /// site's own profile, the default), community (milder, younger
+    /// patients, basic labs only), referral (sicker, older patients, full
+    /// lab panel), vitals-only (no lab results in the export). Changes who
+    /// the site's patients are, never the label model.
+    #[arg(long, value_name = "MIX,MIX,...", value_delimiter = ',', num_args = 1..)]
+    pub site_mixes: Option<Vec<oxbox::synth::cohort::CaseMix>>,
     /// Write no radiographs (image_file left empty): a cohort for EMR-only
     /// models (`--emr-only`), written in seconds; labels and EMR values are
     /// the same as with images.
@@ -54,6 +64,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         site_sizes: args
             .site_sizes
             .map(|sizes| sizes.into_iter().map(|s| s as usize).collect()),
+        site_mixes: args.site_mixes,
         no_images: args.no_images,
         seed: args.seed,
         out: args.out,

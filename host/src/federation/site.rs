@@ -63,6 +63,17 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Cases per forward pass when evaluating a global model.
 const EVALUATION_BATCH: usize = 32;
+/// The file, in a job's folder, of the tensors the site's filters kept at
+/// home (FedBN's batch-norm statistics), overlaid on every global model.
+const KEPT_FILE: &str = "kept.safetensors";
+
+/// Where a site whose box stores under `data_dir` keeps job `job`'s
+/// kept tensors ([`crate::federation::tensors::overlay`] them on a global
+/// model to get the site's own model): read by `oxbox simulate` to
+/// evaluate FedBN per site.
+pub fn kept_tensors_path(data_dir: &Path, job: &str) -> PathBuf {
+    data_dir.join("federation").join(job).join(KEPT_FILE)
+}
 
 /// Why the site client stopped.
 #[derive(Debug, thiserror::Error)]
@@ -490,6 +501,10 @@ impl<'a> SiteClient<'a> {
         self.root.join(job)
     }
 
+    fn kept_path(&self, job: &str) -> PathBuf {
+        kept_tensors_path(&self.config.storage.data_dir, job)
+    }
+
     fn round_dir(&self, job: &str, round: u64) -> PathBuf {
         self.job_dir(job).join(format!("round-{round}"))
     }
@@ -735,16 +750,11 @@ impl<'a> SiteClient<'a> {
     /// The global weights with the site's kept tensors (FedBN) in place.
     fn start_weights(&self, job: &str, global: &Tensors) -> Result<Tensors, SiteError> {
         let mut start = global.clone();
-        let kept_path = self.job_dir(job).join("kept.safetensors");
-        if let Ok(bytes) = std::fs::read(&kept_path) {
-            let kept = tensors::from_safetensors(&bytes, "kept tensors")?;
-            for (name, tensor) in kept {
-                if let Some(slot) = start.get_mut(&name)
-                    && slot.shape == tensor.shape
-                {
-                    *slot = tensor;
-                }
-            }
+        if let Ok(bytes) = std::fs::read(self.kept_path(job)) {
+            tensors::overlay(
+                &mut start,
+                tensors::from_safetensors(&bytes, "kept tensors")?,
+            );
         }
         Ok(start)
     }
@@ -909,10 +919,7 @@ impl<'a> SiteClient<'a> {
         let _ = std::fs::remove_dir_all(&folder);
         std::fs::rename(&partial, &folder).map_err(|e| SiteError::state(&folder, e))?;
         if !kept.is_empty() {
-            write_file(
-                &self.job_dir(&task.job).join("kept.safetensors"),
-                &tensors::to_safetensors(&kept)?,
-            )?;
+            write_file(&self.kept_path(&task.job), &tensors::to_safetensors(&kept)?)?;
         }
         let _ = std::fs::remove_dir_all(dir.join(format!("epoch-{}", progress.epochs_done)));
         self.counters.rounds_trained += 1;

@@ -131,6 +131,23 @@ pub fn to_safetensors(tensors: &Tensors) -> Result<Vec<u8>, FederationError> {
     })
 }
 
+/// Puts a site's `kept` tensors (what its filters kept at home, FedBN's
+/// batch-norm statistics) in place of the same-named, same-shaped tensors
+/// of `base` (a global model's weights); a kept tensor the base lacks, or
+/// of another shape, is passed over. Returns how many were put in place.
+pub fn overlay(base: &mut Tensors, kept: Tensors) -> usize {
+    let mut replaced = 0;
+    for (name, tensor) in kept {
+        if let Some(slot) = base.get_mut(&name)
+            && slot.shape == tensor.shape
+        {
+            *slot = tensor;
+            replaced += 1;
+        }
+    }
+    replaced
+}
+
 /// Δ = `local` − `global`, tensor by tensor.
 ///
 /// # Errors
@@ -233,6 +250,29 @@ mod tests {
             },
         );
         t
+    }
+
+    #[test]
+    fn overlay_replaces_only_same_named_same_shaped_tensors() {
+        let mut base = sample();
+        let mut kept = Tensors::new();
+        let own = Tensor32 {
+            shape: vec![1],
+            values: vec![-1.0],
+        };
+        kept.insert("emr.bias".into(), own.clone());
+        kept.insert(
+            "head.weight".into(),
+            Tensor32 {
+                shape: vec![6],
+                values: vec![0.0; 6],
+            },
+        );
+        kept.insert("not.in.base".into(), own.clone());
+        assert_eq!(overlay(&mut base, kept), 1);
+        assert_eq!(base["emr.bias"], own);
+        assert_eq!(base["head.weight"], sample()["head.weight"]);
+        assert!(!base.contains_key("not.in.base"));
     }
 
     #[test]

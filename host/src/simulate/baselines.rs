@@ -3,7 +3,9 @@
 //! excluded, [`crate::cases::HeldOut::Exclude`]): (a) each site's
 //! local-only model and (c) one pooled model on every site's training
 //! cases together, both for rounds × epochs (the same number of passes
-//! over their data as a federated site makes), from the same seed.
+//! over their data as a federated site makes; `--baseline-epochs` to give
+//! them more), keeping the epoch with the best validation loss, from the
+//! same seed.
 
 use std::path::PathBuf;
 
@@ -22,7 +24,7 @@ pub struct Baselines {
 }
 
 fn options_for(options: &SimulateOptions, data: Vec<PathBuf>, out: PathBuf) -> TrainOptions {
-    let epochs = (options.rounds as usize).saturating_mul(options.epochs);
+    let epochs = options.baseline_epochs();
     TrainOptions {
         data,
         out,

@@ -2,7 +2,10 @@
 //! ([`crate::cases::HeldOut::Only`]): each site's cases go once through its
 //! plugins ([`crate::cases::prepare_cases`]), then through each model;
 //! per (model, site) the AUC with DeLong CI of P(level ≥ 1) at 24 h and
-//! at 72 h ([`crate::metrics::auc_delong`]).
+//! at 72 h ([`crate::metrics::auc_delong`]). A FedBN site's model is its
+//! own: the global model with the batch-norm statistics the site kept
+//! overlaid ([`super::federation::site_model`]); it is scored like a
+//! local-only model, site i's model on every site's test cases.
 
 use std::path::Path;
 
@@ -24,6 +27,24 @@ pub const HORIZONS: [&str; 2] = ["24h", "72h"];
 /// AUC of P(level ≥ 1) at 24 h and 72 h; `None` when a class is empty.
 pub type HorizonAucs = [Option<AucEstimate>; 2];
 
+/// One model (or one model per site) on every site's test cases:
+/// `aucs[i][j]` is what the model site i uses scores on site j's test
+/// cases. A model shared by every site (FedAvg's global, pooled) has equal
+/// rows.
+pub type CrossSite = Vec<Vec<HorizonAucs>>;
+
+/// One federation variant's results.
+#[derive(Debug, Clone)]
+pub struct FederatedAucs {
+    /// The variant's name.
+    pub name: String,
+    /// Whether a site's model is its own (the global model with the
+    /// tensors the site kept at home overlaid: FedBN), not the bare global.
+    pub site_specific: bool,
+    /// Site i's model on site j's test cases.
+    pub aucs: CrossSite,
+}
+
 /// Every AUC of the simulation.
 #[derive(Debug, Clone)]
 pub struct Evaluation {
@@ -31,12 +52,12 @@ pub struct Evaluation {
     pub test_cases: Vec<usize>,
     /// Test cases the pipeline refused per site.
     pub refused: Vec<usize>,
-    /// `local[i][j]`: site i's local-only model on site j's test cases.
-    pub local: Vec<Vec<HorizonAucs>>,
-    /// Per variant: the final global model on each site's test cases.
-    pub federated: Vec<(String, Vec<HorizonAucs>)>,
-    /// The pooled model on each site's test cases.
-    pub pooled: Vec<HorizonAucs>,
+    /// Site i's local-only model on site j's test cases.
+    pub local: CrossSite,
+    /// Per variant: the federated model(s) on each site's test cases.
+    pub federated: Vec<FederatedAucs>,
+    /// The pooled model on each site's test cases (equal rows).
+    pub pooled: CrossSite,
 }
 
 /// One site's prepared test cases and their labels (level ≥ 1 at 24 h,
@@ -113,19 +134,42 @@ pub fn evaluate_all(
     let on_every = |model: &Model| -> Result<Vec<HorizonAucs>, SimulateError> {
         sets.iter().map(|set| score(model, set)).collect()
     };
+    let shared = |model: &Model| -> Result<CrossSite, SimulateError> {
+        Ok(vec![on_every(model)?; sites.len()])
+    };
     let mut local = Vec::new();
     for dir in &baselines.local {
         local.push(on_every(&load(dir)?)?);
     }
     let mut global = Vec::new();
     for run in federated {
-        global.push((run.name.clone(), on_every(&load(&run.model)?)?));
+        let bare = load(&run.model)?;
+        let site_specific = run.site_models.iter().any(Option::is_some);
+        let aucs = if site_specific {
+            // Each site's own model (global + its kept tensors) on every
+            // site's test cases: row i is site i's model.
+            let mut rows = Vec::new();
+            for own in &run.site_models {
+                rows.push(match own {
+                    Some(dir) => on_every(&load(dir)?)?,
+                    None => on_every(&bare)?,
+                });
+            }
+            rows
+        } else {
+            shared(&bare)?
+        };
+        global.push(FederatedAucs {
+            name: run.name.clone(),
+            site_specific,
+            aucs,
+        });
     }
     Ok(Evaluation {
         test_cases: sets.iter().map(|s| s.inputs.len()).collect(),
         refused: sets.iter().map(|s| s.refused).collect(),
         local,
         federated: global,
-        pooled: on_every(pipeline.model())?,
+        pooled: shared(pipeline.model())?,
     })
 }

@@ -16,7 +16,8 @@ use serde::Serialize;
 use super::loopback;
 use super::recorder::Recorder;
 use super::{SimSite, SimulateError, SimulateEvent, SimulateOptions, Variant, io_error};
-use crate::model::{Architecture, ModelPackage, init_package};
+use crate::federation::tensors;
+use crate::model::{Architecture, ModelPackage, PackageBytes, init_package};
 
 /// The flag that makes `oxbox federate` exit once the job is finished.
 pub const EXIT_WHEN_FINISHED: &str = "--exit-when-finished";
@@ -36,6 +37,11 @@ pub struct FederatedRun {
     pub name: String,
     /// The final global model's folder (fetched from the aggregator).
     pub model: PathBuf,
+    /// Per site (in site order), the site's own model when its filters
+    /// kept tensors at home (FedBN: the global model with the site's own
+    /// batch-norm statistics overlaid, as `oxbox federate` serves and
+    /// trains it); `None` for a site that keeps nothing (it uses `model`).
+    pub site_models: Vec<Option<PathBuf>>,
     /// Its digest.
     pub digest: String,
     /// Rounds aggregated.
@@ -199,7 +205,7 @@ learning_rate = {lr:?}\nproximal_mu = 0.0\n",
         listen = quoted(&listen.to_string()),
         data = quoted(&dir.join("aggregator-data").display().to_string()),
         key = quoted(&key_file.display().to_string()),
-        job = quoted(&format!("simulate-{}", variant.slug())),
+        job = quoted(&job_id(variant)),
         start = quoted(&start.display().to_string()),
         rounds = options.rounds,
         min_sites = sites.len(),
@@ -218,6 +224,45 @@ learning_rate = {lr:?}\nproximal_mu = 0.0\n",
         ));
     }
     text
+}
+
+/// The federation job id of a variant.
+fn job_id(variant: Variant) -> String {
+    format!("simulate-{}", variant.slug())
+}
+
+/// Where a site's box stores its state in a variant's job folder.
+fn site_state(variant_dir: &Path, site: &SimSite) -> PathBuf {
+    variant_dir.join("sites").join(&site.id).join("state")
+}
+
+/// Site `site`'s own model: the global model in `global` with the tensors
+/// the site kept at home overlaid (`federation::tensors::overlay`, the
+/// same as `oxbox federate` does), written as a package into `dir`;
+/// `None` when the site kept nothing.
+///
+/// # Errors
+/// [`SimulateError`] when the kept tensors or the global package are
+/// unreadable.
+pub fn site_model(
+    global: &Path,
+    kept: &Path,
+    dir: &Path,
+) -> Result<Option<PathBuf>, SimulateError> {
+    let bytes = match std::fs::read(kept) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_error(kept)(e)),
+    };
+    let kept = tensors::from_safetensors(&bytes, "kept tensors")?;
+    let mut package = PackageBytes::read(global)?;
+    let mut weights = tensors::from_safetensors(&package.weights, "global weights")?;
+    if tensors::overlay(&mut weights, kept) == 0 {
+        return Ok(None);
+    }
+    package.weights = tensors::to_safetensors(&weights)?;
+    package.write(dir)?;
+    Ok(Some(dir.to_path_buf()))
 }
 
 /// One site's box config.
@@ -472,7 +517,7 @@ pub fn run(
                 options,
                 variant,
                 site,
-                &site_dir.join("state"),
+                &site_state(&dir, site),
                 &url,
                 &aggregator_public,
                 &keys.join(&site.id).join("signing-key.pk8"),
@@ -554,6 +599,16 @@ pub fn run(
     })?;
     let model = fetch_model(listen, &digest, &dir.join("global-model"))?;
     drop(processes);
+    let site_models = sites
+        .iter()
+        .map(|site| {
+            let kept = crate::federation::site::kept_tensors_path(
+                &site_state(&dir, site),
+                &job_id(variant),
+            );
+            site_model(&model, &kept, &dir.join("site-models").join(&site.id))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     drop(recorders);
     progress(SimulateEvent::Note(format!(
         "federation ({}) finished in {seconds:.0} s: global model {}",
@@ -564,6 +619,7 @@ pub fn run(
         variant,
         name: variant.name(),
         model,
+        site_models,
         digest,
         rounds: last.rounds,
         bytes: read_bytes(&last_status),
@@ -624,6 +680,82 @@ mod tests {
         assert_eq!(bytes[1].per_round, vec![(1, 7)]);
         let b = serde_json::json!({"phase": "finished", "global_model": "def"});
         assert_eq!(read_status(&b).digest.as_deref(), Some("def"));
+    }
+
+    #[test]
+    fn a_fedbn_site_model_is_the_global_with_the_sites_own_batch_norm_statistics() {
+        use crate::model::{Backbone, Model, ParameterGroup};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let architecture = Architecture {
+            emr_only: false,
+            ..crate::train::architecture(Backbone::Tiny)
+        };
+        let global = dir.path().join("global");
+        init_package(&global, "fedbn", architecture, 32, 5).expect("init");
+        let global_weights = tensors::from_safetensors(
+            &PackageBytes::read(&global).expect("read").weights,
+            "global",
+        )
+        .expect("weights");
+        // What a FedBN site keeps: its own running statistics.
+        let kept: tensors::Tensors = global_weights
+            .iter()
+            .filter(|(name, _)| {
+                ParameterGroup::of(name) == Some(ParameterGroup::BatchNormStatistics)
+            })
+            .map(|(name, t)| {
+                let mut own = t.clone();
+                let var = name.ends_with("running_var");
+                for v in &mut own.values {
+                    *v = if var { *v * 3.0 } else { *v + 0.7 };
+                }
+                (name.clone(), own)
+            })
+            .collect();
+        assert!(!kept.is_empty(), "a tiny backbone has batch norms");
+        let kept_file = dir.path().join("kept.safetensors");
+        std::fs::write(&kept_file, tensors::to_safetensors(&kept).expect("encode")).expect("write");
+
+        let own = site_model(&global, &kept_file, &dir.path().join("site-1"))
+            .expect("site model")
+            .expect("the site kept tensors");
+        let own_weights =
+            tensors::from_safetensors(&PackageBytes::read(&own).expect("read").weights, "own")
+                .expect("weights");
+        for (name, tensor) in &own_weights {
+            let want = kept.get(name).unwrap_or(&global_weights[name]);
+            assert_eq!(tensor, want, "{name}");
+        }
+        // Same input, other predictions: the overlay is what is scored.
+        let image: Vec<f32> = (0..32 * 32)
+            .map(|i| ((i * 37) % 101) as f32 / 101.0)
+            .collect();
+        let features = vec![("spo2_pct".to_owned(), Some(91.0))];
+        let predict = |dir: &Path| {
+            let model = Model::load(
+                ModelPackage::load(dir).expect("package"),
+                &candle_core::Device::Cpu,
+            )
+            .expect("load");
+            model
+                .predict(Some(image.as_slice()), &features)
+                .expect("predict")
+                .h24
+                .p_o2_any
+        };
+        let (bare, overlaid) = (predict(&global), predict(&own));
+        assert!(
+            (bare - overlaid).abs() > 1e-4,
+            "the site's own statistics change its prediction: {bare} vs {overlaid}"
+        );
+        // A site that kept nothing uses the bare global model.
+        let none = site_model(
+            &global,
+            &dir.path().join("absent"),
+            &dir.path().join("site-2"),
+        )
+        .expect("no kept file");
+        assert!(none.is_none());
     }
 
     #[test]

@@ -66,6 +66,9 @@ pub enum SimulateError {
     /// A model package failed to load or score.
     #[error(transparent)]
     Model(#[from] crate::model::ModelError),
+    /// A site's kept tensors or a global model's weights are unreadable.
+    #[error(transparent)]
+    Federation(#[from] crate::federation::FederationError),
     /// A key could not be generated.
     #[error(transparent)]
     Signing(#[from] crate::signing::SigningError),
@@ -192,8 +195,13 @@ pub struct SimulateOptions {
     pub sites: Option<usize>,
     /// Federated rounds.
     pub rounds: u64,
-    /// Local epochs per round (local-only and pooled train rounds × epochs).
+    /// Local epochs per round (local-only and pooled train rounds × epochs
+    /// unless `baseline_epochs` says otherwise).
     pub epochs: usize,
+    /// Epochs of the local-only and pooled models (`None`: rounds ×
+    /// epochs, as many passes over their data as a federated site makes);
+    /// the epoch with the best validation loss is kept either way.
+    pub baseline_epochs: Option<usize>,
     /// The report folder (absent or empty).
     pub out: PathBuf,
     /// Image backbone of every model.
@@ -274,10 +282,16 @@ pub struct SimSite {
 }
 
 impl SimulateOptions {
+    /// Epochs of the local-only and pooled models.
+    pub fn baseline_epochs(&self) -> usize {
+        self.baseline_epochs
+            .unwrap_or_else(|| (self.rounds as usize).saturating_mul(self.epochs))
+    }
+
     fn check(&self) -> Result<(), SimulateError> {
         let bad = |m: String| Err(SimulateError::Options(m));
-        if self.rounds == 0 || self.epochs == 0 {
-            return bad("--rounds and --epochs must be at least 1".to_owned());
+        if self.rounds == 0 || self.epochs == 0 || self.baseline_epochs == Some(0) {
+            return bad("--rounds, --epochs and --baseline-epochs must be at least 1".to_owned());
         }
         if !(self.holdout > 0.0 && self.holdout < 1.0) {
             return bad(format!(

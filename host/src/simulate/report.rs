@@ -22,6 +22,8 @@ pub struct Settings {
     pub rounds: u64,
     /// Local epochs per round.
     pub epochs_per_round: usize,
+    /// Epochs of the local-only and pooled models.
+    pub baseline_epochs: usize,
     /// Backbone.
     pub backbone: crate::model::Backbone,
     /// EMR-only models.
@@ -77,6 +79,11 @@ pub struct ModelResult {
     pub model: String,
     /// `local`, `federated` or `pooled`.
     pub kind: &'static str,
+    /// Whether each site has its own model (local-only; FedBN: the global
+    /// model with the site's own batch-norm statistics): then `per_site`
+    /// is site i's model on its own test cases and `generalisability` site
+    /// i's model on the other sites'. Otherwise one model serves all.
+    pub site_specific: bool,
     /// On each site's own test cases (local-only: the site's own model).
     pub per_site: Vec<SiteAuc>,
     /// Mean of `per_site`.
@@ -199,23 +206,29 @@ fn generalisability(n: usize, auc: impl Fn(usize, usize) -> Option<f64>) -> Opti
     mean((0..n).map(|i| mean((0..n).filter(|&j| j != i).map(|j| auc(i, j)))))
 }
 
-fn shared_model(
+/// One model's result at horizon `h` from its cross-site AUCs: per site,
+/// the model site i uses on its own test cases; generalisability, site
+/// i's model on every other site's (for a shared model: the one model on
+/// each site's test cases, as each other site sees it).
+fn model_result(
     name: String,
     kind: &'static str,
+    site_specific: bool,
     sites: &[SimSite],
-    aucs: &[HorizonAucs],
+    aucs: &[Vec<HorizonAucs>],
     h: usize,
 ) -> ModelResult {
     let per_site: Vec<SiteAuc> = sites
         .iter()
-        .zip(aucs)
-        .map(|(s, a)| site_auc(&s.id, a, h))
+        .enumerate()
+        .map(|(i, s)| site_auc(&s.id, &aucs[i][i], h))
         .collect();
     ModelResult {
         model: name,
         kind,
+        site_specific,
         mean_auc: mean(per_site.iter().map(|s| s.auc)),
-        generalisability: generalisability(sites.len(), |_, j| aucs[j][h].map(|a| a.auc)),
+        generalisability: generalisability(sites.len(), |i, j| aucs[i][j][h].map(|a| a.auc)),
         per_site,
     }
 }
@@ -233,37 +246,32 @@ impl SimulationReport {
         federated: &[FederatedRun],
         seconds: Seconds,
     ) -> Self {
-        let n = sites.len();
         let horizons: Vec<HorizonResult> = HORIZONS
             .iter()
             .enumerate()
             .map(|(h, horizon)| {
-                let per_site: Vec<SiteAuc> = sites
-                    .iter()
-                    .enumerate()
-                    .map(|(i, s)| site_auc(&s.id, &evaluation.local[i][i], h))
-                    .collect();
-                let mut models = vec![ModelResult {
-                    model: "local-only".to_owned(),
-                    kind: "local",
-                    mean_auc: mean(per_site.iter().map(|s| s.auc)),
-                    generalisability: generalisability(n, |i, j| {
-                        evaluation.local[i][j][h].map(|a| a.auc)
-                    }),
-                    per_site,
-                }];
-                for (name, aucs) in &evaluation.federated {
-                    models.push(shared_model(
-                        format!("federated {name}"),
+                let mut models = vec![model_result(
+                    "local-only".to_owned(),
+                    "local",
+                    true,
+                    sites,
+                    &evaluation.local,
+                    h,
+                )];
+                for run in &evaluation.federated {
+                    models.push(model_result(
+                        format!("federated {}", run.name),
                         "federated",
+                        run.site_specific,
                         sites,
-                        aucs,
+                        &run.aucs,
                         h,
                     ));
                 }
-                models.push(shared_model(
+                models.push(model_result(
                     "pooled".to_owned(),
                     "pooled",
+                    false,
                     sites,
                     &evaluation.pooled,
                     h,
@@ -313,6 +321,7 @@ impl SimulationReport {
                 data: options.data.display().to_string(),
                 rounds: options.rounds,
                 epochs_per_round: options.epochs,
+                baseline_epochs: options.baseline_epochs(),
                 backbone: options.backbone,
                 emr_only: options.emr_only,
                 input_size: options.input_size,
@@ -418,6 +427,27 @@ fn opt(x: Option<f64>) -> String {
     x.map_or("n/a".to_owned(), |x| format!("{x:.3}"))
 }
 
+/// What the site-specific federated models of a horizon are, for the
+/// Markdown (empty when none is).
+fn site_specific_note(h: &HorizonResult) -> String {
+    let names: Vec<&str> = h
+        .models
+        .iter()
+        .filter(|m| m.kind == "federated" && m.site_specific)
+        .map(|m| m.model.as_str())
+        .collect();
+    if names.is_empty() {
+        return String::new();
+    }
+    format!(
+        " {}: each site's model is its own — the global model with the tensors the site kept \
+at home (its batch-norm statistics) overlaid, as `oxbox federate` uses it; per site, site i's \
+model on its own test cases; generalisability, site i's model on the other sites' test cases \
+(like a local-only model).",
+        names.join(", ")
+    )
+}
+
 /// The Markdown report.
 pub fn markdown(report: &SimulationReport) -> String {
     let mut md = String::new();
@@ -427,7 +457,8 @@ pub fn markdown(report: &SimulationReport) -> String {
         md,
         "{} sites, {} rounds × {} local epoch(s); {} model, input {}, batch {}, learning rate {}; \
 {:.0} % of each site's cases held out for testing (no model trained on them); seed {}. \
-Local-only and pooled models train rounds × epochs epochs. AUC of P(level ≥ 1) with DeLong 95 % CI.\n",
+Local-only and pooled models train {} epochs (the one with the best validation loss kept). \
+AUC of P(level ≥ 1) with DeLong 95 % CI.\n",
         report.sites.len(),
         s.rounds,
         s.epochs_per_round,
@@ -440,7 +471,8 @@ Local-only and pooled models train rounds × epochs epochs. AUC of P(level ≥ 1
         s.batch_size,
         s.learning_rate,
         s.holdout * 100.0,
-        s.seed
+        s.seed,
+        s.baseline_epochs
     );
     let _ = writeln!(
         md,
@@ -487,8 +519,9 @@ Local-only and pooled models train rounds × epochs epochs. AUC of P(level ≥ 1
         let _ = writeln!(
             md,
             "\n\nGeneralisability: mean AUC on the other sites' test sets (a local-only model on \
-every site but its own).\n\n![AUC per site {h}](auc-per-site-{h}.png) ![mean AUC and generalisability {h}](auc-summary-{h}.png)\n",
-            h = h.horizon
+every site but its own).{site_specific}\n\n![AUC per site {h}](auc-per-site-{h}.png) ![mean AUC and generalisability {h}](auc-summary-{h}.png)\n",
+            h = h.horizon,
+            site_specific = site_specific_note(h)
         );
     }
     let _ = writeln!(md, "## Bytes sent per site per round\n");

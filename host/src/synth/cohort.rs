@@ -87,12 +87,20 @@ pub struct SiteProfile {
     pub convention: Convention,
     /// Mean latent severity (prevalence).
     pub severity_mean: f64,
+    /// Spread (σ) of the latent severity among the site's patients: 1 for
+    /// a general hospital, less for a site that sees a narrow slice.
+    pub severity_sd: f64,
     /// Mean age, years.
     pub age_mean: f64,
     /// σ of the label noise.
     pub label_noise: f64,
     /// Probability that a lab value is missing (vitals: a third of it).
     pub missing_rate: f64,
+    /// Probability that each EMR feature is missing, in schema order
+    /// (derived from `missing_rate`, then from the case mix).
+    pub missing: [f64; 21],
+    /// Who comes through the site's door.
+    pub mix: CaseMix,
     /// X-ray equipment.
     pub scanner: Scanner,
 }
@@ -181,15 +189,19 @@ pub fn site_profile(index: usize, cases_per_site: usize) -> SiteProfile {
     ];
     let (modality, monochrome1, bits_stored, side, window_tags, transfer_syntax, manufacturer) =
         scanners[index % scanners.len()];
+    let missing_rate = 0.04 + 0.2 * spread(index, 0.53);
     SiteProfile {
         id: format!("site-{}", index + 1),
         index,
         cases: ((cases_per_site as f64) * size).round().max(1.0) as usize,
         convention,
         severity_mean: -0.45 + 0.9 * spread(index, 0.0),
+        severity_sd: 1.0,
         age_mean: 52.0 + 14.0 * spread(index, 0.37),
         label_noise: 0.45 + 0.35 * spread(index, 0.71),
-        missing_rate: 0.04 + 0.2 * spread(index, 0.53),
+        missing_rate,
+        missing: std::array::from_fn(|i| missingness(i, missing_rate)),
+        mix: CaseMix::General,
         scanner: Scanner {
             modality,
             monochrome1,
@@ -200,6 +212,114 @@ pub fn site_profile(index: usize, cases_per_site: usize) -> SiteProfile {
             manufacturer,
             heel: 0.04 + 0.08 * spread(index, 0.29),
         },
+    }
+}
+
+/// How often feature `i` (schema order) is missing at a site whose labs
+/// are missing at `lab_rate`: age and sex always recorded, vitals and the
+/// oxygen device at a third of the lab rate, labs at the lab rate.
+fn missingness(i: usize, lab_rate: f64) -> f64 {
+    match i {
+        0 | 1 => 0.0,
+        2..=8 => lab_rate / 3.0,
+        _ => lab_rate,
+    }
+}
+
+/// Schema indices of the basic labs every emergency department runs (CRP,
+/// white cells, lymphocytes, neutrophils, creatinine, glucose, sodium).
+const BASIC_LABS: [usize; 7] = [9, 14, 15, 16, 17, 18, 20];
+/// Schema indices of the extended panel (D-dimer, LDH, procalcitonin,
+/// troponin T, ferritin): what a small hospital often does not order.
+const EXTENDED_LABS: [usize; 5] = [10, 11, 12, 13, 19];
+
+/// A site's case mix: which slice of the patient population comes through
+/// its door and which tests it records. It changes only the population a
+/// site draws from (severity, age, missingness); the label model — how
+/// the oxygen level follows from the severity — is the same everywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CaseMix {
+    /// The site's own profile (its index's prevalence, age, missingness):
+    /// what `oxbox synth` writes without `--site-mixes`.
+    #[default]
+    General,
+    /// A community hospital: milder, younger patients (severity
+    /// N(−0.5, 0.6²), mean age 47), basic labs only (the extended panel
+    /// missing 90 %).
+    Community,
+    /// A tertiary referral centre: sicker, older patients (severity
+    /// N(0.8, 0.6²), mean age 65), the full lab panel (3 % missing, vitals
+    /// 1 %).
+    Referral,
+    /// An urgent-care or field site whose export carries no lab results at
+    /// all (every lab missing); patients a little milder than average
+    /// (severity N(−0.2, 0.8²)).
+    VitalsOnly,
+}
+
+impl CaseMix {
+    /// Every mix, for help texts.
+    pub const ALL: [CaseMix; 4] = [
+        CaseMix::General,
+        CaseMix::Community,
+        CaseMix::Referral,
+        CaseMix::VitalsOnly,
+    ];
+
+    /// The command-line and `truth.json` name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaseMix::General => "general",
+            CaseMix::Community => "community",
+            CaseMix::Referral => "referral",
+            CaseMix::VitalsOnly => "vitals-only",
+        }
+    }
+
+    /// Applies the mix to a site's profile (its size, convention, scanner
+    /// and label noise stay).
+    pub fn apply(self, site: &mut SiteProfile) {
+        site.mix = self;
+        match self {
+            CaseMix::General => {}
+            CaseMix::Community => {
+                site.severity_mean = -0.5;
+                site.severity_sd = 0.6;
+                site.age_mean = 47.0;
+                for i in EXTENDED_LABS {
+                    site.missing[i] = 0.9;
+                }
+            }
+            CaseMix::Referral => {
+                site.severity_mean = 0.8;
+                site.severity_sd = 0.6;
+                site.age_mean = 65.0;
+                site.missing_rate = 0.03;
+                site.missing = std::array::from_fn(|i| missingness(i, 0.03));
+            }
+            CaseMix::VitalsOnly => {
+                site.severity_mean = -0.2;
+                site.severity_sd = 0.8;
+                site.missing_rate = 1.0;
+                for i in BASIC_LABS.into_iter().chain(EXTENDED_LABS) {
+                    site.missing[i] = 1.0;
+                }
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for CaseMix {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        CaseMix::ALL
+            .into_iter()
+            .find(|m| m.as_str() == text)
+            .ok_or_else(|| {
+                let names: Vec<&str> = CaseMix::ALL.iter().map(|m| m.as_str()).collect();
+                format!("{text:?}: a case mix is one of {}", names.join(", "))
+            })
     }
 }
 
@@ -240,7 +360,7 @@ const GIVEN: [&str; 10] = [
 
 /// Samples patient `number` (1-based) of `site` from its own stream.
 pub fn sample_patient(site: &SiteProfile, number: usize, rng: &mut Pcg) -> Patient {
-    let s = rng.gauss(site.severity_mean, 1.0);
+    let s = rng.gauss(site.severity_mean, site.severity_sd);
     let course_noise = rng.gauss(0.0, site.label_noise);
     let round = |v: f64, digits: i32| {
         let f = 10f64.powi(digits);
@@ -332,13 +452,7 @@ pub fn sample_patient(site: &SiteProfile, number: usize, rng: &mut Pcg) -> Patie
         sodium,
     ];
     let mut emr = [None; 21];
-    for (i, (slot, value)) in emr.iter_mut().zip(values).enumerate() {
-        // Age and sex are always recorded; vitals rarely missing; labs more.
-        let missing = match i {
-            0 | 1 => 0.0,
-            2..=8 => site.missing_rate / 3.0,
-            _ => site.missing_rate,
-        };
+    for ((slot, value), missing) in emr.iter_mut().zip(values).zip(site.missing) {
         *slot = (!rng.chance(missing)).then_some(value);
     }
     // Blood pressure is one reading: both or neither.
@@ -372,4 +486,68 @@ pub fn sample_patient(site: &SiteProfile, number: usize, rng: &mut Pcg) -> Patie
 /// P(level ≥ k | s, site) at a horizon: the Bayes-optimal score.
 pub fn bayes_probability(site: &SiteProfile, severity: f64, shift: f64, k: usize) -> f64 {
     crate::metrics::normal_cdf((severity + shift - THRESHOLDS[k]) / site.label_noise)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn draw(site: &SiteProfile, n: usize) -> Vec<Patient> {
+        (0..n)
+            .map(|i| sample_patient(site, i + 1, &mut Pcg::new(3, i as u64)))
+            .collect()
+    }
+
+    #[test]
+    fn the_general_mix_is_the_sites_own_profile_and_draws_the_same_patients() {
+        for index in 0..6 {
+            let plain = site_profile(index, 200);
+            let mut general = plain.clone();
+            CaseMix::General.apply(&mut general);
+            let (a, b) = (draw(&plain, 50), draw(&general, 50));
+            for (p, q) in a.iter().zip(&b) {
+                assert_eq!(p.severity, q.severity);
+                assert_eq!(p.emr, q.emr);
+                assert_eq!((p.level_24h, p.level_72h), (q.level_24h, q.level_72h));
+            }
+        }
+    }
+
+    #[test]
+    fn mixes_change_who_comes_and_what_is_recorded_not_the_label_model() {
+        let prevalence = |patients: &[Patient]| {
+            patients.iter().filter(|p| p.level_24h >= 1).count() as f64 / patients.len() as f64
+        };
+        let mixed = |mix: CaseMix| {
+            let mut site = site_profile(2, 200);
+            mix.apply(&mut site);
+            (site.clone(), draw(&site, 2000))
+        };
+        let (community, mild) = mixed(CaseMix::Community);
+        let (referral, sick) = mixed(CaseMix::Referral);
+        let (_, vitals) = mixed(CaseMix::VitalsOnly);
+        let plain = site_profile(2, 200);
+        // The label model stays: same label noise, levels from the course.
+        for site in [&community, &referral] {
+            assert_eq!(site.label_noise, plain.label_noise);
+        }
+        for p in mild.iter().chain(&sick) {
+            assert_eq!(p.level_24h, level(p.severity + p.course_noise));
+        }
+        assert!(prevalence(&mild) + 0.3 < prevalence(&sick));
+        let sd = |ps: &[Patient]| {
+            let m = ps.iter().map(|p| p.severity).sum::<f64>() / ps.len() as f64;
+            (ps.iter().map(|p| (p.severity - m).powi(2)).sum::<f64>() / ps.len() as f64).sqrt()
+        };
+        assert!((sd(&mild) - 0.6).abs() < 0.05, "{}", sd(&mild));
+        // The community site rarely has the extended panel; vitals-only none.
+        let present = |ps: &[Patient], i: usize| ps.iter().filter(|p| p.emr[i].is_some()).count();
+        assert!(present(&mild, 10) < 300 && present(&mild, 9) > 1500);
+        for i in BASIC_LABS.into_iter().chain(EXTENDED_LABS) {
+            assert_eq!(present(&vitals, i), 0);
+        }
+        assert!(present(&vitals, 7) > 1500, "vitals are recorded");
+        assert_eq!("vitals-only".parse::<CaseMix>(), Ok(CaseMix::VitalsOnly));
+        assert!("tertiary".parse::<CaseMix>().is_err());
+    }
 }

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::rng::Pcg;
-use cohort::{Convention, Patient, SHIFT_72H, SiteProfile, THRESHOLDS, syntax};
+use cohort::{CaseMix, Convention, Patient, SHIFT_72H, SiteProfile, THRESHOLDS, syntax};
 
 /// Why a cohort could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +60,11 @@ pub struct SynthOptions {
     /// `cases_per_site`; the label model and the sites' other parameters
     /// stay those of their index): unequal sites for federation studies.
     pub site_sizes: Option<Vec<usize>>,
+    /// Each site's case mix, in order (one per site; `None`: every site
+    /// [`CaseMix::General`], the cohort `oxbox synth` always wrote): a
+    /// non-IID cohort whose sites see different slices of the population
+    /// under the same label model.
+    pub site_mixes: Option<Vec<CaseMix>>,
     /// Write no radiographs (`image_file` empty): a cohort for EMR-only
     /// models, written in seconds (the labels and EMR values are the same
     /// as with images).
@@ -92,6 +97,9 @@ impl SynthOptions {
                 let mut profile = cohort::site_profile(i, mean);
                 if let Some(size) = self.site_sizes.as_ref().and_then(|s| s.get(i)) {
                     profile.cases = *size;
+                }
+                if let Some(mix) = self.site_mixes.as_ref().and_then(|m| m.get(i)) {
+                    mix.apply(&mut profile);
                 }
                 profile
             })
@@ -132,8 +140,14 @@ pub struct SiteTruth {
     pub convention: &'static str,
     /// The plugin that reads it.
     pub plugin: &'static str,
+    /// Case mix (only with `--site-mixes`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub case_mix: Option<&'static str>,
     /// Mean latent severity.
     pub severity_mean: f64,
+    /// σ of the latent severity (only with `--site-mixes`; else 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub severity_sd: Option<f64>,
     /// σ of the label noise.
     pub label_noise: f64,
     /// Lab missingness.
@@ -167,6 +181,12 @@ pub struct Truth {
 }
 
 const LABEL_MODEL: &str = "severity s ~ N(site severity_mean, 1); course z = s + e, e ~ N(0, site label_noise^2); \
+level_24h = #{k: z > thresholds[k]}, level_72h = #{k: z + shift_72h > thresholds[k]}; \
+Bayes-optimal score P(level_h >= k | s, site) = Phi((s + shift_h - thresholds[k-1]) / label_noise)";
+
+/// The same label model, for cohorts with `--site-mixes`: only the
+/// severity's spread is the site's (its case mix).
+const LABEL_MODEL_MIXES: &str = "severity s ~ N(site severity_mean, site severity_sd^2) (the site's case mix); course z = s + e, e ~ N(0, site label_noise^2); \
 level_24h = #{k: z > thresholds[k]}, level_72h = #{k: z + shift_72h > thresholds[k]}; \
 Bayes-optimal score P(level_h >= k | s, site) = Phi((s + shift_h - thresholds[k-1]) / label_noise)";
 
@@ -212,7 +232,7 @@ fn population(site: &SiteProfile, draws: usize, seed: u64) -> Vec<Draw> {
     let mut rng = Pcg::new(seed ^ 0x0074_7275_7468, site.index as u64);
     (0..draws)
         .map(|_| {
-            let s = rng.gauss(site.severity_mean, 1.0);
+            let s = rng.gauss(site.severity_mean, site.severity_sd);
             let z = s + rng.gauss(0.0, site.label_noise);
             Draw {
                 severity: s,
@@ -245,6 +265,15 @@ pub fn generate(options: &SynthOptions, progress: &(dyn Fn() + Sync)) -> Result<
             "--site-sizes: {size} cases; every site between 1 and 100000"
         )));
     }
+    if let Some(mixes) = &options.site_mixes
+        && mixes.len() != options.site_count()
+    {
+        return Err(SynthError::Options(format!(
+            "--site-mixes: {} mix(es) for {} sites; give one per site",
+            mixes.len(),
+            options.site_count()
+        )));
+    }
     if !(1..=100_000).contains(&options.cases_per_site) {
         return Err(SynthError::Options(format!(
             "--cases-per-site {}: between 1 and 100000",
@@ -253,6 +282,7 @@ pub fn generate(options: &SynthOptions, progress: &(dyn Fn() + Sync)) -> Result<
     }
     prepare_output(&options.out)?;
     let profiles: Vec<SiteProfile> = options.profiles();
+    let mixed = options.site_mixes.is_some();
     let mut sites = Vec::new();
     let mut pooled_population = Vec::new();
     let mut pooled_sample = Vec::new();
@@ -307,7 +337,9 @@ pub fn generate(options: &SynthOptions, progress: &(dyn Fn() + Sync)) -> Result<
             cases: site.cases,
             convention: site.convention.as_str(),
             plugin: site.convention.plugin(),
+            case_mix: mixed.then(|| site.mix.as_str()),
             severity_mean: (site.severity_mean * 1e4).round() / 1e4,
+            severity_sd: mixed.then_some(site.severity_sd),
             label_noise: (site.label_noise * 1e4).round() / 1e4,
             missing_rate: (site.missing_rate * 1e4).round() / 1e4,
             prevalence_o2_any_24h: (patients.iter().filter(|p| p.level_24h >= 1).count() as f64
@@ -323,7 +355,11 @@ pub fn generate(options: &SynthOptions, progress: &(dyn Fn() + Sync)) -> Result<
     }
     let truth = Truth {
         seed: options.seed,
-        label_model: LABEL_MODEL,
+        label_model: if mixed {
+            LABEL_MODEL_MIXES
+        } else {
+            LABEL_MODEL
+        },
         thresholds: THRESHOLDS,
         shift_72h: SHIFT_72H,
         sites,
