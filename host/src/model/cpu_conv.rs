@@ -15,11 +15,12 @@
 //! backward pass and runs its forward products here.
 
 use std::cell::RefCell;
+use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape};
 use rayon::prelude::*;
 
-use super::winograd::Winograd;
+use super::winograd::{Tile, Winograd};
 
 /// A folded convolution: weights (out, in, k, k), bias (out), stride,
 /// padding, and whether a ReLU follows.
@@ -35,7 +36,17 @@ pub struct FusedConv {
     relu: bool,
     /// The same convolution in the Winograd domain, for 3×3 stride-1
     /// padding-1 kernels.
-    winograd: Option<Winograd>,
+    winograd: Option<WinogradForms>,
+}
+
+/// A kernel's Winograd forms, each transformed once, on the first call
+/// that runs it (the plane size decides which; a network's are all built
+/// by the warm-up pass when a model is loaded), then kept: only the forms
+/// a network uses take memory (F(4×4) holds 4× the weights).
+#[derive(Debug, Clone, Default)]
+struct WinogradForms {
+    four: OnceLock<Winograd>,
+    two: OnceLock<Winograd>,
 }
 
 thread_local! {
@@ -51,11 +62,15 @@ const WIDE_MAX_PIXELS: usize = 1024;
 /// Below this many multiply-adds a convolution runs on one thread.
 const PARALLEL_MIN_WORK: usize = 1 << 20;
 
-/// A 3×3 convolution runs in the Winograd domain when its output has at
-/// least this many 4×4 tiles (over the batch) per 64 input channels:
-/// below, the transformed weights (4× the direct ones) cost more to read
-/// than the multiplications saved (`oxbox bench --layers` measures both).
-const WINOGRAD_MIN_TILES_PER_64_CHANNELS: usize = 4;
+/// A 3×3 convolution runs in the Winograd domain with 4×4 tiles when its
+/// output has at least this many of them (over the batch) per 64 input
+/// channels, else with 2×2 tiles when it has [`WINOGRAD2_MIN_TILES`] of
+/// those, else im2col: with fewer tiles the transformed weights (4× or
+/// 16/9× the direct ones) cost more to read than the multiplications
+/// saved (`oxbox bench --layers` measures both paths per layer).
+const WINOGRAD4_MIN_TILES: usize = 4;
+/// See [`WINOGRAD4_MIN_TILES`].
+const WINOGRAD2_MIN_TILES: usize = 2;
 
 impl FusedConv {
     /// A fused convolution from folded weights `(out, in, k, k)` (row-major)
@@ -82,8 +97,7 @@ impl FusedConv {
                 bias.len()
             )));
         }
-        let winograd = (kernel == 3 && stride == 1 && padding == 1)
-            .then(|| Winograd::new(&weights, &bias, (out_channels, in_channels), relu));
+        let winograd = (kernel == 3 && stride == 1 && padding == 1).then(WinogradForms::default);
         Ok(Self {
             weights,
             bias,
@@ -107,10 +121,40 @@ impl FusedConv {
     /// Whether a call on `batch` images of `height`×`width` runs in the
     /// Winograd domain.
     pub fn uses_winograd(&self, batch: usize, height: usize, width: usize) -> bool {
-        self.winograd.is_some() && {
-            let tiles = batch * height.div_ceil(4) * width.div_ceil(4);
-            tiles * 64 >= WINOGRAD_MIN_TILES_PER_64_CHANNELS * self.in_channels
+        self.winograd_tile(batch, height, width).is_some()
+    }
+
+    /// The Winograd tile a call on `batch` images of `height`×`width` runs
+    /// with, or `None` for im2col + gemm.
+    pub fn winograd_tile(&self, batch: usize, height: usize, width: usize) -> Option<Tile> {
+        self.winograd.as_ref()?;
+        let enough = |tile: Tile, min: usize| {
+            batch * tile.tiles(height, width) * 64 >= min * self.in_channels
+        };
+        if enough(Tile::Four, WINOGRAD4_MIN_TILES) {
+            Some(Tile::Four)
+        } else if enough(Tile::Two, WINOGRAD2_MIN_TILES) {
+            Some(Tile::Two)
+        } else {
+            None
         }
+    }
+
+    /// The Winograd form for `tile`, transformed on first use.
+    fn winograd_form<'a>(&'a self, forms: &'a WinogradForms, tile: Tile) -> &'a Winograd {
+        let cell = match tile {
+            Tile::Four => &forms.four,
+            Tile::Two => &forms.two,
+        };
+        cell.get_or_init(|| {
+            Winograd::new(
+                tile,
+                &self.weights,
+                &self.bias,
+                (self.out_channels, self.in_channels),
+                self.relu,
+            )
+        })
     }
 
     /// Output channels.
@@ -175,9 +219,12 @@ impl FusedConv {
     ) -> Vec<f32> {
         let [batch, height, width, out_h, out_w] = dims;
         let n = out_h * out_w;
-        if let (Some(winograd), true) = (&self.winograd, self.uses_winograd(batch, height, width)) {
+        if let (Some(forms), Some(tile)) =
+            (&self.winograd, self.winograd_tile(batch, height, width))
+        {
             let mut out = vec![0f32; batch * self.out_channels * n];
-            winograd.run(input, [batch, height, width], residual, &mut out);
+            self.winograd_form(forms, tile)
+                .run(input, [batch, height, width], residual, &mut out);
             return out;
         }
         if batch > 1 && n >= WIDE_MAX_PIXELS {
@@ -605,8 +652,8 @@ mod tests {
                 winograd += usize::from(check_against_candle(geometry, i as u32));
             }
         }
-        // 56², 28² and 14², at batch 1 and 2 (7² stays on im2col).
-        assert_eq!(winograd, 6, "geometries that ran Winograd");
+        // 56², 28², 14² and 7², at batch 1 and 2.
+        assert_eq!(winograd, 8, "geometries that ran Winograd");
     }
 
     #[test]

@@ -1,12 +1,13 @@
-//! Winograd F(4×4, 3×3): the stride-1, padding-1 3×3 convolutions that hold
-//! most of a ResNet's work, with 36 multiplications per 4×4 output tile and
-//! input channel instead of 144 (Lavin & Gray, "Fast Algorithms for
-//! Convolutional Neural Networks", 2016).
+//! Winograd F(4×4, 3×3) and F(2×2, 3×3): the stride-1, padding-1 3×3
+//! convolutions that hold most of a ResNet's work, with 36 multiplications
+//! per 4×4 output tile and input channel instead of 144 (F(2×2): 16
+//! instead of 36) (Lavin & Gray, "Fast Algorithms for Convolutional Neural
+//! Networks", 2016).
 //!
-//! For each 6×6 input tile d (overlapping by 2) and 3×3 filter g the output
-//! tile is `Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`. Summed over input channels, the
-//! element-wise product becomes 36 independent matrix products, one per
-//! frequency ξ:
+//! For each (m+2)×(m+2) input tile d (overlapping by 2) and 3×3 filter g
+//! the m×m output tile is `Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`. Summed over input
+//! channels, the element-wise product becomes (m+2)² independent matrix
+//! products, one per frequency ξ:
 //!
 //! ```text
 //! M[ξ] (out × tiles) = U[ξ] (out × in) · V[ξ] (in × tiles)
@@ -16,14 +17,18 @@
 //!   the weights with batch norm already folded in);
 //! - V = Bᵀ d B per call (the input transform), in groups of [`LANES`]
 //!   tiles so the arithmetic runs on vectors;
-//! - the 36 products are `gemm` calls, spread over the threads by
+//! - the products are `gemm` calls, spread over the threads by
 //!   frequency;
 //! - the output transform Aᵀ M A is fused with the bias, the residual and
 //!   the ReLU.
 //!
-//! The interpolation points are 0, ±1, ±2 and ∞; with f32 the result
-//! agrees with a direct convolution to about 1e-6 relative (tested against
-//! candle's conv2d in [`super::cpu_conv`]'s tests).
+//! F(4×4) needs 4× the weights' memory in the Winograd domain and F(2×2)
+//! 16/9×; F(2×2) suits small planes (7×7 at 224²: four 4×4 tiles would
+//! leave the products 4 columns wide, reading 36 weight matrices for
+//! little work). The interpolation points are 0, ±1, ±2 and ∞ (F(4×4)),
+//! 0, ±1 and ∞ (F(2×2)); with f32 the result agrees with a direct
+//! convolution to about 1e-6 of the output's scale (tested here against
+//! f64 and in [`super::cpu_conv`]'s tests against candle's conv2d).
 //!
 //! Vector code: the transforms are written on fixed-width lane arrays and
 //! compiled twice, once for the baseline target and once with AVX2 + FMA
@@ -35,12 +40,9 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-/// Output tile side (m in F(m×m, 3×3)).
-const TILE: usize = 4;
-/// Input tile side: TILE + 3 − 1.
+/// The largest input tile side (F(4×4): 4 + 3 − 1): the size of the
+/// fixed arrays the transforms work in.
 const PATCH: usize = 6;
-/// Frequencies: PATCH².
-const FREQUENCIES: usize = PATCH * PATCH;
 /// Tiles transformed together, one per vector lane.
 const LANES: usize = 8;
 /// At most this many tiles (over a batch) go through one pass of the
@@ -48,8 +50,8 @@ const LANES: usize = 8;
 /// stay in cache.
 const MAX_TILES_PER_PASS: usize = 256;
 
-/// Gᵀ-side filter transform G (6×3).
-const G: [[f64; 3]; PATCH] = [
+/// F(4×4, 3×3)'s filter transform G (6×3).
+const G4: [[f64; 3]; 6] = [
     [1.0 / 4.0, 0.0, 0.0],
     [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
     [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
@@ -57,6 +59,48 @@ const G: [[f64; 3]; PATCH] = [
     [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
     [0.0, 0.0, 1.0],
 ];
+
+/// F(2×2, 3×3)'s filter transform G (4×3).
+const G2: [[f64; 3]; 4] = [
+    [1.0, 0.0, 0.0],
+    [0.5, 0.5, 0.5],
+    [0.5, -0.5, 0.5],
+    [0.0, 0.0, 1.0],
+];
+
+/// The output tile: F(m×m, 3×3) with m = 4 or 2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tile {
+    /// F(4×4, 3×3): 36 frequencies, 2.25× fewer multiplications than F(2×2).
+    Four,
+    /// F(2×2, 3×3): 16 frequencies, for small planes.
+    Two,
+}
+
+impl Tile {
+    /// The output tile side m.
+    pub fn side(self) -> usize {
+        match self {
+            Tile::Four => 4,
+            Tile::Two => 2,
+        }
+    }
+
+    /// The input tile side m + 2.
+    fn patch(self) -> usize {
+        self.side() + 2
+    }
+
+    /// Frequencies: (m + 2)².
+    fn frequencies(self) -> usize {
+        self.patch() * self.patch()
+    }
+
+    /// Tiles covering a `height` × `width` plane.
+    pub fn tiles(self, height: usize, width: usize) -> usize {
+        height.div_ceil(self.side()) * width.div_ceil(self.side())
+    }
+}
 
 thread_local! {
     /// The transformed input V and the products M, reused across calls on
@@ -68,6 +112,7 @@ thread_local! {
 /// transformed weights, the bias and whether a ReLU follows.
 #[derive(Debug, Clone)]
 pub struct Winograd {
+    tile: Tile,
     /// U, laid out (frequency, out, in): each frequency's matrix row-major.
     weights: Vec<f32>,
     bias: Vec<f32>,
@@ -79,6 +124,8 @@ pub struct Winograd {
 /// The shape of one call: batch, input height and width (= output's).
 #[derive(Debug, Clone, Copy)]
 struct Geometry {
+    /// The output tile side m.
+    m: usize,
     batch: usize,
     height: usize,
     width: usize,
@@ -88,14 +135,21 @@ struct Geometry {
 }
 
 impl Geometry {
-    fn new(batch: usize, height: usize, width: usize) -> Self {
+    fn new(tile: Tile, batch: usize, height: usize, width: usize) -> Self {
+        let m = tile.side();
         Self {
+            m,
             batch,
             height,
             width,
-            tile_rows: height.div_ceil(TILE),
-            tile_cols: width.div_ceil(TILE),
+            tile_rows: height.div_ceil(m),
+            tile_cols: width.div_ceil(m),
         }
+    }
+
+    /// Frequencies: (m + 2)².
+    fn frequencies(&self) -> usize {
+        (self.m + 2) * (self.m + 2)
     }
 
     /// Tiles per image.
@@ -103,43 +157,50 @@ impl Geometry {
         self.tile_rows * self.tile_cols
     }
 
-    /// Sides of an image zero-padded so that every tile's 6×6 patch lies
-    /// inside: one row/column before, up to TILE + 1 after.
+    /// Sides of an image zero-padded so that every tile's (m+2)² patch
+    /// lies inside: one row/column before, up to m + 1 after.
     fn padded(&self) -> (usize, usize) {
-        (TILE * self.tile_rows + 2, TILE * self.tile_cols + 2)
+        (self.m * self.tile_rows + 2, self.m * self.tile_cols + 2)
     }
 }
 
 impl Winograd {
-    /// Transforms folded weights `(out, in, 3, 3)` (row-major) and keeps
-    /// `bias` (out). The caller has checked the lengths.
+    /// Transforms folded weights `(out, in, 3, 3)` (row-major) for `tile`
+    /// and keeps `bias` (out). The caller has checked the lengths.
     pub fn new(
+        tile: Tile,
         weights: &[f32],
         bias: &[f32],
         (out_channels, in_channels): (usize, usize),
         relu: bool,
     ) -> Self {
         debug_assert_eq!(weights.len(), out_channels * in_channels * 9);
-        let mut u = vec![0f32; FREQUENCIES * out_channels * in_channels];
+        let g_matrix: &[[f64; 3]] = match tile {
+            Tile::Four => &G4,
+            Tile::Two => &G2,
+        };
+        let patch = tile.patch();
+        let mut u = vec![0f32; tile.frequencies() * out_channels * in_channels];
         for o in 0..out_channels {
             for c in 0..in_channels {
                 let g = &weights[(o * in_channels + c) * 9..][..9];
-                // G g (6×3), then (G g) Gᵀ (6×6), in f64.
+                // G g ((m+2)×3), then (G g) Gᵀ ((m+2)²), in f64.
                 let mut gg = [[0f64; 3]; PATCH];
-                for (i, row) in gg.iter_mut().enumerate() {
+                for (row, g_row) in gg.iter_mut().zip(g_matrix) {
                     for (j, v) in row.iter_mut().enumerate() {
-                        *v = (0..3).map(|k| G[i][k] * f64::from(g[k * 3 + j])).sum();
+                        *v = (0..3).map(|k| g_row[k] * f64::from(g[k * 3 + j])).sum();
                     }
                 }
-                for i in 0..PATCH {
-                    for j in 0..PATCH {
-                        let v: f64 = (0..3).map(|k| gg[i][k] * G[j][k]).sum();
-                        u[((i * PATCH + j) * out_channels + o) * in_channels + c] = v as f32;
+                for (i, gg_row) in gg.iter().enumerate().take(patch) {
+                    for (j, g_row) in g_matrix.iter().enumerate() {
+                        let v: f64 = (0..3).map(|k| gg_row[k] * g_row[k]).sum();
+                        u[((i * patch + j) * out_channels + o) * in_channels + c] = v as f32;
                     }
                 }
             }
         }
         Self {
+            tile,
             weights: u,
             bias: bias.to_vec(),
             in_channels,
@@ -158,7 +219,7 @@ impl Winograd {
         residual: Option<&[f32]>,
         out: &mut [f32],
     ) {
-        let tiles = Geometry::new(1, height, width).tiles();
+        let tiles = self.tile.tiles(height, width);
         let group = (MAX_TILES_PER_PASS / tiles).clamp(1, batch.max(1));
         let plane_in = self.in_channels * height * width;
         let plane_out = self.out_channels * height * width;
@@ -168,7 +229,7 @@ impl Winograd {
             let images = first..first + count;
             self.run_group(
                 &input[images.start * plane_in..images.end * plane_in],
-                Geometry::new(count, height, width),
+                Geometry::new(self.tile, count, height, width),
                 residual.map(|r| &r[images.start * plane_out..images.end * plane_out]),
                 &mut out[images.start * plane_out..images.end * plane_out],
             );
@@ -185,31 +246,33 @@ impl Winograd {
         out: &mut [f32],
     ) {
         let all_tiles = geometry.batch * geometry.tiles();
+        let frequencies = geometry.frequencies();
         SCRATCH.with(|cell| {
             let mut scratch = cell.borrow_mut();
             let (transformed, products) = &mut *scratch;
-            transformed.resize(self.in_channels * FREQUENCIES * all_tiles, 0.0);
-            products.resize(self.out_channels * FREQUENCIES * all_tiles, 0.0);
+            transformed.resize(self.in_channels * frequencies * all_tiles, 0.0);
+            products.resize(self.out_channels * frequencies * all_tiles, 0.0);
             transform_input(input, geometry, self.in_channels, transformed);
             self.multiply(transformed, products, all_tiles);
             self.transform_output(products, geometry, residual, out);
         });
     }
 
-    /// M[o][ξ][t] = Σ_c U[ξ][o][c] · V[c][ξ][t] for every frequency ξ: 36
+    /// M[o][ξ][t] = Σ_c U[ξ][o][c] · V[c][ξ][t] for every frequency ξ:
     /// single-threaded products, spread over the threads.
     fn multiply(&self, transformed: &[f32], products: &mut [f32], tiles: usize) {
         let (m, k, n) = (self.out_channels, self.in_channels, tiles);
+        let frequencies = self.tile.frequencies();
         assert!(
-            transformed.len() >= k * FREQUENCIES * n
-                && products.len() >= m * FREQUENCIES * n
-                && self.weights.len() >= FREQUENCIES * m * k
+            transformed.len() >= k * frequencies * n
+                && products.len() >= m * frequencies * n
+                && self.weights.len() >= frequencies * m * k
         );
         // Each frequency writes its own columns ξ·n .. (ξ+1)·n of every row
         // of M: disjoint sets of elements, so the threads never share one.
         let dst = products.as_mut_ptr() as usize;
         let work = |xi: usize| {
-            // SAFETY: with row stride FREQUENCIES·n, rows 0..m and columns
+            // SAFETY: with row stride frequencies·n, rows 0..m and columns
             // ξ·n .. ξ·n + n, every element addressed lies inside the
             // asserted lengths: dst (products, m·36·n), lhs (U[ξ], m·k from
             // ξ·m·k) and rhs (V, k·36·n). The destinations of different ξ
@@ -222,14 +285,14 @@ impl Winograd {
                     k,
                     (dst as *mut f32).add(xi * n),
                     1,
-                    (FREQUENCIES * n) as isize,
+                    (frequencies * n) as isize,
                     false,
                     self.weights.as_ptr().add(xi * m * k),
                     1,
                     k as isize,
                     transformed.as_ptr().add(xi * n),
                     1,
-                    (FREQUENCIES * n) as isize,
+                    (frequencies * n) as isize,
                     0.0,
                     1.0,
                     false,
@@ -240,9 +303,9 @@ impl Winograd {
             }
         };
         if m * n * k >= 1 << 14 && rayon::current_num_threads() > 1 {
-            (0..FREQUENCIES).into_par_iter().for_each(work);
+            (0..frequencies).into_par_iter().for_each(work);
         } else {
-            (0..FREQUENCIES).for_each(work);
+            (0..frequencies).for_each(work);
         }
     }
 
@@ -256,13 +319,14 @@ impl Winograd {
     ) {
         let plane = geometry.height * geometry.width;
         let all_tiles = geometry.batch * geometry.tiles();
+        let frequencies = geometry.frequencies();
         let o_count = self.out_channels;
-        let staging_len = TILE * geometry.tile_rows * TILE * geometry.tile_cols;
+        let staging_len = geometry.m * geometry.tile_rows * geometry.m * geometry.tile_cols;
         out.par_chunks_mut(plane).enumerate().for_each_init(
             || vec![0f32; staging_len],
             |staging, (index, plane_out)| {
                 let (image, o) = (index / o_count, index % o_count);
-                let source = &products[o * FREQUENCIES * all_tiles..][..FREQUENCIES * all_tiles];
+                let source = &products[o * frequencies * all_tiles..][..frequencies * all_tiles];
                 output_plane(source, geometry, image, staging);
                 let skip = residual.map(|r| &r[index * plane..][..plane]);
                 finish_plane(staging, geometry, self.bias[o], skip, self.relu, plane_out);
@@ -282,7 +346,7 @@ fn finish_plane(
     relu: bool,
     out: &mut [f32],
 ) {
-    let staging_w = TILE * geometry.tile_cols;
+    let staging_w = geometry.m * geometry.tile_cols;
     let width = geometry.width;
     for (y, row) in out.chunks_exact_mut(width).enumerate() {
         let src = &staging[y * staging_w..][..width];
@@ -310,9 +374,10 @@ fn finish_plane(
 fn transform_input(input: &[f32], geometry: Geometry, channels: usize, transformed: &mut [f32]) {
     let plane = geometry.height * geometry.width;
     let all_tiles = geometry.batch * geometry.tiles();
+    let frequencies = geometry.frequencies();
     let (padded_h, padded_w) = geometry.padded();
-    transformed[..channels * FREQUENCIES * all_tiles]
-        .par_chunks_mut(FREQUENCIES * all_tiles)
+    transformed[..channels * frequencies * all_tiles]
+        .par_chunks_mut(frequencies * all_tiles)
         .enumerate()
         .for_each_init(
             || vec![0f32; padded_h * padded_w],
@@ -340,53 +405,65 @@ fn input_plane(padded: &[f32], geometry: Geometry, image: usize, v: &mut [f32]) 
         unsafe { input_plane_avx2(padded, geometry, image, v) };
         return;
     }
-    input_plane_generic(padded, geometry, image, v);
+    match geometry.m {
+        4 => input_plane_generic::<4>(padded, geometry, image, v),
+        _ => input_plane_generic::<2>(padded, geometry, image, v),
+    }
 }
 
 /// [`input_plane_generic`] compiled with AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn input_plane_avx2(padded: &[f32], geometry: Geometry, image: usize, v: &mut [f32]) {
-    input_plane_generic(padded, geometry, image, v);
+    match geometry.m {
+        4 => input_plane_generic::<4>(padded, geometry, image, v),
+        _ => input_plane_generic::<2>(padded, geometry, image, v),
+    }
 }
 
 /// The input transform of one zero-padded plane (`geometry.padded()`)
-/// into image `image`'s tiles of `v` (36 × all tiles), [`LANES`] tiles at
-/// a time.
+/// into image `image`'s tiles of `v` ((M+2)² × all tiles), [`LANES`]
+/// tiles at a time; M is the output tile side.
 #[inline(always)]
-fn input_plane_generic(padded: &[f32], geometry: Geometry, image: usize, v: &mut [f32]) {
+fn input_plane_generic<const M: usize>(
+    padded: &[f32],
+    geometry: Geometry,
+    image: usize,
+    v: &mut [f32],
+) {
+    let patch = M + 2;
     let tiles = geometry.tiles();
     let all_tiles = geometry.batch * tiles;
     let (_, padded_w) = geometry.padded();
     let mut first = 0;
     while first < tiles {
         let lanes = LANES.min(tiles - first);
-        // d[i][j][lane]: the 6×6 patches of up to LANES tiles.
+        // d[i][j][lane]: the (M+2)² patches of up to LANES tiles.
         let mut d = [[[0f32; LANES]; PATCH]; PATCH];
         for lane in 0..lanes {
             let t = first + lane;
             let (ty, tx) = (t / geometry.tile_cols, t % geometry.tile_cols);
-            for (i, row) in d.iter_mut().enumerate() {
-                let src = &padded[(TILE * ty + i) * padded_w + TILE * tx..][..PATCH];
-                for (j, value) in src.iter().enumerate() {
-                    row[j][lane] = *value;
+            for (i, row) in d.iter_mut().enumerate().take(patch) {
+                let src = &padded[(M * ty + i) * padded_w + M * tx..][..patch];
+                for (cell, value) in row.iter_mut().zip(src) {
+                    cell[lane] = *value;
                 }
             }
         }
         // Bᵀ d (columns), then (Bᵀ d) B (rows).
         let mut columns = [[[0f32; LANES]; PATCH]; PATCH];
-        for j in 0..PATCH {
-            let r = input_1d([d[0][j], d[1][j], d[2][j], d[3][j], d[4][j], d[5][j]]);
-            for i in 0..PATCH {
+        for j in 0..patch {
+            let r = input_1d::<M>([d[0][j], d[1][j], d[2][j], d[3][j], d[4][j], d[5][j]]);
+            for i in 0..patch {
                 columns[i][j] = r[i];
             }
         }
         let base = image * tiles + first;
-        for (i, row) in columns.iter().enumerate() {
-            let r = input_1d(*row);
-            for (j, lanes_value) in r.iter().enumerate() {
+        for (i, row) in columns.iter().enumerate().take(patch) {
+            let r = input_1d::<M>(*row);
+            for (j, lanes_value) in r.iter().enumerate().take(patch) {
                 store(
-                    &mut v[(i * PATCH + j) * all_tiles + base..][..lanes],
+                    &mut v[(i * patch + j) * all_tiles + base..][..lanes],
                     lanes_value,
                 );
             }
@@ -416,34 +493,46 @@ fn load(dst: &mut [f32; LANES], src: &[f32]) {
     }
 }
 
-/// Bᵀ x for six lane vectors.
+/// Bᵀ x for M + 2 lane vectors (the first M + 2 of six).
 #[inline(always)]
-fn input_1d(x: [[f32; LANES]; PATCH]) -> [[f32; LANES]; PATCH] {
+fn input_1d<const M: usize>(x: [[f32; LANES]; PATCH]) -> [[f32; LANES]; PATCH] {
     let mut r = [[0f32; LANES]; PATCH];
     for l in 0..LANES {
         let [d0, d1, d2, d3, d4, d5] = [x[0][l], x[1][l], x[2][l], x[3][l], x[4][l], x[5][l]];
-        r[0][l] = 4.0 * d0 - 5.0 * d2 + d4;
-        r[1][l] = -4.0 * (d1 + d2) + d3 + d4;
-        r[2][l] = 4.0 * (d1 - d2) - d3 + d4;
-        r[3][l] = 2.0 * (d3 - d1) - d2 + d4;
-        r[4][l] = 2.0 * (d1 - d3) - d2 + d4;
-        r[5][l] = 4.0 * d1 - 5.0 * d3 + d5;
+        if M == 4 {
+            r[0][l] = 4.0 * d0 - 5.0 * d2 + d4;
+            r[1][l] = -4.0 * (d1 + d2) + d3 + d4;
+            r[2][l] = 4.0 * (d1 - d2) - d3 + d4;
+            r[3][l] = 2.0 * (d3 - d1) - d2 + d4;
+            r[4][l] = 2.0 * (d1 - d3) - d2 + d4;
+            r[5][l] = 4.0 * d1 - 5.0 * d3 + d5;
+        } else {
+            r[0][l] = d0 - d2;
+            r[1][l] = d1 + d2;
+            r[2][l] = d2 - d1;
+            r[3][l] = d1 - d3;
+        }
     }
     r
 }
 
-/// Aᵀ x for six lane vectors: four.
+/// Aᵀ x for M + 2 lane vectors: M (the first of four).
 #[inline(always)]
-fn output_1d(x: [[f32; LANES]; PATCH]) -> [[f32; LANES]; TILE] {
-    let mut r = [[0f32; LANES]; TILE];
+fn output_1d<const M: usize>(x: [[f32; LANES]; PATCH]) -> [[f32; LANES]; 4] {
+    let mut r = [[0f32; LANES]; 4];
     for l in 0..LANES {
         let [m0, m1, m2, m3, m4, m5] = [x[0][l], x[1][l], x[2][l], x[3][l], x[4][l], x[5][l]];
-        let (a, b) = (m1 + m2, m1 - m2);
-        let (c, d) = (m3 + m4, m3 - m4);
-        r[0][l] = m0 + a + c;
-        r[1][l] = b + 2.0 * d;
-        r[2][l] = a + 4.0 * c;
-        r[3][l] = b + 8.0 * d + m5;
+        if M == 4 {
+            let (a, b) = (m1 + m2, m1 - m2);
+            let (c, d) = (m3 + m4, m3 - m4);
+            r[0][l] = m0 + a + c;
+            r[1][l] = b + 2.0 * d;
+            r[2][l] = a + 4.0 * c;
+            r[3][l] = b + 8.0 * d + m5;
+        } else {
+            r[0][l] = m0 + m1 + m2;
+            r[1][l] = m1 - m2 - m3;
+        }
     }
     r
 }
@@ -458,7 +547,10 @@ fn output_plane(products: &[f32], geometry: Geometry, image: usize, staging: &mu
         unsafe { output_plane_avx2(products, geometry, image, staging) };
         return;
     }
-    output_plane_generic(products, geometry, image, staging);
+    match geometry.m {
+        4 => output_plane_generic::<4>(products, geometry, image, staging),
+        _ => output_plane_generic::<2>(products, geometry, image, staging),
+    }
 }
 
 /// [`output_plane_generic`] compiled with AVX2 and FMA.
@@ -470,48 +562,57 @@ unsafe fn output_plane_avx2(
     image: usize,
     staging: &mut [f32],
 ) {
-    output_plane_generic(products, geometry, image, staging);
+    match geometry.m {
+        4 => output_plane_generic::<4>(products, geometry, image, staging),
+        _ => output_plane_generic::<2>(products, geometry, image, staging),
+    }
 }
 
 /// The output transform of image `image`'s tiles of one output channel's
-/// products (36 × all tiles) into `staging`, the plane rounded up to
-/// whole tiles ((4 · tile rows) × (4 · tile columns)).
+/// products ((M+2)² × all tiles) into `staging`, the plane rounded up to
+/// whole tiles ((M · tile rows) × (M · tile columns)).
 #[inline(always)]
-fn output_plane_generic(products: &[f32], geometry: Geometry, image: usize, staging: &mut [f32]) {
+fn output_plane_generic<const M: usize>(
+    products: &[f32],
+    geometry: Geometry,
+    image: usize,
+    staging: &mut [f32],
+) {
+    let patch = M + 2;
     let tiles = geometry.tiles();
     let all_tiles = geometry.batch * tiles;
-    let staging_w = TILE * geometry.tile_cols;
+    let staging_w = M * geometry.tile_cols;
     let mut first = 0;
     while first < tiles {
         let lanes = LANES.min(tiles - first);
         let base = image * tiles + first;
         let mut m = [[[0f32; LANES]; PATCH]; PATCH];
-        for (i, row) in m.iter_mut().enumerate() {
-            for (j, cell) in row.iter_mut().enumerate() {
+        for (i, row) in m.iter_mut().enumerate().take(patch) {
+            for (j, cell) in row.iter_mut().enumerate().take(patch) {
                 load(
                     cell,
-                    &products[(i * PATCH + j) * all_tiles + base..][..lanes],
+                    &products[(i * patch + j) * all_tiles + base..][..lanes],
                 );
             }
         }
         // Aᵀ m (columns), then (Aᵀ m) A (rows).
-        let mut columns = [[[0f32; LANES]; PATCH]; TILE];
-        for j in 0..PATCH {
-            let r = output_1d([m[0][j], m[1][j], m[2][j], m[3][j], m[4][j], m[5][j]]);
-            for i in 0..TILE {
+        let mut columns = [[[0f32; LANES]; PATCH]; 4];
+        for j in 0..patch {
+            let r = output_1d::<M>([m[0][j], m[1][j], m[2][j], m[3][j], m[4][j], m[5][j]]);
+            for i in 0..M {
                 columns[i][j] = r[i];
             }
         }
-        let mut y = [[[0f32; LANES]; TILE]; TILE];
-        for i in 0..TILE {
-            y[i] = output_1d(columns[i]);
+        let mut y = [[[0f32; LANES]; 4]; 4];
+        for i in 0..M {
+            y[i] = output_1d::<M>(columns[i]);
         }
         for lane in 0..lanes {
             let t = first + lane;
             let (ty, tx) = (t / geometry.tile_cols, t % geometry.tile_cols);
-            for (i, y_row) in y.iter().enumerate() {
-                let at = (TILE * ty + i) * staging_w + TILE * tx;
-                let dst = &mut staging[at..at + TILE];
+            for (i, y_row) in y.iter().enumerate().take(M) {
+                let at = (M * ty + i) * staging_w + M * tx;
+                let dst = &mut staging[at..at + M];
                 for (d, y_cell) in dst.iter_mut().zip(y_row) {
                     *d = y_cell[lane];
                 }
@@ -586,15 +687,17 @@ mod tests {
             let weights = values(cout * cin * 9, seed + 10);
             let bias = values(cout, seed + 20);
             let want = direct(&input, &weights, &bias, (batch, cin, cout, h, w));
-            let kernel = Winograd::new(&weights, &bias, (cout, cin), false);
-            let mut got = vec![f32::NAN; want.len()];
-            kernel.run(&input, [batch, h, w], None, &mut got);
-            let scale = want.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
-            for (k, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    ((f64::from(*g) - w) / scale).abs() < 1e-5,
-                    "case {i}, element {k}: {g} vs {w}"
-                );
+            for tile in [Tile::Four, Tile::Two] {
+                let kernel = Winograd::new(tile, &weights, &bias, (cout, cin), false);
+                let mut got = vec![f32::NAN; want.len()];
+                kernel.run(&input, [batch, h, w], None, &mut got);
+                let scale = want.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
+                for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        ((f64::from(*g) - w) / scale).abs() < 1e-5,
+                        "case {i} {tile:?}, element {k}: {g} vs {w}"
+                    );
+                }
             }
         }
     }
