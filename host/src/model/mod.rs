@@ -153,7 +153,8 @@ pub struct Model {
 
 impl Model {
     /// Loads `package` onto `device` and folds batch norm into the
-    /// convolutions.
+    /// convolutions; on the CPU a warm-up pass then transforms the 3×3
+    /// convolutions' weights into the Winograd forms they run with.
     ///
     /// # Errors
     /// [`ModelError::Tensor`] when the weights do not fit the architecture.
@@ -199,11 +200,19 @@ impl Model {
         let manifest = &package.manifest;
         let mut net = ExamNet::new(&manifest.architecture, manifest.emr.len(), vb)?;
         net.fold_batch_norm()?;
-        Ok(Self {
+        let size = manifest.input_size as usize;
+        let model = Self {
             net,
             package,
             device: device.clone(),
-        })
+        };
+        if device.is_cpu() && model.uses_image() {
+            // One pass at the input size transforms every convolution's
+            // weights into the Winograd form it runs with, now rather than
+            // on the first case (and sizes the kernels' scratch buffers).
+            model.predict(Some(&vec![0.0; size * size]), &[])?;
+        }
+        Ok(model)
     }
 
     /// The package this model came from.
