@@ -179,24 +179,37 @@ impl Winograd {
             Tile::Four => &G4,
             Tile::Two => &G2,
         };
-        let patch = tile.patch();
-        let mut u = vec![0f32; tile.frequencies() * out_channels * in_channels];
+        let (patch, frequencies) = (tile.patch(), tile.frequencies());
+        // Per output channel in parallel, laid out (out, frequency, in);
+        // then reordered to (frequency, out, in).
+        let mut by_out = vec![0f32; frequencies * out_channels * in_channels];
+        by_out
+            .par_chunks_mut(frequencies * in_channels.max(1))
+            .enumerate()
+            .for_each(|(o, block)| {
+                for c in 0..in_channels {
+                    let g = &weights[(o * in_channels + c) * 9..][..9];
+                    // G g ((m+2)×3), then (G g) Gᵀ ((m+2)²), in f64.
+                    let mut gg = [[0f64; 3]; PATCH];
+                    for (row, g_row) in gg.iter_mut().zip(g_matrix) {
+                        for (j, v) in row.iter_mut().enumerate() {
+                            *v = (0..3).map(|k| g_row[k] * f64::from(g[k * 3 + j])).sum();
+                        }
+                    }
+                    for (i, gg_row) in gg.iter().enumerate().take(patch) {
+                        for (j, g_row) in g_matrix.iter().enumerate() {
+                            let v: f64 = (0..3).map(|k| gg_row[k] * g_row[k]).sum();
+                            block[(i * patch + j) * in_channels + c] = v as f32;
+                        }
+                    }
+                }
+            });
+        let mut u = vec![0f32; frequencies * out_channels * in_channels];
         for o in 0..out_channels {
-            for c in 0..in_channels {
-                let g = &weights[(o * in_channels + c) * 9..][..9];
-                // G g ((m+2)×3), then (G g) Gᵀ ((m+2)²), in f64.
-                let mut gg = [[0f64; 3]; PATCH];
-                for (row, g_row) in gg.iter_mut().zip(g_matrix) {
-                    for (j, v) in row.iter_mut().enumerate() {
-                        *v = (0..3).map(|k| g_row[k] * f64::from(g[k * 3 + j])).sum();
-                    }
-                }
-                for (i, gg_row) in gg.iter().enumerate().take(patch) {
-                    for (j, g_row) in g_matrix.iter().enumerate() {
-                        let v: f64 = (0..3).map(|k| gg_row[k] * g_row[k]).sum();
-                        u[((i * patch + j) * out_channels + o) * in_channels + c] = v as f32;
-                    }
-                }
+            for xi in 0..frequencies {
+                u[(xi * out_channels + o) * in_channels..][..in_channels].copy_from_slice(
+                    &by_out[(o * frequencies + xi) * in_channels..][..in_channels],
+                );
             }
         }
         Self {
@@ -435,11 +448,14 @@ fn input_plane_generic<const M: usize>(
     let tiles = geometry.tiles();
     let all_tiles = geometry.batch * tiles;
     let (_, padded_w) = geometry.padded();
+    // Work arrays, declared once: every group overwrites the lanes it
+    // uses (zeroing them per group was a `memset` call each time).
+    let mut d = [[[0f32; LANES]; PATCH]; PATCH];
+    let mut columns = [[[0f32; LANES]; PATCH]; PATCH];
     let mut first = 0;
     while first < tiles {
         let lanes = LANES.min(tiles - first);
         // d[i][j][lane]: the (M+2)² patches of up to LANES tiles.
-        let mut d = [[[0f32; LANES]; PATCH]; PATCH];
         for lane in 0..lanes {
             let t = first + lane;
             let (ty, tx) = (t / geometry.tile_cols, t % geometry.tile_cols);
@@ -451,7 +467,6 @@ fn input_plane_generic<const M: usize>(
             }
         }
         // Bᵀ d (columns), then (Bᵀ d) B (rows).
-        let mut columns = [[[0f32; LANES]; PATCH]; PATCH];
         for j in 0..patch {
             let r = input_1d::<M>([d[0][j], d[1][j], d[2][j], d[3][j], d[4][j], d[5][j]]);
             for i in 0..patch {
@@ -582,11 +597,14 @@ fn output_plane_generic<const M: usize>(
     let tiles = geometry.tiles();
     let all_tiles = geometry.batch * tiles;
     let staging_w = M * geometry.tile_cols;
+    // Work arrays, declared once (see input_plane_generic).
+    let mut m = [[[0f32; LANES]; PATCH]; PATCH];
+    let mut columns = [[[0f32; LANES]; PATCH]; 4];
+    let mut y = [[[0f32; LANES]; 4]; 4];
     let mut first = 0;
     while first < tiles {
         let lanes = LANES.min(tiles - first);
         let base = image * tiles + first;
-        let mut m = [[[0f32; LANES]; PATCH]; PATCH];
         for (i, row) in m.iter_mut().enumerate().take(patch) {
             for (j, cell) in row.iter_mut().enumerate().take(patch) {
                 load(
@@ -596,14 +614,12 @@ fn output_plane_generic<const M: usize>(
             }
         }
         // Aᵀ m (columns), then (Aᵀ m) A (rows).
-        let mut columns = [[[0f32; LANES]; PATCH]; 4];
         for j in 0..patch {
             let r = output_1d::<M>([m[0][j], m[1][j], m[2][j], m[3][j], m[4][j], m[5][j]]);
             for i in 0..M {
                 columns[i][j] = r[i];
             }
         }
-        let mut y = [[[0f32; LANES]; 4]; 4];
         for i in 0..M {
             y[i] = output_1d::<M>(columns[i]);
         }
