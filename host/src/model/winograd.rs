@@ -13,8 +13,10 @@
 //! M[ξ] (out × tiles) = U[ξ] (out × in) · V[ξ] (in × tiles)
 //! ```
 //!
-//! - U = G g Gᵀ is computed once, when the kernel is built (in f64, from
-//!   the weights with batch norm already folded in);
+//! - U = G g Gᵀ is computed once per kernel and tile size (in f64, from
+//!   the weights with batch norm already folded in; `FusedConv` builds
+//!   each form on its first call, which the warm-up pass at model load
+//!   makes);
 //! - V = Bᵀ d B per call (the input transform), in groups of [`LANES`]
 //!   tiles so the arithmetic runs on vectors;
 //! - the products are `gemm` calls, spread over the threads by
@@ -27,7 +29,7 @@
 //! leave the products 4 columns wide, reading 36 weight matrices for
 //! little work). The interpolation points are 0, ±1, ±2 and ∞ (F(4×4)),
 //! 0, ±1 and ∞ (F(2×2)); with f32 the result agrees with a direct
-//! convolution to about 1e-6 of the output's scale (tested here against
+//! convolution to 1e-6–1e-5 of the output's scale (tested here against
 //! f64 and in [`super::cpu_conv`]'s tests against candle's conv2d).
 //!
 //! Vector code: the transforms are written on fixed-width lane arrays and
