@@ -18,26 +18,32 @@ use oxbox::model::{Model, ModelPackage};
 oxbox bench --dicom RG1_UNCR.dcm --model models/demo --threads 2\n  \
 oxbox bench --url http://127.0.0.1:8480 --dicom RG1_UNCR.dcm --emr record.json --requests 200 --concurrency 16\n  \
 oxbox bench --train resnet18 --size 224 --batch 16 --steps 5 --threads 2\n  \
+oxbox bench --layers resnet18 --size 224 --threads 2\n  \
 oxbox bench federation-round --sites 20 --backbone resnet18 --percentile 10\n\n\
 Prints JSON: median and minimum milliseconds for decode (read + parse + pixel decode), \
 preprocess (canonical v1 on decoded pixels) and both together; with --model, the model's \
 forward pass at batch 1 and end to end (read to probabilities). Compare with \
 `cxr_reference.py bench FILE` run in the same session (scripts/bench.sh does both). With \
 --url, load-tests a running server instead: latency percentiles and throughput. With --train, \
-measures training throughput (cases/s) instead."
+measures training throughput (cases/s) instead. With --layers, times each convolution of the \
+backbone on each CPU kernel path (im2col + gemm, Winograd) instead."
 )]
 pub struct Args {
     /// A benchmark of its own (instead of the options below).
     #[command(subcommand)]
     pub what: Option<BenchCommand>,
     /// The DICOM file.
-    #[arg(long, value_name = "FILE", required_unless_present = "train")]
+    #[arg(long, value_name = "FILE", required_unless_present_any = ["train", "layers"])]
     pub dicom: Option<PathBuf>,
     /// Instead: training throughput of this backbone (tiny, resnet18,
     /// resnet34) at --size: --steps optimizer steps of --batch synthetic
     /// cases (augmentation, forward, backward, AdamW).
     #[arg(long, value_name = "BACKBONE", conflicts_with_all = ["dicom", "url", "model"])]
     pub train: Option<oxbox::model::Backbone>,
+    /// Instead: time each convolution of this backbone's image branch at
+    /// --size (batch --batch, default 1), --runs times per kernel path.
+    #[arg(long, value_name = "BACKBONE", conflicts_with_all = ["dicom", "url", "model", "train"])]
+    pub layers: Option<oxbox::model::Backbone>,
     /// Optimizer steps timed, with --train (after one warm-up step).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub steps: u32,
@@ -106,6 +112,31 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
     oxbox::model::set_compute_threads(args.threads.unwrap_or(loaded.model.threads));
     if let Some(backbone) = args.train {
         return train_throughput(backbone, &args);
+    }
+    if let Some(backbone) = args.layers {
+        let batch = args.batch.unwrap_or(1) as usize;
+        let layers = oxbox::model::conv_bench::time_layers(
+            backbone,
+            args.size as usize,
+            batch,
+            args.runs as usize,
+        )?;
+        let sum = |f: fn(&oxbox::model::conv_bench::LayerTiming) -> f64| {
+            (layers.iter().map(f).sum::<f64>() * 1000.0).round() / 1000.0
+        };
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "layers": backbone,
+                "input_size": args.size,
+                "batch": batch,
+                "threads": oxbox::model::compute_threads(),
+                "total_im2col_ms": sum(|l| l.im2col_ms),
+                "total_chosen_ms": sum(|l| l.chosen_ms),
+                "convolutions": layers,
+            }))?
+        );
+        return Ok(());
     }
     let dicom_path = args
         .dicom

@@ -8,13 +8,19 @@
 //! (im2col, in parallel, into a reused per-thread buffer) and multiplied by
 //! the weights with the `gemm` crate (the matrix kernel candle itself uses),
 //! the output pre-filled with bias (+ residual) so the product accumulates
-//! into it. 1×1 stride-1 convolutions skip the unfolding. Inference only:
-//! training uses [`super::cpu_conv_grad`], which adds the backward pass.
+//! into it. 1×1 stride-1 convolutions skip the unfolding. 3×3 stride-1
+//! convolutions with enough output tiles run in the Winograd domain
+//! instead ([`super::winograd`], weights transformed once, when the kernel
+//! is built). Training uses [`super::cpu_conv_grad`], which adds the
+//! backward pass and runs its forward products here.
 
 use std::cell::RefCell;
+use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape};
 use rayon::prelude::*;
+
+use super::winograd::{Tile, Winograd};
 
 /// A folded convolution: weights (out, in, k, k), bias (out), stride,
 /// padding, and whether a ReLU follows.
@@ -28,6 +34,19 @@ pub struct FusedConv {
     stride: usize,
     padding: usize,
     relu: bool,
+    /// The same convolution in the Winograd domain, for 3×3 stride-1
+    /// padding-1 kernels.
+    winograd: Option<WinogradForms>,
+}
+
+/// A kernel's Winograd forms, each transformed once, on the first call
+/// that runs it (the plane size decides which; a network's are all built
+/// by the warm-up pass when a model is loaded), then kept: only the forms
+/// a network uses take memory (F(4×4) holds 4× the weights).
+#[derive(Debug, Clone, Default)]
+struct WinogradForms {
+    four: OnceLock<Winograd>,
+    two: OnceLock<Winograd>,
 }
 
 thread_local! {
@@ -42,6 +61,16 @@ const WIDE_MAX_PIXELS: usize = 1024;
 
 /// Below this many multiply-adds a convolution runs on one thread.
 const PARALLEL_MIN_WORK: usize = 1 << 20;
+
+/// A 3×3 convolution runs in the Winograd domain with 4×4 tiles when its
+/// output has at least this many of them (over the batch) per 64 input
+/// channels, else with 2×2 tiles when it has [`WINOGRAD2_MIN_TILES`] of
+/// those, else im2col: with fewer tiles the transformed weights (4× or
+/// 16/9× the direct ones) cost more to read than the multiplications
+/// saved (`oxbox bench --layers` measures both paths per layer).
+const WINOGRAD4_MIN_TILES: usize = 4;
+/// See [`WINOGRAD4_MIN_TILES`].
+const WINOGRAD2_MIN_TILES: usize = 2;
 
 impl FusedConv {
     /// A fused convolution from folded weights `(out, in, k, k)` (row-major)
@@ -68,6 +97,7 @@ impl FusedConv {
                 bias.len()
             )));
         }
+        let winograd = (kernel == 3 && stride == 1 && padding == 1).then(WinogradForms::default);
         Ok(Self {
             weights,
             bias,
@@ -77,7 +107,59 @@ impl FusedConv {
             stride,
             padding,
             relu,
+            winograd,
         })
+    }
+
+    /// The same kernel without its Winograd form: every call runs im2col +
+    /// gemm (for comparisons and tests).
+    pub fn without_winograd(mut self) -> Self {
+        self.winograd = None;
+        self
+    }
+
+    /// Whether a call on `batch` images of `height`×`width` runs in the
+    /// Winograd domain.
+    pub fn uses_winograd(&self, batch: usize, height: usize, width: usize) -> bool {
+        self.winograd_tile(batch, height, width).is_some()
+    }
+
+    /// The Winograd tile a call on `batch` images of `height`×`width` runs
+    /// with, or `None` for im2col + gemm.
+    pub fn winograd_tile(&self, batch: usize, height: usize, width: usize) -> Option<Tile> {
+        self.winograd.as_ref()?;
+        let enough = |tile: Tile, min: usize| {
+            batch * tile.tiles(height, width) * 64 >= min * self.in_channels
+        };
+        if enough(Tile::Four, WINOGRAD4_MIN_TILES) {
+            Some(Tile::Four)
+        } else if enough(Tile::Two, WINOGRAD2_MIN_TILES) {
+            Some(Tile::Two)
+        } else {
+            None
+        }
+    }
+
+    /// The Winograd form for `tile`, transformed on first use.
+    fn winograd_form<'a>(&'a self, forms: &'a WinogradForms, tile: Tile) -> &'a Winograd {
+        let cell = match tile {
+            Tile::Four => &forms.four,
+            Tile::Two => &forms.two,
+        };
+        cell.get_or_init(|| {
+            Winograd::new(
+                tile,
+                &self.weights,
+                &self.bias,
+                (self.out_channels, self.in_channels),
+                self.relu,
+            )
+        })
+    }
+
+    /// Output channels.
+    pub fn out_channels(&self) -> usize {
+        self.out_channels
     }
 
     /// Output side for an input side.
@@ -137,6 +219,14 @@ impl FusedConv {
     ) -> Vec<f32> {
         let [batch, height, width, out_h, out_w] = dims;
         let n = out_h * out_w;
+        if let (Some(forms), Some(tile)) =
+            (&self.winograd, self.winograd_tile(batch, height, width))
+        {
+            let mut out = vec![0f32; batch * self.out_channels * n];
+            self.winograd_form(forms, tile)
+                .run(input, [batch, height, width], residual, &mut out);
+            return out;
+        }
         if batch > 1 && n >= WIDE_MAX_PIXELS {
             // Large planes already give the kernel wide matrices: one image
             // at a time keeps the unfolded input in cache.
@@ -289,6 +379,12 @@ fn matmul_accumulate(
 /// `dst (m×n) (+)= lhs (m×k) · rhs (k×n)`: dst row-major, each operand
 /// with explicit (column stride, row stride), so transposed operands need
 /// no copy. Accumulates into dst when `accumulate`.
+///
+/// With several threads and enough rows, the rows of dst are split into
+/// one band per thread, each a single-threaded product: every thread then
+/// reads only its share of lhs (the weights), which is what bounds the
+/// deep layers, and the bands need no synchronisation (gemm's own
+/// threading splits the columns, which scaled poorly at these sizes).
 pub(super) fn gemm_strided(
     dst: &mut [f32],
     (m, n, k): (usize, usize, usize),
@@ -297,6 +393,8 @@ pub(super) fn gemm_strided(
     (rhs, (rhs_cs, rhs_rs)): (&[f32], (usize, usize)),
     threads: usize,
 ) {
+    /// Rows per band at least (the gemm micro-kernel's height is 16).
+    const MIN_BAND: usize = 32;
     let span = |cs: usize, rs: usize, rows: usize, cols: usize| {
         rows.saturating_sub(1) * rs + cols.saturating_sub(1) * cs + 1
     };
@@ -305,6 +403,28 @@ pub(super) fn gemm_strided(
             && lhs.len() >= span(lhs_cs, lhs_rs, m, k)
             && rhs.len() >= span(rhs_cs, rhs_rs, k, n)
     );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if threads > 1 && m >= 2 * MIN_BAND {
+        let band = m.div_ceil(threads).next_multiple_of(16).max(MIN_BAND);
+        dst[..m * n]
+            .par_chunks_mut(band * n)
+            .enumerate()
+            .for_each(|(i, rows)| {
+                let first = i * band;
+                let count = rows.len() / n;
+                gemm_strided(
+                    rows,
+                    (count, n, k),
+                    accumulate,
+                    (&lhs[first * lhs_rs..], (lhs_cs, lhs_rs)),
+                    (rhs, (rhs_cs, rhs_rs)),
+                    1,
+                );
+            });
+        return;
+    }
     let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
@@ -396,75 +516,144 @@ mod tests {
             .collect()
     }
 
-    /// The fused kernel against candle's own conv2d + bias (+ residual) +
-    /// ReLU, for every kernel/stride/padding the ResNets use and odd sides.
+    /// max |got − want| / max |want|: the error relative to the output's
+    /// scale.
+    fn relative_error(got: &Tensor, want: &Tensor) -> f32 {
+        let scalar =
+            |t: candle_core::Result<Tensor>| t.and_then(|t| t.to_scalar::<f32>()).expect("scalar");
+        let diff = scalar((got - want).and_then(|d| d.abs()).and_then(|d| d.max_all()));
+        let scale = scalar(want.abs().and_then(|w| w.max_all()));
+        diff / scale.max(1e-6)
+    }
+
+    /// One geometry, every kernel path that applies (the chosen one and
+    /// im2col + gemm), against candle's conv2d + bias, plain and with
+    /// residual + ReLU. Returns whether the chosen path was Winograd.
+    fn check_against_candle(
+        (batch, cin, cout, k, stride, padding, height, width): (
+            usize,
+            usize,
+            usize,
+            usize,
+            usize,
+            usize,
+            usize,
+            usize,
+        ),
+        seed: u32,
+    ) -> bool {
+        let case = format!("{batch}x{cin}x{height}x{width} -> {cout}, k{k} s{stride} p{padding}");
+        // Weights at the scale of a trained, folded ResNet (He init).
+        let scale = (2.0 / (cin * k * k) as f32).sqrt();
+        let weights: Vec<f32> = values(cout * cin * k * k, seed)
+            .into_iter()
+            .map(|w| w * scale)
+            .collect();
+        let bias = values(cout, 100 + seed);
+        let x = Tensor::from_vec(
+            values(batch * cin * height * width, 7 + seed),
+            (batch, cin, height, width),
+            &Device::Cpu,
+        )
+        .expect("input");
+        let w = Tensor::from_vec(weights.clone(), (cout, cin, k, k), &Device::Cpu).expect("w");
+        let b = Tensor::from_vec(bias.clone(), cout, &Device::Cpu).expect("bias");
+        let cfg = Conv2dConfig {
+            padding,
+            stride,
+            ..Default::default()
+        };
+        let expected = Conv2d::new(w, Some(b), cfg).forward(&x).expect("conv");
+        let residual = Tensor::from_vec(
+            values(expected.elem_count(), 50 + seed),
+            expected.shape(),
+            &Device::Cpu,
+        )
+        .expect("residual");
+        let with_residual = (&expected + &residual)
+            .and_then(|y| y.relu())
+            .expect("relu");
+        let plain = FusedConv::new(
+            weights.clone(),
+            bias.clone(),
+            (cout, cin, k),
+            stride,
+            padding,
+            false,
+        )
+        .expect("op");
+        let fused =
+            FusedConv::new(weights, bias, (cout, cin, k), stride, padding, true).expect("op");
+        let winograd = plain.uses_winograd(batch, height, width);
+        for (path, plain, fused) in [
+            ("chosen", plain.clone(), fused.clone()),
+            ("im2col", plain.without_winograd(), fused.without_winograd()),
+        ] {
+            let got = x.apply_op1_no_bwd(&plain).expect("fused");
+            assert_eq!(got.dims(), expected.dims(), "{case}");
+            let err = relative_error(&got, &expected);
+            assert!(err < 1e-4, "{case} ({path}): relative error {err}");
+            let got = x
+                .apply_op2_no_bwd(&residual, &fused)
+                .expect("fused residual");
+            let err = relative_error(&got, &with_residual);
+            assert!(
+                err < 1e-4,
+                "{case} ({path}, residual, relu): relative error {err}"
+            );
+        }
+        winograd
+    }
+
+    /// Every kernel/stride/padding the ResNets use, on small and odd
+    /// sides, batches of 1 to 3.
     #[test]
     fn fused_conv_equals_candle_conv() {
         let cases = [
-            (1, 8, 7, 2, 3, 37),
-            (4, 8, 1, 1, 0, 6),
-            (8, 16, 3, 1, 1, 19),
-            (8, 16, 3, 2, 1, 20),
-            (16, 16, 1, 1, 0, 9),
-            (16, 32, 1, 2, 0, 11),
-            (64, 64, 3, 1, 1, 56),
+            (2, 1, 8, 7, 2, 3, 37, 37),
+            (2, 4, 8, 1, 1, 0, 6, 6),
+            (2, 8, 16, 3, 1, 1, 19, 19),
+            (2, 8, 16, 3, 2, 1, 20, 20),
+            (2, 16, 16, 1, 1, 0, 9, 9),
+            (2, 16, 32, 1, 2, 0, 11, 11),
+            (2, 64, 64, 3, 1, 1, 56, 56),
+            // Winograd edge cases: one pixel, a single partial tile,
+            // tiles overhanging the border, rectangles, batches split
+            // into several passes.
+            (1, 3, 5, 3, 1, 1, 1, 1),
+            (3, 6, 4, 3, 1, 1, 3, 5),
+            (2, 16, 8, 3, 1, 1, 7, 7),
+            (3, 8, 8, 3, 1, 1, 13, 10),
+            (2, 4, 4, 3, 1, 1, 70, 66),
         ];
-        for (i, &(cin, cout, k, stride, padding, side)) in cases.iter().enumerate() {
-            let weights = values(cout * cin * k * k, i as u32);
-            let bias = values(cout, 100 + i as u32);
-            let x = Tensor::from_vec(
-                values(2 * cin * side * side, 7 + i as u32),
-                (2, cin, side, side),
-                &Device::Cpu,
-            )
-            .expect("input");
-            let w = Tensor::from_vec(weights.clone(), (cout, cin, k, k), &Device::Cpu)
-                .expect("weights");
-            let b = Tensor::from_vec(bias.clone(), cout, &Device::Cpu).expect("bias");
-            let cfg = Conv2dConfig {
-                padding,
-                stride,
-                ..Default::default()
-            };
-            let expected = Conv2d::new(w, Some(b), cfg).forward(&x).expect("conv");
-            let residual = (expected.ones_like().expect("ones") * 0.5).expect("scale");
-
-            let plain = FusedConv::new(
-                weights.clone(),
-                bias.clone(),
-                (cout, cin, k),
-                stride,
-                padding,
-                false,
-            )
-            .expect("op");
-            let got = x.apply_op1_no_bwd(&plain).expect("fused");
-            let diff = (got - &expected)
-                .expect("sub")
-                .abs()
-                .expect("abs")
-                .max_all()
-                .expect("max")
-                .to_scalar::<f32>()
-                .expect("scalar");
-            assert!(diff < 1e-4, "case {i}: max diff {diff}");
-
-            let with_relu =
-                FusedConv::new(weights, bias, (cout, cin, k), stride, padding, true).expect("op");
-            let got = x
-                .apply_op2_no_bwd(&residual, &with_relu)
-                .expect("fused residual");
-            let want = (expected + residual).expect("add").relu().expect("relu");
-            let diff = (got - want)
-                .expect("sub")
-                .abs()
-                .expect("abs")
-                .max_all()
-                .expect("max")
-                .to_scalar::<f32>()
-                .expect("scalar");
-            assert!(diff < 1e-4, "case {i} (residual, relu): max diff {diff}");
+        for (i, &case) in cases.iter().enumerate() {
+            check_against_candle(case, i as u32);
         }
+    }
+
+    /// Every convolution geometry of ResNet-18 at 224², at full size and
+    /// batch 1, on the path the network runs and on im2col + gemm; and
+    /// the 3×3 stride-1 ones at batch 2.
+    #[test]
+    fn every_resnet18_geometry_equals_candle_conv() {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut winograd = 0;
+        for (i, (_, [cin, cout, k, stride], side)) in
+            super::super::conv_bench::layers(super::super::Backbone::Resnet18, 224)
+                .into_iter()
+                .enumerate()
+        {
+            if !seen.insert((cin, cout, k, stride, side)) {
+                continue;
+            }
+            let batches: &[usize] = if k == 3 && stride == 1 { &[1, 2] } else { &[1] };
+            for &batch in batches {
+                let geometry = (batch, cin, cout, k, stride, k / 2, side, side);
+                winograd += usize::from(check_against_candle(geometry, i as u32));
+            }
+        }
+        // 56², 28², 14² and 7², at batch 1 and 2.
+        assert_eq!(winograd, 8, "geometries that ran Winograd");
     }
 
     #[test]

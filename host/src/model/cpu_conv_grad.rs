@@ -8,7 +8,9 @@
 //! calls:
 //! - forward:  Y = W · cols;
 //! - weights:  dW += dY · colsᵀ (summed over the batch);
-//! - input:    dcols = Wᵀ · dY, folded back onto the image (col2im).
+//! - input:    dcols = Wᵀ · dY, folded back onto the image (col2im); for
+//!   3×3 stride-1 convolutions instead dX = dY ⊛ flip(W)ᵀ, the forward
+//!   kernel (Winograd) over the whole batch.
 //!
 //! Tested against candle's own convolution and its gradients.
 
@@ -57,6 +59,24 @@ impl TrainableConv {
             self.padding,
             false,
         )
+    }
+
+    /// W' (channels, out, k, k) with W'[c][o][y][x] = W[o][c][k−1−y][k−1−x]:
+    /// the weights of the convolution that maps dY to dX when the stride is
+    /// 1 and the padding keeps the size.
+    fn flipped_transposed(&self, weights: &[f32], out: usize, channels: usize) -> Vec<f32> {
+        let k2 = self.kernel * self.kernel;
+        let mut flipped = vec![0f32; weights.len()];
+        for o in 0..out {
+            for c in 0..channels {
+                let src = &weights[(o * channels + c) * k2..][..k2];
+                let dst = &mut flipped[(c * out + o) * k2..][..k2];
+                for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
+                    *d = *s;
+                }
+            }
+        }
+        flipped
     }
 
     /// Adds the columns `dcols` (C·k·k, OH·OW) back onto `image` (C, H, W):
@@ -143,9 +163,23 @@ impl CustomOp2 for TrainableConv {
         let (k, n) = (channels * self.kernel * self.kernel, out_h * out_w);
         let plane = channels * height * width;
         let mut grad_weights = vec![0f32; out * k];
-        let mut grad_input = vec![0f32; batch * plane];
         let mut columns = vec![0f32; k * n];
-        let mut grad_columns = vec![0f32; k * n];
+        // A 3×3 stride-1 padding-1 convolution's input gradient is the same
+        // convolution of dY with the flipped, transposed weights: the
+        // forward kernel (Winograd where it pays) for the whole batch.
+        let same_size = self.kernel == 3 && self.stride == 1 && self.padding == 1;
+        let mut grad_input = if same_size {
+            let flipped = self.flipped_transposed(&weights, out, channels);
+            let adjoint = self.kernel_for(&flipped, channels, out)?;
+            adjoint.run(&grad_out, [batch, out_h, out_w, height, width], None)
+        } else {
+            vec![0f32; batch * plane]
+        };
+        let mut grad_columns = if same_size {
+            Vec::new()
+        } else {
+            vec![0f32; k * n]
+        };
         for b in 0..batch {
             let image = &input[b * plane..(b + 1) * plane];
             let dy = &grad_out[b * out * n..(b + 1) * out * n];
@@ -159,6 +193,9 @@ impl CustomOp2 for TrainableConv {
                 (&columns, (n, 1)),
                 threads_for(out, k, n),
             );
+            if same_size {
+                continue;
+            }
             // dcols (K×N) = Wᵀ (K×O) · dY (O×N): Wᵀ[j][o] = W[o·K + j].
             gemm_strided(
                 &mut grad_columns,

@@ -6,7 +6,8 @@
 //! - [`net`]: the network — pure model code, trainable batch norm;
 //! - [`cpu_conv`], [`cpu_conv_grad`], [`cpu_batch_norm`]: the CPU kernels
 //!   for inference (fused, folded convolution) and training (convolution
-//!   and batch norm with backward passes);
+//!   and batch norm with backward passes); [`winograd`]: the 3×3
+//!   stride-1 convolutions in the Winograd domain;
 //! - this module: choosing the device, loading a package for inference
 //!   (batch norm folded into the convolutions), encoding an EMR record, and
 //!   turning cumulative logits into the six probabilities and exam scores.
@@ -16,6 +17,7 @@
 //! for k = 1..4 per horizon; P(≥1), P(≥2), P(≥3) are reported and the exam
 //! score is the expected level / 4 = Σₖ P(level ≥ k) / 4.
 
+pub mod conv_bench;
 pub mod cpu_batch_norm;
 pub mod cpu_conv;
 pub mod cpu_conv_grad;
@@ -23,6 +25,7 @@ pub mod demo;
 pub mod net;
 pub mod package;
 pub mod promote;
+pub mod winograd;
 
 use std::path::Path;
 
@@ -150,7 +153,8 @@ pub struct Model {
 
 impl Model {
     /// Loads `package` onto `device` and folds batch norm into the
-    /// convolutions.
+    /// convolutions; on the CPU a warm-up pass then transforms the 3×3
+    /// convolutions' weights into the Winograd forms they run with.
     ///
     /// # Errors
     /// [`ModelError::Tensor`] when the weights do not fit the architecture.
@@ -196,11 +200,19 @@ impl Model {
         let manifest = &package.manifest;
         let mut net = ExamNet::new(&manifest.architecture, manifest.emr.len(), vb)?;
         net.fold_batch_norm()?;
-        Ok(Self {
+        let size = manifest.input_size as usize;
+        let model = Self {
             net,
             package,
             device: device.clone(),
-        })
+        };
+        if device.is_cpu() && model.uses_image() {
+            // One pass at the input size transforms every convolution's
+            // weights into the Winograd form it runs with, now rather than
+            // on the first case (and sizes the kernels' scratch buffers).
+            model.predict(Some(&vec![0.0; size * size]), &[])?;
+        }
+        Ok(model)
     }
 
     /// The package this model came from.
@@ -582,6 +594,71 @@ mod tests {
             .max_all()
             .expect("max");
         assert!(diff.to_scalar::<f32>().expect("scalar") < 1e-4);
+    }
+
+    /// ResNet-18 at 224² with the Winograd kernels gives the outputs of the
+    /// im2col + gemm kernels (the kernels before Winograd), at batch 1 and
+    /// 2.
+    #[test]
+    fn resnet18_outputs_with_winograd_equal_the_im2col_kernels() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let package = init_package(dir.path(), "test", arch(Backbone::Resnet18, false), 224, 5)
+            .expect("init");
+        let bytes = std::fs::read(package.weights_path()).expect("weights");
+        let vb =
+            VarBuilder::from_buffered_safetensors(bytes, DType::F32, &Device::Cpu).expect("vb");
+        let mut net = ExamNet::new(
+            &package.manifest.architecture,
+            package.manifest.emr.len(),
+            vb,
+        )
+        .expect("net");
+        net.fold_batch_norm().expect("fold");
+        let mut reference = net.clone();
+        reference.without_winograd();
+        // A chest-like image: smooth intensity with ribs-like stripes.
+        let image: Vec<f32> = (0..2 * 224 * 224)
+            .map(|i| {
+                let (y, x) = ((i / 224) % 224, i % 224);
+                let (y, x) = (y as f32 / 224.0, x as f32 / 224.0);
+                (3.0 * x).sin() * 0.5 + (20.0 * y).cos() * 0.3 + y - 0.5
+            })
+            .collect();
+        let features = package.manifest.emr.len();
+        for batch in [1, 2] {
+            let pixels = image[..batch * 224 * 224].to_vec();
+            let image =
+                Tensor::from_vec(pixels, (batch, 1, 224, 224), &Device::Cpu).expect("image");
+            let values = Tensor::randn(0f32, 1.0, (batch, features), &Device::Cpu).expect("values");
+            let missing =
+                Tensor::zeros((batch, features), DType::F32, &Device::Cpu).expect("missing");
+            let run = |net: &ExamNet| {
+                let logits = net
+                    .forward(Some(&image), &values, &missing, false)
+                    .expect("forward");
+                let probabilities = candle_nn::ops::sigmoid(&logits).expect("sigmoid");
+                (logits, probabilities)
+            };
+            let (logits, probabilities) = run(&net);
+            let (want_logits, want_probabilities) = run(&reference);
+            let max = |t: Tensor| {
+                t.abs()
+                    .and_then(|t| t.max_all())
+                    .and_then(|t| t.to_scalar::<f32>())
+                    .expect("max")
+            };
+            let scale = max(want_logits.clone()).max(1.0);
+            let logit_diff = max((logits - want_logits).expect("sub"));
+            let probability_diff = max((probabilities - want_probabilities).expect("sub"));
+            assert!(
+                logit_diff / scale < 1e-5,
+                "batch {batch}: logits differ by {logit_diff} (scale {scale})"
+            );
+            assert!(
+                probability_diff < 1e-5,
+                "batch {batch}: probabilities differ by {probability_diff}"
+            );
+        }
     }
 
     #[test]

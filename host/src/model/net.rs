@@ -146,6 +146,12 @@ impl ConvBn {
         Ok(())
     }
 
+    /// The fused kernel without its Winograd form (tests compare the two).
+    #[cfg(test)]
+    fn without_winograd(&mut self) {
+        self.fused = self.fused.take().map(FusedConv::without_winograd);
+    }
+
     /// Batch norm in training mode with the fused CPU kernel, updating the
     /// running statistics as candle-nn does (momentum, unbiased variance).
     fn train_batch_norm(&self, x: &Tensor) -> Result<Tensor> {
@@ -236,6 +242,15 @@ impl BasicBlock {
         self.b.fold()?;
         self.shortcut.as_mut().map(ConvBn::fold).transpose()?;
         Ok(())
+    }
+
+    #[cfg(test)]
+    fn without_winograd(&mut self) {
+        self.a.without_winograd();
+        self.b.without_winograd();
+        if let Some(s) = &mut self.shortcut {
+            s.without_winograd();
+        }
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
@@ -445,6 +460,19 @@ impl ExamNet {
     pub fn fold_batch_norm(&mut self) -> Result<()> {
         self.image.as_mut().map(ImageBranch::fold).transpose()?;
         Ok(())
+    }
+
+    /// Every CPU convolution on im2col + gemm, none in the Winograd domain:
+    /// the reference the Winograd kernels are tested against.
+    #[cfg(test)]
+    pub(crate) fn without_winograd(&mut self) {
+        if let Some(image) = &mut self.image {
+            image.stem.without_winograd();
+            image
+                .blocks
+                .iter_mut()
+                .for_each(BasicBlock::without_winograd);
+        }
     }
 
     /// Cumulative logits (B, HORIZONS, THRESHOLDS): s − θₖ per horizon.

@@ -1,0 +1,163 @@
+//! Per-layer timings of the image branch's convolutions on the CPU, for
+//! `oxbox bench --layers`: which convolutions dominate a forward pass, and
+//! what each kernel path (im2col + gemm, Winograd) costs on this machine.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::cpu_conv::FusedConv;
+use super::package::Backbone;
+
+/// One convolution of the backbone, timed.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerTiming {
+    /// Where it sits: `stem`, `layer2.0.a`, `layer3.1.shortcut`, ….
+    pub layer: String,
+    /// Input channels, output channels, kernel side, stride.
+    pub shape: [usize; 4],
+    /// Input side (square planes).
+    pub input_side: usize,
+    /// Multiply-adds of a direct convolution, millions, for the batch.
+    pub mmacs: f64,
+    /// Median milliseconds with im2col + gemm only.
+    pub im2col_ms: f64,
+    /// Fastest run with im2col + gemm only, milliseconds.
+    pub im2col_min_ms: f64,
+    /// Median milliseconds of the path the network runs.
+    pub chosen_ms: f64,
+    /// Fastest run of the path the network runs, milliseconds.
+    pub chosen_min_ms: f64,
+    /// The path the network runs: `im2col` or `winograd`.
+    pub chosen: &'static str,
+}
+
+/// The convolutions of `backbone` at input side `size`: (name, (in, out,
+/// kernel, stride), input side), in forward order, as `net::ImageBranch`
+/// builds them.
+pub fn layers(backbone: Backbone, size: usize) -> Vec<(String, [usize; 4], usize)> {
+    let (widths, depths): ([usize; 4], [usize; 4]) = match backbone {
+        Backbone::Tiny => ([8, 16, 32, 64], [1, 1, 1, 1]),
+        Backbone::Resnet18 => ([64, 128, 256, 512], [2, 2, 2, 2]),
+        Backbone::Resnet34 => ([64, 128, 256, 512], [3, 4, 6, 3]),
+    };
+    let out = |side: usize, k: usize, s: usize| (side + 2 * (k / 2) - k) / s + 1;
+    let mut list = vec![("stem".to_string(), [1, widths[0], 7, 2], size)];
+    // Stem, then the 3×3 stride-2 max pool.
+    let mut side = (out(size, 7, 2) + 2 - 3) / 2 + 1;
+    let mut cin = widths[0];
+    for (stage, (&cout, &depth)) in widths.iter().zip(&depths).enumerate() {
+        for i in 0..depth {
+            let stride = if stage > 0 && i == 0 { 2 } else { 1 };
+            let name = format!("layer{}.{i}", stage + 1);
+            list.push((format!("{name}.a"), [cin, cout, 3, stride], side));
+            if stride != 1 || cin != cout {
+                list.push((format!("{name}.shortcut"), [cin, cout, 1, stride], side));
+            }
+            let next = out(side, 3, stride);
+            list.push((format!("{name}.b"), [cout, cout, 3, 1], next));
+            side = next;
+            cin = cout;
+        }
+    }
+    list
+}
+
+/// (median, minimum) of `ms`.
+fn median_and_min(mut ms: Vec<f64>) -> (f64, f64) {
+    ms.sort_by(f64::total_cmp);
+    let mid = ms.len() / 2;
+    let median = if ms.len() % 2 == 1 {
+        ms[mid]
+    } else {
+        (ms[mid - 1] + ms[mid]) / 2.0
+    };
+    (median, ms[0])
+}
+
+/// Times every convolution of `backbone` at input side `size` on `batch`
+/// images of pseudo-random values, `runs` times per path (after a warm-up
+/// run), on the current rayon pool.
+///
+/// # Errors
+/// When a layer's shape does not make a kernel (a too-small `size`).
+pub fn time_layers(
+    backbone: Backbone,
+    size: usize,
+    batch: usize,
+    runs: usize,
+) -> candle_core::Result<Vec<LayerTiming>> {
+    let values = |count: usize, seed: usize| -> Vec<f32> {
+        (0..count)
+            .map(|i| {
+                (i.wrapping_mul(2_654_435_761).wrapping_add(seed) % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    };
+    let mut timings = Vec::new();
+    for (layer, [cin, cout, k, stride], side) in layers(backbone, size) {
+        let weights: Vec<f32> = values(cout * cin * k * k, 1)
+            .into_iter()
+            .map(|w| w * 0.05)
+            .collect();
+        let kernel = FusedConv::new(
+            weights,
+            values(cout, 2),
+            (cout, cin, k),
+            stride,
+            k / 2,
+            true,
+        )?;
+        let out_side = kernel.out_side(side)?;
+        let input = values(batch * cin * side * side, 3);
+        let dims = [batch, side, side, out_side, out_side];
+        let time = |kernel: &FusedConv| {
+            std::hint::black_box(kernel.run(&input, dims, None));
+            let ms = (0..runs.max(1))
+                .map(|_| {
+                    let t = Instant::now();
+                    std::hint::black_box(kernel.run(&input, dims, None));
+                    t.elapsed().as_secs_f64() * 1e3
+                })
+                .collect();
+            median_and_min(ms)
+        };
+        let winograd = kernel.uses_winograd(batch, side, side);
+        let chosen = time(&kernel);
+        let im2col = if winograd {
+            time(&kernel.clone().without_winograd())
+        } else {
+            chosen
+        };
+        let round = |v: f64| (v * 1000.0).round() / 1000.0;
+        timings.push(LayerTiming {
+            layer,
+            shape: [cin, cout, k, stride],
+            input_side: side,
+            mmacs: round((batch * cout * cin * k * k * out_side * out_side) as f64 / 1e6),
+            im2col_ms: round(im2col.0),
+            im2col_min_ms: round(im2col.1),
+            chosen_ms: round(chosen.0),
+            chosen_min_ms: round(chosen.1),
+            chosen: if winograd { "winograd" } else { "im2col" },
+        });
+    }
+    Ok(timings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The layer list follows the network: ResNet-18 at 224² has the 7×7
+    /// stem, 16 3×3 convolutions and 3 projection shortcuts, ending at 7².
+    #[test]
+    fn resnet18_layers_follow_the_network() {
+        let list = layers(Backbone::Resnet18, 224);
+        assert_eq!(list.len(), 1 + 16 + 3);
+        assert_eq!(list[0], ("stem".to_string(), [1, 64, 7, 2], 224));
+        assert_eq!(list[1], ("layer1.0.a".to_string(), [64, 64, 3, 1], 56));
+        let last = list.last().expect("layers");
+        assert_eq!(last, &("layer4.1.b".to_string(), [512, 512, 3, 1], 7));
+    }
+}

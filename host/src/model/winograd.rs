@@ -1,0 +1,722 @@
+//! Winograd F(4×4, 3×3) and F(2×2, 3×3): the stride-1, padding-1 3×3
+//! convolutions that hold most of a ResNet's work, with 36 multiplications
+//! per 4×4 output tile and input channel instead of 144 (F(2×2): 16
+//! instead of 36) (Lavin & Gray, "Fast Algorithms for Convolutional Neural
+//! Networks", 2016).
+//!
+//! For each (m+2)×(m+2) input tile d (overlapping by 2) and 3×3 filter g
+//! the m×m output tile is `Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`. Summed over input
+//! channels, the element-wise product becomes (m+2)² independent matrix
+//! products, one per frequency ξ:
+//!
+//! ```text
+//! M[ξ] (out × tiles) = U[ξ] (out × in) · V[ξ] (in × tiles)
+//! ```
+//!
+//! - U = G g Gᵀ is computed once per kernel and tile size (in f64, from
+//!   the weights with batch norm already folded in; `FusedConv` builds
+//!   each form on its first call, which the warm-up pass at model load
+//!   makes);
+//! - V = Bᵀ d B per call (the input transform), in groups of [`LANES`]
+//!   tiles so the arithmetic runs on vectors;
+//! - the products are `gemm` calls, spread over the threads by
+//!   frequency;
+//! - the output transform Aᵀ M A is fused with the bias, the residual and
+//!   the ReLU.
+//!
+//! F(4×4) needs 4× the weights' memory in the Winograd domain and F(2×2)
+//! 16/9×; F(2×2) suits small planes (7×7 at 224²: four 4×4 tiles would
+//! leave the products 4 columns wide, reading 36 weight matrices for
+//! little work). The interpolation points are 0, ±1, ±2 and ∞ (F(4×4)),
+//! 0, ±1 and ∞ (F(2×2)); with f32 the result agrees with a direct
+//! convolution to 1e-6–1e-5 of the output's scale (tested here against
+//! f64 and in [`super::cpu_conv`]'s tests against candle's conv2d).
+//!
+//! Vector code: the transforms are written on fixed-width lane arrays and
+//! compiled twice, once for the baseline target and once with AVX2 + FMA
+//! enabled, chosen at run time (`is_x86_feature_detected!`); on aarch64
+//! the baseline already has NEON. The products use `gemm`, which does its
+//! own run-time dispatch (AVX-512, AVX2, NEON).
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+/// The largest input tile side (F(4×4): 4 + 3 − 1): the size of the
+/// fixed arrays the transforms work in.
+const PATCH: usize = 6;
+/// Tiles transformed together, one per vector lane.
+const LANES: usize = 8;
+/// At most this many tiles (over a batch) go through one pass of the
+/// products: bounds the transformed buffers (in·36·tiles floats) so they
+/// stay in cache.
+const MAX_TILES_PER_PASS: usize = 256;
+
+/// F(4×4, 3×3)'s filter transform G (6×3).
+const G4: [[f64; 3]; 6] = [
+    [1.0 / 4.0, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
+
+/// F(2×2, 3×3)'s filter transform G (4×3).
+const G2: [[f64; 3]; 4] = [
+    [1.0, 0.0, 0.0],
+    [0.5, 0.5, 0.5],
+    [0.5, -0.5, 0.5],
+    [0.0, 0.0, 1.0],
+];
+
+/// The output tile: F(m×m, 3×3) with m = 4 or 2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tile {
+    /// F(4×4, 3×3): 36 frequencies, 2.25× fewer multiplications than F(2×2).
+    Four,
+    /// F(2×2, 3×3): 16 frequencies, for small planes.
+    Two,
+}
+
+impl Tile {
+    /// The output tile side m.
+    pub fn side(self) -> usize {
+        match self {
+            Tile::Four => 4,
+            Tile::Two => 2,
+        }
+    }
+
+    /// The input tile side m + 2.
+    fn patch(self) -> usize {
+        self.side() + 2
+    }
+
+    /// Frequencies: (m + 2)².
+    fn frequencies(self) -> usize {
+        self.patch() * self.patch()
+    }
+
+    /// Tiles covering a `height` × `width` plane.
+    pub fn tiles(self, height: usize, width: usize) -> usize {
+        height.div_ceil(self.side()) * width.div_ceil(self.side())
+    }
+}
+
+thread_local! {
+    /// The transformed input V and the products M, reused across calls on
+    /// this thread (allocating them afresh each time costs page faults).
+    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// A 3×3, stride 1, padding 1 convolution in the Winograd domain: the
+/// transformed weights, the bias and whether a ReLU follows.
+#[derive(Debug, Clone)]
+pub struct Winograd {
+    tile: Tile,
+    /// U, laid out (frequency, out, in): each frequency's matrix row-major.
+    weights: Vec<f32>,
+    bias: Vec<f32>,
+    in_channels: usize,
+    out_channels: usize,
+    relu: bool,
+}
+
+/// The shape of one call: batch, input height and width (= output's).
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    /// The output tile side m.
+    m: usize,
+    batch: usize,
+    height: usize,
+    width: usize,
+    /// Tile rows and columns per image.
+    tile_rows: usize,
+    tile_cols: usize,
+}
+
+impl Geometry {
+    fn new(tile: Tile, batch: usize, height: usize, width: usize) -> Self {
+        let m = tile.side();
+        Self {
+            m,
+            batch,
+            height,
+            width,
+            tile_rows: height.div_ceil(m),
+            tile_cols: width.div_ceil(m),
+        }
+    }
+
+    /// Frequencies: (m + 2)².
+    fn frequencies(&self) -> usize {
+        (self.m + 2) * (self.m + 2)
+    }
+
+    /// Tiles per image.
+    fn tiles(&self) -> usize {
+        self.tile_rows * self.tile_cols
+    }
+
+    /// Sides of an image zero-padded so that every tile's (m+2)² patch
+    /// lies inside: one row/column before, up to m + 1 after.
+    fn padded(&self) -> (usize, usize) {
+        (self.m * self.tile_rows + 2, self.m * self.tile_cols + 2)
+    }
+}
+
+impl Winograd {
+    /// Transforms folded weights `(out, in, 3, 3)` (row-major) for `tile`
+    /// and keeps `bias` (out). The caller has checked the lengths.
+    pub fn new(
+        tile: Tile,
+        weights: &[f32],
+        bias: &[f32],
+        (out_channels, in_channels): (usize, usize),
+        relu: bool,
+    ) -> Self {
+        debug_assert_eq!(weights.len(), out_channels * in_channels * 9);
+        let g_matrix: &[[f64; 3]] = match tile {
+            Tile::Four => &G4,
+            Tile::Two => &G2,
+        };
+        let (patch, frequencies) = (tile.patch(), tile.frequencies());
+        // Per output channel in parallel, laid out (out, frequency, in);
+        // then reordered to (frequency, out, in).
+        let mut by_out = vec![0f32; frequencies * out_channels * in_channels];
+        by_out
+            .par_chunks_mut(frequencies * in_channels.max(1))
+            .enumerate()
+            .for_each(|(o, block)| {
+                for c in 0..in_channels {
+                    let g = &weights[(o * in_channels + c) * 9..][..9];
+                    // G g ((m+2)×3), then (G g) Gᵀ ((m+2)²), in f64.
+                    let mut gg = [[0f64; 3]; PATCH];
+                    for (row, g_row) in gg.iter_mut().zip(g_matrix) {
+                        for (j, v) in row.iter_mut().enumerate() {
+                            *v = (0..3).map(|k| g_row[k] * f64::from(g[k * 3 + j])).sum();
+                        }
+                    }
+                    for (i, gg_row) in gg.iter().enumerate().take(patch) {
+                        for (j, g_row) in g_matrix.iter().enumerate() {
+                            let v: f64 = (0..3).map(|k| gg_row[k] * g_row[k]).sum();
+                            block[(i * patch + j) * in_channels + c] = v as f32;
+                        }
+                    }
+                }
+            });
+        let mut u = vec![0f32; frequencies * out_channels * in_channels];
+        for o in 0..out_channels {
+            for xi in 0..frequencies {
+                u[(xi * out_channels + o) * in_channels..][..in_channels].copy_from_slice(
+                    &by_out[(o * frequencies + xi) * in_channels..][..in_channels],
+                );
+            }
+        }
+        Self {
+            tile,
+            weights: u,
+            bias: bias.to_vec(),
+            in_channels,
+            out_channels,
+            relu,
+        }
+    }
+
+    /// Convolves contiguous NCHW `input` (batch, in, height, width) into
+    /// `out` (batch, out, height, width), adding `residual` (same shape as
+    /// `out`) when given, then the ReLU when the kernel has one.
+    pub fn run(
+        &self,
+        input: &[f32],
+        [batch, height, width]: [usize; 3],
+        residual: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
+        let tiles = self.tile.tiles(height, width);
+        let group = (MAX_TILES_PER_PASS / tiles).clamp(1, batch.max(1));
+        let plane_in = self.in_channels * height * width;
+        let plane_out = self.out_channels * height * width;
+        let mut first = 0;
+        while first < batch {
+            let count = group.min(batch - first);
+            let images = first..first + count;
+            self.run_group(
+                &input[images.start * plane_in..images.end * plane_in],
+                Geometry::new(self.tile, count, height, width),
+                residual.map(|r| &r[images.start * plane_out..images.end * plane_out]),
+                &mut out[images.start * plane_out..images.end * plane_out],
+            );
+            first += count;
+        }
+    }
+
+    /// One pass: every tile of `geometry.batch` images at once.
+    fn run_group(
+        &self,
+        input: &[f32],
+        geometry: Geometry,
+        residual: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
+        let all_tiles = geometry.batch * geometry.tiles();
+        let frequencies = geometry.frequencies();
+        SCRATCH.with(|cell| {
+            let mut scratch = cell.borrow_mut();
+            let (transformed, products) = &mut *scratch;
+            transformed.resize(self.in_channels * frequencies * all_tiles, 0.0);
+            products.resize(self.out_channels * frequencies * all_tiles, 0.0);
+            transform_input(input, geometry, self.in_channels, transformed);
+            self.multiply(transformed, products, all_tiles);
+            self.transform_output(products, geometry, residual, out);
+        });
+    }
+
+    /// M[o][ξ][t] = Σ_c U[ξ][o][c] · V[c][ξ][t] for every frequency ξ:
+    /// single-threaded products, spread over the threads.
+    fn multiply(&self, transformed: &[f32], products: &mut [f32], tiles: usize) {
+        let (m, k, n) = (self.out_channels, self.in_channels, tiles);
+        let frequencies = self.tile.frequencies();
+        assert!(
+            transformed.len() >= k * frequencies * n
+                && products.len() >= m * frequencies * n
+                && self.weights.len() >= frequencies * m * k
+        );
+        // Each frequency writes its own columns ξ·n .. (ξ+1)·n of every row
+        // of M: disjoint sets of elements, so the threads never share one.
+        let dst = products.as_mut_ptr() as usize;
+        let work = |xi: usize| {
+            // SAFETY: with row stride frequencies·n, rows 0..m and columns
+            // ξ·n .. ξ·n + n, every element addressed lies inside the
+            // asserted lengths: dst (products, m·36·n), lhs (U[ξ], m·k from
+            // ξ·m·k) and rhs (V, k·36·n). The destinations of different ξ
+            // are disjoint (see above) and no other reference to `products`
+            // is used while the products run.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    (dst as *mut f32).add(xi * n),
+                    1,
+                    (frequencies * n) as isize,
+                    false,
+                    self.weights.as_ptr().add(xi * m * k),
+                    1,
+                    k as isize,
+                    transformed.as_ptr().add(xi * n),
+                    1,
+                    (frequencies * n) as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        };
+        if m * n * k >= 1 << 14 && rayon::current_num_threads() > 1 {
+            (0..frequencies).into_par_iter().for_each(work);
+        } else {
+            (0..frequencies).for_each(work);
+        }
+    }
+
+    /// Y = Aᵀ M A per tile, + bias (+ residual), ReLU, into NCHW `out`.
+    fn transform_output(
+        &self,
+        products: &[f32],
+        geometry: Geometry,
+        residual: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
+        let plane = geometry.height * geometry.width;
+        let all_tiles = geometry.batch * geometry.tiles();
+        let frequencies = geometry.frequencies();
+        let o_count = self.out_channels;
+        let staging_len = geometry.m * geometry.tile_rows * geometry.m * geometry.tile_cols;
+        out.par_chunks_mut(plane).enumerate().for_each_init(
+            || vec![0f32; staging_len],
+            |staging, (index, plane_out)| {
+                let (image, o) = (index / o_count, index % o_count);
+                let source = &products[o * frequencies * all_tiles..][..frequencies * all_tiles];
+                output_plane(source, geometry, image, staging);
+                let skip = residual.map(|r| &r[index * plane..][..plane]);
+                finish_plane(staging, geometry, self.bias[o], skip, self.relu, plane_out);
+            },
+        );
+    }
+}
+
+/// `out` = staging (cropped to the plane) + bias (+ residual), then the
+/// ReLU when `relu`: contiguous rows, one loop per case so each
+/// vectorises.
+fn finish_plane(
+    staging: &[f32],
+    geometry: Geometry,
+    bias: f32,
+    residual: Option<&[f32]>,
+    relu: bool,
+    out: &mut [f32],
+) {
+    let staging_w = geometry.m * geometry.tile_cols;
+    let width = geometry.width;
+    for (y, row) in out.chunks_exact_mut(width).enumerate() {
+        let src = &staging[y * staging_w..][..width];
+        match residual {
+            Some(r) => {
+                let skip = &r[y * width..][..width];
+                for ((o, s), k) in row.iter_mut().zip(src).zip(skip) {
+                    *o = s + bias + k;
+                }
+            }
+            None => {
+                for (o, s) in row.iter_mut().zip(src) {
+                    *o = s + bias;
+                }
+            }
+        }
+        if relu {
+            row.iter_mut().for_each(|v| *v = v.max(0.0));
+        }
+    }
+}
+
+/// V[c][ξ][t] = (Bᵀ d B)[ξ] for every channel c and tile t (over the
+/// batch), parallel over channels.
+fn transform_input(input: &[f32], geometry: Geometry, channels: usize, transformed: &mut [f32]) {
+    let plane = geometry.height * geometry.width;
+    let all_tiles = geometry.batch * geometry.tiles();
+    let frequencies = geometry.frequencies();
+    let (padded_h, padded_w) = geometry.padded();
+    transformed[..channels * frequencies * all_tiles]
+        .par_chunks_mut(frequencies * all_tiles)
+        .enumerate()
+        .for_each_init(
+            || vec![0f32; padded_h * padded_w],
+            |padded, (c, v)| {
+                for image in 0..geometry.batch {
+                    let source = &input[(image * channels + c) * plane..][..plane];
+                    // The plane, zero-padded: row/column 0 is the padding.
+                    padded.fill(0.0);
+                    for (y, row) in source.chunks_exact(geometry.width).enumerate() {
+                        padded[(y + 1) * padded_w + 1..][..geometry.width].copy_from_slice(row);
+                    }
+                    input_plane(padded, geometry, image, v);
+                }
+            },
+        );
+}
+
+/// Dispatches the input transform of one image's plane to the widest
+/// vector code the CPU runs.
+fn input_plane(padded: &[f32], geometry: Geometry, image: usize, v: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above), all the
+        // function requires beyond the baseline.
+        unsafe { input_plane_avx2(padded, geometry, image, v) };
+        return;
+    }
+    match geometry.m {
+        4 => input_plane_generic::<4>(padded, geometry, image, v),
+        _ => input_plane_generic::<2>(padded, geometry, image, v),
+    }
+}
+
+/// [`input_plane_generic`] compiled with AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn input_plane_avx2(padded: &[f32], geometry: Geometry, image: usize, v: &mut [f32]) {
+    match geometry.m {
+        4 => input_plane_generic::<4>(padded, geometry, image, v),
+        _ => input_plane_generic::<2>(padded, geometry, image, v),
+    }
+}
+
+/// The input transform of one zero-padded plane (`geometry.padded()`)
+/// into image `image`'s tiles of `v` ((M+2)² × all tiles), [`LANES`]
+/// tiles at a time; M is the output tile side.
+#[inline(always)]
+fn input_plane_generic<const M: usize>(
+    padded: &[f32],
+    geometry: Geometry,
+    image: usize,
+    v: &mut [f32],
+) {
+    let patch = M + 2;
+    let tiles = geometry.tiles();
+    let all_tiles = geometry.batch * tiles;
+    let (_, padded_w) = geometry.padded();
+    // Work arrays, declared once: every group overwrites the lanes it
+    // uses (zeroing them per group was a `memset` call each time).
+    let mut d = [[[0f32; LANES]; PATCH]; PATCH];
+    let mut columns = [[[0f32; LANES]; PATCH]; PATCH];
+    let mut first = 0;
+    while first < tiles {
+        let lanes = LANES.min(tiles - first);
+        // d[i][j][lane]: the (M+2)² patches of up to LANES tiles.
+        for lane in 0..lanes {
+            let t = first + lane;
+            let (ty, tx) = (t / geometry.tile_cols, t % geometry.tile_cols);
+            for (i, row) in d.iter_mut().enumerate().take(patch) {
+                let src = &padded[(M * ty + i) * padded_w + M * tx..][..patch];
+                for (cell, value) in row.iter_mut().zip(src) {
+                    cell[lane] = *value;
+                }
+            }
+        }
+        // Bᵀ d (columns), then (Bᵀ d) B (rows).
+        for j in 0..patch {
+            let r = input_1d::<M>([d[0][j], d[1][j], d[2][j], d[3][j], d[4][j], d[5][j]]);
+            for i in 0..patch {
+                columns[i][j] = r[i];
+            }
+        }
+        let base = image * tiles + first;
+        for (i, row) in columns.iter().enumerate().take(patch) {
+            let r = input_1d::<M>(*row);
+            for (j, lanes_value) in r.iter().enumerate().take(patch) {
+                store(
+                    &mut v[(i * patch + j) * all_tiles + base..][..lanes],
+                    lanes_value,
+                );
+            }
+        }
+        first += lanes;
+    }
+}
+
+/// Copies the first `dst.len()` (≤ [`LANES`]) lanes of `value` into `dst`:
+/// one vector store for a full group (a length-generic copy would be a
+/// `memmove` call per vector).
+#[inline(always)]
+fn store(dst: &mut [f32], value: &[f32; LANES]) {
+    match <&mut [f32; LANES]>::try_from(&mut *dst) {
+        Ok(full) => *full = *value,
+        Err(_) => dst.iter_mut().zip(value).for_each(|(d, v)| *d = *v),
+    }
+}
+
+/// Copies `src` (≤ [`LANES`] values) into the first lanes of `dst`: one
+/// vector load for a full group.
+#[inline(always)]
+fn load(dst: &mut [f32; LANES], src: &[f32]) {
+    match <&[f32; LANES]>::try_from(src) {
+        Ok(full) => *dst = *full,
+        Err(_) => dst.iter_mut().zip(src).for_each(|(d, v)| *d = *v),
+    }
+}
+
+/// Bᵀ x for M + 2 lane vectors (the first M + 2 of six).
+#[inline(always)]
+fn input_1d<const M: usize>(x: [[f32; LANES]; PATCH]) -> [[f32; LANES]; PATCH] {
+    let mut r = [[0f32; LANES]; PATCH];
+    for l in 0..LANES {
+        let [d0, d1, d2, d3, d4, d5] = [x[0][l], x[1][l], x[2][l], x[3][l], x[4][l], x[5][l]];
+        if M == 4 {
+            r[0][l] = 4.0 * d0 - 5.0 * d2 + d4;
+            r[1][l] = -4.0 * (d1 + d2) + d3 + d4;
+            r[2][l] = 4.0 * (d1 - d2) - d3 + d4;
+            r[3][l] = 2.0 * (d3 - d1) - d2 + d4;
+            r[4][l] = 2.0 * (d1 - d3) - d2 + d4;
+            r[5][l] = 4.0 * d1 - 5.0 * d3 + d5;
+        } else {
+            r[0][l] = d0 - d2;
+            r[1][l] = d1 + d2;
+            r[2][l] = d2 - d1;
+            r[3][l] = d1 - d3;
+        }
+    }
+    r
+}
+
+/// Aᵀ x for M + 2 lane vectors: M (the first of four).
+#[inline(always)]
+fn output_1d<const M: usize>(x: [[f32; LANES]; PATCH]) -> [[f32; LANES]; 4] {
+    let mut r = [[0f32; LANES]; 4];
+    for l in 0..LANES {
+        let [m0, m1, m2, m3, m4, m5] = [x[0][l], x[1][l], x[2][l], x[3][l], x[4][l], x[5][l]];
+        if M == 4 {
+            let (a, b) = (m1 + m2, m1 - m2);
+            let (c, d) = (m3 + m4, m3 - m4);
+            r[0][l] = m0 + a + c;
+            r[1][l] = b + 2.0 * d;
+            r[2][l] = a + 4.0 * c;
+            r[3][l] = b + 8.0 * d + m5;
+        } else {
+            r[0][l] = m0 + m1 + m2;
+            r[1][l] = m1 - m2 - m3;
+        }
+    }
+    r
+}
+
+/// Dispatches the output transform of one plane to the widest vector code
+/// the CPU runs.
+fn output_plane(products: &[f32], geometry: Geometry, image: usize, staging: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above), all the
+        // function requires beyond the baseline.
+        unsafe { output_plane_avx2(products, geometry, image, staging) };
+        return;
+    }
+    match geometry.m {
+        4 => output_plane_generic::<4>(products, geometry, image, staging),
+        _ => output_plane_generic::<2>(products, geometry, image, staging),
+    }
+}
+
+/// [`output_plane_generic`] compiled with AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn output_plane_avx2(
+    products: &[f32],
+    geometry: Geometry,
+    image: usize,
+    staging: &mut [f32],
+) {
+    match geometry.m {
+        4 => output_plane_generic::<4>(products, geometry, image, staging),
+        _ => output_plane_generic::<2>(products, geometry, image, staging),
+    }
+}
+
+/// The output transform of image `image`'s tiles of one output channel's
+/// products ((M+2)² × all tiles) into `staging`, the plane rounded up to
+/// whole tiles ((M · tile rows) × (M · tile columns)).
+#[inline(always)]
+fn output_plane_generic<const M: usize>(
+    products: &[f32],
+    geometry: Geometry,
+    image: usize,
+    staging: &mut [f32],
+) {
+    let patch = M + 2;
+    let tiles = geometry.tiles();
+    let all_tiles = geometry.batch * tiles;
+    let staging_w = M * geometry.tile_cols;
+    // Work arrays, declared once (see input_plane_generic).
+    let mut m = [[[0f32; LANES]; PATCH]; PATCH];
+    let mut columns = [[[0f32; LANES]; PATCH]; 4];
+    let mut y = [[[0f32; LANES]; 4]; 4];
+    let mut first = 0;
+    while first < tiles {
+        let lanes = LANES.min(tiles - first);
+        let base = image * tiles + first;
+        for (i, row) in m.iter_mut().enumerate().take(patch) {
+            for (j, cell) in row.iter_mut().enumerate().take(patch) {
+                load(
+                    cell,
+                    &products[(i * patch + j) * all_tiles + base..][..lanes],
+                );
+            }
+        }
+        // Aᵀ m (columns), then (Aᵀ m) A (rows).
+        for j in 0..patch {
+            let r = output_1d::<M>([m[0][j], m[1][j], m[2][j], m[3][j], m[4][j], m[5][j]]);
+            for i in 0..M {
+                columns[i][j] = r[i];
+            }
+        }
+        for i in 0..M {
+            y[i] = output_1d::<M>(columns[i]);
+        }
+        for lane in 0..lanes {
+            let t = first + lane;
+            let (ty, tx) = (t / geometry.tile_cols, t % geometry.tile_cols);
+            for (i, y_row) in y.iter().enumerate().take(M) {
+                let at = (M * ty + i) * staging_w + M * tx;
+                let dst = &mut staging[at..at + M];
+                for (d, y_cell) in dst.iter_mut().zip(y_row) {
+                    *d = y_cell[lane];
+                }
+            }
+        }
+        first += lanes;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(count: usize, seed: u32) -> Vec<f32> {
+        (0..count)
+            .map(|i| {
+                let x = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed);
+                (x % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// A direct 3×3, stride 1, padding 1 convolution in f64.
+    fn direct(
+        input: &[f32],
+        weights: &[f32],
+        bias: &[f32],
+        (batch, cin, cout, h, w): (usize, usize, usize, usize, usize),
+    ) -> Vec<f64> {
+        let mut out = vec![0f64; batch * cout * h * w];
+        for b in 0..batch {
+            for o in 0..cout {
+                for y in 0..h {
+                    for x in 0..w {
+                        let mut sum = f64::from(bias[o]);
+                        for c in 0..cin {
+                            for ky in 0..3 {
+                                for kx in 0..3 {
+                                    let (iy, ix) =
+                                        ((y + ky).wrapping_sub(1), (x + kx).wrapping_sub(1));
+                                    if iy < h && ix < w {
+                                        sum += f64::from(input[((b * cin + c) * h + iy) * w + ix])
+                                            * f64::from(weights[((o * cin + c) * 3 + ky) * 3 + kx]);
+                                    }
+                                }
+                            }
+                        }
+                        out[((b * cout + o) * h + y) * w + x] = sum;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Small planes (a single partial tile, tiles overhanging the border,
+    /// rectangles) and batches against a direct f64 convolution.
+    #[test]
+    fn winograd_equals_direct_convolution() {
+        for (i, &(batch, cin, cout, h, w)) in [
+            (1, 1, 1, 1, 1),
+            (1, 2, 3, 3, 5),
+            (2, 3, 4, 7, 7),
+            (3, 5, 2, 9, 6),
+            (1, 4, 4, 16, 13),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let seed = i as u32;
+            let input = values(batch * cin * h * w, seed);
+            let weights = values(cout * cin * 9, seed + 10);
+            let bias = values(cout, seed + 20);
+            let want = direct(&input, &weights, &bias, (batch, cin, cout, h, w));
+            for tile in [Tile::Four, Tile::Two] {
+                let kernel = Winograd::new(tile, &weights, &bias, (cout, cin), false);
+                let mut got = vec![f32::NAN; want.len()];
+                kernel.run(&input, [batch, h, w], None, &mut got);
+                let scale = want.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
+                for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        ((f64::from(*g) - w) / scale).abs() < 1e-5,
+                        "case {i} {tile:?}, element {k}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+}
