@@ -382,11 +382,6 @@ impl PreparedCase {
             self.started = started;
         }
     }
-
-    /// The stage timings so far.
-    pub fn timings(&self) -> Timings {
-        self.timings
-    }
 }
 
 impl PredictionReport {

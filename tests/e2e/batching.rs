@@ -156,13 +156,13 @@ fn batched_predictions_equal_unbatched_ones_and_server_timing_is_opt_in() {
     drop(server);
 
     // Batching whatever it costs (no calibration): the eight sent at once,
-    // a batch waiting up to 2 s for more.
+    // a batch waiting up to 1 s (the most the config allows) for more.
     let batched_dir = dir.path().join("batched");
     std::fs::create_dir(&batched_dir).expect("dir");
     let server = ServerProcess::start(&config(
         &batched_dir,
         &model,
-        "batch_max = 8\nbatch_max_wait_ms = 2000\nbatch_calibrate = false\nserver_timing = true",
+        "batch_max = 8\nbatch_max_wait_ms = 1000\nbatch_calibrate = false\nserver_timing = true",
     ));
     let replies: Vec<Reply> = std::thread::scope(|scope| {
         let handles: Vec<_> = cases
