@@ -400,6 +400,12 @@ pub struct ServerConfig {
     /// the model is free; 0 = take what is queued (no added latency).
     #[serde(default)]
     pub batch_max_wait_ms: u64,
+    /// `batch_calibrate = true`: at start (and after a model reload) time
+    /// the model at batch 1, 2, 4, … `batch_max` on a blank case and batch
+    /// only as far as a larger batch costs at least 10% less per case;
+    /// false = batch up to `batch_max` whatever it costs.
+    #[serde(default = "default_true")]
+    pub batch_calibrate: bool,
     /// `memory_budget_mib = 0`: memory that predictions in progress may
     /// hold at once, estimated per request from its body and its image
     /// header before decoding; requests beyond it get 503 with Retry-After,
@@ -416,6 +422,13 @@ pub struct ServerConfig {
     /// over HTTP; sooner ones get 429 with Retry-After.
     #[serde(default = "default_reload_min_interval_s")]
     pub reload_min_interval_s: u64,
+    /// `server_timing = false`: answer each prediction with a
+    /// `Server-Timing` header, the request's stages in milliseconds
+    /// (receive, parse, decode, preprocess, plugins, queue, inference,
+    /// audit, total; durations only) — what `oxbox bench --url` breaks its
+    /// latency down by.
+    #[serde(default)]
+    pub server_timing: bool,
 }
 
 fn default_listen() -> String {
@@ -436,6 +449,9 @@ fn default_max_concurrent() -> usize {
 fn default_batch_max() -> usize {
     8
 }
+fn default_true() -> bool {
+    true
+}
 fn default_max_connections() -> usize {
     256
 }
@@ -454,9 +470,11 @@ impl Default for ServerConfig {
             max_concurrent_requests: default_max_concurrent(),
             batch_max: default_batch_max(),
             batch_max_wait_ms: 0,
+            batch_calibrate: true,
             memory_budget_mib: 0,
             max_connections: default_max_connections(),
             reload_min_interval_s: default_reload_min_interval_s(),
+            server_timing: false,
         }
     }
 }

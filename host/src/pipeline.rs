@@ -111,16 +111,23 @@ pub struct PluginIdentity {
     pub version: String,
 }
 
-/// Stage timings, milliseconds.
+/// Stage timings, milliseconds (durations only: no patient data).
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct Timings {
-    /// DICOM read, decode and canonical preprocessing.
+    /// Parsing the DICOM data set (the server's scan and parse of the
+    /// received bytes; 0 when the caller parsed the file itself).
+    pub parse: f64,
+    /// Reading the image header and decoding the first frame's pixels.
     pub decode: f64,
-    /// Site plugins.
+    /// Canonical preprocessing (modality LUT, VOI, resize to S×S).
+    pub preprocess: f64,
+    /// Site plugins (EMR mapping, image decision and its pixel hand-over).
     pub plugins: f64,
-    /// The model.
+    /// Waiting for the model (the server's batching queue; 0 in process).
+    pub queue: f64,
+    /// The model's forward pass (shared by a batch).
     pub inference: f64,
-    /// Everything.
+    /// Everything from the parse to the prediction.
     pub total: f64,
 }
 
@@ -195,7 +202,7 @@ impl Pipeline {
             .model
             .predict(case.input.image.as_deref(), &case.input.features)?;
         let inference = ms(t);
-        Ok(self.report(request_id, case, horizons, inference))
+        Ok(self.report(request_id, case, horizons, 0.0, inference))
     }
 
     /// Everything before the model: radiograph → canonical image, site
@@ -216,18 +223,24 @@ impl Pipeline {
         let size = self.model.package().manifest.input_size;
 
         // Radiograph → canonical image (and what image plugins need).
-        let t = Instant::now();
         let decoded = match (self.model.uses_image(), dicom_file) {
             (true, Some(file)) => {
+                let t = Instant::now();
                 let header = ImageHeader::read(file)?;
                 let geometry = header.accept(&self.limits)?;
                 let frame = dicom::pixels::decode_first_frame(file, &geometry)?;
+                timings.decode = ms(t);
+                let t = Instant::now();
                 let canonical = dicom::canonical::preprocess(&header, &geometry, &frame, size);
+                timings.preprocess = ms(t);
                 // The decoded frame moves into the plugins' `pixels` (rows
-                // converted lazily), or is dropped here.
+                // converted lazily), or is dropped here; counted as the
+                // plugins' time.
+                let t = Instant::now();
                 let plugin_input = plugins
                     .preprocesses_images()
                     .then(|| image_frame(&header, frame, &canonical));
+                timings.plugins = ms(t);
                 Some((canonical, plugin_input))
             }
             (true, None) => {
@@ -239,7 +252,6 @@ impl Pipeline {
             }
             (false, None) => None,
         };
-        timings.decode = ms(t);
 
         // Site plugins: EMR mapping, image decision.
         let t = Instant::now();
@@ -266,7 +278,7 @@ impl Pipeline {
             Some((canonical, None)) => Some(canonical.data),
             None => None,
         };
-        timings.plugins = ms(t);
+        timings.plugins += ms(t);
         let input = ModelInput { image, features };
         self.model.check_input(&input)?;
         Ok(PreparedCase {
@@ -285,16 +297,19 @@ impl Pipeline {
         })
     }
 
-    /// The report for a prepared case and its prediction; `inference_ms`
-    /// is the model step's time as this case saw it.
+    /// The report for a prepared case and its prediction; `queue_ms` and
+    /// `inference_ms` are the model step's times as this case saw them
+    /// (waiting for the model, and the forward pass).
     pub fn report(
         &self,
         request_id: &str,
         case: PreparedCase,
         horizons: Prediction,
+        queue_ms: f64,
         inference_ms: f64,
     ) -> PredictionReport {
         let mut timings = case.timings;
+        timings.queue = queue_ms;
         timings.inference = inference_ms;
         timings.total = ms(case.started);
         PredictionReport {
@@ -356,6 +371,17 @@ pub struct PreparedCase {
     warnings: Vec<String>,
     timings: Timings,
     started: Instant,
+}
+
+impl PreparedCase {
+    /// Counts the parse of the DICOM data set, done before
+    /// [`Pipeline::prepare`], in the case's timings (and its total).
+    pub fn add_parse_time(&mut self, parse: std::time::Duration) {
+        self.timings.parse = (parse.as_secs_f64() * 1e6).round() / 1e3;
+        if let Some(started) = self.started.checked_sub(parse) {
+            self.started = started;
+        }
+    }
 }
 
 impl PredictionReport {

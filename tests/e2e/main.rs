@@ -8,6 +8,7 @@
 mod aggregator;
 mod agreement;
 mod bad_input;
+mod batching;
 mod bombs;
 mod cli;
 mod evaluate;

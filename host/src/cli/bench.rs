@@ -15,14 +15,14 @@ use oxbox::model::{Model, ModelPackage};
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true,
     after_help = "Examples:\n  oxbox bench --dicom RG1_UNCR.dcm --runs 20\n  \
-oxbox bench --dicom RG1_UNCR.dcm --model models/demo --threads 2\n  \
+oxbox bench --dicom RG1_UNCR.dcm --model models/demo --threads 2 --batch 1,2,4,8\n  \
 oxbox bench --url http://127.0.0.1:8480 --dicom RG1_UNCR.dcm --emr record.json --requests 200 --concurrency 16\n  \
 oxbox bench --train resnet18 --size 224 --batch 16 --steps 5 --threads 2\n  \
 oxbox bench --layers resnet18 --size 224 --threads 2\n  \
 oxbox bench federation-round --sites 20 --backbone resnet18 --percentile 10\n\n\
 Prints JSON: median and minimum milliseconds for decode (read + parse + pixel decode), \
 preprocess (canonical v1 on decoded pixels) and both together; with --model, the model's \
-forward pass at batch 1 and end to end (read to probabilities). Compare with \
+forward pass at batch 1 and end to end (read to probabilities), and with --batch the forward pass per case at each batch size. Compare with \
 `cxr_reference.py bench FILE` run in the same session (scripts/bench.sh does both). With \
 --url, load-tests a running server instead: latency percentiles and throughput. With --train, \
 measures training throughput (cases/s) instead. With --layers, times each convolution of the \
@@ -63,9 +63,12 @@ pub struct Args {
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
     /// With --model, also time a forward pass over this many copies of the
-    /// image at once (what the server's batching runs).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(2..=64))]
-    pub batch: Option<u32>,
+    /// image at once (what the server's batching runs), per case; a list
+    /// (`--batch 2,4,8`) times each. With --train, the training batch
+    /// (one value; default 16).
+    #[arg(long, value_name = "N[,N…]", value_delimiter = ',',
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub batch: Vec<u32>,
     /// Instead: load-test a running `oxbox serve` at this base URL, POSTing
     /// --dicom and --emr to /v1/predict.
     #[arg(long, value_name = "URL", requires = "emr")]
@@ -209,7 +212,7 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
         let threads = oxbox::model::compute_threads();
         report[format!("candle_{backbone}_b1_threads{threads}")] = stats(forward_ms);
         report["end_to_end"] = stats(end_to_end_ms);
-        if let Some(batch) = args.batch {
+        for &batch in &args.batch {
             let cases = vec![
                 oxbox::model::ModelInput {
                     image: Some(image.data.clone()),
@@ -234,7 +237,11 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
 
 /// `oxbox bench --train BACKBONE`: training cases per second.
 fn train_throughput(backbone: oxbox::model::Backbone, args: &Args) -> anyhow::Result<()> {
-    let batch = args.batch.unwrap_or(16) as usize;
+    let batch = match args.batch.as_slice() {
+        [] => 16,
+        [one] => *one as usize,
+        _ => anyhow::bail!("--train takes one --batch size"),
+    };
     let cases_per_second =
         oxbox::train::measure_throughput(backbone, args.size, batch, args.steps as usize)?;
     println!(

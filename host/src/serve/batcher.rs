@@ -5,6 +5,14 @@
 //! while it is busy, new cases queue and form the next batch. With
 //! `batch_max = 1` every case runs alone, in arrival order.
 //!
+//! Batching pays only where a forward pass over several cases costs less
+//! per case than one alone (a GPU; on a CPU whose kernels are already busy
+//! at batch 1 it does not, and a larger batch only delays its first cases).
+//! With `server.batch_calibrate` the inference thread first times the model
+//! on a blank case at batch 1, 2, 4, … `batch_max` ([`calibrate`]) and
+//! batches only up to the size that costs least per case (each step up
+//! must save at least [`CALIBRATION_GAIN`]); it then serves.
+//!
 //! A panic in a forward pass is contained: the batch's cases are run again
 //! one by one (so one poisoned case fails alone), a case whose forward pass
 //! panics again gets [`BatchError::Panicked`] (500), and the thread keeps
@@ -37,6 +45,68 @@ pub const UNREADY_AFTER_PANICS: u64 = 3;
 
 /// The window [`MAX_RESTARTS`] is counted in.
 pub const RESTART_WINDOW: Duration = Duration::from_secs(60);
+
+/// The share of the cost per case a larger batch must save, against the
+/// best smaller one, for [`calibrate`] to choose it.
+pub const CALIBRATION_GAIN: f64 = 0.1;
+
+/// Timed forward passes per batch size in [`calibrate`] (the fastest
+/// counts, after one untimed pass).
+pub const CALIBRATION_RUNS: usize = 2;
+
+/// What [`calibrate`] measured and chose.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Calibration {
+    /// (batch size, fastest forward pass per case in ms), by size.
+    pub per_case_ms: Vec<(usize, f64)>,
+    /// The largest batch the server will run.
+    pub batch_limit: usize,
+}
+
+/// Times `forward` on copies of `blank` at batch 1, 2, 4, … and
+/// `max_batch`, and chooses the batch limit: the smallest size whose cost
+/// per case is not beaten by [`CALIBRATION_GAIN`] or more at a larger
+/// size. A forward pass that fails stops the calibration at the sizes
+/// measured so far (the failure is the serving path's to report).
+pub fn calibrate(forward: &mut impl Forward, blank: &ModelInput, max_batch: usize) -> Calibration {
+    let mut sizes: Vec<usize> = std::iter::successors(Some(1usize), |s| s.checked_mul(2))
+        .take_while(|s| *s < max_batch)
+        .collect();
+    sizes.push(max_batch.max(1));
+    let mut per_case_ms = Vec::new();
+    for size in sizes {
+        let inputs = vec![blank.clone(); size];
+        let mut fastest = f64::INFINITY;
+        for run in 0..=CALIBRATION_RUNS {
+            let t = Instant::now();
+            let ok = catch_unwind(AssertUnwindSafe(|| forward.forward(&inputs)))
+                .is_ok_and(|r| r.is_ok());
+            if !ok {
+                fastest = f64::NAN;
+                break;
+            }
+            if run > 0 {
+                fastest = fastest.min(t.elapsed().as_secs_f64() * 1e3 / size as f64);
+            }
+        }
+        if fastest.is_nan() {
+            break;
+        }
+        per_case_ms.push((size, (fastest * 1e3).round() / 1e3));
+    }
+    let mut batch_limit = 1;
+    let mut best = f64::INFINITY;
+    for &(size, ms) in &per_case_ms {
+        if ms <= best * (1.0 - CALIBRATION_GAIN) {
+            best = ms;
+            batch_limit = size;
+        }
+    }
+    Calibration {
+        per_case_ms,
+        batch_limit,
+    }
+}
 
 /// What one case gets back from its batch.
 #[derive(Debug, Clone, Copy)]
@@ -130,16 +200,29 @@ impl Batcher {
     ///
     /// # Errors
     /// If the thread cannot be spawned.
+    ///
+    /// With `calibrate` (and `max_batch` > 1), the thread first times the
+    /// model on a blank case ([`calibrate`]) and batches only as far as
+    /// that pays; cases sent meanwhile queue.
     pub fn start(
         pipeline: Arc<Pipeline>,
         max_batch: usize,
         max_wait: Duration,
+        calibrate: bool,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
+        let blank = (calibrate && max_batch > 1).then(|| {
+            let model = pipeline.model();
+            let side = model.package().manifest.input_size as usize;
+            ModelInput {
+                image: model.uses_image().then(|| vec![0.0; side * side]),
+                features: Vec::new(),
+            }
+        });
         let forward = move |inputs: &[ModelInput]| -> Result<Vec<Prediction>, ModelError> {
             pipeline.model().predict_batch(inputs)
         };
-        Self::with_forward(forward, max_batch, max_wait, metrics)
+        Self::spawn(forward, blank, max_batch, max_wait, metrics)
     }
 
     /// Starts the inference thread around any forward step (the model's,
@@ -153,6 +236,18 @@ impl Batcher {
         max_wait: Duration,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
+        Self::spawn(forward, None, max_batch, max_wait, metrics)
+    }
+
+    /// Starts the inference thread; with `blank`, it calibrates the batch
+    /// limit on that case first.
+    fn spawn(
+        mut forward: impl Forward,
+        blank: Option<ModelInput>,
+        max_batch: usize,
+        max_wait: Duration,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Self> {
         let (jobs, queue) = mpsc::channel();
         let health = Arc::new(Health::default());
         health.alive.store(true, Ordering::Release);
@@ -160,10 +255,26 @@ impl Batcher {
         std::thread::Builder::new()
             .name("oxbox-inference".to_owned())
             .spawn(move || {
+                let mut max_batch = max_batch.max(1);
+                if let Some(blank) = blank {
+                    let calibration = calibrate(&mut forward, &blank, max_batch);
+                    tracing::info!(
+                        "batching: forward pass per case {} ms by batch size; batches of up to {} (server.batch_max = {max_batch})",
+                        calibration
+                            .per_case_ms
+                            .iter()
+                            .map(|(size, ms)| format!("{size}: {ms}"))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        calibration.batch_limit
+                    );
+                    max_batch = calibration.batch_limit;
+                }
+                metrics.batch_limit(max_batch);
                 supervise(
                     &queue,
                     forward,
-                    max_batch.max(1),
+                    max_batch,
                     max_wait,
                     &metrics,
                     &thread_health,
@@ -467,6 +578,53 @@ mod tests {
             .enable_all()
             .build()
             .expect("runtime")
+    }
+
+    /// A forward step that takes `fixed + per_case × n` ms for n cases.
+    fn timed_forward(
+        fixed: u64,
+        per_case: u64,
+    ) -> impl FnMut(&[ModelInput]) -> Result<Vec<Prediction>, ModelError> {
+        move |inputs: &[ModelInput]| {
+            std::thread::sleep(Duration::from_millis(
+                fixed + per_case * inputs.len() as u64,
+            ));
+            Ok(inputs.iter().map(|_| prediction(0.5)).collect())
+        }
+    }
+
+    #[test]
+    fn calibration_batches_only_as_far_as_it_saves_per_case() {
+        // A fixed cost per pass (a GPU's launch, say): each doubling saves
+        // per case, up to batch_max.
+        let c = calibrate(&mut timed_forward(20, 1), &case(1.0), 8);
+        assert_eq!(
+            c.per_case_ms.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            [1, 2, 4, 8]
+        );
+        assert_eq!(c.batch_limit, 8, "{c:?}");
+        // A cost per case only (a CPU busy at batch 1): no batching.
+        let c = calibrate(&mut timed_forward(0, 10), &case(1.0), 8);
+        assert_eq!(c.batch_limit, 1, "{c:?}");
+        // batch_max that is no power of two is measured too.
+        let c = calibrate(&mut timed_forward(20, 1), &case(1.0), 6);
+        assert_eq!(
+            c.per_case_ms.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            [1, 2, 4, 6]
+        );
+        assert_eq!(c.batch_limit, 6, "{c:?}");
+        // A model that fails stops the calibration: no batching.
+        let mut failing = |_: &[ModelInput]| -> Result<Vec<Prediction>, ModelError> {
+            Err(ModelError::Input("broken".to_owned()))
+        };
+        let c = calibrate(&mut failing, &case(1.0), 8);
+        assert_eq!(
+            c,
+            Calibration {
+                per_case_ms: Vec::new(),
+                batch_limit: 1
+            }
+        );
     }
 
     #[test]

@@ -22,7 +22,8 @@ pub struct RequestLabels {
 /// Labels of the stage histograms.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StageLabels {
-    /// decode, plugins, queue, inference or total.
+    /// receive, parse, decode, preprocess, plugins, queue, inference, audit
+    /// or total.
     pub stage: &'static str,
 }
 
@@ -64,6 +65,7 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     stage_seconds: HistogramFamily<StageLabels>,
     batch_size: Histogram,
+    batch_limit: Gauge,
     plugin_faults: Family<PluginLabels, Counter>,
     in_flight: Gauge,
     inference_panics: Counter,
@@ -103,7 +105,7 @@ impl Metrics {
             Family::new_with_constructor(latency_histogram);
         registry.register(
             "prediction_stage_seconds",
-            "Time per prediction stage (decode, plugins, queue, inference, total)",
+            "Time per prediction stage (receive, parse, decode, preprocess, plugins, queue, inference, audit, total)",
             stage_seconds.clone(),
         );
         let batch_size = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]);
@@ -111,6 +113,12 @@ impl Metrics {
             "inference_batch_size",
             "Cases per model forward pass",
             batch_size.clone(),
+        );
+        let batch_limit = Gauge::default();
+        registry.register(
+            "inference_batch_limit",
+            "Most cases per forward pass (server.batch_max, or less where calibration found that larger batches do not pay)",
+            batch_limit.clone(),
         );
         let plugin_faults = Family::<PluginLabels, Counter>::default();
         registry.register(
@@ -189,6 +197,7 @@ impl Metrics {
             requests,
             stage_seconds,
             batch_size,
+            batch_limit,
             plugin_faults,
             in_flight,
             inference_panics,
@@ -216,6 +225,12 @@ impl Metrics {
         self.stage_seconds
             .get_or_create(&StageLabels { stage })
             .observe(ms / 1e3);
+    }
+
+    /// Records the batch limit the inference thread serves with.
+    pub fn batch_limit(&self, limit: usize) {
+        self.batch_limit
+            .set(i64::try_from(limit).unwrap_or(i64::MAX));
     }
 
     /// Records a forward pass's batch size.

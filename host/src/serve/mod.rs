@@ -104,6 +104,8 @@ pub struct ServerSettings {
     pub reload_min_interval: Duration,
     /// The memory budget, bytes (derived when the config says 0).
     pub memory_budget_bytes: u64,
+    /// Predictions answer with a `Server-Timing` header.
+    pub server_timing: bool,
 }
 
 impl ServerSettings {
@@ -129,6 +131,7 @@ impl ServerSettings {
             } else {
                 s.memory_budget_mib * 1024 * 1024
             },
+            server_timing: s.server_timing,
         }
     }
 }
@@ -218,6 +221,7 @@ impl AppState {
             Arc::clone(&pipeline),
             config.server.batch_max,
             Duration::from_millis(config.server.batch_max_wait_ms),
+            config.server.batch_calibrate,
             Arc::clone(&self.metrics),
         )?;
         let next = Arc::new(Served { pipeline, batcher });
@@ -288,6 +292,7 @@ impl Server {
             Arc::clone(&pipeline),
             config.server.batch_max,
             Duration::from_millis(config.server.batch_max_wait_ms),
+            config.server.batch_calibrate,
             Arc::clone(&metrics),
         )
         .map_err(io("starting the inference thread"))?;

@@ -375,7 +375,9 @@ async fn predict(state: &Arc<AppState>, request: Request<Incoming>) -> HttpRespo
     // The model this request runs on, to its end (a reload meanwhile
     // serves later requests).
     let served = state.served();
-    let outcome = match read_case(state, request, &mut reservation).await {
+    let received = read_case(state, request, &mut reservation).await;
+    let receive_ms = ms_since(started);
+    let outcome = match received {
         Err(problem) => Err(problem),
         Ok(body) => {
             let Ok(permit) = Arc::clone(&state.permits).try_acquire_owned() else {
@@ -388,19 +390,22 @@ async fn predict(state: &Arc<AppState>, request: Request<Incoming>) -> HttpRespo
             predict_case(state, &served, &request_id, body, reservation, permit).await
         }
     };
+    let mut timings = None;
     let (response, audit) = match outcome {
         Ok(report) => {
             let t = report.timings_ms;
             for (stage, ms) in [
+                ("receive", receive_ms),
+                ("parse", t.parse),
                 ("decode", t.decode),
+                ("preprocess", t.preprocess),
                 ("plugins", t.plugins),
+                ("queue", t.queue),
                 ("inference", t.inference),
             ] {
                 state.metrics.stage(stage, ms);
             }
-            state
-                .metrics
-                .stage("total", started.elapsed().as_secs_f64() * 1e3);
+            timings = Some(t);
             let audit = report.audit_record();
             let mut response = response::json(StatusCode::OK, &report);
             if let Ok(value) = header::HeaderValue::from_str(&request_id) {
@@ -424,13 +429,29 @@ async fn predict(state: &Arc<AppState>, request: Request<Incoming>) -> HttpRespo
         }
     };
     let log = Arc::clone(&state.audit);
+    let audit_started = Instant::now();
     let written = tokio::task::spawn_blocking(move || match log.lock() {
         Ok(log) => log.record(&audit).map_err(|e| e.to_string()),
         Err(_) => Err("audit log lock poisoned".to_owned()),
     })
     .await;
     match written {
-        Ok(Ok(())) => response,
+        Ok(Ok(())) => {
+            let audit_ms = ms_since(audit_started);
+            let total_ms = ms_since(started);
+            let mut response = response;
+            if let Some(t) = timings.filter(|_| response.status() == StatusCode::OK) {
+                state.metrics.stage("audit", audit_ms);
+                state.metrics.stage("total", total_ms);
+                if state.settings.server_timing {
+                    let value = server_timing(receive_ms, &t, audit_ms, total_ms);
+                    if let Ok(value) = header::HeaderValue::from_str(&value) {
+                        response.headers_mut().insert("server-timing", value);
+                    }
+                }
+            }
+            response
+        }
         // A prediction that cannot be audited is not given out.
         Ok(Err(e)) => Problem::internal(format!("audit log: {e}"))
             .for_request(&request_id)
@@ -439,6 +460,36 @@ async fn predict(state: &Arc<AppState>, request: Request<Incoming>) -> HttpRespo
             .for_request(&request_id)
             .into_response(),
     }
+}
+
+/// Milliseconds since `t`, to the microsecond.
+fn ms_since(t: Instant) -> f64 {
+    (t.elapsed().as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// The `Server-Timing` header of a prediction (`server.server_timing`):
+/// each stage's duration in milliseconds, nothing else.
+fn server_timing(
+    receive_ms: f64,
+    t: &crate::pipeline::Timings,
+    audit_ms: f64,
+    total_ms: f64,
+) -> String {
+    [
+        ("receive", receive_ms),
+        ("parse", t.parse),
+        ("decode", t.decode),
+        ("preprocess", t.preprocess),
+        ("plugins", t.plugins),
+        ("queue", t.queue),
+        ("inference", t.inference),
+        ("audit", audit_ms),
+        ("total", total_ms),
+    ]
+    .iter()
+    .map(|(stage, ms)| format!("{stage};dur={ms:.3}"))
+    .collect::<Vec<_>>()
+    .join(", ")
 }
 
 /// The problem for an admission refusal, counted in the metrics.
@@ -588,10 +639,13 @@ async fn predict_case(
         .infer(std::mem::take(&mut case.input))
         .await
         .map_err(|e| Problem::from_batch(e, served.batcher.stopped()))?;
-    state.metrics.stage("queue", output.queue_ms);
-    Ok(served
-        .pipeline
-        .report(request_id, case, output.prediction, output.inference_ms))
+    Ok(served.pipeline.report(
+        request_id,
+        case,
+        output.prediction,
+        output.queue_ms,
+        output.inference_ms,
+    ))
 }
 
 /// The blocking half of a prediction: parses the DICOM part (admitted by
@@ -609,6 +663,7 @@ fn prepare_case(
     mut reservation: Reservation,
 ) -> Result<PreparedCase, Admitted> {
     let refused = |e| Admitted::Refused(Box::new(admission_problem(state, e)));
+    let parse_started = Instant::now();
     let file = match dicom.as_deref() {
         None => None,
         Some(bytes) => {
@@ -634,8 +689,15 @@ fn prepare_case(
             Some(file)
         }
     };
+    let parse = parse_started.elapsed();
     let prepared = pipeline
         .prepare(file.as_ref(), emr, plugins)
+        .map(|mut case| {
+            if file.is_some() {
+                case.add_parse_time(parse);
+            }
+            case
+        })
         .map_err(Admitted::Failed);
     // The file, the body and the decode buffers are gone: give the budget
     // back.
