@@ -117,7 +117,7 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
         return train_throughput(backbone, &args);
     }
     if let Some(backbone) = args.layers {
-        let batch = args.batch.unwrap_or(1) as usize;
+        let batch = single_batch(&args, 1, "--layers")?;
         let layers = oxbox::model::conv_bench::time_layers(
             backbone,
             args.size as usize,
@@ -235,13 +235,19 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The one `--batch` size a mode that times a single batch takes (`default`
+/// without the option).
+fn single_batch(args: &Args, default: usize, mode: &str) -> anyhow::Result<usize> {
+    match args.batch.as_slice() {
+        [] => Ok(default),
+        [one] => Ok(*one as usize),
+        _ => anyhow::bail!("{mode} takes one --batch size"),
+    }
+}
+
 /// `oxbox bench --train BACKBONE`: training cases per second.
 fn train_throughput(backbone: oxbox::model::Backbone, args: &Args) -> anyhow::Result<()> {
-    let batch = match args.batch.as_slice() {
-        [] => 16,
-        [one] => *one as usize,
-        _ => anyhow::bail!("--train takes one --batch size"),
-    };
+    let batch = single_batch(args, 16, "--train")?;
     let cases_per_second =
         oxbox::train::measure_throughput(backbone, args.size, batch, args.steps as usize)?;
     println!(
