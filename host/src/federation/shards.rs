@@ -423,16 +423,7 @@ pub fn decode(bytes: &[u8], index: u32) -> Result<Vec<Chunk>, FederationError> {
         what: format!("shard {index}"),
         reason,
     };
-    let prefix: [u8; 8] = bytes
-        .get(..8)
-        .and_then(|p| p.try_into().ok())
-        .ok_or_else(|| malformed("shorter than a safetensors header".to_string()))?;
-    let header_len = u64::from_le_bytes(prefix);
-    if header_len > MAX_HEADER_BYTES as u64 {
-        return Err(malformed(format!(
-            "header of {header_len} bytes, at most {MAX_HEADER_BYTES}"
-        )));
-    }
+    header_size(bytes, index)?;
     let file = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| malformed(format!("not a safetensors file: {e}")))?;
     let (_, metadata) = safetensors::SafeTensors::read_metadata(bytes)
