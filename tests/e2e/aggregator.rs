@@ -12,11 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use oxbox::federation::protocol::{
-    FORMAT, GlobalModelRecord, Phase, RoundTask, ShardInfo, TensorInfo, UpdateManifest,
-};
-use oxbox::federation::shards;
+use oxbox::federation::protocol::{GlobalModelRecord, Phase, RoundTask, UpdateManifest};
 use oxbox::federation::signed::SignedDocument;
+use oxbox::federation::site::{SystemNormal, UpdateHeader, build_update};
 use oxbox::federation::stats::{SiteStatistics, site_statistics};
 use oxbox::federation::tensors::{Tensor32, Tensors, from_safetensors};
 use oxbox::model::package::{ModelManifest, PackageBytes};
@@ -397,36 +395,26 @@ fn update(
     samples: u64,
     delta: &Tensors,
 ) -> Update {
-    let encoded = shards::encode(delta, 64 * 1024).expect("encode shards");
-    let manifest = UpdateManifest {
-        format: FORMAT,
-        job: JOB.to_owned(),
-        round,
-        site: site.to_owned(),
-        base_model: base.to_owned(),
-        samples,
-        filters: Vec::new(),
-        tensors: delta
-            .iter()
-            .map(|(name, t)| TensorInfo {
-                name: name.clone(),
-                shape: t.shape.clone(),
-            })
-            .collect(),
-        shards: encoded
-            .iter()
-            .map(|s| ShardInfo {
-                index: s.index,
-                sha256: sha256(&s.bytes),
-                bytes: s.bytes.len() as u64,
-                tensors: s.tensors.clone(),
-            })
-            .collect(),
-    };
+    // The sites' own way to the wire (no filters: no noise is drawn).
+    let signed = build_update(
+        UpdateHeader {
+            job: JOB,
+            round,
+            site,
+            base_model: base,
+            samples,
+        },
+        delta.clone(),
+        &[],
+        64 * 1024,
+        key,
+        &mut SystemNormal::new(),
+    )
+    .expect("build the update");
     Update {
-        document: SignedDocument::sign(&manifest, key).expect("sign"),
-        manifest,
-        shards: encoded.into_iter().map(|s| s.bytes).collect(),
+        document: signed.document,
+        manifest: signed.manifest,
+        shards: signed.shards.into_iter().map(|s| s.bytes).collect(),
     }
 }
 

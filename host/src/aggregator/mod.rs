@@ -211,6 +211,12 @@ pub struct CachedModel {
 /// How many packages [`Aggregator`] keeps in memory for downloads.
 const CACHED_MODELS: usize = 2;
 
+/// The read buffer per connection: shards of megabytes stream through it
+/// in chunks of up to this size (hyper's `max_buf_size`; the endpoint's
+/// 64 KiB would cut an 8 MiB shard into hundreds of reads). It also bounds
+/// a request head, and each open connection holds at most this much.
+pub const READ_BUFFER_BYTES: usize = 512 * 1024;
+
 /// Shard uploads checked at once (each holds at most its declared size in
 /// memory).
 pub const SHARD_SLOTS: usize = 4;
@@ -363,7 +369,7 @@ pub fn serve(
     let limits = ConnectionLimits {
         max_connections: config.max_connections,
         header_timeout: Duration::from_secs(10),
-        read_buffer_bytes: server::READ_BUFFER_BYTES,
+        read_buffer_bytes: READ_BUFFER_BYTES,
         shutdown_grace: Duration::from_secs(10),
     };
     let listen = config.listen.to_string();

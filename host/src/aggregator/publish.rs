@@ -209,13 +209,20 @@ fn average_updates(
     state: &RoundState,
 ) -> Result<(PackageBytes, GlobalModelRecord), AggregatorError> {
     let frozen = state.closing.clone().unwrap_or_default();
-    let global_dir = aggregator.store.model_dir(&state.global_model);
-    let global_bytes = PackageBytes::read(&global_dir)?;
-    let global = tensors::from_safetensors(&global_bytes.weights, "the global model's weights")?;
-    let manifest_bytes = global_bytes.manifest;
-    drop(global_bytes.weights);
-    let mut sum = RunningAverage::new(&global);
-    let mut contributions = Vec::new();
+    // The global package as the downloads hold it in memory (no second
+    // copy of its weights read from disk).
+    let cached = aggregator
+        .cached_model(&state.global_model)?
+        .ok_or_else(|| {
+            AggregatorError::Corrupt(format!(
+                "global model {} is not published",
+                state.global_model
+            ))
+        })?;
+    let global = tensors::from_safetensors(&cached.weights, "the global model's weights")?;
+    let manifest_bytes = cached.manifest.to_vec();
+    drop(cached);
+    let mut updates = Vec::new();
     for site in &frozen {
         let document = aggregator
             .store
@@ -223,36 +230,49 @@ fn average_updates(
             .ok_or_else(|| {
                 AggregatorError::Corrupt(format!("round {}: no manifest of {site}", state.round))
             })?;
-        let manifest: UpdateManifest = serde_json::from_slice(&document.body)
+        let mut manifest: UpdateManifest = serde_json::from_slice(&document.body)
             .map_err(|e| AggregatorError::Corrupt(format!("stored manifest of {site}: {e}")))?;
-        if !aggregator.test_delay().is_zero() {
-            std::thread::sleep(aggregator.test_delay());
-        }
-        let names: Vec<String> = manifest.tensors.iter().map(|t| t.name.clone()).collect();
-        sum.begin_update(&names, manifest.samples)?;
-        let mut shard_infos = manifest.shards.clone();
-        shard_infos.sort_by_key(|s| s.index);
-        for info in &shard_infos {
-            let path = aggregator.store.shard_path(&info.sha256);
-            let bytes = std::fs::read(&path).map_err(|source| AggregatorError::Io {
-                path: path.display().to_string(),
-                source,
-            })?;
-            if sha256_hex(&bytes) != info.sha256 {
-                return Err(AggregatorError::Corrupt(format!(
-                    "{} does not hash to its name",
-                    path.display()
-                )));
-            }
-            for chunk in shards::decode(&bytes, info.index)? {
-                sum.add(&chunk)?;
-            }
-        }
-        contributions.push(Contribution {
-            site: site.clone(),
-            samples: manifest.samples,
-        });
+        manifest.shards.sort_by_key(|s| s.index);
+        updates.push((site.clone(), manifest));
     }
+    let mut sum = RunningAverage::new(&global);
+    let mut contributions = Vec::new();
+    // Two stages on two threads: one reads each shard from disk and checks
+    // its hash, the other decodes it into the sum; the same order, the
+    // same result, as one after the other.
+    std::thread::scope(|scope| -> Result<(), AggregatorError> {
+        let (send, receive) = std::sync::mpsc::sync_channel::<Result<Vec<u8>, AggregatorError>>(2);
+        let updates = &updates;
+        scope.spawn(move || {
+            for info in updates.iter().flat_map(|(_, m)| &m.shards) {
+                let read = read_verified_shard(aggregator, &info.sha256);
+                let failed = read.is_err();
+                if send.send(read).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        for (site, manifest) in updates {
+            if !aggregator.test_delay().is_zero() {
+                std::thread::sleep(aggregator.test_delay());
+            }
+            let names: Vec<String> = manifest.tensors.iter().map(|t| t.name.clone()).collect();
+            sum.begin_update(&names, manifest.samples)?;
+            for info in &manifest.shards {
+                let bytes = receive.recv().map_err(|_| {
+                    AggregatorError::Corrupt("the shard reader stopped".to_owned())
+                })??;
+                for chunk in shards::decode(&bytes, info.index)? {
+                    sum.add(&chunk)?;
+                }
+            }
+            contributions.push(Contribution {
+                site: site.clone(),
+                samples: manifest.samples,
+            });
+        }
+        Ok(())
+    })?;
     let new = sum.finish(global)?;
     let weights = tensors::to_safetensors(&new)?;
     drop(new);
@@ -278,6 +298,22 @@ fn average_updates(
         contributions,
     };
     Ok((bytes, record))
+}
+
+/// The stored shard `sha256`, checked to hash to its name.
+fn read_verified_shard(aggregator: &Aggregator, sha256: &str) -> Result<Vec<u8>, AggregatorError> {
+    let path = aggregator.store.shard_path(sha256);
+    let bytes = std::fs::read(&path).map_err(|source| AggregatorError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    if sha256_hex(&bytes) != sha256 {
+        return Err(AggregatorError::Corrupt(format!(
+            "{} does not hash to its name",
+            path.display()
+        )));
+    }
+    Ok(bytes)
 }
 
 /// sha256 of `bytes`, lowercase hex.

@@ -792,7 +792,14 @@ async fn put_shard(
         timeout: SHARD_TIMEOUT,
         timeout_setting: "the aggregator's shard timeout",
     };
-    let body = match read_body(request, &limits, |_| Ok(())).await {
+    // Hashed as it arrives: no second pass over the bytes.
+    let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
+    let body = match read_body(request, &limits, |chunk| {
+        hasher.update(chunk);
+        Ok(())
+    })
+    .await
+    {
         Ok(body) => body.into_contiguous(),
         Err(p) if p.status == 413 => return Err(problems::shard_too_large(declared)),
         Err(p) => return Err(p),
@@ -800,7 +807,7 @@ async fn put_shard(
     if body.len() as u64 != declared {
         return Err(problems::shard_size_mismatch(declared, body.len()));
     }
-    if super::publish::sha256_hex(&body) != sha256 {
+    if hex::encode(hasher.finish().as_ref()) != sha256 {
         return Err(problems::shard_digest_mismatch());
     }
     if already {
@@ -847,6 +854,8 @@ async fn put_shard(
                 Some(_) => {}
             }
         }
+        let body_ranges: Vec<shards::ChunkRange> =
+            chunks.iter().map(shards::Chunk::range).collect();
         drop(chunks);
         // The last missing shard of a site's update completes it: the whole
         // update must then cover each of its tensors exactly once, or it
@@ -860,7 +869,7 @@ async fn put_shard(
         for site in &sites {
             let missing = a.store.missing(round, site)?;
             if missing.iter().all(|m| m == &sha)
-                && let Some(problem) = check_update(a, round, site, &sha, &body)?
+                && let Some(problem) = check_update(a, round, site, &sha, &body_ranges)?
             {
                 bad.push(((*site).clone(), problem));
             }
@@ -901,15 +910,17 @@ async fn put_shard(
     }
 }
 
-/// Checks that `site`'s update for `round` (its stored shards, and `body`
-/// as the shard `pending`) covers every position of each tensor it
-/// declares exactly once, decoding one shard at a time.
+/// Checks that `site`'s update for `round` (its stored shards, and the
+/// chunk ranges `pending_ranges` of the shard `pending`, just decoded)
+/// covers every position of each tensor it declares exactly once. A stored
+/// shard was decoded and checked before it was stored: only its header is
+/// read again here, for its chunks' ranges.
 fn check_update(
     aggregator: &Aggregator,
     round: u64,
     site: &str,
     pending: &str,
-    body: &[u8],
+    pending_ranges: &[shards::ChunkRange],
 ) -> Result<Option<Problem>, AggregatorError> {
     let Some(document) = aggregator.store.manifest(round, site)? else {
         return Ok(None);
@@ -925,21 +936,18 @@ fn check_update(
         std::collections::BTreeMap::new();
     for info in &manifest.shards {
         let stored;
-        let bytes: &[u8] = if info.sha256 == pending {
-            body
+        let ranges: &[shards::ChunkRange] = if info.sha256 == pending {
+            pending_ranges
         } else {
             let path = aggregator.store.shard_path(&info.sha256);
-            stored = std::fs::read(&path).map_err(|source| AggregatorError::Io {
-                path: path.display().to_string(),
-                source,
-            })?;
+            let header = read_header(&path, info.index)?;
+            stored = match shards::ranges(&header, info.index) {
+                Ok(ranges) => ranges,
+                Err(e) => return Ok(Some(problems::malformed_shard(e.to_string()))),
+            };
             &stored
         };
-        let chunks = match shards::decode(bytes, info.index) {
-            Ok(chunks) => chunks,
-            Err(e) => return Ok(Some(problems::malformed_shard(e.to_string()))),
-        };
-        for c in chunks {
+        for c in ranges.iter().cloned() {
             if !info.tensors.contains(&c.tensor) || !sizes.contains_key(c.tensor.as_str()) {
                 return Ok(Some(problems::malformed_shard(format!(
                     "shard {}: tensor {} is not declared for it",
@@ -972,6 +980,24 @@ fn check_update(
         }
     }
     Ok(None)
+}
+
+/// The header of the stored shard file `path` (its first
+/// [`shards::header_size`] bytes).
+fn read_header(path: &std::path::Path, index: u32) -> Result<Vec<u8>, AggregatorError> {
+    use std::io::Read;
+    let io = |source| AggregatorError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut header = vec![0u8; 8];
+    file.read_exact(&mut header).map_err(io)?;
+    let size = shards::header_size(&header, index)
+        .map_err(|e| AggregatorError::Corrupt(format!("{}: {e}", path.display())))?;
+    header.resize(size, 0);
+    file.read_exact(&mut header[8..]).map_err(io)?;
+    Ok(header)
 }
 
 /// `GET /v1/status`.

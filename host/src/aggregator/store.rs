@@ -76,6 +76,25 @@ CREATE TABLE IF NOT EXISTS seen (
 );
 ";
 
+/// Writes a shard file atomically: a temporary file beside `path`, its
+/// data synced (`fdatasync`: the size is part of the data; no other
+/// metadata matters), then renamed into place. One `write` of the whole
+/// buffer, no intermediate copy.
+fn write_shard_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .ok_or_else(|| std::io::Error::other("a shard path has a folder"))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".oxbox-")
+        .suffix(".part")
+        .tempfile_in(dir)?;
+    tmp.as_file_mut().write_all(bytes)?;
+    tmp.as_file().sync_data()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
 /// What happened to a document offered for storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offer {
@@ -611,9 +630,9 @@ impl Store {
         let written = if path.is_file() {
             false
         } else {
-            crate::output::write_bytes(&path, bytes).map_err(|e| AggregatorError::Io {
+            write_shard_file(&path, bytes).map_err(|source| AggregatorError::Io {
                 path: path.display().to_string(),
-                source: std::io::Error::other(e.to_string()),
+                source,
             })?;
             true
         };

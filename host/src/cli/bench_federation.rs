@@ -30,7 +30,7 @@ use oxbox::signing::{SigningKey, generate_keypair};
 oxbox bench federation-round --sites 20 --backbone resnet18 --percentile 10\n\n\
 Starts `oxbox aggregator serve` (this binary) on a loopback port with a fresh job of one \
 round, no statistics phase, from a freshly initialised package of --backbone; then --sites \
-simulated sites in this process (as many at once as there are cores) each filter, shard, \
+simulated sites in this process (--site-threads at once, default twice the cores) each filter, shard, \
 sign and upload a random Δ of that model. Prints JSON: the round's wall time from the first \
 site's filter to the aggregator's published global model (filter, shard, sign, upload, \
 verify, aggregate, publish; no training), the upload and aggregation parts, bytes and shards \
@@ -52,6 +52,11 @@ pub struct Args {
     /// Largest shard.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub shard_mib: u64,
+    /// Simulated sites at work at once (each builds its update, then
+    /// uploads it over its own connection); default: twice the cores, so
+    /// that one site's upload overlaps another's filter, shard and sign.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=500))]
+    pub site_threads: Option<u32>,
     /// Seconds to wait for the aggregator to publish the round.
     #[arg(long, default_value_t = 600)]
     pub timeout_s: u64,
@@ -210,10 +215,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .into_iter()
         .collect();
 
-    // The round: sites in parallel (one per core), then wait for the
+    // The round: sites in parallel (--site-threads at once), then wait for the
     // published global model.
-    let workers = std::thread::available_parallelism()
-        .map_or(2, std::num::NonZero::get)
+    let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+    let workers = args
+        .site_threads
+        .map_or(2 * cores, |n| n as usize)
         .min(sites.len());
     let next = AtomicUsize::new(0);
     let sent: Mutex<Vec<(u64, usize)>> = Mutex::new(Vec::new());

@@ -226,6 +226,12 @@ pub fn l2_norm(update: &Tensors) -> f64 {
         .sqrt()
 }
 
+/// Whether every value is finite (one pass without early exit, which the
+/// compiler vectorises).
+pub(crate) fn all_finite(values: &[f32]) -> bool {
+    values.iter().fold(true, |ok, v| ok & v.is_finite())
+}
+
 /// Keeps the `keep` largest |v| of `values` (ties: the lower position
 /// wins), zeroing the rest.
 fn keep_largest(values: &mut [f32], keep: usize) {
@@ -237,21 +243,40 @@ fn keep_largest(values: &mut [f32], keep: usize) {
         values.iter_mut().for_each(|v| *v = 0.0);
         return;
     }
-    let mut order: Vec<u32> = (0..n as u32).collect();
-    // A total order: larger |v| first, then lower position first.
-    let rank = |a: &u32, b: &u32| {
-        let (va, vb) = (values[*a as usize].abs(), values[*b as usize].abs());
-        vb.total_cmp(&va).then(a.cmp(b))
-    };
-    order.select_nth_unstable_by(keep - 1, rank);
-    let mut kept = vec![false; n];
-    for &i in &order[..keep] {
-        kept[i as usize] = true;
-    }
-    for (v, k) in values.iter_mut().zip(kept) {
-        if !k {
-            *v = 0.0;
+    // A total order: larger |v| first, then lower position first. For
+    // non-negative floats the bit patterns order as the values do, so the
+    // keep-th largest |v| is found by selecting among plain integers
+    // (contiguous, no indirection); then every value above it is kept, and
+    // of those equal to it the first ones in position order.
+    let magnitude = |v: f32| v.abs().to_bits();
+    let mut magnitudes: Vec<u32> = values.iter().map(|v| magnitude(*v)).collect();
+    let (_, threshold, _) = magnitudes.select_nth_unstable_by(keep - 1, |a, b| b.cmp(a));
+    let threshold = *threshold;
+    drop(magnitudes);
+    let above = values.iter().filter(|v| magnitude(**v) > threshold).count();
+    let equal = values
+        .iter()
+        .filter(|v| magnitude(**v) == threshold)
+        .count();
+    let mut ties = keep - above;
+    if ties == equal {
+        // Every value at the threshold is kept: one comparison per value,
+        // without branches.
+        for v in values.iter_mut() {
+            *v = if magnitude(*v) < threshold { 0.0 } else { *v };
         }
+        return;
+    }
+    for v in values.iter_mut() {
+        let m = magnitude(*v);
+        if m > threshold {
+            continue;
+        }
+        if m == threshold && ties > 0 {
+            ties -= 1;
+            continue;
+        }
+        *v = 0.0;
     }
 }
 
@@ -282,7 +307,7 @@ pub fn apply(
                 ),
             });
         }
-        if tensor.values.iter().any(|v| !v.is_finite()) {
+        if !all_finite(&tensor.values) {
             return Err(FederationError::Mismatch {
                 name: name.clone(),
                 reason: "holds a non-finite value".to_string(),

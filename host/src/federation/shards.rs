@@ -242,7 +242,7 @@ pub fn encode(update: &Tensors, max_bytes: usize) -> Result<Vec<Shard>, Federati
                 tensor.values.len()
             )));
         }
-        if tensor.values.iter().any(|v| !v.is_finite()) {
+        if !super::filters::all_finite(&tensor.values) {
             return Err(malformed("holds a non-finite value".to_string()));
         }
         let values = &tensor.values;
@@ -267,17 +267,7 @@ pub fn encode(update: &Tensors, max_bytes: usize) -> Result<Vec<Shard>, Federati
             // Sparse: as many positions as the non-zero values that fit cover.
             let (sparse_len, sparse_nonzero) = if sparse_header <= header_room {
                 let budget = room.saturating_sub(sparse_header) / 8;
-                let mut nonzero = 0usize;
-                let mut len = remaining;
-                for (i, v) in values[offset..].iter().enumerate() {
-                    if *v != 0.0 {
-                        if nonzero == budget {
-                            len = i;
-                            break;
-                        }
-                        nonzero += 1;
-                    }
-                }
+                let (len, nonzero) = sparse_prefix(&values[offset..], budget);
                 if room < sparse_header {
                     (0, 0)
                 } else {
@@ -304,14 +294,18 @@ pub fn encode(update: &Tensors, max_bytes: usize) -> Result<Vec<Shard>, Federati
             builder.note_tensor(name);
             let len = if use_sparse {
                 let chunk = &values[offset..offset + sparse_len];
-                let mut indices = Vec::with_capacity(sparse_nonzero);
-                let mut kept = Vec::with_capacity(sparse_nonzero);
+                // Compacted without branches: each value is written at the
+                // next free place, which advances only past a non-zero one.
+                let mut indices = vec![0u32; sparse_nonzero + 1];
+                let mut kept = vec![0f32; sparse_nonzero + 1];
+                let mut next = 0usize;
                 for (i, v) in chunk.iter().enumerate() {
-                    if *v != 0.0 {
-                        indices.push(i as u32);
-                        kept.push(*v);
-                    }
+                    indices[next] = i as u32;
+                    kept[next] = *v;
+                    next += usize::from(*v != 0.0);
                 }
+                indices.truncate(next);
+                kept.truncate(next);
                 builder
                     .entries
                     .push((format!("{key}{INDICES_SUFFIX}"), RawView::u32(&indices)));
@@ -339,6 +333,32 @@ pub fn encode(update: &Tensors, max_bytes: usize) -> Result<Vec<Shard>, Federati
         shards.push(builder.finish(shards.len() as u32, max_bytes)?);
     }
     Ok(shards)
+}
+
+/// The longest prefix of `values` holding at most `budget` non-zero
+/// values (zeros after the last of them included), and how many it holds.
+/// Counted block by block (a count the compiler vectorises); only the
+/// block where the budget runs out is walked value by value.
+fn sparse_prefix(values: &[f32], budget: usize) -> (usize, usize) {
+    const BLOCK: usize = 4096;
+    let mut nonzero = 0usize;
+    let mut start = 0usize;
+    for block in values.chunks(BLOCK) {
+        let n = block.iter().filter(|v| **v != 0.0).count();
+        if nonzero + n > budget {
+            for (i, v) in block.iter().enumerate() {
+                if *v != 0.0 {
+                    if nonzero == budget {
+                        return (start + i, nonzero);
+                    }
+                    nonzero += 1;
+                }
+            }
+        }
+        nonzero += n;
+        start += block.len();
+    }
+    (values.len(), nonzero)
 }
 
 /// Parses a canonical decimal (no sign, no leading zero but for `0`).
@@ -403,16 +423,7 @@ pub fn decode(bytes: &[u8], index: u32) -> Result<Vec<Chunk>, FederationError> {
         what: format!("shard {index}"),
         reason,
     };
-    let prefix: [u8; 8] = bytes
-        .get(..8)
-        .and_then(|p| p.try_into().ok())
-        .ok_or_else(|| malformed("shorter than a safetensors header".to_string()))?;
-    let header_len = u64::from_le_bytes(prefix);
-    if header_len > MAX_HEADER_BYTES as u64 {
-        return Err(malformed(format!(
-            "header of {header_len} bytes, at most {MAX_HEADER_BYTES}"
-        )));
-    }
+    header_size(bytes, index)?;
     let file = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| malformed(format!("not a safetensors file: {e}")))?;
     let (_, metadata) = safetensors::SafeTensors::read_metadata(bytes)
@@ -564,6 +575,107 @@ pub fn decode(bytes: &[u8], index: u32) -> Result<Vec<Chunk>, FederationError> {
     Ok(chunks)
 }
 
+/// The positions of one tensor a chunk covers (what a shard's header
+/// alone says, without its values).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkRange {
+    /// The tensor.
+    pub tensor: String,
+    /// Offset of the first position in the flattened tensor.
+    pub offset: usize,
+    /// Number of positions.
+    pub len: usize,
+}
+
+impl Chunk {
+    /// The positions this chunk covers.
+    pub fn range(&self) -> ChunkRange {
+        ChunkRange {
+            tensor: self.tensor.clone(),
+            offset: self.offset,
+            len: self.len,
+        }
+    }
+}
+
+/// The size of a shard's header, its 8-byte length prefix included, from
+/// that prefix (`prefix` holds at least the first 8 bytes).
+///
+/// # Errors
+/// [`FederationError::Malformed`] for fewer than 8 bytes or a header over
+/// [`MAX_HEADER_BYTES`].
+pub fn header_size(prefix: &[u8], index: u32) -> Result<usize, FederationError> {
+    let malformed = |reason: String| FederationError::Malformed {
+        what: format!("shard {index}"),
+        reason,
+    };
+    let prefix: [u8; 8] = prefix
+        .get(..8)
+        .and_then(|p| p.try_into().ok())
+        .ok_or_else(|| malformed("shorter than a safetensors header".to_string()))?;
+    let len = u64::from_le_bytes(prefix);
+    if len > MAX_HEADER_BYTES as u64 {
+        return Err(malformed(format!(
+            "header of {len} bytes, at most {MAX_HEADER_BYTES}"
+        )));
+    }
+    Ok(8 + len as usize)
+}
+
+/// The ranges of a shard's chunks, in (tensor, offset) order, read from its
+/// header alone (the first [`header_size`] bytes; the values are not
+/// read): for a shard [`decode`] has already accepted, as the
+/// aggregator's stored ones, whose coverage is checked without reading
+/// their values again.
+///
+/// # Errors
+/// [`FederationError::Malformed`] for a header that is not a shard's.
+pub fn ranges(header: &[u8], index: u32) -> Result<Vec<ChunkRange>, FederationError> {
+    let malformed = |reason: String| FederationError::Malformed {
+        what: format!("shard {index}"),
+        reason,
+    };
+    let size = header_size(header, index)?;
+    let json = header
+        .get(8..size)
+        .ok_or_else(|| malformed("header cut short".to_string()))?;
+    let entries: std::collections::BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(json).map_err(|e| malformed(format!("header: {e}")))?;
+    let lengths = match entries.get("__metadata__") {
+        None => std::collections::BTreeMap::new(),
+        Some(metadata) => metadata
+            .get(LENGTHS_KEY)
+            .and_then(serde_json::Value::as_str)
+            .and_then(parse_lengths)
+            .ok_or_else(|| malformed("malformed sparse lengths".to_string()))?,
+    };
+    let mut out = Vec::new();
+    for (key, entry) in &entries {
+        if key == "__metadata__" {
+            continue;
+        }
+        let (name, offset, part) =
+            parse_key(key).ok_or_else(|| malformed(format!("entry {key:?}: not NAME@OFFSET")))?;
+        let len = match part {
+            Part::Values => continue,
+            Part::Indices => lengths.get(&format!("{name}@{offset}")).copied(),
+            Part::Dense => entry
+                .get("shape")
+                .and_then(|s| s.get(0))
+                .and_then(serde_json::Value::as_u64)
+                .and_then(|n| usize::try_from(n).ok()),
+        }
+        .ok_or_else(|| malformed(format!("entry {key}: no length")))?;
+        out.push(ChunkRange {
+            tensor: name.to_string(),
+            offset,
+            len,
+        });
+    }
+    out.sort_by(|a, b| (&a.tensor, a.offset).cmp(&(&b.tensor, b.offset)));
+    Ok(out)
+}
+
 /// Reassembles whole tensors from every shard's chunks, given each
 /// tensor's shape (the manifest's [`super::protocol::TensorInfo`]):
 /// positions no chunk covers are refused.
@@ -709,6 +821,54 @@ mod tests {
             );
         }
         update
+    }
+
+    #[test]
+    fn the_sparse_prefix_is_the_value_by_value_one() {
+        fn naive(values: &[f32], budget: usize) -> (usize, usize) {
+            let mut nonzero = 0;
+            for (i, v) in values.iter().enumerate() {
+                if *v != 0.0 {
+                    if nonzero == budget {
+                        return (i, nonzero);
+                    }
+                    nonzero += 1;
+                }
+            }
+            (values.len(), nonzero)
+        }
+        let mut rng = Pcg::new(8, 9);
+        for _ in 0..200 {
+            let n = rng.below(20_000);
+            let density = [0.0, 0.01, 0.1, 0.5, 1.0][rng.below(5)];
+            let values: Vec<f32> = (0..n)
+                .map(|_| if rng.chance(density) { 1.0 } else { 0.0 })
+                .collect();
+            let budget = rng.below(n + 2);
+            assert_eq!(sparse_prefix(&values, budget), naive(&values, budget));
+        }
+    }
+
+    #[test]
+    fn ranges_from_the_header_alone_are_the_decoded_chunks_ranges() {
+        let mut rng = Pcg::new(5, 6);
+        for _ in 0..40 {
+            let update = random_update(&mut rng);
+            for shard in encode(&update, MIN_SHARD_BYTES).expect("encode") {
+                let want: Vec<ChunkRange> = decode(&shard.bytes, shard.index)
+                    .expect("decode")
+                    .iter()
+                    .map(Chunk::range)
+                    .collect();
+                let size = header_size(&shard.bytes, shard.index).expect("header size");
+                assert!(size <= shard.bytes.len());
+                let got = ranges(&shard.bytes[..size], shard.index).expect("ranges");
+                assert_eq!(got, want);
+            }
+        }
+        assert!(header_size(&[1, 2, 3], 0).is_err());
+        assert!(header_size(&u64::MAX.to_le_bytes(), 0).is_err());
+        assert!(ranges(&[2, 0, 0, 0, 0, 0, 0, 0, b'{'], 0).is_err());
     }
 
     #[test]
