@@ -131,6 +131,21 @@ pub struct Timings {
     pub total: f64,
 }
 
+impl Timings {
+    /// The pipeline's stages with their durations in milliseconds, in the
+    /// order the data passes them (without `total`).
+    pub fn stages(&self) -> [(&'static str, f64); 6] {
+        [
+            ("parse", self.parse),
+            ("decode", self.decode),
+            ("preprocess", self.preprocess),
+            ("plugins", self.plugins),
+            ("queue", self.queue),
+            ("inference", self.inference),
+        ]
+    }
+}
+
 /// What a prediction returns (no patient identifiers, ever).
 #[derive(Debug, Clone, Serialize)]
 pub struct PredictionReport {
@@ -278,7 +293,8 @@ impl Pipeline {
             Some((canonical, None)) => Some(canonical.data),
             None => None,
         };
-        timings.plugins += ms(t);
+        // Two rounded parts: round the sum too (0.1 + 0.2 is not 0.3).
+        timings.plugins = ((timings.plugins + ms(t)) * 1e3).round() / 1e3;
         let input = ModelInput { image, features };
         self.model.check_input(&input)?;
         Ok(PreparedCase {

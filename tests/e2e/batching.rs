@@ -217,7 +217,9 @@ fn batched_predictions_equal_unbatched_ones_and_server_timing_is_opt_in() {
         let body = reply.json();
         let timings = &body["timings_ms"];
         for (stage, ms) in &stages[1..7] {
-            assert_eq!(timings[stage].as_f64(), Some(*ms), "{stage}: {body}");
+            // The header carries 3 decimals, the body the rounded value.
+            let in_body = timings[stage].as_f64().unwrap_or(f64::NAN);
+            assert!((in_body - ms).abs() <= 0.0005, "{stage}: {body}");
         }
     }
     // In a batch, a case queues while others' forward pass runs, or while

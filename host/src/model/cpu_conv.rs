@@ -502,12 +502,13 @@ impl CustomOp2 for FusedConv {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{Device, Module, Tensor};
     use candle_nn::{Conv2d, Conv2dConfig};
 
-    fn values(count: usize, seed: u32) -> Vec<f32> {
+    /// `count` deterministic values in [-1, 1] (the kernels' test inputs).
+    pub(crate) fn values(count: usize, seed: u32) -> Vec<f32> {
         (0..count)
             .map(|i| {
                 let x = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed);

@@ -563,20 +563,25 @@ mod tests {
         ));
     }
 
+    /// The network of a package, built from its weights file.
+    fn net_of(package: &ModelPackage) -> ExamNet {
+        let bytes = std::fs::read(package.weights_path()).expect("weights");
+        let vb =
+            VarBuilder::from_buffered_safetensors(bytes, DType::F32, &Device::Cpu).expect("vb");
+        ExamNet::new(
+            &package.manifest.architecture,
+            package.manifest.emr.len(),
+            vb,
+        )
+        .expect("net")
+    }
+
     #[test]
     fn folded_batch_norm_matches_unfolded_inference() {
         let dir = tempfile::tempdir().expect("tempdir");
         let package =
             init_package(dir.path(), "test", arch(Backbone::Tiny, false), 32, 3).expect("init");
-        let bytes = std::fs::read(package.weights_path()).expect("weights");
-        let vb =
-            VarBuilder::from_buffered_safetensors(bytes, DType::F32, &Device::Cpu).expect("vb");
-        let mut net = ExamNet::new(
-            &package.manifest.architecture,
-            package.manifest.emr.len(),
-            vb,
-        )
-        .expect("net");
+        let mut net = net_of(&package);
         let image = Tensor::randn(0f32, 1.0, (2, 1, 32, 32), &Device::Cpu).expect("image");
         let values = Tensor::randn(0f32, 1.0, (2, 21), &Device::Cpu).expect("values");
         let missing = Tensor::zeros((2, 21), DType::F32, &Device::Cpu).expect("missing");
@@ -604,15 +609,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let package = init_package(dir.path(), "test", arch(Backbone::Resnet18, false), 224, 5)
             .expect("init");
-        let bytes = std::fs::read(package.weights_path()).expect("weights");
-        let vb =
-            VarBuilder::from_buffered_safetensors(bytes, DType::F32, &Device::Cpu).expect("vb");
-        let mut net = ExamNet::new(
-            &package.manifest.architecture,
-            package.manifest.emr.len(),
-            vb,
-        )
-        .expect("net");
+        let mut net = net_of(&package);
         net.fold_batch_norm().expect("fold");
         let mut reference = net.clone();
         reference.without_winograd();

@@ -643,15 +643,7 @@ fn output_plane_generic<const M: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(count: usize, seed: u32) -> Vec<f32> {
-        (0..count)
-            .map(|i| {
-                let x = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed);
-                (x % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::model::cpu_conv::tests::values;
 
     /// A direct 3×3, stride 1, padding 1 convolution in f64.
     fn direct(

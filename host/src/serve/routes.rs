@@ -394,15 +394,8 @@ async fn predict(state: &Arc<AppState>, request: Request<Incoming>) -> HttpRespo
     let (response, audit) = match outcome {
         Ok(report) => {
             let t = report.timings_ms;
-            for (stage, ms) in [
-                ("receive", receive_ms),
-                ("parse", t.parse),
-                ("decode", t.decode),
-                ("preprocess", t.preprocess),
-                ("plugins", t.plugins),
-                ("queue", t.queue),
-                ("inference", t.inference),
-            ] {
+            state.metrics.stage("receive", receive_ms);
+            for (stage, ms) in t.stages() {
                 state.metrics.stage(stage, ms);
             }
             timings = Some(t);
@@ -475,21 +468,12 @@ fn server_timing(
     audit_ms: f64,
     total_ms: f64,
 ) -> String {
-    [
-        ("receive", receive_ms),
-        ("parse", t.parse),
-        ("decode", t.decode),
-        ("preprocess", t.preprocess),
-        ("plugins", t.plugins),
-        ("queue", t.queue),
-        ("inference", t.inference),
-        ("audit", audit_ms),
-        ("total", total_ms),
-    ]
-    .iter()
-    .map(|(stage, ms)| format!("{stage};dur={ms:.3}"))
-    .collect::<Vec<_>>()
-    .join(", ")
+    std::iter::once(("receive", receive_ms))
+        .chain(t.stages())
+        .chain([("audit", audit_ms), ("total", total_ms)])
+        .map(|(stage, ms)| format!("{stage};dur={ms:.3}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The problem for an admission refusal, counted in the metrics.
