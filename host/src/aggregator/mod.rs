@@ -351,6 +351,23 @@ impl Aggregator {
     }
 }
 
+/// Shard buffers (up to `shard_mib` each, several in flight) are freed
+/// right after use. glibc's allocator raises its mmap threshold as large
+/// blocks are freed, after which such buffers come from per-thread heaps
+/// that keep the memory: the aggregator's peak RSS then drifted from 260 to
+/// 327 MiB between identical 20-site rounds. A fixed 1 MiB threshold keeps
+/// every large buffer in its own mapping, returned to the system when
+/// freed, so the peak stays what the running sum and the buffers in flight
+/// need.
+fn return_large_buffers_to_the_system() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning; it is thread-safe and
+    // takes plain integers.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 /// Runs the aggregator: serves the API on `config.listen` (TLS when
 /// configured) and closes rounds as they complete, until SIGINT or
 /// SIGTERM. `on_listening` gets the bound address once the server
@@ -373,6 +390,7 @@ pub fn serve(
         shutdown_grace: Duration::from_secs(10),
     };
     let listen = config.listen.to_string();
+    return_large_buffers_to_the_system();
     let aggregator = Arc::new(Aggregator::open(config)?);
     let runtime = server::runtime(8)?;
     let shutdown = ShutdownSignals::install(&runtime)?;
