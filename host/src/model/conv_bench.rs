@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use super::cpu_conv::FusedConv;
 use super::package::Backbone;
+use super::winograd::{Tile, Winograd};
 
 /// One convolution of the backbone, timed.
 #[derive(Debug, Clone, Serialize)]
@@ -28,8 +29,14 @@ pub struct LayerTiming {
     pub chosen_ms: f64,
     /// Fastest run of the path the network runs, milliseconds.
     pub chosen_min_ms: f64,
-    /// The path the network runs: `im2col` or `winograd`.
+    /// The path the network runs: `im2col`, `winograd4` (F(4×4, 3×3)) or
+    /// `winograd2` (F(2×2, 3×3)).
     pub chosen: &'static str,
+    /// Median milliseconds in the Winograd domain with 4×4 tiles, for the
+    /// 3×3 stride-1 convolutions (whichever path the network runs).
+    pub winograd4_ms: Option<f64>,
+    /// The same with 2×2 tiles.
+    pub winograd2_ms: Option<f64>,
 }
 
 /// The convolutions of `backbone` at input side `size`: (name, (in, out,
@@ -100,9 +107,10 @@ pub fn time_layers(
             .into_iter()
             .map(|w| w * 0.05)
             .collect();
+        let bias = values(cout, 2);
         let kernel = FusedConv::new(
-            weights,
-            values(cout, 2),
+            weights.clone(),
+            bias.clone(),
             (cout, cin, k),
             stride,
             k / 2,
@@ -122,14 +130,32 @@ pub fn time_layers(
                 .collect();
             median_and_min(ms)
         };
-        let winograd = kernel.uses_winograd(batch, side, side);
+        let tile = kernel.winograd_tile(batch, side, side);
+        let winograd = tile.is_some();
         let chosen = time(&kernel);
+        let round = |v: f64| (v * 1000.0).round() / 1000.0;
+        // Each Winograd form on its own (same weights, bias and ReLU).
+        let form = |tile: Tile| -> Option<f64> {
+            (k == 3 && stride == 1).then(|| {
+                let form = Winograd::new(tile, &weights, &bias, (cout, cin), true);
+                let mut out = vec![0f32; batch * cout * side * side];
+                form.run(&input, [batch, side, side], None, &mut out);
+                let ms = (0..runs.max(1))
+                    .map(|_| {
+                        let t = Instant::now();
+                        form.run(&input, [batch, side, side], None, &mut out);
+                        std::hint::black_box(&out);
+                        t.elapsed().as_secs_f64() * 1e3
+                    })
+                    .collect();
+                round(median_and_min(ms).0)
+            })
+        };
         let im2col = if winograd {
             time(&kernel.clone().without_winograd())
         } else {
             chosen
         };
-        let round = |v: f64| (v * 1000.0).round() / 1000.0;
         timings.push(LayerTiming {
             layer,
             shape: [cin, cout, k, stride],
@@ -139,7 +165,13 @@ pub fn time_layers(
             im2col_min_ms: round(im2col.1),
             chosen_ms: round(chosen.0),
             chosen_min_ms: round(chosen.1),
-            chosen: if winograd { "winograd" } else { "im2col" },
+            chosen: match tile {
+                Some(Tile::Four) => "winograd4",
+                Some(Tile::Two) => "winograd2",
+                None => "im2col",
+            },
+            winograd4_ms: form(Tile::Four),
+            winograd2_ms: form(Tile::Two),
         });
     }
     Ok(timings)

@@ -196,28 +196,50 @@ impl CustomOp3 for TrainBatchNorm {
     }
 }
 
-/// 3×3 max pooling, stride 2, no padding, over contiguous NCHW f32; the
-/// gradient goes to each window's first maximum (as candle's pooling
-/// picks it).
+/// 3×3 max pooling, stride 2, over contiguous NCHW f32, with `padding`
+/// rows and columns of zeros around the plane (as if padded with zeros
+/// first, without the copy); the gradient goes to each window's first
+/// maximum in row-major order (as candle's pooling picks it), none to the
+/// padding.
 #[derive(Debug, Clone, Copy)]
-pub struct MaxPool3x3Stride2;
+pub struct MaxPool3x3Stride2 {
+    /// Zero rows and columns on every side (0 or 1).
+    pub padding: usize,
+}
 
 impl MaxPool3x3Stride2 {
-    fn sides(h: usize, w: usize) -> Result<(usize, usize)> {
+    fn sides(&self, h: usize, w: usize) -> Result<(usize, usize)> {
+        let (h, w) = (h + 2 * self.padding, w + 2 * self.padding);
         if h < 3 || w < 3 {
             candle_core::bail!("max pool 3x3: input {h}x{w} is too small");
         }
         Ok(((h - 3) / 2 + 1, (w - 3) / 2 + 1))
     }
 
-    /// Index (within the plane) of the maximum of the window at (oy, ox).
-    fn argmax(plane: &[f32], w: usize, oy: usize, ox: usize) -> usize {
-        let mut best = (2 * oy) * w + 2 * ox;
+    /// The maximum of the window at (oy, ox) and its index within the
+    /// plane (`None` for a padding zero).
+    fn argmax(
+        &self,
+        plane: &[f32],
+        (h, w): (usize, usize),
+        oy: usize,
+        ox: usize,
+    ) -> (f32, Option<usize>) {
+        let mut best = (f32::NEG_INFINITY, None);
+        let mut first = true;
         for dy in 0..3 {
+            let iy = (2 * oy + dy).wrapping_sub(self.padding);
             for dx in 0..3 {
-                let i = (2 * oy + dy) * w + 2 * ox + dx;
-                if plane[i] > plane[best] {
-                    best = i;
+                let ix = (2 * ox + dx).wrapping_sub(self.padding);
+                let cell = if iy < h && ix < w {
+                    let i = iy * w + ix;
+                    (plane[i], Some(i))
+                } else {
+                    (0.0, None)
+                };
+                if first || cell.0 > best.0 {
+                    best = cell;
+                    first = false;
                 }
             }
         }
@@ -233,13 +255,13 @@ impl CustomOp1 for MaxPool3x3Stride2 {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(storage, layout, "max pool 3x3")?;
         let (b, c, h, w) = layout.shape().dims4()?;
-        let (oh, ow) = Self::sides(h, w)?;
+        let (oh, ow) = self.sides(h, w)?;
         let mut y = vec![0f32; b * c * oh * ow];
         y.par_chunks_mut(oh * ow).enumerate().for_each(|(p, out)| {
             let plane = &x[p * h * w..(p + 1) * h * w];
             for oy in 0..oh {
                 for ox in 0..ow {
-                    out[oy * ow + ox] = plane[Self::argmax(plane, w, oy, ox)];
+                    out[oy * ow + ox] = self.argmax(plane, (h, w), oy, ox).0;
                 }
             }
         });
@@ -248,7 +270,7 @@ impl CustomOp1 for MaxPool3x3Stride2 {
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (_, _, h, w) = x.dims4()?;
-        let (oh, ow) = Self::sides(h, w)?;
+        let (oh, ow) = self.sides(h, w)?;
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let dy = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let mut dx = vec![0f32; xs.len()];
@@ -256,7 +278,9 @@ impl CustomOp1 for MaxPool3x3Stride2 {
             let plane = &xs[p * h * w..(p + 1) * h * w];
             for oy in 0..oh {
                 for ox in 0..ow {
-                    out[Self::argmax(plane, w, oy, ox)] += dy[(p * oh + oy) * ow + ox];
+                    if let (_, Some(i)) = self.argmax(plane, (h, w), oy, ox) {
+                        out[i] += dy[(p * oh + oy) * ow + ox];
+                    }
                 }
             }
         });
@@ -342,5 +366,38 @@ mod tests {
             "{} vs {biased_variance}",
             stats[2].1
         );
+    }
+
+    /// Pooling that reads the padding as zeros equals padding with zeros
+    /// first: values, and gradients (ties with the padding included: half
+    /// the inputs are zero, as after a ReLU).
+    #[test]
+    fn padded_max_pool_equals_pooling_the_padded_plane() {
+        for (h, w) in [(112, 112), (9, 10), (1, 1), (2, 5)] {
+            let x0 = Tensor::randn(0f32, 1.0, (2, 3, h, w), &Device::Cpu)
+                .and_then(|x| x.relu())
+                .expect("x");
+            let x = Var::from_tensor(&x0).expect("var");
+            let fused = x.as_tensor().apply_op1(MaxPool3x3Stride2 { padding: 1 });
+            let padded = x
+                .as_tensor()
+                .pad_with_zeros(3, 1, 1)
+                .and_then(|p| p.pad_with_zeros(2, 1, 1))
+                .and_then(|p| p.apply_op1(MaxPool3x3Stride2 { padding: 0 }));
+            let (y, y_ref) = (fused.expect("fused"), padded.expect("padded"));
+            assert_eq!(y.dims(), y_ref.dims(), "{h}x{w}");
+            assert_eq!(max_diff(&y, &y_ref), 0.0, "{h}x{w}");
+            // The same probe through both: the same input gradient.
+            let probe = Tensor::randn(0f32, 1.0, y.shape(), &Device::Cpu).expect("probe");
+            let gradient = |y: &Tensor| {
+                let grads = (y * &probe)
+                    .and_then(|l| l.sum_all())
+                    .and_then(|l| l.backward())
+                    .expect("backward");
+                grads.get(x.as_tensor()).expect("dx").clone()
+            };
+            let (g, g_ref) = (gradient(&y), gradient(&y_ref));
+            assert_eq!(max_diff(&g, &g_ref), 0.0, "gradient {h}x{w}");
+        }
     }
 }

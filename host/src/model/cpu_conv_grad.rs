@@ -7,7 +7,10 @@
 //! (im2col, the inference kernel's code) and the three products are `gemm`
 //! calls:
 //! - forward:  Y = W · cols;
-//! - weights:  dW += dY · colsᵀ (summed over the batch);
+//! - weights:  dW += dY · colsᵀ (summed over the batch); for 3×3 stride-1
+//!   convolutions on planes the forward pass runs in the Winograd domain,
+//!   there instead, over the whole batch
+//!   ([`super::winograd::weight_gradient`]);
 //! - input:    dcols = Wᵀ · dY, folded back onto the image (col2im); for
 //!   3×3 stride-1 convolutions instead dX = dY ⊛ flip(W)ᵀ, the forward
 //!   kernel (Winograd) over the whole batch.
@@ -162,8 +165,21 @@ impl CustomOp2 for TrainableConv {
         let conv = self.kernel_for(&weights, out, channels)?;
         let (k, n) = (channels * self.kernel * self.kernel, out_h * out_w);
         let plane = channels * height * width;
-        let mut grad_weights = vec![0f32; out * k];
-        let mut columns = vec![0f32; k * n];
+        // The weight gradient of a 3×3 stride-1 convolution in the
+        // Winograd domain, over the whole batch, when the forward pass
+        // runs there; else im2col + gemm per image (below).
+        let winograd = conv.winograd_tile(batch, height, width);
+        let mut grad_weights = match winograd {
+            Some(tile) => super::winograd::weight_gradient(
+                tile,
+                &input,
+                &grad_out,
+                [batch, height, width],
+                (out, channels),
+            ),
+            None => vec![0f32; out * k],
+        };
+        let mut columns = vec![0f32; if winograd.is_some() { 0 } else { k * n }];
         // A 3×3 stride-1 padding-1 convolution's input gradient is the same
         // convolution of dY with the flipped, transposed weights: the
         // forward kernel (Winograd where it pays) for the whole batch.
@@ -181,6 +197,9 @@ impl CustomOp2 for TrainableConv {
             vec![0f32; k * n]
         };
         for b in 0..batch {
+            if winograd.is_some() {
+                break;
+            }
             let image = &input[b * plane..(b + 1) * plane];
             let dy = &grad_out[b * out * n..(b + 1) * out * n];
             conv.im2col(image, [height, width, out_h, out_w], &mut columns, 0, 1);
@@ -239,6 +258,10 @@ mod tests {
             (3, 5, 3, 1, 1, 9),
             (3, 5, 3, 2, 1, 10),
             (4, 6, 1, 2, 0, 8),
+            // Weight gradient in the Winograd domain: F(4×4) over a
+            // batch, and F(2×2) (a small plane with many channels).
+            (4, 8, 3, 1, 1, 14),
+            (160, 8, 3, 1, 1, 7),
         ] {
             let cpu = &Device::Cpu;
             let x0 = Tensor::randn(0f32, 1.0, (2, cin, side, side), cpu).expect("x");

@@ -321,21 +321,38 @@ impl ImageBranch {
     pub fn forward(&self, image: &Tensor, train: bool) -> Result<Tensor> {
         let x = self.stem.forward(image, None, train)?;
         // 3×3 max pool, stride 2, padding 1: after ReLU every value is ≥ 0,
-        // so zero padding equals −∞ padding.
-        let x = x
-            .pad_with_zeros(D::Minus1, 1, 1)?
-            .pad_with_zeros(D::Minus2, 1, 1)?;
-        // candle's pooling kernel has no gradient for overlapping windows:
-        // training takes the elementwise maximum of the nine strided views.
-        let mut x = if train {
-            max_pool_3x3_stride_2(&x)?
+        // so zero padding equals −∞ padding. On the CPU one parallel pass
+        // that reads the padding as zeros (the same values and gradients).
+        let mut x = if x.device().is_cpu() {
+            let pool = super::cpu_batch_norm::MaxPool3x3Stride2 { padding: 1 };
+            let x = x.contiguous()?;
+            if train {
+                x.apply_op1(pool)?
+            } else {
+                x.apply_op1_no_bwd(&pool)?
+            }
         } else {
-            x.max_pool2d_with_stride(3, 2)?
+            stem_pool_padded(&x, train)?
         };
         for block in &self.blocks {
             x = block.forward(&x, train)?;
         }
         x.mean(D::Minus1)?.mean(D::Minus1)
+    }
+}
+
+/// The stem's 3×3 stride-2 max pooling with one row and column of zeros
+/// around the plane, from candle's operations (non-CPU devices).
+fn stem_pool_padded(x: &Tensor, train: bool) -> Result<Tensor> {
+    let x = x
+        .pad_with_zeros(D::Minus1, 1, 1)?
+        .pad_with_zeros(D::Minus2, 1, 1)?;
+    // candle's pooling kernel has no gradient for overlapping windows:
+    // training takes the elementwise maximum of the nine strided views.
+    if train {
+        max_pool_3x3_stride_2(&x)
+    } else {
+        x.max_pool2d_with_stride(3, 2)
     }
 }
 
@@ -536,7 +553,7 @@ pub fn max_pool_3x3_stride_2(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() {
         return x
             .contiguous()?
-            .apply_op1(super::cpu_batch_norm::MaxPool3x3Stride2);
+            .apply_op1(super::cpu_batch_norm::MaxPool3x3Stride2 { padding: 0 });
     }
     let (b, c, h, w) = x.dims4()?;
     if h < 3 || w < 3 {

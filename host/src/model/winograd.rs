@@ -350,6 +350,275 @@ impl Winograd {
     }
 }
 
+/// At most this many floats of transformed input and gradient (V and
+/// dM) per pass of [`weight_gradient`]: 16 MiB.
+const MAX_GRADIENT_FLOATS: usize = 1 << 22;
+
+/// The weight gradient of a 3×3, stride 1, padding 1 convolution in the
+/// Winograd domain: dW (out, in, 3, 3) = Σ over the batch of dY ⋆ X.
+///
+/// With U = G g Gᵀ and Y = Aᵀ [U ⊙ V] A per tile, the chain rule gives,
+/// per frequency ξ, dU[ξ] (out × in) = Σ_t dM[ξ][·][t] · V[ξ][·][t]ᵀ with
+/// dM = A dY Aᵀ per output tile (the adjoint of the output transform), and
+/// dg = Gᵀ dU G. The sums over tiles are (m+2)² `gemm` products, spread
+/// over the threads by frequency; the transforms reuse the forward pass's
+/// input transform. `input` is (batch, in, height, width), `grad_output`
+/// (batch, out, height, width), both contiguous NCHW.
+pub fn weight_gradient(
+    tile: Tile,
+    input: &[f32],
+    grad_output: &[f32],
+    [batch, height, width]: [usize; 3],
+    (out_channels, in_channels): (usize, usize),
+) -> Vec<f32> {
+    let frequencies = tile.frequencies();
+    let tiles = tile.tiles(height, width);
+    let per_image = (in_channels + out_channels) * frequencies * tiles;
+    let group = (MAX_GRADIENT_FLOATS / per_image.max(1)).clamp(1, batch.max(1));
+    let (plane_in, plane_out) = (in_channels * height * width, out_channels * height * width);
+    let mut du = vec![0f32; frequencies * out_channels * in_channels];
+    let (mut transformed, mut gradient) = (Vec::new(), Vec::new());
+    let mut first = 0;
+    while first < batch {
+        let count = group.min(batch - first);
+        let images = first..first + count;
+        let geometry = Geometry::new(tile, count, height, width);
+        let all_tiles = count * tiles;
+        transformed.resize(in_channels * frequencies * all_tiles, 0.0);
+        gradient.resize(out_channels * frequencies * all_tiles, 0.0);
+        transform_input(
+            &input[images.start * plane_in..images.end * plane_in],
+            geometry,
+            in_channels,
+            &mut transformed,
+        );
+        transform_gradient(
+            &grad_output[images.start * plane_out..images.end * plane_out],
+            geometry,
+            out_channels,
+            &mut gradient,
+        );
+        accumulate_products(
+            &mut du,
+            &gradient,
+            &transformed,
+            (out_channels, in_channels, all_tiles),
+            frequencies,
+        );
+        first += count;
+    }
+    // dg = Gᵀ dU G per (out, in) pair, in f64.
+    let g_matrix: &[[f64; 3]] = match tile {
+        Tile::Four => &G4,
+        Tile::Two => &G2,
+    };
+    let patch = tile.patch();
+    let pairs = out_channels * in_channels;
+    let mut grad = vec![0f32; pairs * 9];
+    grad.par_chunks_mut(9).enumerate().for_each(|(pair, dg)| {
+        let (o, c) = (pair / in_channels.max(1), pair % in_channels.max(1));
+        let at = |xi: usize| f64::from(du[(xi * in_channels + c) * out_channels + o]);
+        for i in 0..3 {
+            for j in 0..3 {
+                let mut sum = 0f64;
+                for (a, g_a) in g_matrix.iter().enumerate().take(patch) {
+                    for (b, g_b) in g_matrix.iter().enumerate().take(patch) {
+                        sum += g_a[i] * at(a * patch + b) * g_b[j];
+                    }
+                }
+                dg[i * 3 + j] = sum as f32;
+            }
+        }
+    });
+    grad
+}
+
+/// dU[ξ] (out × in) += dM[ξ] (out × tiles) · V[ξ]ᵀ (tiles × in) for every
+/// frequency ξ, where dU is laid out (frequency, in, out) (column-major,
+/// what gemm stores fastest), dM (out, frequency, tiles) and V (in,
+/// frequency, tiles).
+fn accumulate_products(
+    du: &mut [f32],
+    gradient: &[f32],
+    transformed: &[f32],
+    (m, n, tiles): (usize, usize, usize),
+    frequencies: usize,
+) {
+    assert!(
+        du.len() >= frequencies * m * n
+            && gradient.len() >= m * frequencies * tiles
+            && transformed.len() >= n * frequencies * tiles
+    );
+    if m == 0 || n == 0 || tiles == 0 {
+        return;
+    }
+    let row = frequencies * tiles;
+    du[..frequencies * m * n]
+        .par_chunks_mut(m * n)
+        .enumerate()
+        .for_each(|(xi, dst)| {
+            // SAFETY: dst is frequency ξ's own m·n block (column-major:
+            // column stride m); lhs element (o, t) is gradient[o·row + ξ·tiles
+            // + t] and rhs element (t, c) is transformed[c·row + ξ·tiles + t],
+            // inside the asserted lengths for o < m, c < n, t < tiles.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    tiles,
+                    dst.as_mut_ptr(),
+                    m as isize,
+                    1,
+                    true,
+                    gradient.as_ptr().add(xi * tiles),
+                    1,
+                    row as isize,
+                    transformed.as_ptr().add(xi * tiles),
+                    row as isize,
+                    1,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+}
+
+/// dM[o][ξ][t] = (A dY Aᵀ)[ξ] for every output channel o and tile t (over
+/// the batch): the adjoint of the output transform, parallel over
+/// channels; the gradient outside the plane is zero.
+fn transform_gradient(grad: &[f32], geometry: Geometry, channels: usize, transformed: &mut [f32]) {
+    let plane = geometry.height * geometry.width;
+    let all_tiles = geometry.batch * geometry.tiles();
+    let frequencies = geometry.frequencies();
+    let (rows, cols) = (
+        geometry.m * geometry.tile_rows,
+        geometry.m * geometry.tile_cols,
+    );
+    transformed[..channels * frequencies * all_tiles]
+        .par_chunks_mut(frequencies * all_tiles)
+        .enumerate()
+        .for_each_init(
+            || vec![0f32; rows * cols],
+            |padded, (c, v)| {
+                for image in 0..geometry.batch {
+                    let source = &grad[(image * channels + c) * plane..][..plane];
+                    // The plane, zero-padded after its last row and column.
+                    padded.fill(0.0);
+                    for (y, row) in source.chunks_exact(geometry.width).enumerate() {
+                        padded[y * cols..][..geometry.width].copy_from_slice(row);
+                    }
+                    gradient_plane(padded, geometry, image, v);
+                }
+            },
+        );
+}
+
+/// Dispatches the gradient transform of one image's plane to the widest
+/// vector code the CPU runs.
+fn gradient_plane(padded: &[f32], geometry: Geometry, image: usize, v: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above), all the
+        // function requires beyond the baseline.
+        unsafe { gradient_plane_avx2(padded, geometry, image, v) };
+        return;
+    }
+    match geometry.m {
+        4 => gradient_plane_generic::<4>(padded, geometry, image, v),
+        _ => gradient_plane_generic::<2>(padded, geometry, image, v),
+    }
+}
+
+/// [`gradient_plane_generic`] compiled with AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gradient_plane_avx2(padded: &[f32], geometry: Geometry, image: usize, v: &mut [f32]) {
+    match geometry.m {
+        4 => gradient_plane_generic::<4>(padded, geometry, image, v),
+        _ => gradient_plane_generic::<2>(padded, geometry, image, v),
+    }
+}
+
+/// The gradient transform of one plane, zero-padded to whole tiles
+/// ((M · tile rows) × (M · tile columns)), into image `image`'s tiles of
+/// `v` ((M+2)² × all tiles), [`LANES`] tiles at a time.
+#[inline(always)]
+fn gradient_plane_generic<const M: usize>(
+    padded: &[f32],
+    geometry: Geometry,
+    image: usize,
+    v: &mut [f32],
+) {
+    let patch = M + 2;
+    let tiles = geometry.tiles();
+    let all_tiles = geometry.batch * tiles;
+    let cols = M * geometry.tile_cols;
+    let mut d = [[[0f32; LANES]; 4]; 4];
+    let mut columns = [[[0f32; LANES]; 4]; PATCH];
+    let mut first = 0;
+    while first < tiles {
+        let lanes = LANES.min(tiles - first);
+        for lane in 0..lanes {
+            let t = first + lane;
+            let (ty, tx) = (t / geometry.tile_cols, t % geometry.tile_cols);
+            for (i, row) in d.iter_mut().enumerate().take(M) {
+                let src = &padded[(M * ty + i) * cols + M * tx..][..M];
+                for (cell, value) in row.iter_mut().zip(src) {
+                    cell[lane] = *value;
+                }
+            }
+        }
+        // A dY (columns), then (A dY) Aᵀ (rows).
+        for j in 0..M {
+            let r = gradient_1d::<M>([d[0][j], d[1][j], d[2][j], d[3][j]]);
+            for i in 0..patch {
+                columns[i][j] = r[i];
+            }
+        }
+        let base = image * tiles + first;
+        for (i, row) in columns.iter().enumerate().take(patch) {
+            let r = gradient_1d::<M>(*row);
+            for (j, lanes_value) in r.iter().enumerate().take(patch) {
+                store(
+                    &mut v[(i * patch + j) * all_tiles + base..][..lanes],
+                    lanes_value,
+                );
+            }
+        }
+        first += lanes;
+    }
+}
+
+/// A x for M lane vectors (the first M of four): M + 2, the adjoint of
+/// [`output_1d`].
+#[inline(always)]
+fn gradient_1d<const M: usize>(x: [[f32; LANES]; 4]) -> [[f32; LANES]; PATCH] {
+    let mut r = [[0f32; LANES]; PATCH];
+    for l in 0..LANES {
+        let [y0, y1, y2, y3] = [x[0][l], x[1][l], x[2][l], x[3][l]];
+        if M == 4 {
+            let (even, odd) = (y0 + y2, y1 + y3);
+            let (even4, odd2) = (y0 + 4.0 * y2, 2.0 * y1 + 8.0 * y3);
+            r[0][l] = y0;
+            r[1][l] = even + odd;
+            r[2][l] = even - odd;
+            r[3][l] = even4 + odd2;
+            r[4][l] = even4 - odd2;
+            r[5][l] = y3;
+        } else {
+            r[0][l] = y0;
+            r[1][l] = y0 + y1;
+            r[2][l] = y0 - y1;
+            r[3][l] = -y1;
+        }
+    }
+    r
+}
+
 /// `out` = staging (cropped to the plane) + bias (+ residual), then the
 /// ReLU when `relu`: contiguous rows, one loop per case so each
 /// vectorises.
@@ -701,6 +970,63 @@ mod tests {
                 let kernel = Winograd::new(tile, &weights, &bias, (cout, cin), false);
                 let mut got = vec![f32::NAN; want.len()];
                 kernel.run(&input, [batch, h, w], None, &mut got);
+                let scale = want.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
+                for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        ((f64::from(*g) - w) / scale).abs() < 1e-5,
+                        "case {i} {tile:?}, element {k}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The weight gradient in the Winograd domain against a direct f64
+    /// sum over the batch, both tile sizes, planes with partial tiles and
+    /// batches split into several passes.
+    #[test]
+    fn weight_gradient_equals_direct_sum() {
+        for (i, &(batch, cin, cout, h, w)) in [
+            (1, 1, 1, 1, 1),
+            (2, 3, 5, 9, 9),
+            (3, 4, 2, 7, 6),
+            (2, 2, 3, 13, 16),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let seed = 40 + i as u32;
+            let input = values(batch * cin * h * w, seed);
+            let grad = values(batch * cout * h * w, seed + 10);
+            let mut want = vec![0f64; cout * cin * 9];
+            for b in 0..batch {
+                for o in 0..cout {
+                    for c in 0..cin {
+                        for ky in 0..3 {
+                            for kx in 0..3 {
+                                let mut sum = 0f64;
+                                for y in 0..h {
+                                    for x in 0..w {
+                                        let (iy, ix) =
+                                            ((y + ky).wrapping_sub(1), (x + kx).wrapping_sub(1));
+                                        if iy < h && ix < w {
+                                            sum +=
+                                                f64::from(grad[((b * cout + o) * h + y) * w + x])
+                                                    * f64::from(
+                                                        input[((b * cin + c) * h + iy) * w + ix],
+                                                    );
+                                        }
+                                    }
+                                }
+                                want[((o * cin + c) * 3 + ky) * 3 + kx] += sum;
+                            }
+                        }
+                    }
+                }
+            }
+            for tile in [Tile::Four, Tile::Two] {
+                let got = weight_gradient(tile, &input, &grad, [batch, h, w], (cout, cin));
+                assert_eq!(got.len(), want.len());
                 let scale = want.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
                 for (k, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert!(

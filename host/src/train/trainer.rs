@@ -77,6 +77,9 @@ impl Trainer {
         settings: FitSettings,
         device: &Device,
     ) -> Result<Self, TrainError> {
+        if device.is_cpu() {
+            super::reuse_freed_memory();
+        }
         let varmap = VarMap::new();
         let net = ExamNet::new(
             &manifest.architecture,
