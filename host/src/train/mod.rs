@@ -786,7 +786,7 @@ fn recalibrate(
 /// Training speed without data preparation: `steps` optimizer steps
 /// (after one warm-up step) on batches of `batch` synthetic cases —
 /// augmentation, forward, backward, AdamW — on a freshly initialised
-/// network; cases per second.
+/// network on `device`; cases per second.
 ///
 /// # Errors
 /// On tensor errors.
@@ -795,13 +795,14 @@ pub fn measure_throughput(
     input_size: u32,
     batch_size: usize,
     steps: usize,
+    device: &Device,
 ) -> Result<f64, TrainError> {
     let manifest = default_manifest("throughput", architecture(backbone), input_size);
     let varmap = VarMap::new();
     let net = ExamNet::new(
         &manifest.architecture,
         manifest.emr.len(),
-        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        VarBuilder::from_varmap(&varmap, DType::F32, device),
     )?;
     let mut optimizer = AdamW::new(trainable(&varmap)?, AdamWConfig::default(), decays)?;
     let size = input_size as usize;
@@ -829,11 +830,13 @@ pub fn measure_throughput(
             &manifest,
             &weights,
             Some((&augmentation, 1, step)),
-            &Device::Cpu,
+            device,
         )?;
         let logits = net.forward(b.image.as_ref(), &b.values, &b.missing, true)?;
         let loss = objective::ordinal_loss(&logits, &b.targets, &b.weights)?;
         optimizer.step(&loss.backward()?)?;
     }
+    // A GPU runs the steps asynchronously: the time is taken once they ran.
+    device.synchronize()?;
     Ok((steps * batch_size) as f64 / started.elapsed().as_secs_f64())
 }
