@@ -980,7 +980,10 @@ mod tests {
         let (cpu_logits, cpu_grads) = run(&cpu_net, &Device::Cpu);
         let (gpu_logits, gpu_grads) = run(&gpu_net, &gpu);
         let (diff, scale) = difference(&cpu_logits, &gpu_logits);
-        assert!(diff / scale <= 1e-4, "logits differ by {diff} (scale {scale})");
+        assert!(
+            diff / scale <= 1e-4,
+            "logits differ by {diff} (scale {scale})"
+        );
         let gpu_data = gpu_vars.data().lock().expect("lock").clone();
         let mut compared = 0;
         for (name, var) in &cpu_data {
@@ -991,7 +994,10 @@ mod tests {
                 .get(gpu_data[name].as_tensor())
                 .unwrap_or_else(|| panic!("{name}: a gradient on the CPU, none on the GPU"));
             let (diff, scale) = difference(want, got);
-            assert!(diff / scale <= 1e-4, "{name}: gradients differ by {diff} (scale {scale})");
+            assert!(
+                diff / scale <= 1e-4,
+                "{name}: gradients differ by {diff} (scale {scale})"
+            );
             compared += 1;
         }
         assert!(compared > 50, "only {compared} gradients compared");
