@@ -84,6 +84,7 @@ for arch in x86 arm; do
   cat >"$work/$arch/oxbox.toml" <<TOML
 [site]
 id = "aarch64-check"
+name = "aarch64 check"
 [storage]
 data_dir = "$work/$arch/data"
 [model]
@@ -149,13 +150,14 @@ else:
     print(f"max |x86 - aarch64| = {worst:.3g}")
 PY
 }
+exec 3>&2 # the timings, whatever the command's stderr is redirected to
 timed() { # LABEL COMMAND… : runs and prints its wall time
   local label=$1 t0
   shift
   t0=${EPOCHREALTIME/[.,]/}
   "$@"
   local us=$((${EPOCHREALTIME/[.,]/} - t0))
-  printf '  %-40s %4d.%02d s\n' "$label" $((us / 1000000)) $((us % 1000000 / 10000)) >&2
+  printf '  %-44s %4d.%02d s\n' "$label" $((us / 1000000)) $((us % 1000000 / 10000)) >&3
 }
 failed=0
 check() { # WHAT KIND TOLERANCE X86_FILE ARM_FILE
