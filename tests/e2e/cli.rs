@@ -239,7 +239,8 @@ fn the_configured_device_reaches_inference_and_training() {
     let config = tmp.path().join("oxbox.toml");
     std::fs::write(
         &config,
-        "[storage]\ndata_dir = \"data\"\n[model]\ndevice = \"cuda:0\"\n",
+        "[site]\nid = \"gpu\"\nname = \"gpu\"\n[storage]\ndata_dir = \"data\"\n\
+         [model]\ndevice = \"cuda:0\"\n",
     )
     .expect("config");
     let root = crate::util::repo_root();
