@@ -4,7 +4,8 @@
 # built from the sources vendored in their -sys crates; nothing is downloaded
 # at build time). With --tests, also what the test suite needs: dcmtk and
 # GDCM (re-encoders), GNU time (peak RSS of the binary under test), openssl
-# (the aggregator's TLS test certificate), the
+# (the aggregator's TLS test certificate), systemd-analyze, the aarch64
+# cross toolchain and qemu-user (scripts/systemd-check.sh, aarch64-check.sh), the
 # reference venv (shared/reference), scikit-learn (target/py-eval) and
 # openapi-spec-validator (target/py-openapi).
 #   scripts/setup.sh [--tests]
@@ -20,6 +21,11 @@ if [ "${1:-}" = "--tests" ]; then
   [ -x /usr/bin/time ] || need+=(time)
   # The aggregator's TLS test makes a self-signed certificate with it.
   command -v openssl >/dev/null || need+=(openssl)
+  # The edge-box checks: systemd-analyze (the units), the aarch64 cross
+  # toolchain and qemu-user (scripts/aarch64-check.sh).
+  command -v systemd-analyze >/dev/null || need+=(systemd)
+  dpkg -s crossbuild-essential-arm64 >/dev/null 2>&1 || need+=(crossbuild-essential-arm64)
+  command -v qemu-aarch64-static >/dev/null || need+=(qemu-user-static)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2
@@ -32,6 +38,11 @@ cd "$(dirname "$0")/.."
 rustup show active-toolchain >/dev/null 2>&1 || rustup toolchain install
 # Site plugins are WebAssembly components.
 rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+# The Jetson / aarch64 cross build (scripts/aarch64-check.sh).
+if [ "${1:-}" = "--tests" ]; then
+  rustup target list --installed | grep -qx aarch64-unknown-linux-gnu ||
+    rustup target add aarch64-unknown-linux-gnu
+fi
 # The evaluation test checks oxbox's AUCs against scikit-learn's
 # roc_auc_score, computed independently on the same scores.
 if [ "${1:-}" = "--tests" ] && ! target/py-eval/bin/python -c 'import sklearn' 2>/dev/null; then

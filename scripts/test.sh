@@ -83,6 +83,14 @@ set +e
 } 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+# The edge box's deployment checks (firmware-notes/README.md): the systemd
+# units, the aarch64 binary under qemu against the x86 one, the CUDA build
+# (compiled, not linked). Each is a script a person can run alone; their
+# builds share `target`, so they are warm after a machine's first run.
+for check in systemd-check aarch64-check cuda-check; do
+  step "$check"
+  bash "scripts/$check.sh" || { echo "test.sh: $check FAILED" >&2; status=1; }
+done
 step "done"
 sum() { grep -E '^test result:' "$log" | grep -oE "[0-9]+ $1" | awk '{s += $1} END {print s + 0}'; }
 echo "all tests: $(sum passed) passed, $(sum failed) failed"

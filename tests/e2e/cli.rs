@@ -225,3 +225,101 @@ fn preprocess_writes_npy_and_png() {
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("summary");
     assert_eq!(summary["shape"], serde_json::json!([1, 64, 64]));
 }
+
+/// `model.device` reaches the device choice of inference (`predict`) and
+/// training (`train`, `bench --train`; `bench --device` overrides it): a
+/// build without the `cuda` feature asked for `cuda:0` refuses, naming the
+/// device and why (scripts/gpu-check.sh runs a `cuda` build on a GPU), and
+/// `cpu` trains.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn the_configured_device_reaches_inference_and_training() {
+    use std::ffi::OsStr;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("oxbox.toml");
+    std::fs::write(
+        &config,
+        "[site]\nid = \"gpu\"\nname = \"gpu\"\n[storage]\ndata_dir = \"data\"\n\
+         [model]\ndevice = \"cuda:0\"\n",
+    )
+    .expect("config");
+    let root = crate::util::repo_root();
+    let (dicom, record) = (
+        root.join("samples/chest-cr-sample.dcm"),
+        root.join("samples/canonical-record.json"),
+    );
+    let with_config = |args: &[&OsStr]| {
+        let mut all: Vec<&OsStr> = vec!["--config".as_ref(), config.as_os_str()];
+        all.extend_from_slice(args);
+        run(&all)
+    };
+    let why = "device cuda:0: this oxbox was built without the `cuda` feature";
+    for (what, out) in [
+        (
+            "predict",
+            with_config(&[
+                "predict".as_ref(),
+                "--dicom".as_ref(),
+                dicom.as_os_str(),
+                "--emr".as_ref(),
+                record.as_os_str(),
+            ]),
+        ),
+        (
+            "train",
+            with_config(&[
+                "train".as_ref(),
+                "--data".as_ref(),
+                tmp.path().join("site-1").as_os_str(),
+                "--out".as_ref(),
+                tmp.path().join("model").as_os_str(),
+            ]),
+        ),
+        (
+            "bench --train",
+            with_config(&[
+                "bench".as_ref(),
+                "--train".as_ref(),
+                "tiny".as_ref(),
+                "--size".as_ref(),
+                "32".as_ref(),
+                "--steps".as_ref(),
+                "1".as_ref(),
+            ]),
+        ),
+    ] {
+        assert!(!out.status.success(), "{what} ran on cuda:0 without CUDA");
+        assert!(stderr(&out).contains(why), "{what}: {}", stderr(&out));
+        assert!(!tmp.path().join("model").exists(), "{what} wrote a model");
+    }
+    // --device overrides the configured one.
+    let out = with_config(&[
+        "bench".as_ref(),
+        "--train".as_ref(),
+        "tiny".as_ref(),
+        "--size".as_ref(),
+        "32".as_ref(),
+        "--batch".as_ref(),
+        "2".as_ref(),
+        "--steps".as_ref(),
+        "1".as_ref(),
+        "--device".as_ref(),
+        "cpu".as_ref(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bench JSON");
+    assert_eq!(report["device"], "cpu", "{report}");
+    assert!(
+        report["cases_per_second"].as_f64().is_some_and(|v| v > 0.0),
+        "{report}"
+    );
+    let out = with_config(&[
+        "bench".as_ref(),
+        "--train".as_ref(),
+        "tiny".as_ref(),
+        "--device".as_ref(),
+        "gpu".as_ref(),
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("device \"gpu\""), "{}", stderr(&out));
+}

@@ -19,13 +19,15 @@ oxbox bench --dicom RG1_UNCR.dcm --model models/demo --threads 2 --batch 1,2,4,8
 oxbox bench --url http://127.0.0.1:8480 --dicom RG1_UNCR.dcm --emr record.json --requests 200 --concurrency 16\n  \
 oxbox bench --train resnet18 --size 224 --batch 16 --steps 5 --threads 2\n  \
 oxbox bench --layers resnet18 --size 224 --threads 2\n  \
+oxbox bench --dicom RG1_UNCR.dcm --model models/demo --device cuda:0 --batch 1,8,32\n  \
 oxbox bench federation-round --sites 20 --backbone resnet18 --percentile 10\n\n\
 Prints JSON: median and minimum milliseconds for decode (read + parse + pixel decode), \
 preprocess (canonical v1 on decoded pixels) and both together; with --model, the model's \
 forward pass at batch 1 and end to end (read to probabilities), and with --batch the forward pass per case at each batch size. Compare with \
 `cxr_reference.py bench FILE` run in the same session (scripts/bench.sh does both). With \
 --url, load-tests a running server instead: latency percentiles and throughput. With --train, \
-measures training throughput (cases/s) instead. With --layers, times each convolution of the \
+measures training throughput (cases/s) instead. --device (default: model.device) runs --model and \
+--train on that device, e.g. cuda:0 (scripts/gpu-check.sh). With --layers, times each convolution of the \
 backbone on each CPU kernel path (im2col + gemm, Winograd) instead."
 )]
 pub struct Args {
@@ -62,6 +64,10 @@ pub struct Args {
     /// 0 = one per core).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// Compute device for --model and --train: `cpu` or `cuda:N` (a build
+    /// with the `cuda` feature); default: model.device from the config.
+    #[arg(long, value_name = "DEVICE")]
+    pub device: Option<String>,
     /// With --model, also time a forward pass over this many copies of the
     /// image at once (what the server's batching runs), per case; a list
     /// (`--batch 2,4,8`) times each. With --train, the training batch
@@ -113,8 +119,15 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
     }
     let loaded = super::load_config(config)?.config;
     oxbox::model::set_compute_threads(args.threads.unwrap_or(loaded.model.threads));
+    // The device is chosen only where it is used (--model, --train).
+    let device_name = args.device.as_deref().unwrap_or(&loaded.model.device);
+    let device = || -> anyhow::Result<Device> {
+        let spec = oxbox::config::parse_device(device_name)
+            .with_context(|| format!("device {device_name:?}: use \"cpu\" or \"cuda:N\""))?;
+        Ok(oxbox::model::select_device(spec)?)
+    };
     if let Some(backbone) = args.train {
-        return train_throughput(backbone, &args);
+        return train_throughput(backbone, &args, &device()?, device_name);
     }
     if let Some(backbone) = args.layers {
         let batch = single_batch(&args, 1, "--layers")?;
@@ -188,7 +201,8 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
         "decode_plus_preprocess": stats(total_ms),
     });
     if let Some(dir) = &args.model {
-        let model = Model::load(ModelPackage::load(dir)?, &Device::Cpu)?;
+        let model = Model::load(ModelPackage::load(dir)?, &device()?)?;
+        report["device"] = device_name.into();
         let size = model.package().manifest.input_size;
         let image = dicom::preprocess_file(&dicom_path, size, &limits).with_context(what)?;
         let features = Vec::new();
@@ -245,15 +259,21 @@ fn single_batch(args: &Args, default: usize, mode: &str) -> anyhow::Result<usize
     }
 }
 
-/// `oxbox bench --train BACKBONE`: training cases per second.
-fn train_throughput(backbone: oxbox::model::Backbone, args: &Args) -> anyhow::Result<()> {
+/// `oxbox bench --train BACKBONE`: training cases per second on `device`.
+fn train_throughput(
+    backbone: oxbox::model::Backbone,
+    args: &Args,
+    device: &Device,
+    device_name: &str,
+) -> anyhow::Result<()> {
     let batch = single_batch(args, 16, "--train")?;
     let cases_per_second =
-        oxbox::train::measure_throughput(backbone, args.size, batch, args.steps as usize)?;
+        oxbox::train::measure_throughput(backbone, args.size, batch, args.steps as usize, device)?;
     println!(
         "{}",
         serde_json::to_string_pretty(&serde_json::json!({
             "train": backbone,
+            "device": device_name,
             "input_size": args.size,
             "batch": batch,
             "steps": args.steps,

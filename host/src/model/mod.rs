@@ -839,4 +839,167 @@ mod tests {
         };
         assert!(bad.package(&copy).is_err());
     }
+
+    /// The first CUDA device, on a `cuda` build: a build with the feature
+    /// is meant for a machine with a GPU, so its absence fails the tests that
+    /// need it (loudly) instead of passing them unrun. `scripts/gpu-check.sh`
+    /// runs them and skips, saying so, on a machine without an NVIDIA GPU.
+    #[cfg(feature = "cuda")]
+    fn cuda() -> Device {
+        match select_device(DeviceSpec::Cuda(0)) {
+            Ok(device) => device,
+            Err(e) => panic!("no usable CUDA device for the GPU tests: {e}"),
+        }
+    }
+
+    /// Largest |a - b| over two tensors of the same shape, and the scale
+    /// (largest |a|, at least 1) it is compared with.
+    #[cfg(feature = "cuda")]
+    fn difference(a: &Tensor, b: &Tensor) -> (f32, f32) {
+        let max = |t: Tensor| {
+            t.abs()
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.max(0))
+                .and_then(|t| t.to_scalar::<f32>())
+                .expect("max")
+        };
+        let b = b.to_device(a.device()).expect("to device");
+        (max((a - &b).expect("sub")), max(a.clone()).max(1.0))
+    }
+
+    /// Inference on the GPU gives the CPU's predictions within 1e-4: the
+    /// demo model (the box's default) and ResNet-18 at 224² (the image
+    /// model), at batch 1, 8 and 32.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_predictions_equal_the_cpu_predictions() {
+        let gpu = cuda();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let packages = [
+            demo::materialize(dir.path()).expect("demo"),
+            init_package(
+                &dir.path().join("resnet18"),
+                "gpu",
+                arch(Backbone::Resnet18, false),
+                224,
+                7,
+            )
+            .expect("init"),
+        ];
+        for package in packages {
+            let size = package.manifest.input_size as usize;
+            let cpu_model = Model::load(package.clone(), &Device::Cpu).expect("cpu");
+            let gpu_model = Model::load(package, &gpu).expect("gpu");
+            for batch in [1, 8, 32] {
+                let cases: Vec<ModelInput> = (0..batch)
+                    .map(|i| ModelInput {
+                        image: Some(
+                            (0..size * size)
+                                .map(|p| {
+                                    let (y, x) = ((p / size) as f32, (p % size) as f32);
+                                    ((x * 0.05 + i as f32).sin() * 0.3 + y / size as f32)
+                                        .clamp(0.0, 1.0)
+                                })
+                                .collect(),
+                        ),
+                        features: vec![
+                            ("spo2_pct".to_owned(), Some(80.0 + i as f64)),
+                            ("resp_rate_bpm".to_owned(), Some(14.0 + i as f64)),
+                        ],
+                    })
+                    .collect();
+                let want = cpu_model.predict_batch(&cases).expect("cpu predict");
+                let got = gpu_model.predict_batch(&cases).expect("gpu predict");
+                assert_eq!(want.len(), got.len());
+                for (w, g) in want.iter().zip(&got) {
+                    for (a, b) in [(w.h24, g.h24), (w.h72, g.h72)] {
+                        for (x, y) in [
+                            (a.p_o2_any, b.p_o2_any),
+                            (a.p_o2_high_flow_or_niv, b.p_o2_high_flow_or_niv),
+                            (a.p_ventilation_or_death, b.p_ventilation_or_death),
+                            (a.exam_score, b.exam_score),
+                        ] {
+                            assert!(
+                                (x - y).abs() <= 1e-4,
+                                "batch {batch}: CPU {a:?} vs GPU {b:?}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Training on the GPU computes what the CPU computes: the same weights
+    /// give the same training-mode logits (batch statistics) and the same
+    /// gradient for every variable, within 1e-4 of their scale.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_training_gradients_equal_the_cpu_gradients() {
+        let gpu = cuda();
+        let architecture = arch(Backbone::Resnet18, false);
+        let features = 21;
+        let cpu_vars = candle_nn::VarMap::new();
+        let cpu_net = ExamNet::new(
+            &architecture,
+            features,
+            VarBuilder::from_varmap(&cpu_vars, DType::F32, &Device::Cpu),
+        )
+        .expect("cpu net");
+        let gpu_vars = candle_nn::VarMap::new();
+        let gpu_net = ExamNet::new(
+            &architecture,
+            features,
+            VarBuilder::from_varmap(&gpu_vars, DType::F32, &gpu),
+        )
+        .expect("gpu net");
+        let cpu_data = cpu_vars.data().lock().expect("lock").clone();
+        for (name, var) in gpu_vars.data().lock().expect("lock").iter() {
+            let source = cpu_data.get(name).expect("same variables");
+            var.set(&source.as_tensor().to_device(&gpu).expect("copy"))
+                .expect("set");
+        }
+        let (batch, size) = (4, 64);
+        let image = Tensor::randn(0.5f32, 0.2, (batch, 1, size, size), &Device::Cpu).expect("x");
+        let values = Tensor::randn(0f32, 1.0, (batch, features), &Device::Cpu).expect("values");
+        let missing = Tensor::zeros((batch, features), DType::F32, &Device::Cpu).expect("missing");
+        let run = |net: &ExamNet, device: &Device| {
+            let on = |t: &Tensor| t.to_device(device).expect("to device");
+            let logits = net
+                .forward(Some(&on(&image)), &on(&values), &on(&missing), true)
+                .expect("forward");
+            // A loss that weighs every output differently.
+            let weights = Tensor::arange(1f32, 1.0 + logits.elem_count() as f32, device)
+                .and_then(|w| w.reshape(logits.shape()))
+                .expect("weights");
+            let loss = (&logits * &weights)
+                .and_then(|l| l.sum_all())
+                .expect("loss");
+            (logits, loss.backward().expect("backward"))
+        };
+        let (cpu_logits, cpu_grads) = run(&cpu_net, &Device::Cpu);
+        let (gpu_logits, gpu_grads) = run(&gpu_net, &gpu);
+        let (diff, scale) = difference(&cpu_logits, &gpu_logits);
+        assert!(
+            diff / scale <= 1e-4,
+            "logits differ by {diff} (scale {scale})"
+        );
+        let gpu_data = gpu_vars.data().lock().expect("lock").clone();
+        let mut compared = 0;
+        for (name, var) in &cpu_data {
+            let Some(want) = cpu_grads.get(var.as_tensor()) else {
+                continue;
+            };
+            let got = gpu_grads
+                .get(gpu_data[name].as_tensor())
+                .unwrap_or_else(|| panic!("{name}: a gradient on the CPU, none on the GPU"));
+            let (diff, scale) = difference(want, got);
+            assert!(
+                diff / scale <= 1e-4,
+                "{name}: gradients differ by {diff} (scale {scale})"
+            );
+            compared += 1;
+        }
+        assert!(compared > 50, "only {compared} gradients compared");
+    }
 }

@@ -804,7 +804,7 @@ pub(crate) fn reuse_freed_memory() {
 /// Training speed without data preparation: `steps` optimizer steps
 /// (after one warm-up step) on batches of `batch` synthetic cases —
 /// augmentation, forward, backward, AdamW — on a freshly initialised
-/// network; cases per second.
+/// network on `device`; cases per second.
 ///
 /// # Errors
 /// On tensor errors.
@@ -813,6 +813,7 @@ pub fn measure_throughput(
     input_size: u32,
     batch_size: usize,
     steps: usize,
+    device: &Device,
 ) -> Result<f64, TrainError> {
     reuse_freed_memory();
     let manifest = default_manifest("throughput", architecture(backbone), input_size);
@@ -820,7 +821,7 @@ pub fn measure_throughput(
     let net = ExamNet::new(
         &manifest.architecture,
         manifest.emr.len(),
-        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        VarBuilder::from_varmap(&varmap, DType::F32, device),
     )?;
     let mut optimizer = AdamW::new(trainable(&varmap)?, AdamWConfig::default(), decays)?;
     let size = input_size as usize;
@@ -848,11 +849,13 @@ pub fn measure_throughput(
             &manifest,
             &weights,
             Some((&augmentation, 1, step)),
-            &Device::Cpu,
+            device,
         )?;
         let logits = net.forward(b.image.as_ref(), &b.values, &b.missing, true)?;
         let loss = objective::ordinal_loss(&logits, &b.targets, &b.weights)?;
         optimizer.step(&loss.backward()?)?;
     }
+    // A GPU runs the steps asynchronously: the time is taken once they ran.
+    device.synchronize()?;
     Ok((steps * batch_size) as f64 / started.elapsed().as_secs_f64())
 }
