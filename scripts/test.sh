@@ -83,6 +83,12 @@ set +e
 } 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+# Fuzz smoke run (each target 20 s; the instrumented build lives in
+# target/fuzz, so a warm CI run rebuilds only oxbox) and a 1-minute soak.
+step "fuzz smoke (scripts/fuzz.sh 20)"
+bash scripts/fuzz.sh 20 || status=1
+step "soak, 1 minute (scripts/soak.sh 1)"
+bash scripts/soak.sh 1 || status=1
 step "done"
 sum() { grep -E '^test result:' "$log" | grep -oE "[0-9]+ $1" | awk '{s += $1} END {print s + 0}'; }
 echo "all tests: $(sum passed) passed, $(sum failed) failed"
