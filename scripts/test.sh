@@ -67,7 +67,7 @@ fi
 tail -n 1 "$corpus_log" >&2
 
 step "format and lints"
-for manifest in Cargo.toml plugins/Cargo.toml tests/guests/Cargo.toml; do
+for manifest in Cargo.toml plugins/Cargo.toml tests/guests/Cargo.toml host/fuzz/Cargo.toml; do
   cargo fmt --manifest-path "$manifest" --all -- --check
 done
 cargo clippy --release --locked --manifest-path plugins/Cargo.toml --target wasm32-wasip2 -- -D warnings

@@ -165,8 +165,7 @@ fn an_oversized_body_is_refused_before_it_is_read() {
         "payload-too-large",
     );
     assert!(
-        reply
-            .json()["detail"]
+        reply.json()["detail"]
             .as_str()
             .is_some_and(|d| d.contains("max_body_mib")),
         "{}",
@@ -260,8 +259,7 @@ fn request_heads_trickled_byte_by_byte_are_cut_off_by_the_header_timeout() {
                     std::thread::sleep(Duration::from_millis(100));
                 }
                 // Closed: the reads see EOF (or a 408 and then EOF).
-                closed_within(&mut stream, Duration::from_secs(1))
-                    .map(|_| started.elapsed())
+                closed_within(&mut stream, Duration::from_secs(1)).map(|_| started.elapsed())
             })
         })
         .collect();
@@ -278,7 +276,9 @@ fn request_heads_trickled_byte_by_byte_are_cut_off_by_the_header_timeout() {
         .map(|t| t.join().expect("trickle"))
         .collect();
     stop.store(true, Ordering::SeqCst);
-    println!("trickled heads closed after {closed:?}; idle keep-alive closed after {idle_closed:?}");
+    println!(
+        "trickled heads closed after {closed:?}; idle keep-alive closed after {idle_closed:?}"
+    );
     for c in &closed {
         let c = c.expect("a trickled head was never cut off");
         // The timeout is 1 s; the whole head would have taken 20 s.
@@ -394,8 +394,8 @@ struct Hostile {
 /// Sends a request whose Content-Type may be any bytes.
 fn raw_request(addr: SocketAddr, content_type: &[u8], body: &[u8]) -> Reply {
     let mut stream = connect(addr);
-    let mut head = b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: "
-        .to_vec();
+    let mut head =
+        b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: ".to_vec();
     head.extend_from_slice(content_type);
     head.extend_from_slice(format!("\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes());
     stream.write_all(&head).expect("head");

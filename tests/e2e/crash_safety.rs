@@ -50,7 +50,11 @@ impl Clients {
         let stop = Arc::new(AtomicBool::new(false));
         let threads = (0..n)
             .map(|_| {
-                let (stop, body, auth) = (Arc::clone(&stop), Arc::clone(&body), auth.map(str::to_owned));
+                let (stop, body, auth) = (
+                    Arc::clone(&stop),
+                    Arc::clone(&body),
+                    auth.map(str::to_owned),
+                );
                 std::thread::spawn(move || {
                     let mut answered = Vec::new();
                     let mut failed = Vec::new();
@@ -94,7 +98,9 @@ fn try_predict(
 ) -> Option<(u16, String)> {
     use std::io::{BufRead, BufReader, Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .ok()?;
     let mut head = format!(
         "POST /v1/predict HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: {}\r\nContent-Length: {}\r\n",
         multipart_type(),
@@ -162,7 +168,10 @@ fn a_kill_with_predictions_in_flight_loses_no_answered_audit_record() {
     kill_9(&mut server);
     let (answered, failed) = clients.finish();
     let audited = audited_request_ids(&setup.data_dir());
-    let lost: Vec<&String> = answered.iter().filter(|id| !audited.contains(*id)).collect();
+    let lost: Vec<&String> = answered
+        .iter()
+        .filter(|id| !audited.contains(*id))
+        .collect();
     println!(
         "killed with 12 clients in flight: {} predictions answered 200, {} audit records, {} answered but not audited, other statuses {failed:?}",
         answered.len(),
@@ -171,7 +180,10 @@ fn a_kill_with_predictions_in_flight_loses_no_answered_audit_record() {
     );
     assert!(failed.is_empty(), "{failed:?}");
     assert!(answered.len() >= 60);
-    assert!(lost.is_empty(), "answered 200 without an audit record: {lost:?}");
+    assert!(
+        lost.is_empty(),
+        "answered 200 without an audit record: {lost:?}"
+    );
 
     // The restarted server opens the same database and goes on.
     let server = ServerProcess::start(&setup.config);
@@ -179,7 +191,10 @@ fn a_kill_with_predictions_in_flight_loses_no_answered_audit_record() {
     assert_eq!(status, 200, "{id}");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !audited_request_ids(&setup.data_dir()).contains(&id) {
-        assert!(Instant::now() < deadline, "the new prediction was not audited");
+        assert!(
+            Instant::now() < deadline,
+            "the new prediction was not audited"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -225,7 +240,12 @@ fn assert_consistent_model(server: &ServerProcess, auth: &str, served: &Path, kn
         &[("Content-Type", &multipart_type()), ("Authorization", auth)],
         &body,
     );
-    assert_eq!(reply.status, 200, "{}", String::from_utf8_lossy(&reply.body));
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
     assert_eq!(reply.json()["model"]["digest"], digest.as_str());
 }
 
@@ -257,7 +277,13 @@ fn a_kill_during_model_swaps_leaves_one_whole_model_served() {
             std::thread::spawn(move || {
                 // Broken by the kill, or answered: either is fine.
                 let _ = std::panic::catch_unwind(|| {
-                    request(addr, "POST", "/v1/admin/model/reload", &[("Authorization", &auth)], b"")
+                    request(
+                        addr,
+                        "POST",
+                        "/v1/admin/model/reload",
+                        &[("Authorization", &auth)],
+                        b"",
+                    )
                 });
             })
         };
@@ -309,7 +335,13 @@ fn a_kill_during_plugin_reloads_leaves_the_plugins_loadable() {
                 let mut reloads = 0u32;
                 while !stop.load(Ordering::SeqCst) {
                     let reply = std::panic::catch_unwind(|| {
-                        request(addr, "POST", "/v1/admin/plugins/reload", &[("Authorization", &auth)], b"")
+                        request(
+                            addr,
+                            "POST",
+                            "/v1/admin/plugins/reload",
+                            &[("Authorization", &auth)],
+                            b"",
+                        )
                     });
                     match reply {
                         Ok(r) if r.status == 200 => reloads += 1,
@@ -338,7 +370,13 @@ fn a_kill_during_plugin_reloads_leaves_the_plugins_loadable() {
             request(server.addr, "GET", "/v1/ready", &[], b"").status,
             200
         );
-        let plugins = request(server.addr, "GET", "/v1/plugins", &[("Authorization", &auth)], b"");
+        let plugins = request(
+            server.addr,
+            "GET",
+            "/v1/plugins",
+            &[("Authorization", &auth)],
+            b"",
+        );
         assert_eq!(plugins.status, 200);
         assert_eq!(plugins.json()["plugins"][0]["name"], "example-site");
         let (status, body) = try_predict(server.addr, Some(&auth), &predict_body()).expect("reply");
@@ -347,7 +385,11 @@ fn a_kill_during_plugin_reloads_leaves_the_plugins_loadable() {
             .expect("audit database")
             .admin_tail(100_000)
             .expect("admin events");
-        assert!(events.iter().all(|e| e.action == "plugins.reload" && !e.outcome.is_empty()));
+        assert!(
+            events
+                .iter()
+                .all(|e| e.action == "plugins.reload" && !e.outcome.is_empty())
+        );
         println!(
             "round {round}: killed after {reloads} plugin reloads; restarted ready, {} admin events on record",
             events.len()

@@ -56,10 +56,12 @@ fn round_trip(bytes: &[u8]) {
     let mut back: Tensors = Tensors::new();
     for shard in &encoded {
         for chunk in shards::decode(&shard.bytes, shard.index).expect("an encoded shard decodes") {
-            let tensor = back.entry(chunk.tensor.clone()).or_insert_with(|| Tensor32 {
-                shape: update[&chunk.tensor].shape.clone(),
-                values: vec![0.0; update[&chunk.tensor].values.len()],
-            });
+            let tensor = back
+                .entry(chunk.tensor.clone())
+                .or_insert_with(|| Tensor32 {
+                    shape: update[&chunk.tensor].shape.clone(),
+                    values: vec![0.0; update[&chunk.tensor].values.len()],
+                });
             match chunk.values {
                 ChunkValues::Dense(v) => {
                     tensor.values[chunk.offset..chunk.offset + v.len()].copy_from_slice(&v)

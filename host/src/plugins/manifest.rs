@@ -154,28 +154,28 @@ impl Manifest {
         if bytes.len() as u64 > MAX_MANIFEST_BYTES {
             return Err(format!("over {MAX_MANIFEST_BYTES} bytes"));
         }
-    let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8".to_owned())?;
-    let manifest: Self = toml::from_str(text).map_err(|e| e.message().to_owned())?;
-    if manifest.name.is_empty()
-        || manifest.name.len() > 64
-        || !manifest
-            .name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
-        return Err(format!(
-            "name {:?}: use 1 to 64 letters, digits, '-' or '_'",
-            manifest.name
-        ));
-    }
-    if manifest.component.is_absolute()
-        || manifest
-            .component
-            .components()
-            .any(|c| matches!(c, std::path::Component::ParentDir))
-    {
-        return Err("component must be a file beside the manifest".to_owned());
-    }
+        let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8".to_owned())?;
+        let manifest: Self = toml::from_str(text).map_err(|e| e.message().to_owned())?;
+        if manifest.name.is_empty()
+            || manifest.name.len() > 64
+            || !manifest
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(format!(
+                "name {:?}: use 1 to 64 letters, digits, '-' or '_'",
+                manifest.name
+            ));
+        }
+        if manifest.component.is_absolute()
+            || manifest
+                .component
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err("component must be a file beside the manifest".to_owned());
+        }
         Ok(manifest)
     }
 }

@@ -755,8 +755,9 @@ async fn read_case(
 fn split_case(body: CaseBody) -> Result<(Option<Bytes>, serde_json::Value), Box<Problem>> {
     let (dicom, emr) = match body {
         CaseBody::Multipart { dicom, emr } => {
-            let emr: serde_json::Value = serde_json::from_slice(&emr)
-                .map_err(|e| Box::new(Problem::malformed(format!("the emr part is not JSON: {e}"))))?;
+            let emr: serde_json::Value = serde_json::from_slice(&emr).map_err(|e| {
+                Box::new(Problem::malformed(format!("the emr part is not JSON: {e}")))
+            })?;
             (dicom, emr)
         }
         CaseBody::Json(mut value) => {
@@ -771,7 +772,9 @@ fn split_case(body: CaseBody) -> Result<(Option<Bytes>, serde_json::Value), Box<
                 ))));
             }
             let Some(emr) = object.remove("emr") else {
-                return Err(Box::new(Problem::malformed("the JSON body has no \"emr\" object")));
+                return Err(Box::new(Problem::malformed(
+                    "the JSON body has no \"emr\" object",
+                )));
             };
             (None, emr)
         }
