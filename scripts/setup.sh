@@ -59,3 +59,8 @@ if [ "${1:-}" = "--tests" ] && ! target/py-openapi/bin/python -c 'import openapi
   python3 -m venv target/py-openapi
   target/py-openapi/bin/pip install -q 'openapi-spec-validator>=0.9,<0.10'
 fi
+# The fuzz smoke run (scripts/fuzz.sh) builds with cargo-fuzz (libFuzzer).
+if [ "${1:-}" = "--tests" ] && ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "setup: installing cargo-fuzz" >&2
+  cargo install cargo-fuzz --version 0.13.2 --locked
+fi

@@ -67,7 +67,7 @@ fi
 tail -n 1 "$corpus_log" >&2
 
 step "format and lints"
-for manifest in Cargo.toml plugins/Cargo.toml tests/guests/Cargo.toml; do
+for manifest in Cargo.toml plugins/Cargo.toml tests/guests/Cargo.toml host/fuzz/Cargo.toml; do
   cargo fmt --manifest-path "$manifest" --all -- --check
 done
 cargo clippy --release --locked --manifest-path plugins/Cargo.toml --target wasm32-wasip2 -- -D warnings
@@ -83,6 +83,12 @@ set +e
 } 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+# Fuzz smoke run (each target 20 s; the instrumented build lives in
+# target/fuzz, so a warm CI run rebuilds only oxbox) and a 1-minute soak.
+step "fuzz smoke (scripts/fuzz.sh 20)"
+bash scripts/fuzz.sh 20 || { echo "test.sh: fuzz smoke FAILED" >&2; status=1; }
+step "soak, 1 minute (scripts/soak.sh 1)"
+bash scripts/soak.sh 1 || { echo "test.sh: soak FAILED" >&2; status=1; }
 # The edge box's deployment checks (firmware-notes/README.md): the systemd
 # units, the aarch64 binary under qemu against the x86 one, the CUDA build
 # (compiled, not linked). Each is a script a person can run alone; their

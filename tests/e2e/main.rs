@@ -5,12 +5,14 @@
 //! implementation's output for each) is built by `tests/corpus/build.sh`,
 //! which the README's test command runs first.
 
+mod abuse;
 mod aggregator;
 mod agreement;
 mod bad_input;
 mod batching;
 mod bombs;
 mod cli;
+mod crash_safety;
 mod evaluate;
 mod federate;
 mod hostile_plugins;

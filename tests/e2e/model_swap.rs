@@ -25,7 +25,7 @@ const AGGREGATOR: &str = "5f1c0b7a2d9e4c3b8a6f7e1d2c3b4a5968778695a4b3c2d1e0f1a2
 
 /// A tiny model package (seed `seed`), optionally with a `[federation]`
 /// table as the aggregator writes it, as bytes.
-fn package(dir: &Path, seed: u64, round: Option<u64>) -> PackageBytes {
+pub(crate) fn package(dir: &Path, seed: u64, round: Option<u64>) -> PackageBytes {
     let out = dir.join(format!("package-{seed}"));
     init_model(&out, &["--backbone", "tiny", "--seed", &seed.to_string()]);
     let mut bytes = PackageBytes::read(&out).expect("read package");
@@ -42,7 +42,7 @@ fn package(dir: &Path, seed: u64, round: Option<u64>) -> PackageBytes {
 /// A server whose `[model] package` is a promotion layout holding
 /// `first`, with a token; returns the layout's folder and the
 /// `Authorization` value.
-fn served_setup(first: &PackageBytes) -> (Setup, PathBuf, String) {
+pub(crate) fn served_setup(first: &PackageBytes) -> (Setup, PathBuf, String) {
     let setup = Setup::new("listen = \"127.0.0.1:0\"\nreload_min_interval_s = 30");
     let served = setup.dir.path().join("served");
     oxbox::model::promote(first, &served).expect("promote the first model");

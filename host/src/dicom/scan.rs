@@ -457,6 +457,37 @@ fn is_multi_valued_string(vr: VR) -> bool {
     )
 }
 
+/// The size of one value of the VRs dicom-rs reads as binary numbers (or
+/// tags); `None` for every other VR.
+fn binary_value_size(vr: VR) -> Option<u32> {
+    match vr {
+        VR::US | VR::SS | VR::OW => Some(2),
+        VR::UL | VR::SL | VR::FL | VR::AT | VR::OF | VR::OL => Some(4),
+        VR::FD | VR::OD | VR::SV | VR::UV | VR::OV => Some(8),
+        _ => None,
+    }
+}
+
+/// Refuses a binary value whose length is not a whole number of values.
+/// dicom-rs reads the whole values and counts the declared length, so the
+/// next element's header would be read from inside this value: the
+/// structural walk and the parse would frame the input differently, and
+/// a length the walk never saw could reach the parser (found by the
+/// `dicom_ingest` fuzz target: a 2.5 KB data set with a 6-byte group
+/// length, UL, made dicom-rs read a header declaring 4 GiB and fill it).
+fn whole_values(header: &Header, at: At) -> Result<()> {
+    match binary_value_size(header.vr) {
+        Some(size) if !header.len.is_multiple_of(size) => Err(DicomError::Malformed {
+            at: at.to_string(),
+            reason: format!(
+                "{} bytes of {:?} values, not a multiple of {size}",
+                header.len, header.vr
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Value representations whose explicit-VR length field is 16 bits (PS3.5
 /// 7.1.2); every other VR, and any unknown code (read as UN), has 2
 /// reserved bytes and a 32-bit length.
@@ -779,6 +810,7 @@ fn walk<R: Read>(source: &mut Source<'_, R>, encoding: Encoding) -> Result<()> {
                         });
                     }
                     None => {
+                        whole_values(&header, at)?;
                         source.fits(header.len, at, bound)?;
                         source.skip(header.len, at, is_multi_valued_string(header.vr))?;
                     }
@@ -824,6 +856,35 @@ mod tests {
 
     fn scan(bytes: &[u8], uid: &str) -> Result<()> {
         scan_data_set(bytes, bytes.len() as u64, uid, "test").map(|_| ())
+    }
+
+    #[test]
+    fn a_binary_value_of_a_partial_value_length_is_refused() {
+        // Implicit VR: a group length (UL) of 6 bytes. dicom-rs would read
+        // 4 and take the next header from the last 2 plus what follows.
+        let implicit = |len: u32| {
+            let mut d = Vec::new();
+            d.extend_from_slice(&[0x08, 0, 0, 0]);
+            d.extend_from_slice(&len.to_le_bytes());
+            d.extend(std::iter::repeat_n(b'1', len as usize));
+            d.extend_from_slice(&[0x08, 0, 0x16, 0]);
+            d.extend_from_slice(&4u32.to_le_bytes());
+            d.extend_from_slice(b"1.2\0");
+            d
+        };
+        assert!(scan(&implicit(4), IMPLICIT_LE).is_ok());
+        let refused = scan(&implicit(6), IMPLICIT_LE);
+        assert!(
+            matches!(&refused, Err(DicomError::Malformed { reason, .. }) if reason.contains("not a multiple of 4")),
+            "{refused:?}"
+        );
+        // Explicit VR: Rows (US) of 3 bytes.
+        let mut d = Vec::new();
+        element(&mut d, (0x0028, 0x0010), b"US", &[1, 0, 0]);
+        assert!(matches!(
+            scan(&d, EXPLICIT_LE),
+            Err(DicomError::Malformed { .. })
+        ));
     }
 
     #[test]

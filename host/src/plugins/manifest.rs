@@ -141,6 +141,45 @@ impl SignatureStatus {
     }
 }
 
+impl Manifest {
+    /// Parses and checks a manifest's bytes (at most the manifest size
+    /// limit): UTF-8 TOML with exactly the known keys, a name of 1 to 64
+    /// letters, digits, '-' or '_', and a component path beside the
+    /// manifest. What [`PluginFiles::load`] runs on `plugin.toml`; the fuzz
+    /// target `plugin_manifest` (`host/fuzz/`) drives it.
+    ///
+    /// # Errors
+    /// Why the bytes are not a manifest.
+    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
+        if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+            return Err(format!("over {MAX_MANIFEST_BYTES} bytes"));
+        }
+        let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8".to_owned())?;
+        let manifest: Self = toml::from_str(text).map_err(|e| e.message().to_owned())?;
+        if manifest.name.is_empty()
+            || manifest.name.len() > 64
+            || !manifest
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(format!(
+                "name {:?}: use 1 to 64 letters, digits, '-' or '_'",
+                manifest.name
+            ));
+        }
+        if manifest.component.is_absolute()
+            || manifest
+                .component
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err("component must be a file beside the manifest".to_owned());
+        }
+        Ok(manifest)
+    }
+}
+
 /// The contents of a `plugin.toml.sig`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SignatureFile {
@@ -239,30 +278,7 @@ impl PluginFiles {
             reason,
         };
         let manifest_bytes = read_capped(manifest_path, MAX_MANIFEST_BYTES)?;
-        let text = std::str::from_utf8(&manifest_bytes).map_err(|_| bad("not UTF-8".to_owned()))?;
-        let manifest: Manifest = toml::from_str(text).map_err(|e| bad(e.message().to_owned()))?;
-        if manifest.name.is_empty()
-            || manifest.name.len() > 64
-            || !manifest
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
-            return Err(bad(format!(
-                "name {:?}: use 1 to 64 letters, digits, '-' or '_'",
-                manifest.name
-            )));
-        }
-        if manifest.component.is_absolute()
-            || manifest
-                .component
-                .components()
-                .any(|c| matches!(c, std::path::Component::ParentDir))
-        {
-            return Err(bad(
-                "component must be a file beside the manifest".to_owned()
-            ));
-        }
+        let manifest = Manifest::parse(&manifest_bytes).map_err(bad)?;
         let dir = manifest_path.parent().unwrap_or(Path::new("."));
         let component = read_capped(&dir.join(&manifest.component), MAX_COMPONENT_BYTES)?;
         let digest = sha256_hex(&component);

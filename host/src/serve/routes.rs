@@ -503,37 +503,12 @@ async fn predict_case(
     mut reservation: Reservation,
     permit: OwnedSemaphorePermit,
 ) -> Result<PredictionReport, Problem> {
-    let (dicom, emr) = match body {
-        CaseBody::Multipart { dicom, emr } => {
-            reservation
-                .grow((emr.len() as u64).saturating_mul(admission::JSON_EXPANSION))
-                .map_err(|e| admission_problem(state, e))?;
-            let emr: serde_json::Value = serde_json::from_slice(&emr)
-                .map_err(|e| Problem::malformed(format!("the emr part is not JSON: {e}")))?;
-            (dicom, emr)
-        }
-        CaseBody::Json(mut value) => {
-            let Some(object) = value.as_object_mut() else {
-                return Err(Problem::malformed(
-                    "the JSON body must be an object {\"emr\": {...}}",
-                ));
-            };
-            if let Some(key) = object.keys().find(|k| k.as_str() != "emr") {
-                return Err(Problem::malformed(format!(
-                    "unknown key {key:?} in the JSON body; it takes {{\"emr\": {{...}}}} (send a radiograph as multipart/form-data)"
-                )));
-            }
-            let Some(emr) = object.remove("emr") else {
-                return Err(Problem::malformed("the JSON body has no \"emr\" object"));
-            };
-            (None, emr)
-        }
-    };
-    if !emr.is_object() {
-        return Err(Problem::malformed(
-            "the EMR record must be a JSON object of the site's fields",
-        ));
+    if let CaseBody::Multipart { emr, .. } = &body {
+        reservation
+            .grow((emr.len() as u64).saturating_mul(admission::JSON_EXPANSION))
+            .map_err(|e| admission_problem(state, e))?;
     }
+    let (dicom, emr) = split_case(body).map_err(|p| *p)?;
 
     // Decode and plugins: CPU work, off the async threads. The file is
     // parsed and its header read here, so that the decode is admitted
@@ -739,27 +714,7 @@ async fn read_case(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
-    let mime: mime::Mime = content_type.parse().map_err(|_| {
-        Problem::unsupported_media_type(format!(
-            "Content-Type {content_type:?}: send multipart/form-data (dicom + emr parts) or application/json"
-        ))
-    })?;
-    let kind = match (mime.type_(), mime.subtype()) {
-        (mime::MULTIPART, mime::FORM_DATA) => {
-            let boundary = mime
-                .get_param(mime::BOUNDARY)
-                .map(|b| b.as_str().to_owned())
-                .ok_or_else(|| Problem::malformed("multipart/form-data without a boundary"))?;
-            Some(boundary)
-        }
-        (mime::APPLICATION, mime::JSON) => None,
-        _ => {
-            return Err(Problem::unsupported_media_type(format!(
-                "Content-Type {}: send multipart/form-data (dicom + emr parts) or application/json",
-                mime.essence_str()
-            )));
-        }
-    };
+    let kind = body_kind(&content_type).map_err(|p| *p)?;
     // Each chunk is reserved as it arrives; refused at admission, the rest
     // of the body is read and dropped, and the client gets the 503.
     let body = read_body(request, limits, |chunk| {
@@ -792,6 +747,104 @@ async fn read_case(
             parse_multipart(body, boundary).await
         }
     }
+}
+
+/// The radiograph (if any) and the EMR record of a parsed body: the `emr`
+/// part parsed as JSON, or the `emr` member of a JSON body (its only
+/// key); the record must be a JSON object.
+fn split_case(body: CaseBody) -> Result<(Option<Bytes>, serde_json::Value), Box<Problem>> {
+    let (dicom, emr) = match body {
+        CaseBody::Multipart { dicom, emr } => {
+            let emr: serde_json::Value = serde_json::from_slice(&emr).map_err(|e| {
+                Box::new(Problem::malformed(format!("the emr part is not JSON: {e}")))
+            })?;
+            (dicom, emr)
+        }
+        CaseBody::Json(mut value) => {
+            let Some(object) = value.as_object_mut() else {
+                return Err(Box::new(Problem::malformed(
+                    "the JSON body must be an object {\"emr\": {...}}",
+                )));
+            };
+            if let Some(key) = object.keys().find(|k| k.as_str() != "emr") {
+                return Err(Box::new(Problem::malformed(format!(
+                    "unknown key {key:?} in the JSON body; it takes {{\"emr\": {{...}}}} (send a radiograph as multipart/form-data)"
+                ))));
+            }
+            let Some(emr) = object.remove("emr") else {
+                return Err(Box::new(Problem::malformed(
+                    "the JSON body has no \"emr\" object",
+                )));
+            };
+            (None, emr)
+        }
+    };
+    if !emr.is_object() {
+        return Err(Box::new(Problem::malformed(
+            "the EMR record must be a JSON object of the site's fields",
+        )));
+    }
+    Ok((dicom, emr))
+}
+
+/// What a prediction's `Content-Type` says the body is: `Some(boundary)`
+/// for `multipart/form-data`, `None` for `application/json`; 415 for any
+/// other media type, 400 for multipart without a boundary.
+fn body_kind(content_type: &str) -> Result<Option<String>, Box<Problem>> {
+    let mime: mime::Mime = content_type.parse().map_err(|_| {
+        Box::new(Problem::unsupported_media_type(format!(
+            "Content-Type {content_type:?}: send multipart/form-data (dicom + emr parts) or application/json"
+        )))
+    })?;
+    match (mime.type_(), mime.subtype()) {
+        (mime::MULTIPART, mime::FORM_DATA) => mime
+            .get_param(mime::BOUNDARY)
+            .map(|b| Some(b.as_str().to_owned()))
+            .ok_or_else(|| Box::new(Problem::malformed("multipart/form-data without a boundary"))),
+        (mime::APPLICATION, mime::JSON) => Ok(None),
+        _ => Err(Box::new(Problem::unsupported_media_type(format!(
+            "Content-Type {}: send multipart/form-data (dicom + emr parts) or application/json",
+            mime.essence_str()
+        )))),
+    }
+}
+
+/// Parses a whole prediction request body as [`predict`] does once the body
+/// has arrived — the media type, the multipart parts or the JSON body, the
+/// EMR record — without the network, the limits or the memory budget: the
+/// radiograph's bytes (not parsed yet) and the EMR record. The fuzz target
+/// `predict_request` (`host/fuzz/`) drives the server's parser through it.
+///
+/// # Errors
+/// The [`Problem`] the server answers with (400 malformed, 415 media type).
+pub fn parse_predict_request(
+    content_type: &str,
+    body: &[u8],
+) -> Result<(Option<Bytes>, serde_json::Value), Box<Problem>> {
+    use futures_util::FutureExt;
+    let body = Body {
+        chunks: if body.is_empty() {
+            Vec::new()
+        } else {
+            vec![Bytes::copy_from_slice(body)]
+        },
+        len: body.len(),
+    };
+    let case = match body_kind(content_type)? {
+        None => serde_json::from_slice(&body.into_contiguous())
+            .map(CaseBody::Json)
+            .map_err(|e| Box::new(Problem::malformed(format!("the body is not JSON: {e}"))))?,
+        // The body is in memory: the parser never waits.
+        Some(boundary) => parse_multipart(body, boundary)
+            .now_or_never()
+            .ok_or_else(|| {
+                Box::new(Problem::internal(
+                    "the multipart parser waited on a body in memory",
+                ))
+            })?
+            .map_err(Box::new)?,
+    };
+    split_case(case)
 }
 
 async fn parse_multipart(body: Body, boundary: String) -> Result<CaseBody, Problem> {

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Builds the fuzz targets (host/fuzz/, cargo-fuzz + libFuzzer) and runs each
+# for SECONDS (default 30), seeded by scripts/fuzz-seeds.py from the test
+# corpus. Fails on any crash, timeout or out-of-memory (the input is left in
+# target/fuzz/artifacts/<target>/); prints the executions per target.
+#
+#   scripts/fuzz.sh [SECONDS] [TARGET...]     build, then run (all targets)
+#   scripts/fuzz.sh --build                   build only
+#   scripts/fuzz.sh --no-build SECONDS [...]  run what was built
+#
+# Toolchain: the pinned stable one. cargo-fuzz's default AddressSanitizer
+# needs nightly's -Zsanitizer, so the targets are built with `-s none`:
+# libFuzzer's coverage instrumentation (sanitizer-coverage through stable
+# -C passes/-C llvm-args) without ASan — Rust's own checks find the
+# bugs ASan would in safe code, and a C codec's overflow shows as a crash
+# only when it faults. RUSTC_BOOTSTRAP is not needed.
+#
+# Build cost: a second build of oxbox's whole dependency tree, instrumented,
+# in target/fuzz (under the shared target directory in CI, so it persists
+# between runs). Crash reproduction:
+#   target/fuzz/x86_64-unknown-linux-gnu/release/<target> <artifact>
+set -euo pipefail
+cd "$(dirname "$0")/.."
+targets_all=(dicom_ingest predict_request plugin_manifest federation_documents federation_shards)
+build=1 run=1
+case "${1:-}" in
+  --build) run=0; shift ;;
+  --no-build) build=0; shift ;;
+esac
+seconds=${1:-30}
+shift || true
+targets=("$@")
+[ ${#targets[@]} -gt 0 ] || targets=("${targets_all[@]}")
+dir=$PWD/target/fuzz
+bin=$dir/x86_64-unknown-linux-gnu/release
+
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "fuzz.sh: cargo-fuzz missing: cargo install cargo-fuzz --locked (scripts/setup.sh --tests does)" >&2
+  exit 1
+fi
+if [ "$build" = 1 ]; then
+  started=$SECONDS
+  # The host's clippy wrapper is for the oxbox workspace; the fuzz crate is
+  # its own workspace.
+  set +e
+  env -u RUSTC_WORKSPACE_WRAPPER -u CLIPPY_ARGS \
+    cargo fuzz build --fuzz-dir host/fuzz -s none --target-dir "$dir" 2>&1 |
+    grep -vE '^\s+(Compiling|Fresh|Checking)' >&2
+  built=${PIPESTATUS[0]}
+  set -e
+  if [ "$built" != 0 ]; then
+    echo "fuzz.sh: the fuzz build failed" >&2
+    exit 1
+  fi
+  echo "fuzz.sh: built in $((SECONDS - started)) s" >&2
+fi
+[ "$run" = 1 ] || exit 0
+
+python3 scripts/fuzz-seeds.py "$dir/seeds"
+status=0
+printf '%-22s %8s %12s %10s %8s %s\n' target seconds executions "exec/s" corpus result
+for t in "${targets[@]}"; do
+  corpus=$dir/corpus/$t artifacts=$dir/artifacts/$t/ log=$dir/logs/$t.log
+  mkdir -p "$corpus" "$artifacts" "$(dirname "$log")"
+  # -rss_limit_mb: an input that makes a target hold 2 GiB is a failure;
+  # -timeout: one input over 10 s is a hang.
+  set +e
+  "$bin/$t" "$corpus" "$dir/seeds/$t" -max_total_time="$seconds" -rss_limit_mb=2048 \
+    -timeout=10 -max_len=65536 -print_final_stats=1 -artifact_prefix="$artifacts" >"$log" 2>&1
+  rc=$?
+  set -e
+  execs=$(grep -oE 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$' || echo 0)
+  rate=$(grep -oE 'stat::average_exec_per_sec: *[0-9]+' "$log" | grep -oE '[0-9]+$' || echo 0)
+  files=$(find "$corpus" -type f | wc -l)
+  if [ "$rc" = 0 ]; then result=ok; else result="FAILED (exit $rc, log $log)"; status=1; fi
+  printf '%-22s %8s %12s %10s %8s %s\n' "$t" "$seconds" "${execs:-0}" "${rate:-0}" "$files" "$result"
+  if [ "$rc" != 0 ]; then
+    grep -E 'panicked|ERROR|SUMMARY|Test unit written' "$log" | head -n 20 >&2 || true
+  fi
+done
+exit "$status"
