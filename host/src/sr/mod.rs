@@ -356,7 +356,6 @@ pub fn build_from(
                 VR::LO,
                 &[model.version.as_str(), model.digest.as_str()],
             ),
-            str_elem(tags::DEVICE_UID, VR::UI, &device_uid),
             str_elem(
                 tags::CONTRIBUTION_DESCRIPTION,
                 VR::ST,
