@@ -74,12 +74,14 @@ fn tool(name: &str, args: &[&std::ffi::OsStr]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// One attribute's value as dcmdump prints it (`+P KEYWORD`, `-s`).
+/// One attribute's value as dcmdump prints it (its first occurrence, UIDs
+/// as numbers).
 fn dump_value(file: &Path, keyword: &str) -> String {
     let (ok, text) = tool(
         "dcmdump",
         &[
             "-q".as_ref(),
+            "-Un".as_ref(),
             "+P".as_ref(),
             keyword.as_ref(),
             file.as_os_str(),
