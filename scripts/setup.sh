@@ -3,9 +3,10 @@
 # a C/C++ toolchain, cmake and nasm (libjpeg-turbo, CharLS and OpenJPEG are
 # built from the sources vendored in their -sys crates; nothing is downloaded
 # at build time). With --tests, also what the test suite needs: dcmtk and
-# GDCM (re-encoders), GNU time (peak RSS of the binary under test), openssl
-# (the aggregator's TLS test certificate), systemd-analyze, the aarch64
-# cross toolchain and qemu-user (scripts/systemd-check.sh, aarch64-check.sh), the
+# GDCM (re-encoders), dicom3tools (dciodvfy), GNU time (peak RSS of the
+# binary under test), openssl (the aggregator's TLS test certificate),
+# systemd-analyze, the aarch64 cross toolchain and qemu-user
+# (scripts/systemd-check.sh, aarch64-check.sh), the
 # reference venv (shared/reference), scikit-learn (target/py-eval) and
 # openapi-spec-validator (target/py-openapi).
 #   scripts/setup.sh [--tests]
@@ -18,6 +19,9 @@ command -v make >/dev/null || need+=(make)
 if [ "${1:-}" = "--tests" ]; then
   command -v dcmconv >/dev/null || need+=(dcmtk)
   command -v gdcmconv >/dev/null || need+=(libgdcm-tools)
+  # The result SR is validated with dicom3tools' dciodvfy (tests/e2e/sr.rs);
+  # dcmtk's dcmdump, dsrdump and storescp check and receive it.
+  command -v dciodvfy >/dev/null || need+=(dicom3tools)
   [ -x /usr/bin/time ] || need+=(time)
   # The aggregator's TLS test makes a self-signed certificate with it.
   command -v openssl >/dev/null || need+=(openssl)

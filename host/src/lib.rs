@@ -14,6 +14,8 @@
 //! | [`plugins`]   | site plugins: sandboxed WebAssembly components (wasmtime)      |
 //! | [`model`]     | the EXAM-style network (candle), model packages, inference     |
 //! | [`pipeline`]  | one case end to end: radiograph + EMR → plugins → model        |
+//! | [`sr`]        | a prediction as a DICOM Comprehensive SR (IHE AIR-like)        |
+//! | [`dimse`]     | DICOM networking: C-STORE SCU to the PACS (dicom-ul)           |
 //! | [`http`]      | HTTP plumbing every server shares: accept loop, limits, drain, |
 //! |               | problem+json, bearer token (no plugins, DICOM or pipeline)     |
 //! | [`serve`]     | the local HTTP endpoint: predictions, health, metrics (hyper)  |
@@ -43,6 +45,7 @@ pub mod cases;
 pub mod config;
 pub mod dataset;
 pub mod dicom;
+pub mod dimse;
 pub mod evaluate;
 pub mod federation;
 pub mod guard;
@@ -56,6 +59,7 @@ pub mod rng;
 pub mod serve;
 pub mod signing;
 pub mod simulate;
+pub mod sr;
 pub mod store;
 pub mod synth;
 pub mod train;

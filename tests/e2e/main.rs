@@ -26,6 +26,7 @@ mod predict;
 mod serve;
 mod serve_limits;
 mod simulate;
+mod sr;
 mod synth;
 mod train;
 mod util;

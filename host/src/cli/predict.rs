@@ -24,7 +24,8 @@ ran and stage timings. Without --model or [model] package, the demo model embedd
 the binary is used. Without plugins the record must be in the canonical schema, in \
 canonical units or a spelling of the accepted-units table (plugins/README.md); a \
 differential count in % of WBC needs the canonical plugin (samples/canonical-record.json \
-is that plugin's input). \
+is that plugin's input). With --sr, the result is also written as a DICOM \
+Comprehensive SR (not for diagnostic use) referencing the radiograph. \
 Every prediction, successful or not, is recorded in the audit log (`oxbox audit tail`).")]
 pub struct Args {
     /// The chest radiograph (DICOM); required unless the model is EMR-only.
@@ -37,6 +38,11 @@ pub struct Args {
     /// the embedded demo model (trained on synthetic data).
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
+    /// Also write the result as a DICOM Comprehensive SR (not for diagnostic
+    /// use) to this file: the radiograph's patient and study, the eight
+    /// outputs, the model's identity (docs/dicom-conformance.md).
+    #[arg(long, value_name = "OUT.dcm", requires = "dicom")]
+    pub sr: Option<PathBuf>,
 }
 
 /// Runs `oxbox predict`.
@@ -73,6 +79,11 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
     match pipeline.predict(&request_id, file.as_ref(), &emr, &plugins) {
         Ok(report) => {
             audit.record(&report.audit_record())?;
+            if let (Some(out), Some(file)) = (&args.sr, &file) {
+                let options = oxbox::sr::SrOptions::default();
+                let sr = oxbox::sr::build(file.object(), &report, &options).context("result SR")?;
+                oxbox::sr::write(out, &sr).context("result SR")?;
+            }
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
