@@ -14,6 +14,8 @@
 //! | [`plugins`]   | site plugins: sandboxed WebAssembly components (wasmtime)      |
 //! | [`model`]     | the EXAM-style network (candle), model packages, inference     |
 //! | [`pipeline`]  | one case end to end: radiograph + EMR → plugins → model        |
+//! | [`dimse`]     | the DICOM listener: C-ECHO / C-STORE SCP (dicom-ul)            |
+//! | [`studies`]   | received studies: storage, EMR matching, results (SQLite)      |
 //! | [`http`]      | HTTP plumbing every server shares: accept loop, limits, drain, |
 //! |               | problem+json, bearer token (no plugins, DICOM or pipeline)     |
 //! | [`serve`]     | the local HTTP endpoint: predictions, health, metrics (hyper)  |
@@ -43,6 +45,7 @@ pub mod cases;
 pub mod config;
 pub mod dataset;
 pub mod dicom;
+pub mod dimse;
 pub mod evaluate;
 pub mod federation;
 pub mod guard;
@@ -57,5 +60,6 @@ pub mod serve;
 pub mod signing;
 pub mod simulate;
 pub mod store;
+pub mod studies;
 pub mod synth;
 pub mod train;

@@ -11,6 +11,7 @@ mod bad_input;
 mod batching;
 mod bombs;
 mod cli;
+mod dicom_listener;
 mod evaluate;
 mod federate;
 mod hostile_plugins;
