@@ -33,6 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use dicom_ul::association::Association;
 use dicom_ul::association::server::AccessControl;
 use dicom_ul::pdu::{
     AbortRQSource, AssociationRJ, AssociationRJResult,
@@ -398,7 +399,7 @@ fn serve_association(shared: &Shared, socket: TcpStream, peer: SocketAddr) {
     shared.sink.association("accepted");
     tracing::debug!(
         "dicom: association from {peer} ({}) accepted",
-        association.client_ae_title()
+        association.peer_ae_title()
     );
     let mut session = Session {
         shared,
@@ -562,7 +563,7 @@ impl Session<'_> {
                         abstract_syntax,
                         &command.sop_instance_uid,
                         &transfer_syntax,
-                        self.association.client_ae_title(),
+                        self.association.peer_ae_title(),
                     );
                     match reservation.grow(meta.len() as u64) {
                         Ok(()) => buffer = Some(meta),
@@ -626,7 +627,7 @@ impl Session<'_> {
                     sop_class_uid: command.sop_class_uid.clone(),
                     sop_instance_uid: command.sop_instance_uid.clone(),
                     transfer_syntax,
-                    calling_ae_title: self.association.client_ae_title().to_owned(),
+                    calling_ae_title: self.association.peer_ae_title().to_owned(),
                 });
                 tracing::debug!(
                     "dicom: {}: instance handled in {:.1} ms, status {code:#06x}",
