@@ -1257,6 +1257,36 @@ mod tests {
     }
 
     #[test]
+    fn an_enabled_dicom_listener_needs_its_peers_and_token_and_sane_limits() {
+        let err = from(
+            "[site]\nid = \"a\"\nname = \"b\"\n[dicom]\nenabled = true\nae_title = \"A\\\\B\"\nmax_pdu_length = 100\n",
+        )
+        .expect_err("must fail")
+        .to_string();
+        for key in [
+            "dicom.ae_title",
+            "dicom.allowed_calling_ae_titles",
+            "dicom.max_pdu_length = 100",
+            "dicom.emr_token_file",
+        ] {
+            assert!(err.contains(key), "{key} not named: {err}");
+        }
+        let loaded = from(
+            "[site]\nid = \"a\"\nname = \"b\"\n[dicom]\nenabled = true\nallowed_calling_ae_titles = [\"PACS\"]\nemr_token_file = \"token\"\n",
+        )
+        .expect("valid");
+        let dicom = &loaded.config.dicom;
+        assert_eq!(dicom.listen, "127.0.0.1:11112");
+        assert_eq!(dicom.max_pdu_length, 65_536);
+        assert_eq!(
+            dicom.emr_token_file.as_deref(),
+            Some(Path::new("/etc/oxbox/token"))
+        );
+        // Off, nothing is checked.
+        assert!(DicomConfig::default().problems().is_empty());
+    }
+
+    #[test]
     fn unknown_key_names_key_file_and_line() {
         let err = from("[site]\nid = \"a\"\nname = \"b\"\ncolour = \"red\"\n")
             .expect_err("unknown key must fail")

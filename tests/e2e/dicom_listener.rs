@@ -642,7 +642,7 @@ fn c_store_rq(sop_class: &str, sop_instance: &str, message_id: u16) -> Vec<u8> {
     }
     let uid = |s: &str| {
         let mut v = s.as_bytes().to_vec();
-        if v.len() % 2 == 1 {
+        if !v.len().is_multiple_of(2) {
             v.push(0);
         }
         v

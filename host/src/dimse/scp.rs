@@ -584,11 +584,11 @@ impl Session<'_> {
                 });
                 Ok(())
             }
-            field if command.has_data_set() => {
+            _ if command.has_data_set() => {
                 // An operation this box does not perform: its data set is
                 // drained, then answered.
                 self.pending = Some(Pending {
-                    command: Command { field, ..command },
+                    command,
                     context_id,
                     buffer: None,
                     reservation: self.shared.budget.reservation(),
