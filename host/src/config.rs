@@ -150,6 +150,232 @@ pub struct Config {
     /// (`oxbox federate`); absent = the box does not federate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub federation: Option<FederationConfig>,
+    /// `[dicom]`: the DICOM listener (C-ECHO / C-STORE SCP) of `oxbox
+    /// serve`, and how received studies are matched to their EMR records.
+    #[serde(default)]
+    pub dicom: DicomConfig,
+}
+
+/// `[dicom]`: the DICOM listener (`oxbox serve`, when `enabled`) and the
+/// studies it receives: which associations it accepts, what it stores and
+/// for how long, which images are inferred and how long they wait for their
+/// EMR record (`POST /v1/emr`, keyed by accession number).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DicomConfig {
+    /// `enabled = false`: run the listener beside the HTTP endpoint.
+    #[serde(default)]
+    pub enabled: bool,
+    /// `listen = "127.0.0.1:11112"`: address and port of the listener
+    /// (11112 is DICOM's registered port).
+    #[serde(default = "default_dicom_listen")]
+    pub listen: String,
+    /// `ae_title = "OXBOX"`: this box's AE title; associations calling
+    /// another are rejected (called AE title not recognised).
+    #[serde(default = "default_ae_title")]
+    pub ae_title: String,
+    /// `allowed_calling_ae_titles = ["PACS"]`: the peers that may
+    /// associate; any other calling AE title is rejected (calling AE title
+    /// not recognised). At least one when `enabled`.
+    #[serde(default)]
+    pub allowed_calling_ae_titles: Vec<String>,
+    /// `max_pdu_length = 65536`: largest PDU this box receives (bytes,
+    /// offered at association); a larger one aborts the association.
+    #[serde(default = "default_max_pdu_length")]
+    pub max_pdu_length: u32,
+    /// `association_timeout_s = 600`: longest an association may last.
+    #[serde(default = "default_association_timeout_s")]
+    pub association_timeout_s: u64,
+    /// `idle_timeout_s = 30`: longest wait for the peer's next PDU (the
+    /// association request included); then the association is aborted.
+    #[serde(default = "default_idle_timeout_s")]
+    pub idle_timeout_s: u64,
+    /// `max_associations = 8`: associations served at once; more are
+    /// rejected (transient, local limit exceeded).
+    #[serde(default = "default_max_associations")]
+    pub max_associations: usize,
+    /// `retention_hours = 168`: how long a received instance is kept under
+    /// the data dir (`dicom/instances/`); results stay in the database.
+    #[serde(default = "default_retention_hours")]
+    pub retention_hours: u64,
+    /// `min_free_disk_mib = 1024`: free space the data dir's file system
+    /// keeps; below it associations are rejected (transient, temporary
+    /// congestion) and stores refused (out of resources).
+    #[serde(default = "default_min_free_disk_mib")]
+    pub min_free_disk_mib: u64,
+    /// `modalities = ["CR", "DX"]`: Modality (0008,0060) values of an
+    /// image that is inferred; empty = any.
+    #[serde(default = "default_modalities")]
+    pub modalities: Vec<String>,
+    /// `body_parts = ["CHEST"]`: Body Part Examined (0018,0015) values;
+    /// empty = any (an image without the attribute matches only then).
+    #[serde(default = "default_body_parts")]
+    pub body_parts: Vec<String>,
+    /// `view_positions = ["PA", "AP"]`: View Position (0018,5101) values
+    /// (frontal views); empty = any.
+    #[serde(default = "default_view_positions")]
+    pub view_positions: Vec<String>,
+    /// `emr_wait_s = 900`: how long a received image waits for its EMR
+    /// record; then it is inferred image-only (`image_only`) or expires.
+    #[serde(default = "default_emr_wait_s")]
+    pub emr_wait_s: u64,
+    /// `emr_expiry_s = 86400`: how long an EMR record waits for its image
+    /// before it is deleted.
+    #[serde(default = "default_emr_expiry_s")]
+    pub emr_expiry_s: u64,
+    /// `image_only = false`: when an image's EMR record does not come
+    /// within `emr_wait_s`, infer it with an empty record (every feature
+    /// missing), if the site's plugins and the model accept one; false =
+    /// the study expires.
+    #[serde(default)]
+    pub image_only: bool,
+    /// `emr_token_file = "/etc/oxbox/emr-token"`: the bearer token
+    /// `POST /v1/emr` needs (loopback included); required when `enabled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emr_token_file: Option<PathBuf>,
+}
+
+fn default_dicom_listen() -> String {
+    "127.0.0.1:11112".to_owned()
+}
+fn default_ae_title() -> String {
+    "OXBOX".to_owned()
+}
+fn default_max_pdu_length() -> u32 {
+    65_536
+}
+fn default_association_timeout_s() -> u64 {
+    600
+}
+fn default_idle_timeout_s() -> u64 {
+    30
+}
+fn default_max_associations() -> usize {
+    8
+}
+fn default_retention_hours() -> u64 {
+    168
+}
+fn default_min_free_disk_mib() -> u64 {
+    1024
+}
+fn default_modalities() -> Vec<String> {
+    vec!["CR".to_owned(), "DX".to_owned()]
+}
+fn default_body_parts() -> Vec<String> {
+    vec!["CHEST".to_owned()]
+}
+fn default_view_positions() -> Vec<String> {
+    vec!["PA".to_owned(), "AP".to_owned()]
+}
+fn default_emr_wait_s() -> u64 {
+    900
+}
+fn default_emr_expiry_s() -> u64 {
+    86_400
+}
+
+impl Default for DicomConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: default_dicom_listen(),
+            ae_title: default_ae_title(),
+            allowed_calling_ae_titles: Vec::new(),
+            max_pdu_length: default_max_pdu_length(),
+            association_timeout_s: default_association_timeout_s(),
+            idle_timeout_s: default_idle_timeout_s(),
+            max_associations: default_max_associations(),
+            retention_hours: default_retention_hours(),
+            min_free_disk_mib: default_min_free_disk_mib(),
+            modalities: default_modalities(),
+            body_parts: default_body_parts(),
+            view_positions: default_view_positions(),
+            emr_wait_s: default_emr_wait_s(),
+            emr_expiry_s: default_emr_expiry_s(),
+            image_only: false,
+            emr_token_file: None,
+        }
+    }
+}
+
+/// Whether `title` is a valid AE title: 1 to 16 characters of printable
+/// ASCII without a backslash, not all spaces (PS3.5 6.2, AE).
+pub fn is_ae_title(title: &str) -> bool {
+    (1..=16).contains(&title.len())
+        && title
+            .bytes()
+            .all(|b| (0x20..0x7f).contains(&b) && b != b'\\')
+        && !title.trim().is_empty()
+}
+
+impl DicomConfig {
+    /// Every problem with `[dicom]`, each naming its key.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if !self.enabled {
+            return problems;
+        }
+        if let Err(e) = self.listen.parse::<SocketAddr>() {
+            problems.push(format!(
+                "dicom.listen = {:?}: {e}; write an address and port such as \"0.0.0.0:11112\"",
+                self.listen
+            ));
+        }
+        if !is_ae_title(&self.ae_title) {
+            problems.push(format!(
+                "dicom.ae_title = {:?}: use 1 to 16 printable ASCII characters, no backslash",
+                self.ae_title
+            ));
+        }
+        if self.allowed_calling_ae_titles.is_empty() {
+            problems.push(
+                "dicom.allowed_calling_ae_titles is empty: name the AE titles of the PACS or modalities that send to this box".to_owned(),
+            );
+        }
+        for title in &self.allowed_calling_ae_titles {
+            if !is_ae_title(title) {
+                problems.push(format!(
+                    "dicom.allowed_calling_ae_titles: {title:?} is not an AE title (1 to 16 printable ASCII characters, no backslash)"
+                ));
+            }
+        }
+        for (key, value, range) in [
+            (
+                "dicom.max_pdu_length",
+                u64::from(self.max_pdu_length),
+                4096..=16_777_216,
+            ),
+            (
+                "dicom.association_timeout_s",
+                self.association_timeout_s,
+                1..=86_400,
+            ),
+            ("dicom.idle_timeout_s", self.idle_timeout_s, 1..=3600),
+            (
+                "dicom.max_associations",
+                self.max_associations as u64,
+                1..=256,
+            ),
+            ("dicom.retention_hours", self.retention_hours, 1..=87_600),
+            ("dicom.emr_wait_s", self.emr_wait_s, 1..=604_800),
+            ("dicom.emr_expiry_s", self.emr_expiry_s, 1..=2_592_000),
+        ] {
+            if !range.contains(&value) {
+                problems.push(format!(
+                    "{key} = {value}: must be between {} and {}",
+                    range.start(),
+                    range.end()
+                ));
+            }
+        }
+        if self.emr_token_file.is_none() {
+            problems.push(
+                "dicom.emr_token_file is not set: name a file holding the bearer token POST /v1/emr needs (at least 32 printable characters, chmod 600)".to_owned(),
+            );
+        }
+        problems
+    }
 }
 
 /// `[federation]`: how this box takes part in a federation as a site. The
@@ -779,6 +1005,12 @@ impl Config {
         for plugin in &mut self.plugins {
             resolve(&mut plugin.path);
         }
+        if let Some(token_file) = &mut self.dicom.emr_token_file {
+            resolve(token_file);
+        }
+        if let Some(token_file) = &mut self.dicom.emr_token_file {
+            resolve(token_file);
+        }
         if let Some(federation) = &mut self.federation {
             resolve(&mut federation.key_file);
             if let Some(ca) = &mut federation.tls_ca {
@@ -937,6 +1169,7 @@ impl Config {
                 ));
             }
         }
+        problems.extend(self.dicom.problems());
         if let Some(federation) = &self.federation {
             problems.extend(federation.problems(self.model.package.as_deref()));
         }
@@ -1021,6 +1254,36 @@ mod tests {
         assert_eq!(loaded.config.limits.max_image_megapixels, 100);
         assert_eq!(loaded.config.model.input_size, 224);
         assert_eq!(loaded.source, ConfigSource::Embedded);
+    }
+
+    #[test]
+    fn an_enabled_dicom_listener_needs_its_peers_and_token_and_sane_limits() {
+        let err = from(
+            "[site]\nid = \"a\"\nname = \"b\"\n[dicom]\nenabled = true\nae_title = \"A\\\\B\"\nmax_pdu_length = 100\n",
+        )
+        .expect_err("must fail")
+        .to_string();
+        for key in [
+            "dicom.ae_title",
+            "dicom.allowed_calling_ae_titles",
+            "dicom.max_pdu_length = 100",
+            "dicom.emr_token_file",
+        ] {
+            assert!(err.contains(key), "{key} not named: {err}");
+        }
+        let loaded = from(
+            "[site]\nid = \"a\"\nname = \"b\"\n[dicom]\nenabled = true\nallowed_calling_ae_titles = [\"PACS\"]\nemr_token_file = \"token\"\n",
+        )
+        .expect("valid");
+        let dicom = &loaded.config.dicom;
+        assert_eq!(dicom.listen, "127.0.0.1:11112");
+        assert_eq!(dicom.max_pdu_length, 65_536);
+        assert_eq!(
+            dicom.emr_token_file.as_deref(),
+            Some(Path::new("/etc/oxbox/token"))
+        );
+        // Off, nothing is checked.
+        assert!(DicomConfig::default().problems().is_empty());
     }
 
     #[test]

@@ -15,7 +15,8 @@
 //! | [`model`]     | the EXAM-style network (candle), model packages, inference     |
 //! | [`pipeline`]  | one case end to end: radiograph + EMR → plugins → model        |
 //! | [`sr`]        | a prediction as a DICOM Comprehensive SR (IHE AIR-like)        |
-//! | [`dimse`]     | DICOM networking: C-STORE SCU to the PACS (dicom-ul)           |
+//! | [`dimse`]     | DICOM networking: C-ECHO / C-STORE SCP, C-STORE SCU (dicom-ul) |
+//! | [`studies`]   | received studies: storage, EMR matching, results (SQLite)      |
 //! | [`http`]      | HTTP plumbing every server shares: accept loop, limits, drain, |
 //! |               | problem+json, bearer token (no plugins, DICOM or pipeline)     |
 //! | [`serve`]     | the local HTTP endpoint: predictions, health, metrics (hyper)  |
@@ -61,5 +62,6 @@ pub mod signing;
 pub mod simulate;
 pub mod sr;
 pub mod store;
+pub mod studies;
 pub mod synth;
 pub mod train;

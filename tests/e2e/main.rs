@@ -13,6 +13,7 @@ mod batching;
 mod bombs;
 mod cli;
 mod crash_safety;
+mod dicom_listener;
 mod evaluate;
 mod federate;
 mod hostile_plugins;

@@ -22,7 +22,8 @@ recorded in the audit database. SIGHUP reloads the plugins (audited too); SIGINT
 and exit. The log (stderr, `info` by default here; RUST_LOG overrides) names each refused \
 prediction's request id, plugin and field (never a value) and each reload's plugins, old -> \
 new, with versions and sha256. Prints one line, `listening on http://ADDR`, \
-once it accepts connections.")]
+once it accepts connections, then, with [dicom] enabled, `dicom listening on ADDR` (the DICOM \
+listener: C-ECHO / C-STORE; POST /v1/emr and GET /v1/studies/{uid}/result serve its studies).")]
 pub struct Args {
     /// Model package folder; default: [model] package from the config.
     #[arg(long, value_name = "DIR")]
@@ -45,6 +46,9 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
     let server = Server::new(&loaded, args.model.as_deref())?;
     let addr = server.local_addr()?;
     println!("listening on http://{addr}");
+    if let Some(dicom) = server.dicom_addr() {
+        println!("dicom listening on {dicom}");
+    }
     std::io::stdout().flush()?;
     server.run()?;
     Ok(())

@@ -144,6 +144,29 @@ enum Decoder {
     Jpeg2000,
 }
 
+/// Every transfer syntax the ingest reads and decodes (what the DICOM
+/// listener accepts at negotiation; the order is the listener's preference
+/// when a peer proposes several in one presentation context: lossless and
+/// uncompressed first).
+pub const READABLE_TRANSFER_SYNTAXES: [&str; 16] = [
+    uids::EXPLICIT_VR_LITTLE_ENDIAN,
+    uids::IMPLICIT_VR_LITTLE_ENDIAN,
+    uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+    super::read::EXPLICIT_VR_BIG_ENDIAN,
+    uids::RLE_LOSSLESS,
+    uids::JPEG_LOSSLESS_SV1,
+    uids::JPEG_LOSSLESS,
+    uids::JPEGLS_LOSSLESS,
+    uids::JPEG2000_LOSSLESS,
+    uids::HTJ2K_LOSSLESS,
+    uids::HTJ2K_LOSSLESS_RPCL,
+    uids::JPEG_BASELINE8_BIT,
+    uids::JPEG_EXTENDED12_BIT,
+    uids::JPEGLS_NEAR_LOSSLESS,
+    uids::JPEG2000,
+    uids::HTJ2K,
+];
+
 fn decoder_for(ts: &str) -> Option<Decoder> {
     Some(match ts {
         uids::IMPLICIT_VR_LITTLE_ENDIAN
@@ -747,6 +770,19 @@ fn jpeg2000(stream: &[u8], g: &Geometry) -> Result<Vec<i32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_readable_transfer_syntax_has_a_decoder_and_no_other_does() {
+        for ts in READABLE_TRANSFER_SYNTAXES {
+            assert!(decoder_for(ts).is_some(), "{ts}");
+        }
+        let distinct: std::collections::BTreeSet<_> = READABLE_TRANSFER_SYNTAXES.iter().collect();
+        assert_eq!(distinct.len(), READABLE_TRANSFER_SYNTAXES.len());
+        // Anything else the registry knows is not read.
+        for ts in [uids::MPEG2MPML, uids::JPIP_REFERENCED, uids::JPEG2000MC] {
+            assert!(decoder_for(ts).is_none(), "{ts}");
+        }
+    }
 
     fn geometry(bits_allocated: u16, bits_stored: u16, high_bit: u16, signed: bool) -> Geometry {
         Geometry {

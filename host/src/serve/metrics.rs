@@ -56,6 +56,14 @@ pub struct ModelReloadLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of the DICOM counters: an association's or an instance's
+/// outcome, a study's inference mode.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// The outcome (a fixed set per counter, see its help text).
+    pub outcome: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// The server's metrics.
@@ -78,6 +86,14 @@ pub struct Metrics {
     memory_in_use: Gauge,
     memory_peak: Gauge,
     connections: Gauge,
+    dicom_associations: Family<OutcomeLabels, Counter>,
+    dicom_instances: Family<OutcomeLabels, Counter>,
+    studies_matched: Counter,
+    studies_waiting: Gauge,
+    studies_expired: Counter,
+    studies_inferred: Family<OutcomeLabels, Counter>,
+    studies_failed: Counter,
+    emr_records: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -192,6 +208,54 @@ impl Metrics {
             "Client connections open now (server.max_connections)",
             connections.clone(),
         );
+        let dicom_associations = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "dicom_associations",
+            "DICOM associations by outcome: accepted, rejected (AE title), limit (dicom.max_associations), congestion (disk reserve), failed (before acceptance), aborted (after)",
+            dicom_associations.clone(),
+        );
+        let dicom_instances = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "dicom_instances",
+            "Instances received by C-STORE: stored, ignored (not a frontal chest film), duplicate (study already has one), invalid, mismatch, memory, too_large, disk, storage, shutdown, sop_class",
+            dicom_instances.clone(),
+        );
+        let studies_matched = Counter::default();
+        registry.register(
+            "studies_matched",
+            "Received studies matched to their EMR record",
+            studies_matched.clone(),
+        );
+        let studies_waiting = Gauge::default();
+        registry.register(
+            "studies_waiting",
+            "Received studies waiting for their EMR record",
+            studies_waiting.clone(),
+        );
+        let studies_expired = Counter::default();
+        registry.register(
+            "studies_expired",
+            "Received studies whose EMR record did not come within dicom.emr_wait_s",
+            studies_expired.clone(),
+        );
+        let studies_inferred = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "studies_inferred",
+            "Received studies inferred: with_emr, image_only",
+            studies_inferred.clone(),
+        );
+        let studies_failed = Counter::default();
+        registry.register(
+            "studies_failed",
+            "Received studies refused by the ingest, a plugin or the model",
+            studies_failed.clone(),
+        );
+        let emr_records = Counter::default();
+        registry.register(
+            "emr_records",
+            "EMR records received (POST /v1/emr)",
+            emr_records.clone(),
+        );
         Self {
             registry,
             requests,
@@ -210,7 +274,62 @@ impl Metrics {
             memory_in_use,
             memory_peak,
             connections,
+            dicom_associations,
+            dicom_instances,
+            studies_matched,
+            studies_waiting,
+            studies_expired,
+            studies_inferred,
+            studies_failed,
+            emr_records,
         }
+    }
+
+    /// Counts a DICOM association by outcome.
+    pub fn dicom_association(&self, outcome: &'static str) {
+        self.dicom_associations
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// Counts a received instance by outcome.
+    pub fn dicom_instance(&self, outcome: &'static str) {
+        self.dicom_instances
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// Counts a study matched to its record.
+    pub fn study_matched(&self) {
+        self.studies_matched.inc();
+    }
+
+    /// Sets the number of studies waiting.
+    pub fn studies_waiting(&self, waiting: u64) {
+        self.studies_waiting
+            .set(i64::try_from(waiting).unwrap_or(i64::MAX));
+    }
+
+    /// Counts an expired study.
+    pub fn study_expired(&self) {
+        self.studies_expired.inc();
+    }
+
+    /// Counts an inferred study (`with_emr` or `image_only`).
+    pub fn study_inferred(&self, outcome: &'static str) {
+        self.studies_inferred
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// Counts a study the pipeline refused.
+    pub fn study_failed(&self) {
+        self.studies_failed.inc();
+    }
+
+    /// Counts an EMR record received.
+    pub fn emr_record(&self) {
+        self.emr_records.inc();
     }
 
     /// Counts a request.

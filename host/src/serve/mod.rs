@@ -8,7 +8,11 @@
 //!   reloads, pipeline failures);
 //! - [`metrics`]: the Prometheus/OpenMetrics exposition;
 //! - [`admission`]: the memory budget predictions are admitted against;
-//! - [`reload`]: plugin reloads, serialised, rate-limited and audited.
+//! - [`reload`]: plugin reloads, serialised, rate-limited and audited;
+//! - [`studies`]: the DICOM listener's instances (`[dicom] enabled`):
+//!   parsed, stored and matched to their EMR records (`POST /v1/emr`),
+//!   inferred as predictions are, results at
+//!   `GET /v1/studies/{study_instance_uid}/result`.
 //!
 //! The HTTP plumbing (accept loop, connection and body limits, drain,
 //! problem rendering, the bearer token) is [`crate::http`]'s; the token is
@@ -33,6 +37,7 @@ pub mod model_reload;
 pub mod problem;
 pub mod reload;
 pub mod routes;
+pub mod studies;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -73,6 +78,9 @@ pub enum ServeError {
     /// Binding, the runtime, a signal handler or the socket failed.
     #[error(transparent)]
     Http(#[from] HttpError),
+    /// The DICOM listener or its studies store could not start.
+    #[error("[dicom]: {0}")]
+    Dicom(String),
     /// A thread failed to start.
     #[error("{what}: {source}")]
     Io {
@@ -193,6 +201,16 @@ pub struct AppState {
     budget: Arc<MemoryBudget>,
     reloads: ReloadGate,
     model_reloads: ReloadGate,
+    dicom: Option<DicomState>,
+}
+
+/// What the DICOM side shares with the routes (`[dicom] enabled`).
+#[derive(Debug)]
+pub struct DicomState {
+    /// The received studies.
+    pub studies: Arc<crate::studies::Studies>,
+    /// The token `POST /v1/emr` needs.
+    pub emr_token: BearerToken,
 }
 
 impl AppState {
@@ -250,7 +268,12 @@ pub struct Server {
     listener: std::net::TcpListener,
     runtime: tokio::runtime::Runtime,
     signals: Signals,
+    dicom: Option<crate::dimse::scp::Listener>,
 }
+
+/// How long a shutdown waits for DICOM associations to finish the data set
+/// they are receiving.
+pub const DICOM_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 impl Server {
     /// Loads the model (`model_dir`, or `[model] package`, or the embedded
@@ -309,25 +332,99 @@ impl Server {
             settings.connections.max_connections,
             settings.max_concurrent
         );
+        let dicom = if config.dicom.enabled {
+            let studies = crate::studies::Studies::open(&config.storage.data_dir, &config.dicom)
+                .map_err(|e| ServeError::Dicom(e.to_string()))?;
+            let token_file =
+                config.dicom.emr_token_file.as_deref().ok_or_else(|| {
+                    ServeError::Dicom("dicom.emr_token_file is not set".to_owned())
+                })?;
+            let emr_token = BearerToken::from_file(token_file).map_err(|e| {
+                ServeError::Dicom(e.to_string().replacen(
+                    "server.token_file",
+                    "dicom.emr_token_file",
+                    1,
+                ))
+            })?;
+            let socket = crate::dimse::scp::bind(&config.dicom.listen)
+                .map_err(|e| ServeError::Dicom(format!("binding {}: {e}", config.dicom.listen)))?;
+            Some((
+                DicomState {
+                    studies: Arc::new(studies),
+                    emr_token,
+                },
+                socket,
+            ))
+        } else {
+            None
+        };
+        let (dicom_state, dicom_socket) = match dicom {
+            Some((state, socket)) => (Some(state), Some(socket)),
+            None => (None, None),
+        };
+        let state = Arc::new(AppState {
+            served: RwLock::new(Arc::new(Served { pipeline, batcher })),
+            model_source,
+            plugins,
+            audit,
+            metrics,
+            token,
+            limits: config.limits.clone(),
+            permits: Arc::new(Semaphore::new(settings.max_concurrent)),
+            budget: MemoryBudget::new(settings.memory_budget_bytes),
+            reloads: ReloadGate::new(settings.reload_min_interval),
+            model_reloads: ReloadGate::new(settings.reload_min_interval),
+            dicom: dicom_state,
+            settings,
+        });
+        let dicom = match (dicom_socket, &state.dicom) {
+            (Some(socket), Some(dicom)) => {
+                let d = &config.dicom;
+                let settings = crate::dimse::scp::ScpSettings {
+                    ae_title: d.ae_title.clone(),
+                    allowed_calling_ae_titles: d.allowed_calling_ae_titles.clone(),
+                    max_pdu_length: d.max_pdu_length,
+                    association_timeout: Duration::from_secs(d.association_timeout_s),
+                    idle_timeout: Duration::from_secs(d.idle_timeout_s),
+                    max_associations: d.max_associations,
+                    max_instance_bytes: config.limits.max_dicom_file_bytes(),
+                };
+                let sink = studies::StudySink::new(
+                    Arc::clone(&state),
+                    Arc::clone(&dicom.studies),
+                    runtime.handle().clone(),
+                );
+                let listener = crate::dimse::scp::Listener::start(
+                    socket,
+                    settings,
+                    Arc::clone(&state.budget),
+                    Arc::new(sink),
+                )
+                .map_err(io("starting the DICOM listener"))?;
+                tracing::info!(
+                    "DICOM listener on {} as {}, {} associations at once",
+                    listener.local_addr(),
+                    d.ae_title,
+                    d.max_associations
+                );
+                Some(listener)
+            }
+            _ => None,
+        };
         Ok(Self {
-            state: Arc::new(AppState {
-                served: RwLock::new(Arc::new(Served { pipeline, batcher })),
-                model_source,
-                plugins,
-                audit,
-                metrics,
-                token,
-                limits: config.limits.clone(),
-                permits: Arc::new(Semaphore::new(settings.max_concurrent)),
-                budget: MemoryBudget::new(settings.memory_budget_bytes),
-                reloads: ReloadGate::new(settings.reload_min_interval),
-                model_reloads: ReloadGate::new(settings.reload_min_interval),
-                settings,
-            }),
+            state,
             listener,
             runtime,
             signals,
+            dicom,
         })
+    }
+
+    /// The DICOM listener's address, when `[dicom] enabled`.
+    pub fn dicom_addr(&self) -> Option<SocketAddr> {
+        self.dicom
+            .as_ref()
+            .map(crate::dimse::scp::Listener::local_addr)
     }
 
     /// The bound address (the port, when `listen` asked for port 0).
@@ -348,8 +445,25 @@ impl Server {
             listener,
             runtime,
             signals,
+            dicom,
         } = self;
-        runtime.block_on(serve(state, listener, signals))
+        if let Some(dicom) = &state.dicom {
+            runtime.spawn(studies::sweeper(
+                Arc::clone(&state),
+                Arc::clone(&dicom.studies),
+            ));
+        }
+        let served = runtime.block_on(serve(state, listener, signals));
+        if let Some(dicom) = dicom {
+            let left = dicom.shutdown(DICOM_SHUTDOWN_GRACE);
+            if left > 0 {
+                tracing::warn!(
+                    "{left} DICOM associations still open after {} s: closed; their incomplete data sets were not stored",
+                    DICOM_SHUTDOWN_GRACE.as_secs()
+                );
+            }
+        }
+        served
     }
 }
 

@@ -38,6 +38,8 @@ enum Route {
     Predict,
     Reload,
     ModelReload,
+    Emr,
+    StudyResult,
     Other,
 }
 
@@ -53,6 +55,8 @@ impl Route {
             "/v1/predict" => Route::Predict,
             "/v1/admin/plugins/reload" => Route::Reload,
             "/v1/admin/model/reload" => Route::ModelReload,
+            "/v1/emr" => Route::Emr,
+            _ if study_uid_of(path).is_some() => Route::StudyResult,
             _ => Route::Other,
         }
     }
@@ -68,22 +72,32 @@ impl Route {
             Route::Predict => "/v1/predict",
             Route::Reload => "/v1/admin/plugins/reload",
             Route::ModelReload => "/v1/admin/model/reload",
+            Route::Emr => "/v1/emr",
+            Route::StudyResult => "/v1/studies/{study_instance_uid}/result",
             Route::Other => "other",
         }
     }
 
     fn method(self) -> Option<Method> {
         match self {
-            Route::Predict | Route::Reload | Route::ModelReload => Some(Method::POST),
+            Route::Predict | Route::Reload | Route::ModelReload | Route::Emr => Some(Method::POST),
             Route::Other => None,
             _ => Some(Method::GET),
         }
     }
 
-    /// Liveness and readiness answer without the token (probes).
+    /// Liveness and readiness answer without the token (probes); the EMR
+    /// route checks its own token (`dicom.emr_token_file`).
     fn needs_token(self) -> bool {
-        !matches!(self, Route::Health | Route::Ready)
+        !matches!(self, Route::Health | Route::Ready | Route::Emr)
     }
+}
+
+/// The Study Instance UID of a `/v1/studies/{uid}/result` path.
+fn study_uid_of(path: &str) -> Option<&str> {
+    path.strip_prefix("/v1/studies/")?
+        .strip_suffix("/result")
+        .filter(|uid| !uid.is_empty() && !uid.contains('/'))
 }
 
 /// Answers one request from `peer`.
@@ -155,6 +169,8 @@ async fn dispatch(
         Route::Predict => predict(state, request).await,
         Route::Reload => reload(state, peer).await,
         Route::ModelReload => model_reload(state, peer).await,
+        Route::Emr => emr(state, request).await,
+        Route::StudyResult => study_result(state, request.uri().path()),
         Route::Other => Problem::not_found(request.uri().path()).into_response(),
     }
 }
@@ -900,6 +916,233 @@ async fn parse_multipart(body: Body, boundary: String) -> Result<CaseBody, Probl
     }
     let emr = emr.ok_or_else(|| Problem::malformed("the multipart body has no emr part"))?;
     Ok(CaseBody::Multipart { dicom, emr })
+}
+
+/// Runs one received study's case (its stored Part 10 file and the EMR
+/// record's JSON text) as `POST /v1/predict` runs a multipart upload: the
+/// same memory budget (the file and the record reserved as a body), the
+/// same permits, plugins, inference thread and audit record.
+///
+/// # Errors
+/// The [`Problem`] the HTTP route would answer (overload included: the
+/// caller retries later).
+pub(crate) async fn infer_study(
+    state: &Arc<AppState>,
+    dicom: Bytes,
+    emr: Bytes,
+) -> Result<PredictionReport, Problem> {
+    let request_id = new_request_id();
+    let mut reservation = state.budget.reservation();
+    reservation
+        .grow(dicom.len() as u64 + emr.len() as u64)
+        .map_err(|e| admission_problem(state, e))?;
+    let served = state.served();
+    let Ok(permit) = Arc::clone(&state.permits).try_acquire_owned() else {
+        state.metrics.admission_refused("requests");
+        return Err(Problem::overloaded(state.settings.max_concurrent));
+    };
+    let outcome = {
+        let _in_flight = InFlight::new(state.metrics.in_flight());
+        let body = CaseBody::Multipart {
+            dicom: Some(dicom),
+            emr,
+        };
+        predict_case(state, &served, &request_id, body, reservation, permit).await
+    };
+    if matches!(&outcome, Err(problem) if problem.is_overloaded()) {
+        return outcome;
+    }
+    let audit = match &outcome {
+        Ok(report) => report.audit_record(),
+        Err(problem) => served.pipeline.refused_record(
+            &request_id,
+            &state.plugins.current(),
+            problem.status < 500,
+            &problem.audit_reason(),
+        ),
+    };
+    let log = Arc::clone(&state.audit);
+    let written = tokio::task::spawn_blocking(move || match log.lock() {
+        Ok(log) => log.record(&audit).map_err(|e| e.to_string()),
+        Err(_) => Err("audit log lock poisoned".to_owned()),
+    })
+    .await;
+    match written {
+        Ok(Ok(())) => outcome,
+        Ok(Err(e)) => Err(Problem::internal(format!("audit log: {e}"))),
+        Err(e) => Err(Problem::internal(format!("audit task: {e}"))),
+    }
+}
+
+/// Largest `POST /v1/emr` body, bytes: a record is a few kilobytes.
+const MAX_EMR_BODY_BYTES: u64 = 1024 * 1024;
+
+/// `POST /v1/emr`: `{"accession_number": "...", "emr": {...}}`, the
+/// site's record keyed by the accession number of its radiograph; needs
+/// `dicom.emr_token_file`'s token (loopback included). Answers whether the
+/// record completed a waiting study (`matched`) or waits for its image.
+async fn emr(state: &Arc<AppState>, request: Request<Incoming>) -> HttpResponse {
+    let Some(dicom) = &state.dicom else {
+        return Problem::not_found("/v1/emr (the DICOM listener is off: [dicom] enabled = false)")
+            .into_response();
+    };
+    if let Some(problem) = dicom
+        .emr_token
+        .refusal(request.headers(), "dicom.emr_token_file")
+    {
+        return problem.into_response();
+    }
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    if !content_type
+        .parse::<mime::Mime>()
+        .is_ok_and(|m| m.essence_str() == "application/json")
+    {
+        return Problem::unsupported_media_type(format!(
+            "Content-Type {content_type:?}: send application/json {{\"accession_number\": ..., \"emr\": {{...}}}}"
+        ))
+        .into_response();
+    }
+    let limits = crate::http::BodyLimits {
+        max_bytes: MAX_EMR_BODY_BYTES.min(state.settings.body.max_bytes),
+        ..state.settings.body
+    };
+    if let Some(problem) = limits.declared_too_large(request.headers()) {
+        return problem.into_response();
+    }
+    let mut reservation = state.budget.reservation();
+    let body = match read_body(request, &limits, |chunk| {
+        reservation
+            .grow(chunk.len() as u64)
+            .map_err(|e| Box::new(admission_problem(state, e)))
+    })
+    .await
+    {
+        Ok(body) => body,
+        Err(problem) => return problem.into_response(),
+    };
+    let parsed: serde_json::Value = match serde_json::from_slice(&body.into_contiguous()) {
+        Ok(value) => value,
+        Err(e) => return Problem::malformed(format!("the body is not JSON: {e}")).into_response(),
+    };
+    drop(reservation);
+    let Some(object) = parsed.as_object() else {
+        return Problem::malformed(
+            "the body must be an object {\"accession_number\": ..., \"emr\": {...}}",
+        )
+        .into_response();
+    };
+    if let Some(key) = object
+        .keys()
+        .find(|k| k.as_str() != "accession_number" && k.as_str() != "emr")
+    {
+        return Problem::malformed(format!(
+            "unknown key {key:?}; the body is {{\"accession_number\": ..., \"emr\": {{...}}}}"
+        ))
+        .into_response();
+    }
+    let Some(accession) = object
+        .get("accession_number")
+        .and_then(|v| v.as_str())
+        .map(str::trim)
+        .filter(|a| crate::studies::is_accession_number(a))
+    else {
+        return Problem::malformed(
+            "accession_number must be the radiograph's Accession Number (0008,0050): 1 to 16 printable characters, no backslash",
+        )
+        .into_response();
+    };
+    let Some(record) = object.get("emr").filter(|r| r.is_object()) else {
+        return Problem::malformed("emr must be a JSON object of the site's fields")
+            .into_response();
+    };
+    let record = record.to_string();
+    let studies = Arc::clone(&dicom.studies);
+    let key = accession.to_owned();
+    let claimed = tokio::task::spawn_blocking(move || studies.record(&key, &record)).await;
+    let claimed = match claimed {
+        Ok(Ok(claimed)) => claimed,
+        Ok(Err(e)) => {
+            tracing::warn!("emr: {e}");
+            return Problem::internal("the record could not be stored; see the server log")
+                .into_response();
+        }
+        Err(e) => return Problem::internal(format!("emr task: {e}")).into_response(),
+    };
+    state.metrics.emr_record();
+    let matched: Vec<String> = claimed.iter().map(|c| c.study_uid.clone()).collect();
+    tracing::info!(
+        "emr: record {} received, {} waiting studies matched",
+        crate::studies::fingerprint(accession),
+        matched.len()
+    );
+    let runtime = tokio::runtime::Handle::current();
+    for study in claimed {
+        state.metrics.study_matched();
+        super::studies::spawn_inference(&runtime, state, &dicom.studies, study);
+    }
+    let status = if matched.is_empty() {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    response::json(
+        status,
+        &json!({
+            "matched": !matched.is_empty(),
+            "study_instance_uids": matched,
+        }),
+    )
+}
+
+/// `GET /v1/studies/{study_instance_uid}/result`: the study's state, and
+/// its prediction once inferred.
+fn study_result(state: &Arc<AppState>, path: &str) -> HttpResponse {
+    let Some(dicom) = &state.dicom else {
+        return Problem::not_found(path).into_response();
+    };
+    let Some(uid) = study_uid_of(path) else {
+        return Problem::not_found(path).into_response();
+    };
+    let row = match dicom.studies.get(uid) {
+        Ok(Some(row)) => row,
+        Ok(None) => return Problem::not_found(path).into_response(),
+        Err(e) => {
+            tracing::warn!("study result: {e}");
+            return Problem::internal("the studies database failed; see the server log")
+                .into_response();
+        }
+    };
+    let mut body = json!({
+        "study_instance_uid": uid,
+        "state": row.state,
+        "image_only": row.image_only,
+        "received_at_ms": row.received_at_ms,
+    });
+    if let Some(object) = body.as_object_mut() {
+        if let Some(result) = row
+            .result
+            .as_deref()
+            .and_then(|r| serde_json::from_str::<serde_json::Value>(r).ok())
+        {
+            object.insert("result".to_owned(), result);
+        }
+        if let Some(reason) = row.reason {
+            object.insert("reason".to_owned(), json!(reason));
+        }
+        if row.state == crate::studies::StudyState::Waiting {
+            let deadline = row.received_at_ms
+                + i64::try_from(dicom.studies.emr_wait().as_millis()).unwrap_or(i64::MAX);
+            let left_s = (deadline - crate::studies::now_ms()).max(0) / 1000;
+            object.insert("waits_until_ms".to_owned(), json!(deadline));
+            object.insert("waits_for_s".to_owned(), json!(left_s));
+        }
+    }
+    response::json(StatusCode::OK, &body)
 }
 
 #[cfg(test)]
