@@ -233,6 +233,12 @@ pub struct DicomConfig {
     /// `POST /v1/emr` needs (loopback included); required when `enabled`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub emr_token_file: Option<PathBuf>,
+    /// `[dicom.sr]`: how result SRs are made (UID root, series number).
+    #[serde(default)]
+    pub sr: crate::sr::SrConfig,
+    /// `[dicom.forward]`: the PACS each result SR is sent to (C-STORE).
+    #[serde(default)]
+    pub forward: crate::dimse::scu::ForwardConfig,
 }
 
 fn default_dicom_listen() -> String {
@@ -295,6 +301,8 @@ impl Default for DicomConfig {
             emr_expiry_s: default_emr_expiry_s(),
             image_only: false,
             emr_token_file: None,
+            sr: crate::sr::SrConfig::default(),
+            forward: crate::dimse::scu::ForwardConfig::default(),
         }
     }
 }
@@ -313,6 +321,12 @@ impl DicomConfig {
     /// Every problem with `[dicom]`, each naming its key.
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
+        if let Err(e) = self.sr.validate() {
+            problems.push(e.to_string());
+        }
+        if let Err(e) = self.forward.validate() {
+            problems.push(e.to_string());
+        }
         if !self.enabled {
             return problems;
         }

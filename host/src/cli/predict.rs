@@ -40,7 +40,7 @@ pub struct Args {
     pub model: Option<PathBuf>,
     /// Also write the result as a DICOM Comprehensive SR (not for diagnostic
     /// use) to this file: the radiograph's patient and study, the eight
-    /// outputs, the model's identity (docs/dicom-conformance.md).
+    /// outputs, the model's identity (firmware-notes/dicom-conformance.md).
     #[arg(long, value_name = "OUT.dcm", requires = "dicom")]
     pub sr: Option<PathBuf>,
 }
@@ -80,7 +80,7 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
         Ok(report) => {
             audit.record(&report.audit_record())?;
             if let (Some(out), Some(file)) = (&args.sr, &file) {
-                let options = oxbox::sr::SrOptions::default();
+                let options = oxbox::sr::SrOptions::from_config(&config.dicom.sr);
                 let sr = oxbox::sr::build(file.object(), &report, &options).context("result SR")?;
                 oxbox::sr::write(out, &sr).context("result SR")?;
             }

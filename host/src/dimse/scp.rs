@@ -377,10 +377,10 @@ fn serve_association(shared: &Shared, socket: TcpStream, peer: SocketAddr) {
         .read_timeout(settings.idle_timeout)
         .write_timeout(settings.idle_timeout);
     for uid in super::ABSTRACT_SYNTAXES {
-        options = options.with_abstract_syntax(*uid);
+        options = options.with_abstract_syntax(uid);
     }
     for uid in super::TRANSFER_SYNTAXES {
-        options = options.with_transfer_syntax(*uid);
+        options = options.with_transfer_syntax(uid);
     }
     let association = match options.establish(socket) {
         Ok(association) => association,

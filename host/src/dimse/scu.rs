@@ -35,8 +35,8 @@ use dicom_ul::pdu::{
 use dicom_ul::{ClientAssociation, ClientAssociationOptions};
 use serde::{Deserialize, Serialize};
 
-/// `[dicom.forward]`: where result SRs are sent (the lead adds the section
-/// to the configuration).
+/// `[dicom.forward]`: where result SRs are sent (the `forward` field of
+/// [`crate::config::DicomConfig`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ForwardConfig {

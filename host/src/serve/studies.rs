@@ -224,7 +224,13 @@ async fn infer(state: &Arc<AppState>, studies: &Arc<Studies>, claimed: Claimed) 
                 tracing::warn!("dicom: study {study}: recording the result: {e}");
                 return;
             }
-            studies::on_result(&instance_path, &report, &state.model_source.config);
+            // The result SR (and its C-STORE to the PACS, which retries)
+            // runs on a blocking thread.
+            let config = state.model_source.config.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                studies::on_result(&instance_path, &report, &config);
+            })
+            .await;
         }
         Err(problem) if problem.is_overloaded() => {
             tracing::debug!("dicom: study {study}: busy, retried at the next sweep");

@@ -5,7 +5,7 @@
 //! `99OXBOX` is a private scheme in the sense of PS3.16 §8.2 (designators
 //! starting with "99" are reserved for local use). It is declared in every
 //! SR's Coding Scheme Identification Sequence and documented in
-//! `docs/dicom-conformance.md`; its codes never change meaning (a new output
+//! `firmware-notes/dicom-conformance.md`; its codes never change meaning (a new output
 //! gets a new code, and [`PRIVATE_SCHEME_VERSION`] is raised).
 
 /// A coded concept: value, coding scheme designator and meaning.

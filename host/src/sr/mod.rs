@@ -19,7 +19,7 @@
 //!   Sequence (Processing Equipment) and in algorithm identification items;
 //! - is COMPLETE and UNVERIFIED: nobody has checked it.
 //!
-//! The content tree (TID 1500-like; see `docs/dicom-conformance.md`):
+//! The content tree (TID 1500-like; see `firmware-notes/dicom-conformance.md`):
 //!
 //! ```text
 //! CONTAINER Imaging Measurement Report (DCM 126000)
@@ -65,8 +65,8 @@ pub const SERIES_DESCRIPTION: &str = "oxbox AI result - NOT FOR DIAGNOSTIC USE";
 pub const DISCLAIMER: &str = "Generated automatically by oxbox from a chest radiograph and the \
 EMR; not reviewed by a physician. Research use only: NOT FOR DIAGNOSTIC USE.";
 
-/// The SR settings an operator may change (`[dicom.sr]`; the lead adds the
-/// section to the configuration).
+/// The SR settings an operator may change (`[dicom.sr]`, the `sr` field of
+/// [`crate::config::DicomConfig`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SrConfig {

@@ -4,7 +4,9 @@
 //! first, within `dicom.emr_wait_s`), and the results.
 //!
 //! - [`storage`]: instances written atomically under the data dir;
-//! - [`db`]: the studies database (SQLite): states, records, results.
+//! - [`db`]: the studies database (SQLite): states, records, results;
+//! - [`result_object`]: a result as a DICOM Comprehensive SR, kept and sent
+//!   to the PACS.
 //!
 //! This module decides and records; it runs no model. The server
 //! ([`crate::serve`]) infers what [`Studies`] hands it as [`Claimed`] and
@@ -14,6 +16,7 @@
 //! [`fingerprint`], never by a patient identifier or accession number.
 
 pub mod db;
+pub mod result_object;
 pub mod storage;
 
 use std::path::{Path, PathBuf};
@@ -328,23 +331,38 @@ impl Studies {
             if std::fs::remove_file(&path).is_ok() {
                 swept.files_deleted += 1;
             }
+            // The result SR goes with its source instance.
+            if let Some(sr) = result_object::result_path(&path) {
+                let _ = std::fs::remove_file(sr);
+            }
         }
         Ok(swept)
     }
 }
 
-/// The integration point called after a study's result is stored: the
-/// source instance (`instance_path`, the received Part 10 file), the
-/// report, and the configuration. The result object (a DICOM Structured
-/// Report sent back to the PACS, issue 15 item 3) is built and forwarded
-/// from here; until then it only logs that the result is ready.
+/// Called after a study's result is stored: makes its result object (the
+/// Comprehensive SR, [`result_object`]) and sends it to the PACS when
+/// `[dicom.forward]` is enabled. Blocking (the SCU retries); failures are
+/// logged without patient data, and the JSON result stays available.
 pub fn on_result(instance_path: &Path, report: &PredictionReport, config: &Config) {
-    let _ = config;
-    tracing::debug!(
-        "study result ready (request {}, instance {})",
-        report.request_id,
-        fingerprint(&instance_path.to_string_lossy())
-    );
+    let study = fingerprint(&instance_path.to_string_lossy());
+    match result_object::make_and_forward(instance_path, report, config) {
+        Ok(made) => tracing::info!(
+            request_id = report.request_id.as_str(),
+            "dicom: result SR of instance {study} kept{}",
+            match &made.forwarded {
+                Some(outcome) => format!(
+                    ", sent to the PACS (status {:#06x}, {} attempt(s))",
+                    outcome.status, outcome.attempts
+                ),
+                None => String::new(),
+            }
+        ),
+        Err(e) => tracing::warn!(
+            request_id = report.request_id.as_str(),
+            "dicom: result SR of instance {study}: {e}"
+        ),
+    }
 }
 
 /// The stored instance of a claimed study, read for inference.
