@@ -155,7 +155,7 @@ fn audited_request_ids(data_dir: &Path) -> std::collections::HashSet<String> {
 
 #[test]
 fn a_kill_with_predictions_in_flight_loses_no_answered_audit_record() {
-    let setup = Setup::new("listen = \"127.0.0.1:0\"\nmax_concurrent_requests = 64");
+    let setup = Setup::new("listen = \"127.0.0.1:0\"\nmax_concurrent_requests = 32");
     let mut server = ServerProcess::start(&setup.config);
     let clients = Clients::start(server.addr, None, 12);
     // Let answers accumulate, then kill with requests in flight (twelve
