@@ -191,15 +191,22 @@ fn text(out: &Output) -> String {
 fn transfer_syntax_of(path: &Path) -> String {
     let out = dcmtk(
         "dcmdump",
-        &["-q", "-M", "+P", "0002,0010", &path.to_string_lossy()],
+        &[
+            "-q",
+            "-M",
+            "-Un",
+            "+P",
+            "0002,0010",
+            &path.to_string_lossy(),
+        ],
     );
+    // `(0002,0010) UI [1.2.840.10008.1.2.1]   # 20, 1 TransferSyntaxUID`
     let line = String::from_utf8_lossy(&out.stdout).into_owned();
-    let start = line.find('=').map_or(0, |i| i + 1);
-    line[start..]
-        .split_whitespace()
-        .next()
-        .unwrap_or("")
-        .to_owned()
+    let value = line
+        .split_once('[')
+        .and_then(|(_, rest)| rest.split_once(']'))
+        .map_or("", |(uid, _)| uid);
+    value.trim_end_matches('\0').trim().to_owned()
 }
 
 /// RG1 in every transfer syntax of the corpus, the storescu flag that
@@ -787,4 +794,87 @@ fn context_result(body: &[u8]) -> u8 {
         at += 4 + length;
     }
     panic!("no presentation context item in the A-ASSOCIATE-AC");
+}
+
+/// Files a dcmtk `storescp` wrote into `dir` (it names them by modality
+/// and SOP Instance UID).
+fn received_files(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|entries| entries.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn an_inferred_study_gets_a_result_sr_kept_and_sent_to_the_pacs() {
+    // The hospital's PACS: dcmtk's storescp on loopback.
+    let pacs_dir = tempfile::tempdir().expect("tempdir");
+    let pacs_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let mut pacs = Command::new("storescp")
+        .args(["-aet", "PACS", "-od"])
+        .arg(pacs_dir.path())
+        .arg(pacs_port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("storescp (dcmtk)");
+    let up = Instant::now();
+    while TcpStream::connect(("127.0.0.1", pacs_port)).is_err() {
+        assert!(
+            up.elapsed() < Duration::from_secs(10),
+            "storescp did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let server = DicomServer::start(dicom_setup(&format!(
+        "\n[dicom.forward]\nenabled = true\nhost = \"127.0.0.1\"\nport = {pacs_port}\n\
+         called_ae_title = \"PACS\"\nretries = 2\nretry_backoff_s = 0.2\ntimeout_s = 10\n"
+    )));
+    let work = tempfile::tempdir().expect("tempdir");
+    let (file, study) = study_copy(
+        &corpus_file("rg1_explicit_le.dcm"),
+        work.path(),
+        7,
+        "ACC-SR-7",
+    );
+    assert_eq!(server.post_emr("ACC-SR-7", EMR_TOKEN).status, 202);
+    assert!(storescu(&server, &["-xe"], &file).status.success());
+    let done = server.wait_for(&study, &["done", "failed"]);
+    assert_eq!(done["state"], "done", "{done}");
+
+    // Kept beside the instance, and received by the PACS.
+    let kept = server
+        .setup
+        .data_dir()
+        .join(format!("dicom/results/{study}.1.1.dcm"));
+    let started = Instant::now();
+    let received = loop {
+        let files = received_files(pacs_dir.path());
+        if kept.is_file() && !files.is_empty() {
+            break files;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no result SR: kept {}, received {files:?}",
+            kept.is_file()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(received.len(), 1, "{received:?}");
+    let dump = dcmtk("dcmdump", &["-q", "-Un", &received[0].to_string_lossy()]);
+    let dump = String::from_utf8_lossy(&dump.stdout).into_owned();
+    for expected in [
+        "1.2.840.10008.5.1.4.1.1.88.33", // Comprehensive SR
+        "NOT FOR DIAGNOSTIC USE",
+        "UNVERIFIED",
+        &format!("{study}.1.1"), // references the source image
+        &study,                  // in the source's study
+    ] {
+        assert!(dump.contains(expected), "{expected} missing from\n{dump}");
+    }
+    let _ = pacs.kill();
+    let _ = pacs.wait();
 }
