@@ -239,6 +239,21 @@ fn explicit(out: &mut Vec<u8>, element: u16, vr: &[u8; 2], value: &[u8]) {
     out.extend_from_slice(value);
 }
 
+/// The name of a PDU's type, for errors and logs.
+pub fn pdu_name(pdu: &dicom_ul::Pdu) -> &'static str {
+    use dicom_ul::Pdu;
+    match pdu {
+        Pdu::Unknown { .. } => "unknown",
+        Pdu::AssociationRQ(_) => "A-ASSOCIATE-RQ",
+        Pdu::AssociationAC(_) => "A-ASSOCIATE-AC",
+        Pdu::AssociationRJ(_) => "A-ASSOCIATE-RJ",
+        Pdu::PData { .. } => "P-DATA-TF",
+        Pdu::ReleaseRQ => "A-RELEASE-RQ",
+        Pdu::ReleaseRP => "A-RELEASE-RP",
+        Pdu::AbortRQ { .. } => "A-ABORT",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -471,7 +471,7 @@ impl Session<'_> {
                 }
                 Pdu::AbortRQ { .. } => return Ok(()),
                 other => {
-                    return Err(format!("unexpected {} PDU", pdu_name(&other)));
+                    return Err(format!("unexpected {} PDU", message::pdu_name(&other)));
                 }
             }
         }
@@ -689,17 +689,4 @@ fn append(shared: &Shared, pending: &mut Pending, data: &[u8]) {
         buffer.reserve_exact(target - buffer.len());
     }
     buffer.extend_from_slice(data);
-}
-
-fn pdu_name(pdu: &Pdu) -> &'static str {
-    match pdu {
-        Pdu::Unknown { .. } => "unknown",
-        Pdu::AssociationRQ(_) => "A-ASSOCIATE-RQ",
-        Pdu::AssociationAC(_) => "A-ASSOCIATE-AC",
-        Pdu::AssociationRJ(_) => "A-ASSOCIATE-RJ",
-        Pdu::PData { .. } => "P-DATA-TF",
-        Pdu::ReleaseRQ => "A-RELEASE-RQ",
-        Pdu::ReleaseRP => "A-RELEASE-RP",
-        Pdu::AbortRQ { .. } => "A-ABORT",
-    }
 }

@@ -714,24 +714,11 @@ fn receive_command(
                     address: address.into(),
                     reason: format!(
                         "unexpected {} while waiting for the C-STORE response",
-                        pdu_name(&other)
+                        super::message::pdu_name(&other)
                     ),
                 });
             }
         }
-    }
-}
-
-fn pdu_name(pdu: &Pdu) -> &'static str {
-    match pdu {
-        Pdu::Unknown { .. } => "unknown PDU",
-        Pdu::AssociationRQ(_) => "A-ASSOCIATE-RQ",
-        Pdu::AssociationAC(_) => "A-ASSOCIATE-AC",
-        Pdu::AssociationRJ(_) => "A-ASSOCIATE-RJ",
-        Pdu::PData { .. } => "P-DATA-TF",
-        Pdu::ReleaseRQ => "A-RELEASE-RQ",
-        Pdu::ReleaseRP => "A-RELEASE-RP",
-        Pdu::AbortRQ { .. } => "A-ABORT",
     }
 }
 
