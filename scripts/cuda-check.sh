@@ -14,7 +14,7 @@
 # from another release fail with "CUDA compiler and CUDA toolkit headers are
 # incompatible").
 #
-# The kernels take ~12.5 minutes on 2 cores the first time; they are compiled
+# The kernels take ~12.5 minutes of CPU time the first time; they are compiled
 # into candle-kernels' OUT_DIR in target/, and a later run with the same
 # venv path and compute capability reuses them (the venv is addressed through
 # its resolved path, so a fresh clone whose `target` links to the shared
@@ -44,6 +44,12 @@ cuda=$(echo "$venv"/lib/python3*/site-packages/nvidia/cu13)
 [ -x "$cuda/bin/nvcc" ] || { echo "cuda-check: no nvcc in $cuda" >&2; exit 1; }
 export PATH="$cuda/bin:$PATH" CUDA_ROOT="$cuda" CUDA_PATH="$cuda"
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-87}
+# cudaforge (candle-kernels' build script) runs nvcc on half the cores by
+# default — one on this machine; the kernels are the check's long pole, so
+# all of them. (Device optimisation flags do not shorten it: nearly all of
+# nvcc's time is cicc's C++ front end and ptxas on the templated kernels,
+# and -G / -Xptxas -O0 / -Xcicc -O0 measured no faster.)
+export CUDAFORGE_THREADS=${CUDAFORGE_THREADS:-$(nproc)}
 nvcc --version | tail -n 2 >&2
 # The same environment as scripts/test.sh: clippy's lints run inside the
 # check, on the code behind `cfg(feature = "cuda")` too.

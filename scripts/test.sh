@@ -83,10 +83,10 @@ set +e
 } 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
-# Fuzz smoke run (each target 20 s; the instrumented build lives in
+# Fuzz smoke run (each target 10 s; the instrumented build lives in
 # target/fuzz, so a warm CI run rebuilds only oxbox) and a 1-minute soak.
-step "fuzz smoke (scripts/fuzz.sh 20)"
-bash scripts/fuzz.sh 20 || { echo "test.sh: fuzz smoke FAILED" >&2; status=1; }
+step "fuzz smoke (scripts/fuzz.sh 10)"
+bash scripts/fuzz.sh 10 || { echo "test.sh: fuzz smoke FAILED" >&2; status=1; }
 step "soak, 1 minute (scripts/soak.sh 1)"
 bash scripts/soak.sh 1 || { echo "test.sh: soak FAILED" >&2; status=1; }
 # The edge box's deployment checks (firmware-notes/README.md): the systemd
