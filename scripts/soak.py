@@ -26,7 +26,7 @@ statistics round and ROUNDS training rounds; the served site runs
 tests the swap, not the learning), `serve_url` = the server). Two sites are
 enrolled and the second stays offline, so each round closes by
 `min_sites = 1` once `max_wait_s` = ROUND_EVERY has passed: a round every
-ROUND_EVERY seconds (default 180 s for runs of 10 minutes or more, else a
+ROUND_EVERY seconds (default 150 s for runs of 10 minutes or more, else a
 quarter of the run, at least 15 s), ROUNDS = the run's length in periods
 minus 2 (at least 1). Each global model (round >= 1) is evaluated by the
 site, promoted into the served model's promotion layout and swapped in by
@@ -105,6 +105,7 @@ class Stats:
         self.errors = []
         self.rss = {}  # minute -> [bytes]
         self.served_round = {}  # minute -> federation round served (last sample)
+        self.rounds_seen = {}  # federation round -> seconds when first seen served
 
     def elapsed(self):
         return time.monotonic() - self.started
@@ -286,6 +287,8 @@ def monitor(pid, port, stats, stop, federation):
                 _, served = served_model(port)
                 with stats.lock:
                     stats.served_round[stats.minute()] = served
+                    if served is not None:
+                        stats.rounds_seen.setdefault(served, round(stats.elapsed(), 1))
             except Exception as e:  # noqa: BLE001
                 stats.error(f"GET /v1/model: {type(e).__name__}: {e}")
 
@@ -336,7 +339,7 @@ class Federation:
         self.oxbox = oxbox
         self.work = work
         if round_every is None:
-            round_every = 180 if minutes >= 10 else max(15, int(minutes * 60 / 4))
+            round_every = 150 if minutes >= 10 else max(15, int(minutes * 60 / 4))
         self.period = int(round_every)
         self.rounds = max(1, int(minutes * 60 // self.period) - 2)
         self.lock = threading.Lock()
@@ -591,6 +594,7 @@ def main():
                     digest, served = served_model(port)
                     fed["final_reload_by_soak"] = True
                 fed["served_round_at_end"] = served
+                fed["rounds_seen_served"] = dict(sorted(stats.rounds_seen.items()))
                 fed["served_digest_at_end"] = digest
                 if served != federation.rounds or digest != fed["final_model"]:
                     stats.error(f"federation: the server serves round {served} ({digest}), not the final "
@@ -672,7 +676,8 @@ def main():
         print(f"federation: {fed['rounds_uploaded']} of {fed['rounds']} round(s) trained and uploaded, "
               f"{fed['promotions']} promoted, one every {fed['round_every_s']} s; train + upload per round "
               f"{min(d) if d else 0:.1f}-{max(d) if d else 0:.1f} s; the site's reload deferred "
-              f"{fed['site_reloads_deferred']}x; served at the end: round {fed.get('served_round_at_end')}; "
+              f"{fed['site_reloads_deferred']}x; rounds seen served (GET /v1/model every 5 s) "
+              f"{sorted(fed.get('rounds_seen_served', {}))}, at the end round {fed.get('served_round_at_end')}; "
               f"peak RSS federate {fed['federate_peak_rss_mib']:.1f} MiB, aggregator "
               f"{fed['aggregator_peak_rss_mib']:.1f} MiB; {fed['bytes_sent'] or 0} bytes sent")
     print(f"window: {wall_start} - {wall_end}; load average {load_start[0]:.2f} -> {load_end[0]:.2f}")

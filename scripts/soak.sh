@@ -4,7 +4,7 @@
 # each minute — with federation rounds beside it: an `oxbox aggregator
 # serve` on loopback and the served site's `oxbox federate` training on a
 # synthetic site folder, each round's global model promoted into the served
-# model and swapped in by reload while traffic flows (a round every 180 s
+# model and swapped in by reload while traffic flows (a round every 150 s
 # for runs of 10 minutes or more, a quarter of the run for shorter ones).
 # Per-minute table: requests, reloads, rounds uploaded, the federation round
 # served, p50/p99 and the server's RSS; the peak RSS of the server, the
