@@ -190,6 +190,8 @@ pub struct Answer {
     pub status: StatusCode,
     /// The `Oxbox-Signature` header, if any.
     pub signature: Option<String>,
+    /// The `Retry-After` header in seconds, if any (the delay form only).
+    pub retry_after_s: Option<u64>,
     /// Its body.
     pub body: Vec<u8>,
 }
@@ -331,6 +333,11 @@ impl AggregatorClient {
             .get(SIGNATURE_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
+        let retry_after_s = response
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
         let declared = response
             .headers()
             .get(header::CONTENT_LENGTH)
@@ -361,6 +368,7 @@ impl AggregatorClient {
         Ok(Answer {
             status,
             signature,
+            retry_after_s,
             body,
         })
     }
@@ -626,6 +634,7 @@ mod tests {
         let answer = Answer {
             status: StatusCode::CONFLICT,
             signature: None,
+            retry_after_s: None,
             body: br#"{"type":"stale-base-model","title":"t","detail":"round 3 is on abc"}"#
                 .to_vec(),
         };
@@ -637,6 +646,7 @@ mod tests {
         let answer = Answer {
             status: StatusCode::BAD_GATEWAY,
             signature: None,
+            retry_after_s: None,
             body: b"<html>".to_vec(),
         };
         assert_eq!(

@@ -1089,24 +1089,59 @@ impl<'a> SiteClient<'a> {
             .as_deref()
             .and_then(|p| std::fs::read_to_string(p).ok())
             .map(|t| t.trim().to_owned());
-        let result = AggregatorClient::new(url, None, Duration::from_secs(30)).and_then(|c| {
-            c.send(
+        let client = match AggregatorClient::new(url, None, Duration::from_secs(30)) {
+            Ok(client) => client,
+            Err(e) => {
+                tracing::warn!(
+                    "federation: the promoted model is in place, but serve could not be told: {e}"
+                );
+                return;
+            }
+        };
+        // A reload the server defers (429: sooner than its minimum interval
+        // after the previous one; 409: one is running; 503) is asked again
+        // after its Retry-After, so that the promoted model is served
+        // without waiting for someone's SIGHUP.
+        let mut attempt = 1u32;
+        loop {
+            let result = client.send(
                 hyper::Method::POST,
                 "/v1/admin/model/reload",
                 None,
                 token.as_deref(),
                 64 * 1024,
-            )
-        });
-        match result {
-            Ok(answer) if answer.status.is_success() => {}
-            Ok(answer) => tracing::warn!(
-                "federation: the promoted model is in place, but serve answered {} to the reload",
-                answer.status
-            ),
-            Err(e) => tracing::warn!(
-                "federation: the promoted model is in place, but serve could not be told: {e}"
-            ),
+            );
+            let wait = match &result {
+                Ok(answer) if answer.status.is_success() => return,
+                Ok(answer) if reload_deferred(answer.status) => {
+                    reload_retry_wait(answer.retry_after_s)
+                }
+                Ok(_) => None,
+                Err(e) if e.is_retryable() => Some(backoff(attempt + 1)),
+                Err(_) => None,
+            };
+            match wait {
+                Some(wait) if attempt < RELOAD_ATTEMPTS => {
+                    tracing::info!(
+                        "federation: serve deferred the reload; asking again in {} s",
+                        wait.as_secs_f64()
+                    );
+                    attempt += 1;
+                    std::thread::sleep(wait);
+                }
+                _ => {
+                    match result {
+                        Ok(answer) => tracing::warn!(
+                            "federation: the promoted model is in place, but serve answered {} to the reload (after {attempt} attempt(s)); SIGHUP or POST /v1/admin/model/reload serves it",
+                            answer.status
+                        ),
+                        Err(e) => tracing::warn!(
+                            "federation: the promoted model is in place, but serve could not be told: {e}"
+                        ),
+                    }
+                    return;
+                }
+            }
         }
     }
 
@@ -1300,6 +1335,33 @@ pub fn saved_counters(data_dir: &Path) -> Option<SiteCounters> {
 }
 
 /// The wait before retry `attempt` (2 = the first retry).
+/// How many times a site asks `oxbox serve` to reload a promoted model.
+const RELOAD_ATTEMPTS: u32 = 6;
+
+/// The longest a site waits before asking again, whatever Retry-After says.
+const MAX_RELOAD_WAIT: Duration = Duration::from_secs(120);
+
+/// Whether serve deferred a reload (worth asking again later) rather than
+/// refused it: 429 (too soon after the previous one), 409 (one running),
+/// 503 (overloaded or draining).
+fn reload_deferred(status: hyper::StatusCode) -> bool {
+    matches!(
+        status,
+        hyper::StatusCode::TOO_MANY_REQUESTS
+            | hyper::StatusCode::CONFLICT
+            | hyper::StatusCode::SERVICE_UNAVAILABLE
+    )
+}
+
+/// The wait before asking serve again: its Retry-After (at least 1 s, at
+/// most [`MAX_RELOAD_WAIT`]), 1 s when it gave none.
+fn reload_retry_wait(retry_after_s: Option<u64>) -> Option<Duration> {
+    let seconds = retry_after_s
+        .unwrap_or(1)
+        .clamp(1, MAX_RELOAD_WAIT.as_secs());
+    Some(Duration::from_secs(seconds))
+}
+
 fn backoff(attempt: u32) -> Duration {
     let doubled = FIRST_BACKOFF.saturating_mul(1u32 << attempt.saturating_sub(2).min(16));
     doubled.min(MAX_BACKOFF)
@@ -1454,6 +1516,29 @@ fn sync_dir_files(dir: &Path) -> Result<(), SiteError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deferred_reload_waits_for_retry_after_within_bounds() {
+        use hyper::StatusCode;
+        for status in [
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::CONFLICT,
+            StatusCode::SERVICE_UNAVAILABLE,
+        ] {
+            assert!(reload_deferred(status), "{status}");
+        }
+        for status in [
+            StatusCode::FORBIDDEN,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            StatusCode::INTERNAL_SERVER_ERROR,
+        ] {
+            assert!(!reload_deferred(status), "{status}");
+        }
+        assert_eq!(reload_retry_wait(Some(7)), Some(Duration::from_secs(7)));
+        assert_eq!(reload_retry_wait(None), Some(Duration::from_secs(1)));
+        assert_eq!(reload_retry_wait(Some(0)), Some(Duration::from_secs(1)));
+        assert_eq!(reload_retry_wait(Some(86_400)), Some(MAX_RELOAD_WAIT));
+    }
 
     #[test]
     fn backoff_doubles_from_half_a_second_up_to_thirty() {
