@@ -30,9 +30,9 @@ ROUND_EVERY seconds (default 150 s for runs of 10 minutes or more, else a
 quarter of the run, at least 15 s), ROUNDS = the run's length in periods
 minus 2 (at least 1). Each global model (round >= 1) is evaluated by the
 site, promoted into the served model's promotion layout and swapped in by
-the site's reload request (or, when that one is answered 429/409 because
-the soak's own model reload had just run, by the next one) while traffic
-flows. Every 5 s the served model's federation round is read from
+the site's reload request (when that one is answered 429/409 because the
+soak's own model reload had just run, `oxbox federate` asks again after
+Retry-After) while traffic flows. Every 5 s the served model's federation round is read from
 GET /v1/model.
 
 Every 5 s the server's resident size (VmRSS) is sampled from /proc; the
@@ -429,7 +429,12 @@ class Federation:
                         self.finding(f"the global model of round {m.group(1)} was not promoted: {line}")
                 elif "federate: statistics sent" in line or "federate: the job is finished" in line:
                     self.note(line.removeprefix("federate: "))
+                elif "serve deferred the reload; asking again" in line:
+                    # oxbox federate asks again after Retry-After.
+                    self.deferred += 1
+                    self.note("the site's reload deferred (429/409); federate asks again")
                 elif re.search(r"the promoted model is in place, but serve answered 4(29|09)", line):
+                    # A binary from before federate retried deferred reloads.
                     self.deferred += 1
                     self.note("the site's reload deferred (429/409)")
                 elif (" WARN " in line or " ERROR " in line or "refused the update" in line
