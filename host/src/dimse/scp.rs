@@ -235,7 +235,7 @@ enum Bound {
 impl Shared {
     fn counter(&self, bound: Bound) -> &AtomicUsize {
         match bound {
-            Bound::Associations => &*self.active,
+            Bound::Associations => &self.active,
             Bound::Rejections => &self.rejecting,
         }
     }
