@@ -3,7 +3,9 @@
 # a C/C++ toolchain, cmake and nasm (libjpeg-turbo, CharLS and OpenJPEG are
 # built from the sources vendored in their -sys crates; nothing is downloaded
 # at build time). With --tests, also what the test suite needs: dcmtk and
-# GDCM (re-encoders), dicom3tools (dciodvfy), GNU time (peak RSS of the
+# GDCM (re-encoders), dicom3tools (dciodvfy), Orthanc (a real PACS peer
+# for the DICOM listener's test; its own service is stopped and disabled),
+# GNU time (peak RSS of the
 # binary under test), openssl (the aggregator's TLS test certificate),
 # systemd-analyze, the aarch64 cross toolchain and qemu-user
 # (scripts/systemd-check.sh, aarch64-check.sh), the
@@ -22,6 +24,9 @@ if [ "${1:-}" = "--tests" ]; then
   # The result SR is validated with dicom3tools' dciodvfy (tests/e2e/sr.rs);
   # dcmtk's dcmdump, dsrdump and storescp check and receive it.
   command -v dciodvfy >/dev/null || need+=(dicom3tools)
+  # tests/e2e/orthanc.rs starts Debian's Orthanc itself, on free loopback
+  # ports, with a configuration of its own.
+  [ -x /usr/sbin/Orthanc ] || need+=(orthanc)
   [ -x /usr/bin/time ] || need+=(time)
   # The aggregator's TLS test makes a self-signed certificate with it.
   command -v openssl >/dev/null || need+=(openssl)
@@ -36,6 +41,16 @@ if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then sudo=sudo; else sudo=; fi
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  # The package starts its own Orthanc service (DICOM 4242, HTTP 8042) where
+  # services may start: the tests need none, so it is stopped and disabled.
+  if [[ " ${need[*]} " == *" orthanc "* ]]; then
+    if [ -d /run/systemd/system ]; then
+      $sudo systemctl disable --now orthanc.service >/dev/null 2>&1 || true
+    else
+      $sudo /etc/init.d/orthanc stop >/dev/null 2>&1 || true
+      $sudo update-rc.d orthanc disable >/dev/null 2>&1 || true
+    fi
+  fi
 fi
 # The toolchain pinned in rust-toolchain.toml, with rustfmt and clippy.
 cd "$(dirname "$0")/.."

@@ -7,7 +7,7 @@
 //! result route against the OpenAPI document, no accession number in the
 //! log.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -18,19 +18,20 @@ use serde_json::Value;
 use crate::serve::{Reply, ServerProcess, Setup, assert_conforms, openapi, request};
 use crate::util::{corpus_file, repo_root};
 
-const EMR_TOKEN: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+pub(crate) const EMR_TOKEN: &str =
+    "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
 /// A server with the DICOM listener on: its process, HTTP and DICOM
 /// addresses, and the setup (data dir, config).
-struct DicomServer {
-    server: ServerProcess,
-    dicom: SocketAddr,
-    setup: Setup,
-    log: PathBuf,
+pub(crate) struct DicomServer {
+    pub(crate) server: ServerProcess,
+    pub(crate) dicom: SocketAddr,
+    pub(crate) setup: Setup,
+    pub(crate) log: PathBuf,
 }
 
 /// A setup with `[dicom]` enabled (`extra`: more `[dicom]` lines).
-fn dicom_setup(extra: &str) -> Setup {
+pub(crate) fn dicom_setup(extra: &str) -> Setup {
     use std::os::unix::fs::PermissionsExt;
     let setup = Setup::new("listen = \"127.0.0.1:0\"");
     let token = setup.dir.path().join("emr-token");
@@ -38,7 +39,7 @@ fn dicom_setup(extra: &str) -> Setup {
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     setup.append(&format!(
         "[dicom]\nenabled = true\nlisten = \"127.0.0.1:0\"\nae_title = \"OXBOX\"\n\
-         allowed_calling_ae_titles = [\"STORESCU\", \"ECHOSCU\", \"OXTEST\"]\n\
+         allowed_calling_ae_titles = [\"STORESCU\", \"ECHOSCU\", \"OXTEST\", \"ORTHANC\"]\n\
          emr_token_file = \"{}\"\nmin_free_disk_mib = 1\n{extra}\n",
         token.display()
     ));
@@ -46,34 +47,12 @@ fn dicom_setup(extra: &str) -> Setup {
 }
 
 impl DicomServer {
-    fn start(setup: Setup) -> Self {
+    pub(crate) fn start(setup: Setup) -> Self {
         let log = setup.dir.path().join("server.log");
-        let mut child = crate::util::oxbox_command()
-            .args([
-                "--config".as_ref(),
-                setup.config.as_os_str(),
-                "serve".as_ref(),
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(std::fs::File::create(&log).expect("log")))
-            .spawn()
-            .expect("spawn oxbox serve");
-        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut line = String::new();
-        stdout.read_line(&mut line).expect("listening line");
-        let addr = line
-            .trim()
-            .strip_prefix("listening on http://")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .parse()
-            .expect("address");
-        let server = ServerProcess { child, addr };
-        let mut line = String::new();
-        stdout.read_line(&mut line).expect("dicom line");
-        let dicom = line
-            .trim()
+        let (server, lines) = ServerProcess::start_logged_reading(&setup.config, &log, 1);
+        let dicom = lines[0]
             .strip_prefix("dicom listening on ")
-            .unwrap_or_else(|| panic!("unexpected second line {line:?}"))
+            .unwrap_or_else(|| panic!("unexpected second line {:?}", lines[0]))
             .parse()
             .expect("dicom address");
         Self {
@@ -84,15 +63,15 @@ impl DicomServer {
         }
     }
 
-    fn port(&self) -> String {
+    pub(crate) fn port(&self) -> String {
         self.dicom.port().to_string()
     }
 
-    fn get(&self, path: &str) -> Reply {
+    pub(crate) fn get(&self, path: &str) -> Reply {
         request(self.server.addr, "GET", path, &[], b"")
     }
 
-    fn post_emr(&self, accession: &str, token: &str) -> Reply {
+    pub(crate) fn post_emr(&self, accession: &str, token: &str) -> Reply {
         let record: Value = serde_json::from_slice(
             &std::fs::read(repo_root().join("samples/example-site-record.json")).expect("record"),
         )
@@ -112,7 +91,7 @@ impl DicomServer {
     }
 
     /// Polls the study's result until its state is one of `states`.
-    fn wait_for(&self, study: &str, states: &[&str]) -> Value {
+    pub(crate) fn wait_for(&self, study: &str, states: &[&str]) -> Value {
         let path = format!("/v1/studies/{study}/result");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -133,11 +112,19 @@ impl DicomServer {
         }
     }
 
-    fn metrics(&self) -> String {
+    pub(crate) fn metrics(&self) -> String {
         String::from_utf8(self.get("/metrics").body).expect("metrics text")
     }
 
-    fn instances(&self) -> Vec<PathBuf> {
+    /// Asserts that `/metrics` has each of `lines`.
+    pub(crate) fn assert_metrics(&self, lines: &[&str]) {
+        let metrics = self.metrics();
+        for line in lines {
+            assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+        }
+    }
+
+    pub(crate) fn instances(&self) -> Vec<PathBuf> {
         let dir = self.setup.data_dir().join("dicom/instances");
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .map(|d| d.flatten().map(|e| e.path()).collect())
@@ -149,7 +136,7 @@ impl DicomServer {
 
 /// A copy of `source` in `dir` with its own study, series and instance
 /// UIDs and accession number (dcmodify, which keeps the transfer syntax).
-fn study_copy(source: &Path, dir: &Path, n: u32, accession: &str) -> (PathBuf, String) {
+pub(crate) fn study_copy(source: &Path, dir: &Path, n: u32, accession: &str) -> (PathBuf, String) {
     let study = format!("1.2.826.0.1.3680043.10.1234.{n}");
     let out = dir.join(format!("study-{n}.dcm"));
     std::fs::copy(source, &out).expect("copy");
@@ -172,14 +159,14 @@ fn study_copy(source: &Path, dir: &Path, n: u32, accession: &str) -> (PathBuf, S
     (out, study)
 }
 
-fn dcmtk(tool: &str, args: &[&str]) -> Output {
+pub(crate) fn dcmtk(tool: &str, args: &[&str]) -> Output {
     Command::new(tool)
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("{tool}: {e} (dcmtk: scripts/setup.sh --tests)"))
 }
 
-fn text(out: &Output) -> String {
+pub(crate) fn text(out: &Output) -> String {
     format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -230,7 +217,7 @@ const SYNTAXES: [(&str, &str, &str); 12] = [
     ),
 ];
 
-fn storescu(server: &DicomServer, flags: &[&str], file: &Path) -> Output {
+pub(crate) fn storescu(server: &DicomServer, flags: &[&str], file: &Path) -> Output {
     let port = server.port();
     let mut args = vec!["-aec", "OXBOX", "-to", "30"];
     args.extend_from_slice(flags);
@@ -585,14 +572,11 @@ fn emr_before_or_after_the_image_yields_a_result_and_a_lone_image_expires() {
         &unknown,
     );
 
-    let metrics = server.metrics();
-    for line in [
+    server.assert_metrics(&[
         "oxbox_studies_matched_total 2",
         "oxbox_studies_expired_total 1",
         "oxbox_studies_inferred_total{outcome=\"with_emr\"} 2",
-    ] {
-        assert!(metrics.contains(line), "{line} missing:\n{metrics}");
-    }
+    ]);
     // Both inferences are in the audit log.
     let audit = crate::util::run(&[
         "--config".as_ref(),
@@ -621,6 +605,79 @@ fn emr_before_or_after_the_image_yields_a_result_and_a_lone_image_expires() {
         assert!(!done.to_string().contains(accession));
         assert!(!audit_text.contains(accession));
     }
+}
+
+#[test]
+fn a_study_whose_record_never_comes_is_inferred_image_only() {
+    let doc = openapi();
+    let server = DicomServer::start(dicom_setup("emr_wait_s = 3\nimage_only = true"));
+    let work = tempfile::tempdir().expect("tempdir");
+    let (file, study) = study_copy(
+        &corpus_file("rg1_explicit_le.dcm"),
+        work.path(),
+        41,
+        "ACC-ALONE-41",
+    );
+    assert!(storescu(&server, &["-xe"], &file).status.success());
+    let path = format!("/v1/studies/{study}/result");
+    let waiting = server.get(&path).json();
+    assert_eq!(waiting["state"], "waiting", "{waiting}");
+    assert!(waiting["waits_for_s"].as_i64().is_some_and(|s| s <= 3));
+
+    // After emr_wait_s the sweeper claims it without a record.
+    let done = server.wait_for(&study, &["done", "failed", "expired"]);
+    assert_eq!(done["state"], "done", "{done}");
+    assert_eq!(done["image_only"], true, "{done}");
+    assert!(
+        done["result"]["warnings"].as_array().is_some_and(|w| w
+            .iter()
+            .any(|w| w.as_str().is_some_and(|w| w.contains("image only")))),
+        "no image-only warning in {done}"
+    );
+    assert_conforms(
+        &doc,
+        "GET",
+        "/v1/studies/{study_instance_uid}/result",
+        &server.get(&path),
+    );
+    // The prediction is the one for the film with an empty record.
+    let empty = work.path().join("empty.json");
+    std::fs::write(&empty, "{}").expect("empty record");
+    let cli = crate::util::run(&[
+        "--config".as_ref(),
+        server.setup.config.as_os_str(),
+        "predict".as_ref(),
+        "--dicom".as_ref(),
+        file.as_os_str(),
+        "--emr".as_ref(),
+        empty.as_os_str(),
+    ]);
+    assert!(cli.status.success(), "{}", crate::util::stderr(&cli));
+    let cli: Value = serde_json::from_slice(&cli.stdout).expect("CLI JSON");
+    assert_eq!(done["result"]["horizons"], cli["horizons"]);
+
+    // Its result SR is kept like any other, and says it had no record.
+    let kept = server
+        .setup
+        .data_dir()
+        .join(format!("dicom/results/{study}.1.1.dcm"));
+    let started = Instant::now();
+    while !kept.is_file() {
+        assert!(started.elapsed() < Duration::from_secs(30), "no result SR");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // +L: the comment in full (dcmdump cuts long values).
+    let dump = dcmtk("dcmdump", &["-q", "-Un", "+L", &kept.to_string_lossy()]);
+    assert!(
+        String::from_utf8_lossy(&dump.stdout).contains("without an EMR record"),
+        "{}",
+        text(&dump)
+    );
+    server.assert_metrics(&[
+        "oxbox_studies_inferred_total{outcome=\"image_only\"} 1",
+        "oxbox_studies_expired_total 0",
+        "oxbox_studies_matched_total 0",
+    ]);
 }
 
 /// Reads one PDU: its type and body.
@@ -817,10 +874,7 @@ fn received_files(dir: &Path) -> Vec<PathBuf> {
 fn an_inferred_study_gets_a_result_sr_kept_and_sent_to_the_pacs() {
     // The hospital's PACS: dcmtk's storescp on loopback.
     let pacs_dir = tempfile::tempdir().expect("tempdir");
-    let pacs_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let pacs_port = crate::util::free_port();
     let mut pacs = Command::new("storescp")
         .args(["-aet", "PACS", "-od"])
         .arg(pacs_dir.path())

@@ -20,6 +20,7 @@ mod hostile_plugins;
 mod model_swap;
 mod openapi;
 mod operator_logs;
+mod orthanc;
 mod plugin_dev;
 mod plugin_schema;
 mod plugins;

@@ -8,7 +8,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -35,24 +35,42 @@ impl ServerProcess {
 
     /// Spawns the server and waits for its `listening on` line.
     fn spawn(config: &Path, log: Stdio) -> Self {
+        Self::spawn_reading(config, log, 0).0
+    }
+
+    /// `oxbox --config CONFIG serve`, its log going to the file `log`, and
+    /// the `more` lines its stdout prints after the `listening on` line
+    /// (the DICOM listener's address, when it is on).
+    pub(crate) fn start_logged_reading(
+        config: &Path,
+        log: &Path,
+        more: usize,
+    ) -> (Self, Vec<String>) {
+        let file = std::fs::File::create(log).expect("log file");
+        Self::spawn_reading(config, Stdio::from(file), more)
+    }
+
+    fn spawn_reading(config: &Path, log: Stdio, more: usize) -> (Self, Vec<String>) {
         let mut child = crate::util::oxbox_command()
             .args(["--config".as_ref(), config.as_os_str(), "serve".as_ref()])
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
             .expect("spawn oxbox serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read the listening line");
-        let addr = line
-            .trim()
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut lines = Vec::new();
+        for _ in 0..=more {
+            let mut line = String::new();
+            stdout.read_line(&mut line).expect("read a stdout line");
+            lines.push(line.trim().to_owned());
+        }
+        let first = lines.remove(0);
+        let addr = first
             .strip_prefix("listening on http://")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
             .parse()
             .expect("address");
-        Self { child, addr }
+        (Self { child, addr }, lines)
     }
 
     /// The server's process id.
@@ -64,22 +82,33 @@ impl ServerProcess {
     pub(crate) fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
-}
 
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
+    /// Stops the server as an operator does (SIGTERM) and waits up to
+    /// `wait` for it to exit; its exit status, `None` if it had to be
+    /// killed.
+    pub(crate) fn stop(&mut self, wait: Duration) -> Option<ExitStatus> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Some(status);
+        }
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + wait;
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        None
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(10));
     }
 }
 

@@ -39,6 +39,15 @@ pub fn corpus_file(name: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("{name} not in corpus"))
 }
 
+/// A TCP port free on loopback now (bound, then released): for a peer the
+/// test starts that cannot bind port 0 and report it.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port on 127.0.0.1")
+        .port()
+}
+
 /// Runs oxbox with `args` and waits for its output. No address-space or
 /// memory cap: bounds are measured from outside ([`run_measured`],
 /// [`vm_hwm`]), never imposed on the binary.

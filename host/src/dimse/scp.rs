@@ -223,12 +223,62 @@ impl Shared {
     }
 }
 
-/// Decrements a counter when dropped.
-struct Slot<'a>(&'a AtomicUsize);
+/// What a [`Slot`] counts: both are bounded by `max_associations`.
+#[derive(Debug, Clone, Copy)]
+enum Bound {
+    /// Associations being served ([`Shared::active`]).
+    Associations,
+    /// Requests being answered with a rejection ([`Shared::rejecting`]).
+    Rejections,
+}
 
-impl Drop for Slot<'_> {
+impl Shared {
+    fn counter(&self, bound: Bound) -> &AtomicUsize {
+        match bound {
+            Bound::Associations => &self.active,
+            Bound::Rejections => &self.rejecting,
+        }
+    }
+}
+
+/// One of a [`Bound`]'s `max_associations` slots, given back when dropped.
+struct Slot {
+    shared: Arc<Shared>,
+    bound: Bound,
+}
+
+impl Slot {
+    /// Takes a slot, unless all are held.
+    fn take(shared: &Arc<Shared>, bound: Bound) -> Option<Self> {
+        let counter = shared.counter(bound);
+        if counter.fetch_add(1, Ordering::AcqRel) >= shared.settings.max_associations {
+            counter.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Self {
+            shared: Arc::clone(shared),
+            bound,
+        })
+    }
+
+    /// Runs `work` on a thread of its own, which holds the slot until it
+    /// ends; a thread that cannot start gives the slot back at once.
+    fn spawn(self, name: &str, work: impl FnOnce(&Shared) + Send + 'static) -> std::io::Result<()> {
+        std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || {
+                let slot = self;
+                work(&slot.shared);
+            })
+            .map(drop)
+    }
+}
+
+impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.shared
+            .counter(self.bound)
+            .fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -247,38 +297,29 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
             }
         };
         let _ = socket.set_nodelay(true);
-        let limit = shared.settings.max_associations;
-        let refusal = if shared.active.fetch_add(1, Ordering::AcqRel) >= limit {
-            shared.active.fetch_sub(1, Ordering::AcqRel);
-            Some((
+        let (reason, outcome) = match Slot::take(shared, Bound::Associations) {
+            None => (
                 AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
                 "limit",
-            ))
-        } else if let Err(Congestion::DiskReserve) = shared.sink.accepting() {
-            shared.active.fetch_sub(1, Ordering::AcqRel);
-            Some((
-                AssociationRJServiceProviderPresentationReason::TemporaryCongestion,
-                "congestion",
-            ))
-        } else {
-            None
+            ),
+            Some(slot) => match shared.sink.accepting() {
+                Err(Congestion::DiskReserve) => (
+                    AssociationRJServiceProviderPresentationReason::TemporaryCongestion,
+                    "congestion",
+                ),
+                Ok(()) => {
+                    let spawned = slot.spawn("dicom-association", move |shared| {
+                        serve_association(shared, socket, peer);
+                    });
+                    if let Err(e) = spawned {
+                        tracing::warn!("dicom: cannot start an association thread: {e}");
+                    }
+                    continue;
+                }
+            },
         };
-        if let Some((reason, outcome)) = refusal {
-            shared.sink.association(outcome);
-            reject_transient(shared, socket, peer, reason);
-            continue;
-        }
-        let worker = Arc::clone(shared);
-        let spawned = std::thread::Builder::new()
-            .name("dicom-association".to_owned())
-            .spawn(move || {
-                let _slot = Slot(&worker.active);
-                serve_association(&worker, socket, peer);
-            });
-        if let Err(e) = spawned {
-            shared.active.fetch_sub(1, Ordering::AcqRel);
-            tracing::warn!("dicom: cannot start an association thread: {e}");
-        }
+        shared.sink.association(outcome);
+        reject_transient(shared, socket, peer, reason);
     }
 }
 
@@ -290,23 +331,15 @@ fn reject_transient(
     peer: SocketAddr,
     reason: AssociationRJServiceProviderPresentationReason,
 ) {
-    if shared.rejecting.fetch_add(1, Ordering::AcqRel) >= shared.settings.max_associations {
-        shared.rejecting.fetch_sub(1, Ordering::AcqRel);
+    let Some(slot) = Slot::take(shared, Bound::Rejections) else {
         tracing::debug!("dicom: {peer}: closed unanswered (too many rejections in progress)");
         return;
-    }
-    let worker = Arc::clone(shared);
-    let spawned = std::thread::Builder::new()
-        .name("dicom-reject".to_owned())
-        .spawn(move || {
-            let _slot = Slot(&worker.rejecting);
-            let timeout = worker.settings.idle_timeout.min(Duration::from_secs(5));
-            tracing::info!("dicom: association from {peer} rejected (transient): {reason}");
-            let _ = answer_rejection(socket, timeout, reason);
-        });
-    if spawned.is_err() {
-        shared.rejecting.fetch_sub(1, Ordering::AcqRel);
-    }
+    };
+    let _ = slot.spawn("dicom-reject", move |shared| {
+        let timeout = shared.settings.idle_timeout.min(Duration::from_secs(5));
+        tracing::info!("dicom: association from {peer} rejected (transient): {reason}");
+        let _ = answer_rejection(socket, timeout, reason);
+    });
 }
 
 /// Reads the A-ASSOCIATE-RQ (bounded: 64 KiB, `timeout`) and answers the
@@ -433,6 +466,8 @@ struct Pending {
     /// The status to answer when the data set ends, if already decided.
     refusal: Option<u16>,
     transfer_syntax: String,
+    /// When the command came (the data set's reception is timed from it).
+    since: Instant,
 }
 
 struct Session<'a> {
@@ -581,6 +616,7 @@ impl Session<'_> {
                     reservation,
                     refusal,
                     transfer_syntax,
+                    since: Instant::now(),
                 });
                 Ok(())
             }
@@ -594,6 +630,7 @@ impl Session<'_> {
                     reservation: self.shared.budget.reservation(),
                     refusal: Some(status::UNRECOGNIZED_OPERATION),
                     transfer_syntax,
+                    since: Instant::now(),
                 });
                 Ok(())
             }
@@ -614,6 +651,7 @@ impl Session<'_> {
             reservation,
             refusal,
             transfer_syntax,
+            since,
         } = pending;
         let response_field = command.field | 0x8000;
         let code = match (refusal, buffer) {
@@ -621,6 +659,12 @@ impl Session<'_> {
             (None, None) => status::OUT_OF_RESOURCES,
             (None, Some(bytes)) => {
                 let started = Instant::now();
+                tracing::debug!(
+                    "dicom: {}: data set of {} bytes received in {:.1} ms",
+                    self.peer,
+                    bytes.len(),
+                    started.duration_since(since).as_secs_f64() * 1e3
+                );
                 let code = self.shared.sink.store(ReceivedInstance {
                     bytes,
                     reservation,

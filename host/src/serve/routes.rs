@@ -1083,7 +1083,7 @@ async fn emr(state: &Arc<AppState>, request: Request<Incoming>) -> HttpResponse 
     let runtime = tokio::runtime::Handle::current();
     for study in claimed {
         state.metrics.study_matched();
-        super::studies::spawn_inference(&runtime, state, &dicom.studies, study);
+        super::studies::spawn_inference(&runtime, state, &dicom.studies, study, None);
     }
     let status = if matched.is_empty() {
         StatusCode::ACCEPTED

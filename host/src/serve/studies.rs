@@ -7,7 +7,7 @@
 //! studies whose record does not come, and applies the retention.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dicom_dictionary_std::tags;
@@ -17,6 +17,10 @@ use crate::dicom::{DicomFile, ImageHeader};
 use crate::dimse::message::status;
 use crate::dimse::scp::{Congestion, InstanceSink, ReceivedInstance};
 use crate::studies::{self, Claimed, ImageAttributes, Received, Studies, fingerprint};
+
+/// The warning an image-only result carries (`dicom.image_only`).
+pub const IMAGE_ONLY_WARNING: &str =
+    "inferred image only: no EMR record came within dicom.emr_wait_s (every EMR feature missing)";
 
 /// How often the sweeper runs.
 pub const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
@@ -58,6 +62,7 @@ impl StudySink {
             ..
         } = instance;
         let limits = &self.state.limits;
+        let started = Instant::now();
         let scanned = DicomFile::scan_bytes(&bytes, limits)
             .map_err(|_| (status::CANNOT_UNDERSTAND, "invalid"))?;
         reservation
@@ -107,11 +112,18 @@ impl StudySink {
             }
         }
         drop(file);
+        let parsed = started.elapsed();
         let received = self.studies.receive(&image, &bytes).map_err(|e| {
             tracing::warn!("dicom: storing an instance failed: {e}");
             (status::OUT_OF_RESOURCES, "storage")
         })?;
-        drop(bytes);
+        tracing::debug!(
+            "dicom: study {}: instance parsed in {:.1} ms, kept (written, synced, recorded) in {:.1} ms",
+            fingerprint(&image.study_uid),
+            parsed.as_secs_f64() * 1e3,
+            (started.elapsed() - parsed).as_secs_f64() * 1e3
+        );
+        // The inference reserves what it keeps of the data set.
         drop(reservation);
         let metrics = &self.state.metrics;
         match received {
@@ -130,7 +142,17 @@ impl StudySink {
                 );
                 if let Some(claimed) = claimed {
                     metrics.study_matched();
-                    spawn_inference(&self.runtime, &self.state, &self.studies, claimed);
+                    // The data set is still in memory: the inference takes
+                    // it rather than reading back the file just written.
+                    let mut bytes = bytes;
+                    bytes.shrink_to_fit();
+                    spawn_inference(
+                        &self.runtime,
+                        &self.state,
+                        &self.studies,
+                        claimed,
+                        Some(Bytes::from(bytes)),
+                    );
                 }
             }
         }
@@ -170,20 +192,27 @@ impl InstanceSink for StudySink {
     }
 }
 
-/// Starts the inference of a claimed study on `runtime`.
+/// Starts the inference of a claimed study on `runtime`; `instance`: its
+/// Part 10 file when still in memory (else it is read from the data dir).
 pub fn spawn_inference(
     runtime: &tokio::runtime::Handle,
     state: &Arc<AppState>,
     studies: &Arc<Studies>,
     claimed: Claimed,
+    instance: Option<Bytes>,
 ) {
     let state = Arc::clone(state);
     let studies = Arc::clone(studies);
-    runtime.spawn(async move { infer(&state, &studies, claimed).await });
+    runtime.spawn(async move { infer(&state, &studies, claimed, instance).await });
 }
 
 /// Infers a claimed study and records the outcome.
-async fn infer(state: &Arc<AppState>, studies: &Arc<Studies>, claimed: Claimed) {
+async fn infer(
+    state: &Arc<AppState>,
+    studies: &Arc<Studies>,
+    claimed: Claimed,
+    instance: Option<Bytes>,
+) {
     let Claimed {
         study_uid,
         instance_path,
@@ -191,9 +220,17 @@ async fn infer(state: &Arc<AppState>, studies: &Arc<Studies>, claimed: Claimed) 
     } = claimed;
     let study = fingerprint(&study_uid);
     let image_only = record.is_none();
+    let started = Instant::now();
     let path = instance_path.clone();
-    let bytes = match tokio::task::spawn_blocking(move || studies::read_instance(&path)).await {
-        Ok(Ok(bytes)) => Bytes::from(bytes),
+    let loaded = match instance {
+        Some(bytes) => Ok(Ok(bytes)),
+        None => {
+            tokio::task::spawn_blocking(move || studies::read_instance(&path).map(Bytes::from))
+                .await
+        }
+    };
+    let bytes = match loaded {
+        Ok(Ok(bytes)) => bytes,
         Ok(Err(e)) => {
             tracing::warn!("dicom: study {study}: {e}");
             finish(
@@ -210,8 +247,12 @@ async fn infer(state: &Arc<AppState>, studies: &Arc<Studies>, claimed: Claimed) 
         }
     };
     let emr = Bytes::from(record.unwrap_or_else(|| "{}".to_owned()));
+    let read = started.elapsed();
     match super::routes::infer_study(state, bytes, emr).await {
-        Ok(report) => {
+        Ok(mut report) => {
+            if image_only {
+                report.warnings.push(IMAGE_ONLY_WARNING.to_owned());
+            }
             state
                 .metrics
                 .study_inferred(if image_only { "image_only" } else { "with_emr" });
@@ -220,15 +261,22 @@ async fn infer(state: &Arc<AppState>, studies: &Arc<Studies>, claimed: Claimed) 
                 "dicom: study {study} inferred{}",
                 if image_only { " (image only)" } else { "" }
             );
+            let inferred = started.elapsed();
             if let Err(e) = studies.complete(&study_uid, &report) {
                 tracing::warn!("dicom: study {study}: recording the result: {e}");
                 return;
             }
+            tracing::debug!(
+                "dicom: study {study}: instance read in {:.1} ms, inferred in {:.1} ms, result recorded in {:.1} ms",
+                read.as_secs_f64() * 1e3,
+                (inferred - read).as_secs_f64() * 1e3,
+                (started.elapsed() - inferred).as_secs_f64() * 1e3
+            );
             // The result SR (and its C-STORE to the PACS, which retries)
             // runs on a blocking thread.
             let config = state.model_source.config.clone();
             let _ = tokio::task::spawn_blocking(move || {
-                studies::on_result(&instance_path, &report, &config);
+                studies::on_result(&instance_path, &report, &config, image_only);
             })
             .await;
         }
@@ -290,7 +338,7 @@ pub async fn sweeper(state: Arc<AppState>, studies: Arc<Studies>) {
             );
         }
         for claimed in swept.claimed {
-            spawn_inference(&runtime, &state, &studies, claimed);
+            spawn_inference(&runtime, &state, &studies, claimed, None);
         }
     }
 }

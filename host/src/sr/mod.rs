@@ -65,6 +65,12 @@ pub const SERIES_DESCRIPTION: &str = "oxbox AI result - NOT FOR DIAGNOSTIC USE";
 pub const DISCLAIMER: &str = "Generated automatically by oxbox from a chest radiograph and the \
 EMR; not reviewed by a physician. Research use only: NOT FOR DIAGNOSTIC USE.";
 
+/// The comment item's text for an image-only inference
+/// ([`SrOptions::image_only`]).
+pub const DISCLAIMER_IMAGE_ONLY: &str = "Generated automatically by oxbox from a chest \
+radiograph alone, without an EMR record (none came in time: every EMR feature missing); not \
+reviewed by a physician. Research use only: NOT FOR DIAGNOSTIC USE.";
+
 /// The SR settings an operator may change (`[dicom.sr]`, the `sr` field of
 /// [`crate::config::DicomConfig`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,6 +120,9 @@ pub struct SrOptions {
     pub series_number: u32,
     /// Content and instance creation time (written in UTC).
     pub created: SystemTime,
+    /// Inferred without an EMR record (`dicom.image_only`): the comment
+    /// item says so ([`DISCLAIMER_IMAGE_ONLY`]).
+    pub image_only: bool,
 }
 
 impl Default for SrOptions {
@@ -129,6 +138,7 @@ impl SrOptions {
             uid_root: config.uid_root.clone(),
             series_number: config.series_number,
             created: SystemTime::now(),
+            image_only: false,
         }
     }
 }
@@ -459,7 +469,15 @@ pub fn build_from(
             &codes::DEVICE_OBSERVER_MODEL_NAME,
             &model.name,
         ),
-        text_item("CONTAINS", &codes::COMMENT, DISCLAIMER),
+        text_item(
+            "CONTAINS",
+            &codes::COMMENT,
+            if options.image_only {
+                DISCLAIMER_IMAGE_ONLY
+            } else {
+                DISCLAIMER
+            },
+        ),
         container_item(
             "CONTAINS",
             &codes::IMAGING_MEASUREMENTS,
@@ -1034,6 +1052,30 @@ mod tests {
             leftovers.is_empty(),
             "no temporary file left: {leftovers:?}"
         );
+    }
+
+    #[test]
+    fn an_image_only_result_says_it_had_no_emr_record() {
+        let source = sample();
+        let comment = |image_only: bool| {
+            let options = SrOptions {
+                image_only,
+                ..SrOptions::default()
+            };
+            let sr = build_from(&source, &model(DIGEST), &prediction(), &options).expect("SR");
+            let comments: Vec<String> = items(&sr, tags::CONTENT_SEQUENCE)
+                .iter()
+                .filter(|item| concept(item) == codes::COMMENT.value)
+                .map(|item| text(item, tags::TEXT_VALUE))
+                .collect();
+            assert_eq!(comments.len(), 1, "{comments:?}");
+            comments[0].clone()
+        };
+        assert_eq!(comment(false), DISCLAIMER);
+        assert_eq!(comment(true), DISCLAIMER_IMAGE_ONLY);
+        assert!(DISCLAIMER_IMAGE_ONLY.contains("without an EMR record"));
+        assert!(DISCLAIMER_IMAGE_ONLY.ends_with("NOT FOR DIAGNOSTIC USE."));
+        assert!(DISCLAIMER_IMAGE_ONLY.len() <= 1024, "a short UT");
     }
 
     fn concept_of(obj: &InMemDicomObject, tag: Tag) -> String {

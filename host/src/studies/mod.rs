@@ -344,9 +344,15 @@ impl Studies {
 /// Comprehensive SR, [`result_object`]) and sends it to the PACS when
 /// `[dicom.forward]` is enabled. Blocking (the SCU retries); failures are
 /// logged without patient data, and the JSON result stays available.
-pub fn on_result(instance_path: &Path, report: &PredictionReport, config: &Config) {
+/// `image_only`: inferred without its EMR record.
+pub fn on_result(
+    instance_path: &Path,
+    report: &PredictionReport,
+    config: &Config,
+    image_only: bool,
+) {
     let study = fingerprint(&instance_path.to_string_lossy());
-    match result_object::make_and_forward(instance_path, report, config) {
+    match result_object::make_and_forward(instance_path, report, config, image_only) {
         Ok(made) => tracing::info!(
             request_id = report.request_id.as_str(),
             "dicom: result SR of instance {study} kept{}",

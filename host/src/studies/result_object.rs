@@ -55,7 +55,8 @@ pub fn result_path(instance_path: &Path) -> Option<PathBuf> {
 /// Builds the result SR of a study from its stored instance and `report`,
 /// writes it atomically beside the instance, and sends it to the PACS when
 /// `[dicom.forward] enabled` (blocking: retries wait; run it off the async
-/// runtime).
+/// runtime). `image_only`: the study was inferred without its EMR record,
+/// which the SR's comment says.
 ///
 /// # Errors
 /// [`ResultObjectError`], naming the stage; the SR file stays when only the
@@ -64,9 +65,13 @@ pub fn make_and_forward(
     instance_path: &Path,
     report: &PredictionReport,
     config: &Config,
+    image_only: bool,
 ) -> Result<ResultObject, ResultObjectError> {
     let file = DicomFile::open(instance_path, &config.limits)?;
-    let options = SrOptions::from_config(&config.dicom.sr);
+    let options = SrOptions {
+        image_only,
+        ..SrOptions::from_config(&config.dicom.sr)
+    };
     let object = sr::build(file.object(), report, &options)?;
     drop(file);
     let path = result_path(instance_path)
