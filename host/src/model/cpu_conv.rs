@@ -69,10 +69,12 @@ const WIDE_MAX_PIXELS: usize = 1024;
 /// Below this many multiply-adds a convolution runs on one thread.
 const PARALLEL_MIN_WORK: usize = 1 << 20;
 
-/// With packed weights, output planes of at least this many pixels are
-/// split between the threads by output rows (each unfolds and multiplies
-/// its own rows, with all the weights); smaller ones by output channels
-/// (each reads its share of the weights, the deep layers' bound).
+/// Output planes of at least this many pixels run at batch 1 with the
+/// packed weights, split between the threads by output rows (each
+/// unfolds and multiplies its own rows, with all the weights); smaller
+/// ones (the deep layers, bound by reading the weights) run im2col +
+/// `gemm`, measured faster there (`oxbox bench --layers`: `im2col_ms`
+/// against `gemm_ms`).
 const SPLIT_BY_PIXELS_MIN: usize = 256;
 
 /// With packed weights split by output rows: the unfolded input a task
@@ -255,6 +257,7 @@ impl FusedConv {
             return out;
         }
         if batch == 1
+            && n >= SPLIT_BY_PIXELS_MIN
             && let Some(packed) = &self.packed
         {
             return self.run_packed(packed, input, dims, residual);
