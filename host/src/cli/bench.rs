@@ -148,6 +148,7 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
                 "batch": batch,
                 "threads": oxbox::model::compute_threads(),
                 "total_im2col_ms": sum(|l| l.im2col_ms),
+                "total_gemm_ms": sum(|l| l.gemm_ms),
                 "total_chosen_ms": sum(|l| l.chosen_ms),
                 "convolutions": layers,
             }))?

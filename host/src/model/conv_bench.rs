@@ -21,10 +21,13 @@ pub struct LayerTiming {
     pub input_side: usize,
     /// Multiply-adds of a direct convolution, millions, for the batch.
     pub mmacs: f64,
-    /// Median milliseconds with im2col + gemm only.
+    /// Median milliseconds with im2col only (packed weights at batch 1).
     pub im2col_ms: f64,
-    /// Fastest run with im2col + gemm only, milliseconds.
+    /// Fastest run with im2col only, milliseconds.
     pub im2col_min_ms: f64,
+    /// Median milliseconds with im2col + `gemm` and no Winograd (the
+    /// kernel before packed weights and Winograd).
+    pub gemm_ms: f64,
     /// Median milliseconds of the path the network runs.
     pub chosen_ms: f64,
     /// Fastest run of the path the network runs, milliseconds.
@@ -156,6 +159,7 @@ pub fn time_layers(
         } else {
             chosen
         };
+        let gemm = time(&kernel.clone().plain_gemm());
         timings.push(LayerTiming {
             layer,
             shape: [cin, cout, k, stride],
@@ -163,6 +167,7 @@ pub fn time_layers(
             mmacs: round((batch * cout * cin * k * k * out_side * out_side) as f64 / 1e6),
             im2col_ms: round(im2col.0),
             im2col_min_ms: round(im2col.1),
+            gemm_ms: round(gemm.0),
             chosen_ms: round(chosen.0),
             chosen_min_ms: round(chosen.1),
             chosen: match tile {

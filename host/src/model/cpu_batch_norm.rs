@@ -247,6 +247,49 @@ impl MaxPool3x3Stride2 {
     }
 }
 
+impl MaxPool3x3Stride2 {
+    /// The window maxima of one plane into `out` (rows of `ow`), the
+    /// same values as [`Self::argmax`]'s: per output row, the maximum of
+    /// the three input rows (a row of padding counts as zeros) in
+    /// `rows`, then of three columns of it, every second one.
+    fn pool_plane(
+        &self,
+        plane: &[f32],
+        (h, w): (usize, usize),
+        ow: usize,
+        rows: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        let p = self.padding;
+        for (oy, out_row) in out.chunks_exact_mut(ow).enumerate() {
+            rows.clear();
+            rows.resize(w, f32::NEG_INFINITY);
+            let mut padding_row = false;
+            for dy in 0..3 {
+                let iy = (2 * oy + dy).wrapping_sub(p);
+                if iy < h {
+                    for (m, v) in rows.iter_mut().zip(&plane[iy * w..(iy + 1) * w]) {
+                        *m = m.max(*v);
+                    }
+                } else {
+                    padding_row = true;
+                }
+            }
+            if padding_row {
+                rows.iter_mut().for_each(|m| *m = m.max(0.0));
+            }
+            for (ox, o) in out_row.iter_mut().enumerate() {
+                let mut best = f32::NEG_INFINITY;
+                for dx in 0..3 {
+                    let ix = (2 * ox + dx).wrapping_sub(p);
+                    best = best.max(if ix < w { rows[ix] } else { 0.0 });
+                }
+                *o = best;
+            }
+        }
+    }
+}
+
 impl CustomOp1 for MaxPool3x3Stride2 {
     fn name(&self) -> &'static str {
         "max-pool-3x3-s2"
@@ -257,14 +300,12 @@ impl CustomOp1 for MaxPool3x3Stride2 {
         let (b, c, h, w) = layout.shape().dims4()?;
         let (oh, ow) = self.sides(h, w)?;
         let mut y = vec![0f32; b * c * oh * ow];
-        y.par_chunks_mut(oh * ow).enumerate().for_each(|(p, out)| {
-            let plane = &x[p * h * w..(p + 1) * h * w];
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    out[oy * ow + ox] = self.argmax(plane, (h, w), oy, ox).0;
-                }
-            }
-        });
+        y.par_chunks_mut(oh * ow)
+            .enumerate()
+            .for_each_init(Vec::new, |rows, (p, out)| {
+                let plane = &x[p * h * w..(p + 1) * h * w];
+                self.pool_plane(plane, (h, w), ow, rows, out);
+            });
         Ok((CpuStorage::F32(y), Shape::from((b, c, oh, ow))))
     }
 
@@ -300,6 +341,38 @@ mod tests {
             .and_then(|d| d.max_all())
             .and_then(|d| d.to_scalar::<f32>())
             .expect("diff")
+    }
+
+    /// The pooled values equal each window's maximum as the gradient
+    /// finds it ([`MaxPool3x3Stride2::argmax`]), with and without
+    /// padding, on odd and even sides and negative values.
+    #[test]
+    fn max_pool_equals_window_maxima() {
+        let cpu = &Device::Cpu;
+        for padding in [0, 1] {
+            for (h, w) in [(7, 9), (112, 112), (3, 4), (4, 3)] {
+                let x = Tensor::randn(0f32, 1.0, (2, 3, h, w), cpu).expect("x");
+                let op = MaxPool3x3Stride2 { padding };
+                let y = x.apply_op1_no_bwd(&op).expect("pool");
+                let (oh, ow) = op.sides(h, w).expect("sides");
+                assert_eq!(y.dims(), &[2, 3, oh, ow]);
+                let xs = x.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("x");
+                let ys = y.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("y");
+                for p in 0..6 {
+                    let plane = &xs[p * h * w..(p + 1) * h * w];
+                    for oy in 0..oh {
+                        for ox in 0..ow {
+                            let want = op.argmax(plane, (h, w), oy, ox).0;
+                            assert_eq!(
+                                ys[(p * oh + oy) * ow + ox],
+                                want,
+                                "padding {padding}, {h}x{w}, plane {p} at ({oy}, {ox})"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -15,11 +15,13 @@
 //! backward pass and runs its forward products here.
 
 use std::cell::RefCell;
+use std::ops::Range;
 use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape};
 use rayon::prelude::*;
 
+use super::packed_gemm::{self, Epilogue, Operands, PackedWeights};
 use super::winograd::{Tile, Winograd};
 
 /// A folded convolution: weights (out, in, k, k), bias (out), stride,
@@ -37,6 +39,11 @@ pub struct FusedConv {
     /// The same convolution in the Winograd domain, for 3×3 stride-1
     /// padding-1 kernels.
     winograd: Option<WinogradForms>,
+    /// The weights packed for [`packed_gemm`] (im2col and 1×1 at batch
+    /// 1), on the first call that runs them; `None` when the kernel runs
+    /// every im2col product with `gemm` (the kernel before packing, for
+    /// comparisons and tests).
+    packed: Option<OnceLock<PackedWeights>>,
 }
 
 /// A kernel's Winograd forms, each transformed once, on the first call
@@ -61,6 +68,18 @@ const WIDE_MAX_PIXELS: usize = 1024;
 
 /// Below this many multiply-adds a convolution runs on one thread.
 const PARALLEL_MIN_WORK: usize = 1 << 20;
+
+/// Output planes of at least this many pixels run at batch 1 with the
+/// packed weights, split between the threads by output rows (each
+/// unfolds and multiplies its own rows, with all the weights); smaller
+/// ones (the deep layers, bound by reading the weights) run im2col +
+/// `gemm`, measured faster there (`oxbox bench --layers`: `im2col_ms`
+/// against `gemm_ms`).
+const SPLIT_BY_PIXELS_MIN: usize = 256;
+
+/// With packed weights split by output rows: the unfolded input a task
+/// holds at most, in floats (256 KiB: inside this CPU generation's L2).
+const UNFOLDED_PER_TASK: usize = 1 << 16;
 
 /// A 3×3 convolution runs in the Winograd domain with 4×4 tiles when its
 /// output has at least this many of them (over the batch) per 64 input
@@ -108,7 +127,17 @@ impl FusedConv {
             padding,
             relu,
             winograd,
+            packed: Some(OnceLock::new()),
         })
+    }
+
+    /// The kernel as it was before packed weights and Winograd: every
+    /// call runs im2col + `gemm` (the reference of the model-level
+    /// comparisons).
+    pub fn plain_gemm(mut self) -> Self {
+        self.winograd = None;
+        self.packed = None;
+        self
     }
 
     /// The same kernel without its Winograd form: every call runs im2col +
@@ -227,6 +256,12 @@ impl FusedConv {
                 .run(input, [batch, height, width], residual, &mut out);
             return out;
         }
+        if batch == 1
+            && n >= SPLIT_BY_PIXELS_MIN
+            && let Some(packed) = &self.packed
+        {
+            return self.run_packed(packed, input, dims, residual);
+        }
         if batch > 1 && n >= WIDE_MAX_PIXELS {
             // Large planes already give the kernel wide matrices: one image
             // at a time keeps the unfolded input in cache.
@@ -301,6 +336,166 @@ impl FusedConv {
         out
     }
 
+    /// One image with the packed weights: Y = W · unfold(x) + bias (+
+    /// residual) (ReLU), the epilogue applied as each product is stored.
+    fn run_packed(
+        &self,
+        packed: &OnceLock<PackedWeights>,
+        input: &[f32],
+        [_, height, width, out_h, out_w]: [usize; 5],
+        residual: Option<&[f32]>,
+    ) -> Vec<f32> {
+        let n = out_h * out_w;
+        let k = self.in_channels * self.kernel * self.kernel;
+        let rows = self.out_channels;
+        let weights =
+            packed.get_or_init(|| PackedWeights::new(&self.weights, self.out_channels, k));
+        let mut out = vec![0f32; rows * n];
+        assert!(input.len() >= self.in_channels * height * width);
+        assert!(residual.is_none_or(|r| r.len() >= rows * n));
+        let threads = if rows * n * k >= PARALLEL_MIN_WORK {
+            rayon::current_num_threads()
+        } else {
+            1
+        };
+        let epilogue = Epilogue {
+            bias: Some(&self.bias),
+            relu: self.relu,
+        };
+        // Raw parts shared by the tasks, which write disjoint elements.
+        let dst = out.as_mut_ptr() as usize;
+        let skip = residual.map_or(0, |r| r.as_ptr() as usize);
+        let at = |ptr: usize, offset: usize| {
+            if ptr == 0 {
+                0
+            } else {
+                ptr + offset * size_of::<f32>()
+            }
+        };
+        let direct = self.kernel == 1 && self.stride == 1 && self.padding == 0;
+        if !direct && threads > 1 && n >= SPLIT_BY_PIXELS_MIN {
+            // Output rows per task: the unfolded rows fit in L2, at least
+            // two tasks per thread.
+            let per_task = (UNFOLDED_PER_TASK / (k * out_w).max(1))
+                .clamp(1, out_h.div_ceil(2 * threads).max(1));
+            let tasks = out_h.div_ceil(per_task);
+            (0..tasks).into_par_iter().for_each(|task| {
+                let first = task * per_task;
+                let lines = first..(first + per_task).min(out_h);
+                let cols = lines.len() * out_w;
+                COLUMNS.with(|cell| {
+                    let mut columns = cell.borrow_mut();
+                    columns.resize(k * cols, 0.0);
+                    for (row, line) in columns.chunks_exact_mut(cols).enumerate() {
+                        self.unfold_row(input, [height, width, out_w], row, lines.clone(), line);
+                    }
+                    let operands = Operands {
+                        rhs: columns.as_ptr(),
+                        rhs_stride: cols,
+                        cols,
+                        dst: at(dst, first * out_w) as *mut f32,
+                        residual: at(skip, first * out_w) as *const f32,
+                        dst_stride: n,
+                    };
+                    // SAFETY: `columns` holds k rows of `cols`; Y and the
+                    // residual (rows × n, asserted above) hold rows ×
+                    // columns first·out_w .. + cols, which only this task
+                    // writes.
+                    unsafe {
+                        packed_gemm::multiply(weights, 0..weights.blocks(), operands, epilogue);
+                    };
+                });
+            });
+            return out;
+        }
+        COLUMNS.with(|cell| {
+            let mut columns = cell.borrow_mut();
+            let rhs: &[f32] = if direct {
+                input
+            } else {
+                columns.resize(k * n, 0.0);
+                self.im2col(input, [height, width, out_h, out_w], &mut columns, 0, 1);
+                &columns
+            };
+            let rhs = rhs.as_ptr() as usize;
+            // Row blocks per task: about two tasks per thread.
+            let blocks = weights.blocks();
+            let per_task = blocks.div_ceil(2 * threads).max(1);
+            let work = |task: usize| {
+                let first = task * per_task;
+                let operands = Operands {
+                    rhs: rhs as *const f32,
+                    rhs_stride: n,
+                    cols: n,
+                    dst: dst as *mut f32,
+                    residual: skip as *const f32,
+                    dst_stride: n,
+                };
+                // SAFETY: the unfolded input (or the 1×1 input) holds k
+                // rows of n; Y and the residual rows × n (asserted above);
+                // this task alone writes rows of its blocks.
+                unsafe {
+                    packed_gemm::multiply(weights, first..first + per_task, operands, epilogue);
+                }
+            };
+            let tasks = blocks.div_ceil(per_task);
+            if threads > 1 && tasks > 1 {
+                (0..tasks).into_par_iter().for_each(work);
+            } else {
+                (0..tasks).for_each(work);
+            }
+        });
+        out
+    }
+
+    /// Row `row` (channel, ky, kx) of the unfolded image for output rows
+    /// `lines`, into `out` (`lines.len()` · `out_w` values), zero outside
+    /// the padded border.
+    fn unfold_row(
+        &self,
+        image: &[f32],
+        [height, width, out_w]: [usize; 3],
+        row: usize,
+        lines: Range<usize>,
+        out: &mut [f32],
+    ) {
+        let (k, s, p) = (self.kernel, self.stride, self.padding);
+        let channel = row / (k * k);
+        let (ky, kx) = ((row / k) % k, row % k);
+        let plane = &image[channel * height * width..(channel + 1) * height * width];
+        for (oy, line) in lines.zip(out.chunks_exact_mut(out_w)) {
+            let iy = (oy * s + ky).wrapping_sub(p);
+            if iy >= height {
+                line.fill(0.0);
+                continue;
+            }
+            let src = &plane[iy * width..(iy + 1) * width];
+            // ix = ox·s + kx − p is inside the row for ox in first..last:
+            // zeros around, every s-th value between.
+            let first = p.saturating_sub(kx).div_ceil(s).min(out_w);
+            let last = (width + p)
+                .saturating_sub(kx)
+                .div_ceil(s)
+                .min(out_w)
+                .max(first);
+            line[..first].fill(0.0);
+            line[last..].fill(0.0);
+            if last > first {
+                let from = first * s + kx - p;
+                if s == 1 {
+                    line[first..last].copy_from_slice(&src[from..from + (last - first)]);
+                } else {
+                    for (v, x) in line[first..last]
+                        .iter_mut()
+                        .zip(src[from..].iter().step_by(s))
+                    {
+                        *v = *x;
+                    }
+                }
+            }
+        }
+    }
+
     /// Unfolds `image` (C, H, W) into image `slot` of `columns`
     /// (C·k·k, batch · OH·OW), zero outside the padded border.
     pub(super) fn im2col(
@@ -311,38 +506,11 @@ impl FusedConv {
         slot: usize,
         batch: usize,
     ) {
-        let (k, s, p) = (self.kernel, self.stride, self.padding);
+        let k = self.kernel;
         let n = out_h * out_w;
         let fill = |(row, out): (usize, &mut [f32])| {
             let out = &mut out[slot * n..(slot + 1) * n];
-            let channel = row / (k * k);
-            let (ky, kx) = ((row / k) % k, row % k);
-            let plane = &image[channel * height * width..(channel + 1) * height * width];
-            for oy in 0..out_h {
-                let line = &mut out[oy * out_w..(oy + 1) * out_w];
-                let iy = (oy * s + ky).wrapping_sub(p);
-                if iy >= height {
-                    line.fill(0.0);
-                    continue;
-                }
-                let src = &plane[iy * width..(iy + 1) * width];
-                if s == 1 {
-                    // Contiguous: ix = ox + kx − p; copy the valid span.
-                    let first = p.saturating_sub(kx).min(out_w);
-                    let last = (width + p).saturating_sub(kx).min(out_w).max(first);
-                    line[..first].fill(0.0);
-                    line[last..].fill(0.0);
-                    if last > first {
-                        let from = first + kx - p;
-                        line[first..last].copy_from_slice(&src[from..from + (last - first)]);
-                    }
-                } else {
-                    for (ox, v) in line.iter_mut().enumerate() {
-                        let ix = (ox * s + kx).wrapping_sub(p);
-                        *v = if ix < width { src[ix] } else { 0.0 };
-                    }
-                }
-            }
+            self.unfold_row(image, [height, width, out_w], row, 0..out_h, out);
         };
         if n * k * k * self.in_channels >= PARALLEL_MIN_WORK / 4 {
             columns.par_chunks_mut(batch * n).enumerate().for_each(fill);
@@ -588,7 +756,12 @@ pub(crate) mod tests {
         let winograd = plain.uses_winograd(batch, height, width);
         for (path, plain, fused) in [
             ("chosen", plain.clone(), fused.clone()),
-            ("im2col", plain.without_winograd(), fused.without_winograd()),
+            (
+                "im2col",
+                plain.clone().without_winograd(),
+                fused.clone().without_winograd(),
+            ),
+            ("gemm", plain.plain_gemm(), fused.plain_gemm()),
         ] {
             let got = x.apply_op1_no_bwd(&plain).expect("fused");
             assert_eq!(got.dims(), expected.dims(), "{case}");
@@ -626,6 +799,12 @@ pub(crate) mod tests {
             (2, 16, 8, 3, 1, 1, 7, 7),
             (3, 8, 8, 3, 1, 1, 13, 10),
             (2, 4, 4, 3, 1, 1, 70, 66),
+            // Packed weights at batch 1: split by output rows (a partial
+            // last task and column block), split by output channels (a
+            // partial last row block and column block), 1×1 in place.
+            (1, 3, 10, 7, 2, 3, 61, 45),
+            (1, 24, 40, 3, 2, 1, 29, 29),
+            (1, 40, 20, 1, 1, 0, 30, 30),
         ];
         for (i, &case) in cases.iter().enumerate() {
             check_against_candle(case, i as u32);

@@ -7,7 +7,8 @@
 //! - [`cpu_conv`], [`cpu_conv_grad`], [`cpu_batch_norm`]: the CPU kernels
 //!   for inference (fused, folded convolution) and training (convolution
 //!   and batch norm with backward passes); [`winograd`]: the 3×3
-//!   stride-1 convolutions in the Winograd domain;
+//!   stride-1 convolutions in the Winograd domain; [`packed_gemm`]: the
+//!   inference products with weights packed at load;
 //! - this module: choosing the device, loading a package for inference
 //!   (batch norm folded into the convolutions), encoding an EMR record, and
 //!   turning cumulative logits into the six probabilities and exam scores.
@@ -24,6 +25,7 @@ pub mod cpu_conv_grad;
 pub mod demo;
 pub mod net;
 pub mod package;
+pub mod packed_gemm;
 pub mod promote;
 pub mod winograd;
 
@@ -601,9 +603,9 @@ mod tests {
         assert!(diff.to_scalar::<f32>().expect("scalar") < 1e-4);
     }
 
-    /// ResNet-18 at 224² with the Winograd kernels gives the outputs of the
-    /// im2col + gemm kernels (the kernels before Winograd), at batch 1 and
-    /// 2.
+    /// ResNet-18 at 224² with the Winograd kernels and packed weights
+    /// gives the outputs of the im2col + gemm kernels (the kernels before
+    /// both), at batch 1 and 2.
     #[test]
     fn resnet18_outputs_with_winograd_equal_the_im2col_kernels() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -612,7 +614,7 @@ mod tests {
         let mut net = net_of(&package);
         net.fold_batch_norm().expect("fold");
         let mut reference = net.clone();
-        reference.without_winograd();
+        reference.plain_gemm();
         // A chest-like image: smooth intensity with ribs-like stripes.
         let image: Vec<f32> = (0..2 * 224 * 224)
             .map(|i| {

@@ -146,10 +146,11 @@ impl ConvBn {
         Ok(())
     }
 
-    /// The fused kernel without its Winograd form (tests compare the two).
+    /// The fused kernel as it was before Winograd and packed weights:
+    /// im2col + `gemm` (tests compare the two).
     #[cfg(test)]
-    fn without_winograd(&mut self) {
-        self.fused = self.fused.take().map(FusedConv::without_winograd);
+    fn plain_gemm(&mut self) {
+        self.fused = self.fused.take().map(FusedConv::plain_gemm);
     }
 
     /// Batch norm in training mode with the fused CPU kernel, updating the
@@ -245,11 +246,11 @@ impl BasicBlock {
     }
 
     #[cfg(test)]
-    fn without_winograd(&mut self) {
-        self.a.without_winograd();
-        self.b.without_winograd();
+    fn plain_gemm(&mut self) {
+        self.a.plain_gemm();
+        self.b.plain_gemm();
         if let Some(s) = &mut self.shortcut {
-            s.without_winograd();
+            s.plain_gemm();
         }
     }
 
@@ -479,16 +480,14 @@ impl ExamNet {
         Ok(())
     }
 
-    /// Every CPU convolution on im2col + gemm, none in the Winograd domain:
-    /// the reference the Winograd kernels are tested against.
+    /// Every CPU convolution on im2col + `gemm`, none in the Winograd
+    /// domain or with packed weights: the kernels before those, the
+    /// reference the fast kernels are tested against.
     #[cfg(test)]
-    pub(crate) fn without_winograd(&mut self) {
+    pub(crate) fn plain_gemm(&mut self) {
         if let Some(image) = &mut self.image {
-            image.stem.without_winograd();
-            image
-                .blocks
-                .iter_mut()
-                .for_each(BasicBlock::without_winograd);
+            image.stem.plain_gemm();
+            image.blocks.iter_mut().for_each(BasicBlock::plain_gemm);
         }
     }
 

@@ -19,8 +19,9 @@
 //!   makes);
 //! - V = Bᵀ d B per call (the input transform), in groups of [`LANES`]
 //!   tiles so the arithmetic runs on vectors;
-//! - the products are `gemm` calls, spread over the threads by
-//!   frequency;
+//! - the products run with U packed once ([`super::packed_gemm`]), spread
+//!   over the threads by frequency; V and M hold each frequency's tiles
+//!   in a row rounded up to whole vectors;
 //! - the output transform Aᵀ M A is fused with the bias, the residual and
 //!   the ReLU.
 //!
@@ -35,12 +36,15 @@
 //! Vector code: the transforms are written on fixed-width lane arrays and
 //! compiled twice, once for the baseline target and once with AVX2 + FMA
 //! enabled, chosen at run time (`is_x86_feature_detected!`); on aarch64
-//! the baseline already has NEON. The products use `gemm`, which does its
-//! own run-time dispatch (AVX-512, AVX2, NEON).
+//! the baseline already has NEON. The forward products dispatch the same
+//! way ([`super::packed_gemm`]); the weight gradient's use `gemm`, which
+//! does its own run-time dispatch (AVX-512, AVX2, NEON).
 
 use std::cell::RefCell;
 
 use rayon::prelude::*;
+
+use super::packed_gemm::{self, Epilogue, Operands, PackedWeights};
 
 /// The largest input tile side (F(4×4): 4 + 3 − 1): the size of the
 /// fixed arrays the transforms work in.
@@ -115,8 +119,9 @@ thread_local! {
 #[derive(Debug, Clone)]
 pub struct Winograd {
     tile: Tile,
-    /// U, laid out (frequency, out, in): each frequency's matrix row-major.
-    weights: Vec<f32>,
+    /// U: one (out × in) matrix per frequency, packed for
+    /// [`packed_gemm::multiply`].
+    weights: Vec<PackedWeights>,
     bias: Vec<f32>,
     in_channels: usize,
     out_channels: usize,
@@ -134,6 +139,10 @@ struct Geometry {
     /// Tile rows and columns per image.
     tile_rows: usize,
     tile_cols: usize,
+    /// The row stride of the transformed buffers per frequency: all
+    /// tiles over the batch, rounded up to whole vectors in the forward
+    /// pass (the products then need no partial column blocks).
+    columns: usize,
 }
 
 impl Geometry {
@@ -146,6 +155,16 @@ impl Geometry {
             width,
             tile_rows: height.div_ceil(m),
             tile_cols: width.div_ceil(m),
+            columns: batch * height.div_ceil(m) * width.div_ceil(m),
+        }
+    }
+
+    /// The same with the transformed buffers' rows rounded up to whole
+    /// vectors of 8.
+    fn with_vector_columns(self) -> Self {
+        Self {
+            columns: self.columns.next_multiple_of(8),
+            ..self
         }
     }
 
@@ -206,17 +225,21 @@ impl Winograd {
                     }
                 }
             });
-        let mut u = vec![0f32; frequencies * out_channels * in_channels];
-        for o in 0..out_channels {
-            for xi in 0..frequencies {
-                u[(xi * out_channels + o) * in_channels..][..in_channels].copy_from_slice(
-                    &by_out[(o * frequencies + xi) * in_channels..][..in_channels],
-                );
-            }
-        }
+        let weights: Vec<PackedWeights> = (0..frequencies)
+            .into_par_iter()
+            .map(|xi| {
+                let mut u = vec![0f32; out_channels * in_channels];
+                for (o, row) in u.chunks_exact_mut(in_channels.max(1)).enumerate() {
+                    row.copy_from_slice(
+                        &by_out[(o * frequencies + xi) * in_channels..][..in_channels],
+                    );
+                }
+                PackedWeights::new(&u, out_channels, in_channels)
+            })
+            .collect();
         Self {
             tile,
-            weights: u,
+            weights,
             bias: bias.to_vec(),
             in_channels,
             out_channels,
@@ -244,7 +267,7 @@ impl Winograd {
             let images = first..first + count;
             self.run_group(
                 &input[images.start * plane_in..images.end * plane_in],
-                Geometry::new(self.tile, count, height, width),
+                Geometry::new(self.tile, count, height, width).with_vector_columns(),
                 residual.map(|r| &r[images.start * plane_out..images.end * plane_out]),
                 &mut out[images.start * plane_out..images.end * plane_out],
             );
@@ -260,62 +283,52 @@ impl Winograd {
         residual: Option<&[f32]>,
         out: &mut [f32],
     ) {
-        let all_tiles = geometry.batch * geometry.tiles();
+        let columns = geometry.columns;
         let frequencies = geometry.frequencies();
         SCRATCH.with(|cell| {
             let mut scratch = cell.borrow_mut();
             let (transformed, products) = &mut *scratch;
-            transformed.resize(self.in_channels * frequencies * all_tiles, 0.0);
-            products.resize(self.out_channels * frequencies * all_tiles, 0.0);
+            transformed.resize(self.in_channels * frequencies * columns, 0.0);
+            products.resize(self.out_channels * frequencies * columns, 0.0);
             transform_input(input, geometry, self.in_channels, transformed);
-            self.multiply(transformed, products, all_tiles);
+            self.multiply(transformed, products, columns);
             self.transform_output(products, geometry, residual, out);
         });
     }
 
-    /// M[o][ξ][t] = Σ_c U[ξ][o][c] · V[c][ξ][t] for every frequency ξ:
-    /// single-threaded products, spread over the threads.
-    fn multiply(&self, transformed: &[f32], products: &mut [f32], tiles: usize) {
-        let (m, k, n) = (self.out_channels, self.in_channels, tiles);
+    /// M[o][ξ][t] = Σ_c U[ξ][o][c] · V[c][ξ][t] for every frequency ξ
+    /// and every column t of the `columns` (a multiple of 8) per
+    /// frequency: single-threaded products with the packed weights,
+    /// spread over the threads by frequency.
+    fn multiply(&self, transformed: &[f32], products: &mut [f32], columns: usize) {
+        let (m, k, n) = (self.out_channels, self.in_channels, columns);
         let frequencies = self.tile.frequencies();
         assert!(
             transformed.len() >= k * frequencies * n
                 && products.len() >= m * frequencies * n
-                && self.weights.len() >= frequencies * m * k
+                && self.weights.len() == frequencies
+                && self.weights.iter().all(|u| u.rows() == m)
         );
         // Each frequency writes its own columns ξ·n .. (ξ+1)·n of every row
         // of M: disjoint sets of elements, so the threads never share one.
         let dst = products.as_mut_ptr() as usize;
         let work = |xi: usize| {
-            // SAFETY: with row stride frequencies·n, rows 0..m and columns
-            // ξ·n .. ξ·n + n, every element addressed lies inside the
-            // asserted lengths: dst (products, m·36·n), lhs (U[ξ], m·k from
-            // ξ·m·k) and rhs (V, k·36·n). The destinations of different ξ
-            // are disjoint (see above) and no other reference to `products`
-            // is used while the products run.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    (dst as *mut f32).add(xi * n),
-                    1,
-                    (frequencies * n) as isize,
-                    false,
-                    self.weights.as_ptr().add(xi * m * k),
-                    1,
-                    k as isize,
-                    transformed.as_ptr().add(xi * n),
-                    1,
-                    (frequencies * n) as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
+            let u = &self.weights[xi];
+            let operands = Operands {
+                // SAFETY (of the offsets): ξ·n < frequencies·n, inside both.
+                rhs: transformed[xi * n..].as_ptr(),
+                rhs_stride: frequencies * n,
+                cols: n,
+                dst: (dst as *mut f32).wrapping_add(xi * n),
+                residual: std::ptr::null(),
+                dst_stride: frequencies * n,
+            };
+            // SAFETY: with row stride frequencies·n, rows 0..k of V and
+            // 0..m of M, columns ξ·n .. ξ·n + n, every element addressed
+            // lies inside the asserted lengths. The destinations of
+            // different ξ are disjoint (see above) and no other reference
+            // to `products` is used while the products run.
+            unsafe { packed_gemm::multiply(u, 0..u.blocks(), operands, Epilogue::default()) };
         };
         if m * n * k >= 1 << 14 && rayon::current_num_threads() > 1 {
             (0..frequencies).into_par_iter().for_each(work);
@@ -333,7 +346,7 @@ impl Winograd {
         out: &mut [f32],
     ) {
         let plane = geometry.height * geometry.width;
-        let all_tiles = geometry.batch * geometry.tiles();
+        let columns = geometry.columns;
         let frequencies = geometry.frequencies();
         let o_count = self.out_channels;
         let staging_len = geometry.m * geometry.tile_rows * geometry.m * geometry.tile_cols;
@@ -341,7 +354,7 @@ impl Winograd {
             || vec![0f32; staging_len],
             |staging, (index, plane_out)| {
                 let (image, o) = (index / o_count, index % o_count);
-                let source = &products[o * frequencies * all_tiles..][..frequencies * all_tiles];
+                let source = &products[o * frequencies * columns..][..frequencies * columns];
                 output_plane(source, geometry, image, staging);
                 let skip = residual.map(|r| &r[index * plane..][..plane]);
                 finish_plane(staging, geometry, self.bias[o], skip, self.relu, plane_out);
@@ -492,14 +505,14 @@ fn accumulate_products(
 /// channels; the gradient outside the plane is zero.
 fn transform_gradient(grad: &[f32], geometry: Geometry, channels: usize, transformed: &mut [f32]) {
     let plane = geometry.height * geometry.width;
-    let all_tiles = geometry.batch * geometry.tiles();
+    let columns = geometry.columns;
     let frequencies = geometry.frequencies();
     let (rows, cols) = (
         geometry.m * geometry.tile_rows,
         geometry.m * geometry.tile_cols,
     );
-    transformed[..channels * frequencies * all_tiles]
-        .par_chunks_mut(frequencies * all_tiles)
+    transformed[..channels * frequencies * columns]
+        .par_chunks_mut(frequencies * columns)
         .enumerate()
         .for_each_init(
             || vec![0f32; rows * cols],
@@ -555,7 +568,7 @@ fn gradient_plane_generic<const M: usize>(
 ) {
     let patch = M + 2;
     let tiles = geometry.tiles();
-    let all_tiles = geometry.batch * tiles;
+    let stride = geometry.columns;
     let cols = M * geometry.tile_cols;
     let mut d = [[[0f32; LANES]; 4]; 4];
     let mut columns = [[[0f32; LANES]; 4]; PATCH];
@@ -584,7 +597,7 @@ fn gradient_plane_generic<const M: usize>(
             let r = gradient_1d::<M>(*row);
             for (j, lanes_value) in r.iter().enumerate().take(patch) {
                 store(
-                    &mut v[(i * patch + j) * all_tiles + base..][..lanes],
+                    &mut v[(i * patch + j) * stride + base..][..lanes],
                     lanes_value,
                 );
             }
@@ -657,11 +670,11 @@ fn finish_plane(
 /// batch), parallel over channels.
 fn transform_input(input: &[f32], geometry: Geometry, channels: usize, transformed: &mut [f32]) {
     let plane = geometry.height * geometry.width;
-    let all_tiles = geometry.batch * geometry.tiles();
+    let columns = geometry.columns;
     let frequencies = geometry.frequencies();
     let (padded_h, padded_w) = geometry.padded();
-    transformed[..channels * frequencies * all_tiles]
-        .par_chunks_mut(frequencies * all_tiles)
+    transformed[..channels * frequencies * columns]
+        .par_chunks_mut(frequencies * columns)
         .enumerate()
         .for_each_init(
             || vec![0f32; padded_h * padded_w],
@@ -717,7 +730,7 @@ fn input_plane_generic<const M: usize>(
 ) {
     let patch = M + 2;
     let tiles = geometry.tiles();
-    let all_tiles = geometry.batch * tiles;
+    let stride = geometry.columns;
     let (_, padded_w) = geometry.padded();
     // Work arrays, declared once: every group overwrites the lanes it
     // uses (zeroing them per group was a `memset` call each time).
@@ -749,7 +762,7 @@ fn input_plane_generic<const M: usize>(
             let r = input_1d::<M>(*row);
             for (j, lanes_value) in r.iter().enumerate().take(patch) {
                 store(
-                    &mut v[(i * patch + j) * all_tiles + base..][..lanes],
+                    &mut v[(i * patch + j) * stride + base..][..lanes],
                     lanes_value,
                 );
             }
@@ -866,7 +879,7 @@ fn output_plane_generic<const M: usize>(
 ) {
     let patch = M + 2;
     let tiles = geometry.tiles();
-    let all_tiles = geometry.batch * tiles;
+    let stride = geometry.columns;
     let staging_w = M * geometry.tile_cols;
     // Work arrays, declared once (see input_plane_generic).
     let mut m = [[[0f32; LANES]; PATCH]; PATCH];
@@ -878,10 +891,7 @@ fn output_plane_generic<const M: usize>(
         let base = image * tiles + first;
         for (i, row) in m.iter_mut().enumerate().take(patch) {
             for (j, cell) in row.iter_mut().enumerate().take(patch) {
-                load(
-                    cell,
-                    &products[(i * patch + j) * all_tiles + base..][..lanes],
-                );
+                load(cell, &products[(i * patch + j) * stride + base..][..lanes]);
             }
         }
         // Aᵀ m (columns), then (Aᵀ m) A (rows).

@@ -1,0 +1,507 @@
+//! Matrix products with the weights packed once, at load: `Y = W · X`
+//! for a weight matrix W (rows × depth) and a row-major X (depth ×
+//! columns), with a per-row bias, an optional residual and an optional
+//! ReLU applied as each result is stored.
+//!
+//! Used by the convolutions' inference paths ([`super::cpu_conv`]: im2col
+//! and 1×1; [`super::winograd`]: one product per frequency). A general
+//! `gemm` repacks its left operand on every call and splits the work in
+//! ways that suit large square matrices; the convolutions of a ResNet at
+//! batch 1 multiply the same weights every time by narrow right operands
+//! (16 to a few thousand columns), so the weights are packed once into
+//! blocks of [`BLOCK_ROWS`] rows, each stored column by column (the
+//! `BLOCK_ROWS` values of one depth index side by side), and a small
+//! register-blocked kernel streams through them: [`BLOCK_ROWS`] ×
+//! 16 results in twelve AVX2 registers, per depth index two vector loads
+//! of X, six broadcasts of W and twelve fused multiply-adds.
+//!
+//! Vector code: the kernel is written twice, with AVX2 + FMA intrinsics
+//! (chosen at run time, `is_x86_feature_detected!`) and on plain arrays
+//! (the portable path; on aarch64 the compiler vectorises it for NEON).
+//! The sums run over the depth in order, one multiply-add per term, so
+//! the two paths differ only by the rounding of the fused multiply-add.
+
+use std::cell::RefCell;
+use std::ops::Range;
+
+/// Rows of W per packed block: the height of the kernel.
+pub const BLOCK_ROWS: usize = 6;
+/// f32 lanes per vector (AVX2).
+const LANES: usize = 8;
+/// Columns per kernel call at most: two vectors.
+const BLOCK_COLS: usize = 2 * LANES;
+/// Below this many floats of packed weights in the rows a call covers,
+/// the loop runs column block by column block (each block of X read once,
+/// the weights re-read from cache); above, row block by row block (each
+/// block of W read once, X re-read from cache).
+const WEIGHTS_IN_CACHE: usize = 1 << 16;
+/// Depth indices per pass at most: deeper products run in passes over
+/// slices of the depth, so that the slice of X a pass re-reads (up to
+/// 256 × 16 floats per column block) stays in L1 and L2; the partial
+/// sums wait in Y and the epilogue comes with the last pass.
+const DEPTH_BLOCK: usize = 256;
+
+thread_local! {
+    /// X's last, partial column block, copied and zero-padded to whole
+    /// vectors (the kernel reads whole vectors).
+    static TAIL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A weight matrix (rows × depth) packed for the kernel: blocks of
+/// [`BLOCK_ROWS`] rows, each stored depth index by depth index, the rows
+/// past the last zero.
+#[derive(Debug, Clone)]
+pub struct PackedWeights {
+    rows: usize,
+    depth: usize,
+    /// `[block][depth][BLOCK_ROWS]`.
+    data: Vec<f32>,
+}
+
+impl PackedWeights {
+    /// Packs the row-major `rows × depth` matrix `matrix` (at least
+    /// `rows · depth` values).
+    pub fn new(matrix: &[f32], rows: usize, depth: usize) -> Self {
+        let blocks = rows.div_ceil(BLOCK_ROWS);
+        let mut data = vec![0f32; blocks * depth * BLOCK_ROWS];
+        if depth > 0 {
+            for (row, values) in matrix.chunks_exact(depth).take(rows).enumerate() {
+                let (block, r) = (row / BLOCK_ROWS, row % BLOCK_ROWS);
+                let panel = &mut data[block * depth * BLOCK_ROWS..][..depth * BLOCK_ROWS];
+                for (cell, value) in panel.chunks_exact_mut(BLOCK_ROWS).zip(values) {
+                    cell[r] = *value;
+                }
+            }
+        }
+        Self { rows, depth, data }
+    }
+
+    /// Rows of W.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Blocks of [`BLOCK_ROWS`] rows (the last one may be partial).
+    pub fn blocks(&self) -> usize {
+        self.rows.div_ceil(BLOCK_ROWS)
+    }
+}
+
+/// What is applied to each result as it is stored.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Epilogue<'a> {
+    /// Added to every result of row i: `bias[i]` (indexed by W's row).
+    pub bias: Option<&'a [f32]>,
+    /// max(0, ·) last.
+    pub relu: bool,
+}
+
+/// The operands of one product, as raw parts so that threads can each
+/// write their own rows or columns of one destination.
+#[derive(Debug, Clone, Copy)]
+pub struct Operands {
+    /// X: element (k, j) at `rhs + k · rhs_stride + j`.
+    pub rhs: *const f32,
+    /// Row stride of X.
+    pub rhs_stride: usize,
+    /// Columns of X and Y.
+    pub cols: usize,
+    /// Y: element (i, j) at `dst + i · dst_stride + j` (i is W's row).
+    pub dst: *mut f32,
+    /// Added to Y before the ReLU when not null: element (i, j) at
+    /// `residual + i · dst_stride + j`.
+    pub residual: *const f32,
+    /// Row stride of Y and the residual.
+    pub dst_stride: usize,
+}
+
+/// Y = W · X (+ bias) (+ residual) (ReLU) for W's rows in the row blocks
+/// `blocks` (rows `BLOCK_ROWS · blocks.start` up to `BLOCK_ROWS ·
+/// blocks.end`, cut at W's last row) and every column of `operands`.
+///
+/// # Safety
+/// For every k < depth and j < cols, `rhs + k · rhs_stride + j` must be
+/// readable; for every row i written (above) and j < cols, `dst + i ·
+/// dst_stride + j` writable (and `residual + …` readable when not null),
+/// with no other thread reading or writing those elements of Y during the
+/// call; `epilogue.bias`, when given, has at least `weights.rows()`
+/// values.
+pub unsafe fn multiply(
+    weights: &PackedWeights,
+    blocks: Range<usize>,
+    operands: Operands,
+    epilogue: Epilogue<'_>,
+) {
+    let blocks = blocks.start..blocks.end.min(weights.blocks());
+    if blocks.is_empty() || operands.cols == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above); the
+        // caller upholds the memory contract.
+        unsafe { multiply_avx2(weights, blocks, operands, epilogue) };
+        return;
+    }
+    // SAFETY: the caller upholds the memory contract.
+    unsafe { multiply_generic::<false>(weights, blocks, operands, epilogue) };
+}
+
+/// [`multiply_generic`] with the AVX2 + FMA kernel.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn multiply_avx2(
+    weights: &PackedWeights,
+    blocks: Range<usize>,
+    operands: Operands,
+    epilogue: Epilogue<'_>,
+) {
+    // SAFETY: forwarded from `multiply`'s contract; the CPU has AVX2 and
+    // FMA.
+    unsafe { multiply_generic::<true>(weights, blocks, operands, epilogue) };
+}
+
+/// The loops around the kernel: column blocks of X (full ones read in
+/// place, the last partial one from a zero-padded copy) × row blocks of
+/// W, in the order that keeps the larger operand streaming once.
+/// `AVX` selects the AVX2 kernel (only from [`multiply_avx2`]).
+#[inline(always)]
+unsafe fn multiply_generic<const AVX: bool>(
+    weights: &PackedWeights,
+    blocks: Range<usize>,
+    operands: Operands,
+    epilogue: Epilogue<'_>,
+) {
+    let depth = weights.depth;
+    let cols = operands.cols;
+    let full = cols / BLOCK_COLS * BLOCK_COLS;
+    let tail_width = cols - full;
+    TAIL.with(|cell| {
+        let mut tail = cell.borrow_mut();
+        // The partial block: used in place when it is one whole vector,
+        // else copied into a zero-padded depth × 16 panel.
+        let tail_panel: Option<(*const f32, usize)> = match tail_width {
+            0 => None,
+            // SAFETY: column `full` .. `full` + 8 of X is inside it.
+            LANES => Some((unsafe { operands.rhs.add(full) }, operands.rhs_stride)),
+            _ => {
+                tail.clear();
+                tail.resize(depth * BLOCK_COLS, 0.0);
+                for (k, row) in tail.chunks_exact_mut(BLOCK_COLS).enumerate() {
+                    for (j, cell) in row.iter_mut().enumerate().take(tail_width) {
+                        // SAFETY: k < depth and full + j < cols.
+                        *cell = unsafe { *operands.rhs.add(k * operands.rhs_stride + full + j) };
+                    }
+                }
+                Some((tail.as_ptr(), BLOCK_COLS))
+            }
+        };
+        // One (row block, column block, depth slice) step: the kernel,
+        // then the store.
+        let step = |block: usize, col: usize, slice: &Range<usize>, pass: Pass| {
+            let (rhs, stride, width) = if col < full {
+                // SAFETY: column `col` .. `col` + 16 of X is inside it.
+                (
+                    unsafe { operands.rhs.add(col) },
+                    operands.rhs_stride,
+                    BLOCK_COLS,
+                )
+            } else if let Some((rhs, stride)) = tail_panel {
+                (rhs, stride, tail_width)
+            } else {
+                return;
+            };
+            let packed = &weights.data[(block * depth + slice.start) * BLOCK_ROWS..]
+                [..slice.len() * BLOCK_ROWS];
+            let mut acc = [[0f32; BLOCK_COLS]; BLOCK_ROWS];
+            // SAFETY: rows slice.start .. slice.end < depth of the panel at
+            // `rhs` hold at least `width` (rounded up to whole vectors)
+            // readable values.
+            unsafe {
+                let rhs = rhs.wrapping_add(slice.start * stride);
+                kernel::<AVX>(packed, rhs, stride, width > LANES, &mut acc);
+            }
+            let first_row = block * BLOCK_ROWS;
+            let rows = BLOCK_ROWS.min(weights.rows - first_row);
+            // SAFETY: rows first_row .. first_row + rows are in the
+            // caller's row blocks, columns col .. col + width in 0..cols.
+            unsafe {
+                store(
+                    &acc,
+                    (first_row, rows),
+                    (col, width),
+                    operands,
+                    (epilogue, pass),
+                )
+            };
+        };
+        let col_steps = cols.div_ceil(BLOCK_COLS);
+        let passes = depth.div_ceil(DEPTH_BLOCK).max(1);
+        let per_pass = depth.div_ceil(passes);
+        for p in 0..passes {
+            let slice = p * per_pass..((p + 1) * per_pass).min(depth);
+            let pass = Pass {
+                first: p == 0,
+                last: p + 1 == passes,
+            };
+            if blocks.len() * slice.len() * BLOCK_ROWS <= WEIGHTS_IN_CACHE {
+                for c in 0..col_steps {
+                    for block in blocks.clone() {
+                        step(block, c * BLOCK_COLS, &slice, pass);
+                    }
+                }
+            } else {
+                for block in blocks.clone() {
+                    for c in 0..col_steps {
+                        step(block, c * BLOCK_COLS, &slice, pass);
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// `acc` = the [`BLOCK_ROWS`] × 16 (`wide`) or × 8 products of one packed
+/// block (`[depth][BLOCK_ROWS]`) and the depth × 16 (or × 8) panel of X
+/// at `rhs` (row stride `stride`).
+///
+/// # Safety
+/// `rhs + k · stride + j` readable for k < depth, j < 16 (8 when not
+/// `wide`); with `AVX`, the CPU has AVX2 and FMA.
+#[inline(always)]
+unsafe fn kernel<const AVX: bool>(
+    packed: &[f32],
+    rhs: *const f32,
+    stride: usize,
+    wide: bool,
+    acc: &mut [[f32; BLOCK_COLS]; BLOCK_ROWS],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if AVX {
+        // SAFETY: forwarded.
+        unsafe {
+            if wide {
+                kernel_avx2::<2>(packed, rhs, stride, acc);
+            } else {
+                kernel_avx2::<1>(packed, rhs, stride, acc);
+            }
+        }
+        return;
+    }
+    // SAFETY: forwarded.
+    unsafe {
+        if wide {
+            kernel_portable::<2>(packed, rhs, stride, acc);
+        } else {
+            kernel_portable::<1>(packed, rhs, stride, acc);
+        }
+    }
+}
+
+/// The kernel with AVX2 + FMA: `V` vectors (8 columns each) per row, the
+/// [`BLOCK_ROWS`] · `V` sums in registers.
+///
+/// # Safety
+/// As [`kernel`]; the CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn kernel_avx2<const V: usize>(
+    packed: &[f32],
+    rhs: *const f32,
+    stride: usize,
+    acc: &mut [[f32; BLOCK_COLS]; BLOCK_ROWS],
+) {
+    use std::arch::x86_64::{
+        __m256, _mm256_broadcast_ss, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps,
+        _mm256_storeu_ps,
+    };
+    let mut sums: [[__m256; 2]; BLOCK_ROWS] = [[_mm256_setzero_ps(); 2]; BLOCK_ROWS];
+    let mut row = rhs;
+    for w in packed.chunks_exact(BLOCK_ROWS) {
+        // SAFETY: `row` is X's row k (k < depth): 8·V readable values.
+        let x0 = unsafe { _mm256_loadu_ps(row) };
+        let x1 = if V == 2 {
+            // SAFETY: as above.
+            unsafe { _mm256_loadu_ps(row.add(LANES)) }
+        } else {
+            x0
+        };
+        for (r, sum) in sums.iter_mut().enumerate() {
+            let a = _mm256_broadcast_ss(&w[r]);
+            sum[0] = _mm256_fmadd_ps(a, x0, sum[0]);
+            if V == 2 {
+                sum[1] = _mm256_fmadd_ps(a, x1, sum[1]);
+            }
+        }
+        row = row.wrapping_add(stride);
+    }
+    for (out, sum) in acc.iter_mut().zip(&sums) {
+        // SAFETY: each row of `acc` holds 16 values.
+        unsafe {
+            _mm256_storeu_ps(out.as_mut_ptr(), sum[0]);
+            if V == 2 {
+                _mm256_storeu_ps(out.as_mut_ptr().add(LANES), sum[1]);
+            }
+        }
+    }
+}
+
+/// The kernel on plain arrays (every target): `V` vectors of 8 columns.
+///
+/// # Safety
+/// As [`kernel`].
+#[inline(always)]
+unsafe fn kernel_portable<const V: usize>(
+    packed: &[f32],
+    rhs: *const f32,
+    stride: usize,
+    acc: &mut [[f32; BLOCK_COLS]; BLOCK_ROWS],
+) {
+    let mut sums = [[0f32; BLOCK_COLS]; BLOCK_ROWS];
+    let mut row = rhs;
+    for w in packed.chunks_exact(BLOCK_ROWS) {
+        // SAFETY: `row` is X's row k (k < depth): 8·V readable values.
+        let x = unsafe { std::slice::from_raw_parts(row, V * LANES) };
+        for (sum, a) in sums.iter_mut().zip(w) {
+            for (s, v) in sum.iter_mut().zip(x) {
+                *s += a * v;
+            }
+        }
+        row = row.wrapping_add(stride);
+    }
+    *acc = sums;
+}
+
+/// Which pass over the depth a store ends.
+#[derive(Debug, Clone, Copy)]
+struct Pass {
+    /// The first: Y holds nothing of this product yet.
+    first: bool,
+    /// The last: the epilogue follows.
+    last: bool,
+}
+
+/// Stores `rows` × `width` results of `acc` at (first_row, col) of Y:
+/// added to the partial sums there unless `pass.first`, with the bias,
+/// the residual and the ReLU when `pass.last`.
+///
+/// # Safety
+/// Those elements of Y (and of the residual, when not null) are inside
+/// the caller's operands and this thread's to write.
+#[inline(always)]
+unsafe fn store(
+    acc: &[[f32; BLOCK_COLS]; BLOCK_ROWS],
+    (first_row, rows): (usize, usize),
+    (col, width): (usize, usize),
+    operands: Operands,
+    (epilogue, pass): (Epilogue<'_>, Pass),
+) {
+    for (r, values) in acc.iter().enumerate().take(rows) {
+        let i = first_row + r;
+        let at = i * operands.dst_stride + col;
+        // SAFETY: row i, columns col .. col + width of Y are this call's.
+        let out = unsafe { std::slice::from_raw_parts_mut(operands.dst.add(at), width) };
+        if !pass.first {
+            for (o, v) in out.iter_mut().zip(values) {
+                *o += v;
+            }
+        } else {
+            out.copy_from_slice(&values[..width]);
+        }
+        if !pass.last {
+            continue;
+        }
+        let bias = epilogue.bias.map_or(0.0, |b| b[i]);
+        if operands.residual.is_null() {
+            out.iter_mut().for_each(|o| *o += bias);
+        } else {
+            // SAFETY: the residual has Y's layout.
+            let skip = unsafe { std::slice::from_raw_parts(operands.residual.add(at), width) };
+            for (o, s) in out.iter_mut().zip(skip) {
+                *o += bias + s;
+            }
+        }
+        if epilogue.relu {
+            out.iter_mut().for_each(|v| *v = v.max(0.0));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::cpu_conv::tests::values;
+
+    /// Every shape class (partial row blocks, full, one-vector and partial
+    /// column blocks, both loop orders), bias, residual and ReLU, against
+    /// a product in f64.
+    #[test]
+    fn packed_product_equals_plain_product() {
+        for (case, &(rows, depth, cols)) in [
+            (1, 1, 1),
+            (5, 3, 7),
+            (6, 9, 16),
+            (13, 20, 24),
+            (64, 49, 100),
+            (130, 600, 49),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let seed = case as u32;
+            let w = values(rows * depth, seed);
+            // X with a wider row stride than its columns.
+            let stride = cols + 3;
+            let x = values(depth * stride, seed + 1);
+            let bias = values(rows, seed + 2);
+            let residual = values(rows * cols, seed + 3);
+            let packed = PackedWeights::new(&w, rows, depth);
+            for (with_residual, relu) in [(false, false), (true, true)] {
+                let mut y = vec![f32::NAN; rows * cols];
+                let operands = Operands {
+                    rhs: x.as_ptr(),
+                    rhs_stride: stride,
+                    cols,
+                    dst: y.as_mut_ptr(),
+                    residual: if with_residual {
+                        residual.as_ptr()
+                    } else {
+                        std::ptr::null()
+                    },
+                    dst_stride: cols,
+                };
+                // Two calls over halves of the row blocks, as threads do.
+                let half = packed.blocks() / 2;
+                for blocks in [0..half, half..packed.blocks()] {
+                    let epilogue = Epilogue {
+                        bias: Some(&bias),
+                        relu,
+                    };
+                    // SAFETY: x holds depth rows of `stride` ≥ cols values,
+                    // y and the residual rows × cols.
+                    unsafe { multiply(&packed, blocks, operands, epilogue) };
+                }
+                for i in 0..rows {
+                    for j in 0..cols {
+                        let mut want = f64::from(bias[i]);
+                        for k in 0..depth {
+                            want += f64::from(w[i * depth + k]) * f64::from(x[k * stride + j]);
+                        }
+                        if with_residual {
+                            want += f64::from(residual[i * cols + j]);
+                        }
+                        if relu {
+                            want = want.max(0.0);
+                        }
+                        let got = f64::from(y[i * cols + j]);
+                        assert!(
+                            (got - want).abs() < 1e-5 * (depth as f64).sqrt().max(1.0),
+                            "case {case} ({rows}x{depth}x{cols}) at ({i}, {j}): {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
