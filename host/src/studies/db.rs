@@ -90,8 +90,13 @@ impl StudyDb {
     pub fn open(data_dir: &Path) -> Result<Self, StudyError> {
         let path = data_dir.join("studies.sqlite");
         let connection = Connection::open(&path)?;
+        // WAL with `synchronous = FULL`: a study's row is synced before the
+        // C-STORE that brought it is acknowledged (and an EMR record's
+        // before its 200/202), so a power loss right after cannot lose what
+        // the PACS or the site was told was received (with NORMAL the
+        // instance file would survive, fsynced, but not its row).
         connection.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;
              CREATE TABLE IF NOT EXISTS studies(
                study_uid TEXT PRIMARY KEY,
                sop_instance_uid TEXT NOT NULL,
