@@ -69,6 +69,16 @@ const WIDE_MAX_PIXELS: usize = 1024;
 /// Below this many multiply-adds a convolution runs on one thread.
 const PARALLEL_MIN_WORK: usize = 1 << 20;
 
+/// The threads for a product of `work` multiply-adds: all of the pool's
+/// from [`PARALLEL_MIN_WORK`] up, else one.
+fn threads_for(work: usize) -> usize {
+    if work >= PARALLEL_MIN_WORK {
+        rayon::current_num_threads()
+    } else {
+        1
+    }
+}
+
 /// Output planes of at least this many pixels run at batch 1 with the
 /// packed weights, split between the threads by output rows (each
 /// unfolds and multiplies its own rows, with all the weights); smaller
@@ -278,7 +288,6 @@ impl FusedConv {
             return out;
         }
         let wide = batch * n;
-        let plane_in = self.in_channels * height * width;
         let plane_out = self.out_channels * n;
         let k = self.in_channels * self.kernel * self.kernel;
 
@@ -295,24 +304,8 @@ impl FusedConv {
                 cell.iter_mut().for_each(|v| *v += self.bias[c]);
             }
         }
-        let threads = if self.out_channels * wide * k >= PARALLEL_MIN_WORK {
-            rayon::current_num_threads()
-        } else {
-            1
-        };
-        let direct = batch == 1 && self.kernel == 1 && self.stride == 1 && self.padding == 0;
-        COLUMNS.with(|cell| {
-            let mut columns = cell.borrow_mut();
-            let rhs: &[f32] = if direct {
-                input
-            } else {
-                columns.resize(k * wide, 0.0);
-                for b in 0..batch {
-                    let image = &input[b * plane_in..(b + 1) * plane_in];
-                    self.im2col(image, [height, width, out_h, out_w], &mut columns, b, batch);
-                }
-                &columns
-            };
+        let threads = threads_for(self.out_channels * wide * k);
+        self.with_unfolded(input, batch, [height, width, out_h, out_w], |rhs| {
             matmul_accumulate(
                 &mut product,
                 &self.weights,
@@ -353,11 +346,7 @@ impl FusedConv {
         let mut out = vec![0f32; rows * n];
         assert!(input.len() >= self.in_channels * height * width);
         assert!(residual.is_none_or(|r| r.len() >= rows * n));
-        let threads = if rows * n * k >= PARALLEL_MIN_WORK {
-            rayon::current_num_threads()
-        } else {
-            1
-        };
+        let threads = threads_for(rows * n * k);
         let epilogue = Epilogue {
             bias: Some(&self.bias),
             relu: self.relu,
@@ -408,15 +397,7 @@ impl FusedConv {
             });
             return out;
         }
-        COLUMNS.with(|cell| {
-            let mut columns = cell.borrow_mut();
-            let rhs: &[f32] = if direct {
-                input
-            } else {
-                columns.resize(k * n, 0.0);
-                self.im2col(input, [height, width, out_h, out_w], &mut columns, 0, 1);
-                &columns
-            };
+        self.with_unfolded(input, 1, [height, width, out_h, out_w], |rhs| {
             let rhs = rhs.as_ptr() as usize;
             // Row blocks per task: about two tasks per thread.
             let blocks = weights.blocks();
@@ -446,6 +427,33 @@ impl FusedConv {
             }
         });
         out
+    }
+
+    /// Calls `f` with the right-hand side of the convolution's product for
+    /// `batch` images: the input itself for a 1×1 stride-1 unpadded
+    /// convolution of one image, else the images unfolded (im2col) into
+    /// this thread's scratch buffer, (k, batch · pixels).
+    fn with_unfolded<R>(
+        &self,
+        input: &[f32],
+        batch: usize,
+        [height, width, out_h, out_w]: [usize; 4],
+        f: impl FnOnce(&[f32]) -> R,
+    ) -> R {
+        if batch == 1 && self.kernel == 1 && self.stride == 1 && self.padding == 0 {
+            return f(input);
+        }
+        let k = self.in_channels * self.kernel * self.kernel;
+        let plane_in = self.in_channels * height * width;
+        COLUMNS.with(|cell| {
+            let mut columns = cell.borrow_mut();
+            columns.resize(k * batch * out_h * out_w, 0.0);
+            for b in 0..batch {
+                let image = &input[b * plane_in..(b + 1) * plane_in];
+                self.im2col(image, [height, width, out_h, out_w], &mut columns, b, batch);
+            }
+            f(&columns)
+        })
     }
 
     /// Row `row` (channel, ky, kx) of the unfolded image for output rows
