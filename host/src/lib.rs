@@ -41,24 +41,26 @@
 
 #![deny(missing_docs)]
 
+// Stages in crates of their own (host/<name>/), under their usual paths.
+pub use oxbox_dicom as dicom;
+pub use oxbox_dicom::guard;
+pub use oxbox_files as output;
+pub use oxbox_http as http;
+pub use oxbox_rng as rng;
+pub use oxbox_signing as signing;
+
 pub mod aggregator;
 pub mod cases;
 pub mod config;
 pub mod dataset;
-pub mod dicom;
 pub mod dimse;
 pub mod evaluate;
 pub mod federation;
-pub mod guard;
-pub mod http;
 pub mod metrics;
 pub mod model;
-pub mod output;
 pub mod pipeline;
 pub mod plugins;
-pub mod rng;
 pub mod serve;
-pub mod signing;
 pub mod simulate;
 pub mod sr;
 pub mod store;

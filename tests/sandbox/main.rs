@@ -487,6 +487,7 @@ fn more_calls_than_sandboxes_wait_or_are_refused_as_load_never_as_faults() {
         .map_emr(&record(&[("rounds", "1")]))
         .expect("served once the slot is free");
     // The server answers it as overload: 503 with Retry-After, not a fault.
+    use oxbox::serve::problem::ServeProblems;
     let problem = oxbox::serve::problem::Problem::from_pipeline(
         &oxbox::pipeline::PipelineError::Plugin(refused.expect_err("busy")),
     );

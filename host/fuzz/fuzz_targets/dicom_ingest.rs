@@ -9,8 +9,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use oxbox::config::LimitsConfig;
-use oxbox::dicom::{DicomFile, ImageHeader, canonical, pixels};
+use oxbox_dicom::LimitsConfig;
+use oxbox_dicom::{DicomFile, ImageHeader, canonical, pixels};
 
 /// Tighter than the shipped defaults (100 MP, 256 MiB inflated) so that an
 /// input the limits admit decodes within libFuzzer's time and memory

@@ -12,9 +12,9 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use oxbox::federation::protocol::{GlobalModelRecord, RoundTask, UpdateManifest};
-use oxbox::federation::signed::{SignedDocument, canonical_json};
-use oxbox::signing::SigningKey;
+use oxbox_federation_formats::protocol::{GlobalModelRecord, RoundTask, UpdateManifest};
+use oxbox_federation_formats::signed::{SignedDocument, canonical_json};
+use oxbox_signing::SigningKey;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -24,7 +24,7 @@ fn key() -> &'static SigningKey {
         let dir = std::env::temp_dir().join(format!("oxbox-fuzz-key-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("key dir");
-        let (private, _) = oxbox::signing::generate_keypair(&dir).expect("key pair");
+        let (private, _) = oxbox_signing::generate_keypair(&dir).expect("key pair");
         let key = SigningKey::load(&private).expect("load key");
         let _ = std::fs::remove_dir_all(&dir);
         key

@@ -6,8 +6,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use oxbox::federation::shards::{self, ChunkValues, MIN_SHARD_BYTES};
-use oxbox::federation::tensors::{Tensor32, Tensors};
+use oxbox_federation_formats::shards::{self, ChunkValues, MIN_SHARD_BYTES};
+use oxbox_federation_formats::tensors::{Tensor32, Tensors};
 
 fuzz_target!(|data: &[u8]| {
     if let Some((&0xFF, rest)) = data.split_first() {

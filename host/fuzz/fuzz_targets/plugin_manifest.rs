@@ -8,7 +8,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use oxbox::plugins::manifest::{Manifest, SignatureFile};
+use oxbox_plugin_manifest::{Manifest, SignatureFile};
 
 const SEPARATOR: &[u8] = b"\n--sig--\n";
 
@@ -20,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = Manifest::parse(manifest);
     if let Some(Ok(parsed)) = signature.map(SignatureFile::parse) {
         if let SignatureFile::Ed25519 { key, signature } = &parsed {
-            let _ = oxbox::signing::verifies(manifest, signature, key);
+            let _ = oxbox_signing::verifies(manifest, signature, key);
         }
         let again = SignatureFile::parse(parsed.to_text().as_bytes());
         assert_eq!(again.as_ref(), Ok(&parsed));

@@ -16,56 +16,10 @@
 //!   preceding `clip`, `sigma / max_norm` is the noise multiplier of the
 //!   Gaussian mechanism.
 
-use serde::{Deserialize, Serialize};
-
 use super::FederationError;
 use super::tensors::Tensors;
 
-/// One privacy filter, as configured (`[[federation.filters]]`, `kind = …`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Filter {
-    /// Drop tensors by parameter group or name pattern.
-    Exclude {
-        /// Parameter group names (`image_backbone`, `batch_norm_statistics`,
-        /// `emr_branch`, `fusion`, `head`).
-        #[serde(default)]
-        groups: Vec<String>,
-        /// Name patterns, `*` matching any run of characters.
-        #[serde(default)]
-        patterns: Vec<String>,
-    },
-    /// Keep the largest `percent` % of |Δ| per tensor, zero the rest.
-    Percentile {
-        /// Share kept, in (0, 100].
-        percent: f64,
-    },
-    /// Scale the update to an L2 norm of at most `max_norm`.
-    Clip {
-        /// The bound, > 0.
-        max_norm: f64,
-    },
-    /// Add N(0, sigma²) to every shared entry.
-    Noise {
-        /// Standard deviation, ≥ 0.
-        sigma: f64,
-    },
-}
-
-/// What one filter did, as recorded in the update manifest.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AppliedFilter {
-    /// The filter and its parameters.
-    pub filter: Filter,
-    /// Tensors it removed (`exclude`).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub excluded: Vec<String>,
-    /// Entries non-zero after it.
-    pub nonzero: u64,
-    /// L2 norm of the update after it.
-    pub norm: f64,
-}
+pub use oxbox_federation_formats::protocol::{AppliedFilter, Filter};
 
 /// A source of standard normal draws (for `noise`): the box seeds one from
 /// the system's random generator; tests pass a fixed one.
@@ -103,64 +57,53 @@ pub fn system_normal_source() -> Result<crate::rng::Pcg, FederationError> {
     Ok(crate::rng::Pcg::new(word(a), word(b)))
 }
 
-impl Filter {
-    /// The filter's kind as configured (`exclude`, `percentile`, …).
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Filter::Exclude { .. } => "exclude",
-            Filter::Percentile { .. } => "percentile",
-            Filter::Clip { .. } => "clip",
-            Filter::Noise { .. } => "noise",
-        }
-    }
-
-    fn check(&self) -> Result<(), FederationError> {
-        let bad = |reason: String| {
-            Err(FederationError::Filter {
-                filter: self.kind(),
-                reason,
-            })
-        };
-        match self {
-            Filter::Exclude { groups, patterns } => {
-                if groups.is_empty() && patterns.is_empty() {
-                    return bad("names neither groups nor patterns".to_string());
-                }
-                if let Some(g) = groups
+/// Checks a filter's parameters (ranges, known parameter groups).
+fn check(filter: &Filter) -> Result<(), FederationError> {
+    let bad = |reason: String| {
+        Err(FederationError::Filter {
+            filter: filter.kind(),
+            reason,
+        })
+    };
+    match filter {
+        Filter::Exclude { groups, patterns } => {
+            if groups.is_empty() && patterns.is_empty() {
+                return bad("names neither groups nor patterns".to_string());
+            }
+            if let Some(g) = groups
+                .iter()
+                .find(|g| crate::model::ParameterGroup::from_name(g).is_none())
+            {
+                let known: Vec<&str> = crate::model::ParameterGroup::ALL
                     .iter()
-                    .find(|g| crate::model::ParameterGroup::from_name(g).is_none())
-                {
-                    let known: Vec<&str> = crate::model::ParameterGroup::ALL
-                        .iter()
-                        .map(|g| g.as_str())
-                        .collect();
-                    return bad(format!(
-                        "unknown parameter group {g:?} (known: {})",
-                        known.join(", ")
-                    ));
-                }
-                if patterns.iter().any(|p| p.is_empty()) {
-                    return bad("an empty name pattern".to_string());
-                }
+                    .map(|g| g.as_str())
+                    .collect();
+                return bad(format!(
+                    "unknown parameter group {g:?} (known: {})",
+                    known.join(", ")
+                ));
             }
-            Filter::Percentile { percent } => {
-                if !(percent.is_finite() && *percent > 0.0 && *percent <= 100.0) {
-                    return bad(format!("percent = {percent}, must be in (0, 100]"));
-                }
-            }
-            Filter::Clip { max_norm } => {
-                if !(max_norm.is_finite() && *max_norm > 0.0) {
-                    return bad(format!("max_norm = {max_norm}, must be finite and > 0"));
-                }
-            }
-            Filter::Noise { sigma } => {
-                if !(sigma.is_finite() && *sigma >= 0.0) {
-                    return bad(format!("sigma = {sigma}, must be finite and >= 0"));
-                }
+            if patterns.iter().any(|p| p.is_empty()) {
+                return bad("an empty name pattern".to_string());
             }
         }
-        Ok(())
+        Filter::Percentile { percent } => {
+            if !(percent.is_finite() && *percent > 0.0 && *percent <= 100.0) {
+                return bad(format!("percent = {percent}, must be in (0, 100]"));
+            }
+        }
+        Filter::Clip { max_norm } => {
+            if !(max_norm.is_finite() && *max_norm > 0.0) {
+                return bad(format!("max_norm = {max_norm}, must be finite and > 0"));
+            }
+        }
+        Filter::Noise { sigma } => {
+            if !(sigma.is_finite() && *sigma >= 0.0) {
+                return bad(format!("sigma = {sigma}, must be finite and >= 0"));
+            }
+        }
     }
+    Ok(())
 }
 
 /// Whether `name` matches `pattern`, where `*` matches any run of
@@ -206,7 +149,7 @@ pub fn percentile_keep(percent: f64, n: usize) -> usize {
 /// # Errors
 /// [`FederationError::Filter`] naming the filter and the bad parameter.
 pub fn validate(filters: &[Filter]) -> Result<(), FederationError> {
-    filters.iter().try_for_each(Filter::check)
+    filters.iter().try_for_each(check)
 }
 
 fn nonzero(update: &Tensors) -> u64 {
@@ -224,12 +167,6 @@ pub fn l2_norm(update: &Tensors) -> f64 {
         .map(|v| f64::from(*v) * f64::from(*v))
         .sum::<f64>()
         .sqrt()
-}
-
-/// Whether every value is finite (one pass without early exit, which the
-/// compiler vectorises).
-pub(crate) fn all_finite(values: &[f32]) -> bool {
-    values.iter().fold(true, |ok, v| ok & v.is_finite())
 }
 
 /// Keeps the `keep` largest |v| of `values` (ties: the lower position
@@ -307,7 +244,7 @@ pub fn apply(
                 ),
             });
         }
-        if !all_finite(&tensor.values) {
+        if !super::tensors::all_finite(&tensor.values) {
             return Err(FederationError::Mismatch {
                 name: name.clone(),
                 reason: "holds a non-finite value".to_string(),

@@ -18,41 +18,7 @@
 pub mod aggregate;
 pub mod client;
 pub mod filters;
-pub mod protocol;
-pub mod shards;
-pub mod signed;
 pub mod site;
 pub mod stats;
-pub mod tensors;
 
-/// Errors of the federation maths and formats.
-#[derive(Debug, thiserror::Error)]
-pub enum FederationError {
-    /// Bytes that should be a document, a shard or a tensor are not.
-    #[error("malformed {what}: {reason}")]
-    Malformed {
-        /// What was being read (`update manifest`, `shard 3`, …).
-        what: String,
-        /// Why it is refused.
-        reason: String,
-    },
-    /// Tensors that should match (names, shapes) do not.
-    #[error("tensor {name}: {reason}")]
-    Mismatch {
-        /// The tensor.
-        name: String,
-        /// How it differs.
-        reason: String,
-    },
-    /// A filter's parameters are out of range.
-    #[error("privacy filter {filter}: {reason}")]
-    Filter {
-        /// The filter kind.
-        filter: &'static str,
-        /// Why.
-        reason: String,
-    },
-    /// A signature does not verify, or is by a key that is not expected.
-    #[error("signature: {0}")]
-    Signature(String),
-}
+pub use oxbox_federation_formats::{FederationError, protocol, shards, signed, tensors};

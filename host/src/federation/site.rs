@@ -41,7 +41,7 @@ use super::protocol::{
 use super::shards;
 use super::signed::SignedDocument;
 use super::stats;
-use super::tensors::{self, Tensors};
+use super::tensors::{self, Tensor32, Tensors};
 use crate::config::{Config, FederationConfig};
 use crate::model::package::{MANIFEST_FILE, ModelManifest, PackageBytes, WEIGHTS_FILE};
 use crate::model::{Model, ModelInput};
@@ -792,7 +792,7 @@ impl<'a> SiteClient<'a> {
             },
             &self.device,
         )?;
-        let start_candle = tensors::to_candle(&start, &self.device)?;
+        let start_candle = to_candle(&start, &self.device)?;
         let progress_path = dir.join("progress.json");
         let mut progress = read_json::<RoundProgress>(&progress_path)
             .filter(|p| p.round == task.round && p.base_model == global.digest)
@@ -875,7 +875,7 @@ impl<'a> SiteClient<'a> {
         }
 
         // Δ, filters, shards, manifest, signature.
-        let local = tensors::from_candle(&trainer.weights()?)?;
+        let local = from_candle(&trainer.weights()?)?;
         let delta = tensors::difference(&local, &global_tensors)?;
         let update = build_update(
             UpdateHeader {
@@ -1513,9 +1513,71 @@ fn sync_dir_files(dir: &Path) -> Result<(), SiteError> {
     Ok(())
 }
 
+/// Converts candle tensors (any device) to [`Tensors`].
+///
+/// # Errors
+/// On tensor errors (a non-F32 tensor is converted).
+fn from_candle(
+    tensors: &std::collections::HashMap<String, candle_core::Tensor>,
+) -> Result<Tensors, candle_core::Error> {
+    let mut out = Tensors::new();
+    for (name, tensor) in tensors {
+        let values = tensor
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        out.insert(
+            name.clone(),
+            Tensor32 {
+                shape: tensor.dims().to_vec(),
+                values,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Converts [`Tensors`] to candle tensors on `device`.
+///
+/// # Errors
+/// On tensor errors.
+fn to_candle(
+    tensors: &Tensors,
+    device: &candle_core::Device,
+) -> Result<std::collections::HashMap<String, candle_core::Tensor>, candle_core::Error> {
+    let mut out = std::collections::HashMap::with_capacity(tensors.len());
+    for (name, tensor) in tensors {
+        let t = candle_core::Tensor::from_slice(&tensor.values, tensor.shape.as_slice(), device)?;
+        out.insert(name.clone(), t);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tensors_round_trip_through_candle() {
+        let mut t = Tensors::new();
+        t.insert(
+            "head.weight".into(),
+            Tensor32 {
+                shape: vec![2, 3],
+                values: vec![1.0, -2.5, 0.0, 3.25, f32::MIN_POSITIVE, -0.0],
+            },
+        );
+        t.insert(
+            "empty".into(),
+            Tensor32 {
+                shape: vec![0],
+                values: vec![],
+            },
+        );
+        let c = to_candle(&t, &Device::Cpu).expect("to candle");
+        assert_eq!(c["head.weight"].dims(), &[2, 3]);
+        assert_eq!(from_candle(&c).expect("from candle"), t);
+    }
 
     #[test]
     fn a_deferred_reload_waits_for_retry_after_within_bounds() {

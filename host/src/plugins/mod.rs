@@ -28,7 +28,7 @@
 
 pub mod cache;
 pub mod engine;
-pub mod manifest;
+pub use oxbox_plugin_manifest as manifest;
 pub mod record;
 pub mod runtime;
 pub mod set;
@@ -197,6 +197,20 @@ impl PluginError {
                 | PluginError::ForbiddenImport { .. }
                 | PluginError::Invalid { .. }
         )
+    }
+}
+
+impl From<manifest::ManifestError> for PluginError {
+    fn from(error: manifest::ManifestError) -> Self {
+        use manifest::ManifestError;
+        match error {
+            ManifestError::Write(e) => PluginError::Write(e),
+            ManifestError::Io { path, source } => PluginError::Io { path, source },
+            ManifestError::Manifest { path, reason } => PluginError::Manifest { path, reason },
+            ManifestError::Signature { plugin, reason } => {
+                PluginError::Signature { plugin, reason }
+            }
+        }
     }
 }
 

@@ -13,9 +13,65 @@ use crate::model::ModelError;
 use crate::pipeline::PipelineError;
 use crate::plugins::PluginError;
 
-impl Problem {
+/// The endpoint's own problems, as constructors on [`Problem`] (the HTTP
+/// crate knows nothing of plugins, the pipeline or the model).
+pub trait ServeProblems {
     /// 503 with Retry-After: too many predictions in progress.
-    pub fn overloaded(limit: usize) -> Self {
+    fn overloaded(limit: usize) -> Self;
+
+    /// 503 with Retry-After: the memory budget is in use by other requests
+    /// (`detail` says how much this request needs).
+    fn overloaded_memory(detail: impl Into<String>) -> Self;
+
+    /// 413: one case whose estimated decoded size exceeds the whole memory
+    /// budget; retrying cannot help.
+    fn case_too_large(detail: impl Into<String>) -> Self;
+
+    /// 403: an admin route on a server without `server.token_file`.
+    fn admin_needs_token() -> Self;
+
+    /// 409: another plugin reload is running.
+    fn reload_in_progress() -> Self;
+
+    /// 429 with Retry-After: a reload sooner than
+    /// `server.reload_min_interval_s` after the previous one.
+    fn reload_rate_limited(retry_after_s: u32, interval_s: u64) -> Self;
+
+    /// 409: another model reload is running.
+    fn model_reload_in_progress() -> Self;
+
+    /// 429 with Retry-After: a model reload sooner than
+    /// `server.reload_min_interval_s` after the previous one.
+    fn model_reload_rate_limited(retry_after_s: u32, interval_s: u64) -> Self;
+
+    /// 422: the model to serve did not load (unreadable, corrupted, not
+    /// the digest its promotion named, weights that do not fit); the
+    /// running model stays.
+    fn model_reload_failed(detail: &str) -> Self;
+
+    /// The problem for a pipeline failure: 422 for input the DICOM checks,
+    /// the schema, a plugin or the model refused; 400 for an EMR record that
+    /// is not a JSON object of scalars; 503 for a quarantined plugin and
+    /// for a plugin call that found every sandbox busy (overloaded, with
+    /// Retry-After); 500 for plugin faults and model failures.
+    fn from_pipeline(error: &PipelineError) -> Self;
+
+    /// The problem for a case the inference thread gave no prediction:
+    /// the model's refusal as [`Problem::from_pipeline`]; 500 with a fixed
+    /// detail for a forward pass that panicked (the panic's text, logged by
+    /// the inference thread, may quote anything and is never sent) or a lost
+    /// case; 503 with Retry-After once the thread has stopped
+    /// (`stopped_reason`, from [`super::batcher::Batcher::stopped`]).
+    fn from_batch(error: BatchError, stopped_reason: Option<String>) -> Self;
+
+    /// The problem for a plugin reload that loaded no new set: 503
+    /// overloaded with Retry-After when every sandbox was busy (load), 422
+    /// reload-failed otherwise. Either way the running plugins stay.
+    fn reload_failed(failure: &ReloadFailure) -> Self;
+}
+
+impl ServeProblems for Problem {
+    fn overloaded(limit: usize) -> Self {
         let mut p = Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "overloaded",
@@ -28,9 +84,7 @@ impl Problem {
         p
     }
 
-    /// 503 with Retry-After: the memory budget is in use by other requests
-    /// (`detail` says how much this request needs).
-    pub fn overloaded_memory(detail: impl Into<String>) -> Self {
+    fn overloaded_memory(detail: impl Into<String>) -> Self {
         let mut p = Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "overloaded",
@@ -41,9 +95,7 @@ impl Problem {
         p
     }
 
-    /// 413: one case whose estimated decoded size exceeds the whole memory
-    /// budget; retrying cannot help.
-    pub fn case_too_large(detail: impl Into<String>) -> Self {
+    fn case_too_large(detail: impl Into<String>) -> Self {
         Self::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "case-too-large",
@@ -52,8 +104,7 @@ impl Problem {
         )
     }
 
-    /// 403: an admin route on a server without `server.token_file`.
-    pub fn admin_needs_token() -> Self {
+    fn admin_needs_token() -> Self {
         Self::new(
             StatusCode::FORBIDDEN,
             "admin-token-required",
@@ -64,8 +115,7 @@ impl Problem {
         )
     }
 
-    /// 409: another plugin reload is running.
-    pub fn reload_in_progress() -> Self {
+    fn reload_in_progress() -> Self {
         let mut p = Self::new(
             StatusCode::CONFLICT,
             "reload-in-progress",
@@ -76,9 +126,7 @@ impl Problem {
         p
     }
 
-    /// 429 with Retry-After: a reload sooner than
-    /// `server.reload_min_interval_s` after the previous one.
-    pub fn reload_rate_limited(retry_after_s: u32, interval_s: u64) -> Self {
+    fn reload_rate_limited(retry_after_s: u32, interval_s: u64) -> Self {
         let mut p = Self::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate-limited",
@@ -91,8 +139,7 @@ impl Problem {
         p
     }
 
-    /// 409: another model reload is running.
-    pub fn model_reload_in_progress() -> Self {
+    fn model_reload_in_progress() -> Self {
         let mut p = Self::new(
             StatusCode::CONFLICT,
             "reload-in-progress",
@@ -103,9 +150,7 @@ impl Problem {
         p
     }
 
-    /// 429 with Retry-After: a model reload sooner than
-    /// `server.reload_min_interval_s` after the previous one.
-    pub fn model_reload_rate_limited(retry_after_s: u32, interval_s: u64) -> Self {
+    fn model_reload_rate_limited(retry_after_s: u32, interval_s: u64) -> Self {
         let mut p = Self::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate-limited",
@@ -118,10 +163,7 @@ impl Problem {
         p
     }
 
-    /// 422: the model to serve did not load (unreadable, corrupted, not
-    /// the digest its promotion named, weights that do not fit); the
-    /// running model stays.
-    pub fn model_reload_failed(detail: &str) -> Self {
+    fn model_reload_failed(detail: &str) -> Self {
         Self::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "model-reload-failed",
@@ -130,77 +172,13 @@ impl Problem {
         )
     }
 
-    /// The problem for a pipeline failure: 422 for input the DICOM checks,
-    /// the schema, a plugin or the model refused; 400 for an EMR record that
-    /// is not a JSON object of scalars; 503 for a quarantined plugin and
-    /// for a plugin call that found every sandbox busy (overloaded, with
-    /// Retry-After); 500 for plugin faults and model failures.
-    pub fn from_pipeline(error: &PipelineError) -> Self {
-        let mut problem = Self::from_pipeline_error(error);
+    fn from_pipeline(error: &PipelineError) -> Self {
+        let mut problem = pipeline_problem(error);
         problem.reason = Some(error.redacted());
         problem
     }
 
-    fn from_pipeline_error(error: &PipelineError) -> Self {
-        let unprocessable = |slug, title| {
-            Self::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                slug,
-                title,
-                error.to_string(),
-            )
-        };
-        match error {
-            PipelineError::Dicom(_) => unprocessable("dicom-rejected", "Radiograph rejected"),
-            PipelineError::Record(_) => Self::malformed(error.to_string()),
-            PipelineError::NotCanonical { .. } => {
-                unprocessable("emr-rejected", "EMR record rejected")
-            }
-            PipelineError::Plugin(PluginError::Quarantined { .. }) => {
-                let mut p = Self::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "plugin-quarantined",
-                    "Site plugin quarantined",
-                    error.to_string(),
-                );
-                p.retry_after = Some(60);
-                p
-            }
-            // Every sandbox busy for the call's whole wait: load, not a
-            // fault of the plugin (never counted towards quarantine).
-            PipelineError::Plugin(PluginError::Busy { .. }) => {
-                let mut p = Self::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "overloaded",
-                    "Overloaded",
-                    error.to_string(),
-                );
-                p.retry_after = Some(1);
-                p
-            }
-            PipelineError::Plugin(e) if e.is_bad_input() => {
-                unprocessable("plugin-rejected", "Rejected by a site plugin")
-            }
-            PipelineError::Plugin(_) => Self::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "plugin-fault",
-                "Site plugin failed",
-                error.to_string(),
-            ),
-            PipelineError::Model(ModelError::Input(_)) => {
-                unprocessable("model-input-rejected", "Input does not fit the model")
-            }
-            PipelineError::Model(_) => Self::internal(error.to_string()),
-        }
-    }
-
-    /// The problem for a case the inference thread gave no prediction:
-    /// the model's refusal as [`Problem::from_pipeline`]; 500 with a fixed
-    /// detail for a forward pass that panicked (the panic's text, logged by
-    /// the inference thread, may quote anything and is never sent) or a lost
-    /// case; 503 with Retry-After once the thread has stopped
-    /// (`stopped_reason`, from [`super::batcher::Batcher::stopped`]).
-    pub fn from_batch(error: BatchError, stopped_reason: Option<String>) -> Self {
+    fn from_batch(error: BatchError, stopped_reason: Option<String>) -> Self {
         match error {
             BatchError::Model(e) => Self::from_pipeline(&PipelineError::Model(e)),
             BatchError::Panicked(_) => Self::internal(
@@ -223,10 +201,7 @@ impl Problem {
         }
     }
 
-    /// The problem for a plugin reload that loaded no new set: 503
-    /// overloaded with Retry-After when every sandbox was busy (load), 422
-    /// reload-failed otherwise. Either way the running plugins stay.
-    pub fn reload_failed(failure: &ReloadFailure) -> Self {
+    fn reload_failed(failure: &ReloadFailure) -> Self {
         match failure {
             ReloadFailure::Busy(e) => {
                 let mut p = Self::new(
@@ -245,6 +220,57 @@ impl Problem {
                 format!("{e}; the running plugins stay in place"),
             ),
         }
+    }
+}
+
+fn pipeline_problem(error: &PipelineError) -> Problem {
+    let unprocessable = |slug, title| {
+        Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            slug,
+            title,
+            error.to_string(),
+        )
+    };
+    match error {
+        PipelineError::Dicom(_) => unprocessable("dicom-rejected", "Radiograph rejected"),
+        PipelineError::Record(_) => Problem::malformed(error.to_string()),
+        PipelineError::NotCanonical { .. } => unprocessable("emr-rejected", "EMR record rejected"),
+        PipelineError::Plugin(PluginError::Quarantined { .. }) => {
+            let mut p = Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "plugin-quarantined",
+                "Site plugin quarantined",
+                error.to_string(),
+            );
+            p.retry_after = Some(60);
+            p
+        }
+        // Every sandbox busy for the call's whole wait: load, not a
+        // fault of the plugin (never counted towards quarantine).
+        PipelineError::Plugin(PluginError::Busy { .. }) => {
+            let mut p = Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "Overloaded",
+                error.to_string(),
+            );
+            p.retry_after = Some(1);
+            p
+        }
+        PipelineError::Plugin(e) if e.is_bad_input() => {
+            unprocessable("plugin-rejected", "Rejected by a site plugin")
+        }
+        PipelineError::Plugin(_) => Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "plugin-fault",
+            "Site plugin failed",
+            error.to_string(),
+        ),
+        PipelineError::Model(ModelError::Input(_)) => {
+            unprocessable("model-input-rejected", "Input does not fit the model")
+        }
+        PipelineError::Model(_) => Problem::internal(error.to_string()),
     }
 }
 

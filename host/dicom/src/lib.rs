@@ -17,12 +17,14 @@
 //! 4. [`canonical`]: stored values → the (1, S, S) float32 tensor of
 //!    *canonical chest-radiograph preprocessing v1*.
 //!
-//! Nothing in this module logs or returns patient identifiers: errors name
+//! Nothing in this crate logs or returns patient identifiers: errors name
 //! attributes by keyword and tag, never by value, except for the coded values
 //! that explain a refusal (photometric interpretation, transfer syntax).
 
 pub mod canonical;
+pub mod guard;
 pub mod header;
+pub mod limits;
 pub mod pixels;
 pub mod read;
 pub mod scan;
@@ -34,10 +36,9 @@ use std::path::Path;
 
 pub use canonical::{CanonicalImage, VoiMethod};
 pub use header::{Geometry, ImageHeader};
+pub use limits::LimitsConfig;
 pub use pixels::{DecodedFrame, Samples, StoredBits};
 pub use read::DicomFile;
-
-use crate::config::LimitsConfig;
 
 /// Everything that can go wrong between a file and a tensor.
 ///

@@ -117,7 +117,7 @@ pub fn generate_keypair(dir: &Path) -> Result<(PathBuf, String), SigningError> {
     let pkcs8 =
         Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| SigningError::Random)?;
     let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|_| SigningError::Random)?;
-    crate::output::write_new_private(&private, pkcs8.as_ref()).map_err(|source| {
+    oxbox_files::write_new_private(&private, pkcs8.as_ref()).map_err(|source| {
         if source.kind() == std::io::ErrorKind::AlreadyExists {
             SigningError::KeyExists {
                 path: private.clone(),

@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use super::read::DicomFile;
 use super::{DicomError, Result};
-use crate::config::LimitsConfig;
+use crate::LimitsConfig;
 
 /// The header attributes that matter for ingest, as found in the file.
 ///

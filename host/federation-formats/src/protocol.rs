@@ -1,10 +1,8 @@
 //! The documents sites and the aggregator exchange. Each travels as one
-//! canonical JSON encoding ([`super::signed::canonical_json`]) signed over
-//! its exact bytes ([`super::signed::SignedDocument`]).
+//! canonical JSON encoding ([`crate::signed::canonical_json`]) signed over
+//! its exact bytes ([`crate::signed::SignedDocument`]).
 
 use serde::{Deserialize, Serialize};
-
-use super::filters::AppliedFilter;
 
 /// Version of these formats.
 pub const FORMAT: u32 = 1;
@@ -62,7 +60,7 @@ pub struct UpdateManifest {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
-    /// Sites send their EMR statistics ([`super::stats::SiteStatistics`]).
+    /// Sites send their EMR statistics (`SiteStatistics` (`oxbox::federation::stats`)).
     Statistics,
     /// Sites train from the global model and send updates.
     Training,
@@ -120,7 +118,7 @@ pub struct GlobalModelRecord {
     /// The round that produced it (0: the starting model, with the
     /// federated normalisation).
     pub round: u64,
-    /// Package digest ([`crate::model::package::PackageBytes::digest`]).
+    /// Package digest (`oxbox::model::package::PackageBytes::digest`).
     pub digest: String,
     /// The global model it was aggregated from (none for round 0).
     pub previous: Option<String>,
@@ -136,4 +134,62 @@ pub struct Contribution {
     pub site: String,
     /// Its training cases.
     pub samples: u64,
+}
+
+/// One privacy filter, as configured (`[[federation.filters]]`, `kind = …`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Filter {
+    /// Drop tensors by parameter group or name pattern.
+    Exclude {
+        /// Parameter group names (`image_backbone`, `batch_norm_statistics`,
+        /// `emr_branch`, `fusion`, `head`).
+        #[serde(default)]
+        groups: Vec<String>,
+        /// Name patterns, `*` matching any run of characters.
+        #[serde(default)]
+        patterns: Vec<String>,
+    },
+    /// Keep the largest `percent` % of |Δ| per tensor, zero the rest.
+    Percentile {
+        /// Share kept, in (0, 100].
+        percent: f64,
+    },
+    /// Scale the update to an L2 norm of at most `max_norm`.
+    Clip {
+        /// The bound, > 0.
+        max_norm: f64,
+    },
+    /// Add N(0, sigma²) to every shared entry.
+    Noise {
+        /// Standard deviation, ≥ 0.
+        sigma: f64,
+    },
+}
+
+/// What one filter did, as recorded in the update manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppliedFilter {
+    /// The filter and its parameters.
+    pub filter: Filter,
+    /// Tensors it removed (`exclude`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded: Vec<String>,
+    /// Entries non-zero after it.
+    pub nonzero: u64,
+    /// L2 norm of the update after it.
+    pub norm: f64,
+}
+
+impl Filter {
+    /// The filter's kind as configured (`exclude`, `percentile`, …).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Filter::Exclude { .. } => "exclude",
+            Filter::Percentile { .. } => "percentile",
+            Filter::Clip { .. } => "clip",
+            Filter::Noise { .. } => "noise",
+        }
+    }
 }

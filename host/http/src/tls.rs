@@ -3,7 +3,7 @@
 //! Two functions, both from PEM files:
 //! - [`acceptor`]: the server side, from a certificate chain (leaf first)
 //!   and its private key (PKCS#8, PKCS#1 or SEC1); pass it to
-//!   [`super::server::serve_with_tls`].
+//!   [`crate::server::serve_with_tls`].
 //! - [`connector`]: the client side, trusting exactly the certificates in
 //!   one PEM file (the CA that issued the server's certificate, or a
 //!   self-signed server certificate made with `basicConstraints =

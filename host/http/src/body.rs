@@ -13,7 +13,7 @@ use hyper::Request;
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, HeaderMap};
 
-use super::problem::Problem;
+use crate::problem::Problem;
 
 /// The limits a body is read under, with the config keys that set them
 /// (named in the problems a client gets).

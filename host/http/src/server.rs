@@ -24,7 +24,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::response::HttpResponse;
+use crate::response::HttpResponse;
 
 /// The most a connection buffers while reading a request by default
 /// (hyper's `max_buf_size`; its own default is about 400 KiB): request
@@ -165,7 +165,7 @@ where
     serve_with_tls(listener, limits, None, shutdown, open_connections, handler).await
 }
 
-/// [`serve`], over TLS when `tls` is given ([`super::tls::acceptor`]): the
+/// [`serve`], over TLS when `tls` is given ([`crate::tls::acceptor`]): the
 /// handshake must complete within [`ConnectionLimits::header_timeout`],
 /// like a request head; a failed handshake closes the connection.
 ///
@@ -347,7 +347,7 @@ mod tests {
                     }
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
-                crate::http::response::json(
+                crate::response::json(
                     StatusCode::OK,
                     &serde_json::json!({ "path": request.uri().path() }),
                 )

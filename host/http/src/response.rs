@@ -5,7 +5,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Response, StatusCode, header};
 
-use super::problem::Problem;
+use crate::problem::Problem;
 
 /// What every handler answers: a complete response with its body in
 /// memory.

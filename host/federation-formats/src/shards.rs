@@ -7,7 +7,7 @@
 //! covers is in the header's `__metadata__` as one entry
 //! `"lengths": "NAME@OFFSET=LEN,…"`, sorted, so a shard's bytes are a
 //! function of the update alone).
-//! Shapes travel in the update manifest ([`super::protocol::TensorInfo`]),
+//! Shapes travel in the update manifest ([`crate::protocol::TensorInfo`]),
 //! not in the shards.
 //!
 //! Decoding trusts nothing: a shard is refused (never a panic) for a
@@ -17,8 +17,8 @@
 //! length, indices not strictly ascending or outside the chunk, chunks of
 //! one tensor that overlap, or a non-finite value.
 
-use super::FederationError;
-use super::tensors::Tensors;
+use crate::FederationError;
+use crate::tensors::Tensors;
 
 /// One encoded shard.
 #[derive(Debug, Clone, PartialEq)]
@@ -123,7 +123,7 @@ impl RawView {
         Self {
             dtype: safetensors::Dtype::F32,
             shape: [values.len()],
-            bytes: super::tensors::f32_bytes(values),
+            bytes: crate::tensors::f32_bytes(values),
         }
     }
 
@@ -242,7 +242,7 @@ pub fn encode(update: &Tensors, max_bytes: usize) -> Result<Vec<Shard>, Federati
                 tensor.values.len()
             )));
         }
-        if !super::filters::all_finite(&tensor.values) {
+        if !crate::tensors::all_finite(&tensor.values) {
             return Err(malformed("holds a non-finite value".to_string()));
         }
         let values = &tensor.values;
@@ -475,7 +475,7 @@ pub fn decode(bytes: &[u8], index: u32) -> Result<Vec<Chunk>, FederationError> {
                 if lengths.contains_key(key) {
                     return Err(malformed(format!("entry {key}: dense but has a length")));
                 }
-                let values = super::tensors::f32_values(view.data());
+                let values = crate::tensors::f32_values(view.data());
                 chunks.push(Chunk {
                     tensor: name.to_string(),
                     offset,
@@ -540,7 +540,7 @@ pub fn decode(bytes: &[u8], index: u32) -> Result<Vec<Chunk>, FederationError> {
             len,
             values: ChunkValues::Sparse {
                 indices,
-                values: super::tensors::f32_values(values.data()),
+                values: crate::tensors::f32_values(values.data()),
             },
         });
     }
@@ -677,20 +677,20 @@ pub fn ranges(header: &[u8], index: u32) -> Result<Vec<ChunkRange>, FederationEr
 }
 
 /// Reassembles whole tensors from every shard's chunks, given each
-/// tensor's shape (the manifest's [`super::protocol::TensorInfo`]):
+/// tensor's shape (the manifest's [`crate::protocol::TensorInfo`]):
 /// positions no chunk covers are refused.
 ///
 /// # Errors
 /// [`FederationError::Mismatch`] for a chunk of an undeclared tensor, one
 /// outside its tensor, or a tensor not fully covered.
 pub fn assemble(
-    shapes: &[super::protocol::TensorInfo],
+    shapes: &[crate::protocol::TensorInfo],
     chunks: impl IntoIterator<Item = Chunk>,
 ) -> Result<Tensors, FederationError> {
     let mut out = Tensors::new();
     let mut covered: std::collections::BTreeMap<String, Vec<(usize, usize)>> = Default::default();
     for info in shapes {
-        let t = super::tensors::Tensor32 {
+        let t = crate::tensors::Tensor32 {
             shape: info.shape.clone(),
             values: Vec::new(),
         };
@@ -700,7 +700,7 @@ pub fn assemble(
         })?;
         out.insert(
             info.name.clone(),
-            super::tensors::Tensor32 {
+            crate::tensors::Tensor32 {
                 shape: info.shape.clone(),
                 values: vec![0.0; len],
             },
@@ -763,9 +763,9 @@ pub fn assemble(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::federation::protocol::TensorInfo;
-    use crate::federation::tensors::Tensor32;
-    use crate::rng::Pcg;
+    use crate::protocol::TensorInfo;
+    use crate::tensors::Tensor32;
+    use oxbox_rng::Pcg;
 
     fn infos(update: &Tensors) -> Vec<TensorInfo> {
         update

@@ -29,7 +29,7 @@ use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
 use super::scan::{self, Footprint};
 use super::{DicomError, Result};
-use crate::config::LimitsConfig;
+use crate::LimitsConfig;
 
 /// Explicit VR Big Endian: retired from the standard (so deprecated in the
 /// dictionary), still found in archives, and still read here.

@@ -7,8 +7,8 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::FederationError;
-use crate::signing::SigningKey;
+use crate::FederationError;
+use oxbox_signing::SigningKey;
 
 /// The HTTP header that carries the signature line.
 pub const SIGNATURE_HEADER: &str = "oxbox-signature";
@@ -95,9 +95,9 @@ impl SignedDocument {
         if scheme != "ed25519" {
             return Err(bad("the scheme must be ed25519"));
         }
-        let key = crate::signing::parse_public_key(key).map_err(|_| bad("bad public key hex"))?;
+        let key = oxbox_signing::parse_public_key(key).map_err(|_| bad("bad public key hex"))?;
         let signature =
-            crate::signing::parse_signature(signature).map_err(|_| bad("bad signature hex"))?;
+            oxbox_signing::parse_signature(signature).map_err(|_| bad("bad signature hex"))?;
         Ok(Self {
             body,
             key,
@@ -124,7 +124,7 @@ impl SignedDocument {
                 hex::encode(self.key)
             )));
         }
-        if !crate::signing::verifies(&self.body, &self.signature, &self.key) {
+        if !oxbox_signing::verifies(&self.body, &self.signature, &self.key) {
             return Err(FederationError::Signature(format!(
                 "{what}: the signature does not verify"
             )));
@@ -147,12 +147,12 @@ impl SignedDocument {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::federation::protocol::{
+    use crate::protocol::{
         Contribution, FORMAT, GlobalModelRecord, Phase, RoundTask, TrainingSettings,
     };
 
     fn key(dir: &std::path::Path) -> SigningKey {
-        let (private, _) = crate::signing::generate_keypair(dir).expect("generate");
+        let (private, _) = oxbox_signing::generate_keypair(dir).expect("generate");
         SigningKey::load(&private).expect("load")
     }
 

@@ -31,8 +31,41 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::PluginError;
-use crate::signing;
+use oxbox_signing as signing;
+
+/// What can be wrong with a plugin's package files. `oxbox`'s plugin loader
+/// turns each into the `PluginError` variant of the same name.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// A file (manifest, signature) could not be written.
+    #[error(transparent)]
+    Write(#[from] oxbox_files::OutputError),
+    /// A file (manifest, component, signature) could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The manifest is malformed or disagrees with the component.
+    #[error("plugin manifest {path}: {reason}")]
+    Manifest {
+        /// The manifest file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A signature is required and missing, or does not verify.
+    #[error("plugin {plugin}: signature: {reason}")]
+    Signature {
+        /// The plugin.
+        plugin: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
 
 /// Largest manifest accepted.
 const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
@@ -246,16 +279,16 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
 
-fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>, PluginError> {
+fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>, ManifestError> {
     use std::io::Read;
-    let io = |source| PluginError::Io {
+    let io = |source| ManifestError::Io {
         path: path.display().to_string(),
         source,
     };
     let file = std::fs::File::open(path).map_err(io)?;
     let size = file.metadata().map_err(io)?.len();
     if size > cap {
-        return Err(PluginError::Manifest {
+        return Err(ManifestError::Manifest {
             path: path.display().to_string(),
             reason: format!("{size} bytes, over the limit of {cap}"),
         });
@@ -270,10 +303,10 @@ impl PluginFiles {
     /// signature file if present.
     ///
     /// # Errors
-    /// [`PluginError::Io`] or [`PluginError::Manifest`] (syntax, unknown
+    /// [`ManifestError::Io`] or [`ManifestError::Manifest`] (syntax, unknown
     /// keys, bad name, digest mismatch).
-    pub fn load(manifest_path: &Path) -> Result<Self, PluginError> {
-        let bad = |reason: String| PluginError::Manifest {
+    pub fn load(manifest_path: &Path) -> Result<Self, ManifestError> {
+        let bad = |reason: String| ManifestError::Manifest {
             path: manifest_path.display().to_string(),
             reason,
         };
@@ -305,13 +338,13 @@ impl PluginFiles {
     /// (tampered) never is.
     ///
     /// # Errors
-    /// [`PluginError::Signature`], saying which case it is.
+    /// [`ManifestError::Signature`], saying which case it is.
     pub fn verify(
         &self,
         trusted: &[[u8; 32]],
         required: bool,
-    ) -> Result<SignatureStatus, PluginError> {
-        let fail = |reason: String| PluginError::Signature {
+    ) -> Result<SignatureStatus, ManifestError> {
+        let fail = |reason: String| ManifestError::Signature {
             plugin: self.manifest.name.clone(),
             reason,
         };
@@ -380,24 +413,24 @@ impl PluginFiles {
     /// atomically) naming the key; returns its path.
     ///
     /// # Errors
-    /// [`PluginError::Write`].
-    pub fn sign(&self, key: &signing::SigningKey) -> Result<PathBuf, PluginError> {
+    /// [`ManifestError::Write`].
+    pub fn sign(&self, key: &signing::SigningKey) -> Result<PathBuf, ManifestError> {
         let file = SignatureFile::Ed25519 {
             key: key.public_key(),
             signature: key.sign(&self.manifest_bytes),
         };
         let path = signature_path(&self.manifest_path);
         // A signature is public, like the manifest it signs.
-        crate::output::write_shared_bytes(&path, file.to_text().as_bytes())?;
+        oxbox_files::write_shared_bytes(&path, file.to_text().as_bytes())?;
         Ok(path)
     }
 }
 
 /// Reads a signature file, if there is one: at most
 /// [`MAX_SIGNATURE_BYTES`] + 1 bytes (so an oversized one is seen as such).
-fn read_signature(path: &Path) -> Result<Option<Vec<u8>>, PluginError> {
+fn read_signature(path: &Path) -> Result<Option<Vec<u8>>, ManifestError> {
     use std::io::Read;
-    let io = |source| PluginError::Io {
+    let io = |source| ManifestError::Io {
         path: path.display().to_string(),
         source,
     };
@@ -423,15 +456,15 @@ pub fn signature_path(manifest: &Path) -> PathBuf {
 /// Writes a manifest as TOML (atomically).
 ///
 /// # Errors
-/// [`PluginError::Manifest`] if it cannot be encoded, [`PluginError::Write`].
-pub fn write_manifest(path: &Path, manifest: &Manifest) -> Result<(), PluginError> {
-    let text = toml::to_string(manifest).map_err(|e| PluginError::Manifest {
+/// [`ManifestError::Manifest`] if it cannot be encoded, [`ManifestError::Write`].
+pub fn write_manifest(path: &Path, manifest: &Manifest) -> Result<(), ManifestError> {
+    let text = toml::to_string(manifest).map_err(|e| ManifestError::Manifest {
         path: path.display().to_string(),
         reason: e.to_string(),
     })?;
-    crate::output::write_atomically(path, |out| {
+    oxbox_files::write_atomically(path, |out| {
         out.write_all(text.as_bytes())
-            .map_err(|source| crate::output::OutputError::Io {
+            .map_err(|source| oxbox_files::OutputError::Io {
                 path: path.display().to_string(),
                 source,
             })

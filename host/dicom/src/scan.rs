@@ -46,7 +46,7 @@ use dicom_encoding::transfer_syntax::{Codec, Endianness};
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
 use super::{DicomError, Result};
-use crate::config::LimitsConfig;
+use crate::LimitsConfig;
 
 /// Deepest nesting of sequences accepted: a sequence in an item of a
 /// sequence is at depth 2 (items add no level); encapsulated pixel data and

@@ -7,7 +7,7 @@ use std::path::Path;
 use hyper::header::{AUTHORIZATION, HeaderMap};
 use ring::digest::{SHA256, digest};
 
-use super::problem::Problem;
+use crate::problem::Problem;
 
 /// Shortest token accepted, in characters.
 pub const MIN_TOKEN_CHARS: usize = 32;
