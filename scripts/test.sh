@@ -84,7 +84,8 @@ set +e
 status=${PIPESTATUS[0]}
 set -e
 # Fuzz smoke run (each target 10 s; the instrumented build lives in
-# target/fuzz, so a warm CI run rebuilds only oxbox) and a 1-minute soak.
+# target/fuzz, so a warm CI run rebuilds only the focused crates the targets
+# use) and a 1-minute soak.
 step "fuzz smoke (scripts/fuzz.sh 10)"
 bash scripts/fuzz.sh 10 || { echo "test.sh: fuzz smoke FAILED" >&2; status=1; }
 step "soak, 1 minute (scripts/soak.sh 1)"

@@ -11,6 +11,7 @@
 //! |---------------|----------------------------------------------------------------|
 //! | [`config`]    | the box's TOML configuration, strictly parsed and validated    |
 //! | [`dicom`]     | DICOM file → checked header → stored pixels → canonical tensor |
+//! |               | (crate `oxbox-dicom`, `host/dicom/`)                           |
 //! | [`plugins`]   | site plugins: sandboxed WebAssembly components (wasmtime)      |
 //! | [`model`]     | the EXAM-style network (candle), model packages, inference     |
 //! | [`pipeline`]  | one case end to end: radiograph + EMR → plugins → model        |
@@ -18,7 +19,7 @@
 //! | [`dimse`]     | DICOM networking: C-ECHO / C-STORE SCP, C-STORE SCU (dicom-ul) |
 //! | [`studies`]   | received studies: storage, EMR matching, results (SQLite)      |
 //! | [`http`]      | HTTP plumbing every server shares: accept loop, limits, drain, |
-//! |               | problem+json, bearer token (no plugins, DICOM or pipeline)     |
+//! |               | problem+json, bearer token, the predict body (`oxbox-http`)    |
 //! | [`serve`]     | the local HTTP endpoint: predictions, health, metrics (hyper)  |
 //! | [`store`]     | local state in SQLite: the audit log of predictions            |
 //! | [`federation`]| federated learning maths and formats: filters, shards, signing |
@@ -30,10 +31,17 @@
 //! | [`evaluate`]  | clinical evaluation: AUC with CI, calibration, ROC charts      |
 //! | [`simulate`]  | a whole federation on loopback vs local-only and pooled models |
 //! | [`metrics`]   | evaluation statistics: ROC AUC, the normal distribution        |
-//! | [`rng`]       | the deterministic random generator behind seeds                |
-//! | [`signing`]   | Ed25519 keys and signatures (plugin manifests, weight shards)  |
-//! | [`output`]    | tensors and previews written atomically (`.npy`, PNG)          |
-//! | [`guard`]     | panic containment around third-party parsers and codecs        |
+//! | [`rng`]       | the deterministic random generator behind seeds (`oxbox-rng`)  |
+//! | [`signing`]   | Ed25519 keys and signatures (`oxbox-signing`)                  |
+//! | [`output`]    | tensors and previews written atomically (`oxbox-files`)        |
+//! | [`guard`]     | panic containment around parsers and codecs (`oxbox-dicom`)    |
+//!
+//! The federation's wire formats ([`federation::tensors`], [`federation::shards`],
+//! [`federation::protocol`], [`federation::signed`]) are the crate
+//! `oxbox-federation-formats`, a plugin's `plugin.toml` ([`plugins::manifest`])
+//! is `oxbox-plugin-manifest`: each crate under `host/` uses none of `oxbox`,
+//! so the compiler keeps those stages free of the model, the plugin runtime
+//! and the servers.
 //!
 //! The binary (`src/main.rs`, `src/cli/`) only parses arguments, calls into
 //! these modules and maps errors to exit codes: 0 success, 1 failure, 2 bad

@@ -67,6 +67,18 @@ pub enum ManifestError {
     },
 }
 
+impl ManifestError {
+    /// Whether the package itself is refused (a malformed manifest, a
+    /// missing or bad signature) rather than a file failing to read or
+    /// write: the CLI exits 2 for these, 1 otherwise.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            ManifestError::Manifest { .. } | ManifestError::Signature { .. }
+        )
+    }
+}
+
 /// Largest manifest accepted.
 const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
 /// Largest component accepted: real plugins are a few hundred KiB.

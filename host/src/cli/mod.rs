@@ -218,6 +218,9 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
             || cause
                 .downcast_ref::<PluginError>()
                 .is_some_and(PluginError::is_bad_input)
+            || cause
+                .downcast_ref::<oxbox::plugins::manifest::ManifestError>()
+                .is_some_and(oxbox::plugins::manifest::ManifestError::is_bad_input)
             || matches!(
                 cause.downcast_ref::<oxbox::federation::site::SiteError>(),
                 Some(oxbox::federation::site::SiteError::Config(_))
