@@ -1,47 +1,63 @@
-//! Batch normalisation in training mode on the CPU, forward and backward
-//! each in one pass per channel, as a candle custom op; and the stem's 3×3
-//! stride-2 max pooling with its backward pass.
+//! Batch normalisation in training mode on the CPU, with the residual add
+//! and the ReLU that follow it fused in, forward and backward each in one
+//! pass per channel, as a candle custom op; and the stem's 3×3 stride-2
+//! max pooling with its backward pass.
 //!
 //! candle-nn's training batch norm is a chain of broadcast tensor
 //! operations (transpose, mean, subtract, square, divide, scale, shift) and
 //! as many again backwards, each allocating a full-size tensor; at 224² they
 //! took most of a training step. Here:
 //! - forward: per channel mean μ and biased variance σ² over batch and
-//!   pixels, y = γ (x − μ)/√(σ² + ε) + β; the batch statistics are kept for
-//!   the running averages;
-//! - backward: with x̂ = (x − μ)/√(σ² + ε) and M values per channel,
-//!   dβ = Σ dy, dγ = Σ dy·x̂, dx = γ/(M√(σ² + ε)) · (M·dy − dβ − x̂·dγ).
+//!   pixels, y = relu(γ (x − μ)/√(σ² + ε) + β + r) (the residual r and the
+//!   ReLU when the unit has them); the batch statistics are kept for the
+//!   running averages and the backward pass;
+//! - backward: g = dy where y > 0 (dy without a ReLU), dr = g; with
+//!   x̂ = (x − μ)/√(σ² + ε) and M values per channel, dβ = Σ g,
+//!   dγ = Σ g·x̂, dx = γ/(M√(σ² + ε)) · (M·g − dβ − x̂·dγ). The add and the
+//!   ReLU were candle operations before, two more full-size tensors each
+//!   way.
 //!
-//! Tested against candle-nn's batch norm and its gradients.
+//! Tested against candle-nn's batch norm, candle's add and ReLU, and their
+//! gradients.
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_conv::contiguous_f32;
+use super::cpu_conv::{contiguous_f32, with_f32};
 
 /// Per-channel batch statistics: (mean, biased variance).
 pub type BatchStatistics = Vec<(f64, f64)>;
 
-/// The training batch norm over (B, C, H, W).
+/// The backward pass's values: dx, d(γ, β) and, with a residual, dr.
+type Gradients = (Vec<f32>, Vec<f32>, Option<Vec<f32>>);
+
+/// The training batch norm over (B, C, H, W), optionally followed by a
+/// residual add and a ReLU in the same pass: y = relu(γ x̂ + β + r).
 #[derive(Debug, Clone)]
 pub struct TrainBatchNorm {
     eps: f64,
+    relu: bool,
     statistics: Arc<Mutex<BatchStatistics>>,
 }
 
 impl TrainBatchNorm {
-    /// A batch norm with `eps`.
-    pub fn new(eps: f64) -> Self {
+    /// A batch norm with `eps`, followed by a ReLU when `relu`: one per
+    /// forward call (its backward pass reads the statistics the forward
+    /// pass kept).
+    pub fn new(eps: f64, relu: bool) -> Self {
         Self {
             eps,
+            relu,
             statistics: Arc::new(Mutex::new(Vec::new())),
         }
     }
 
-    /// Normalises `x` with the batch's statistics, then scales by `gamma`
-    /// and shifts by `beta` (both (C)); returns y and the statistics.
+    /// Normalises `x` with the batch's statistics, scales by `gamma` and
+    /// shifts by `beta` (both (C)), adds `residual` (x's shape) when given
+    /// and applies the ReLU when the op has one; returns y and the
+    /// statistics.
     ///
     /// # Errors
     /// On shape mismatches or non-f32 tensors.
@@ -50,16 +66,233 @@ impl TrainBatchNorm {
         x: &Tensor,
         gamma: &Tensor,
         beta: &Tensor,
+        residual: Option<&Tensor>,
     ) -> Result<(Tensor, BatchStatistics)> {
-        let y =
-            x.contiguous()?
-                .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, self.clone())?;
-        let statistics =
-            self.statistics.lock().map(|s| s.clone()).map_err(|_| {
-                candle_core::Error::Msg("batch norm statistics lock poisoned".into())
-            })?;
+        // γ and β as one (2C) operand: with the residual the op has three.
+        let scale_shift = Tensor::cat(&[gamma, beta], 0)?;
+        let x = x.contiguous()?;
+        let y = match residual {
+            Some(r) => x.apply_op3(&scale_shift, &r.contiguous()?, self.clone())?,
+            None => x.apply_op2(&scale_shift, self.clone())?,
+        };
+        let statistics = self.statistics()?;
         Ok((y, statistics))
     }
+
+    /// The statistics of the last forward pass.
+    fn statistics(&self) -> Result<BatchStatistics> {
+        self.statistics
+            .lock()
+            .map(|s| s.clone())
+            .map_err(|_| candle_core::Error::Msg("batch norm statistics lock poisoned".into()))
+    }
+
+    /// The forward pass on contiguous values: `scale_shift` is γ then β.
+    fn run(
+        &self,
+        x: &[f32],
+        (batch, channels, plane): (usize, usize, usize),
+        scale_shift: &[f32],
+        residual: Option<&[f32]>,
+    ) -> Result<Vec<f32>> {
+        if scale_shift.len() != 2 * channels
+            || x.len() != batch * channels * plane
+            || residual.is_some_and(|r| r.len() != x.len())
+        {
+            candle_core::bail!(
+                "training batch norm: {channels} channels, {} scales and shifts",
+                scale_shift.len()
+            );
+        }
+        let (gamma, beta) = scale_shift.split_at(channels);
+        let statistics = channel_statistics(x, (batch, channels, plane));
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(plane).enumerate().for_each(|(i, out)| {
+            let c = i % channels;
+            let (mean, var) = statistics[c];
+            let scale = f64::from(gamma[c]) / (var + self.eps).sqrt();
+            let shift = f64::from(beta[c]) - mean * scale;
+            let (scale, shift) = (scale as f32, shift as f32);
+            let source = &x[i * plane..(i + 1) * plane];
+            match residual {
+                Some(r) => {
+                    let skip = &r[i * plane..(i + 1) * plane];
+                    for ((o, &v), &k) in out.iter_mut().zip(source).zip(skip) {
+                        *o = v * scale + shift + k;
+                    }
+                }
+                None => {
+                    for (o, &v) in out.iter_mut().zip(source) {
+                        *o = v * scale + shift;
+                    }
+                }
+            }
+            if self.relu {
+                out.iter_mut().for_each(|v| *v = v.max(0.0));
+            }
+        });
+        if let Ok(mut slot) = self.statistics.lock() {
+            *slot = statistics;
+        }
+        Ok(y)
+    }
+
+    /// The backward pass: dx, d(γ, β) and, with a residual, dr, from x,
+    /// y (for the ReLU's mask), γ and dy. With g = dy masked by y > 0 (dy
+    /// without a ReLU): dr = g and the batch norm's gradients of g, one
+    /// pass per channel for the sums and one for dx.
+    fn gradients(
+        &self,
+        (xs, ys, dy): (&[f32], &[f32], &[f32]),
+        (batch, channels, plane): (usize, usize, usize),
+        gamma: &[f32],
+        residual: bool,
+    ) -> Result<Gradients> {
+        let statistics = self.statistics()?;
+        if statistics.len() != channels || gamma.len() < channels {
+            candle_core::bail!("training batch norm: backward pass without its forward pass");
+        }
+        let relu = self.relu;
+        let count = (batch * plane) as f64;
+        // dr = g, written once and read back below (with a residual).
+        let mut grad_residual = if residual {
+            let mut dr = vec![0f32; dy.len()];
+            dr.par_chunks_mut(plane).enumerate().for_each(|(i, out)| {
+                let range = i * plane..(i + 1) * plane;
+                for ((o, &g), &y) in out.iter_mut().zip(&dy[range.clone()]).zip(&ys[range]) {
+                    *o = if relu && y <= 0.0 { 0.0 } else { g };
+                }
+            });
+            Some(dr)
+        } else {
+            None
+        };
+        // g over one plane (from `start`): dr's values, or dy masked.
+        let plane_g = |start: usize| {
+            let range = start..start + plane;
+            match &grad_residual {
+                Some(dr) => PlaneGradient::Masked(&dr[range]),
+                None if relu => PlaneGradient::Relu(&dy[range.clone()], &ys[range]),
+                None => PlaneGradient::Masked(&dy[range]),
+            }
+        };
+        // Per channel: inverse std, Σ g, Σ g·x̂.
+        let sums: Vec<(f64, f64, f64)> = (0..channels)
+            .into_par_iter()
+            .map(|c| {
+                let (mean, var) = statistics[c];
+                let inv_std = 1.0 / (var + self.eps).sqrt();
+                let (mut sum_g, mut sum_gx) = (0.0, 0.0);
+                for b in 0..batch {
+                    let start = (b * channels + c) * plane;
+                    let (g, gx) = plane_g(start).sums(&xs[start..start + plane]);
+                    sum_g += g;
+                    sum_gx += gx;
+                }
+                // Σ g·x̂ = (Σ g·x − μ Σ g) / σ.
+                (inv_std, sum_g, (sum_gx - mean * sum_g) * inv_std)
+            })
+            .collect();
+        let mut dx = vec![0f32; xs.len()];
+        dx.par_chunks_mut(plane).enumerate().for_each(|(i, out)| {
+            let c = i % channels;
+            let (mean, _) = statistics[c];
+            let (inv_std, sum_g, sum_g_xhat) = sums[c];
+            let k = f64::from(gamma[c]) * inv_std / count;
+            let start = i * plane;
+            // dx = k (M g − Σg − x̂ Σg·x̂) = a·g + b·(x − μ) + d.
+            let coefficients = [
+                (k * count) as f32,
+                (-k * sum_g_xhat * inv_std) as f32,
+                (-k * sum_g) as f32,
+                mean as f32,
+            ];
+            plane_g(start).input_gradient(&xs[start..start + plane], coefficients, out);
+        });
+        let mut scale_shift = Vec::with_capacity(2 * channels);
+        scale_shift.extend(sums.iter().map(|s| s.2 as f32));
+        scale_shift.extend(sums.iter().map(|s| s.1 as f32));
+        Ok((dx, scale_shift, grad_residual.take()))
+    }
+
+    /// The backward pass on tensors: (dx, d(γ, β), dr).
+    fn backward(
+        &self,
+        x: &Tensor,
+        scale_shift: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+        residual: bool,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let (batch, channels, height, width) = x.dims4()?;
+        let dims = (batch, channels, height * width);
+        let (dx, dss, dr) = with_f32(x, "training batch norm", |xs| {
+            with_f32(y, "training batch norm", |ys| {
+                with_f32(grad, "training batch norm", |dy| {
+                    with_f32(scale_shift, "training batch norm", |gamma| {
+                        self.gradients((xs, ys, dy), dims, gamma, residual)
+                    })
+                })
+            })
+        })?;
+        let device = x.device();
+        Ok((
+            Tensor::from_vec(dx, x.shape(), device)?,
+            Tensor::from_vec(dss, 2 * channels, device)?,
+            dr.map(|dr| Tensor::from_vec(dr, x.shape(), device))
+                .transpose()?,
+        ))
+    }
+}
+
+/// The gradient reaching a batch norm's output over one plane: as it is
+/// (no ReLU, or already masked), or dy with the ReLU's mask (y > 0).
+enum PlaneGradient<'a> {
+    Masked(&'a [f32]),
+    Relu(&'a [f32], &'a [f32]),
+}
+
+impl PlaneGradient<'_> {
+    /// (Σ g, Σ g·x) over the plane `xs`.
+    fn sums(&self, xs: &[f32]) -> (f64, f64) {
+        fn sums(g: impl Iterator<Item = f32>, xs: &[f32]) -> (f64, f64) {
+            let (mut sum_g, mut sum_gx) = (0f64, 0f64);
+            for (g, &v) in g.zip(xs) {
+                sum_g += f64::from(g);
+                sum_gx += f64::from(g) * f64::from(v);
+            }
+            (sum_g, sum_gx)
+        }
+        match *self {
+            PlaneGradient::Masked(g) => sums(g.iter().copied(), xs),
+            PlaneGradient::Relu(dy, ys) => sums(relu_masked(dy, ys), xs),
+        }
+    }
+
+    /// out = a·g + b·(x − μ) + d for `[a, b, d, μ]`.
+    fn input_gradient(&self, xs: &[f32], [a, b, d, mean]: [f32; 4], out: &mut [f32]) {
+        fn fill(
+            g: impl Iterator<Item = f32>,
+            xs: &[f32],
+            [a, b, d, mean]: [f32; 4],
+            out: &mut [f32],
+        ) {
+            for ((o, g), &v) in out.iter_mut().zip(g).zip(xs) {
+                *o = a * g + b * (v - mean) + d;
+            }
+        }
+        match *self {
+            PlaneGradient::Masked(g) => fill(g.iter().copied(), xs, [a, b, d, mean], out),
+            PlaneGradient::Relu(dy, ys) => fill(relu_masked(dy, ys), xs, [a, b, d, mean], out),
+        }
+    }
+}
+
+/// dy where y > 0, else 0: the gradient through a ReLU from its output.
+fn relu_masked<'a>(dy: &'a [f32], ys: &'a [f32]) -> impl Iterator<Item = f32> + 'a {
+    dy.iter()
+        .zip(ys)
+        .map(|(&g, &y)| if y > 0.0 { g } else { 0.0 })
 }
 
 /// Mean and biased variance of each channel of contiguous NCHW `x`.
@@ -88,7 +321,7 @@ fn channel_statistics(
         .collect()
 }
 
-impl CustomOp3 for TrainBatchNorm {
+impl CustomOp2 for TrainBatchNorm {
     fn name(&self) -> &'static str {
         "train-batch-norm"
     }
@@ -97,102 +330,76 @@ impl CustomOp3 for TrainBatchNorm {
         &self,
         x: &CpuStorage,
         x_layout: &Layout,
-        gamma: &CpuStorage,
-        gamma_layout: &Layout,
-        beta: &CpuStorage,
-        beta_layout: &Layout,
+        scale_shift: &CpuStorage,
+        scale_shift_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (batch, channels, height, width) = x_layout.shape().dims4()?;
-        let (x, gamma, beta) = (
+        let y = self.run(
             contiguous_f32(x, x_layout, "training batch norm")?,
-            contiguous_f32(gamma, gamma_layout, "training batch norm")?,
-            contiguous_f32(beta, beta_layout, "training batch norm")?,
-        );
-        if gamma.len() != channels || beta.len() != channels {
-            candle_core::bail!(
-                "training batch norm: {channels} channels, {} scales",
-                gamma.len()
-            );
-        }
-        let plane = height * width;
-        let statistics = channel_statistics(x, (batch, channels, plane));
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(plane).enumerate().for_each(|(i, out)| {
-            let c = i % channels;
-            let (mean, var) = statistics[c];
-            let scale = f64::from(gamma[c]) / (var + self.eps).sqrt();
-            let shift = f64::from(beta[c]) - mean * scale;
-            let (scale, shift) = (scale as f32, shift as f32);
-            for (o, &v) in out.iter_mut().zip(&x[i * plane..(i + 1) * plane]) {
-                *o = v * scale + shift;
-            }
-        });
-        if let Ok(mut slot) = self.statistics.lock() {
-            *slot = statistics;
-        }
+            (batch, channels, height * width),
+            contiguous_f32(scale_shift, scale_shift_layout, "training batch norm")?,
+            None,
+        )?;
         Ok((CpuStorage::F32(y), x_layout.shape().clone()))
     }
 
     fn bwd(
         &self,
         x: &Tensor,
-        gamma: &Tensor,
-        _beta: &Tensor,
-        _y: &Tensor,
+        scale_shift: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dss, _) = self.backward(x, scale_shift, y, grad, false)?;
+        Ok((Some(dx), Some(dss)))
+    }
+}
+
+impl CustomOp3 for TrainBatchNorm {
+    fn name(&self) -> &'static str {
+        "train-batch-norm-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        scale_shift: &CpuStorage,
+        scale_shift_layout: &Layout,
+        residual: &CpuStorage,
+        residual_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (batch, channels, height, width) = x_layout.shape().dims4()?;
+        if residual_layout.shape() != x_layout.shape() {
+            candle_core::bail!(
+                "training batch norm: residual {:?} for input {:?}",
+                residual_layout.shape(),
+                x_layout.shape()
+            );
+        }
+        let y = self.run(
+            contiguous_f32(x, x_layout, "training batch norm")?,
+            (batch, channels, height * width),
+            contiguous_f32(scale_shift, scale_shift_layout, "training batch norm")?,
+            Some(contiguous_f32(
+                residual,
+                residual_layout,
+                "training batch norm",
+            )?),
+        )?;
+        Ok((CpuStorage::F32(y), x_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        scale_shift: &Tensor,
+        _residual: &Tensor,
+        y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (batch, channels, height, width) = x.dims4()?;
-        let plane = height * width;
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let dy = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let gammas = gamma.to_vec1::<f32>()?;
-        let statistics = channel_statistics(&xs, (batch, channels, plane));
-        let count = (batch * plane) as f64;
-        // Per channel: inverse std, Σ dy, Σ dy·x̂.
-        let sums: Vec<(f64, f64, f64)> = (0..channels)
-            .into_par_iter()
-            .map(|c| {
-                let (mean, var) = statistics[c];
-                let inv_std = 1.0 / (var + self.eps).sqrt();
-                let (mut sum_dy, mut sum_dy_xhat) = (0.0, 0.0);
-                for b in 0..batch {
-                    let start = (b * channels + c) * plane;
-                    for (&g, &v) in dy[start..start + plane]
-                        .iter()
-                        .zip(&xs[start..start + plane])
-                    {
-                        let g = f64::from(g);
-                        sum_dy += g;
-                        sum_dy_xhat += g * (f64::from(v) - mean) * inv_std;
-                    }
-                }
-                (inv_std, sum_dy, sum_dy_xhat)
-            })
-            .collect();
-        let mut dx = vec![0f32; xs.len()];
-        dx.par_chunks_mut(plane).enumerate().for_each(|(i, out)| {
-            let c = i % channels;
-            let (mean, _) = statistics[c];
-            let (inv_std, sum_dy, sum_dy_xhat) = sums[c];
-            let k = f64::from(gammas[c]) * inv_std / count;
-            let start = i * plane;
-            for ((o, &g), &v) in out
-                .iter_mut()
-                .zip(&dy[start..start + plane])
-                .zip(&xs[start..start + plane])
-            {
-                let xhat = (f64::from(v) - mean) * inv_std;
-                *o = (k * (count * f64::from(g) - sum_dy - xhat * sum_dy_xhat)) as f32;
-            }
-        });
-        let device = x.device();
-        let dgamma: Vec<f32> = sums.iter().map(|s| s.2 as f32).collect();
-        let dbeta: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), device)?),
-            Some(Tensor::from_vec(dgamma, channels, device)?),
-            Some(Tensor::from_vec(dbeta, channels, device)?),
-        ))
+        let (dx, dss, dr) = self.backward(x, scale_shift, y, grad, true)?;
+        Ok((Some(dx), Some(dss), dr))
     }
 }
 
@@ -312,19 +519,22 @@ impl CustomOp1 for MaxPool3x3Stride2 {
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (_, _, h, w) = x.dims4()?;
         let (oh, ow) = self.sides(h, w)?;
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let dy = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let mut dx = vec![0f32; xs.len()];
-        dx.par_chunks_mut(h * w).enumerate().for_each(|(p, out)| {
-            let plane = &xs[p * h * w..(p + 1) * h * w];
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    if let (_, Some(i)) = self.argmax(plane, (h, w), oy, ox) {
-                        out[i] += dy[(p * oh + oy) * ow + ox];
+        let dx = with_f32(x, "max pool 3x3", |xs| {
+            with_f32(grad, "max pool 3x3", |dy| {
+                let mut dx = vec![0f32; xs.len()];
+                dx.par_chunks_mut(h * w).enumerate().for_each(|(p, out)| {
+                    let plane = &xs[p * h * w..(p + 1) * h * w];
+                    for oy in 0..oh {
+                        for ox in 0..ow {
+                            if let (_, Some(i)) = self.argmax(plane, (h, w), oy, ox) {
+                                out[i] += dy[(p * oh + oy) * ow + ox];
+                            }
+                        }
                     }
-                }
-            }
-        });
+                });
+                Ok(dx)
+            })
+        })?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
@@ -375,49 +585,76 @@ mod tests {
         }
     }
 
+    /// The fused op (batch norm, then a residual add and a ReLU when
+    /// asked) against candle-nn's batch norm followed by candle's add and
+    /// ReLU: values and the gradients of x, γ, β and the residual.
     #[test]
     fn forward_gradients_and_statistics_equal_candle_nn() {
         let cpu = &Device::Cpu;
         let x0 = (Tensor::randn(0f32, 2.0, (3, 4, 5, 6), cpu).expect("x") + 1.5).expect("shift");
         let g0 = Tensor::new(&[0.5f32, 1.0, 1.5, -0.7], cpu).expect("gamma");
         let b0 = Tensor::new(&[0.1f32, -0.2, 0.0, 0.3], cpu).expect("beta");
+        let r0 = Tensor::randn(0f32, 1.0, (3, 4, 5, 6), cpu).expect("residual");
         let probe = Tensor::randn(0f32, 1.0, (3, 4, 5, 6), cpu).expect("probe");
-        let run = |ours: bool| {
-            let x = Var::from_tensor(&x0).expect("x");
-            let g = Var::from_tensor(&g0).expect("g");
-            let b = Var::from_tensor(&b0).expect("b");
-            let (y, stats) = if ours {
-                let (y, stats) = TrainBatchNorm::new(1e-5)
-                    .forward(x.as_tensor(), g.as_tensor(), b.as_tensor())
-                    .expect("ours");
-                (y, Some(stats))
-            } else {
-                let bn = BatchNorm::new(
-                    4,
-                    Tensor::zeros(4, candle_core::DType::F32, cpu).expect("mean"),
-                    Tensor::ones(4, candle_core::DType::F32, cpu).expect("var"),
-                    g.as_tensor().clone(),
-                    b.as_tensor().clone(),
-                    1e-5,
-                )
-                .expect("bn");
-                (bn.forward_t(x.as_tensor(), true).expect("candle"), None)
+        let mut statistics = None;
+        for (relu, with_residual) in [(false, false), (true, false), (false, true), (true, true)] {
+            let case = format!("relu {relu}, residual {with_residual}");
+            let run = |ours: bool| {
+                let x = Var::from_tensor(&x0).expect("x");
+                let g = Var::from_tensor(&g0).expect("g");
+                let b = Var::from_tensor(&b0).expect("b");
+                let r = Var::from_tensor(&r0).expect("r");
+                let residual = with_residual.then_some(r.as_tensor());
+                let (y, stats) = if ours {
+                    let (y, stats) = TrainBatchNorm::new(1e-5, relu)
+                        .forward(x.as_tensor(), g.as_tensor(), b.as_tensor(), residual)
+                        .expect("ours");
+                    (y, Some(stats))
+                } else {
+                    let bn = BatchNorm::new(
+                        4,
+                        Tensor::zeros(4, candle_core::DType::F32, cpu).expect("mean"),
+                        Tensor::ones(4, candle_core::DType::F32, cpu).expect("var"),
+                        g.as_tensor().clone(),
+                        b.as_tensor().clone(),
+                        1e-5,
+                    )
+                    .expect("bn");
+                    let mut y = bn.forward_t(x.as_tensor(), true).expect("candle");
+                    if let Some(r) = residual {
+                        y = (y + r).expect("add");
+                    }
+                    if relu {
+                        y = y.relu().expect("relu");
+                    }
+                    (y, None)
+                };
+                let grads = (&y * &probe)
+                    .and_then(|l| l.sum_all())
+                    .and_then(|l| l.backward())
+                    .expect("backward");
+                let get = |v: &Var| grads.get(v.as_tensor()).cloned();
+                (y, [get(&x), get(&g), get(&b), get(&r)], stats)
             };
-            let grads = (&y * &probe)
-                .and_then(|l| l.sum_all())
-                .and_then(|l| l.backward())
-                .expect("backward");
-            let get = |v: &Var| grads.get(v.as_tensor()).expect("gradient").clone();
-            (y, get(&x), get(&g), get(&b), stats)
-        };
-        let (y, dx, dg, db, stats) = run(true);
-        let (y_ref, dx_ref, dg_ref, db_ref, _) = run(false);
-        assert!(max_diff(&y, &y_ref) < 1e-4, "forward");
-        assert!(max_diff(&dx, &dx_ref) < 1e-3, "input gradient");
-        assert!(max_diff(&dg, &dg_ref) < 1e-3, "scale gradient");
-        assert!(max_diff(&db, &db_ref) < 1e-3, "shift gradient");
+            let (y, grads, stats) = run(true);
+            let (y_ref, grads_ref, _) = run(false);
+            assert!(max_diff(&y, &y_ref) < 1e-4, "forward, {case}");
+            for (name, (got, want)) in ["x", "scale", "shift", "residual"]
+                .iter()
+                .zip(grads.iter().zip(&grads_ref))
+            {
+                match (got, want) {
+                    (Some(got), Some(want)) => {
+                        assert!(max_diff(got, want) < 1e-3, "{name} gradient, {case}")
+                    }
+                    (None, None) => assert!(*name == "residual" && !with_residual),
+                    _ => panic!("{name} gradient present in one only, {case}"),
+                }
+            }
+            statistics = stats;
+        }
         // The statistics are the batch's.
-        let stats = stats.expect("statistics");
+        let stats = statistics.expect("statistics");
         let values = x0
             .narrow(1, 2, 1)
             .and_then(|t| t.flatten_all())

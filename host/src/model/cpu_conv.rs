@@ -18,7 +18,7 @@ use std::cell::RefCell;
 use std::ops::Range;
 use std::sync::OnceLock;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::packed_gemm::{self, Epilogue, Operands, PackedWeights};
@@ -539,6 +539,21 @@ pub(super) fn contiguous_f32<'a>(
         (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
         _ => candle_core::bail!("{op}: contiguous f32 tensors only"),
     }
+}
+
+/// Runs `f` on the f32 values of CPU tensor `t` in place (made contiguous
+/// first only when it is not): the backward passes read their inputs
+/// this way instead of copying them into vectors.
+///
+/// # Errors
+/// When `t` is not an f32 tensor on the CPU (the error names `op`).
+pub(super) fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("{op}: CPU tensors only");
+    };
+    f(contiguous_f32(cpu, layout, op)?)
 }
 
 /// `dst (m×n) += lhs (m×k) · rhs (k×n)`, all row-major and contiguous.

@@ -15,12 +15,15 @@
 //!   3×3 stride-1 convolutions instead dX = dY ⊛ flip(W)ᵀ, the forward
 //!   kernel (Winograd) over the whole batch.
 //!
+//! The backward pass reads its operands in place (no copies) and computes
+//! no input gradient where nothing upstream needs one (the stem's image).
+//!
 //! Tested against candle's own convolution and its gradients.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_conv::{FusedConv, contiguous_f32, gemm_strided};
+use super::cpu_conv::{FusedConv, contiguous_f32, gemm_strided, with_f32};
 
 /// A convolution's geometry: kernel k×k, stride, zero padding.
 #[derive(Debug, Clone, Copy)]
@@ -159,10 +162,43 @@ impl CustomOp2 for TrainableConv {
         let (batch, channels, height, width) = x.dims4()?;
         let (out, _, _, _) = w.dims4()?;
         let (_, _, out_h, out_w) = grad.dims4()?;
-        let input = x.flatten_all()?.to_vec1::<f32>()?;
-        let weights = w.flatten_all()?.to_vec1::<f32>()?;
-        let grad_out = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let conv = self.kernel_for(&weights, out, channels)?;
+        // The input's gradient only where something upstream needs it
+        // (not for the stem, whose input is the image).
+        let input_gradient = x.track_op();
+        let (grad_input, grad_weights) = with_f32(x, "trainable conv input", |input| {
+            with_f32(w, "trainable conv weights", |weights| {
+                with_f32(grad, "trainable conv gradient", |grad_out| {
+                    self.gradients(
+                        (input, weights, grad_out),
+                        [batch, channels, height, width, out, out_h, out_w],
+                        input_gradient,
+                    )
+                })
+            })
+        })?;
+        let grad_input = match grad_input {
+            Some(g) => Some(Tensor::from_vec(g, x.shape(), x.device())?),
+            None => None,
+        };
+        Ok((
+            grad_input,
+            Some(Tensor::from_vec(grad_weights, w.shape(), w.device())?),
+        ))
+    }
+}
+
+impl TrainableConv {
+    /// The input gradient (when `input_gradient`) and the weight gradient
+    /// of contiguous NCHW `input` (batch, channels, height, width),
+    /// `weights` (out, channels, k, k) and `grad_out` (batch, out, out_h,
+    /// out_w).
+    fn gradients(
+        &self,
+        (input, weights, grad_out): (&[f32], &[f32], &[f32]),
+        [batch, channels, height, width, out, out_h, out_w]: [usize; 7],
+        input_gradient: bool,
+    ) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
+        let conv = self.kernel_for(weights, out, channels)?;
         let (k, n) = (channels * self.kernel * self.kernel, out_h * out_w);
         let plane = channels * height * width;
         // The weight gradient of a 3×3 stride-1 convolution in the
@@ -172,8 +208,8 @@ impl CustomOp2 for TrainableConv {
         let mut grad_weights = match winograd {
             Some(tile) => super::winograd::weight_gradient(
                 tile,
-                &input,
-                &grad_out,
+                input,
+                grad_out,
                 [batch, height, width],
                 (out, channels),
             ),
@@ -184,14 +220,16 @@ impl CustomOp2 for TrainableConv {
         // convolution of dY with the flipped, transposed weights: the
         // forward kernel (Winograd where it pays) for the whole batch.
         let same_size = self.kernel == 3 && self.stride == 1 && self.padding == 1;
-        let mut grad_input = if same_size {
-            let flipped = self.flipped_transposed(&weights, out, channels);
+        let mut grad_input = if !input_gradient {
+            Vec::new()
+        } else if same_size {
+            let flipped = self.flipped_transposed(weights, out, channels);
             let adjoint = self.kernel_for(&flipped, channels, out)?;
-            adjoint.run(&grad_out, [batch, out_h, out_w, height, width], None)
+            adjoint.run(grad_out, [batch, out_h, out_w, height, width], None)
         } else {
             vec![0f32; batch * plane]
         };
-        let mut grad_columns = if same_size {
+        let mut grad_columns = if same_size || !input_gradient {
             Vec::new()
         } else {
             vec![0f32; k * n]
@@ -212,7 +250,7 @@ impl CustomOp2 for TrainableConv {
                 (&columns, (n, 1)),
                 threads_for(out, k, n),
             );
-            if same_size {
+            if same_size || !input_gradient {
                 continue;
             }
             // dcols (K×N) = Wᵀ (K×O) · dY (O×N): Wᵀ[j][o] = W[o·K + j].
@@ -220,7 +258,7 @@ impl CustomOp2 for TrainableConv {
                 &mut grad_columns,
                 (k, n, out),
                 false,
-                (&weights, (k, 1)),
+                (weights, (k, 1)),
                 (dy, (1, n)),
                 threads_for(k, n, out),
             );
@@ -230,10 +268,7 @@ impl CustomOp2 for TrainableConv {
                 [height, width, out_h, out_w],
             );
         }
-        Ok((
-            Some(Tensor::from_vec(grad_input, x.shape(), x.device())?),
-            Some(Tensor::from_vec(grad_weights, w.shape(), w.device())?),
-        ))
+        Ok((input_gradient.then_some(grad_input), grad_weights))
     }
 }
 
@@ -298,5 +333,32 @@ mod tests {
             assert!(max_diff(&gx, &gx_ref) < 1e-3, "input gradient {case}");
             assert!(max_diff(&gw, &gw_ref) < 1e-3, "weight gradient {case}");
         }
+    }
+
+    /// An input nothing upstream needs the gradient of (the stem's image):
+    /// no input gradient, the weight gradient as candle's.
+    #[test]
+    fn constant_input_gets_no_gradient() {
+        let cpu = &Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 1, 20, 20), cpu).expect("x");
+        let w0 = Tensor::randn(0f32, 0.3, (4, 1, 7, 7), cpu).expect("w");
+        let run = |ours: bool| {
+            let w = Var::from_tensor(&w0).expect("w var");
+            let y = if ours {
+                conv2d(&x, w.as_tensor(), 2, 3)
+            } else {
+                x.conv2d(w.as_tensor(), 3, 2, 1, 1)
+            }
+            .expect("conv");
+            let grads = y
+                .sqr()
+                .and_then(|l| l.sum_all())
+                .and_then(|l| l.backward())
+                .expect("backward");
+            // candle's own convolution stores one regardless.
+            assert!(!ours || grads.get(&x).is_none(), "an input gradient");
+            grads.get(w.as_tensor()).expect("dw").clone()
+        };
+        assert!(max_diff(&run(true), &run(false)) < 1e-3);
     }
 }

@@ -155,12 +155,15 @@ impl ConvBn {
 
     /// Batch norm in training mode with the fused CPU kernel, updating the
     /// running statistics as candle-nn does (momentum, unbiased variance).
-    fn train_batch_norm(&self, x: &Tensor) -> Result<Tensor> {
+    /// The residual (when given) and the ReLU (when the unit has one) run
+    /// in the same kernel, forward and backward.
+    fn train_batch_norm(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         let (gamma, beta) = self
             .bn
             .weight_and_bias()
             .ok_or_else(|| candle_core::Error::Msg("batch norm without scale and shift".into()))?;
-        let (y, statistics) = TrainBatchNorm::new(BN_EPS).forward(x, gamma, beta)?;
+        let (y, statistics) =
+            TrainBatchNorm::new(BN_EPS, self.relu).forward(x, gamma, beta, residual)?;
         let (b, _, h, w) = x.dims4()?;
         let count = (b * h * w) as f64;
         let unbiased = count / (count - 1.0).max(1.0);
@@ -191,24 +194,18 @@ impl ConvBn {
                 None => x.apply_op1_no_bwd(op),
             };
         }
+        // On the CPU, training convolves with the gemm kernel that has a
+        // fast backward pass, then normalises with the fused batch norm;
+        // elsewhere candle's own.
+        if train && x.device().is_cpu() {
+            let cfg = self.conv.config();
+            let conv =
+                super::cpu_conv_grad::conv2d(x, self.conv.weight(), cfg.stride, cfg.padding)?;
+            return self.train_batch_norm(&conv, residual);
+        }
         let mut y = match (&self.folded, train) {
             (Some(folded), false) => folded.forward(x)?,
-            _ => {
-                // On the CPU, training convolves with the gemm kernel that
-                // has a fast backward pass; elsewhere candle's own.
-                if x.device().is_cpu() && train {
-                    let cfg = self.conv.config();
-                    let conv = super::cpu_conv_grad::conv2d(
-                        x,
-                        self.conv.weight(),
-                        cfg.stride,
-                        cfg.padding,
-                    )?;
-                    self.train_batch_norm(&conv)?
-                } else {
-                    self.bn.forward_t(&self.conv.forward(x)?, train)?
-                }
-            }
+            _ => self.bn.forward_t(&self.conv.forward(x)?, train)?,
         };
         if let Some(r) = residual {
             y = (y + r)?;

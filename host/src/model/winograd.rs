@@ -420,29 +420,72 @@ pub fn weight_gradient(
         );
         first += count;
     }
-    // dg = Gᵀ dU G per (out, in) pair, in f64.
     let g_matrix: &[[f64; 3]] = match tile {
         Tile::Four => &G4,
         Tile::Two => &G2,
     };
-    let patch = tile.patch();
-    let pairs = out_channels * in_channels;
-    let mut grad = vec![0f32; pairs * 9];
-    grad.par_chunks_mut(9).enumerate().for_each(|(pair, dg)| {
-        let (o, c) = (pair / in_channels.max(1), pair % in_channels.max(1));
-        let at = |xi: usize| f64::from(du[(xi * in_channels + c) * out_channels + o]);
-        for i in 0..3 {
-            for j in 0..3 {
-                let mut sum = 0f64;
-                for (a, g_a) in g_matrix.iter().enumerate().take(patch) {
+    filter_gradient(&du, g_matrix, tile.patch(), (out_channels, in_channels))
+}
+
+/// Output channels whose filter gradients [`filter_gradient`] computes
+/// together: dU holds them side by side (one cache line of each
+/// frequency's row).
+const GRADIENT_LANES: usize = 16;
+
+/// dg = Gᵀ dU G (in f64) for every (out, in) pair, from dU laid out
+/// (frequency, in, out), into (out, in, 3, 3). Blocks of
+/// [`GRADIENT_LANES`] output channels in parallel: each reads whole
+/// lines of dU (reading one pair's (m+2)² values at a time, each from
+/// another page, took a quarter of a ResNet-18 training step) and
+/// applies G separably, rows then columns.
+fn filter_gradient(
+    du: &[f32],
+    g_matrix: &[[f64; 3]],
+    patch: usize,
+    (out_channels, in_channels): (usize, usize),
+) -> Vec<f32> {
+    let mut grad = vec![0f32; out_channels * in_channels * 9];
+    if out_channels == 0 || in_channels == 0 {
+        return grad;
+    }
+    let row = in_channels * out_channels;
+    grad.par_chunks_mut(GRADIENT_LANES * in_channels * 9)
+        .enumerate()
+        .for_each(|(block, dst)| {
+            let first = block * GRADIENT_LANES;
+            let lanes = GRADIENT_LANES.min(out_channels - first);
+            for c in 0..in_channels {
+                // (dU G)[a][j] per lane: the columns transformed first.
+                let mut rows = [[[0f64; GRADIENT_LANES]; 3]; PATCH];
+                for (a, row_a) in rows.iter_mut().enumerate().take(patch) {
                     for (b, g_b) in g_matrix.iter().enumerate().take(patch) {
-                        sum += g_a[i] * at(a * patch + b) * g_b[j];
+                        let line = &du[(a * patch + b) * row + c * out_channels + first..][..lanes];
+                        for (j, sums) in row_a.iter_mut().enumerate() {
+                            for (s, &v) in sums.iter_mut().zip(line) {
+                                *s += g_b[j] * f64::from(v);
+                            }
+                        }
                     }
                 }
-                dg[i * 3 + j] = sum as f32;
+                // Gᵀ (dU G): then the rows.
+                let mut dg = [[0f64; GRADIENT_LANES]; 9];
+                for (row_a, g_a) in rows.iter().zip(g_matrix).take(patch) {
+                    for i in 0..3 {
+                        for j in 0..3 {
+                            for (s, &v) in dg[i * 3 + j].iter_mut().zip(&row_a[j]) {
+                                *s += g_a[i] * v;
+                            }
+                        }
+                    }
+                }
+                for lane in 0..lanes {
+                    let out = &mut dst[(lane * in_channels + c) * 9..][..9];
+                    for (o, sums) in out.iter_mut().zip(&dg) {
+                        *o = sums[lane] as f32;
+                    }
+                }
             }
-        }
-    });
+        });
     grad
 }
 
