@@ -33,8 +33,8 @@ use serde::{Deserialize, Serialize};
 
 use oxbox_signing as signing;
 
-/// What can be wrong with a plugin's package files. `oxbox`'s plugin loader
-/// turns each into the `PluginError` variant of the same name.
+/// What can be wrong with a plugin's package files (`oxbox`'s plugin loader
+/// reports it as `PluginError::Package`).
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
     /// A file (manifest, signature) could not be written.

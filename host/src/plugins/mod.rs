@@ -56,10 +56,12 @@ pub const INTERFACE_PACKAGE: &str = "oxbox:plugin";
 /// Why a plugin call or load failed. Every variant names the plugin.
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
-    /// A file (manifest, signature) could not be written.
+    /// The plugin's package files: `plugin.toml` malformed or disagreeing
+    /// with the component, a signature missing or not verifying, a manifest
+    /// or signature that cannot be read or written.
     #[error(transparent)]
-    Write(#[from] crate::output::OutputError),
-    /// A file (manifest, component, signature, cache) could not be read or written.
+    Package(#[from] manifest::ManifestError),
+    /// A file (component, cache) could not be read or written.
     #[error("{path}: {source}")]
     Io {
         /// The file.
@@ -67,22 +69,6 @@ pub enum PluginError {
         /// The I/O error.
         #[source]
         source: std::io::Error,
-    },
-    /// The manifest is malformed or disagrees with the component.
-    #[error("plugin manifest {path}: {reason}")]
-    Manifest {
-        /// The manifest file.
-        path: String,
-        /// What is wrong.
-        reason: String,
-    },
-    /// A signature is required and missing, or does not verify.
-    #[error("plugin {plugin}: signature: {reason}")]
-    Signature {
-        /// The plugin.
-        plugin: String,
-        /// What is wrong.
-        reason: String,
     },
     /// The component was built for another interface version.
     #[error(
@@ -187,30 +173,17 @@ impl PluginError {
     /// rejects, or a plugin file that is refused) rather than a failure
     /// while running: the CLI exits 2 for these, 1 otherwise.
     pub fn is_bad_input(&self) -> bool {
+        if let PluginError::Package(e) = self {
+            return e.is_bad_input();
+        }
         matches!(
             self,
             PluginError::Rejected { .. }
                 | PluginError::Implausible { .. }
-                | PluginError::Manifest { .. }
-                | PluginError::Signature { .. }
                 | PluginError::UnsupportedInterface { .. }
                 | PluginError::ForbiddenImport { .. }
                 | PluginError::Invalid { .. }
         )
-    }
-}
-
-impl From<manifest::ManifestError> for PluginError {
-    fn from(error: manifest::ManifestError) -> Self {
-        use manifest::ManifestError;
-        match error {
-            ManifestError::Write(e) => PluginError::Write(e),
-            ManifestError::Io { path, source } => PluginError::Io { path, source },
-            ManifestError::Manifest { path, reason } => PluginError::Manifest { path, reason },
-            ManifestError::Signature { plugin, reason } => {
-                PluginError::Signature { plugin, reason }
-            }
-        }
     }
 }
 

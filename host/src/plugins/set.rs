@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use super::cache::ComponentCache;
-use super::manifest::{PluginFiles, SignatureStatus};
+use super::manifest::{ManifestError, PluginFiles, SignatureStatus};
 use super::{
     Feature, Frame, Hook, ImageDecision, LoadedPlugin, PixelsData, PluginEngine, PluginError,
     RawField,
@@ -61,7 +61,7 @@ impl PluginSet {
                 || plugin.version() != manifest.version
                 || hooks != described
             {
-                return Err(PluginError::Manifest {
+                return Err(PluginError::Package(ManifestError::Manifest {
                     path: entry.path.display().to_string(),
                     reason: format!(
                         "manifest says {} {} with hooks {:?}; the component describes itself as {} {} with hooks {:?}",
@@ -72,7 +72,7 @@ impl PluginSet {
                         plugin.version(),
                         described.iter().map(|h| h.as_str()).collect::<Vec<_>>()
                     ),
-                });
+                }));
             }
             set.plugins.push(Arc::new(plugin));
             set.signatures.push(signature);
@@ -182,16 +182,18 @@ impl PluginSet {
 /// The public keys of `sandbox.trusted_plugin_keys`, parsed.
 ///
 /// # Errors
-/// [`PluginError::Signature`] naming the setting when one is not a key.
+/// [`ManifestError::Signature`] naming the setting when one is not a key.
 pub fn trusted_keys(config: &Config) -> Result<Vec<[u8; 32]>, PluginError> {
     config
         .sandbox
         .trusted_plugin_keys
         .iter()
         .map(|k| {
-            signing::parse_public_key(k).map_err(|e| PluginError::Signature {
-                plugin: "<config>".to_owned(),
-                reason: format!("sandbox.trusted_plugin_keys: {e}"),
+            signing::parse_public_key(k).map_err(|e| {
+                PluginError::Package(ManifestError::Signature {
+                    plugin: "<config>".to_owned(),
+                    reason: format!("sandbox.trusted_plugin_keys: {e}"),
+                })
             })
         })
         .collect()
