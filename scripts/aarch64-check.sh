@@ -17,10 +17,9 @@
 #
 # Installs what it needs if missing (Debian's crossbuild-essential-arm64 and
 # qemu-user-static, the rustup target for the toolchain pinned in
-# rust-toolchain.toml). The release build goes to
-# target/aarch64-unknown-linux-gnu/release/oxbox; a cold build of the whole
-# dependency tree takes ~15 minutes on 2 cores, a warm one seconds (CI's
-# `target` is the shared build directory). Uses the x86 binary in
+# rust-toolchain.toml). The build (optimised for the check, below) goes to
+# target/aarch64-unknown-linux-gnu/release/oxbox; a warm one takes seconds
+# (CI's `target` is the shared build directory). Uses the x86 binary in
 # target/release/oxbox (built if missing) and the corpus ($OXBOX_CORPUS,
 # default tests/.corpus; tests/corpus/build.sh).
 #   scripts/aarch64-check.sh
@@ -52,8 +51,29 @@ export CXX_aarch64_unknown_linux_gnu=aarch64-linux-gnu-g++
 export AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
 step "cross build (release, $triple)"
 t=$SECONDS
+# The check's build optimises what the comparisons exercise and little else
+# (the cold build's time against the release level's is in the README): the
+# crates whose
+# arithmetic is compared (oxbox-dicom's preprocessing, oxbox-model's
+# kernels, which LLVM vectorises with NEON only from opt-level 2) at the
+# release level, the other dependencies at 1, and at 0 those the
+# comparisons never run (candle's tokenizers, TLS, chart rendering, the
+# JPEG baseline codec, SQLite, argument parsing). The results do not depend
+# on it: Rust computes the same values at every level (no fast-math), and
+# the codecs compared decode losslessly, in integers. A
+# binary to install on a Jetson is built at the release level (see
+# firmware-notes/README.md).
+# (The profile's level, not `package."*"`, so that build scripts and proc
+# macros keep theirs and are shared with the x86 build.)
+check_profile=(--config profile.release.opt-level=1)
+for crate in oxbox-dicom oxbox-model; do
+  check_profile+=(--config "profile.release.package.$crate.opt-level=3")
+done
+for crate in tokenizers rustls image ttf-parser turbojpeg-sys libsqlite3-sys clap_builder; do
+  check_profile+=(--config "profile.release.package.$crate.opt-level=0")
+done
 env -u RUSTC_WORKSPACE_WRAPPER -u CLIPPY_ARGS \
-  cargo build --release --locked --target "$triple" -p oxbox --bin oxbox
+  cargo build --release --locked --target "$triple" -p oxbox --bin oxbox "${check_profile[@]}"
 build_s=$((SECONDS - t))
 arm=$root/target/$triple/release/oxbox
 # ELF machine 0xb7 = EM_AARCH64.

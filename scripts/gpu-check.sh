@@ -6,7 +6,7 @@
 #   2. runs the GPU tests: inference on cuda:0 equals the CPU's within 1e-4
 #      (the demo model and ResNet-18 at 224², batch 1/8/32), and training's
 #      logits and every gradient equal the CPU's within 1e-4 of their scale
-#      (host/src/model/mod.rs, `cuda_*`), then the rest of the model tests;
+#      (host/model/src/lib.rs, `cuda_*`), then the rest of the model tests;
 #   3. prints the forward latency at batch 1, 8 and 32 on the GPU (ResNet-18
 #      at 224², RG1) and the training throughput (cases/s, batch 16).
 # Without an NVIDIA GPU it builds nothing, says SKIPPED and exits 77 (the
@@ -40,9 +40,10 @@ cargo build --release --locked -p oxbox --features "$features"
 oxbox=$CARGO_TARGET_DIR/release/oxbox
 
 step "GPU tests: CUDA equals the CPU (inference and training)"
-cargo test --release --locked -p oxbox --features "$features" --lib model::tests::cuda_ -- --test-threads 1
+cargo test --release --locked -p oxbox-model --features "$features" --lib tests::cuda_ -- --test-threads 1
 step "the model and training tests on the cuda build"
-cargo test --release --locked -p oxbox --features "$features" --lib -- model:: train::
+cargo test --release --locked -p oxbox-model --features "$features" --lib
+cargo test --release --locked -p oxbox --features "$features" --lib train::
 
 step "figures"
 dicom=${1:-${OXBOX_CORPUS:-tests/.corpus}/encoded/rg1_explicit_le.dcm}

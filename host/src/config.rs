@@ -1148,14 +1148,9 @@ impl Config {
     }
 }
 
-/// A compute device named in the config.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceSpec {
-    /// The CPU.
-    Cpu,
-    /// CUDA device with this ordinal.
-    Cuda(usize),
-}
+/// A compute device named in the config (defined beside the model, which
+/// selects it).
+pub use oxbox_model::DeviceSpec;
 
 /// Parses `"cpu"` or `"cuda:N"`.
 pub fn parse_device(text: &str) -> Option<DeviceSpec> {

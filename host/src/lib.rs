@@ -13,7 +13,8 @@
 //! | [`dicom`]     | DICOM file → checked header → stored pixels → canonical tensor |
 //! |               | (crate `oxbox-dicom`, `host/dicom/`)                           |
 //! | [`plugins`]   | site plugins: sandboxed WebAssembly components (wasmtime)      |
-//! | [`model`]     | the EXAM-style network (candle), model packages, inference     |
+//! | [`model`]     | the EXAM-style network (candle), model packages, inference,    |
+//! |               | the CPU kernels (crate `oxbox-model`, `host/model/`)           |
 //! | [`pipeline`]  | one case end to end: radiograph + EMR → plugins → model        |
 //! | [`sr`]        | a prediction as a DICOM Comprehensive SR (IHE AIR-like)        |
 //! | [`dimse`]     | DICOM networking: C-ECHO / C-STORE SCP, C-STORE SCU (dicom-ul) |
@@ -54,6 +55,7 @@ pub use oxbox_dicom as dicom;
 pub use oxbox_dicom::guard;
 pub use oxbox_files as output;
 pub use oxbox_http as http;
+pub use oxbox_model as model;
 pub use oxbox_rng as rng;
 pub use oxbox_signing as signing;
 
@@ -65,7 +67,6 @@ pub mod dimse;
 pub mod evaluate;
 pub mod federation;
 pub mod metrics;
-pub mod model;
 pub mod pipeline;
 pub mod plugins;
 pub mod serve;

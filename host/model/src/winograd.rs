@@ -965,7 +965,7 @@ fn output_plane_generic<const M: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::cpu_conv::tests::values;
+    use crate::cpu_conv::tests::values;
 
     /// A direct 3×3, stride 1, padding 1 convolution in f64.
     fn direct(

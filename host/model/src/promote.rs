@@ -154,7 +154,7 @@ pub fn promote(package: &PackageBytes, served_dir: &Path) -> Result<ModelPackage
         sync_dir(&versions)?;
     }
     let pointer = served_dir.join(CURRENT_FILE);
-    crate::output::write_shared_bytes(&pointer, format!("{digest}\n").as_bytes()).map_err(|e| {
+    oxbox_files::write_shared_bytes(&pointer, format!("{digest}\n").as_bytes()).map_err(|e| {
         ModelError::Io {
             path: pointer.display().to_string(),
             source: std::io::Error::other(e.to_string()),
@@ -197,18 +197,18 @@ fn sync_dir(dir: &Path) -> Result<(), ModelError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::package::MANIFEST_FILE;
+    use crate::package::MANIFEST_FILE;
 
     fn package(seed: u64) -> PackageBytes {
         let dir = tempfile::tempdir().expect("tempdir");
-        let arch = crate::model::Architecture {
-            backbone: crate::model::Backbone::Tiny,
+        let arch = crate::Architecture {
+            backbone: crate::Backbone::Tiny,
             emr_only: true,
             cross_layers: 1,
             deep_layers: vec![8],
             fusion_layers: vec![8],
         };
-        crate::model::init_package(dir.path(), "promo", arch, 32, seed).expect("init");
+        crate::init_package(dir.path(), "promo", arch, 32, seed).expect("init");
         PackageBytes::read(dir.path()).expect("read")
     }
 

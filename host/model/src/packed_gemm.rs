@@ -431,7 +431,7 @@ unsafe fn store(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::cpu_conv::tests::values;
+    use crate::cpu_conv::tests::values;
 
     /// Every shape class (partial row blocks, full, one-vector and partial
     /// column blocks, both loop orders), bias, residual and ReLU, against

@@ -223,7 +223,7 @@ impl PackageBytes {
             (MANIFEST_FILE, &self.manifest),
         ] {
             let path = dir.join(name);
-            crate::output::write_bytes(&path, bytes).map_err(|e| ModelError::Io {
+            oxbox_files::write_bytes(&path, bytes).map_err(|e| ModelError::Io {
                 path: path.display().to_string(),
                 source: std::io::Error::other(e.to_string()),
             })?;

@@ -29,13 +29,21 @@ pub mod packed_gemm;
 pub mod promote;
 pub mod winograd;
 
+/// A compute device named in the config (`model.device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// The CPU.
+    Cpu,
+    /// CUDA device with this ordinal.
+    Cuda(usize),
+}
+
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::Serialize;
 
-use crate::config::DeviceSpec;
 pub use net::{ExamNet, ParameterGroup};
 pub use package::{
     Architecture, Backbone, ModelManifest, ModelPackage, ModelProvenance, PackageBytes,
@@ -412,7 +420,7 @@ pub fn init_package(
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     ExamNet::new(&manifest.architecture, manifest.emr.len(), vb)?;
-    let mut rng = crate::rng::Pcg::from_state(seed ^ 0x6f78_626f_785f_696e);
+    let mut rng = oxbox_rng::Pcg::from_state(seed ^ 0x6f78_626f_785f_696e);
     let data = varmap
         .data()
         .lock()
