@@ -17,9 +17,10 @@
 #
 # Installs what it needs if missing (Debian's crossbuild-essential-arm64 and
 # qemu-user-static, the rustup target for the toolchain pinned in
-# rust-toolchain.toml). The build (optimised for the check, below) goes to
-# target/aarch64-unknown-linux-gnu/release/oxbox; a warm one takes seconds
-# (CI's `target` is the shared build directory). Uses the x86 binary in
+# rust-toolchain.toml). The build (optimised for the check, below: not the
+# binary to install, which firmware-notes/README.md builds) is left as
+# target/aarch64-unknown-linux-gnu/release/oxbox-aarch64-check; a warm one
+# takes seconds (CI's `target` is the shared build directory). Uses the x86 binary in
 # target/release/oxbox (built if missing) and the corpus ($OXBOX_CORPUS,
 # default tests/.corpus; tests/corpus/build.sh).
 #   scripts/aarch64-check.sh
@@ -75,7 +76,10 @@ done
 env -u RUSTC_WORKSPACE_WRAPPER -u CLIPPY_ARGS \
   cargo build --release --locked --target "$triple" -p oxbox --bin oxbox "${check_profile[@]}"
 build_s=$((SECONDS - t))
-arm=$root/target/$triple/release/oxbox
+# Renamed, so that nobody installs the check's build on a box (cargo links
+# it again on the next run, even when nothing changed).
+arm=$root/target/$triple/release/oxbox-aarch64-check
+mv -f "$root/target/$triple/release/oxbox" "$arm"
 # ELF machine 0xb7 = EM_AARCH64.
 [ "$(od -An -tx1 -j18 -N2 "$arm" | tr -d ' ')" = b700 ] || {
   echo "aarch64-check: $arm is not an aarch64 executable" >&2
