@@ -256,12 +256,14 @@ impl PlaneGradient<'_> {
     /// (Σ g, Σ g·x) over the plane `xs`.
     fn sums(&self, xs: &[f32]) -> (f64, f64) {
         fn sums(g: impl Iterator<Item = f32>, xs: &[f32]) -> (f64, f64) {
-            let (mut sum_g, mut sum_gx) = (0f64, 0f64);
-            for (g, &v) in g.zip(xs) {
-                sum_g += f64::from(g);
-                sum_gx += f64::from(g) * f64::from(v);
+            // SUM_LANES running sums each: independent additions.
+            let (mut sum_g, mut sum_gx) = ([0f64; SUM_LANES], [0f64; SUM_LANES]);
+            for (i, (g, &v)) in g.zip(xs).enumerate() {
+                let lane = i % SUM_LANES;
+                sum_g[lane] += f64::from(g);
+                sum_gx[lane] += f64::from(g) * f64::from(v);
             }
-            (sum_g, sum_gx)
+            (sum_g.iter().sum(), sum_gx.iter().sum())
         }
         match *self {
             PlaneGradient::Masked(g) => sums(g.iter().copied(), xs),
@@ -295,6 +297,20 @@ fn relu_masked<'a>(dy: &'a [f32], ys: &'a [f32]) -> impl Iterator<Item = f32> + 
         .map(|(&g, &y)| if y > 0.0 { g } else { 0.0 })
 }
 
+/// Running sums per reduction: a sum over a plane adds into this many
+/// accumulators in turn, so the additions do not wait on each other
+/// (one f64 chain per plane bounded the batch norm's passes).
+const SUM_LANES: usize = 8;
+
+/// The sum of `values` over [`SUM_LANES`] accumulators.
+fn lane_sum(values: impl Iterator<Item = f64>) -> f64 {
+    let mut sums = [0f64; SUM_LANES];
+    for (i, v) in values.enumerate() {
+        sums[i % SUM_LANES] += v;
+    }
+    sums.iter().sum()
+}
+
 /// Mean and biased variance of each channel of contiguous NCHW `x`.
 fn channel_statistics(
     x: &[f32],
@@ -306,15 +322,11 @@ fn channel_statistics(
         .map(|c| {
             let planes = || (0..batch).map(move |b| &x[(b * channels + c) * plane..][..plane]);
             let sum: f64 = planes()
-                .map(|p| p.iter().map(|&v| f64::from(v)).sum::<f64>())
+                .map(|p| lane_sum(p.iter().map(|&v| f64::from(v))))
                 .sum();
             let mean = sum / count;
             let squares: f64 = planes()
-                .map(|p| {
-                    p.iter()
-                        .map(|&v| (f64::from(v) - mean).powi(2))
-                        .sum::<f64>()
-                })
+                .map(|p| lane_sum(p.iter().map(|&v| (f64::from(v) - mean).powi(2))))
                 .sum();
             (mean, squares / count)
         })

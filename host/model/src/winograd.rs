@@ -208,19 +208,21 @@ impl Winograd {
             .par_chunks_mut(frequencies * in_channels.max(1))
             .enumerate()
             .for_each(|(o, block)| {
-                for c in 0..in_channels {
-                    let g = &weights[(o * in_channels + c) * 9..][..9];
-                    // G g ((m+2)×3), then (G g) Gᵀ ((m+2)²), in f64.
-                    let mut gg = [[0f64; 3]; PATCH];
-                    for (row, g_row) in gg.iter_mut().zip(g_matrix) {
-                        for (j, v) in row.iter_mut().enumerate() {
-                            *v = (0..3).map(|k| g_row[k] * f64::from(g[k * 3 + j])).sum();
+                // GRADIENT_LANES input channels at a time, as lane arrays.
+                let mut filters = [[0f64; GRADIENT_LANES]; 9];
+                for first in (0..in_channels).step_by(GRADIENT_LANES) {
+                    let lanes = GRADIENT_LANES.min(in_channels - first);
+                    for lane in 0..lanes {
+                        let g = &weights[(o * in_channels + first + lane) * 9..][..9];
+                        for (f, &v) in filters.iter_mut().zip(g) {
+                            f[lane] = f64::from(v);
                         }
                     }
-                    for (i, gg_row) in gg.iter().enumerate().take(patch) {
-                        for (j, g_row) in g_matrix.iter().enumerate() {
-                            let v: f64 = (0..3).map(|k| gg_row[k] * g_row[k]).sum();
-                            block[(i * patch + j) * in_channels + c] = v as f32;
+                    let u = transform_filters(&filters, g_matrix, patch);
+                    for (xi, values) in u.iter().enumerate().take(frequencies) {
+                        let dst = &mut block[xi * in_channels + first..][..lanes];
+                        for (d, &v) in dst.iter_mut().zip(values) {
+                            *d = v as f32;
                         }
                     }
                 }
@@ -454,30 +456,15 @@ fn filter_gradient(
         .for_each(|(block, dst)| {
             let first = block * GRADIENT_LANES;
             let lanes = GRADIENT_LANES.min(out_channels - first);
+            let mut lines = [[0f64; GRADIENT_LANES]; PATCH * PATCH];
             for c in 0..in_channels {
-                // (dU G)[a][j] per lane: the columns transformed first.
-                let mut rows = [[[0f64; GRADIENT_LANES]; 3]; PATCH];
-                for (a, row_a) in rows.iter_mut().enumerate().take(patch) {
-                    for (b, g_b) in g_matrix.iter().enumerate().take(patch) {
-                        let line = &du[(a * patch + b) * row + c * out_channels + first..][..lanes];
-                        for (j, sums) in row_a.iter_mut().enumerate() {
-                            for (s, &v) in sums.iter_mut().zip(line) {
-                                *s += g_b[j] * f64::from(v);
-                            }
-                        }
+                for (xi, line) in lines.iter_mut().enumerate().take(patch * patch) {
+                    let source = &du[xi * row + c * out_channels + first..][..lanes];
+                    for (d, &v) in line.iter_mut().zip(source) {
+                        *d = f64::from(v);
                     }
                 }
-                // Gᵀ (dU G): then the rows.
-                let mut dg = [[0f64; GRADIENT_LANES]; 9];
-                for (row_a, g_a) in rows.iter().zip(g_matrix).take(patch) {
-                    for i in 0..3 {
-                        for j in 0..3 {
-                            for (s, &v) in dg[i * 3 + j].iter_mut().zip(&row_a[j]) {
-                                *s += g_a[i] * v;
-                            }
-                        }
-                    }
-                }
+                let dg = filter_lanes(&lines, g_matrix, patch);
                 for lane in 0..lanes {
                     let out = &mut dst[(lane * in_channels + c) * 9..][..9];
                     for (o, sums) in out.iter_mut().zip(&dg) {
@@ -487,6 +474,124 @@ fn filter_gradient(
             }
         });
     grad
+}
+
+/// Gᵀ dU G for [`GRADIENT_LANES`] (out, in) pairs at once, dU given per
+/// frequency (`lines[ξ][lane]`): the widest vector code the CPU runs.
+fn filter_lanes(
+    lines: &[[f64; GRADIENT_LANES]; PATCH * PATCH],
+    g_matrix: &[[f64; 3]],
+    patch: usize,
+) -> [[f64; GRADIENT_LANES]; 9] {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above), all the
+        // function requires beyond the baseline.
+        return unsafe { filter_lanes_avx2(lines, g_matrix, patch) };
+    }
+    filter_lanes_generic(lines, g_matrix, patch)
+}
+
+/// [`filter_lanes_generic`] compiled with AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn filter_lanes_avx2(
+    lines: &[[f64; GRADIENT_LANES]; PATCH * PATCH],
+    g_matrix: &[[f64; 3]],
+    patch: usize,
+) -> [[f64; GRADIENT_LANES]; 9] {
+    filter_lanes_generic(lines, g_matrix, patch)
+}
+
+/// Gᵀ dU G per lane: the columns transformed first ((dU G)[a][j]), then
+/// the rows; every loop runs over whole lane arrays.
+#[inline(always)]
+fn filter_lanes_generic(
+    lines: &[[f64; GRADIENT_LANES]; PATCH * PATCH],
+    g_matrix: &[[f64; 3]],
+    patch: usize,
+) -> [[f64; GRADIENT_LANES]; 9] {
+    let mut rows = [[[0f64; GRADIENT_LANES]; 3]; PATCH];
+    for (a, row_a) in rows.iter_mut().enumerate().take(patch) {
+        for (b, g_b) in g_matrix.iter().enumerate().take(patch) {
+            let line = &lines[a * patch + b];
+            for (sums, &g) in row_a.iter_mut().zip(g_b) {
+                for (s, &v) in sums.iter_mut().zip(line) {
+                    *s += g * v;
+                }
+            }
+        }
+    }
+    let mut dg = [[0f64; GRADIENT_LANES]; 9];
+    for (row_a, g_a) in rows.iter().zip(g_matrix).take(patch) {
+        for i in 0..3 {
+            for j in 0..3 {
+                for (s, &v) in dg[i * 3 + j].iter_mut().zip(&row_a[j]) {
+                    *s += g_a[i] * v;
+                }
+            }
+        }
+    }
+    dg
+}
+
+/// U = G g Gᵀ for [`GRADIENT_LANES`] filters at once (`filters[k][lane]`,
+/// k = 3·row + column): the widest vector code the CPU runs.
+fn transform_filters(
+    filters: &[[f64; GRADIENT_LANES]; 9],
+    g_matrix: &[[f64; 3]],
+    patch: usize,
+) -> [[f64; GRADIENT_LANES]; PATCH * PATCH] {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above), all the
+        // function requires beyond the baseline.
+        return unsafe { transform_filters_avx2(filters, g_matrix, patch) };
+    }
+    transform_filters_generic(filters, g_matrix, patch)
+}
+
+/// [`transform_filters_generic`] compiled with AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn transform_filters_avx2(
+    filters: &[[f64; GRADIENT_LANES]; 9],
+    g_matrix: &[[f64; 3]],
+    patch: usize,
+) -> [[f64; GRADIENT_LANES]; PATCH * PATCH] {
+    transform_filters_generic(filters, g_matrix, patch)
+}
+
+/// G g Gᵀ per lane: G g ((m+2)×3) first, then (G g) Gᵀ, in f64, the
+/// sums in the order the one-filter code had them (k = 0, 1, 2).
+#[inline(always)]
+fn transform_filters_generic(
+    filters: &[[f64; GRADIENT_LANES]; 9],
+    g_matrix: &[[f64; 3]],
+    patch: usize,
+) -> [[f64; GRADIENT_LANES]; PATCH * PATCH] {
+    let mut gg = [[[0f64; GRADIENT_LANES]; 3]; PATCH];
+    for (row, g_row) in gg.iter_mut().zip(g_matrix).take(patch) {
+        for (j, sums) in row.iter_mut().enumerate() {
+            for (k, &g) in g_row.iter().enumerate() {
+                for (s, &v) in sums.iter_mut().zip(&filters[k * 3 + j]) {
+                    *s += g * v;
+                }
+            }
+        }
+    }
+    let mut u = [[0f64; GRADIENT_LANES]; PATCH * PATCH];
+    for (i, gg_row) in gg.iter().enumerate().take(patch) {
+        for (j, g_row) in g_matrix.iter().enumerate().take(patch) {
+            let sums = &mut u[i * patch + j];
+            for (k, &g) in g_row.iter().enumerate() {
+                for (s, &v) in sums.iter_mut().zip(&gg_row[k]) {
+                    *s += v * g;
+                }
+            }
+        }
+    }
+    u
 }
 
 /// dU[ξ] (out × in) += dM[ξ] (out × tiles) · V[ξ]ᵀ (tiles × in) for every

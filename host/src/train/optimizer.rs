@@ -4,10 +4,12 @@
 //! The update is candle-nn's, term for term; a test holds them equal.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::Path;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Device, Result, Tensor, Var};
+use candle_core::{CpuStorage, Device, Layout, Result, Storage, Tensor, Var};
+use rayon::prelude::*;
 
 /// AdamW hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -109,6 +111,14 @@ impl AdamW {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
+            if let Some((theta, m, v)) = fused_update(p, g, c, (scale_m, scale_v))? {
+                let (shape, device) = (p.var.shape().clone(), p.var.device().clone());
+                p.var
+                    .set(&Tensor::from_vec(theta, shape.clone(), &device)?)?;
+                p.m = Tensor::from_vec(m, shape.clone(), &device)?;
+                p.v = Tensor::from_vec(v, shape, &device)?;
+                continue;
+            }
             let m = ((&p.m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             let v = ((&p.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let theta = if p.decay {
@@ -160,6 +170,92 @@ impl AdamW {
         self.step = step;
         Ok(())
     }
+}
+
+/// θ, m and v after a step.
+type Updated = (Vec<f32>, Vec<f32>, Vec<f32>);
+
+/// Elements per task of [`fused_update`].
+const UPDATE_CHUNK: usize = 1 << 14;
+
+/// The f32 values of a contiguous CPU tensor, or `None` (another device
+/// or type, or a strided layout).
+fn cpu_f32(storage: &Storage, layout: &Layout) -> Option<Range<usize>> {
+    match storage {
+        Storage::Cpu(CpuStorage::F32(_)) => layout.contiguous_offsets().map(|(a, b)| a..b),
+        _ => None,
+    }
+}
+
+/// One parameter's AdamW update in a single parallel pass over f32 CPU
+/// tensors: (θ, m, v) after the step, with the same f32 operations in
+/// the same order as the tensor expressions in [`AdamW::step`] (candle
+/// multiplies by a scalar rounded to f32), so the results are the same;
+/// `None` where the tensors are elsewhere (the caller then runs those
+/// expressions).
+fn fused_update(
+    p: &Param,
+    g: &Tensor,
+    c: AdamWConfig,
+    (scale_m, scale_v): (f64, f64),
+) -> Result<Option<Updated>> {
+    let tensors = [p.var.as_tensor(), &p.m, &p.v, g];
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices: Vec<&[f32]> = Vec::with_capacity(4);
+    for (storage, layout) in &guards {
+        let (Some(range), Storage::Cpu(CpuStorage::F32(values))) =
+            (cpu_f32(storage, layout), &**storage)
+        else {
+            return Ok(None);
+        };
+        slices.push(&values[range]);
+    }
+    let &[theta, m, v, g] = &slices[..] else {
+        return Ok(None);
+    };
+    let n = theta.len();
+    if m.len() != n || v.len() != n || g.len() != n {
+        candle_core::bail!(
+            "adamw: {} values with moments of {} and {}",
+            n,
+            m.len(),
+            v.len()
+        );
+    }
+    let f = |x: f64| x as f32;
+    let (beta1, one_minus_beta1) = (f(c.beta1), f(1.0 - c.beta1));
+    let (beta2, one_minus_beta2) = (f(c.beta2), f(1.0 - c.beta2));
+    let (decays, decay) = (p.decay, f(1.0 - c.learning_rate * c.weight_decay));
+    let (scale_m, scale_v, eps, lr) = (f(scale_m), f(scale_v), f(c.eps), f(c.learning_rate));
+    let (mut theta_next, mut m_next, mut v_next) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    theta_next
+        .par_chunks_mut(UPDATE_CHUNK)
+        .zip(m_next.par_chunks_mut(UPDATE_CHUNK))
+        .zip(v_next.par_chunks_mut(UPDATE_CHUNK))
+        .enumerate()
+        .for_each(|(i, ((theta_out, m_out), v_out))| {
+            let start = i * UPDATE_CHUNK;
+            let range = start..start + theta_out.len();
+            let inputs = theta[range.clone()]
+                .iter()
+                .zip(&m[range.clone()])
+                .zip(&v[range.clone()])
+                .zip(&g[range]);
+            let outputs = theta_out
+                .iter_mut()
+                .zip(m_out.iter_mut())
+                .zip(v_out.iter_mut());
+            for (((t_out, m_out), v_out), (((&t, &m), &v), &g)) in outputs.zip(inputs) {
+                let m = m * beta1 + g * one_minus_beta1;
+                let v = v * beta2 + (g * g) * one_minus_beta2;
+                let t = if decays { t * decay } else { t };
+                let adjusted = (m * scale_m) / ((v * scale_v).sqrt() + eps);
+                *t_out = t - adjusted * lr;
+                *m_out = m;
+                *v_out = v;
+            }
+        });
+    Ok(Some((theta_next, m_next, v_next)))
 }
 
 #[cfg(test)]
