@@ -29,15 +29,6 @@ pub mod packed_gemm;
 pub mod promote;
 pub mod winograd;
 
-/// A compute device named in the config (`model.device`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceSpec {
-    /// The CPU.
-    Cpu,
-    /// CUDA device with this ordinal.
-    Cuda(usize),
-}
-
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -49,6 +40,22 @@ pub use package::{
     Architecture, Backbone, ModelManifest, ModelPackage, ModelProvenance, PackageBytes,
 };
 pub use promote::promote;
+
+/// A compute device named in the config (`model.device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// The CPU.
+    Cpu,
+    /// CUDA device with this ordinal.
+    Cuda(usize),
+}
+
+/// Whether this x86-64 CPU runs AVX2 and FMA, what the kernels' `_avx2`
+/// copies are compiled for (std detects it once; later calls read a cache).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx2_fma() -> bool {
+    std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+}
 
 /// Errors from packages, devices and inference.
 #[derive(Debug, thiserror::Error)]

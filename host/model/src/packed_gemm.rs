@@ -137,7 +137,7 @@ pub unsafe fn multiply(
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+    if crate::has_avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked just above); the
         // caller upholds the memory contract.
         unsafe { multiply_avx2(weights, blocks, operands, epilogue) };

@@ -484,7 +484,7 @@ fn filter_lanes(
     patch: usize,
 ) -> [[f64; GRADIENT_LANES]; 9] {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+    if crate::has_avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked just above), all the
         // function requires beyond the baseline.
         return unsafe { filter_lanes_avx2(lines, g_matrix, patch) };
@@ -543,7 +543,7 @@ fn transform_filters(
     patch: usize,
 ) -> [[f64; GRADIENT_LANES]; PATCH * PATCH] {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+    if crate::has_avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked just above), all the
         // function requires beyond the baseline.
         return unsafe { transform_filters_avx2(filters, g_matrix, patch) };
@@ -682,7 +682,7 @@ fn transform_gradient(grad: &[f32], geometry: Geometry, channels: usize, transfo
 /// vector code the CPU runs.
 fn gradient_plane(padded: &[f32], geometry: Geometry, image: usize, v: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+    if crate::has_avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked just above), all the
         // function requires beyond the baseline.
         unsafe { gradient_plane_avx2(padded, geometry, image, v) };
@@ -844,7 +844,7 @@ fn transform_input(input: &[f32], geometry: Geometry, channels: usize, transform
 /// vector code the CPU runs.
 fn input_plane(padded: &[f32], geometry: Geometry, image: usize, v: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+    if crate::has_avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked just above), all the
         // function requires beyond the baseline.
         unsafe { input_plane_avx2(padded, geometry, image, v) };
@@ -988,7 +988,7 @@ fn output_1d<const M: usize>(x: [[f32; LANES]; PATCH]) -> [[f32; LANES]; 4] {
 /// the CPU runs.
 fn output_plane(products: &[f32], geometry: Geometry, image: usize, staging: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+    if crate::has_avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked just above), all the
         // function requires beyond the baseline.
         unsafe { output_plane_avx2(products, geometry, image, staging) };

@@ -4,7 +4,6 @@
 //! The update is candle-nn's, term for term; a test holds them equal.
 
 use std::collections::HashMap;
-use std::ops::Range;
 use std::path::Path;
 
 use candle_core::backprop::GradStore;
@@ -178,11 +177,13 @@ type Updated = (Vec<f32>, Vec<f32>, Vec<f32>);
 /// Elements per task of [`fused_update`].
 const UPDATE_CHUNK: usize = 1 << 14;
 
-/// The f32 values of a contiguous CPU tensor, or `None` (another device
+/// The values of a contiguous f32 CPU tensor, or `None` (another device
 /// or type, or a strided layout).
-fn cpu_f32(storage: &Storage, layout: &Layout) -> Option<Range<usize>> {
+fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> Option<&'a [f32]> {
     match storage {
-        Storage::Cpu(CpuStorage::F32(_)) => layout.contiguous_offsets().map(|(a, b)| a..b),
+        Storage::Cpu(CpuStorage::F32(values)) => {
+            layout.contiguous_offsets().map(|(a, b)| &values[a..b])
+        }
         _ => None,
     }
 }
@@ -199,18 +200,11 @@ fn fused_update(
     c: AdamWConfig,
     (scale_m, scale_v): (f64, f64),
 ) -> Result<Option<Updated>> {
-    let tensors = [p.var.as_tensor(), &p.m, &p.v, g];
-    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
-    let mut slices: Vec<&[f32]> = Vec::with_capacity(4);
-    for (storage, layout) in &guards {
-        let (Some(range), Storage::Cpu(CpuStorage::F32(values))) =
-            (cpu_f32(storage, layout), &**storage)
-        else {
-            return Ok(None);
-        };
-        slices.push(&values[range]);
-    }
-    let &[theta, m, v, g] = &slices[..] else {
+    let guards = [p.var.as_tensor(), &p.m, &p.v, g].map(|t| t.storage_and_layout());
+    let [Some(theta), Some(m), Some(v), Some(g)] = guards
+        .each_ref()
+        .map(|(storage, layout)| cpu_f32(storage, layout))
+    else {
         return Ok(None);
     };
     let n = theta.len();
