@@ -85,9 +85,15 @@ impl TrainableConv {
         flipped
     }
 
-    /// Adds the columns `dcols` (C·k·k, OH·OW) back onto `image` (C, H, W):
-    /// the adjoint of im2col.
-    fn col2im(&self, dcols: &[f32], image: &mut [f32], [height, width, out_h, out_w]: [usize; 4]) {
+    /// Adds image `slot`'s columns of `dcols` (C·k·k, images · OH·OW)
+    /// back onto `image` (C, H, W): the adjoint of im2col.
+    fn col2im(
+        &self,
+        dcols: &[f32],
+        (slot, images): (usize, usize),
+        image: &mut [f32],
+        [height, width, out_h, out_w]: [usize; 4],
+    ) {
         let (k, s, p) = (self.kernel, self.stride, self.padding);
         let n = out_h * out_w;
         image
@@ -96,7 +102,8 @@ impl TrainableConv {
             .for_each(|(channel, plane)| {
                 for ky in 0..k {
                     for kx in 0..k {
-                        let row = &dcols[(channel * k * k + ky * k + kx) * n..][..n];
+                        let row =
+                            &dcols[(channel * k * k + ky * k + kx) * images * n + slot * n..][..n];
                         for oy in 0..out_h {
                             let iy = (oy * s + ky).wrapping_sub(p);
                             if iy >= height {
@@ -115,6 +122,10 @@ impl TrainableConv {
             });
     }
 }
+
+/// The im2col columns of a group of images hold at most about this many
+/// floats (8 MiB; small in tests, so that they run partial groups).
+const GROUP_FLOATS: usize = if cfg!(test) { 1500 } else { 1 << 21 };
 
 /// Threads for a product of this size: all of them for large ones.
 fn threads_for(m: usize, n: usize, k: usize) -> usize {
@@ -203,7 +214,7 @@ impl TrainableConv {
         let plane = channels * height * width;
         // The weight gradient of a 3×3 stride-1 convolution in the
         // Winograd domain, over the whole batch, when the forward pass
-        // runs there; else im2col + gemm per image (below).
+        // runs there; else im2col + gemm over groups of images (below).
         let winograd = conv.winograd_tile(batch, height, width);
         let mut grad_weights = match winograd {
             Some(tile) => super::winograd::weight_gradient(
@@ -215,7 +226,6 @@ impl TrainableConv {
             ),
             None => vec![0f32; out * k],
         };
-        let mut columns = vec![0f32; if winograd.is_some() { 0 } else { k * n }];
         // A 3×3 stride-1 padding-1 convolution's input gradient is the same
         // convolution of dY with the flipped, transposed weights: the
         // forward kernel (Winograd where it pays) for the whole batch.
@@ -229,44 +239,61 @@ impl TrainableConv {
         } else {
             vec![0f32; batch * plane]
         };
-        let mut grad_columns = if same_size || !input_gradient {
-            Vec::new()
-        } else {
-            vec![0f32; k * n]
-        };
-        for b in 0..batch {
-            if winograd.is_some() {
-                break;
+        if winograd.is_some() {
+            return Ok((input_gradient.then_some(grad_input), grad_weights));
+        }
+        // im2col + gemm over groups of images: the group's columns side by
+        // side, (k, images · n), so that the deep layers' few output pixels
+        // (7×7 at 224²) still make wide products.
+        let fold_back = input_gradient && !same_size;
+        let group = (GROUP_FLOATS / (k * n).max(1)).clamp(1, batch.max(1));
+        let mut columns = vec![0f32; k * group * n];
+        let mut dy = vec![0f32; out * group * n];
+        let mut grad_columns = vec![0f32; if fold_back { k * group * n } else { 0 }];
+        for first in (0..batch).step_by(group) {
+            let images = group.min(batch - first);
+            let wide = images * n;
+            let (columns, dy) = (&mut columns[..k * wide], &mut dy[..out * wide]);
+            for slot in 0..images {
+                let image = &input[(first + slot) * plane..][..plane];
+                conv.im2col(image, [height, width, out_h, out_w], columns, slot, images);
             }
-            let image = &input[b * plane..(b + 1) * plane];
-            let dy = &grad_out[b * out * n..(b + 1) * out * n];
-            conv.im2col(image, [height, width, out_h, out_w], &mut columns, 0, 1);
-            // dW (O×K) += dY (O×N) · colsᵀ (N×K): colsᵀ[i][j] = cols[j·N + i].
+            // dY of the group as (out, images · n).
+            for (o, row) in dy.chunks_exact_mut(wide).enumerate() {
+                for (slot, cell) in row.chunks_exact_mut(n).enumerate() {
+                    cell.copy_from_slice(&grad_out[((first + slot) * out + o) * n..][..n]);
+                }
+            }
+            // dW (O×K) += dY (O×W) · colsᵀ (W×K): colsᵀ[i][j] = cols[j·W + i].
             gemm_strided(
                 &mut grad_weights,
-                (out, k, n),
+                (out, k, wide),
                 true,
-                (dy, (1, n)),
-                (&columns, (n, 1)),
-                threads_for(out, k, n),
+                (dy, (1, wide)),
+                (columns, (wide, 1)),
+                threads_for(out, k, wide),
             );
-            if same_size || !input_gradient {
+            if !fold_back {
                 continue;
             }
-            // dcols (K×N) = Wᵀ (K×O) · dY (O×N): Wᵀ[j][o] = W[o·K + j].
+            // dcols (K×W) = Wᵀ (K×O) · dY (O×W): Wᵀ[j][o] = W[o·K + j].
+            let grad_columns = &mut grad_columns[..k * wide];
             gemm_strided(
-                &mut grad_columns,
-                (k, n, out),
+                grad_columns,
+                (k, wide, out),
                 false,
                 (weights, (k, 1)),
-                (dy, (1, n)),
-                threads_for(k, n, out),
+                (dy, (1, wide)),
+                threads_for(k, wide, out),
             );
-            self.col2im(
-                &grad_columns,
-                &mut grad_input[b * plane..(b + 1) * plane],
-                [height, width, out_h, out_w],
-            );
+            for slot in 0..images {
+                self.col2im(
+                    grad_columns,
+                    (slot, images),
+                    &mut grad_input[(first + slot) * plane..][..plane],
+                    [height, width, out_h, out_w],
+                );
+            }
         }
         Ok((input_gradient.then_some(grad_input), grad_weights))
     }
@@ -287,21 +314,23 @@ mod tests {
 
     #[test]
     fn forward_and_gradients_equal_candle_conv() {
-        // (in, out, kernel, stride, padding, side): the ResNet shapes.
-        for (cin, cout, kernel, stride, padding, side) in [
-            (1, 4, 7, 2, 3, 20),
-            (3, 5, 3, 1, 1, 9),
-            (3, 5, 3, 2, 1, 10),
-            (4, 6, 1, 2, 0, 8),
+        // (in, out, kernel, stride, padding, side, batch): the ResNet
+        // shapes. Three images where the tests' small groups of images
+        // then run whole, partial and single-image groups.
+        for (cin, cout, kernel, stride, padding, side, batch) in [
+            (1, 4, 7, 2, 3, 20, 3),
+            (3, 5, 3, 1, 1, 9, 3),
+            (3, 5, 3, 2, 1, 10, 3),
+            (4, 6, 1, 2, 0, 8, 3),
             // Weight gradient in the Winograd domain: F(4×4) over a
             // batch, and F(2×2) (a small plane with many channels).
-            (4, 8, 3, 1, 1, 14),
-            (160, 8, 3, 1, 1, 7),
+            (4, 8, 3, 1, 1, 14, 2),
+            (160, 8, 3, 1, 1, 7, 2),
         ] {
             let cpu = &Device::Cpu;
-            let x0 = Tensor::randn(0f32, 1.0, (2, cin, side, side), cpu).expect("x");
+            let x0 = Tensor::randn(0f32, 1.0, (batch, cin, side, side), cpu).expect("x");
             let w0 = Tensor::randn(0f32, 0.3, (cout, cin, kernel, kernel), cpu).expect("w");
-            let probe = Tensor::randn(0f32, 1.0, (2, cout, side, side), cpu).expect("probe");
+            let probe = Tensor::randn(0f32, 1.0, (batch, cout, side, side), cpu).expect("probe");
             let run = |ours: bool| {
                 let x = Var::from_tensor(&x0).expect("x var");
                 let w = Var::from_tensor(&w0).expect("w var");

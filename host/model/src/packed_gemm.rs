@@ -213,16 +213,47 @@ unsafe fn multiply_generic<const AVX: bool>(
             };
             let packed = &weights.data[(block * depth + slice.start) * BLOCK_ROWS..]
                 [..slice.len() * BLOCK_ROWS];
+            let first_row = block * BLOCK_ROWS;
+            let rows = BLOCK_ROWS.min(weights.rows - first_row);
+            let rhs = rhs.wrapping_add(slice.start * stride);
+            #[cfg(target_arch = "x86_64")]
+            if AVX && (width == BLOCK_COLS || width == LANES) {
+                // Whole vectors: the epilogue in registers, stored in place.
+                let at = first_row * operands.dst_stride + col;
+                let block_out = BlockOut {
+                    // SAFETY (of the offsets): (first_row, col) is an
+                    // element of Y, and of the residual when there is one.
+                    dst: unsafe { operands.dst.add(at) },
+                    residual: if operands.residual.is_null() {
+                        std::ptr::null()
+                    } else {
+                        unsafe { operands.residual.add(at) }
+                    },
+                    stride: operands.dst_stride,
+                    rows,
+                    bias: epilogue.bias.map(|b| &b[first_row..first_row + rows]),
+                    relu: epilogue.relu,
+                    pass,
+                };
+                // SAFETY: rows slice.start .. slice.end of the panel at
+                // `rhs` hold `width` readable values; the block of Y (and
+                // of the residual) is the caller's and this thread's.
+                unsafe {
+                    if width == BLOCK_COLS {
+                        kernel_avx2_out::<2>(packed, rhs, stride, &block_out);
+                    } else {
+                        kernel_avx2_out::<1>(packed, rhs, stride, &block_out);
+                    }
+                }
+                return;
+            }
             let mut acc = [[0f32; BLOCK_COLS]; BLOCK_ROWS];
             // SAFETY: rows slice.start .. slice.end < depth of the panel at
             // `rhs` hold at least `width` (rounded up to whole vectors)
             // readable values.
             unsafe {
-                let rhs = rhs.wrapping_add(slice.start * stride);
                 kernel::<AVX>(packed, rhs, stride, width > LANES, &mut acc);
             }
-            let first_row = block * BLOCK_ROWS;
-            let rows = BLOCK_ROWS.min(weights.rows - first_row);
             // SAFETY: rows first_row .. first_row + rows are in the
             // caller's row blocks, columns col .. col + width in 0..cols.
             unsafe {
@@ -312,9 +343,36 @@ unsafe fn kernel_avx2<const V: usize>(
     stride: usize,
     acc: &mut [[f32; BLOCK_COLS]; BLOCK_ROWS],
 ) {
+    use std::arch::x86_64::_mm256_storeu_ps;
+    // SAFETY: forwarded.
+    let sums = unsafe { sums_avx2::<V>(packed, rhs, stride) };
+    for (out, sum) in acc.iter_mut().zip(&sums) {
+        // SAFETY: each row of `acc` holds 16 values.
+        unsafe {
+            _mm256_storeu_ps(out.as_mut_ptr(), sum[0]);
+            if V == 2 {
+                _mm256_storeu_ps(out.as_mut_ptr().add(LANES), sum[1]);
+            }
+        }
+    }
+}
+
+/// The [`BLOCK_ROWS`] × 8·`V` sums of one packed block and a panel of X,
+/// in AVX registers: per depth index `V` loads of X, six broadcasts of W
+/// and 6·`V` fused multiply-adds.
+///
+/// # Safety
+/// As [`kernel`]; the CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn sums_avx2<const V: usize>(
+    packed: &[f32],
+    rhs: *const f32,
+    stride: usize,
+) -> [[std::arch::x86_64::__m256; 2]; BLOCK_ROWS] {
     use std::arch::x86_64::{
         __m256, _mm256_broadcast_ss, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps,
-        _mm256_storeu_ps,
     };
     let mut sums: [[__m256; 2]; BLOCK_ROWS] = [[_mm256_setzero_ps(); 2]; BLOCK_ROWS];
     let mut row = rhs;
@@ -336,12 +394,74 @@ unsafe fn kernel_avx2<const V: usize>(
         }
         row = row.wrapping_add(stride);
     }
-    for (out, sum) in acc.iter_mut().zip(&sums) {
-        // SAFETY: each row of `acc` holds 16 values.
-        unsafe {
-            _mm256_storeu_ps(out.as_mut_ptr(), sum[0]);
-            if V == 2 {
-                _mm256_storeu_ps(out.as_mut_ptr().add(LANES), sum[1]);
+    sums
+}
+
+/// Where one kernel call's block of whole vectors goes, and what is
+/// applied to it (the AVX path's [`store`]).
+#[cfg(target_arch = "x86_64")]
+struct BlockOut<'a> {
+    /// Y at the block's first row and column.
+    dst: *mut f32,
+    /// The residual at the same element, or null.
+    residual: *const f32,
+    /// Row stride of Y and the residual.
+    stride: usize,
+    /// Rows of the block that exist (the last block of W may be partial).
+    rows: usize,
+    /// The bias of those rows.
+    bias: Option<&'a [f32]>,
+    relu: bool,
+    pass: Pass,
+}
+
+/// [`kernel_avx2`] with [`store`]'s work done in registers: added to the
+/// partial sums in Y unless this is the first pass over the depth, then
+/// (last pass) bias + residual added and the ReLU, in the same order as
+/// [`store`].
+///
+/// # Safety
+/// As [`kernel`] for the operands; `out.rows` rows of 8·`V` values at
+/// `out.dst` (and `out.residual` when not null), row stride `out.stride`,
+/// are this thread's to read and write.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn kernel_avx2_out<const V: usize>(
+    packed: &[f32],
+    rhs: *const f32,
+    stride: usize,
+    out: &BlockOut<'_>,
+) {
+    use std::arch::x86_64::{
+        _mm256_add_ps, _mm256_loadu_ps, _mm256_max_ps, _mm256_set1_ps, _mm256_setzero_ps,
+        _mm256_storeu_ps,
+    };
+    // SAFETY: forwarded.
+    let sums = unsafe { sums_avx2::<V>(packed, rhs, stride) };
+    for (r, sum) in sums.iter().enumerate().take(out.rows) {
+        let bias = _mm256_set1_ps(out.bias.map_or(0.0, |b| b[r]));
+        for (v, &value) in sum.iter().enumerate().take(V) {
+            let offset = r * out.stride + v * LANES;
+            // SAFETY: row r < out.rows, columns v·8 .. v·8 + 8 of the block.
+            unsafe {
+                let y = out.dst.add(offset);
+                let mut value = value;
+                if !out.pass.first {
+                    value = _mm256_add_ps(_mm256_loadu_ps(y), value);
+                }
+                if out.pass.last {
+                    let extra = if out.residual.is_null() {
+                        bias
+                    } else {
+                        _mm256_add_ps(bias, _mm256_loadu_ps(out.residual.add(offset)))
+                    };
+                    value = _mm256_add_ps(value, extra);
+                    if out.relu {
+                        value = _mm256_max_ps(value, _mm256_setzero_ps());
+                    }
+                }
+                _mm256_storeu_ps(y, value);
             }
         }
     }
@@ -445,6 +565,8 @@ mod tests {
             (13, 20, 24),
             (64, 49, 100),
             (130, 600, 49),
+            (10, 520, 32),
+            (7, 300, 8),
         ]
         .iter()
         .enumerate()
