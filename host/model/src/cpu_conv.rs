@@ -261,10 +261,9 @@ impl FusedConv {
         if let (Some(forms), Some(tile)) =
             (&self.winograd, self.winograd_tile(batch, height, width))
         {
-            let mut out = vec![0f32; batch * self.out_channels * n];
-            self.winograd_form(forms, tile)
-                .run(input, [batch, height, width], residual, &mut out);
-            return out;
+            return self
+                .winograd_form(forms, tile)
+                .run(input, [batch, height, width], residual);
         }
         if batch == 1
             && n >= SPLIT_BY_PIXELS_MIN

@@ -76,6 +76,27 @@ impl PackedWeights {
         Self { rows, depth, data }
     }
 
+    /// Floats of a packed `rows × depth` matrix: whole blocks of
+    /// [`BLOCK_ROWS`] rows.
+    pub fn packed_len(rows: usize, depth: usize) -> usize {
+        rows.div_ceil(BLOCK_ROWS) * depth * BLOCK_ROWS
+    }
+
+    /// Where element (row, k) of a packed matrix of depth `depth` sits in
+    /// its data.
+    pub fn packed_offset(row: usize, k: usize, depth: usize) -> usize {
+        ((row / BLOCK_ROWS) * depth + k) * BLOCK_ROWS + row % BLOCK_ROWS
+    }
+
+    /// A `rows × depth` matrix written directly in the packed layout
+    /// ([`Self::packed_offset`]; [`Self::packed_len`] values, the rows past
+    /// the last zero): what [`Self::new`] would store, without the
+    /// row-major copy.
+    pub(crate) fn from_packed(rows: usize, depth: usize, data: Vec<f32>) -> Self {
+        debug_assert_eq!(data.len(), Self::packed_len(rows, depth));
+        Self { rows, depth, data }
+    }
+
     /// Rows of W.
     pub fn rows(&self) -> usize {
         self.rows

@@ -41,10 +41,11 @@
 //! does its own run-time dispatch (AVX-512, AVX2, NEON).
 
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::packed_gemm::{self, Epilogue, Operands, PackedWeights};
+use super::packed_gemm::{self, BLOCK_ROWS, Epilogue, Operands, PackedWeights};
 
 /// The largest input tile side (F(4×4): 4 + 3 − 1): the size of the
 /// fixed arrays the transforms work in.
@@ -201,15 +202,18 @@ impl Winograd {
             Tile::Two => &G2,
         };
         let (patch, frequencies) = (tile.patch(), tile.frequencies());
-        // Per output channel in parallel, laid out (out, frequency, in);
-        // then reordered to (frequency, out, in).
-        let mut by_out = vec![0f32; frequencies * out_channels * in_channels];
-        by_out
-            .par_chunks_mut(frequencies * in_channels.max(1))
-            .enumerate()
-            .for_each(|(o, block)| {
-                // GRADIENT_LANES input channels at a time, as lane arrays.
-                let mut filters = [[0f64; GRADIENT_LANES]; 9];
+        // U[ξ] (out × in) for every frequency, written straight into the
+        // packed layout: tasks by block of output channels, each writing
+        // only its block's elements of every frequency's matrix.
+        let blocks = out_channels.div_ceil(BLOCK_ROWS);
+        let len = PackedWeights::packed_len(out_channels, in_channels);
+        let mut packed: Vec<Vec<f32>> = (0..frequencies).map(|_| vec![0f32; len]).collect();
+        let targets: Vec<usize> = packed.iter_mut().map(|u| u.as_mut_ptr() as usize).collect();
+        (0..blocks).into_par_iter().for_each(|block| {
+            let rows = block * BLOCK_ROWS..((block + 1) * BLOCK_ROWS).min(out_channels);
+            // GRADIENT_LANES input channels at a time, as lane arrays.
+            let mut filters = [[0f64; GRADIENT_LANES]; 9];
+            for o in rows {
                 for first in (0..in_channels).step_by(GRADIENT_LANES) {
                     let lanes = GRADIENT_LANES.min(in_channels - first);
                     for lane in 0..lanes {
@@ -219,25 +223,23 @@ impl Winograd {
                         }
                     }
                     let u = transform_filters(&filters, g_matrix, patch);
-                    for (xi, values) in u.iter().enumerate().take(frequencies) {
-                        let dst = &mut block[xi * in_channels + first..][..lanes];
-                        for (d, &v) in dst.iter_mut().zip(values) {
-                            *d = v as f32;
+                    for (&target, values) in targets.iter().zip(&u) {
+                        for (lane, &v) in values.iter().enumerate().take(lanes) {
+                            let at = PackedWeights::packed_offset(o, first + lane, in_channels);
+                            // SAFETY: `at` < len (o < out_channels, the
+                            // channel < in_channels) in a buffer of len
+                            // floats that outlives the tasks; row o is in
+                            // this task's block, and no other task writes
+                            // that block's elements.
+                            unsafe { *(target as *mut f32).add(at) = v as f32 };
                         }
                     }
                 }
-            });
-        let weights: Vec<PackedWeights> = (0..frequencies)
-            .into_par_iter()
-            .map(|xi| {
-                let mut u = vec![0f32; out_channels * in_channels];
-                for (o, row) in u.chunks_exact_mut(in_channels.max(1)).enumerate() {
-                    row.copy_from_slice(
-                        &by_out[(o * frequencies + xi) * in_channels..][..in_channels],
-                    );
-                }
-                PackedWeights::new(&u, out_channels, in_channels)
-            })
+            }
+        });
+        let weights: Vec<PackedWeights> = packed
+            .into_iter()
+            .map(|u| PackedWeights::from_packed(out_channels, in_channels, u))
             .collect();
         Self {
             tile,
@@ -249,32 +251,45 @@ impl Winograd {
         }
     }
 
-    /// Convolves contiguous NCHW `input` (batch, in, height, width) into
-    /// `out` (batch, out, height, width), adding `residual` (same shape as
-    /// `out`) when given, then the ReLU when the kernel has one.
+    /// Convolves contiguous NCHW `input` (batch, in, height, width) into a
+    /// new (batch, out, height, width) buffer, adding `residual` (same
+    /// shape as the output) when given, then the ReLU when the kernel has
+    /// one.
     pub fn run(
         &self,
         input: &[f32],
         [batch, height, width]: [usize; 3],
         residual: Option<&[f32]>,
-        out: &mut [f32],
-    ) {
-        let tiles = self.tile.tiles(height, width);
-        let group = (MAX_TILES_PER_PASS / tiles).clamp(1, batch.max(1));
+    ) -> Vec<f32> {
         let plane_in = self.in_channels * height * width;
         let plane_out = self.out_channels * height * width;
-        let mut first = 0;
-        while first < batch {
-            let count = group.min(batch - first);
-            let images = first..first + count;
-            self.run_group(
-                &input[images.start * plane_in..images.end * plane_in],
-                Geometry::new(self.tile, count, height, width).with_vector_columns(),
-                residual.map(|r| &r[images.start * plane_out..images.end * plane_out]),
-                &mut out[images.start * plane_out..images.end * plane_out],
-            );
-            first += count;
+        let len = batch * plane_out;
+        // Not zeroed first: the output transform writes every element
+        // (a training step's Winograd outputs are hundreds of MiB).
+        let mut out: Vec<f32> = Vec::with_capacity(len);
+        if plane_out > 0 {
+            let tiles = self.tile.tiles(height, width);
+            let group = (MAX_TILES_PER_PASS / tiles).clamp(1, batch.max(1));
+            let spare = &mut out.spare_capacity_mut()[..len];
+            let mut first = 0;
+            while first < batch {
+                let count = group.min(batch - first);
+                let images = first..first + count;
+                self.run_group(
+                    &input[images.start * plane_in..images.end * plane_in],
+                    Geometry::new(self.tile, count, height, width).with_vector_columns(),
+                    residual.map(|r| &r[images.start * plane_out..images.end * plane_out]),
+                    &mut spare[images.start * plane_out..images.end * plane_out],
+                );
+                first += count;
+            }
         }
+        // SAFETY: every group wrote every element of its images' planes
+        // (`transform_output` covers each plane, `finish_plane` each row and
+        // column of it), and the groups cover 0..batch; with no plane,
+        // len is 0.
+        unsafe { out.set_len(len) };
+        out
     }
 
     /// One pass: every tile of `geometry.batch` images at once.
@@ -283,7 +298,7 @@ impl Winograd {
         input: &[f32],
         geometry: Geometry,
         residual: Option<&[f32]>,
-        out: &mut [f32],
+        out: &mut [MaybeUninit<f32>],
     ) {
         let columns = geometry.columns;
         let frequencies = geometry.frequencies();
@@ -339,13 +354,14 @@ impl Winograd {
         }
     }
 
-    /// Y = Aᵀ M A per tile, + bias (+ residual), ReLU, into NCHW `out`.
+    /// Y = Aᵀ M A per tile, + bias (+ residual), ReLU, into NCHW `out`,
+    /// every element written.
     fn transform_output(
         &self,
         products: &[f32],
         geometry: Geometry,
         residual: Option<&[f32]>,
-        out: &mut [f32],
+        out: &mut [MaybeUninit<f32>],
     ) {
         let plane = geometry.height * geometry.width;
         let columns = geometry.columns;
@@ -789,27 +805,25 @@ fn finish_plane(
     bias: f32,
     residual: Option<&[f32]>,
     relu: bool,
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
 ) {
     let staging_w = geometry.m * geometry.tile_cols;
     let width = geometry.width;
+    let finish = |v: f32| if relu { v.max(0.0) } else { v };
     for (y, row) in out.chunks_exact_mut(width).enumerate() {
         let src = &staging[y * staging_w..][..width];
         match residual {
             Some(r) => {
                 let skip = &r[y * width..][..width];
                 for ((o, s), k) in row.iter_mut().zip(src).zip(skip) {
-                    *o = s + bias + k;
+                    o.write(finish(s + bias + k));
                 }
             }
             None => {
                 for (o, s) in row.iter_mut().zip(src) {
-                    *o = s + bias;
+                    o.write(finish(s + bias));
                 }
             }
-        }
-        if relu {
-            row.iter_mut().for_each(|v| *v = v.max(0.0));
         }
     }
 }
@@ -1126,8 +1140,8 @@ mod tests {
             let want = direct(&input, &weights, &bias, (batch, cin, cout, h, w));
             for tile in [Tile::Four, Tile::Two] {
                 let kernel = Winograd::new(tile, &weights, &bias, (cout, cin), false);
-                let mut got = vec![f32::NAN; want.len()];
-                kernel.run(&input, [batch, h, w], None, &mut got);
+                let got = kernel.run(&input, [batch, h, w], None);
+                assert_eq!(got.len(), want.len());
                 let scale = want.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
                 for (k, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert!(
