@@ -15,8 +15,11 @@
 //!   3×3 stride-1 convolutions instead dX = dY ⊛ flip(W)ᵀ, the forward
 //!   kernel (Winograd) over the whole batch.
 //!
-//! The backward pass reads its operands in place (no copies) and computes
-//! no input gradient where nothing upstream needs one (the stem's image).
+//! The im2col products of the backward pass run over groups of images
+//! (their columns side by side, up to 8 MiB), so the deep layers' few
+//! output pixels still make wide products. The backward pass reads its
+//! operands in place and computes no input gradient where nothing upstream
+//! needs one (the stem's image).
 //!
 //! Tested against candle's own convolution and its gradients.
 
