@@ -125,19 +125,6 @@ pub fn compute_threads() -> usize {
     rayon::current_num_threads()
 }
 
-/// Runs `op` on a thread of the CPU kernels' pool (or here, when this is
-/// one). A forward pass opens dozens of parallel regions; called from
-/// outside the pool, each would wake the pool's threads and then the
-/// caller again, twice a thread's wake-up latency on the critical path per
-/// region. Run inside it, the thread that opens a region works on it at
-/// once and goes on with the serial part as soon as the region ends.
-pub fn on_compute_pool<R: Send>(op: impl FnOnce() -> R + Send) -> R {
-    if rayon::current_thread_index().is_some() {
-        return op();
-    }
-    rayon::join(op, || ()).0
-}
-
 /// Sizes the CPU kernels' thread pool (`model.threads`; 0 = every core).
 /// Call once, before the first inference; later calls change nothing.
 pub fn set_compute_threads(threads: usize) {
@@ -360,19 +347,11 @@ impl Model {
         }
         let values = Tensor::from_vec(values, (batch, n), &self.device)?;
         let missing = Tensor::from_vec(missing, (batch, n), &self.device)?;
-        let forward = || {
-            self.net
-                .probabilities(image.as_ref(), &values, &missing)?
-                .to_dtype(DType::F32)?
-                .to_vec3::<f32>()
-        };
-        // On the CPU the pass runs on the kernels' pool; a GPU's context
-        // stays on the caller's thread.
-        let p = if self.device.is_cpu() {
-            on_compute_pool(forward)?
-        } else {
-            forward()?
-        };
+        let p = self
+            .net
+            .probabilities(image.as_ref(), &values, &missing)?
+            .to_dtype(DType::F32)?
+            .to_vec3::<f32>()?;
         let horizon = |h: &[f32]| HorizonPrediction {
             p_o2_any: h[0],
             p_o2_high_flow_or_niv: h[1],

@@ -839,33 +839,23 @@ pub fn measure_throughput(
         ClassWeighting::Sqrt,
     );
     let augmentation = Augmentation::default();
-    // The steps as `Trainer::fit_epoch` runs them: on the CPU, on the
-    // kernels' thread pool.
-    let mut run = || -> Result<f64, TrainError> {
-        let mut started = Instant::now();
-        for step in 0..=steps {
-            if step == 1 {
-                started = Instant::now();
-            }
-            let b = batch(
-                &cases,
-                &manifest,
-                &weights,
-                Some((&augmentation, 1, step)),
-                device,
-            )?;
-            let logits = net.forward(b.image.as_ref(), &b.values, &b.missing, true)?;
-            let loss = objective::ordinal_loss(&logits, &b.targets, &b.weights)?;
-            optimizer.step(&loss.backward()?)?;
+    let mut started = Instant::now();
+    for step in 0..=steps {
+        if step == 1 {
+            started = Instant::now();
         }
-        // A GPU runs the steps asynchronously: the time is taken once they
-        // ran.
-        device.synchronize()?;
-        Ok((steps * batch_size) as f64 / started.elapsed().as_secs_f64())
-    };
-    if device.is_cpu() {
-        crate::model::on_compute_pool(run)
-    } else {
-        run()
+        let b = batch(
+            &cases,
+            &manifest,
+            &weights,
+            Some((&augmentation, 1, step)),
+            device,
+        )?;
+        let logits = net.forward(b.image.as_ref(), &b.values, &b.missing, true)?;
+        let loss = objective::ordinal_loss(&logits, &b.targets, &b.weights)?;
+        optimizer.step(&loss.backward()?)?;
     }
+    // A GPU runs the steps asynchronously: the time is taken once they ran.
+    device.synchronize()?;
+    Ok((steps * batch_size) as f64 / started.elapsed().as_secs_f64())
 }

@@ -237,25 +237,6 @@ impl Trainer {
         class_weights: &ClassWeights,
         on_step: &(dyn Fn(usize, f64) + Sync),
     ) -> Result<EpochFit, TrainError> {
-        // On the CPU the steps run on the kernels' thread pool (see
-        // `model::on_compute_pool`); a GPU's context stays on this thread.
-        if self.device.is_cpu() {
-            crate::model::on_compute_pool(|| {
-                self.fit_epoch_here(epoch, cases, class_weights, on_step)
-            })
-        } else {
-            self.fit_epoch_here(epoch, cases, class_weights, on_step)
-        }
-    }
-
-    /// [`Trainer::fit_epoch`] on the calling thread.
-    fn fit_epoch_here(
-        &mut self,
-        epoch: usize,
-        cases: &[Example],
-        class_weights: &ClassWeights,
-        on_step: &(dyn Fn(usize, f64) + Sync),
-    ) -> Result<EpochFit, TrainError> {
         let s = self.settings;
         self.optimizer.set_learning_rate(cosine_learning_rate(
             s.optimizer.learning_rate,
