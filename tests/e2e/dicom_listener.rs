@@ -783,6 +783,10 @@ fn a_store_during_shutdown_is_completed_and_a_later_one_refused() {
     send_pdata(&mut peer, true, &c_store_rq(cr, &instance, 1), true);
     let half = data_set.len() / 2;
     send_pdata(&mut peer, false, &data_set[..half], false);
+    // The store is in progress once the server has read its command; on a
+    // loaded machine that can take a moment after the bytes are sent
+    // (a SIGTERM before it makes the store a refused later one).
+    std::thread::sleep(Duration::from_millis(1000));
 
     // SIGTERM while the data set is half sent.
     let pid = server.server.pid().to_string();
