@@ -95,6 +95,10 @@ pub struct AdminRecord {
     pub detail: String,
 }
 
+/// How long an operation waits for a lock another connection holds before
+/// it fails with "database is locked".
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The schema migrations, in order; migration `i` brings the database to
 /// `user_version = i + 1`.
 const MIGRATIONS: [&str; 3] = [
@@ -139,6 +143,13 @@ impl AuditLog {
             source,
         };
         let mut connection = Connection::open(&path).map_err(sqlite)?;
+        // Other processes open the same database: `oxbox audit` and
+        // `oxbox predict` while the server runs, a restarted server while
+        // the old one drains. SQLite answers a lock held by one of them with
+        // SQLITE_BUSY at once unless told to wait; a prediction whose record
+        // fails is not given out, so wait instead (a write holds the lock
+        // for one fsync, milliseconds).
+        connection.busy_timeout(LOCK_WAIT).map_err(sqlite)?;
         // WAL with `synchronous = FULL`: each record's commit is synced to
         // disk before `record` returns, and the server answers a prediction
         // only after `record` has returned — so a prediction a client was
@@ -344,6 +355,35 @@ mod tests {
             5
         );
         assert_ne!(new_request_id(), new_request_id());
+    }
+
+    #[test]
+    fn a_record_waits_for_a_lock_another_process_holds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = AuditLog::open(dir.path()).expect("open");
+        // Another connection (as `oxbox predict` beside a running server)
+        // holds the write lock for 300 ms.
+        let other = Connection::open(dir.path().join("audit.sqlite3")).expect("sqlite");
+        other.execute_batch("BEGIN IMMEDIATE").expect("lock");
+        let holder = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            other.execute_batch("COMMIT").expect("unlock");
+        });
+        let started = std::time::Instant::now();
+        log.record(&AuditRecord {
+            time: String::new(),
+            request_id: "waited".into(),
+            model_digest: "abc".into(),
+            plugins: Vec::new(),
+            outputs: serde_json::json!({}),
+            timings_ms: serde_json::json!({}),
+            status: "ok".into(),
+            reason: None,
+        })
+        .expect("the record waits for the lock instead of failing");
+        assert!(started.elapsed() >= std::time::Duration::from_millis(200));
+        holder.join().expect("holder");
+        assert_eq!(log.tail(1).expect("tail")[0].request_id, "waited");
     }
 
     #[test]
