@@ -69,12 +69,18 @@ http() { "$oxbox" bench --url "$1" --dicom "$uncr" --emr "$record" --requests "$
 
 # The model, oxbox and the reference alternating for three rounds (this is a
 # shared virtual machine: neighbours' load moves both; alternating keeps the
-# ratio fair); the round with the median ratio is reported.
+# ratio fair); the round with the median ratio is reported. On an AVX-512
+# machine each round also times oxbox's AVX2 path (`--isa avx2`), so that
+# both kernel paths stand beside the reference.
 model_rounds=()
 for round in 1 2 3; do
   ours=$("$oxbox" bench --dicom "$uncr" --model models/demo --threads 2 --runs "$runs")
+  narrower=null
+  if grep -q '"isa": "avx512"' <<<"$ours"; then
+    narrower=$("$oxbox" bench --dicom "$uncr" --model models/demo --threads 2 --runs "$runs" --isa avx2)
+  fi
   theirs=$("$ref_python" "$shared/reference/cxr_reference.py" bench "$uncr" --threads 2 --runs "$runs")
-  model_rounds+=("$(printf '{"ours": %s, "theirs": %s}' "$ours" "$theirs")")
+  model_rounds+=("$(printf '{"ours": %s, "avx2": %s, "theirs": %s}' "$ours" "$narrower" "$theirs")")
 done
 pick=$("$ref_python" - "${model_rounds[@]}" <<'PY'
 import json, sys
@@ -85,6 +91,7 @@ print(json.dumps(rounds[len(rounds) // 2]))
 PY
 )
 ours=$("$ref_python" -c 'import json,sys; print(json.dumps(json.loads(sys.argv[1])["ours"]))' "$pick")
+ours_avx2=$("$ref_python" -c 'import json,sys; print(json.dumps(json.loads(sys.argv[1])["avx2"]))' "$pick")
 theirs=$("$ref_python" -c 'import json,sys; print(json.dumps(json.loads(sys.argv[1])["theirs"]))' "$pick")
 
 # The forward pass per image at batch 1, 2, 4 and 8 (what the server's
@@ -119,11 +126,12 @@ unbatched=$(http "$url" 200 16)
 stop_server
 
 echo
-"$ref_python" - "$ours" "$theirs" "$sequential" "$batched" "$unbatched" "$calibrated" "$batched_batches" "$calibrated_batches" "${per_image[@]}" <<'PY'
+"$ref_python" - "$ours" "$theirs" "$sequential" "$batched" "$unbatched" "$calibrated" "$batched_batches" "$calibrated_batches" "$ours_avx2" "${per_image[@]}" <<'PY'
 import json, sys
 ours, theirs, seq, on, off, cal = (json.loads(a) for a in sys.argv[1:7])
 (_, on_mean), (cal_limit, cal_mean) = (sys.argv[i].split() for i in (7, 8))
-per_image = [json.loads(a) for a in sys.argv[9:]]
+avx2 = json.loads(sys.argv[9])
+per_image = [json.loads(a) for a in sys.argv[10:]]
 cf = ours["candle_resnet18_b1_threads2"]["median_ms"]
 rf = theirs["onnxruntime_resnet18_b1_threads2"]["median_ms"]
 oe, re_ = ours["end_to_end"]["median_ms"], theirs["end_to_end"]["median_ms"]
@@ -131,7 +139,11 @@ print("### Model and server (RG1_UNCR.dcm, ResNet-18 at 224², 2 threads)")
 print()
 print("| measurement | oxbox | reference | ratio | target |")
 print("|---|---|---|---|---|")
-print(f"| model forward, batch 1 (candle + Winograd / fused conv; ONNX Runtime) | {cf:.1f} ms | {rf:.1f} ms | {cf / rf:.2f}× | ≤ 1.0× |")
+isa = {"avx512": "AVX-512", "avx2": "AVX2", "portable": "portable"}
+print(f"| model forward, batch 1, {isa[ours['isa']]} path (candle + Winograd / fused conv; ONNX Runtime) | {cf:.1f} ms | {rf:.1f} ms | {cf / rf:.2f}× | ≤ 1.0× |")
+if avx2:
+    af = avx2["candle_resnet18_b1_threads2"]["median_ms"]
+    print(f"| model forward, batch 1, AVX2 path (`--isa avx2`, same round) | {af:.1f} ms | {rf:.1f} ms | {af / rf:.2f}× | ≤ 1.0× |")
 print(f"| read → probabilities in process (`bench --model` / `end_to_end`) | {oe:.1f} ms | {re_:.1f} ms | {oe / re_:.2f}× | — |")
 print(f"| `POST /v1/predict` p50, ResNet-18, 200 sequential (+ example-site plugin, audit) | {seq['p50_ms']:.1f} ms | {re_:.1f} ms (`end_to_end`) | {seq['p50_ms'] / re_:.2f}× | ≤ 0.5× |")
 print(f"| `POST /v1/predict` p99, ResNet-18, 200 sequential | {seq['p99_ms']:.1f} ms | — | — | — |")

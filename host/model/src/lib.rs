@@ -8,7 +8,8 @@
 //!   for inference (fused, folded convolution) and training (convolution
 //!   and batch norm with backward passes); [`winograd`]: the 3×3
 //!   stride-1 convolutions in the Winograd domain; [`packed_gemm`]: the
-//!   inference products with weights packed at load;
+//!   inference products with weights packed at load; [`vector_isa`]: which
+//!   vector instructions they use (AVX-512, AVX2 or portable code);
 //! - this module: choosing the device, loading a package for inference
 //!   (batch norm folded into the convolutions), encoding an EMR record, and
 //!   turning cumulative logits into the six probabilities and exam scores.
@@ -27,6 +28,7 @@ pub mod net;
 pub mod package;
 pub mod packed_gemm;
 pub mod promote;
+pub mod vector_isa;
 pub mod winograd;
 
 use std::path::Path;
@@ -50,11 +52,11 @@ pub enum DeviceSpec {
     Cuda(usize),
 }
 
-/// Whether this x86-64 CPU runs AVX2 and FMA, what the kernels' `_avx2`
-/// copies are compiled for (std detects it once; later calls read a cache).
+/// Whether the kernels' `_avx2` copies run: the CPU has AVX2 and FMA and
+/// no cap ([`vector_isa::cap`]) keeps them to portable code.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn has_avx2_fma() -> bool {
-    std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    vector_isa::active() >= vector_isa::VectorIsa::Avx2
 }
 
 /// Errors from packages, devices and inference.

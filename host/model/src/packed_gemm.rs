@@ -11,18 +11,25 @@
 //! (16 to a few thousand columns), so the weights are packed once into
 //! blocks of [`BLOCK_ROWS`] rows, each stored column by column (the
 //! `BLOCK_ROWS` values of one depth index side by side), and a small
-//! register-blocked kernel streams through them: [`BLOCK_ROWS`] ×
-//! 16 results in twelve AVX2 registers, per depth index two vector loads
-//! of X, six broadcasts of W and twelve fused multiply-adds.
+//! register-blocked kernel streams through them.
 //!
-//! Vector code: the kernel is written twice, with AVX2 + FMA intrinsics
-//! (chosen at run time, `is_x86_feature_detected!`) and on plain arrays
-//! (the portable path; on aarch64 the compiler vectorises it for NEON).
+//! Vector code: the kernel is written three times, chosen at run time
+//! ([`vector_isa::active`]):
+//! - AVX-512: two blocks of [`BLOCK_ROWS`] rows × 32 columns in 24
+//!   16-lane registers (per depth index two loads of X, twelve broadcasts
+//!   of W, 24 multiply-adds), the last partial column block read and
+//!   written in place through lane masks;
+//! - AVX2 + FMA: [`BLOCK_ROWS`] × 16 in twelve 8-lane registers;
+//! - plain arrays (the portable path; on aarch64 the compiler vectorises
+//!   it for NEON).
+//!
 //! The sums run over the depth in order, one multiply-add per term, so
-//! the two paths differ only by the rounding of the fused multiply-add.
+//! the paths differ only by the rounding of the fused multiply-add.
 
 use std::cell::RefCell;
 use std::ops::Range;
+
+use crate::vector_isa::{self, VectorIsa};
 
 /// Rows of W per packed block: the height of the kernel.
 pub const BLOCK_ROWS: usize = 6;
@@ -153,17 +160,42 @@ pub unsafe fn multiply(
     operands: Operands,
     epilogue: Epilogue<'_>,
 ) {
+    // SAFETY: forwarded.
+    unsafe { multiply_on(vector_isa::active(), weights, blocks, operands, epilogue) }
+}
+
+/// [`multiply`] with the kernel of `isa` (at most what the CPU runs:
+/// [`vector_isa::detected`]).
+///
+/// # Safety
+/// As [`multiply`].
+pub(crate) unsafe fn multiply_on(
+    isa: VectorIsa,
+    weights: &PackedWeights,
+    blocks: Range<usize>,
+    operands: Operands,
+    epilogue: Epilogue<'_>,
+) {
     let blocks = blocks.start..blocks.end.min(weights.blocks());
     if blocks.is_empty() || operands.cols == 0 {
         return;
     }
+    let isa = isa.min(vector_isa::detected());
     #[cfg(target_arch = "x86_64")]
-    if crate::has_avx2_fma() {
-        // SAFETY: the CPU has AVX2 and FMA (checked just above); the
-        // caller upholds the memory contract.
+    if isa == VectorIsa::Avx512 {
+        // SAFETY: the CPU has AVX-512 F (`isa` is at most what it runs);
+        // the caller upholds the memory contract.
+        unsafe { multiply_avx512(weights, blocks, operands, epilogue) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa == VectorIsa::Avx2 {
+        // SAFETY: the CPU has AVX2 and FMA (as above); the caller upholds
+        // the memory contract.
         unsafe { multiply_avx2(weights, blocks, operands, epilogue) };
         return;
     }
+    let _ = isa;
     // SAFETY: the caller upholds the memory contract.
     unsafe { multiply_generic::<false>(weights, blocks, operands, epilogue) };
 }
@@ -287,30 +319,250 @@ unsafe fn multiply_generic<const AVX: bool>(
                 )
             };
         };
-        let col_steps = cols.div_ceil(BLOCK_COLS);
-        let passes = depth.div_ceil(DEPTH_BLOCK).max(1);
-        let per_pass = depth.div_ceil(passes);
-        for p in 0..passes {
-            let slice = p * per_pass..((p + 1) * per_pass).min(depth);
-            let pass = Pass {
-                first: p == 0,
-                last: p + 1 == passes,
-            };
-            if blocks.len() * slice.len() * BLOCK_ROWS <= WEIGHTS_IN_CACHE {
+        for_each_step(
+            blocks,
+            1,
+            depth,
+            cols.div_ceil(BLOCK_COLS),
+            |block, c, slice, pass| {
+                step(block, c * BLOCK_COLS, slice, pass);
+            },
+        );
+    });
+}
+
+/// Calls `step(first row block, column step, depth slice, pass)` for
+/// every step of a product, the row blocks taken `group` at a time (the
+/// last group may be smaller): the depth in passes of at most
+/// [`DEPTH_BLOCK`] indices, and within a pass the order that keeps the
+/// larger operand streaming once ([`WEIGHTS_IN_CACHE`]).
+#[inline(always)]
+fn for_each_step(
+    blocks: Range<usize>,
+    group: usize,
+    depth: usize,
+    col_steps: usize,
+    mut step: impl FnMut(usize, usize, &Range<usize>, Pass),
+) {
+    let passes = depth.div_ceil(DEPTH_BLOCK).max(1);
+    let per_pass = depth.div_ceil(passes);
+    for p in 0..passes {
+        let slice = p * per_pass..((p + 1) * per_pass).min(depth);
+        let pass = Pass {
+            first: p == 0,
+            last: p + 1 == passes,
+        };
+        if blocks.len() * slice.len() * BLOCK_ROWS <= WEIGHTS_IN_CACHE {
+            for c in 0..col_steps {
+                for block in blocks.clone().step_by(group) {
+                    step(block, c, &slice, pass);
+                }
+            }
+        } else {
+            for block in blocks.clone().step_by(group) {
                 for c in 0..col_steps {
-                    for block in blocks.clone() {
-                        step(block, c * BLOCK_COLS, &slice, pass);
+                    step(block, c, &slice, pass);
+                }
+            }
+        }
+    }
+}
+
+/// Columns per kernel call on the AVX-512 path: two 16-lane vectors.
+#[cfg(target_arch = "x86_64")]
+const WIDE_COLS: usize = 32;
+
+/// Row blocks per kernel call on the AVX-512 path: two, so that each load
+/// of X feeds twelve rows (24 sums in registers for 32 columns, 12 for 16:
+/// enough independent multiply-adds to hide their latency).
+#[cfg(target_arch = "x86_64")]
+const BLOCK_PAIR: usize = 2;
+
+/// The product with the AVX-512 kernel: [`BLOCK_PAIR`] row blocks ×
+/// [`WIDE_COLS`] columns per call, the last partial column block read and
+/// written in place through lane masks (no padded copy), the epilogue in
+/// registers.
+///
+/// # Safety
+/// As [`multiply`]; the CPU has AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn multiply_avx512(
+    weights: &PackedWeights,
+    blocks: Range<usize>,
+    operands: Operands,
+    epilogue: Epilogue<'_>,
+) {
+    let depth = weights.depth;
+    let cols = operands.cols;
+    let end = blocks.end;
+    let col_steps = cols.div_ceil(WIDE_COLS);
+    for_each_step(
+        blocks,
+        BLOCK_PAIR,
+        depth,
+        col_steps,
+        |first, c, slice, pass| {
+            let col = c * WIDE_COLS;
+            let width = WIDE_COLS.min(cols - col);
+            let block = |b: usize| {
+                let packed = &weights.data[(b * depth + slice.start) * BLOCK_ROWS..]
+                    [..slice.len() * BLOCK_ROWS];
+                let first_row = b * BLOCK_ROWS;
+                let at = first_row * operands.dst_stride + col;
+                let out = BlockOut {
+                    // SAFETY (of the offsets): (first_row, col) is an element
+                    // of Y, and of the residual when there is one.
+                    dst: unsafe { operands.dst.add(at) },
+                    residual: if operands.residual.is_null() {
+                        std::ptr::null()
+                    } else {
+                        unsafe { operands.residual.add(at) }
+                    },
+                    stride: operands.dst_stride,
+                    rows: BLOCK_ROWS.min(weights.rows - first_row),
+                    bias: epilogue.bias.map(|b| &b[first_row..]),
+                    relu: epilogue.relu,
+                    pass,
+                };
+                (packed, out)
+            };
+            // X's rows of this slice, from column `col`.
+            let rhs = operands
+                .rhs
+                .wrapping_add(slice.start * operands.rhs_stride + col);
+            let stride = operands.rhs_stride;
+            // SAFETY: X's rows in `slice` hold `width` readable values from
+            // `rhs`; the blocks of Y (and of the residual) are this thread's;
+            // the CPU has AVX-512 F.
+            unsafe {
+                if first + 1 < end {
+                    let [(p0, o0), (p1, o1)] = [block(first), block(first + 1)];
+                    let (packed, out) = ([p0, p1], [&o0, &o1]);
+                    match width {
+                        WIDE_COLS => kernel_avx512::<2, 2, false>(packed, rhs, stride, out, width),
+                        17.. => kernel_avx512::<2, 2, true>(packed, rhs, stride, out, width),
+                        16 => kernel_avx512::<2, 1, false>(packed, rhs, stride, out, width),
+                        _ => kernel_avx512::<2, 1, true>(packed, rhs, stride, out, width),
+                    }
+                } else {
+                    let (p0, o0) = block(first);
+                    let (packed, out) = ([p0], [&o0]);
+                    match width {
+                        WIDE_COLS => kernel_avx512::<1, 2, false>(packed, rhs, stride, out, width),
+                        17.. => kernel_avx512::<1, 2, true>(packed, rhs, stride, out, width),
+                        16 => kernel_avx512::<1, 1, false>(packed, rhs, stride, out, width),
+                        _ => kernel_avx512::<1, 1, true>(packed, rhs, stride, out, width),
                     }
                 }
-            } else {
-                for block in blocks.clone() {
-                    for c in 0..col_steps {
-                        step(block, c * BLOCK_COLS, &slice, pass);
+            }
+        },
+    );
+}
+
+/// One call on the AVX-512 path: for each of `B` packed blocks, its
+/// [`BLOCK_ROWS`] × 16·`V` sums with a panel of X in registers (per depth
+/// index `V` loads of X shared by the blocks, then per row a broadcast of
+/// W and `V` fused multiply-adds), then [`store`]'s work on them: added to
+/// the partial sums in Y unless this is the first pass, then (last pass)
+/// bias + residual and the ReLU, in [`store`]'s order. `MASKED`: only the
+/// first `width` columns exist (X, Y and the residual are read and
+/// written through lane masks, which never touch the lanes masked off).
+///
+/// # Safety
+/// The blocks are equally deep; X's rows `0..depth` from `rhs` (row stride
+/// `stride`) hold `width` readable values (16·`V` when not `MASKED`);
+/// `out[b].rows` rows of as many values at `out[b].dst` (and
+/// `out[b].residual` when not null) are this thread's; the CPU has
+/// AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn kernel_avx512<const B: usize, const V: usize, const MASKED: bool>(
+    packed: [&[f32]; B],
+    rhs: *const f32,
+    stride: usize,
+    out: [&BlockOut<'_>; B],
+    width: usize,
+) {
+    use std::arch::x86_64::{
+        __m512, __mmask16, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_mask_storeu_ps,
+        _mm512_maskz_loadu_ps, _mm512_max_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps,
+    };
+    const LANES_512: usize = 16;
+    let lanes = |v: usize| width.saturating_sub(v * LANES_512).min(LANES_512);
+    let masks: [__mmask16; 2] = [0, 1].map(|v| ((1u32 << lanes(v)) - 1) as __mmask16);
+    // Vector `v` of a row at `ptr`: a full vector only where 16 columns
+    // exist, otherwise through the mask of those that do.
+    macro_rules! load {
+        ($ptr:expr, $v:expr) => {
+            // SAFETY: the caller's contract covers the lanes read.
+            unsafe {
+                if MASKED {
+                    _mm512_maskz_loadu_ps(masks[$v], $ptr)
+                } else {
+                    _mm512_loadu_ps($ptr)
+                }
+            }
+        };
+    }
+    let depth = packed[0].len() / BLOCK_ROWS;
+    let mut sums: [[[__m512; 2]; BLOCK_ROWS]; B] = [[[_mm512_setzero_ps(); 2]; BLOCK_ROWS]; B];
+    let mut row = rhs;
+    let mut weights = packed.map(<[f32]>::as_ptr);
+    for _ in 0..depth {
+        let x0 = load!(row, 0);
+        let x1 = if V == 2 {
+            load!(row.wrapping_add(LANES_512), 1)
+        } else {
+            x0
+        };
+        for (block_sums, w) in sums.iter_mut().zip(&mut weights) {
+            for (r, sum) in block_sums.iter_mut().enumerate() {
+                // SAFETY: every block holds `depth` · BLOCK_ROWS values
+                // (the caller's contract), and `w` is at depth index k.
+                let a = _mm512_set1_ps(unsafe { *w.add(r) });
+                sum[0] = _mm512_fmadd_ps(a, x0, sum[0]);
+                if V == 2 {
+                    sum[1] = _mm512_fmadd_ps(a, x1, sum[1]);
+                }
+            }
+            *w = w.wrapping_add(BLOCK_ROWS);
+        }
+        row = row.wrapping_add(stride);
+    }
+    for (block_sums, out) in sums.iter().zip(out) {
+        for (r, sum) in block_sums.iter().enumerate().take(out.rows) {
+            let bias = _mm512_set1_ps(out.bias.map_or(0.0, |b| b[r]));
+            for (v, &value) in sum.iter().enumerate().take(V) {
+                let offset = r * out.stride + v * LANES_512;
+                let y = out.dst.wrapping_add(offset);
+                let mut value = value;
+                if !out.pass.first {
+                    value = _mm512_add_ps(load!(y, v), value);
+                }
+                if out.pass.last {
+                    let extra = if out.residual.is_null() {
+                        bias
+                    } else {
+                        _mm512_add_ps(bias, load!(out.residual.wrapping_add(offset), v))
+                    };
+                    value = _mm512_add_ps(value, extra);
+                    if out.relu {
+                        value = _mm512_max_ps(value, _mm512_setzero_ps());
+                    }
+                }
+                // SAFETY: as the loads (the caller's contract).
+                unsafe {
+                    if MASKED {
+                        _mm512_mask_storeu_ps(y, masks[v], value);
+                    } else {
+                        _mm512_storeu_ps(y, value);
                     }
                 }
             }
         }
-    });
+    }
 }
 
 /// `acc` = the [`BLOCK_ROWS`] × 16 (`wide`) or × 8 products of one packed
@@ -576,7 +828,7 @@ mod tests {
 
     /// Every shape class (partial row blocks, full, one-vector and partial
     /// column blocks, both loop orders), bias, residual and ReLU, against
-    /// a product in f64.
+    /// a product in f64, on every kernel the CPU runs.
     #[test]
     fn packed_product_equals_plain_product() {
         for (case, &(rows, depth, cols)) in [
@@ -588,6 +840,7 @@ mod tests {
             (130, 600, 49),
             (10, 520, 32),
             (7, 300, 8),
+            (12, 40, 48),
         ]
         .iter()
         .enumerate()
@@ -600,7 +853,13 @@ mod tests {
             let bias = values(rows, seed + 2);
             let residual = values(rows * cols, seed + 3);
             let packed = PackedWeights::new(&w, rows, depth);
-            for (with_residual, relu) in [(false, false), (true, true)] {
+            // Every kernel this CPU runs.
+            let isas = [VectorIsa::Portable, VectorIsa::Avx2, VectorIsa::Avx512]
+                .into_iter()
+                .filter(|&isa| isa <= vector_isa::detected());
+            for (isa, (with_residual, relu)) in
+                isas.flat_map(|isa| [(false, false), (true, true)].map(|flags| (isa, flags)))
+            {
                 let mut y = vec![f32::NAN; rows * cols];
                 let operands = Operands {
                     rhs: x.as_ptr(),
@@ -623,7 +882,7 @@ mod tests {
                     };
                     // SAFETY: x holds depth rows of `stride` ≥ cols values,
                     // y and the residual rows × cols.
-                    unsafe { multiply(&packed, blocks, operands, epilogue) };
+                    unsafe { multiply_on(isa, &packed, blocks, operands, epilogue) };
                 }
                 for i in 0..rows {
                     for j in 0..cols {
@@ -640,7 +899,7 @@ mod tests {
                         let got = f64::from(y[i * cols + j]);
                         assert!(
                             (got - want).abs() < 1e-5 * (depth as f64).sqrt().max(1.0),
-                            "case {case} ({rows}x{depth}x{cols}) at ({i}, {j}): {got} vs {want}"
+                            "{isa:?} case {case} ({rows}x{depth}x{cols}) at ({i}, {j}): {got} vs {want}"
                         );
                     }
                 }

@@ -91,6 +91,11 @@ pub struct Args {
     /// File with the bearer token, with --url.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// The CPU kernels' vector instructions at most: `avx2` times the AVX2
+    /// path on an AVX-512 machine, `portable` the plain loops (default:
+    /// the widest the CPU runs). Reports name the path they ran.
+    #[arg(long, value_name = "ISA", value_enum)]
+    pub isa: Option<oxbox::model::vector_isa::VectorIsa>,
 }
 
 /// `oxbox bench …` benchmarks with options of their own.
@@ -119,6 +124,10 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
     }
     let loaded = super::load_config(config)?.config;
     oxbox::model::set_compute_threads(args.threads.unwrap_or(loaded.model.threads));
+    if let Some(isa) = args.isa {
+        oxbox::model::vector_isa::cap(isa);
+    }
+    let isa = oxbox::model::vector_isa::active().name();
     // The device is chosen only where it is used (--model, --train).
     let device_name = args.device.as_deref().unwrap_or(&loaded.model.device);
     let device = || -> anyhow::Result<Device> {
@@ -127,7 +136,7 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
         Ok(oxbox::model::select_device(spec)?)
     };
     if let Some(backbone) = args.train {
-        return train_throughput(backbone, &args, &device()?, device_name);
+        return train_throughput(backbone, &args, &device()?, device_name, isa);
     }
     if let Some(backbone) = args.layers {
         let batch = single_batch(&args, 1, "--layers")?;
@@ -147,6 +156,7 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
                 "input_size": args.size,
                 "batch": batch,
                 "threads": oxbox::model::compute_threads(),
+                "isa": isa,
                 "total_im2col_ms": sum(|l| l.im2col_ms),
                 "total_gemm_ms": sum(|l| l.gemm_ms),
                 "total_chosen_ms": sum(|l| l.chosen_ms),
@@ -204,6 +214,7 @@ pub fn run(args: Args, config: Option<&Path>) -> anyhow::Result<()> {
     if let Some(dir) = &args.model {
         let model = Model::load(ModelPackage::load(dir)?, &device()?)?;
         report["device"] = device_name.into();
+        report["isa"] = isa.into();
         let size = model.package().manifest.input_size;
         let image = dicom::preprocess_file(&dicom_path, size, &limits).with_context(what)?;
         let features = Vec::new();
@@ -270,6 +281,7 @@ fn train_throughput(
     args: &Args,
     device: &Device,
     device_name: &str,
+    isa: &str,
 ) -> anyhow::Result<()> {
     let batch = single_batch(args, 16, "--train")?;
     let cases_per_second =
@@ -283,6 +295,7 @@ fn train_throughput(
             "batch": batch,
             "steps": args.steps,
             "threads": oxbox::model::compute_threads(),
+            "isa": isa,
             "cases_per_second": (cases_per_second * 100.0).round() / 100.0,
         }))?
     );
