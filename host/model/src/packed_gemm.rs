@@ -195,6 +195,7 @@ pub(crate) unsafe fn multiply_on(
         unsafe { multiply_avx2(weights, blocks, operands, epilogue) };
         return;
     }
+    #[cfg(not(target_arch = "x86_64"))]
     let _ = isa;
     // SAFETY: the caller upholds the memory contract.
     unsafe { multiply_generic::<false>(weights, blocks, operands, epilogue) };
