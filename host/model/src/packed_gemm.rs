@@ -273,22 +273,7 @@ unsafe fn multiply_generic<const AVX: bool>(
             #[cfg(target_arch = "x86_64")]
             if AVX && (width == BLOCK_COLS || width == LANES) {
                 // Whole vectors: the epilogue in registers, stored in place.
-                let at = first_row * operands.dst_stride + col;
-                let block_out = BlockOut {
-                    // SAFETY (of the offsets): (first_row, col) is an
-                    // element of Y, and of the residual when there is one.
-                    dst: unsafe { operands.dst.add(at) },
-                    residual: if operands.residual.is_null() {
-                        std::ptr::null()
-                    } else {
-                        unsafe { operands.residual.add(at) }
-                    },
-                    stride: operands.dst_stride,
-                    rows,
-                    bias: epilogue.bias.map(|b| &b[first_row..first_row + rows]),
-                    relu: epilogue.relu,
-                    pass,
-                };
+                let block_out = BlockOut::new(&operands, epilogue, (first_row, rows), col, pass);
                 // SAFETY: rows slice.start .. slice.end of the panel at
                 // `rhs` hold `width` readable values; the block of Y (and
                 // of the residual) is the caller's and this thread's.
@@ -410,22 +395,8 @@ unsafe fn multiply_avx512(
                 let packed = &weights.data[(b * depth + slice.start) * BLOCK_ROWS..]
                     [..slice.len() * BLOCK_ROWS];
                 let first_row = b * BLOCK_ROWS;
-                let at = first_row * operands.dst_stride + col;
-                let out = BlockOut {
-                    // SAFETY (of the offsets): (first_row, col) is an element
-                    // of Y, and of the residual when there is one.
-                    dst: unsafe { operands.dst.add(at) },
-                    residual: if operands.residual.is_null() {
-                        std::ptr::null()
-                    } else {
-                        unsafe { operands.residual.add(at) }
-                    },
-                    stride: operands.dst_stride,
-                    rows: BLOCK_ROWS.min(weights.rows - first_row),
-                    bias: epilogue.bias.map(|b| &b[first_row..]),
-                    relu: epilogue.relu,
-                    pass,
-                };
+                let rows = BLOCK_ROWS.min(weights.rows - first_row);
+                let out = BlockOut::new(&operands, epilogue, (first_row, rows), col, pass);
                 (packed, out)
             };
             // X's rows of this slice, from column `col`.
@@ -687,6 +658,34 @@ struct BlockOut<'a> {
     bias: Option<&'a [f32]>,
     relu: bool,
     pass: Pass,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<'a> BlockOut<'a> {
+    /// The block of Y (and of the residual) at row `first_row` and column
+    /// `col`, `rows` rows of it existing.
+    fn new(
+        operands: &Operands,
+        epilogue: Epilogue<'a>,
+        (first_row, rows): (usize, usize),
+        col: usize,
+        pass: Pass,
+    ) -> Self {
+        let at = first_row * operands.dst_stride + col;
+        Self {
+            dst: operands.dst.wrapping_add(at),
+            residual: if operands.residual.is_null() {
+                std::ptr::null()
+            } else {
+                operands.residual.wrapping_add(at)
+            },
+            stride: operands.dst_stride,
+            rows,
+            bias: epilogue.bias.map(|b| &b[first_row..first_row + rows]),
+            relu: epilogue.relu,
+            pass,
+        }
+    }
 }
 
 /// [`kernel_avx2`] with [`store`]'s work done in registers: added to the
