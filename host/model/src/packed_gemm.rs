@@ -69,14 +69,11 @@ impl PackedWeights {
     /// Packs the row-major `rows × depth` matrix `matrix` (at least
     /// `rows · depth` values).
     pub fn new(matrix: &[f32], rows: usize, depth: usize) -> Self {
-        let blocks = rows.div_ceil(BLOCK_ROWS);
-        let mut data = vec![0f32; blocks * depth * BLOCK_ROWS];
+        let mut data = vec![0f32; Self::packed_len(rows, depth)];
         if depth > 0 {
             for (row, values) in matrix.chunks_exact(depth).take(rows).enumerate() {
-                let (block, r) = (row / BLOCK_ROWS, row % BLOCK_ROWS);
-                let panel = &mut data[block * depth * BLOCK_ROWS..][..depth * BLOCK_ROWS];
-                for (cell, value) in panel.chunks_exact_mut(BLOCK_ROWS).zip(values) {
-                    cell[r] = *value;
+                for (k, value) in values.iter().enumerate() {
+                    data[Self::packed_offset(row, k, depth)] = *value;
                 }
             }
         }
