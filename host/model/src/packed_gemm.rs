@@ -407,26 +407,40 @@ unsafe fn multiply_avx512(
             unsafe {
                 if first + 1 < end {
                     let [(p0, o0), (p1, o1)] = [block(first), block(first + 1)];
-                    let (packed, out) = ([p0, p1], [&o0, &o1]);
-                    match width {
-                        WIDE_COLS => kernel_avx512::<2, 2, false>(packed, rhs, stride, out, width),
-                        17.. => kernel_avx512::<2, 2, true>(packed, rhs, stride, out, width),
-                        16 => kernel_avx512::<2, 1, false>(packed, rhs, stride, out, width),
-                        _ => kernel_avx512::<2, 1, true>(packed, rhs, stride, out, width),
-                    }
+                    kernel_avx512_width([p0, p1], rhs, stride, [&o0, &o1], width);
                 } else {
                     let (p0, o0) = block(first);
-                    let (packed, out) = ([p0], [&o0]);
-                    match width {
-                        WIDE_COLS => kernel_avx512::<1, 2, false>(packed, rhs, stride, out, width),
-                        17.. => kernel_avx512::<1, 2, true>(packed, rhs, stride, out, width),
-                        16 => kernel_avx512::<1, 1, false>(packed, rhs, stride, out, width),
-                        _ => kernel_avx512::<1, 1, true>(packed, rhs, stride, out, width),
-                    }
+                    kernel_avx512_width([p0], rhs, stride, [&o0], width);
                 }
             }
         },
     );
+}
+
+/// [`kernel_avx512`] compiled for `width` (1 to [`WIDE_COLS`] columns):
+/// one or two vectors, whole or masked.
+///
+/// # Safety
+/// As [`kernel_avx512`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn kernel_avx512_width<const B: usize>(
+    packed: [&[f32]; B],
+    rhs: *const f32,
+    stride: usize,
+    out: [&BlockOut<'_>; B],
+    width: usize,
+) {
+    // SAFETY: forwarded.
+    unsafe {
+        match width {
+            WIDE_COLS => kernel_avx512::<B, 2, false>(packed, rhs, stride, out, width),
+            17.. => kernel_avx512::<B, 2, true>(packed, rhs, stride, out, width),
+            16 => kernel_avx512::<B, 1, false>(packed, rhs, stride, out, width),
+            _ => kernel_avx512::<B, 1, true>(packed, rhs, stride, out, width),
+        }
+    }
 }
 
 /// One call on the AVX-512 path: for each of `B` packed blocks, its
@@ -489,7 +503,8 @@ unsafe fn kernel_avx512<const B: usize, const V: usize, const MASKED: bool>(
         for (block_sums, w) in sums.iter_mut().zip(&mut weights) {
             for (r, sum) in block_sums.iter_mut().enumerate() {
                 // SAFETY: every block holds `depth` · BLOCK_ROWS values
-                // (the caller's contract), and `w` is at depth index k.
+                // (the caller's contract), and `w` points at the current
+                // depth index's BLOCK_ROWS of them.
                 let a = _mm512_set1_ps(unsafe { *w.add(r) });
                 sum[0] = _mm512_fmadd_ps(a, x0, sum[0]);
                 if V == 2 {

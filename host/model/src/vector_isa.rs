@@ -3,9 +3,10 @@
 //! measures the AVX2 path on an AVX-512 machine, so that both paths are
 //! compared on one machine in one session).
 //!
-//! The kernels ask [`active`] (through `has_avx2_fma` and `has_avx512`)
-//! each time they dispatch; the detection is std's, cached after the first
-//! call, and the cap one relaxed atomic load.
+//! The kernels ask [`active`] each time they dispatch (the packed
+//! products directly, the Winograd transforms through `has_avx2_fma`); the
+//! detection is std's, cached after the first call, and the cap one
+//! relaxed atomic load.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -33,8 +34,9 @@ impl VectorIsa {
     }
 }
 
-/// The cap set by [`cap`] (`u8::MAX`: none).
-static CAP: AtomicU8 = AtomicU8::new(u8::MAX);
+/// The cap set by [`cap`], as a [`VectorIsa`] discriminant (the widest:
+/// none).
+static CAP: AtomicU8 = AtomicU8::new(VectorIsa::Avx512 as u8);
 
 /// The widest family this CPU runs.
 pub fn detected() -> VectorIsa {
@@ -53,24 +55,19 @@ pub fn detected() -> VectorIsa {
 
 /// What the kernels use now: [`detected`], or the cap if that is lower.
 pub fn active() -> VectorIsa {
-    let detected = detected();
-    match CAP.load(Ordering::Relaxed) {
-        0 => VectorIsa::Portable,
-        1 => detected.min(VectorIsa::Avx2),
-        _ => detected,
-    }
+    let cap = match CAP.load(Ordering::Relaxed) {
+        c if c == VectorIsa::Portable as u8 => VectorIsa::Portable,
+        c if c == VectorIsa::Avx2 as u8 => VectorIsa::Avx2,
+        _ => VectorIsa::Avx512,
+    };
+    detected().min(cap)
 }
 
 /// Caps the kernels at `isa` from now on, for the whole process (a
 /// benchmark's choice; a server never calls it). A cap above what the CPU
 /// runs changes nothing.
 pub fn cap(isa: VectorIsa) {
-    let value = match isa {
-        VectorIsa::Portable => 0,
-        VectorIsa::Avx2 => 1,
-        VectorIsa::Avx512 => u8::MAX,
-    };
-    CAP.store(value, Ordering::Relaxed);
+    CAP.store(isa as u8, Ordering::Relaxed);
 }
 
 #[cfg(test)]
