@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the fuzz targets (host/fuzz/, cargo-fuzz + libFuzzer) and runs each
-# for SECONDS (default 30), seeded by scripts/fuzz-seeds.py from the test
-# corpus. Fails on any crash, timeout or out-of-memory (the input is left in
+# for SECONDS (default 30), side by side (as many at once as there are
+# cores), seeded by scripts/fuzz-seeds.py from the test corpus. Fails on any crash, timeout or out-of-memory (the input is left in
 # target/fuzz/artifacts/<target>/); prints the executions per target.
 #
 #   scripts/fuzz.sh [SECONDS] [TARGET...]     build, then run (all targets)
@@ -61,10 +61,14 @@ fi
 [ "$run" = 1 ] || exit 0
 
 python3 scripts/fuzz-seeds.py "$dir/seeds"
-status=0
-printf '%-22s %8s %12s %10s %8s %s\n' target seconds executions "exec/s" corpus result
-for t in "${targets[@]}"; do
-  corpus=$dir/corpus/$t artifacts=$dir/artifacts/$t/ log=$dir/logs/$t.log
+# The targets run side by side, as many at a time as the machine has cores
+# (each libFuzzer process is one thread): each writes its result line to a
+# file, printed in the targets' order at the end.
+results=$(mktemp -d)
+trap 'rm -rf "$results"' EXIT
+fuzz_one() { # TARGET : runs it for $seconds, writes $results/TARGET (line, status)
+  local t=$1 rc execs rate files result
+  local corpus=$dir/corpus/$t artifacts=$dir/artifacts/$t/ log=$dir/logs/$t.log
   mkdir -p "$corpus" "$artifacts" "$(dirname "$log")"
   # -rss_limit_mb: an input that makes a target hold 2 GiB is a failure;
   # -timeout: one input over 10 s is a hang.
@@ -76,10 +80,28 @@ for t in "${targets[@]}"; do
   execs=$(grep -oE 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$' || echo 0)
   rate=$(grep -oE 'stat::average_exec_per_sec: *[0-9]+' "$log" | grep -oE '[0-9]+$' || echo 0)
   files=$(find "$corpus" -type f | wc -l)
-  if [ "$rc" = 0 ]; then result=ok; else result="FAILED (exit $rc, log $log)"; status=1; fi
-  printf '%-22s %8s %12s %10s %8s %s\n' "$t" "$seconds" "${execs:-0}" "${rate:-0}" "$files" "$result"
+  if [ "$rc" = 0 ]; then result=ok; else result="FAILED (exit $rc, log $log)"; fi
+  printf '%-22s %8s %12s %10s %8s %s\n' "$t" "$seconds" "${execs:-0}" "${rate:-0}" "$files" "$result" >"$results/$t"
   if [ "$rc" != 0 ]; then
-    grep -E 'panicked|ERROR|SUMMARY|Test unit written' "$log" | head -n 20 >&2 || true
+    grep -E 'panicked|ERROR|SUMMARY|Test unit written' "$log" | head -n 20 >"$results/$t.why" || true
   fi
+}
+parallel=$(nproc)
+for t in "${targets[@]}"; do
+  while [ "$(jobs -rp | wc -l)" -ge "$parallel" ]; do wait -n || true; done
+  fuzz_one "$t" &
+done
+wait
+status=0
+printf '%-22s %8s %12s %10s %8s %s\n' target seconds executions "exec/s" corpus result
+for t in "${targets[@]}"; do
+  if [ ! -f "$results/$t" ]; then
+    echo "fuzz.sh: $t wrote no result" >&2
+    status=1
+    continue
+  fi
+  cat "$results/$t"
+  grep -q ' ok$' "$results/$t" || status=1
+  [ -f "$results/$t.why" ] && cat "$results/$t.why" >&2
 done
 exit "$status"

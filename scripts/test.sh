@@ -72,6 +72,16 @@ for manifest in Cargo.toml plugins/Cargo.toml tests/guests/Cargo.toml host/fuzz/
 done
 cargo clippy --release --locked --manifest-path plugins/Cargo.toml --target wasm32-wasip2 -- -D warnings
 
+# Two deployment checks' builds use their own build directories (cargo
+# holds `target`'s lock while the tests run), so they run beside the tests,
+# at the lowest priority: they take the CPU time the tests leave idle
+# (waiting on servers, timeouts and child processes) and little else.
+step "background: the fuzz targets' instrumented build, the CUDA check (logs in target/)"
+nice -n 19 bash scripts/fuzz.sh --build >target/fuzz-build.log 2>&1 &
+fuzz_build=$!
+nice -n 19 bash scripts/cuda-check.sh >target/cuda-check.log 2>&1 &
+cuda_check=$!
+
 step "tests"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
@@ -86,18 +96,30 @@ set -e
 # Fuzz smoke run (each target 10 s; the instrumented build lives in
 # target/fuzz, so a warm CI run rebuilds only the focused crates the targets
 # use) and a 1-minute soak.
-step "fuzz smoke (scripts/fuzz.sh 10)"
-bash scripts/fuzz.sh 10 || { echo "test.sh: fuzz smoke FAILED" >&2; status=1; }
+step "fuzz smoke (scripts/fuzz.sh 10; waiting for its build first)"
+if wait "$fuzz_build"; then
+  tail -n 1 target/fuzz-build.log >&2
+  bash scripts/fuzz.sh --no-build 10 || { echo "test.sh: fuzz smoke FAILED" >&2; status=1; }
+else
+  cat target/fuzz-build.log >&2
+  echo "test.sh: the fuzz build FAILED" >&2
+  status=1
+fi
 step "soak, 1 minute (scripts/soak.sh 1)"
 bash scripts/soak.sh 1 || { echo "test.sh: soak FAILED" >&2; status=1; }
 # The edge box's deployment checks (firmware-notes/README.md): the systemd
 # units, the aarch64 binary under qemu against the x86 one, the CUDA build
 # (compiled, not linked). Each is a script a person can run alone; their
 # builds share `target`, so they are warm after a machine's first run.
-for check in systemd-check aarch64-check cuda-check; do
+for check in systemd-check aarch64-check; do
   step "$check"
   bash "scripts/$check.sh" || { echo "test.sh: $check FAILED" >&2; status=1; }
 done
+step "cuda-check (ran beside the tests; its log)"
+cuda_status=0
+wait "$cuda_check" || cuda_status=$?
+cat target/cuda-check.log >&2
+[ "$cuda_status" = 0 ] || { echo "test.sh: cuda-check FAILED" >&2; status=1; }
 step "done"
 sum() { grep -E '^test result:' "$log" | grep -oE "[0-9]+ $1" | awk '{s += $1} END {print s + 0}'; }
 echo "all tests: $(sum passed) passed, $(sum failed) failed"

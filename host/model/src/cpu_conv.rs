@@ -470,32 +470,31 @@ impl FusedConv {
         let channel = row / (k * k);
         let (ky, kx) = ((row / k) % k, row % k);
         let plane = &image[channel * height * width..(channel + 1) * height * width];
+        // ix = ox·s + kx − p is inside the row for ox in first..last (the
+        // same for every line): zeros around, every s-th value between.
+        let first = p.saturating_sub(kx).div_ceil(s).min(out_w);
+        let last = (width + p)
+            .saturating_sub(kx)
+            .div_ceil(s)
+            .min(out_w)
+            .max(first);
+        let count = last - first;
+        let from = (first * s + kx).saturating_sub(p);
         for (oy, line) in lines.zip(out.chunks_exact_mut(out_w)) {
             let iy = (oy * s + ky).wrapping_sub(p);
-            if iy >= height {
+            if iy >= height || count == 0 {
                 line.fill(0.0);
                 continue;
             }
             let src = &plane[iy * width..(iy + 1) * width];
-            // ix = ox·s + kx − p is inside the row for ox in first..last:
-            // zeros around, every s-th value between.
-            let first = p.saturating_sub(kx).div_ceil(s).min(out_w);
-            let last = (width + p)
-                .saturating_sub(kx)
-                .div_ceil(s)
-                .min(out_w)
-                .max(first);
             line[..first].fill(0.0);
             line[last..].fill(0.0);
-            if last > first {
-                let from = first * s + kx - p;
-                if s == 1 {
-                    line[first..last].copy_from_slice(&src[from..from + (last - first)]);
-                } else {
-                    for (v, x) in line[first..last]
-                        .iter_mut()
-                        .zip(src[from..].iter().step_by(s))
-                    {
+            let line = &mut line[first..last];
+            match s {
+                1 => line.copy_from_slice(&src[from..from + count]),
+                2 => copy_even(line, &src[from..=from + 2 * (count - 1)]),
+                _ => {
+                    for (v, x) in line.iter_mut().zip(src[from..].iter().step_by(s)) {
                         *v = *x;
                     }
                 }
@@ -524,6 +523,34 @@ impl FusedConv {
         } else {
             columns.chunks_mut(batch * n).enumerate().for_each(fill);
         }
+    }
+}
+
+/// `dst[i] = src[2·i]` (`src` holds 2·`dst.len()` − 1 values or more):
+/// a stride-2 convolution's unfolding. On x86-64, four values per two
+/// loads and one shuffle (SSE2, the baseline); the compiler leaves the
+/// element loop scalar.
+fn copy_even(dst: &mut [f32], src: &[f32]) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_loadu_ps, _mm_shuffle_ps, _mm_storeu_ps};
+        for (four, eight) in dst.chunks_exact_mut(4).zip(src.chunks_exact(8)) {
+            // SAFETY: `eight` holds 8 floats and `four` 4 (unaligned
+            // loads and store); SSE2 is part of the x86-64 baseline.
+            unsafe {
+                let low = _mm_loadu_ps(eight.as_ptr());
+                let high = _mm_loadu_ps(eight.as_ptr().add(4));
+                _mm_storeu_ps(
+                    four.as_mut_ptr(),
+                    _mm_shuffle_ps::<0b10_00_10_00>(low, high),
+                );
+            }
+            done += 4;
+        }
+    }
+    for (i, v) in dst.iter_mut().enumerate().skip(done) {
+        *v = src[2 * i];
     }
 }
 
@@ -803,6 +830,17 @@ pub(crate) mod tests {
 
     /// Every kernel/stride/padding the ResNets use, on small and odd
     /// sides, batches of 1 to 3.
+    #[test]
+    fn copy_even_takes_every_other_value_at_every_length() {
+        for len in 1..40 {
+            let src: Vec<f32> = (0..2 * len - 1).map(|i| i as f32).collect();
+            let mut dst = vec![-1f32; len];
+            copy_even(&mut dst, &src);
+            let want: Vec<f32> = (0..len).map(|i| (2 * i) as f32).collect();
+            assert_eq!(dst, want, "length {len}");
+        }
+    }
+
     #[test]
     fn fused_conv_equals_candle_conv() {
         let cases = [

@@ -683,10 +683,18 @@ fn transform_gradient(grad: &[f32], geometry: Geometry, channels: usize, transfo
             |padded, (c, v)| {
                 for image in 0..geometry.batch {
                     let source = &grad[(image * channels + c) * plane..][..plane];
-                    // The plane, zero-padded after its last row and column.
-                    padded.fill(0.0);
-                    for (y, row) in source.chunks_exact(geometry.width).enumerate() {
-                        padded[y * cols..][..geometry.width].copy_from_slice(row);
+                    // The plane, zero-padded after its last row and column:
+                    // only the padding is zeroed (a whole-buffer fill was a
+                    // second pass over every plane of a training step).
+                    for (y, row) in padded.chunks_exact_mut(cols).enumerate() {
+                        match source.get(y * geometry.width..(y + 1) * geometry.width) {
+                            Some(src) => {
+                                let (inside, after) = row.split_at_mut(geometry.width);
+                                inside.copy_from_slice(src);
+                                after.fill(0.0);
+                            }
+                            None => row.fill(0.0),
+                        }
                     }
                     gradient_plane(padded, geometry, image, v);
                 }
@@ -839,14 +847,28 @@ fn transform_input(input: &[f32], geometry: Geometry, channels: usize, transform
         .par_chunks_mut(frequencies * columns)
         .enumerate()
         .for_each_init(
-            || vec![0f32; padded_h * padded_w],
+            || vec![0f32; padded_h * padded_w + GATHER_SLACK],
             |padded, (c, v)| {
                 for image in 0..geometry.batch {
                     let source = &input[(image * channels + c) * plane..][..plane];
-                    // The plane, zero-padded: row/column 0 is the padding.
-                    padded.fill(0.0);
-                    for (y, row) in source.chunks_exact(geometry.width).enumerate() {
-                        padded[(y + 1) * padded_w + 1..][..geometry.width].copy_from_slice(row);
+                    // The plane, zero-padded: row/column 0 is the padding,
+                    // and so is what follows the last row and column. Only
+                    // the padding is zeroed (a whole-buffer fill was a
+                    // second pass over every plane).
+                    for (y, row) in padded.chunks_exact_mut(padded_w).enumerate() {
+                        let inside = y
+                            .checked_sub(1)
+                            .and_then(|y| source.get(y * geometry.width..(y + 1) * geometry.width));
+                        match inside {
+                            Some(src) => {
+                                let (before, rest) = row.split_at_mut(1);
+                                let (middle, after) = rest.split_at_mut(geometry.width);
+                                before[0] = 0.0;
+                                middle.copy_from_slice(src);
+                                after.fill(0.0);
+                            }
+                            None => row.fill(0.0),
+                        }
                     }
                     input_plane(padded, geometry, image, v);
                 }
@@ -865,26 +887,95 @@ fn input_plane(padded: &[f32], geometry: Geometry, image: usize, v: &mut [f32]) 
         return;
     }
     match geometry.m {
-        4 => input_plane_generic::<4>(padded, geometry, image, v),
-        _ => input_plane_generic::<2>(padded, geometry, image, v),
+        4 => input_plane_generic::<4, false>(padded, geometry, image, v),
+        _ => input_plane_generic::<2, false>(padded, geometry, image, v),
     }
 }
 
-/// [`input_plane_generic`] compiled with AVX2 and FMA.
+/// [`input_plane_generic`] compiled with AVX2 and FMA, gathering the
+/// patches with [`gather_patches_avx2`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn input_plane_avx2(padded: &[f32], geometry: Geometry, image: usize, v: &mut [f32]) {
     match geometry.m {
-        4 => input_plane_generic::<4>(padded, geometry, image, v),
-        _ => input_plane_generic::<2>(padded, geometry, image, v),
+        4 => input_plane_generic::<4, true>(padded, geometry, image, v),
+        _ => input_plane_generic::<2, true>(padded, geometry, image, v),
+    }
+}
+
+/// Floats after a padded plane that [`gather_patches_avx2`] may read (and
+/// ignore): it loads [`LANES`] values where a patch row needs M + 2.
+const GATHER_SLACK: usize = LANES;
+
+/// `d[i][j][lane]` = `padded[starts[lane] + i·row + j]` for the patch
+/// rows i and columns j < [`PATCH`] and the first `starts.len()` lanes:
+/// per patch row, one 8-float load per tile and an 8×8 transpose in
+/// registers (the element-by-element copy was most of the input
+/// transform). Lanes past `starts.len()` are left zero.
+///
+/// # Safety
+/// The CPU must have AVX2. Panics (a bounds check) when a start's rows,
+/// read [`LANES`] floats wide, pass the end of `padded`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn gather_patches_avx2(
+    padded: &[f32],
+    row: usize,
+    starts: &[usize],
+    patch: usize,
+    d: &mut [[[f32; LANES]; PATCH]; PATCH],
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(starts.len() <= LANES && patch <= PATCH);
+    for (i, d_row) in d.iter_mut().enumerate().take(patch) {
+        let mut r = [_mm256_setzero_ps(); LANES];
+        for (r, &start) in r.iter_mut().zip(starts) {
+            let src = &padded[start + i * row..][..LANES];
+            // SAFETY: `src` is LANES floats (one unaligned 256-bit load).
+            *r = unsafe { _mm256_loadu_ps(src.as_ptr()) };
+        }
+        // The 8×8 transpose: unpack pairs, then quadruples, then halves.
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let q0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let q1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let q2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let q3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let q4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let q5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let q6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let q7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        let columns = [
+            _mm256_permute2f128_ps::<0x20>(q0, q4),
+            _mm256_permute2f128_ps::<0x20>(q1, q5),
+            _mm256_permute2f128_ps::<0x20>(q2, q6),
+            _mm256_permute2f128_ps::<0x20>(q3, q7),
+            _mm256_permute2f128_ps::<0x31>(q0, q4),
+            _mm256_permute2f128_ps::<0x31>(q1, q5),
+        ];
+        for (cell, column) in d_row.iter_mut().zip(columns).take(patch) {
+            // SAFETY: `cell` is LANES floats (one unaligned 256-bit store).
+            unsafe { _mm256_storeu_ps(cell.as_mut_ptr(), column) };
+        }
     }
 }
 
 /// The input transform of one zero-padded plane (`geometry.padded()`)
 /// into image `image`'s tiles of `v` ((M+2)² × all tiles), [`LANES`]
 /// tiles at a time; M is the output tile side.
+///
+/// `AVX2`: gather the patches with [`gather_patches_avx2`] (only in
+/// [`input_plane_avx2`], whose caller checked the CPU); `padded` then
+/// ends with [`GATHER_SLACK`] more floats.
 #[inline(always)]
-fn input_plane_generic<const M: usize>(
+fn input_plane_generic<const M: usize, const AVX2: bool>(
     padded: &[f32],
     geometry: Geometry,
     image: usize,
@@ -902,13 +993,25 @@ fn input_plane_generic<const M: usize>(
     while first < tiles {
         let lanes = LANES.min(tiles - first);
         // d[i][j][lane]: the (M+2)² patches of up to LANES tiles.
-        for lane in 0..lanes {
+        let mut starts = [0usize; LANES];
+        for (lane, start) in starts.iter_mut().enumerate().take(lanes) {
             let t = first + lane;
             let (ty, tx) = (t / geometry.tile_cols, t % geometry.tile_cols);
-            for (i, row) in d.iter_mut().enumerate().take(patch) {
-                let src = &padded[(M * ty + i) * padded_w + M * tx..][..patch];
-                for (cell, value) in row.iter_mut().zip(src) {
-                    cell[lane] = *value;
+            *start = M * ty * padded_w + M * tx;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if AVX2 {
+            // SAFETY: AVX2 is only set by input_plane_avx2, whose callers
+            // checked that the CPU has it.
+            unsafe { gather_patches_avx2(padded, padded_w, &starts[..lanes], patch, &mut d) };
+        }
+        if !cfg!(target_arch = "x86_64") || !AVX2 {
+            for (lane, &start) in starts.iter().enumerate().take(lanes) {
+                for (i, row) in d.iter_mut().enumerate().take(patch) {
+                    let src = &padded[start + i * padded_w..][..patch];
+                    for (cell, value) in row.iter_mut().zip(src) {
+                        cell[lane] = *value;
+                    }
                 }
             }
         }
@@ -1156,6 +1259,43 @@ mod tests {
     /// The weight gradient in the Winograd domain against a direct f64
     /// sum over the batch, both tile sizes, planes with partial tiles and
     /// batches split into several passes.
+    /// The AVX2 input transform (vector patch gather) writes exactly what
+    /// the portable one does, for both tile sizes and for partial groups
+    /// of tiles (tile counts that are not a multiple of LANES).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_vector_patch_gather_equals_the_element_copy() {
+        if !crate::has_avx2_fma() {
+            return;
+        }
+        for (tile, batch, h, w) in [
+            (Tile::Four, 2, 9, 13),
+            (Tile::Four, 1, 56, 56),
+            (Tile::Two, 3, 7, 7),
+        ] {
+            let geometry = Geometry::new(tile, batch, h, w).with_vector_columns();
+            let (padded_h, padded_w) = geometry.padded();
+            let mut padded = values(padded_h * padded_w, 7);
+            padded.extend([f32::NAN; GATHER_SLACK]);
+            let len = geometry.frequencies() * geometry.columns;
+            let (mut portable, mut vector) = (vec![0f32; len], vec![0f32; len]);
+            for image in 0..batch {
+                match tile {
+                    Tile::Four => {
+                        input_plane_generic::<4, false>(&padded, geometry, image, &mut portable)
+                    }
+                    Tile::Two => {
+                        input_plane_generic::<2, false>(&padded, geometry, image, &mut portable)
+                    }
+                }
+                // SAFETY: the CPU has AVX2 and FMA (checked above).
+                unsafe { input_plane_avx2(&padded, geometry, image, &mut vector) };
+            }
+            assert!(portable.iter().any(|&v| v != 0.0));
+            assert_eq!(portable, vector, "{tile:?} {batch}×{h}×{w}");
+        }
+    }
+
     #[test]
     fn weight_gradient_equals_direct_sum() {
         for (i, &(batch, cin, cout, h, w)) in [
