@@ -106,31 +106,42 @@ impl TrainBatchNorm {
         }
         let (gamma, beta) = scale_shift.split_at(channels);
         let statistics = channel_statistics(x, (batch, channels, plane));
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(plane).enumerate().for_each(|(i, out)| {
-            let c = i % channels;
-            let (mean, var) = statistics[c];
-            let scale = f64::from(gamma[c]) / (var + self.eps).sqrt();
-            let shift = f64::from(beta[c]) - mean * scale;
-            let (scale, shift) = (scale as f32, shift as f32);
-            let source = &x[i * plane..(i + 1) * plane];
-            match residual {
-                Some(r) => {
-                    let skip = &r[i * plane..(i + 1) * plane];
-                    for ((o, &v), &k) in out.iter_mut().zip(source).zip(skip) {
-                        *o = v * scale + shift + k;
+        // Not zeroed first: every plane below writes each of its values
+        // (a training step's activations are hundreds of MiB).
+        let mut y: Vec<f32> = Vec::with_capacity(x.len());
+        let relu = self.relu;
+        let finish = |v: f32| if relu { v.max(0.0) } else { v };
+        if plane > 0 {
+            let planes = &mut y.spare_capacity_mut()[..x.len()];
+            planes
+                .par_chunks_mut(plane)
+                .enumerate()
+                .for_each(|(i, out)| {
+                    let c = i % channels;
+                    let (mean, var) = statistics[c];
+                    let scale = f64::from(gamma[c]) / (var + self.eps).sqrt();
+                    let shift = f64::from(beta[c]) - mean * scale;
+                    let (scale, shift) = (scale as f32, shift as f32);
+                    let source = &x[i * plane..(i + 1) * plane];
+                    match residual {
+                        Some(r) => {
+                            let skip = &r[i * plane..(i + 1) * plane];
+                            for ((o, &v), &k) in out.iter_mut().zip(source).zip(skip) {
+                                o.write(finish(v * scale + shift + k));
+                            }
+                        }
+                        None => {
+                            for (o, &v) in out.iter_mut().zip(source) {
+                                o.write(finish(v * scale + shift));
+                            }
+                        }
                     }
-                }
-                None => {
-                    for (o, &v) in out.iter_mut().zip(source) {
-                        *o = v * scale + shift;
-                    }
-                }
-            }
-            if self.relu {
-                out.iter_mut().for_each(|v| *v = v.max(0.0));
-            }
-        });
+                });
+        }
+        // SAFETY: the planes (x.len() / plane whole chunks of `plane`
+        // values, x.len() being batch · channels · plane) were each
+        // written in full above; with no plane, x.len() is 0.
+        unsafe { y.set_len(x.len()) };
         if let Ok(mut slot) = self.statistics.lock() {
             *slot = statistics;
         }
@@ -156,13 +167,27 @@ impl TrainBatchNorm {
         let count = (batch * plane) as f64;
         // dr = g, written once and read back below (with a residual).
         let mut grad_residual = if residual {
-            let mut dr = vec![0f32; dy.len()];
-            dr.par_chunks_mut(plane).enumerate().for_each(|(i, out)| {
-                let range = i * plane..(i + 1) * plane;
-                for ((o, &g), &y) in out.iter_mut().zip(&dy[range.clone()]).zip(&ys[range]) {
-                    *o = if relu && y <= 0.0 { 0.0 } else { g };
-                }
-            });
+            // Not zeroed first: every plane writes each of its values.
+            let mut dr: Vec<f32> = Vec::with_capacity(dy.len());
+            if plane > 0 {
+                let planes = &mut dr.spare_capacity_mut()[..dy.len()];
+                planes
+                    .par_chunks_mut(plane)
+                    .enumerate()
+                    .for_each(|(i, out)| {
+                        let range = i * plane..(i + 1) * plane;
+                        for ((o, &g), &y) in out.iter_mut().zip(&dy[range.clone()]).zip(&ys[range])
+                        {
+                            o.write(if relu && y <= 0.0 { 0.0 } else { g });
+                        }
+                    });
+            }
+            // SAFETY: the chunks cover 0..dy.len(), and each chunk's values
+            // were all written: a chunk shorter than `plane`, or ys shorter
+            // than dy, fails the slicing above (a panic) before any
+            // set_len; with no plane, nothing was written and the length
+            // stays 0.
+            unsafe { dr.set_len(if plane > 0 { dy.len() } else { 0 }) };
             Some(dr)
         } else {
             None

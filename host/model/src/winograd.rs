@@ -113,6 +113,12 @@ thread_local! {
     /// The transformed input V and the products M, reused across calls on
     /// this thread (allocating them afresh each time costs page faults).
     static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// The transformed input V and gradient dM of [`weight_gradient`],
+    /// reused the same way (up to 2 × [`MAX_GRADIENT_FLOATS`]): fresh
+    /// buffers were zeroed and faulted in on every call, twice per
+    /// convolution and training step.
+    static GRADIENT_SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> =
+        const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// A 3×3, stride 1, padding 1 convolution in the Winograd domain: the
@@ -408,36 +414,46 @@ pub fn weight_gradient(
     let group = (MAX_GRADIENT_FLOATS / per_image.max(1)).clamp(1, batch.max(1));
     let (plane_in, plane_out) = (in_channels * height * width, out_channels * height * width);
     let mut du = vec![0f32; frequencies * out_channels * in_channels];
-    let (mut transformed, mut gradient) = (Vec::new(), Vec::new());
-    let mut first = 0;
-    while first < batch {
-        let count = group.min(batch - first);
-        let images = first..first + count;
-        let geometry = Geometry::new(tile, count, height, width);
-        let all_tiles = count * tiles;
-        transformed.resize(in_channels * frequencies * all_tiles, 0.0);
-        gradient.resize(out_channels * frequencies * all_tiles, 0.0);
-        transform_input(
-            &input[images.start * plane_in..images.end * plane_in],
-            geometry,
-            in_channels,
-            &mut transformed,
-        );
-        transform_gradient(
-            &grad_output[images.start * plane_out..images.end * plane_out],
-            geometry,
-            out_channels,
-            &mut gradient,
-        );
-        accumulate_products(
-            &mut du,
-            &gradient,
-            &transformed,
-            (out_channels, in_channels, all_tiles),
-            frequencies,
-        );
-        first += count;
-    }
+    GRADIENT_SCRATCH.with(|cell| {
+        let mut scratch = cell.borrow_mut();
+        let (transformed, gradient) = &mut *scratch;
+        let mut first = 0;
+        while first < batch {
+            let count = group.min(batch - first);
+            let images = first..first + count;
+            let geometry = Geometry::new(tile, count, height, width);
+            let all_tiles = count * tiles;
+            // Both transforms write every element they are given: the
+            // buffers only grow, and keep what an earlier call left.
+            let (v_len, dm_len) = (
+                in_channels * frequencies * all_tiles,
+                out_channels * frequencies * all_tiles,
+            );
+            transformed.resize(transformed.len().max(v_len), 0.0);
+            gradient.resize(gradient.len().max(dm_len), 0.0);
+            let (transformed, gradient) = (&mut transformed[..v_len], &mut gradient[..dm_len]);
+            transform_input(
+                &input[images.start * plane_in..images.end * plane_in],
+                geometry,
+                in_channels,
+                transformed,
+            );
+            transform_gradient(
+                &grad_output[images.start * plane_out..images.end * plane_out],
+                geometry,
+                out_channels,
+                gradient,
+            );
+            accumulate_products(
+                &mut du,
+                gradient,
+                transformed,
+                (out_channels, in_channels, all_tiles),
+                frequencies,
+            );
+            first += count;
+        }
+    });
     let g_matrix: &[[f64; 3]] = match tile {
         Tile::Four => &G4,
         Tile::Two => &G2,
