@@ -106,42 +106,32 @@ impl TrainBatchNorm {
         }
         let (gamma, beta) = scale_shift.split_at(channels);
         let statistics = channel_statistics(x, (batch, channels, plane));
-        // Not zeroed first: every plane below writes each of its values
-        // (a training step's activations are hundreds of MiB).
-        let mut y: Vec<f32> = Vec::with_capacity(x.len());
         let relu = self.relu;
-        let finish = |v: f32| if relu { v.max(0.0) } else { v };
-        if plane > 0 {
-            let planes = &mut y.spare_capacity_mut()[..x.len()];
-            planes
-                .par_chunks_mut(plane)
-                .enumerate()
-                .for_each(|(i, out)| {
-                    let c = i % channels;
-                    let (mean, var) = statistics[c];
-                    let scale = f64::from(gamma[c]) / (var + self.eps).sqrt();
-                    let shift = f64::from(beta[c]) - mean * scale;
-                    let (scale, shift) = (scale as f32, shift as f32);
-                    let source = &x[i * plane..(i + 1) * plane];
-                    match residual {
-                        Some(r) => {
-                            let skip = &r[i * plane..(i + 1) * plane];
-                            for ((o, &v), &k) in out.iter_mut().zip(source).zip(skip) {
-                                o.write(finish(v * scale + shift + k));
-                            }
-                        }
-                        None => {
-                            for (o, &v) in out.iter_mut().zip(source) {
-                                o.write(finish(v * scale + shift));
-                            }
-                        }
-                    }
-                });
-        }
-        // SAFETY: the planes (x.len() / plane whole chunks of `plane`
-        // values, x.len() being batch · channels · plane) were each
-        // written in full above; with no plane, x.len() is 0.
-        unsafe { y.set_len(x.len()) };
+        let finish = move |v: f32| if relu { v.max(0.0) } else { v };
+        // Plane i's scale and shift (channel i mod channels).
+        let coefficients = |i: usize| {
+            let c = i % channels;
+            let (mean, var) = statistics[c];
+            let scale = f64::from(gamma[c]) / (var + self.eps).sqrt();
+            let shift = f64::from(beta[c]) - mean * scale;
+            (scale as f32, shift as f32)
+        };
+        let y = match residual {
+            Some(r) => by_planes(x.len(), plane, |i| {
+                let (scale, shift) = coefficients(i);
+                let range = i * plane..(i + 1) * plane;
+                x[range.clone()]
+                    .iter()
+                    .zip(&r[range])
+                    .map(move |(&v, &k)| finish(v * scale + shift + k))
+            }),
+            None => by_planes(x.len(), plane, |i| {
+                let (scale, shift) = coefficients(i);
+                x[i * plane..(i + 1) * plane]
+                    .iter()
+                    .map(move |&v| finish(v * scale + shift))
+            }),
+        };
         if let Ok(mut slot) = self.statistics.lock() {
             *slot = statistics;
         }
@@ -167,27 +157,13 @@ impl TrainBatchNorm {
         let count = (batch * plane) as f64;
         // dr = g, written once and read back below (with a residual).
         let mut grad_residual = if residual {
-            // Not zeroed first: every plane writes each of its values.
-            let mut dr: Vec<f32> = Vec::with_capacity(dy.len());
-            if plane > 0 {
-                let planes = &mut dr.spare_capacity_mut()[..dy.len()];
-                planes
-                    .par_chunks_mut(plane)
-                    .enumerate()
-                    .for_each(|(i, out)| {
-                        let range = i * plane..(i + 1) * plane;
-                        for ((o, &g), &y) in out.iter_mut().zip(&dy[range.clone()]).zip(&ys[range])
-                        {
-                            o.write(if relu && y <= 0.0 { 0.0 } else { g });
-                        }
-                    });
-            }
-            // SAFETY: the chunks cover 0..dy.len(), and each chunk's values
-            // were all written: a chunk shorter than `plane`, or ys shorter
-            // than dy, fails the slicing above (a panic) before any
-            // set_len; with no plane, nothing was written and the length
-            // stays 0.
-            unsafe { dr.set_len(if plane > 0 { dy.len() } else { 0 }) };
+            let dr = by_planes(dy.len(), plane, |i| {
+                let range = i * plane..(i + 1) * plane;
+                dy[range.clone()]
+                    .iter()
+                    .zip(&ys[range])
+                    .map(move |(&g, &y)| if relu && y <= 0.0 { 0.0 } else { g })
+            });
             Some(dr)
         } else {
             None
@@ -313,6 +289,41 @@ impl PlaneGradient<'_> {
             PlaneGradient::Relu(dy, ys) => fill(relu_masked(dy, ys), xs, [a, b, d, mean], out),
         }
     }
+}
+
+/// `len` values computed plane by plane in parallel (`plane` values each,
+/// plane i's from `values(i)`), written straight into a new buffer: no
+/// zeroing pass first (a training step's activations are hundreds of MiB).
+///
+/// # Panics
+/// When `len` is not whole planes, or a plane's values run out early.
+fn by_planes<I>(len: usize, plane: usize, values: impl Fn(usize) -> I + Sync + Send) -> Vec<f32>
+where
+    I: Iterator<Item = f32>,
+{
+    let mut out = Vec::with_capacity(len);
+    if len == 0 {
+        return out;
+    }
+    assert!(
+        plane > 0 && len.is_multiple_of(plane),
+        "{len} values in planes of {plane}"
+    );
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(plane)
+        .enumerate()
+        .for_each(|(i, chunk)| {
+            let mut written = 0;
+            for (slot, v) in chunk.iter_mut().zip(values(i)) {
+                slot.write(v);
+                written += 1;
+            }
+            assert_eq!(written, plane, "plane {i}: {written} of {plane} values");
+        });
+    // SAFETY: the chunks cover 0..len, and each was written in full (the
+    // assertion above panics, before this line, on any that was not).
+    unsafe { out.set_len(len) };
+    out
 }
 
 /// dy where y > 0, else 0: the gradient through a ReLU from its output.
@@ -593,6 +604,22 @@ mod tests {
     /// The pooled values equal each window's maximum as the gradient
     /// finds it ([`MaxPool3x3Stride2::argmax`]), with and without
     /// padding, on odd and even sides and negative values.
+    #[test]
+    fn by_planes_writes_every_plane_in_place() {
+        let values = by_planes(12, 4, |i| (0..4).map(move |j| (10 * i + j) as f32));
+        let want: Vec<f32> = (0..3)
+            .flat_map(|i| (0..4).map(move |j| (10 * i + j) as f32))
+            .collect();
+        assert_eq!(values, want);
+        assert!(by_planes(0, 0, |_| std::iter::empty()).is_empty());
+    }
+
+    #[test]
+    #[should_panic(expected = "of 4 values")]
+    fn by_planes_refuses_a_plane_that_runs_out() {
+        by_planes(8, 4, |i| (0..if i == 1 { 3 } else { 4 }).map(|j| j as f32));
+    }
+
     #[test]
     fn max_pool_equals_window_maxima() {
         let cpu = &Device::Cpu;
