@@ -36,7 +36,10 @@
 //! Vector code: the transforms are written on fixed-width lane arrays and
 //! compiled twice, once for the baseline target and once with AVX2 + FMA
 //! enabled, chosen at run time (`is_x86_feature_detected!`); on aarch64
-//! the baseline already has NEON. The forward products dispatch the same
+//! the baseline already has NEON. The input transform's patch gather is
+//! written with AVX2 intrinsics on x86-64 (8×8 transposes,
+//! `gather_patches_avx2`), which the compiler does not find from the
+//! element-by-element copy. The forward products dispatch the same
 //! way ([`super::packed_gemm`]); the weight gradient's use `gemm`, which
 //! does its own run-time dispatch (AVX-512, AVX2, NEON).
 
