@@ -879,14 +879,17 @@ fn an_inferred_study_gets_a_result_sr_kept_and_sent_to_the_pacs() {
     // The hospital's PACS: dcmtk's storescp on loopback.
     let pacs_dir = tempfile::tempdir().expect("tempdir");
     let pacs_port = crate::util::free_port();
-    let mut pacs = Command::new("storescp")
-        .args(["-aet", "PACS", "-od"])
-        .arg(pacs_dir.path())
-        .arg(pacs_port.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("storescp (dcmtk)");
+    // Killed on drop: a failed assertion must not leave it running.
+    let _pacs = crate::util::KillOnDrop(
+        Command::new("storescp")
+            .args(["-aet", "PACS", "-od"])
+            .arg(pacs_dir.path())
+            .arg(pacs_port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("storescp (dcmtk)"),
+    );
     let up = Instant::now();
     while TcpStream::connect(("127.0.0.1", pacs_port)).is_err() {
         assert!(
@@ -942,6 +945,4 @@ fn an_inferred_study_gets_a_result_sr_kept_and_sent_to_the_pacs() {
     ] {
         assert!(dump.contains(expected), "{expected} missing from\n{dump}");
     }
-    let _ = pacs.kill();
-    let _ = pacs.wait();
 }

@@ -16,17 +16,7 @@ use oxbox::federation::signed::SignedDocument;
 use oxbox::model::package::PackageBytes;
 use oxbox::signing::SigningKey;
 
-use crate::util::{oxbox_command, run, stderr};
-
-/// A child process killed on drop.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use crate::util::{KillOnDrop, oxbox_command, run, stderr};
 
 /// `oxbox keys generate --out DIR`: (private key file, public key hex).
 fn keys(dir: &Path) -> (PathBuf, String) {
@@ -118,7 +108,13 @@ impl Job {
     }
 
     /// Writes the aggregator's config and starts it; waits for /healthz.
-    fn start_aggregator(&self, job: &str, rounds: u64, statistics: bool, epochs: usize) -> Running {
+    fn start_aggregator(
+        &self,
+        job: &str,
+        rounds: u64,
+        statistics: bool,
+        epochs: usize,
+    ) -> KillOnDrop {
         let mut text = format!(
             "[aggregator]\nlisten = \"127.0.0.1:{}\"\ndata_dir = {:?}\nkey_file = {:?}\n\n\
              [job]\nid = \"{job}\"\nstart_model = {:?}\nrounds = {rounds}\nmin_sites = {}\n\
@@ -144,7 +140,7 @@ impl Job {
             .stderr(Stdio::null())
             .spawn()
             .expect("start the aggregator");
-        let running = Running(child);
+        let running = KillOnDrop(child);
         let client =
             AggregatorClient::new(&self.url(), None, Duration::from_secs(5)).expect("client");
         let started = Instant::now();
