@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the fuzz targets (host/fuzz/, cargo-fuzz + libFuzzer) and runs each
 # for SECONDS (default 30), side by side (as many at once as there are
-# cores), seeded by scripts/fuzz-seeds.py from the test corpus. Fails on any crash, timeout or out-of-memory (the input is left in
+# cores), seeded by scripts/fuzz-seeds.py from the test corpus. Fails on
+# any crash, timeout or out-of-memory (the input is left in
 # target/fuzz/artifacts/<target>/); prints the executions per target.
 #
 #   scripts/fuzz.sh [SECONDS] [TARGET...]     build, then run (all targets)

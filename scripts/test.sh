@@ -108,9 +108,10 @@ fi
 step "soak, 1 minute (scripts/soak.sh 1)"
 bash scripts/soak.sh 1 || { echo "test.sh: soak FAILED" >&2; status=1; }
 # The edge box's deployment checks (firmware-notes/README.md): the systemd
-# units, the aarch64 binary under qemu against the x86 one, the CUDA build
-# (compiled, not linked). Each is a script a person can run alone; their
-# builds share `target`, so they are warm after a machine's first run.
+# units, the aarch64 binary under qemu against the x86 one, and the CUDA
+# build (compiled, not linked; it ran beside the tests, its log is shown
+# here). Each is a script a person can run alone; their builds live under
+# `target`, so they are warm after a machine's first run.
 for check in systemd-check aarch64-check; do
   step "$check"
   bash "scripts/$check.sh" || { echo "test.sh: $check FAILED" >&2; status=1; }

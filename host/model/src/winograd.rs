@@ -702,19 +702,8 @@ fn transform_gradient(grad: &[f32], geometry: Geometry, channels: usize, transfo
             |padded, (c, v)| {
                 for image in 0..geometry.batch {
                     let source = &grad[(image * channels + c) * plane..][..plane];
-                    // The plane, zero-padded after its last row and column:
-                    // only the padding is zeroed (a whole-buffer fill was a
-                    // second pass over every plane of a training step).
-                    for (y, row) in padded.chunks_exact_mut(cols).enumerate() {
-                        match source.get(y * geometry.width..(y + 1) * geometry.width) {
-                            Some(src) => {
-                                let (inside, after) = row.split_at_mut(geometry.width);
-                                inside.copy_from_slice(src);
-                                after.fill(0.0);
-                            }
-                            None => row.fill(0.0),
-                        }
-                    }
+                    // The plane, zero-padded after its last row and column.
+                    pad_plane(source, geometry.width, 0, padded, cols);
                     gradient_plane(padded, geometry, image, v);
                 }
             },
@@ -871,28 +860,41 @@ fn transform_input(input: &[f32], geometry: Geometry, channels: usize, transform
                 for image in 0..geometry.batch {
                     let source = &input[(image * channels + c) * plane..][..plane];
                     // The plane, zero-padded: row/column 0 is the padding,
-                    // and so is what follows the last row and column. Only
-                    // the padding is zeroed (a whole-buffer fill was a
-                    // second pass over every plane).
-                    for (y, row) in padded.chunks_exact_mut(padded_w).enumerate() {
-                        let inside = y
-                            .checked_sub(1)
-                            .and_then(|y| source.get(y * geometry.width..(y + 1) * geometry.width));
-                        match inside {
-                            Some(src) => {
-                                let (before, rest) = row.split_at_mut(1);
-                                let (middle, after) = rest.split_at_mut(geometry.width);
-                                before[0] = 0.0;
-                                middle.copy_from_slice(src);
-                                after.fill(0.0);
-                            }
-                            None => row.fill(0.0),
-                        }
-                    }
+                    // and so is what follows the last row and column.
+                    pad_plane(
+                        source,
+                        geometry.width,
+                        1,
+                        &mut padded[..padded_h * padded_w],
+                        padded_w,
+                    );
                     input_plane(padded, geometry, image, v);
                 }
             },
         );
+}
+
+/// Copies `source` (rows of `width`) into `padded` (rows of `padded_w`)
+/// after `before` rows and columns of zeros, and zeroes what follows each
+/// row and the last one. Only the padding is written with zeros (a fill
+/// of the whole buffer first was a second pass over every plane of a
+/// training step).
+fn pad_plane(source: &[f32], width: usize, before: usize, padded: &mut [f32], padded_w: usize) {
+    for (y, row) in padded.chunks_exact_mut(padded_w).enumerate() {
+        let inside = y
+            .checked_sub(before)
+            .and_then(|y| source.get(y * width..(y + 1) * width));
+        match inside {
+            Some(src) => {
+                let (zeros, rest) = row.split_at_mut(before);
+                let (middle, after) = rest.split_at_mut(width);
+                zeros.fill(0.0);
+                middle.copy_from_slice(src);
+                after.fill(0.0);
+            }
+            None => row.fill(0.0),
+        }
+    }
 }
 
 /// Dispatches the input transform of one image's plane to the widest
