@@ -306,26 +306,44 @@ fn a_declared_content_length_allocates_nothing_before_the_body_arrives() {
 #[test]
 fn a_client_that_goes_away_frees_its_permit_only_when_its_decode_ends() {
     // One permit. A case that takes a while to parse (a deflated file of
-    // 250 MiB of zeros) is sent whole, and its client disconnects while the
-    // server parses it: the permit stays with the parse, so a good request
-    // meanwhile gets 503 overloaded, and 200 once the parse has ended.
+    // zeros, inflated as it is walked) is sent whole, and its client
+    // disconnects while the server parses it: the permit stays with the
+    // parse, so a good request meanwhile gets 503 overloaded, and 200 once
+    // the parse has ended.
     let setup = Setup::new("listen = \"127.0.0.1:0\"\nmax_concurrent_requests = 1");
+    // Room for the largest case below (the default limit is 256 MiB).
+    let mut config = std::fs::read_to_string(&setup.config).expect("config");
+    config.push_str("[limits]\nmax_inflated_mib = 1100\n");
+    std::fs::write(&setup.config, config).expect("config");
     let server = ServerProcess::start(&setup.config);
     let addr = server.addr;
     let ct = multipart_type();
     let (dicom, record) = sample_case();
     let good = predict_body(&dicom, &record);
-    let slow = predict_body(&crate::bombs::deflated_zeros_file(250 << 20), &record);
-    // How long the slow case takes when its client waits.
-    let started = Instant::now();
-    let reply = request(addr, "POST", "/v1/predict", &[("Content-Type", &ct)], &slow);
-    let took = started.elapsed();
-    assert!(
-        [200, 422].contains(&reply.status),
-        "{}: {}",
-        reply.status,
-        String::from_utf8_lossy(&reply.body)
-    );
+    // How long the slow case takes when its client waits: it is made larger
+    // until it takes long enough for the timings below to be far apart on
+    // a fast machine (250 MiB of zeros inflated in 200 ms on one).
+    let mut slow = Vec::new();
+    let mut took = Duration::ZERO;
+    for inflated_mib in [250u64, 500, 1000] {
+        slow = predict_body(
+            &crate::bombs::deflated_zeros_file(inflated_mib << 20),
+            &record,
+        );
+        let started = Instant::now();
+        let reply = request(addr, "POST", "/v1/predict", &[("Content-Type", &ct)], &slow);
+        took = started.elapsed();
+        assert!(
+            [200, 422].contains(&reply.status),
+            "{inflated_mib} MiB: {}: {}",
+            reply.status,
+            String::from_utf8_lossy(&reply.body)
+        );
+        println!("slow case of {inflated_mib} MiB inflated: {took:?}");
+        if took >= Duration::from_millis(400) {
+            break;
+        }
+    }
     assert!(
         took >= Duration::from_millis(200),
         "the slow case took only {took:?}"

@@ -531,10 +531,12 @@ impl FusedConv {
 /// loads and one shuffle (SSE2, the baseline); the compiler leaves the
 /// element loop scalar.
 fn copy_even(dst: &mut [f32], src: &[f32]) {
-    let mut done = 0;
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
     #[cfg(target_arch = "x86_64")]
-    {
+    let done = {
         use std::arch::x86_64::{_mm_loadu_ps, _mm_shuffle_ps, _mm_storeu_ps};
+        let mut done = 0;
         for (four, eight) in dst.chunks_exact_mut(4).zip(src.chunks_exact(8)) {
             // SAFETY: `eight` holds 8 floats and `four` 4 (unaligned
             // loads and store); SSE2 is part of the x86-64 baseline.
@@ -548,7 +550,8 @@ fn copy_even(dst: &mut [f32], src: &[f32]) {
             }
             done += 4;
         }
-    }
+        done
+    };
     for (i, v) in dst.iter_mut().enumerate().skip(done) {
         *v = src[2 * i];
     }
