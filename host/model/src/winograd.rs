@@ -206,46 +206,64 @@ impl Winograd {
         relu: bool,
     ) -> Self {
         debug_assert_eq!(weights.len(), out_channels * in_channels * 9);
-        let g_matrix: &[[f64; 3]] = match tile {
-            Tile::Four => &G4,
-            Tile::Two => &G2,
-        };
-        let (patch, frequencies) = (tile.patch(), tile.frequencies());
+        let frequencies = tile.frequencies();
         // U[ξ] (out × in) for every frequency, written straight into the
         // packed layout: tasks by block of output channels, each writing
-        // only its block's elements of every frequency's matrix.
+        // every element of its block in every frequency's matrix (the
+        // rows past the last as zeros), so nothing is zeroed first. A
+        // training step transforms every 3×3 kernel twice (forward and
+        // input gradient): layer 4's 512×512 kernels make 38 MiB each.
         let blocks = out_channels.div_ceil(BLOCK_ROWS);
         let len = PackedWeights::packed_len(out_channels, in_channels);
-        let mut packed: Vec<Vec<f32>> = (0..frequencies).map(|_| vec![0f32; len]).collect();
+        let mut packed: Vec<Vec<f32>> = (0..frequencies).map(|_| Vec::with_capacity(len)).collect();
         let targets: Vec<usize> = packed.iter_mut().map(|u| u.as_mut_ptr() as usize).collect();
         (0..blocks).into_par_iter().for_each(|block| {
-            let rows = block * BLOCK_ROWS..((block + 1) * BLOCK_ROWS).min(out_channels);
-            // GRADIENT_LANES input channels at a time, as lane arrays.
-            let mut filters = [[0f64; GRADIENT_LANES]; 9];
-            for o in rows {
-                for first in (0..in_channels).step_by(GRADIENT_LANES) {
-                    let lanes = GRADIENT_LANES.min(in_channels - first);
-                    for lane in 0..lanes {
-                        let g = &weights[(o * in_channels + first + lane) * 9..][..9];
+            let first_row = block * BLOCK_ROWS;
+            let rows = BLOCK_ROWS.min(out_channels - first_row);
+            // U of the block's rows for GRADIENT_LANES input channels:
+            // [row][ξ][lane]; the rows past the last stay zero.
+            let mut block_u = [[[0f32; GRADIENT_LANES]; PATCH * PATCH]; BLOCK_ROWS];
+            for first in (0..in_channels).step_by(GRADIENT_LANES) {
+                let lanes = GRADIENT_LANES.min(in_channels - first);
+                for (r, u) in block_u.iter_mut().enumerate().take(rows) {
+                    // The lanes' filters lie side by side in the weights.
+                    let source =
+                        &weights[((first_row + r) * in_channels + first) * 9..][..lanes * 9];
+                    let mut filters = [[0f64; GRADIENT_LANES]; 9];
+                    for (lane, g) in source.chunks_exact(9).enumerate() {
                         for (f, &v) in filters.iter_mut().zip(g) {
                             f[lane] = f64::from(v);
                         }
                     }
-                    let u = transform_filters(&filters, g_matrix, patch);
-                    for (&target, values) in targets.iter().zip(&u) {
-                        for (lane, &v) in values.iter().enumerate().take(lanes) {
-                            let at = PackedWeights::packed_offset(o, first + lane, in_channels);
-                            // SAFETY: `at` < len (o < out_channels, the
-                            // channel < in_channels) in a buffer of len
-                            // floats that outlives the tasks; row o is in
-                            // this task's block, and no other task writes
-                            // that block's elements.
-                            unsafe { *(target as *mut f32).add(at) = v as f32 };
+                    transform_filters(&filters, tile, u);
+                }
+                // Element (first + lane, row r) of the block in the packed
+                // layout: one run of lanes · BLOCK_ROWS floats.
+                let run = PackedWeights::packed_offset(first_row, first, in_channels);
+                for (xi, &target) in targets.iter().enumerate() {
+                    for lane in 0..lanes {
+                        for (r, u) in block_u.iter().enumerate() {
+                            // SAFETY: run + lane · BLOCK_ROWS + r is the
+                            // packed offset of (first_row + r, first +
+                            // lane), < len, in a buffer of len floats'
+                            // capacity that outlives the tasks; the block's
+                            // elements are written by this task only.
+                            unsafe {
+                                (target as *mut f32)
+                                    .add(run + lane * BLOCK_ROWS + r)
+                                    .write(u[xi][lane]);
+                            }
                         }
                     }
                 }
             }
         });
+        for u in &mut packed {
+            // SAFETY: the tasks cover every block, each every input
+            // channel and every row of its block (rows past the last as
+            // zeros): all len elements are written.
+            unsafe { u.set_len(len) };
+        }
         let weights: Vec<PackedWeights> = packed
             .into_iter()
             .map(|u| PackedWeights::from_packed(out_channels, in_channels, u))
@@ -457,11 +475,7 @@ pub fn weight_gradient(
             first += count;
         }
     });
-    let g_matrix: &[[f64; 3]] = match tile {
-        Tile::Four => &G4,
-        Tile::Two => &G2,
-    };
-    filter_gradient(&du, g_matrix, tile.patch(), (out_channels, in_channels))
+    filter_gradient(&du, tile, (out_channels, in_channels))
 }
 
 /// Output channels whose filter gradients [`filter_gradient`] computes
@@ -477,8 +491,7 @@ const GRADIENT_LANES: usize = 16;
 /// applies G separably, rows then columns.
 fn filter_gradient(
     du: &[f32],
-    g_matrix: &[[f64; 3]],
-    patch: usize,
+    tile: Tile,
     (out_channels, in_channels): (usize, usize),
 ) -> Vec<f32> {
     let mut grad = vec![0f32; out_channels * in_channels * 9];
@@ -486,6 +499,7 @@ fn filter_gradient(
         return grad;
     }
     let row = in_channels * out_channels;
+    let patch = tile.patch();
     grad.par_chunks_mut(GRADIENT_LANES * in_channels * 9)
         .enumerate()
         .for_each(|(block, dst)| {
@@ -499,7 +513,7 @@ fn filter_gradient(
                         *d = f64::from(v);
                     }
                 }
-                let dg = filter_lanes(&lines, g_matrix, patch);
+                let dg = filter_lanes(&lines, tile);
                 for lane in 0..lanes {
                     let out = &mut dst[(lane * in_channels + c) * 9..][..9];
                     for (o, sums) in out.iter_mut().zip(&dg) {
@@ -512,19 +526,22 @@ fn filter_gradient(
 }
 
 /// Gᵀ dU G for [`GRADIENT_LANES`] (out, in) pairs at once, dU given per
-/// frequency (`lines[ξ][lane]`): the widest vector code the CPU runs.
+/// frequency (`lines[ξ][lane]`), for `tile`'s G: the widest vector code
+/// the CPU runs.
 fn filter_lanes(
     lines: &[[f64; GRADIENT_LANES]; PATCH * PATCH],
-    g_matrix: &[[f64; 3]],
-    patch: usize,
+    tile: Tile,
 ) -> [[f64; GRADIENT_LANES]; 9] {
     #[cfg(target_arch = "x86_64")]
     if crate::has_avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked just above), all the
         // function requires beyond the baseline.
-        return unsafe { filter_lanes_avx2(lines, g_matrix, patch) };
+        return unsafe { filter_lanes_avx2(lines, tile) };
     }
-    filter_lanes_generic(lines, g_matrix, patch)
+    match tile {
+        Tile::Four => filter_lanes_generic(lines, &G4),
+        Tile::Two => filter_lanes_generic(lines, &G2),
+    }
 }
 
 /// [`filter_lanes_generic`] compiled with AVX2 and FMA.
@@ -532,58 +549,70 @@ fn filter_lanes(
 #[target_feature(enable = "avx2,fma")]
 unsafe fn filter_lanes_avx2(
     lines: &[[f64; GRADIENT_LANES]; PATCH * PATCH],
-    g_matrix: &[[f64; 3]],
-    patch: usize,
+    tile: Tile,
 ) -> [[f64; GRADIENT_LANES]; 9] {
-    filter_lanes_generic(lines, g_matrix, patch)
+    match tile {
+        Tile::Four => filter_lanes_generic(lines, &G4),
+        Tile::Two => filter_lanes_generic(lines, &G2),
+    }
 }
 
-/// Gᵀ dU G per lane: the columns transformed first ((dU G)[a][j]), then
-/// the rows; every loop runs over whole lane arrays.
+/// Gᵀ dU G per lane for the P×3 matrix G: the columns transformed first
+/// ((dU G)[a][j]), then the rows; every size is a constant, so the loops
+/// unroll and run over whole lane arrays.
 #[inline(always)]
-fn filter_lanes_generic(
+fn filter_lanes_generic<const P: usize>(
     lines: &[[f64; GRADIENT_LANES]; PATCH * PATCH],
-    g_matrix: &[[f64; 3]],
-    patch: usize,
+    g_matrix: &[[f64; 3]; P],
 ) -> [[f64; GRADIENT_LANES]; 9] {
-    let mut rows = [[[0f64; GRADIENT_LANES]; 3]; PATCH];
-    for (a, row_a) in rows.iter_mut().enumerate().take(patch) {
-        for (b, g_b) in g_matrix.iter().enumerate().take(patch) {
-            let line = &lines[a * patch + b];
-            for (sums, &g) in row_a.iter_mut().zip(g_b) {
-                for (s, &v) in sums.iter_mut().zip(line) {
-                    *s += g * v;
+    let mut rows = [[[0f64; GRADIENT_LANES]; 3]; P];
+    for (a, row_a) in rows.iter_mut().enumerate() {
+        for (j, out) in row_a.iter_mut().enumerate() {
+            let mut sums = [0f64; GRADIENT_LANES];
+            for (b, g_b) in g_matrix.iter().enumerate() {
+                let (line, g) = (&lines[a * P + b], g_b[j]);
+                for lane in 0..GRADIENT_LANES {
+                    sums[lane] += g * line[lane];
                 }
             }
+            *out = sums;
         }
     }
     let mut dg = [[0f64; GRADIENT_LANES]; 9];
-    for (row_a, g_a) in rows.iter().zip(g_matrix).take(patch) {
-        for i in 0..3 {
-            for j in 0..3 {
-                for (s, &v) in dg[i * 3 + j].iter_mut().zip(&row_a[j]) {
-                    *s += g_a[i] * v;
+    for i in 0..3 {
+        for j in 0..3 {
+            let mut sums = [0f64; GRADIENT_LANES];
+            for (row_a, g_a) in rows.iter().zip(g_matrix) {
+                let (column, g) = (&row_a[j], g_a[i]);
+                for lane in 0..GRADIENT_LANES {
+                    sums[lane] += g * column[lane];
                 }
             }
+            dg[i * 3 + j] = sums;
         }
     }
     dg
 }
 
 /// U = G g Gᵀ for [`GRADIENT_LANES`] filters at once (`filters[k][lane]`,
-/// k = 3·row + column): the widest vector code the CPU runs.
+/// k = 3·row + column), for `tile`'s G, into `u` (rounded to f32, laid
+/// out (m+2)·i + j): the widest vector code the CPU runs.
 fn transform_filters(
     filters: &[[f64; GRADIENT_LANES]; 9],
-    g_matrix: &[[f64; 3]],
-    patch: usize,
-) -> [[f64; GRADIENT_LANES]; PATCH * PATCH] {
+    tile: Tile,
+    u: &mut [[f32; GRADIENT_LANES]; PATCH * PATCH],
+) {
     #[cfg(target_arch = "x86_64")]
     if crate::has_avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked just above), all the
         // function requires beyond the baseline.
-        return unsafe { transform_filters_avx2(filters, g_matrix, patch) };
+        unsafe { transform_filters_avx2(filters, tile, u) };
+        return;
     }
-    transform_filters_generic(filters, g_matrix, patch)
+    match tile {
+        Tile::Four => transform_filters_generic(filters, &G4, u),
+        Tile::Two => transform_filters_generic(filters, &G2, u),
+    }
 }
 
 /// [`transform_filters_generic`] compiled with AVX2 and FMA.
@@ -591,42 +620,52 @@ fn transform_filters(
 #[target_feature(enable = "avx2,fma")]
 unsafe fn transform_filters_avx2(
     filters: &[[f64; GRADIENT_LANES]; 9],
-    g_matrix: &[[f64; 3]],
-    patch: usize,
-) -> [[f64; GRADIENT_LANES]; PATCH * PATCH] {
-    transform_filters_generic(filters, g_matrix, patch)
+    tile: Tile,
+    u: &mut [[f32; GRADIENT_LANES]; PATCH * PATCH],
+) {
+    match tile {
+        Tile::Four => transform_filters_generic(filters, &G4, u),
+        Tile::Two => transform_filters_generic(filters, &G2, u),
+    }
 }
 
-/// G g Gᵀ per lane: G g ((m+2)×3) first, then (G g) Gᵀ, in f64, the
-/// sums in the order the one-filter code had them (k = 0, 1, 2).
+/// G g Gᵀ per lane for the P×3 matrix G: G g (P×3) first, then (G g) Gᵀ,
+/// in f64, the sums in the order the one-filter code had them (k = 0, 1,
+/// 2), rounded to f32 once at the end. Every size is a constant, so the
+/// loops unroll and each sum stays in registers.
 #[inline(always)]
-fn transform_filters_generic(
+fn transform_filters_generic<const P: usize>(
     filters: &[[f64; GRADIENT_LANES]; 9],
-    g_matrix: &[[f64; 3]],
-    patch: usize,
-) -> [[f64; GRADIENT_LANES]; PATCH * PATCH] {
-    let mut gg = [[[0f64; GRADIENT_LANES]; 3]; PATCH];
-    for (row, g_row) in gg.iter_mut().zip(g_matrix).take(patch) {
-        for (j, sums) in row.iter_mut().enumerate() {
+    g_matrix: &[[f64; 3]; P],
+    u: &mut [[f32; GRADIENT_LANES]; PATCH * PATCH],
+) {
+    let mut gg = [[[0f64; GRADIENT_LANES]; 3]; P];
+    for (row, g_row) in gg.iter_mut().zip(g_matrix) {
+        for (j, out) in row.iter_mut().enumerate() {
+            let mut sums = [0f64; GRADIENT_LANES];
             for (k, &g) in g_row.iter().enumerate() {
-                for (s, &v) in sums.iter_mut().zip(&filters[k * 3 + j]) {
-                    *s += g * v;
+                let filter = &filters[k * 3 + j];
+                for lane in 0..GRADIENT_LANES {
+                    sums[lane] += g * filter[lane];
                 }
+            }
+            *out = sums;
+        }
+    }
+    for (i, gg_row) in gg.iter().enumerate() {
+        for (j, g_row) in g_matrix.iter().enumerate() {
+            let mut sums = [0f64; GRADIENT_LANES];
+            for (k, &g) in g_row.iter().enumerate() {
+                let column = &gg_row[k];
+                for lane in 0..GRADIENT_LANES {
+                    sums[lane] += column[lane] * g;
+                }
+            }
+            for (out, sum) in u[i * P + j].iter_mut().zip(sums) {
+                *out = sum as f32;
             }
         }
     }
-    let mut u = [[0f64; GRADIENT_LANES]; PATCH * PATCH];
-    for (i, gg_row) in gg.iter().enumerate().take(patch) {
-        for (j, g_row) in g_matrix.iter().enumerate().take(patch) {
-            let sums = &mut u[i * patch + j];
-            for (k, &g) in g_row.iter().enumerate() {
-                for (s, &v) in sums.iter_mut().zip(&gg_row[k]) {
-                    *s += v * g;
-                }
-            }
-        }
-    }
-    u
 }
 
 /// dU[ξ] (out × in) += dM[ξ] (out × tiles) · V[ξ]ᵀ (tiles × in) for every
@@ -1253,6 +1292,9 @@ mod tests {
             (2, 3, 4, 7, 7),
             (3, 5, 2, 9, 6),
             (1, 4, 4, 16, 13),
+            // Two chunks of input channels and two blocks of output
+            // channels in the filter transform, both partial.
+            (1, 20, 7, 6, 6),
         ]
         .iter()
         .enumerate()
