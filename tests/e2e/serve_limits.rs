@@ -312,9 +312,7 @@ fn a_client_that_goes_away_frees_its_permit_only_when_its_decode_ends() {
     // the parse has ended.
     let setup = Setup::new("listen = \"127.0.0.1:0\"\nmax_concurrent_requests = 1");
     // Room for the largest case below (the default limit is 256 MiB).
-    let mut config = std::fs::read_to_string(&setup.config).expect("config");
-    config.push_str("[limits]\nmax_inflated_mib = 1100\n");
-    std::fs::write(&setup.config, config).expect("config");
+    setup.append("[limits]\nmax_inflated_mib = 1100\n");
     let server = ServerProcess::start(&setup.config);
     let addr = server.addr;
     let ct = multipart_type();

@@ -466,7 +466,8 @@ unsafe fn kernel_avx512_width<const B: usize>(
 /// (a row per input channel, every frequency's tiles between them), too
 /// far for the hardware's stride prefetcher, and this block's lines were
 /// fetched on demand, each a miss; the next block's arrive while this one
-/// is multiplied (F(4×4) at 56×56: 4 to 8% faster).
+/// is multiplied (F(4×4) at 56×56, layer 1 of a ResNet at 224²: 3 to 7 %
+/// faster, run alternately with and without).
 ///
 /// # Safety
 /// The blocks are equally deep; X's rows `0..depth` from `rhs` (row stride
