@@ -509,8 +509,10 @@ impl MaxPool3x3Stride2 {
 impl MaxPool3x3Stride2 {
     /// The window maxima of one plane into `out` (rows of `ow`), the
     /// same values as [`Self::argmax`]'s: per output row, the maximum of
-    /// the three input rows (a row of padding counts as zeros) in
-    /// `rows`, then of three columns of it, every second one.
+    /// the three input rows (a row of padding counts as zeros) into
+    /// `rows`, in padded columns (zeros in the padding), then of three
+    /// columns of it, every second one. Both passes run on plain slices,
+    /// with no test per element, so that they vectorise.
     fn pool_plane(
         &self,
         plane: &[f32],
@@ -520,14 +522,20 @@ impl MaxPool3x3Stride2 {
         out: &mut [f32],
     ) {
         let p = self.padding;
+        // Padded columns 0 ..= 2·(ow − 1) + 2; input column ix at p + ix.
+        let span = 2 * ow + 1;
+        rows.clear();
+        rows.resize(span, 0.0);
+        let inside = p.min(span)..(p + w).min(span);
         for (oy, out_row) in out.chunks_exact_mut(ow).enumerate() {
-            rows.clear();
-            rows.resize(w, f32::NEG_INFINITY);
+            let maxima = &mut rows[inside.clone()];
+            maxima.fill(f32::NEG_INFINITY);
             let mut padding_row = false;
             for dy in 0..3 {
                 let iy = (2 * oy + dy).wrapping_sub(p);
                 if iy < h {
-                    for (m, v) in rows.iter_mut().zip(&plane[iy * w..(iy + 1) * w]) {
+                    let line = &plane[iy * w..][..maxima.len()];
+                    for (m, v) in maxima.iter_mut().zip(line) {
                         *m = m.max(*v);
                     }
                 } else {
@@ -535,15 +543,11 @@ impl MaxPool3x3Stride2 {
                 }
             }
             if padding_row {
-                rows.iter_mut().for_each(|m| *m = m.max(0.0));
+                maxima.iter_mut().for_each(|m| *m = m.max(0.0));
             }
-            for (ox, o) in out_row.iter_mut().enumerate() {
-                let mut best = f32::NEG_INFINITY;
-                for dx in 0..3 {
-                    let ix = (2 * ox + dx).wrapping_sub(p);
-                    best = best.max(if ix < w { rows[ix] } else { 0.0 });
-                }
-                *o = best;
+            let (pairs, _) = rows[..2 * ow].as_chunks::<2>();
+            for ((o, pair), next) in out_row.iter_mut().zip(pairs).zip(rows[2..].iter().step_by(2)) {
+                *o = f32::NEG_INFINITY.max(pair[0]).max(pair[1]).max(*next);
             }
         }
     }
@@ -806,3 +810,4 @@ mod tests {
         }
     }
 }
+
