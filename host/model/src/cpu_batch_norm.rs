@@ -546,7 +546,11 @@ impl MaxPool3x3Stride2 {
                 maxima.iter_mut().for_each(|m| *m = m.max(0.0));
             }
             let (pairs, _) = rows[..2 * ow].as_chunks::<2>();
-            for ((o, pair), next) in out_row.iter_mut().zip(pairs).zip(rows[2..].iter().step_by(2)) {
+            for ((o, pair), next) in out_row
+                .iter_mut()
+                .zip(pairs)
+                .zip(rows[2..].iter().step_by(2))
+            {
                 *o = f32::NEG_INFINITY.max(pair[0]).max(pair[1]).max(*next);
             }
         }
@@ -810,4 +814,3 @@ mod tests {
         }
     }
 }
-
