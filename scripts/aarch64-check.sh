@@ -53,19 +53,18 @@ export AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
 step "cross build (release, $triple)"
 t=$SECONDS
 # The check's build optimises what the comparisons exercise and nothing
-# else (the cold build's time against other levels is in the README): the
+# else (the cold build's times at level 1 and 0 are in the README): the
 # crates whose arithmetic is compared (oxbox-dicom's preprocessing,
 # oxbox-model's kernels, which LLVM vectorises with NEON only from
-# opt-level 2) at the release level, gemm's crates at 1 (their aarch64
-# half-precision kernels are inline assembly that compiles only when
-# their target-feature helpers are inlined, which opt-level 0 does not
-# do), and every other dependency at 0: wasmtime, candle and the codecs
-# run a few times on small inputs here, and the cross build of the rest
-# at opt-level 1 took 587 s in an empty build directory against 332 s at
-# 0 (30 Nov, this machine). The results do not depend on it: Rust
-# computes the same values at every level (no fast-math), and the codecs
-# compared decode losslessly, in integers. A binary to install on a
-# Jetson is built at the release level (see firmware-notes/README.md).
+# opt-level 2) at the release level, gemm's crates at 1 and every other
+# dependency at 0 (wasmtime, candle and the codecs run a few times on
+# small inputs here). gemm-f16's aarch64 half-precision kernels are inline
+# assembly that compiles only when its target-feature helpers are inlined,
+# which opt-level 0 does not do; the gemm family stays at 1 together. The
+# results do not depend on it: Rust computes the same values at every
+# level (no fast-math), and the codecs compared decode losslessly, in
+# integers. A binary to install on a Jetson is built at the release level
+# (see firmware-notes/README.md).
 # (The profile's level, not `package."*"`, so that build scripts and proc
 # macros keep theirs and are shared with the x86 build.)
 check_profile=(--config profile.release.opt-level=0)
