@@ -19,9 +19,10 @@
 # qemu-user-static, the rustup target for the toolchain pinned in
 # rust-toolchain.toml). The build (optimised for the check, below: not the
 # binary to install, which firmware-notes/README.md builds) is left as
-# target/aarch64-unknown-linux-gnu/release/oxbox-aarch64-check; a warm one
-# takes seconds (CI's `target` is the shared build directory). Uses the x86 binary in
-# target/release/oxbox (built if missing) and the corpus ($OXBOX_CORPUS,
+# target/aarch64-unknown-linux-gnu/ci/oxbox-aarch64-check; a warm one
+# takes seconds (CI's `target` is the shared build directory). Compares
+# with the x86 binary $OXBOX_BIN (CI's target/ci/oxbox), else
+# target/ci/oxbox (built if missing), and uses the corpus ($OXBOX_CORPUS,
 # default tests/.corpus; tests/corpus/build.sh).
 #   scripts/aarch64-check.sh
 set -euo pipefail
@@ -50,7 +51,7 @@ export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
 export CXX_aarch64_unknown_linux_gnu=aarch64-linux-gnu-g++
 export AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
-step "cross build (release, $triple)"
+step "cross build (profile ci, $triple)"
 t=$SECONDS
 # The check's build optimises what the comparisons exercise and nothing
 # else (the cold build's times at level 1 and 0 are in the README): the
@@ -65,33 +66,35 @@ t=$SECONDS
 # level (no fast-math), and the codecs compared decode losslessly, in
 # integers. A binary to install on a Jetson is built at the release level
 # (see firmware-notes/README.md).
-# (The profile's level, not `package."*"`, so that build scripts and proc
-# macros keep theirs and are shared with the x86 build.)
-check_profile=(--config profile.release.opt-level=0)
+# It is CI's `ci` profile (the root Cargo.toml) with these levels: the
+# profile's level, not `package."*"`, so that build scripts and proc macros
+# keep theirs and are shared with CI's x86 build.
+check_profile=(--profile ci --config profile.ci.opt-level=0)
 for crate in oxbox-dicom oxbox-model; do
-  check_profile+=(--config "profile.release.package.$crate.opt-level=3")
+  check_profile+=(--config "profile.ci.package.$crate.opt-level=3")
 done
 for crate in gemm gemm-common gemm-f16 gemm-f32 gemm-f64 gemm-c32 gemm-c64; do
-  check_profile+=(--config "profile.release.package.$crate.opt-level=1")
+  check_profile+=(--config "profile.ci.package.$crate.opt-level=1")
 done
 env -u RUSTC_WORKSPACE_WRAPPER -u CLIPPY_ARGS \
-  cargo build --release --locked --target "$triple" -p oxbox --bin oxbox "${check_profile[@]}"
+  cargo build --locked --target "$triple" -p oxbox --bin oxbox "${check_profile[@]}"
 build_s=$((SECONDS - t))
 # Renamed, so that nobody installs the check's build on a box (cargo links
 # it again on the next run, even when nothing changed).
-arm=$root/target/$triple/release/oxbox-aarch64-check
-mv -f "$root/target/$triple/release/oxbox" "$arm"
+arm=$root/target/$triple/ci/oxbox-aarch64-check
+mv -f "$root/target/$triple/ci/oxbox" "$arm"
 # ELF machine 0xb7 = EM_AARCH64.
 [ "$(od -An -tx1 -j18 -N2 "$arm" | tr -d ' ')" = b700 ] || {
   echo "aarch64-check: $arm is not an aarch64 executable" >&2
   exit 1
 }
-x86=$root/target/release/oxbox
+x86=${OXBOX_BIN:-$root/target/ci/oxbox}
 if [ ! -x "$x86" ]; then
+  [ -z "${OXBOX_BIN:-}" ] || { echo "aarch64-check: OXBOX_BIN=$x86 is not an executable" >&2; exit 1; }
   step "building the x86 binary to compare with"
   RUSTC_WORKSPACE_WRAPPER="$(rustc --print sysroot)/bin/clippy-driver" \
     CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__" \
-    cargo build --release --locked -p oxbox
+    cargo build --profile ci --locked -p oxbox
 fi
 
 # 3. Runs on real inputs.

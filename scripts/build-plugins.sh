@@ -12,9 +12,9 @@
 # packing removes an old plugin.toml.sig: a new manifest needs a new signature.
 # --guests: also build the hostile test plugins (tests/guests/, for the tests).
 #
-# The host is never built here: packing uses target/release/oxbox, else
-# `oxbox` on PATH; without either it stops and says to build it
-# (`cargo build --release -p oxbox`).
+# The host is never built here: packing uses $OXBOX_BIN if set (CI's
+# target/ci/oxbox), else target/release/oxbox, else `oxbox` on PATH;
+# without any it stops and says to build it (`cargo build --release -p oxbox`).
 # --locked is used while plugins/Cargo.lock is up to date; once a member was
 # added (`oxbox plugin new`), the lock is first updated for the workspace's
 # own crates (`cargo update --workspace`) and the script says so.
@@ -52,7 +52,10 @@ if [ -n "${CARGO_TARGET_DIR:-}" ]; then
 fi
 cd "$(dirname "$0")/.."
 
-if [ -x ./target/release/oxbox ]; then
+if [ -n "${OXBOX_BIN:-}" ]; then
+  [ -x "$OXBOX_BIN" ] || { echo "error: OXBOX_BIN=$OXBOX_BIN is not an executable" >&2; exit 1; }
+  oxbox=$OXBOX_BIN
+elif [ -x ./target/release/oxbox ]; then
   oxbox=./target/release/oxbox
 elif command -v oxbox >/dev/null 2>&1; then
   oxbox=$(command -v oxbox)

@@ -9,14 +9,15 @@
 # the network, which a server needs, and the writable executable memory
 # that wasmtime's compiled plugins need). `verify` needs ExecStart's binary to exist: the
 # units are checked as copies whose /usr/local/bin/oxbox is the binary built
-# here (target/release/oxbox), in a scratch folder (drop-ins beside them).
+# here (BINARY, else $OXBOX_BIN, else target/release/oxbox), in a scratch
+# folder (drop-ins beside them).
 # Needs systemd's systemd-analyze (Debian: the `systemd` package), not a
 # running systemd.
 #   scripts/systemd-check.sh [BINARY]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
-binary=$(readlink -f "${1:-target/release/oxbox}")
+binary=$(readlink -f "${1:-${OXBOX_BIN:-target/release/oxbox}}")
 [ -x "$binary" ] || { echo "systemd-check: no binary at $binary" >&2; exit 1; }
 threshold=14 # exposure × 10, as --threshold takes it
 work=$(mktemp -d)

@@ -9,7 +9,10 @@
 # binary with one feature set (a separate `cargo build -p oxbox` would
 # compile candle, gemm and wasmtime-wasi a second time, because the test
 # targets' dev-dependencies change the unified features), and the test
-# corpus (Python reference tools, dcmtk, GDCM) is built meanwhile.
+# corpus (Python reference tools, dcmtk, GDCM) is built meanwhile. It uses
+# the `ci` profile (the root Cargo.toml): the release profile with what the
+# tests do not time at opt-level 1. Its binary, target/ci/oxbox, is the one
+# every step below runs ($OXBOX_BIN).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$SECONDS
@@ -51,10 +54,12 @@ export RUSTC_WORKSPACE_WRAPPER CLIPPY_ARGS
 # (target/cargo-timings/) for the build.
 timings=${OXBOX_BUILD_TIMINGS:+--timings}
 step "build: library, binary and test binaries, with the host's lints"
-if ! cargo test --release --locked --workspace --no-run $timings; then
+if ! cargo test --profile ci --locked --workspace --no-run $timings; then
   kill "$corpus" 2>/dev/null || true
   exit 1
 fi
+OXBOX_BIN=$PWD/target/ci/oxbox
+export OXBOX_BIN
 step "site plugins and test guests"
 # The Wasm guests are other workspaces, linted by their own clippy below.
 env -u RUSTC_WORKSPACE_WRAPPER -u CLIPPY_ARGS bash scripts/build-plugins.sh --guests
@@ -89,7 +94,7 @@ set +e
 {
   env -u RUSTC_WORKSPACE_WRAPPER -u CLIPPY_ARGS \
     cargo test --release --locked --manifest-path plugins/Cargo.toml --workspace &&
-  cargo test --release --locked --workspace
+  cargo test --profile ci --locked --workspace
 } 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
