@@ -58,6 +58,9 @@ fn synth_two_sites(dir: &Path, cases_per_site: &str, seed: &str) -> PathBuf {
         cases_per_site.as_ref(),
         "--seed".as_ref(),
         seed.as_ref(),
+        // Evaluation reads the images: 256-pixel ones keep the tests quick.
+        "--max-image-side".as_ref(),
+        "256".as_ref(),
         "--out".as_ref(),
         cohort.as_os_str(),
     ]);
@@ -289,6 +292,8 @@ fn synth_then_evaluate_run_from_any_working_directory() {
         "6",
         "--seed",
         "4",
+        "--max-image-side",
+        "256",
         "--out",
         "cohort",
     ]);

@@ -44,6 +44,9 @@ fn cohort(dir: &Path, sites: u32, cases: u32) {
         cases.to_string().as_ref(),
         "--seed".as_ref(),
         "5".as_ref(),
+        // Training reads the images: 256-pixel ones keep the tests quick.
+        "--max-image-side".as_ref(),
+        "256".as_ref(),
         "--out".as_ref(),
         dir.as_os_str(),
     ]);

@@ -274,3 +274,71 @@ fn site_mixes_give_each_site_its_case_mix_under_the_same_label_model() {
         "nothing written"
     );
 }
+
+#[test]
+fn max_image_side_caps_the_radiographs_and_changes_nothing_else() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let synth_capped = |out: &Path, cap: Option<&str>| {
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "synth".as_ref(),
+            "--sites".as_ref(),
+            "2".as_ref(),
+            "--cases-per-site".as_ref(),
+            "3".as_ref(),
+            "--seed".as_ref(),
+            "8".as_ref(),
+            "--out".as_ref(),
+            out.as_os_str(),
+        ];
+        if let Some(cap) = cap {
+            args.push("--max-image-side".as_ref());
+            args.push(cap.as_ref());
+        }
+        run(&args)
+    };
+    let (full, small) = (tmp.path().join("full"), tmp.path().join("small"));
+    let result = synth_capped(&full, None);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let result = synth_capped(&small, Some("160"));
+    assert!(result.status.success(), "{}", stderr(&result));
+    let (full_files, small_files) = (files(&full), files(&small));
+    assert_eq!(
+        full_files.keys().collect::<Vec<_>>(),
+        small_files.keys().collect::<Vec<_>>()
+    );
+    let info = |path: &Path| -> Value {
+        let out = run(&["dicom".as_ref(), "info".as_ref(), path.as_os_str()]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_slice(&out.stdout).expect("info JSON")
+    };
+    let mut images = 0;
+    for (path, bytes) in &full_files {
+        if path.extension().is_some_and(|e| e == "dcm") {
+            let (big, capped) = (info(&full.join(path)), info(&small.join(path)));
+            let side = |i: &Value, k: &str| -> u64 { i[k].as_u64().expect("rows/columns") };
+            let long = side(&capped, "rows").max(side(&capped, "columns"));
+            assert_eq!(long, 160, "{}: {capped}", path.display());
+            assert!(side(&big, "rows").max(side(&big, "columns")) >= 1024);
+            for same in [
+                "transfer_syntax",
+                "photometric_interpretation",
+                "bits_stored",
+            ] {
+                assert_eq!(big[same], capped[same], "{}: {same}", path.display());
+            }
+            images += 1;
+        } else {
+            // The EMR export, the labels, the sites and the truth: the same.
+            assert!(small_files[path] == *bytes, "{} differs", path.display());
+        }
+    }
+    assert_eq!(images, 6);
+    let refused = synth_capped(&tmp.path().join("tiny"), Some("16"));
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("--max-image-side"),
+        "{}",
+        stderr(&refused)
+    );
+    assert!(!tmp.path().join("tiny").exists(), "nothing written");
+}

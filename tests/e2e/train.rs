@@ -79,6 +79,9 @@ fn train_learns_is_deterministic_and_resumes_exactly() {
         "60".as_ref(),
         "--seed".as_ref(),
         "9".as_ref(),
+        // Training reads the images: 256-pixel ones keep the test quick.
+        "--max-image-side".as_ref(),
+        "256".as_ref(),
         "--out".as_ref(),
         cohort.as_os_str(),
     ]);
@@ -255,6 +258,8 @@ fn emr_only_models_train_on_cases_without_images() {
         "40".as_ref(),
         "--seed".as_ref(),
         "12".as_ref(),
+        "--max-image-side".as_ref(),
+        "256".as_ref(),
         "--out".as_ref(),
         cohort.as_os_str(),
     ]);

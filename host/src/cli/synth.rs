@@ -48,6 +48,13 @@ pub struct Args {
     /// the same as with images.
     #[arg(long)]
     pub no_images: bool,
+    /// Radiographs at most this many pixels on their longer side (default:
+    /// each scanner's own, 1024-3000): a quick cohort for tests and demos,
+    /// otherwise the same as without it.
+    #[arg(long, value_name = "PIXELS",
+          value_parser = clap::value_parser!(u32).range(
+              i64::from(oxbox::synth::MIN_IMAGE_SIDE)..=i64::from(oxbox::synth::MAX_IMAGE_SIDE)))]
+    pub max_image_side: Option<u32>,
     /// Seed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -66,6 +73,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .map(|sizes| sizes.into_iter().map(|s| s as usize).collect()),
         site_mixes: args.site_mixes,
         no_images: args.no_images,
+        max_image_side: args.max_image_side,
         seed: args.seed,
         out: args.out,
     };

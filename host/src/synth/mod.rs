@@ -69,6 +69,12 @@ pub struct SynthOptions {
     /// models, written in seconds (the labels and EMR values are the same
     /// as with images).
     pub no_images: bool,
+    /// The radiographs' longer side at most this many pixels (`None`: each
+    /// scanner's own, 1024–3000): small images for quick cohorts (tests,
+    /// demos), rendered and read many times faster. Everything else —
+    /// anatomy, opacities, transfer syntaxes, labels, EMR — is what the
+    /// same seed gives without it.
+    pub max_image_side: Option<u32>,
     /// The seed.
     pub seed: u64,
     /// The output folder (created; must be empty or absent).
@@ -274,6 +280,13 @@ pub fn generate(options: &SynthOptions, progress: &(dyn Fn() + Sync)) -> Result<
             options.site_count()
         )));
     }
+    if let Some(side) = options.max_image_side
+        && !(MIN_IMAGE_SIDE..=MAX_IMAGE_SIDE).contains(&side)
+    {
+        return Err(SynthError::Options(format!(
+            "--max-image-side {side}: between {MIN_IMAGE_SIDE} and {MAX_IMAGE_SIDE} pixels"
+        )));
+    }
     if !(1..=100_000).contains(&options.cases_per_site) {
         return Err(SynthError::Options(format!(
             "--cases-per-site {}: between 1 and 100000",
@@ -309,7 +322,7 @@ pub fn generate(options: &SynthOptions, progress: &(dyn Fn() + Sync)) -> Result<
                     ((site.index as u64) << 32) | i as u64,
                 );
                 if !options.no_images {
-                    write_case_image(site, patient, &images, &mut rng)?;
+                    write_case_image(site, patient, &images, options.max_image_side, &mut rng)?;
                 }
                 progress();
                 Ok::<(), SynthError>(())
@@ -399,14 +412,23 @@ pub fn image_file(patient: &Patient) -> String {
     format!("images/{}.dcm", patient.case_id)
 }
 
+/// The smallest and largest `--max-image-side` (the scanners' longest
+/// side is 3000).
+pub const MIN_IMAGE_SIDE: u32 = 64;
+/// See [`MIN_IMAGE_SIDE`].
+pub const MAX_IMAGE_SIDE: u32 = 4096;
+
 fn write_case_image(
     site: &SiteProfile,
     patient: &Patient,
     images: &Path,
+    max_side: Option<u32>,
     rng: &mut Pcg,
 ) -> Result<(), SynthError> {
     let scanner = &site.scanner;
     let long = scanner.side.0 + rng.below((scanner.side.1 - scanner.side.0 + 1) as usize) as u32;
+    // Capped after the draw, so that every later draw is the same.
+    let long = max_side.map_or(long, |max| long.min(max));
     let aspect = rng.range(0.85, 1.0);
     let (width, height) = if rng.chance(0.5) {
         (long as usize, (f64::from(long) * aspect) as usize)
