@@ -24,70 +24,88 @@
 # with the x86 binary $OXBOX_BIN (CI's target/ci/oxbox), else
 # target/ci/oxbox (built if missing), and uses the corpus ($OXBOX_CORPUS,
 # default tests/.corpus; tests/corpus/build.sh).
-#   scripts/aarch64-check.sh
+#   scripts/aarch64-check.sh              build, then compare
+#   scripts/aarch64-check.sh --build      the cross build only
+#   scripts/aarch64-check.sh --no-build   compare what --build left
+# (CI runs the build beside its later steps, then the comparisons.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 started=$SECONDS
 step() { printf '[aarch64-check %4ds] %s\n' $((SECONDS - started)) "$*" >&2; }
 triple=aarch64-unknown-linux-gnu
-
-# 1. Tools.
-need=()
-dpkg -s crossbuild-essential-arm64 >/dev/null 2>&1 || need+=(crossbuild-essential-arm64)
-command -v qemu-aarch64-static >/dev/null || need+=(qemu-user-static)
-if [ ${#need[@]} -gt 0 ]; then
-  step "installing ${need[*]}"
-  if [ "$(id -u)" -ne 0 ]; then sudo=sudo; else sudo=; fi
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
-# rustup resolves the toolchain from rust-toolchain.toml in this folder.
-rustup target list --installed | grep -qx "$triple" || rustup target add "$triple"
-
-# 2. The cross build: only the binary, without the host's lint wrapper (the
-# lints ran on x86; clippy-driver would also key a second copy of oxbox).
-export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
-export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
-export CXX_aarch64_unknown_linux_gnu=aarch64-linux-gnu-g++
-export AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
-step "cross build (profile ci, $triple)"
-t=$SECONDS
-# The check's build optimises what the comparisons exercise and nothing
-# else (the cold build's times at level 1 and 0 are in the README): the
-# crates whose arithmetic is compared (oxbox-dicom's preprocessing,
-# oxbox-model's kernels, which LLVM vectorises with NEON only from
-# opt-level 2) at the release level, gemm's crates at 1 and every other
-# dependency at 0 (wasmtime, candle and the codecs run a few times on
-# small inputs here). gemm-f16's aarch64 half-precision kernels are inline
-# assembly that compiles only when its target-feature helpers are inlined,
-# which opt-level 0 does not do; the gemm family stays at 1 together. The
-# results do not depend on it: Rust computes the same values at every
-# level (no fast-math), and the codecs compared decode losslessly, in
-# integers. A binary to install on a Jetson is built at the release level
-# (see firmware-notes/README.md).
-# It is CI's `ci` profile (the root Cargo.toml) with these levels: the
-# profile's level, not `package."*"`, so that build scripts and proc macros
-# keep theirs and are shared with CI's x86 build.
-check_profile=(--profile ci --config profile.ci.opt-level=0)
-for crate in oxbox-dicom oxbox-model; do
-  check_profile+=(--config "profile.ci.package.$crate.opt-level=3")
-done
-for crate in gemm gemm-common gemm-f16 gemm-f32 gemm-f64 gemm-c32 gemm-c64; do
-  check_profile+=(--config "profile.ci.package.$crate.opt-level=1")
-done
-env -u RUSTC_WORKSPACE_WRAPPER -u CLIPPY_ARGS \
-  cargo build --locked --target "$triple" -p oxbox --bin oxbox "${check_profile[@]}"
-build_s=$((SECONDS - t))
-# Renamed, so that nobody installs the check's build on a box (cargo links
-# it again on the next run, even when nothing changed).
+build=1 compare=1
+case "${1:-}" in
+  --build) compare=0 ;;
+  --no-build) build=0 ;;
+  "") ;;
+  *) echo "usage: scripts/aarch64-check.sh [--build | --no-build]" >&2; exit 2 ;;
+esac
 arm=$root/target/$triple/ci/oxbox-aarch64-check
-mv -f "$root/target/$triple/ci/oxbox" "$arm"
+
+build_s=0
+if [ "$build" = 1 ]; then
+  # 1. Tools.
+  need=()
+  dpkg -s crossbuild-essential-arm64 >/dev/null 2>&1 || need+=(crossbuild-essential-arm64)
+  command -v qemu-aarch64-static >/dev/null || need+=(qemu-user-static)
+  if [ ${#need[@]} -gt 0 ]; then
+    step "installing ${need[*]}"
+    if [ "$(id -u)" -ne 0 ]; then sudo=sudo; else sudo=; fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  fi
+  # rustup resolves the toolchain from rust-toolchain.toml in this folder.
+  rustup target list --installed | grep -qx "$triple" || rustup target add "$triple"
+
+  # 2. The cross build: only the binary, without the host's lint wrapper (the
+  # lints ran on x86; clippy-driver would also key a second copy of oxbox).
+  export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
+  export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
+  export CXX_aarch64_unknown_linux_gnu=aarch64-linux-gnu-g++
+  export AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
+  step "cross build (profile ci, $triple)"
+  t=$SECONDS
+  # The check's build optimises what the comparisons exercise and nothing
+  # else (the cold build's times at level 1 and 0 are in the README): the
+  # crates whose arithmetic is compared (oxbox-dicom's preprocessing,
+  # oxbox-model's kernels, which LLVM vectorises with NEON only from
+  # opt-level 2) at the release level, gemm's crates at 1 and every other
+  # dependency at 0 (wasmtime, candle and the codecs run a few times on
+  # small inputs here). gemm-f16's aarch64 half-precision kernels are inline
+  # assembly that compiles only when its target-feature helpers are inlined,
+  # which opt-level 0 does not do; the gemm family stays at 1 together. The
+  # results do not depend on it: Rust computes the same values at every
+  # level (no fast-math), and the codecs compared decode losslessly, in
+  # integers. A binary to install on a Jetson is built at the release level
+  # (see firmware-notes/README.md).
+  # It is CI's `ci` profile (the root Cargo.toml) with these levels: the
+  # profile's level, not `package."*"`, so that build scripts and proc macros
+  # keep theirs and are shared with CI's x86 build.
+  check_profile=(--profile ci --config profile.ci.opt-level=0)
+  for crate in oxbox-dicom oxbox-model; do
+    check_profile+=(--config "profile.ci.package.$crate.opt-level=3")
+  done
+  for crate in gemm gemm-common gemm-f16 gemm-f32 gemm-f64 gemm-c32 gemm-c64; do
+    check_profile+=(--config "profile.ci.package.$crate.opt-level=1")
+  done
+  env -u RUSTC_WORKSPACE_WRAPPER -u CLIPPY_ARGS \
+    cargo build --locked --target "$triple" -p oxbox --bin oxbox "${check_profile[@]}"
+  build_s=$((SECONDS - t))
+  # Renamed, so that nobody installs the check's build on a box (cargo links
+  # it again on the next run, even when nothing changed).
+  mv -f "$root/target/$triple/ci/oxbox" "$arm"
+fi
+[ -x "$arm" ] || { echo "aarch64-check: no $arm (scripts/aarch64-check.sh --build)" >&2; exit 1; }
 # ELF machine 0xb7 = EM_AARCH64.
 [ "$(od -An -tx1 -j18 -N2 "$arm" | tr -d ' ')" = b700 ] || {
   echo "aarch64-check: $arm is not an aarch64 executable" >&2
   exit 1
 }
+if [ "$compare" = 0 ]; then
+  step "cross build done in ${build_s} s: $arm"
+  exit 0
+fi
 x86=${OXBOX_BIN:-$root/target/ci/oxbox}
 if [ ! -x "$x86" ]; then
   [ -z "${OXBOX_BIN:-}" ] || { echo "aarch64-check: OXBOX_BIN=$x86 is not an executable" >&2; exit 1; }
@@ -222,4 +240,8 @@ if [ "$failed" -ne 0 ]; then
   echo "aarch64-check: the aarch64 binary differs from the x86 one (above)" >&2
   exit 1
 fi
-step "aarch64 binary agrees with x86 (cross build ${build_s} s, whole check $((SECONDS - started)) s)"
+if [ "$build" = 1 ]; then
+  step "aarch64 binary agrees with x86 (cross build ${build_s} s, whole check $((SECONDS - started)) s)"
+else
+  step "aarch64 binary agrees with x86 (comparisons $((SECONDS - started)) s)"
+fi
