@@ -7,7 +7,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::util::{repo_root, run, stderr};
+use crate::util::{QUICK_IMAGE_SIDE, repo_root, run, stderr};
 
 /// The Python with scikit-learn (`scripts/setup.sh --tests` makes it).
 fn python() -> PathBuf {
@@ -58,9 +58,8 @@ fn synth_two_sites(dir: &Path, cases_per_site: &str, seed: &str) -> PathBuf {
         cases_per_site.as_ref(),
         "--seed".as_ref(),
         seed.as_ref(),
-        // Evaluation reads the images: 256-pixel ones keep the tests quick.
         "--max-image-side".as_ref(),
-        "256".as_ref(),
+        QUICK_IMAGE_SIDE.as_ref(),
         "--out".as_ref(),
         cohort.as_os_str(),
     ]);
@@ -293,7 +292,7 @@ fn synth_then_evaluate_run_from_any_working_directory() {
         "--seed",
         "4",
         "--max-image-side",
-        "256",
+        QUICK_IMAGE_SIDE,
         "--out",
         "cohort",
     ]);

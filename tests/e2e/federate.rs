@@ -16,7 +16,7 @@ use oxbox::federation::signed::SignedDocument;
 use oxbox::model::package::PackageBytes;
 use oxbox::signing::SigningKey;
 
-use crate::util::{KillOnDrop, oxbox_command, run, stderr};
+use crate::util::{KillOnDrop, QUICK_IMAGE_SIDE, oxbox_command, run, stderr};
 
 /// `oxbox keys generate --out DIR`: (private key file, public key hex).
 fn keys(dir: &Path) -> (PathBuf, String) {
@@ -44,9 +44,8 @@ fn cohort(dir: &Path, sites: u32, cases: u32) {
         cases.to_string().as_ref(),
         "--seed".as_ref(),
         "5".as_ref(),
-        // Training reads the images: 256-pixel ones keep the tests quick.
         "--max-image-side".as_ref(),
-        "256".as_ref(),
+        QUICK_IMAGE_SIDE.as_ref(),
         "--out".as_ref(),
         dir.as_os_str(),
     ]);

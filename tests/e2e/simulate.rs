@@ -265,24 +265,33 @@ fn identifiers(cohort: &Path) -> Vec<String> {
 /// longer number (a birth date's digits inside a float).
 struct IdentifierScan {
     ids: Vec<String>,
+    /// Per identifier: all digits (and dashes), so matched as a whole number.
+    numeric: Vec<bool>,
     matcher: AhoCorasick,
 }
 
 impl IdentifierScan {
     fn new(ids: Vec<String>) -> Self {
         let matcher = AhoCorasick::new(&ids).expect("identifier matcher");
-        Self { ids, matcher }
+        let numeric = ids
+            .iter()
+            .map(|id| id.bytes().all(|b| b.is_ascii_digit() || b == b'-'))
+            .collect();
+        Self {
+            ids,
+            numeric,
+            matcher,
+        }
     }
 
     /// The first identifier found in `hay`, if any.
     fn first_in(&self, hay: &[u8]) -> Option<&str> {
         self.matcher.find_overlapping_iter(hay).find_map(|m| {
-            let id = &self.ids[m.pattern().as_usize()];
-            let numeric = id.bytes().all(|b| b.is_ascii_digit() || b == b'-');
-            let whole = !numeric
+            let pattern = m.pattern().as_usize();
+            let whole = !self.numeric[pattern]
                 || ((m.start() == 0 || !hay[m.start() - 1].is_ascii_digit())
                     && hay.get(m.end()).is_none_or(|b| !b.is_ascii_digit()));
-            whole.then_some(id.as_str())
+            whole.then_some(self.ids[pattern].as_str())
         })
     }
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::util::{repo_root, run, stderr};
+use crate::util::{QUICK_IMAGE_SIDE, repo_root, run, stderr};
 
 fn train(cohort: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
     let data = format!(
@@ -79,9 +79,8 @@ fn train_learns_is_deterministic_and_resumes_exactly() {
         "60".as_ref(),
         "--seed".as_ref(),
         "9".as_ref(),
-        // Training reads the images: 256-pixel ones keep the test quick.
         "--max-image-side".as_ref(),
-        "256".as_ref(),
+        QUICK_IMAGE_SIDE.as_ref(),
         "--out".as_ref(),
         cohort.as_os_str(),
     ]);
@@ -259,7 +258,7 @@ fn emr_only_models_train_on_cases_without_images() {
         "--seed".as_ref(),
         "12".as_ref(),
         "--max-image-side".as_ref(),
-        "256".as_ref(),
+        QUICK_IMAGE_SIDE.as_ref(),
         "--out".as_ref(),
         cohort.as_os_str(),
     ]);

@@ -39,6 +39,11 @@ pub fn corpus_file(name: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("{name} not in corpus"))
 }
 
+/// `oxbox synth --max-image-side` for the tests that train, evaluate or
+/// federate: they read every image, and 256-pixel ones keep them quick
+/// (full-size radiographs are `synth`'s own tests' and the corpus's).
+pub const QUICK_IMAGE_SIDE: &str = "256";
+
 /// A TCP port free on loopback now (bound, then released): for a peer the
 /// test starts that cannot bind port 0 and report it.
 pub fn free_port() -> u16 {
