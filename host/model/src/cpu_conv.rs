@@ -11,7 +11,9 @@
 //! into it. 1×1 stride-1 convolutions skip the unfolding. 3×3 stride-1
 //! convolutions with enough output tiles run in the Winograd domain
 //! instead ([`super::winograd`], weights transformed once, when the kernel
-//! is built). Training uses [`super::cpu_conv_grad`], which adds the
+//! is built). At batch 1 the products run with weights packed once:
+//! [`super::packed_gemm`] for large output planes, and on AVX-512
+//! [`super::narrow_gemm`] for small ones (the deep layers' 7×7 and 14×14). Training uses [`super::cpu_conv_grad`], which adds the
 //! backward pass and runs its forward products here.
 
 use std::cell::RefCell;
@@ -21,6 +23,7 @@ use std::sync::OnceLock;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::narrow_gemm::{self, PANEL_ROWS, PanelWeights};
 use super::packed_gemm::{self, Epilogue, Operands, PackedWeights};
 use super::winograd::{Tile, Winograd};
 
@@ -44,6 +47,10 @@ pub struct FusedConv {
     /// every im2col product with `gemm` (the kernel before packing, for
     /// comparisons and tests).
     packed: Option<OnceLock<PackedWeights>>,
+    /// The weights packed for [`narrow_gemm`] (im2col and 1×1 at batch 1
+    /// with few output pixels, on AVX-512), on the first call that runs
+    /// them; `None` as `packed`.
+    panels: Option<OnceLock<PanelWeights>>,
 }
 
 /// A kernel's Winograd forms, each transformed once, on the first call
@@ -82,9 +89,11 @@ fn threads_for(work: usize) -> usize {
 /// Output planes of at least this many pixels run at batch 1 with the
 /// packed weights, split between the threads by output rows (each
 /// unfolds and multiplies its own rows, with all the weights); smaller
-/// ones (the deep layers, bound by reading the weights) run im2col +
-/// `gemm`, measured faster there (`oxbox bench --layers`: `im2col_ms`
-/// against `gemm_ms`).
+/// ones (the deep layers, bound by reading the weights) run im2col and,
+/// on AVX-512 with whole panels of output channels, [`narrow_gemm`] (the
+/// panels split between the threads, each reading only its weights),
+/// else `gemm`, measured faster there than the packed weights (`oxbox
+/// bench --layers`: `im2col_ms` against `gemm_ms`).
 const SPLIT_BY_PIXELS_MIN: usize = 256;
 
 /// With packed weights split by output rows: the unfolded input a task
@@ -138,6 +147,7 @@ impl FusedConv {
             relu,
             winograd,
             packed: Some(OnceLock::new()),
+            panels: Some(OnceLock::new()),
         })
     }
 
@@ -147,6 +157,7 @@ impl FusedConv {
     pub fn plain_gemm(mut self) -> Self {
         self.winograd = None;
         self.packed = None;
+        self.panels = None;
         self
     }
 
@@ -271,6 +282,13 @@ impl FusedConv {
         {
             return self.run_packed(packed, input, dims, residual);
         }
+        if batch == 1
+            && self.out_channels.is_multiple_of(PANEL_ROWS)
+            && narrow_gemm::available()
+            && let Some(panels) = &self.panels
+        {
+            return self.run_panels(panels, input, dims, residual);
+        }
         if batch > 1 && n >= WIDE_MAX_PIXELS {
             // Large planes already give the kernel wide matrices: one image
             // at a time keeps the unfolded input in cache.
@@ -325,6 +343,59 @@ impl FusedConv {
                 out[b * plane_out + c * n..][..n].copy_from_slice(&row[b * n..(b + 1) * n]);
             }
         }
+        out
+    }
+
+    /// One image of few output pixels (fewer than
+    /// [`SPLIT_BY_PIXELS_MIN`]) with the weights in panels
+    /// ([`narrow_gemm`], AVX-512): Y = W · unfold(x) + bias (+ residual)
+    /// (ReLU), the panels spread over the threads (each reads only its
+    /// panels' weights, which is what bounds these layers).
+    fn run_panels(
+        &self,
+        panels: &OnceLock<PanelWeights>,
+        input: &[f32],
+        [_, height, width, out_h, out_w]: [usize; 5],
+        residual: Option<&[f32]>,
+    ) -> Vec<f32> {
+        let n = out_h * out_w;
+        let k = self.in_channels * self.kernel * self.kernel;
+        let rows = self.out_channels;
+        let weights = panels.get_or_init(|| PanelWeights::new(&self.weights, rows, k));
+        let mut out = vec![0f32; rows * n];
+        assert!(input.len() >= self.in_channels * height * width);
+        assert!(residual.is_none_or(|r| r.len() >= rows * n));
+        let threads = threads_for(rows * n * k);
+        let epilogue = Epilogue {
+            bias: Some(&self.bias),
+            relu: self.relu,
+        };
+        // Raw parts shared by the tasks, which write disjoint rows.
+        let dst = out.as_mut_ptr() as usize;
+        let skip = residual.map_or(0, |r| r.as_ptr() as usize);
+        self.with_unfolded(input, 1, [height, width, out_h, out_w], |rhs| {
+            let rhs = rhs.as_ptr() as usize;
+            let work = |panel: usize| {
+                let operands = Operands {
+                    rhs: rhs as *const f32,
+                    rhs_stride: n,
+                    cols: n,
+                    dst: dst as *mut f32,
+                    residual: skip as *const f32,
+                    dst_stride: n,
+                };
+                // SAFETY: the unfolded input (or the 1×1 input) holds k
+                // rows of n; Y and the residual rows × n (asserted above);
+                // this task alone writes its panel's rows; the CPU has
+                // AVX-512 (checked by the caller).
+                unsafe { narrow_gemm::multiply(weights, panel..panel + 1, operands, epilogue) };
+            };
+            if threads > 1 {
+                (0..weights.panels()).into_par_iter().for_each(work);
+            } else {
+                (0..weights.panels()).for_each(work);
+            }
+        });
         out
     }
 
@@ -868,6 +939,13 @@ pub(crate) mod tests {
             (1, 3, 10, 7, 2, 3, 61, 45),
             (1, 24, 40, 3, 2, 1, 29, 29),
             (1, 40, 20, 1, 1, 0, 30, 30),
+            // Small planes at batch 1 with whole panels of 32 output
+            // channels (`narrow_gemm` on AVX-512): unfolded 3×3 and 1×1
+            // stride 2, 1×1 in place, 3×3 without padding.
+            (1, 16, 32, 3, 2, 1, 15, 15),
+            (1, 8, 64, 1, 2, 0, 9, 9),
+            (1, 32, 32, 1, 1, 0, 7, 7),
+            (1, 4, 32, 3, 1, 0, 11, 11),
         ];
         for (i, &case) in cases.iter().enumerate() {
             check_against_candle(case, i as u32);

@@ -7,8 +7,9 @@
 //! - [`cpu_conv`], [`cpu_conv_grad`], [`cpu_batch_norm`]: the CPU kernels
 //!   for inference (fused, folded convolution) and training (convolution
 //!   and batch norm with backward passes); [`winograd`]: the 3×3
-//!   stride-1 convolutions in the Winograd domain; [`packed_gemm`]: the
-//!   inference products with weights packed at load; [`vector_isa`]: which
+//!   stride-1 convolutions in the Winograd domain; [`packed_gemm`] and
+//!   [`narrow_gemm`]: the inference products with weights packed at load
+//!   (the second for few columns, on AVX-512); [`vector_isa`]: which
 //!   vector instructions they use (AVX-512, AVX2 or portable code);
 //! - this module: choosing the device, loading a package for inference
 //!   (batch norm folded into the convolutions), encoding an EMR record, and
@@ -24,6 +25,7 @@ pub mod cpu_batch_norm;
 pub mod cpu_conv;
 pub mod cpu_conv_grad;
 pub mod demo;
+pub mod narrow_gemm;
 pub mod net;
 pub mod package;
 pub mod packed_gemm;

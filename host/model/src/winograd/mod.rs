@@ -19,11 +19,21 @@
 //!   makes);
 //! - V = Bᵀ d B per call (the input transform), in groups of [`LANES`]
 //!   tiles so the arithmetic runs on vectors;
-//! - the products run with U packed once ([`super::packed_gemm`]), spread
-//!   over the threads by frequency; V and M hold each frequency's tiles
-//!   in a row rounded up to whole vectors;
+//! - the products run with U packed once ([`super::packed_gemm`]);
 //! - the output transform Aᵀ M A is fused with the bias, the residual and
 //!   the ReLU.
+//!
+//! The work is spread over the threads one of two ways:
+//! - planes with many tiles (at least one block per thread): in blocks of
+//!   [`BLOCK_TILES`] tiles, each block's input transform, 36 products and
+//!   output transform on one thread in turn, so its V and M stay in that
+//!   core's cache and each frequency's V is one contiguous panel for the
+//!   products' kernel (ResNet-18's layers 1 and 2 at 224²);
+//! - planes with few tiles (the deep layers): phase by phase over all
+//!   tiles, the products spread by frequency, so that each thread reads
+//!   only its frequencies' weights, which is what bounds those layers.
+//!
+//! Both give the same bits (tested).
 //!
 //! F(4×4) needs 4× the weights' memory in the Winograd domain and F(2×2)
 //! 16/9×; F(2×2) suits small planes (7×7 at 224²: four 4×4 tiles would
@@ -33,22 +43,27 @@
 //! convolution to 1e-6–1e-5 of the output's scale (tested here against
 //! f64 and in [`super::cpu_conv`]'s tests against candle's conv2d).
 //!
-//! Vector code: the transforms are written on fixed-width lane arrays and
-//! compiled twice, once for the baseline target and once with AVX2 + FMA
-//! enabled, chosen at run time (`is_x86_feature_detected!`); on aarch64
-//! the baseline already has NEON. The input transform's patch gather is
-//! written with AVX2 intrinsics on x86-64 (8×8 transposes,
-//! `gather_patches_avx2`), which the compiler does not find from the
-//! element-by-element copy. The forward products dispatch the same
-//! way ([`super::packed_gemm`]); the weight gradient's use `gemm`, which
-//! does its own run-time dispatch (AVX-512, AVX2, NEON).
+//! Vector code: the transforms are written on fixed-width lane arrays
+//! (the portable path; on aarch64 the baseline already has NEON) and, on
+//! x86-64 with AVX2 + FMA (chosen at run time), on 256-bit registers
+//! ([`avx2`]: the patch gather as 8×8 transposes, which the compiler does
+//! not find from the element-by-element copy, and no round trip through
+//! memory between the steps); both do the same operations in the same
+//! order. The forward products dispatch the same way
+//! ([`super::packed_gemm`]); the weight gradient's use `gemm`, which does
+//! its own run-time dispatch (AVX-512, AVX2, NEON).
 
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
+use std::ops::Range;
+use std::thread::LocalKey;
 
 use rayon::prelude::*;
 
 use super::packed_gemm::{self, BLOCK_ROWS, Epilogue, Operands, PackedWeights};
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 
 /// The largest input tile side (F(4×4): 4 + 3 − 1): the size of the
 /// fixed arrays the transforms work in.
@@ -59,6 +74,23 @@ const LANES: usize = 8;
 /// products: bounds the transformed buffers (in·36·tiles floats) so they
 /// stay in cache.
 const MAX_TILES_PER_PASS: usize = 256;
+/// Tiles per block of the blocked forward pass ([`Winograd::run_blocks`]):
+/// the columns of one call of the products' AVX-512 kernel.
+const BLOCK_TILES: usize = 32;
+
+/// How a call spreads its work over the threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Spread {
+    /// By blocks of [`BLOCK_TILES`] tiles, each wholly on one thread
+    /// ([`Winograd::run_blocks`]): when there are at least as many blocks
+    /// as threads.
+    Blocks,
+    /// Each phase over all tiles of a pass, the products by frequency
+    /// ([`Winograd::run_group`]): planes with few tiles (the deep layers),
+    /// where blocks would leave threads idle and each thread would read
+    /// every frequency's weights.
+    Phases,
+}
 
 /// F(4×4, 3×3)'s filter transform G (6×3).
 const G4: [[f64; 3]; 6] = [
@@ -122,6 +154,26 @@ thread_local! {
     /// convolution and training step.
     static GRADIENT_SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> =
         const { RefCell::new((Vec::new(), Vec::new())) };
+    /// The zero-padded input planes of [`Winograd::run_blocks`], on the
+    /// thread that calls it.
+    static PADDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// One block's transformed input V and products M in
+    /// [`Winograd::run_blocks`], per thread.
+    static BLOCK_SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> =
+        const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Runs `f` with this thread's buffer in `key`, or with a fresh one when
+/// that is in use: a thread waiting for its tasks may run another call's
+/// task meanwhile.
+fn with_buffer<T: Default + 'static, R>(
+    key: &'static LocalKey<RefCell<T>>,
+    f: impl FnOnce(&mut T) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buffer) => f(&mut buffer),
+        Err(_) => f(&mut T::default()),
+    })
 }
 
 /// A 3×3, stride 1, padding 1 convolution in the Winograd domain: the
@@ -186,6 +238,17 @@ impl Geometry {
     /// Tiles per image.
     fn tiles(&self) -> usize {
         self.tile_rows * self.tile_cols
+    }
+
+    /// Tile `t` (numbered over the batch): its image, and its output
+    /// tile's top row and left column in that image's planes.
+    fn tile_origin(&self, t: usize) -> (usize, usize, usize) {
+        let (image, t) = (t / self.tiles(), t % self.tiles());
+        (
+            image,
+            self.m * (t / self.tile_cols),
+            self.m * (t % self.tile_cols),
+        )
     }
 
     /// Sides of an image zero-padded so that every tile's (m+2)² patch
@@ -288,13 +351,37 @@ impl Winograd {
         [batch, height, width]: [usize; 3],
         residual: Option<&[f32]>,
     ) -> Vec<f32> {
+        let blocks = (batch * self.tile.tiles(height, width)).div_ceil(BLOCK_TILES);
+        let spread = if blocks >= rayon::current_num_threads() {
+            Spread::Blocks
+        } else {
+            Spread::Phases
+        };
+        self.run_spread(spread, input, [batch, height, width], residual)
+    }
+
+    /// [`Self::run`] with the work spread as `spread` says.
+    fn run_spread(
+        &self,
+        spread: Spread,
+        input: &[f32],
+        [batch, height, width]: [usize; 3],
+        residual: Option<&[f32]>,
+    ) -> Vec<f32> {
         let plane_in = self.in_channels * height * width;
         let plane_out = self.out_channels * height * width;
         let len = batch * plane_out;
         // Not zeroed first: the output transform writes every element
         // (a training step's Winograd outputs are hundreds of MiB).
         let mut out: Vec<f32> = Vec::with_capacity(len);
-        if plane_out > 0 {
+        if plane_out > 0 && spread == Spread::Blocks {
+            self.run_blocks(
+                input,
+                Geometry::new(self.tile, batch, height, width),
+                residual,
+                &mut out.spare_capacity_mut()[..len],
+            );
+        } else if plane_out > 0 {
             let tiles = self.tile.tiles(height, width);
             let group = (MAX_TILES_PER_PASS / tiles).clamp(1, batch.max(1));
             let spare = &mut out.spare_capacity_mut()[..len];
@@ -311,12 +398,111 @@ impl Winograd {
                 first += count;
             }
         }
-        // SAFETY: every group wrote every element of its images' planes
-        // (`transform_output` covers each plane, `finish_plane` each row and
-        // column of it), and the groups cover 0..batch; with no plane,
-        // len is 0.
+        // SAFETY: the blocks cover every tile of every image, and a tile's
+        // output transform writes its pixels of every output plane (cut at
+        // the plane's edges); otherwise every group wrote every element of
+        // its images' planes (`transform_output` covers each plane,
+        // `finish_plane` each row and column of it), and the groups cover
+        // 0..batch; with no plane, len is 0.
         unsafe { out.set_len(len) };
         out
+    }
+
+    /// Every tile of the batch in blocks of [`BLOCK_TILES`], spread over
+    /// the threads: each block's input transform, products and output
+    /// transform run in turn on one thread, so its V and M stay in that
+    /// core's cache, and each frequency's V is one contiguous panel
+    /// (`[ξ][in][tile]`) for the products' kernel. What the layers with
+    /// many tiles run (in layer 1 of a ResNet at 224², spreading the
+    /// products by frequency left half of each core's V in the other
+    /// core's cache, and its rows 36 frequencies apart).
+    fn run_blocks(
+        &self,
+        input: &[f32],
+        geometry: Geometry,
+        residual: Option<&[f32]>,
+        out: &mut [MaybeUninit<f32>],
+    ) {
+        let (padded_h, padded_w) = geometry.padded();
+        let padded_plane = padded_h * padded_w;
+        let plane = geometry.height * geometry.width;
+        let planes = geometry.batch * self.in_channels;
+        let frequencies = geometry.frequencies();
+        let tiles = geometry.batch * geometry.tiles();
+        assert!(
+            input.len() >= planes * plane
+                && out.len() >= geometry.batch * self.out_channels * plane
+                && residual.is_none_or(|r| r.len() >= out.len())
+        );
+        let dst = out.as_mut_ptr() as usize;
+        with_buffer(&PADDED, |padded: &mut Vec<f32>| {
+            padded.resize(planes * padded_plane + GATHER_SLACK, 0.0);
+            padded[..planes * padded_plane]
+                .par_chunks_mut(padded_plane)
+                .zip(input.par_chunks(plane))
+                .for_each(|(padded, source)| {
+                    pad_plane(source, geometry.width, 1, padded, padded_w);
+                });
+            let padded = &padded[..];
+            (0..tiles.div_ceil(BLOCK_TILES))
+                .into_par_iter()
+                .for_each(|block| {
+                    let first = block * BLOCK_TILES;
+                    let block_tiles = first..(first + BLOCK_TILES).min(tiles);
+                    with_buffer(&BLOCK_SCRATCH, |(v, m)| {
+                        v.resize(frequencies * self.in_channels * BLOCK_TILES, 0.0);
+                        m.resize(frequencies * self.out_channels * BLOCK_TILES, 0.0);
+                        input_block(padded, geometry, self.in_channels, block_tiles.clone(), v);
+                        self.multiply_block(v, m, block_tiles.len());
+                        let finish = Finish {
+                            bias: &self.bias,
+                            relu: self.relu,
+                            residual,
+                            channels: self.out_channels,
+                        };
+                        // SAFETY: `out` holds every output plane (asserted
+                        // above); the block writes only its tiles' pixels,
+                        // which no other block writes, and nothing else
+                        // touches `out` while the blocks run.
+                        unsafe {
+                            output_block(
+                                m,
+                                geometry,
+                                block_tiles,
+                                finish,
+                                dst as *mut MaybeUninit<f32>,
+                            );
+                        }
+                    });
+                });
+        });
+    }
+
+    /// M[ξ] (out × tiles) = U[ξ] · V[ξ] (in × tiles) for every frequency
+    /// of one block of `tiles` tiles, both in the block layout (row stride
+    /// [`BLOCK_TILES`], frequency ξ's matrix at ξ · rows · [`BLOCK_TILES`]).
+    fn multiply_block(&self, v: &[f32], m: &mut [f32], tiles: usize) {
+        let (rows, depth) = (self.out_channels, self.in_channels);
+        assert!(
+            tiles <= BLOCK_TILES
+                && v.len() >= self.weights.len() * depth * BLOCK_TILES
+                && m.len() >= self.weights.len() * rows * BLOCK_TILES
+        );
+        for (xi, u) in self.weights.iter().enumerate() {
+            let operands = Operands {
+                rhs: v[xi * depth * BLOCK_TILES..].as_ptr(),
+                rhs_stride: BLOCK_TILES,
+                cols: tiles,
+                dst: m[xi * rows * BLOCK_TILES..].as_mut_ptr(),
+                residual: std::ptr::null(),
+                dst_stride: BLOCK_TILES,
+            };
+            // SAFETY: frequency ξ's V holds `depth` rows and its M `rows`
+            // rows (U's rows) of BLOCK_TILES ≥ `tiles` floats (asserted
+            // above); `m` is borrowed mutably, so nothing else reads or
+            // writes it.
+            unsafe { packed_gemm::multiply(u, 0..u.blocks(), operands, Epilogue::default()) };
+        }
     }
 
     /// One pass: every tile of `geometry.batch` images at once.
@@ -913,6 +1099,199 @@ fn transform_input(input: &[f32], geometry: Geometry, channels: usize, transform
         );
 }
 
+/// V of the tiles `tiles` (numbered over the batch) for every input
+/// channel, from the zero-padded planes `padded` (`[image][channel]`,
+/// [`GATHER_SLACK`] floats after the last), into `v` in the block layout:
+/// `v[(ξ · channels + c) · BLOCK_TILES + t − tiles.start]`.
+fn input_block(
+    padded: &[f32],
+    geometry: Geometry,
+    channels: usize,
+    tiles: Range<usize>,
+    v: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::has_avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above), all the
+        // function requires beyond the baseline.
+        unsafe { input_block_avx2(padded, geometry, channels, tiles, v) };
+        return;
+    }
+    match geometry.m {
+        4 => input_block_generic::<4, false>(padded, geometry, channels, tiles, v),
+        _ => input_block_generic::<2, false>(padded, geometry, channels, tiles, v),
+    }
+}
+
+/// [`input_block_generic`] compiled with AVX2 and FMA, the transforms in
+/// AVX2 registers ([`avx2::input_group`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn input_block_avx2(
+    padded: &[f32],
+    geometry: Geometry,
+    channels: usize,
+    tiles: Range<usize>,
+    v: &mut [f32],
+) {
+    match geometry.m {
+        4 => input_block_generic::<4, true>(padded, geometry, channels, tiles, v),
+        _ => input_block_generic::<2, true>(padded, geometry, channels, tiles, v),
+    }
+}
+
+/// See [`input_block`]; `AVX2` as in [`input_group`].
+#[inline(always)]
+fn input_block_generic<const M: usize, const AVX2: bool>(
+    padded: &[f32],
+    geometry: Geometry,
+    channels: usize,
+    tiles: Range<usize>,
+    v: &mut [f32],
+) {
+    let (padded_h, padded_w) = geometry.padded();
+    let padded_plane = padded_h * padded_w;
+    // Each tile's patch in its image's first plane, worked out once per
+    // block (two divisions a tile).
+    let mut first_plane = [0usize; BLOCK_TILES];
+    for (start, t) in first_plane.iter_mut().zip(tiles.clone()) {
+        let (image, top, left) = geometry.tile_origin(t);
+        *start = image * channels * padded_plane + top * padded_w + left;
+    }
+    let count = tiles.len().min(BLOCK_TILES);
+    for c in 0..channels {
+        for group in (0..count).step_by(LANES) {
+            let lanes = LANES.min(count - group);
+            let mut starts = [0usize; LANES];
+            for (start, first) in starts.iter_mut().zip(&first_plane[group..group + lanes]) {
+                *start = first + c * padded_plane;
+            }
+            let at = GroupAt {
+                stride: channels * BLOCK_TILES,
+                offset: c * BLOCK_TILES + group,
+            };
+            input_group::<M, AVX2>(padded, padded_w, &starts[..lanes], v, at);
+        }
+    }
+}
+
+/// What follows the output transform: + bias, + residual, ReLU.
+#[derive(Debug, Clone, Copy)]
+struct Finish<'a> {
+    /// Per output channel.
+    bias: &'a [f32],
+    relu: bool,
+    /// Same shape as the output.
+    residual: Option<&'a [f32]>,
+    /// Output channels.
+    channels: usize,
+}
+
+/// Y = Aᵀ M A + bias (+ residual) (ReLU) of the tiles `tiles` (numbered
+/// over the batch) for every output channel, from `products` in the block
+/// layout ([`input_block`]'s), into the NCHW output at `out`.
+///
+/// # Safety
+/// `out` points at `geometry.batch · finish.channels` output planes; no
+/// other thread reads or writes the tiles' pixels of them meanwhile.
+unsafe fn output_block(
+    products: &[f32],
+    geometry: Geometry,
+    tiles: Range<usize>,
+    finish: Finish<'_>,
+    out: *mut MaybeUninit<f32>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::has_avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above); the
+        // caller upholds the memory contract.
+        unsafe {
+            match geometry.m {
+                4 => avx2::output_block::<4>(products, geometry, tiles, finish, out),
+                _ => avx2::output_block::<2>(products, geometry, tiles, finish, out),
+            }
+        }
+        return;
+    }
+    // SAFETY: the caller upholds the memory contract.
+    unsafe {
+        match geometry.m {
+            4 => output_block_generic::<4>(products, geometry, tiles, finish, out),
+            _ => output_block_generic::<2>(products, geometry, tiles, finish, out),
+        }
+    }
+}
+
+/// See [`output_block`].
+///
+/// # Safety
+/// As [`output_block`].
+#[inline(always)]
+unsafe fn output_block_generic<const M: usize>(
+    products: &[f32],
+    geometry: Geometry,
+    tiles: Range<usize>,
+    finish: Finish<'_>,
+    out: *mut MaybeUninit<f32>,
+) {
+    for o in 0..finish.channels {
+        let bias = finish.bias[o];
+        let mut first = tiles.start;
+        while first < tiles.end {
+            let lanes = LANES.min(tiles.end - first);
+            let at = GroupAt {
+                stride: finish.channels * BLOCK_TILES,
+                offset: o * BLOCK_TILES + first - tiles.start,
+            };
+            let y = output_group::<M, false>(products, at, lanes);
+            for lane in 0..lanes {
+                // SAFETY: forwarded (the caller's contract).
+                unsafe { finish_tile(&y, lane, first + lane, o, bias, geometry, finish, out) };
+            }
+            first += lanes;
+        }
+    }
+}
+
+/// Writes tile `t`'s (numbered over the batch) output in lane `lane` of
+/// `y` to output channel `o`, element by element: + bias, + residual,
+/// ReLU, cut at the plane's edges.
+///
+/// # Safety
+/// As [`output_block`], for the tile's pixels.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn finish_tile(
+    y: &[[[f32; LANES]; 4]; 4],
+    lane: usize,
+    t: usize,
+    o: usize,
+    bias: f32,
+    geometry: Geometry,
+    finish: Finish<'_>,
+    out: *mut MaybeUninit<f32>,
+) {
+    let (height, width) = (geometry.height, geometry.width);
+    let (image, top, left) = geometry.tile_origin(t);
+    let base = (image * finish.channels + o) * height * width;
+    let m = geometry.m;
+    for (i, y_row) in y.iter().enumerate().take(m.min(height - top)) {
+        let at = base + (top + i) * width + left;
+        for (j, y_cell) in y_row.iter().enumerate().take(m.min(width - left)) {
+            let mut value = y_cell[lane] + bias;
+            if let Some(r) = finish.residual {
+                value += r[at + j];
+            }
+            if finish.relu {
+                value = value.max(0.0);
+            }
+            // SAFETY: (image, o) is one of the output planes and (top + i,
+            // left + j) inside it: the caller's contract covers the write.
+            unsafe { out.add(at + j).write(MaybeUninit::new(value)) };
+        }
+    }
+}
+
 /// Copies `source` (rows of `width`) into `padded` (rows of `padded_w`)
 /// after `before` rows and columns of zeros, and zeroes what follows each
 /// row and the last one. Only the padding is written with zeros (a fill
@@ -952,8 +1331,8 @@ fn input_plane(padded: &[f32], geometry: Geometry, image: usize, v: &mut [f32]) 
     }
 }
 
-/// [`input_plane_generic`] compiled with AVX2 and FMA, gathering the
-/// patches with [`gather_patches_avx2`].
+/// [`input_plane_generic`] compiled with AVX2 and FMA, the transforms in
+/// AVX2 registers ([`avx2::input_group`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn input_plane_avx2(padded: &[f32], geometry: Geometry, image: usize, v: &mut [f32]) {
@@ -963,77 +1342,17 @@ unsafe fn input_plane_avx2(padded: &[f32], geometry: Geometry, image: usize, v: 
     }
 }
 
-/// Floats after a padded plane that [`gather_patches_avx2`] may read (and
+/// Floats after a padded plane that the AVX2 patch gather may read (and
 /// ignore): it loads [`LANES`] values where a patch row needs M + 2.
 const GATHER_SLACK: usize = LANES;
-
-/// `d[i][j][lane]` = `padded[starts[lane] + i·row + j]` for the patch
-/// rows i and columns j < [`PATCH`] and the first `starts.len()` lanes:
-/// per patch row, one 8-float load per tile and an 8×8 transpose in
-/// registers (the element-by-element copy was most of the input
-/// transform). Lanes past `starts.len()` are left zero.
-///
-/// # Safety
-/// The CPU must have AVX2. Panics (a bounds check) when a start's rows,
-/// read [`LANES`] floats wide, pass the end of `padded`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[inline]
-unsafe fn gather_patches_avx2(
-    padded: &[f32],
-    row: usize,
-    starts: &[usize],
-    patch: usize,
-    d: &mut [[[f32; LANES]; PATCH]; PATCH],
-) {
-    use std::arch::x86_64::*;
-    debug_assert!(starts.len() <= LANES && patch <= PATCH);
-    for (i, d_row) in d.iter_mut().enumerate().take(patch) {
-        let mut r = [_mm256_setzero_ps(); LANES];
-        for (r, &start) in r.iter_mut().zip(starts) {
-            let src = &padded[start + i * row..][..LANES];
-            // SAFETY: `src` is LANES floats (one unaligned 256-bit load).
-            *r = unsafe { _mm256_loadu_ps(src.as_ptr()) };
-        }
-        // The 8×8 transpose: unpack pairs, then quadruples, then halves.
-        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
-        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
-        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
-        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
-        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
-        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
-        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
-        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
-        let q0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-        let q1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-        let q2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-        let q3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-        let q4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-        let q5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-        let q6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-        let q7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-        let columns = [
-            _mm256_permute2f128_ps::<0x20>(q0, q4),
-            _mm256_permute2f128_ps::<0x20>(q1, q5),
-            _mm256_permute2f128_ps::<0x20>(q2, q6),
-            _mm256_permute2f128_ps::<0x20>(q3, q7),
-            _mm256_permute2f128_ps::<0x31>(q0, q4),
-            _mm256_permute2f128_ps::<0x31>(q1, q5),
-        ];
-        for (cell, column) in d_row.iter_mut().zip(columns).take(patch) {
-            // SAFETY: `cell` is LANES floats (one unaligned 256-bit store).
-            unsafe { _mm256_storeu_ps(cell.as_mut_ptr(), column) };
-        }
-    }
-}
 
 /// The input transform of one zero-padded plane (`geometry.padded()`)
 /// into image `image`'s tiles of `v` ((M+2)² × all tiles), [`LANES`]
 /// tiles at a time; M is the output tile side.
 ///
-/// `AVX2`: gather the patches with [`gather_patches_avx2`] (only in
-/// [`input_plane_avx2`], whose caller checked the CPU); `padded` then
-/// ends with [`GATHER_SLACK`] more floats.
+/// `AVX2`: the transform in AVX2 registers (only in [`input_plane_avx2`],
+/// whose caller checked the CPU); `padded` then ends with
+/// [`GATHER_SLACK`] more floats.
 #[inline(always)]
 fn input_plane_generic<const M: usize, const AVX2: bool>(
     padded: &[f32],
@@ -1041,58 +1360,84 @@ fn input_plane_generic<const M: usize, const AVX2: bool>(
     image: usize,
     v: &mut [f32],
 ) {
-    let patch = M + 2;
     let tiles = geometry.tiles();
-    let stride = geometry.columns;
     let (_, padded_w) = geometry.padded();
-    // Work arrays, declared once: every group overwrites the lanes it
-    // uses (zeroing them per group was a `memset` call each time).
-    let mut d = [[[0f32; LANES]; PATCH]; PATCH];
-    let mut columns = [[[0f32; LANES]; PATCH]; PATCH];
     let mut first = 0;
     while first < tiles {
         let lanes = LANES.min(tiles - first);
-        // d[i][j][lane]: the (M+2)² patches of up to LANES tiles.
         let mut starts = [0usize; LANES];
         for (lane, start) in starts.iter_mut().enumerate().take(lanes) {
             let t = first + lane;
             let (ty, tx) = (t / geometry.tile_cols, t % geometry.tile_cols);
             *start = M * ty * padded_w + M * tx;
         }
-        #[cfg(target_arch = "x86_64")]
-        if AVX2 {
-            // SAFETY: AVX2 is only set by input_plane_avx2, whose callers
-            // checked that the CPU has it.
-            unsafe { gather_patches_avx2(padded, padded_w, &starts[..lanes], patch, &mut d) };
-        }
-        if !cfg!(target_arch = "x86_64") || !AVX2 {
-            for (lane, &start) in starts.iter().enumerate().take(lanes) {
-                for (i, row) in d.iter_mut().enumerate().take(patch) {
-                    let src = &padded[start + i * padded_w..][..patch];
-                    for (cell, value) in row.iter_mut().zip(src) {
-                        cell[lane] = *value;
-                    }
-                }
-            }
-        }
-        // Bᵀ d (columns), then (Bᵀ d) B (rows).
-        for j in 0..patch {
-            let r = input_1d::<M>([d[0][j], d[1][j], d[2][j], d[3][j], d[4][j], d[5][j]]);
-            for i in 0..patch {
-                columns[i][j] = r[i];
-            }
-        }
-        let base = image * tiles + first;
-        for (i, row) in columns.iter().enumerate().take(patch) {
-            let r = input_1d::<M>(*row);
-            for (j, lanes_value) in r.iter().enumerate().take(patch) {
-                store(
-                    &mut v[(i * patch + j) * stride + base..][..lanes],
-                    lanes_value,
-                );
-            }
-        }
+        let at = GroupAt {
+            stride: geometry.columns,
+            offset: image * tiles + first,
+        };
+        input_group::<M, AVX2>(padded, padded_w, &starts[..lanes], v, at);
         first += lanes;
+    }
+}
+
+/// Where a group of up to [`LANES`] tiles sits in a transformed buffer:
+/// frequency ξ's lanes start at `ξ · stride + offset`.
+#[derive(Debug, Clone, Copy)]
+struct GroupAt {
+    stride: usize,
+    offset: usize,
+}
+
+/// The input transform of up to [`LANES`] tiles whose (M+2)² patches
+/// start at `starts` in `padded` (rows of `row` floats), into `v` at `at`.
+///
+/// `AVX2`: the transform in AVX2 registers ([`avx2::input_group`]; only
+/// from a function compiled with AVX2 and FMA, whose caller checked the
+/// CPU), which reads up to [`GATHER_SLACK`] floats past a patch's last
+/// row of `padded`.
+#[inline(always)]
+fn input_group<const M: usize, const AVX2: bool>(
+    padded: &[f32],
+    row: usize,
+    starts: &[usize],
+    v: &mut [f32],
+    at: GroupAt,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 {
+        // SAFETY: AVX2 is only set by functions compiled with AVX2 and
+        // FMA, whose callers checked that the CPU has them.
+        unsafe { avx2::input_group::<M>(padded, row, starts, v, at) };
+        return;
+    }
+    let patch = M + 2;
+    let lanes = starts.len();
+    // d[i][j][lane]: the (M+2)² patches of up to LANES tiles.
+    let mut d = [[[0f32; LANES]; PATCH]; PATCH];
+    for (lane, &start) in starts.iter().enumerate() {
+        for (i, d_row) in d.iter_mut().enumerate().take(patch) {
+            let src = &padded[start + i * row..][..patch];
+            for (cell, value) in d_row.iter_mut().zip(src) {
+                cell[lane] = *value;
+            }
+        }
+    }
+    // d B (rows), then Bᵀ (d B) (columns): the order the AVX2 code can
+    // follow with each row's vectors as they come from the gather.
+    let mut rows = [[[0f32; LANES]; PATCH]; PATCH];
+    for (transformed, d_row) in rows.iter_mut().zip(&d).take(patch) {
+        *transformed = input_1d::<M>(*d_row);
+    }
+    for j in 0..patch {
+        let column = [
+            rows[0][j], rows[1][j], rows[2][j], rows[3][j], rows[4][j], rows[5][j],
+        ];
+        for (i, lanes_value) in input_1d::<M>(column).iter().enumerate().take(patch) {
+            store(
+                &mut v[(i * patch + j) * at.stride + at.offset..][..lanes],
+                lanes_value,
+            );
+        }
     }
 }
 
@@ -1172,12 +1517,13 @@ fn output_plane(products: &[f32], geometry: Geometry, image: usize, staging: &mu
         return;
     }
     match geometry.m {
-        4 => output_plane_generic::<4>(products, geometry, image, staging),
-        _ => output_plane_generic::<2>(products, geometry, image, staging),
+        4 => output_plane_generic::<4, false>(products, geometry, image, staging),
+        _ => output_plane_generic::<2, false>(products, geometry, image, staging),
     }
 }
 
-/// [`output_plane_generic`] compiled with AVX2 and FMA.
+/// [`output_plane_generic`] compiled with AVX2 and FMA, the transform in
+/// AVX2 registers.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn output_plane_avx2(
@@ -1187,8 +1533,8 @@ unsafe fn output_plane_avx2(
     staging: &mut [f32],
 ) {
     match geometry.m {
-        4 => output_plane_generic::<4>(products, geometry, image, staging),
-        _ => output_plane_generic::<2>(products, geometry, image, staging),
+        4 => output_plane_generic::<4, true>(products, geometry, image, staging),
+        _ => output_plane_generic::<2, true>(products, geometry, image, staging),
     }
 }
 
@@ -1196,39 +1542,22 @@ unsafe fn output_plane_avx2(
 /// products ((M+2)² × all tiles) into `staging`, the plane rounded up to
 /// whole tiles ((M · tile rows) × (M · tile columns)).
 #[inline(always)]
-fn output_plane_generic<const M: usize>(
+fn output_plane_generic<const M: usize, const AVX2: bool>(
     products: &[f32],
     geometry: Geometry,
     image: usize,
     staging: &mut [f32],
 ) {
-    let patch = M + 2;
     let tiles = geometry.tiles();
-    let stride = geometry.columns;
     let staging_w = M * geometry.tile_cols;
-    // Work arrays, declared once (see input_plane_generic).
-    let mut m = [[[0f32; LANES]; PATCH]; PATCH];
-    let mut columns = [[[0f32; LANES]; PATCH]; 4];
-    let mut y = [[[0f32; LANES]; 4]; 4];
     let mut first = 0;
     while first < tiles {
         let lanes = LANES.min(tiles - first);
-        let base = image * tiles + first;
-        for (i, row) in m.iter_mut().enumerate().take(patch) {
-            for (j, cell) in row.iter_mut().enumerate().take(patch) {
-                load(cell, &products[(i * patch + j) * stride + base..][..lanes]);
-            }
-        }
-        // Aᵀ m (columns), then (Aᵀ m) A (rows).
-        for j in 0..patch {
-            let r = output_1d::<M>([m[0][j], m[1][j], m[2][j], m[3][j], m[4][j], m[5][j]]);
-            for i in 0..M {
-                columns[i][j] = r[i];
-            }
-        }
-        for i in 0..M {
-            y[i] = output_1d::<M>(columns[i]);
-        }
+        let at = GroupAt {
+            stride: geometry.columns,
+            offset: image * tiles + first,
+        };
+        let y = output_group::<M, AVX2>(products, at, lanes);
         for lane in 0..lanes {
             let t = first + lane;
             let (ty, tx) = (t / geometry.tile_cols, t % geometry.tile_cols);
@@ -1242,6 +1571,49 @@ fn output_plane_generic<const M: usize>(
         }
         first += lanes;
     }
+}
+
+/// The output transform Aᵀ m A of `lanes` (≤ [`LANES`]) tiles of one
+/// output channel, whose products lie in `products` at `at`: `y[i][j]`
+/// holds the tiles' output row i, column j (i, j < M), a tile per lane.
+///
+/// `AVX2`: the transform in AVX2 registers ([`avx2::output_group_lanes`];
+/// only from a function compiled with AVX2 and FMA, whose caller checked
+/// the CPU).
+#[inline(always)]
+fn output_group<const M: usize, const AVX2: bool>(
+    products: &[f32],
+    at: GroupAt,
+    lanes: usize,
+) -> [[[f32; LANES]; 4]; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 {
+        // SAFETY: as in `input_group`.
+        return unsafe { avx2::output_group_lanes::<M>(products, at, lanes) };
+    }
+    let patch = M + 2;
+    let mut m = [[[0f32; LANES]; PATCH]; PATCH];
+    for (i, row) in m.iter_mut().enumerate().take(patch) {
+        for (j, cell) in row.iter_mut().enumerate().take(patch) {
+            load(
+                cell,
+                &products[(i * patch + j) * at.stride + at.offset..][..lanes],
+            );
+        }
+    }
+    // Aᵀ m (columns), then (Aᵀ m) A (rows).
+    let mut columns = [[[0f32; LANES]; PATCH]; 4];
+    for j in 0..patch {
+        let r = output_1d::<M>([m[0][j], m[1][j], m[2][j], m[3][j], m[4][j], m[5][j]]);
+        for i in 0..M {
+            columns[i][j] = r[i];
+        }
+    }
+    let mut y = [[[0f32; LANES]; 4]; 4];
+    for i in 0..M {
+        y[i] = output_1d::<M>(columns[i]);
+    }
+    y
 }
 
 #[cfg(test)]
@@ -1310,6 +1682,48 @@ mod tests {
                 assert_eq!(got.len(), want.len());
                 let scale = want.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
                 for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        ((f64::from(*g) - w) / scale).abs() < 1e-5,
+                        "case {i} {tile:?}, element {k}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Both ways of spreading the work give the same bits, whichever the
+    /// thread count picks: blocks of tiles (full and partial, over several
+    /// images, tiles cut by the plane's edges) and the phase-by-phase
+    /// passes, with bias, residual and ReLU, both tile sizes; and the
+    /// blocks agree with a direct convolution.
+    #[test]
+    fn blocks_of_tiles_equal_the_phase_by_phase_passes() {
+        for (i, &(batch, cin, cout, h, w)) in [
+            (1, 3, 5, 17, 19),
+            (2, 8, 16, 13, 14),
+            (1, 20, 7, 30, 30),
+            (3, 2, 3, 5, 5),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let seed = 60 + i as u32;
+            let input = values(batch * cin * h * w, seed);
+            let weights = values(cout * cin * 9, seed + 10);
+            let bias = values(cout, seed + 20);
+            let residual = values(batch * cout * h * w, seed + 30);
+            let mut want = direct(&input, &weights, &bias, (batch, cin, cout, h, w));
+            for (v, r) in want.iter_mut().zip(&residual) {
+                *v = (*v + f64::from(*r)).max(0.0);
+            }
+            for tile in [Tile::Four, Tile::Two] {
+                let kernel = Winograd::new(tile, &weights, &bias, (cout, cin), true);
+                let dims = [batch, h, w];
+                let blocks = kernel.run_spread(Spread::Blocks, &input, dims, Some(&residual));
+                let phases = kernel.run_spread(Spread::Phases, &input, dims, Some(&residual));
+                assert_eq!(blocks, phases, "case {i} {tile:?}");
+                let scale = want.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
+                for (k, (g, w)) in blocks.iter().zip(&want).enumerate() {
                     assert!(
                         ((f64::from(*g) - w) / scale).abs() < 1e-5,
                         "case {i} {tile:?}, element {k}: {g} vs {w}"

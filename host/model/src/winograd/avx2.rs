@@ -1,0 +1,376 @@
+//! The Winograd transforms in AVX2 registers (x86-64): a group of
+//! [`LANES`] tiles, one per lane of a 256-bit vector, from the patch
+//! gather to the stores, with nothing in between written to memory.
+//!
+//! The portable transforms ([`super::input_group`], [`super::output_group`])
+//! work on lane arrays; compiled with AVX2 they round-trip every vector
+//! through the stack, and the compiler's split stores of the gather's
+//! transpose then stall the loads that follow (store forwarding fails).
+//! Here the same arithmetic runs on `__m256` values, in the same order,
+//! with no fused multiply-adds, so both paths give the same bits
+//! (tested in [`super::tests`]).
+//!
+//! Every function requires AVX2 and FMA (`#[target_feature]`); the
+//! callers check the CPU.
+
+use std::arch::x86_64::{
+    __m128, __m256, _mm_add_ps, _mm_loadu_ps, _mm_max_ps, _mm_set1_ps, _mm_setzero_ps,
+    _mm_storeu_ps, _mm256_add_ps, _mm256_castps256_ps128, _mm256_extractf128_ps, _mm256_loadu_ps,
+    _mm256_mul_ps, _mm256_permute2f128_ps, _mm256_set1_ps, _mm256_setzero_ps, _mm256_shuffle_ps,
+    _mm256_storeu_ps, _mm256_sub_ps, _mm256_unpackhi_ps, _mm256_unpacklo_ps,
+};
+use std::mem::MaybeUninit;
+use std::ops::Range;
+
+use super::{BLOCK_TILES, Finish, Geometry, GroupAt, LANES, PATCH, finish_tile};
+
+/// The rows of an 8×8 block transposed: `columns[j][lane] = rows[lane][j]`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn transpose8(rows: [__m256; LANES]) -> [__m256; LANES] {
+    // Unpack pairs, then quadruples, then halves.
+    let t0 = _mm256_unpacklo_ps(rows[0], rows[1]);
+    let t1 = _mm256_unpackhi_ps(rows[0], rows[1]);
+    let t2 = _mm256_unpacklo_ps(rows[2], rows[3]);
+    let t3 = _mm256_unpackhi_ps(rows[2], rows[3]);
+    let t4 = _mm256_unpacklo_ps(rows[4], rows[5]);
+    let t5 = _mm256_unpackhi_ps(rows[4], rows[5]);
+    let t6 = _mm256_unpacklo_ps(rows[6], rows[7]);
+    let t7 = _mm256_unpackhi_ps(rows[6], rows[7]);
+    let q0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let q1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let q2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let q3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let q4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let q5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let q6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let q7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    [
+        _mm256_permute2f128_ps::<0x20>(q0, q4),
+        _mm256_permute2f128_ps::<0x20>(q1, q5),
+        _mm256_permute2f128_ps::<0x20>(q2, q6),
+        _mm256_permute2f128_ps::<0x20>(q3, q7),
+        _mm256_permute2f128_ps::<0x31>(q0, q4),
+        _mm256_permute2f128_ps::<0x31>(q1, q5),
+        _mm256_permute2f128_ps::<0x31>(q2, q6),
+        _mm256_permute2f128_ps::<0x31>(q3, q7),
+    ]
+}
+
+/// Bᵀ x for M + 2 vectors: [`super::input_1d`]'s operations, in its
+/// order.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn input_1d<const M: usize>(x: [__m256; PATCH]) -> [__m256; PATCH] {
+    let (add, sub, mul, splat) = (_mm256_add_ps, _mm256_sub_ps, _mm256_mul_ps, _mm256_set1_ps);
+    let [d0, d1, d2, d3, d4, d5] = x;
+    if M == 4 {
+        [
+            add(sub(mul(splat(4.0), d0), mul(splat(5.0), d2)), d4),
+            add(add(mul(splat(-4.0), add(d1, d2)), d3), d4),
+            add(sub(mul(splat(4.0), sub(d1, d2)), d3), d4),
+            add(sub(mul(splat(2.0), sub(d3, d1)), d2), d4),
+            add(sub(mul(splat(2.0), sub(d1, d3)), d2), d4),
+            add(sub(mul(splat(4.0), d1), mul(splat(5.0), d3)), d5),
+        ]
+    } else {
+        let zero = _mm256_setzero_ps();
+        [
+            sub(d0, d2),
+            add(d1, d2),
+            sub(d2, d1),
+            sub(d1, d3),
+            zero,
+            zero,
+        ]
+    }
+}
+
+/// Aᵀ x for M + 2 vectors: M, [`super::output_1d`]'s operations in its
+/// order.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn output_1d<const M: usize>(x: [__m256; PATCH]) -> [__m256; 4] {
+    let (add, sub, mul, splat) = (_mm256_add_ps, _mm256_sub_ps, _mm256_mul_ps, _mm256_set1_ps);
+    let [m0, m1, m2, m3, m4, m5] = x;
+    if M == 4 {
+        let (a, b) = (add(m1, m2), sub(m1, m2));
+        let (c, d) = (add(m3, m4), sub(m3, m4));
+        [
+            add(add(m0, a), c),
+            add(b, mul(splat(2.0), d)),
+            add(a, mul(splat(4.0), c)),
+            add(add(b, mul(splat(8.0), d)), m5),
+        ]
+    } else {
+        let zero = _mm256_setzero_ps();
+        [add(add(m0, m1), m2), sub(sub(m1, m2), m3), zero, zero]
+    }
+}
+
+/// The first `len` (≤ [`LANES`]) floats at `src`, the other lanes zero.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn load(src: &[f32]) -> __m256 {
+    match <&[f32; LANES]>::try_from(src) {
+        // SAFETY: `full` is LANES floats (one unaligned 256-bit load).
+        Ok(full) => unsafe { _mm256_loadu_ps(full.as_ptr()) },
+        Err(_) => {
+            let mut lanes = [0f32; LANES];
+            lanes[..src.len()].copy_from_slice(src);
+            // SAFETY: as above.
+            unsafe { _mm256_loadu_ps(lanes.as_ptr()) }
+        }
+    }
+}
+
+/// `value`'s first `dst.len()` (≤ [`LANES`]) lanes into `dst`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn store(dst: &mut [f32], value: __m256) {
+    match <&mut [f32; LANES]>::try_from(&mut *dst) {
+        // SAFETY: `full` is LANES floats (one unaligned 256-bit store).
+        Ok(full) => unsafe { _mm256_storeu_ps(full.as_mut_ptr(), value) },
+        Err(_) => {
+            let mut lanes = [0f32; LANES];
+            // SAFETY: as above.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), value) };
+            let len = dst.len();
+            dst.copy_from_slice(&lanes[..len]);
+        }
+    }
+}
+
+/// [`super::input_group`] in registers: the input transform of up to
+/// [`LANES`] tiles whose (M+2)² patches start at `starts` in `padded`
+/// (rows of `row` floats), into `v` at `at`. Per patch row, one 8-float
+/// load per tile and an 8×8 transpose.
+///
+/// Panics (a bounds check) when a start's rows, read [`LANES`] floats
+/// wide, pass the end of `padded` ([`super::GATHER_SLACK`]).
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+pub(super) fn input_group<const M: usize>(
+    padded: &[f32],
+    row: usize,
+    starts: &[usize],
+    v: &mut [f32],
+    at: GroupAt,
+) {
+    let patch = M + 2;
+    let lanes = starts.len();
+    debug_assert!(lanes <= LANES);
+    // Per patch row: gather, transpose, then d B (rows); then Bᵀ (d B)
+    // (columns), in [`super::input_group`]'s order.
+    // Row by row, each written once (a zeroed array first was a `memset`
+    // call per group, a `MaybeUninit` one a copy).
+    let rows = [
+        patch_row::<M>(padded, row, starts, 0),
+        patch_row::<M>(padded, row, starts, 1),
+        patch_row::<M>(padded, row, starts, 2),
+        patch_row::<M>(padded, row, starts, 3),
+        patch_row::<M>(padded, row, starts, 4),
+        patch_row::<M>(padded, row, starts, 5),
+    ];
+    for j in 0..patch {
+        let column = [
+            rows[0][j], rows[1][j], rows[2][j], rows[3][j], rows[4][j], rows[5][j],
+        ];
+        for (i, value) in input_1d::<M>(column).into_iter().enumerate().take(patch) {
+            store(
+                &mut v[(i * patch + j) * at.stride + at.offset..][..lanes],
+                value,
+            );
+        }
+    }
+}
+
+/// Patch row `i` of the tiles at `starts`, gathered (one 8-float load per
+/// tile, an 8×8 transpose) and transformed (d B); zeros past the patch.
+/// Inlined into [`input_group`], whose AVX2 and FMA it then runs with.
+#[inline(always)]
+fn patch_row<const M: usize>(
+    padded: &[f32],
+    row: usize,
+    starts: &[usize],
+    i: usize,
+) -> [__m256; PATCH] {
+    // SAFETY (of each intrinsic and target-feature call below): this
+    // function only runs inlined into `input_group`, compiled with AVX2
+    // and FMA, whose callers checked the CPU.
+    let zero = unsafe { _mm256_setzero_ps() };
+    if i >= M + 2 {
+        return [zero; PATCH];
+    }
+    let mut lines = [zero; LANES];
+    for (line, &start) in lines.iter_mut().zip(starts) {
+        let src = &padded[start + i * row..][..LANES];
+        // SAFETY: as above; `src` is LANES floats (one unaligned 256-bit
+        // load).
+        *line = unsafe { _mm256_loadu_ps(src.as_ptr()) };
+    }
+    // SAFETY: as above.
+    let [c0, c1, c2, c3, c4, c5, _, _] = unsafe { transpose8(lines) };
+    // SAFETY: as above.
+    unsafe { input_1d::<M>([c0, c1, c2, c3, c4, c5]) }
+}
+
+/// [`super::output_group`] in registers: `y[i][j]` = output row i,
+/// column j (i, j < M) of `lanes` tiles, one per lane.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn output_group<const M: usize>(products: &[f32], at: GroupAt, lanes: usize) -> [[__m256; 4]; 4] {
+    let patch = M + 2;
+    let zero = _mm256_setzero_ps();
+    let mut m = [[zero; PATCH]; PATCH];
+    for (i, row) in m.iter_mut().enumerate().take(patch) {
+        for (j, cell) in row.iter_mut().enumerate().take(patch) {
+            *cell = load(&products[(i * patch + j) * at.stride + at.offset..][..lanes]);
+        }
+    }
+    // Aᵀ m (columns), then (Aᵀ m) A (rows).
+    let mut columns = [[zero; PATCH]; 4];
+    for j in 0..patch {
+        let r = output_1d::<M>([m[0][j], m[1][j], m[2][j], m[3][j], m[4][j], m[5][j]]);
+        for (i, value) in r.into_iter().enumerate().take(M) {
+            columns[i][j] = value;
+        }
+    }
+    let mut y = [[zero; 4]; 4];
+    for (y_row, row) in y.iter_mut().zip(columns).take(M) {
+        *y_row = output_1d::<M>(row);
+    }
+    y
+}
+
+/// [`super::output_group`]'s lane arrays, from the registers.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+pub(super) fn output_group_lanes<const M: usize>(
+    products: &[f32],
+    at: GroupAt,
+    lanes: usize,
+) -> [[[f32; LANES]; 4]; 4] {
+    let y = output_group::<M>(products, at, lanes);
+    let mut out = [[[0f32; LANES]; 4]; 4];
+    for (out_row, y_row) in out.iter_mut().zip(y) {
+        for (cell, value) in out_row.iter_mut().zip(y_row) {
+            store(cell, value);
+        }
+    }
+    out
+}
+
+/// One output row (4 columns) of each of 8 tiles: `rows[j]` holds column
+/// j of every tile; returns tile k's row as a 128-bit vector.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn tile_rows(rows: [__m256; 4]) -> [__m128; LANES] {
+    let t0 = _mm256_unpacklo_ps(rows[0], rows[1]);
+    let t1 = _mm256_unpackhi_ps(rows[0], rows[1]);
+    let t2 = _mm256_unpacklo_ps(rows[2], rows[3]);
+    let t3 = _mm256_unpackhi_ps(rows[2], rows[3]);
+    // Tiles 0–3 in the low halves, 4–7 in the high ones.
+    let q = [
+        _mm256_shuffle_ps::<0x44>(t0, t2),
+        _mm256_shuffle_ps::<0xEE>(t0, t2),
+        _mm256_shuffle_ps::<0x44>(t1, t3),
+        _mm256_shuffle_ps::<0xEE>(t1, t3),
+    ];
+    [
+        _mm256_castps256_ps128(q[0]),
+        _mm256_castps256_ps128(q[1]),
+        _mm256_castps256_ps128(q[2]),
+        _mm256_castps256_ps128(q[3]),
+        _mm256_extractf128_ps::<1>(q[0]),
+        _mm256_extractf128_ps::<1>(q[1]),
+        _mm256_extractf128_ps::<1>(q[2]),
+        _mm256_extractf128_ps::<1>(q[3]),
+    ]
+}
+
+/// [`super::output_block`] with the transforms in registers: a 4×4 tile
+/// inside the plane is finished (+ bias, + residual, ReLU, in
+/// [`super::output_block_generic`]'s order) and stored a row of 4 at a
+/// time; tiles cut by the plane's edges, and 2×2 tiles, element by
+/// element.
+///
+/// # Safety
+/// As [`super::output_block`].
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn output_block<const M: usize>(
+    products: &[f32],
+    geometry: Geometry,
+    tiles: Range<usize>,
+    finish: Finish<'_>,
+    out: *mut MaybeUninit<f32>,
+) {
+    let (height, width) = (geometry.height, geometry.width);
+    let plane = height * width;
+    let zero = _mm_setzero_ps();
+    // Per tile, once per block: its pixel (top, left) in its image's
+    // first output plane, and its rows and columns inside the plane.
+    let mut origins = [(0usize, 0usize, 0usize); BLOCK_TILES];
+    for (origin, t) in origins.iter_mut().zip(tiles.clone()) {
+        let (image, top, left) = geometry.tile_origin(t);
+        *origin = (
+            image * finish.channels * plane + top * width + left,
+            M.min(height - top),
+            M.min(width - left),
+        );
+    }
+    for o in 0..finish.channels {
+        let bias = finish.bias[o];
+        let bias4 = _mm_set1_ps(bias);
+        let mut first = tiles.start;
+        while first < tiles.end {
+            let lanes = LANES.min(tiles.end - first);
+            let at = GroupAt {
+                stride: finish.channels * BLOCK_TILES,
+                offset: o * BLOCK_TILES + first - tiles.start,
+            };
+            let y = output_group::<M>(products, at, lanes);
+            // Tile k's output rows as 128-bit vectors (4×4 tiles only).
+            let rows = (M == 4).then(|| y.map(|row| tile_rows(row)));
+            let mut y_lanes = None;
+            for lane in 0..lanes {
+                let (origin, inside_rows, inside_cols) = origins[first - tiles.start + lane];
+                let base = origin + o * plane;
+                if let Some(rows) = &rows
+                    && inside_rows == M
+                    && inside_cols == M
+                {
+                    for (i, tile_row) in rows.iter().enumerate() {
+                        let at = base + i * width;
+                        let mut value = _mm_add_ps(tile_row[lane], bias4);
+                        if let Some(r) = finish.residual {
+                            let skip = &r[at..at + 4];
+                            // SAFETY: `skip` is 4 floats (one 128-bit load).
+                            value = _mm_add_ps(value, unsafe { _mm_loadu_ps(skip.as_ptr()) });
+                        }
+                        if finish.relu {
+                            value = _mm_max_ps(value, zero);
+                        }
+                        // SAFETY: (image, o) is one of the output planes and
+                        // row top + i, columns left .. left + 4 lie inside it:
+                        // the caller's contract covers the write.
+                        unsafe { _mm_storeu_ps(out.add(at).cast(), value) };
+                    }
+                    continue;
+                }
+                let y_lanes = y_lanes.get_or_insert_with(|| {
+                    let mut lanes_of = [[[0f32; LANES]; 4]; 4];
+                    for (out_row, y_row) in lanes_of.iter_mut().zip(y) {
+                        for (cell, value) in out_row.iter_mut().zip(y_row) {
+                            store(cell, value);
+                        }
+                    }
+                    lanes_of
+                });
+                // SAFETY: forwarded (the caller's contract).
+                unsafe { finish_tile(y_lanes, lane, first + lane, o, bias, geometry, finish, out) };
+            }
+            first += lanes;
+        }
+    }
+}
