@@ -362,7 +362,8 @@ impl FusedConv {
         let k = self.in_channels * self.kernel * self.kernel;
         let rows = self.out_channels;
         let weights = panels.get_or_init(|| PanelWeights::new(&self.weights, rows, k));
-        let mut out = vec![0f32; rows * n];
+        // Not zeroed first: the product writes every element.
+        let mut out: Vec<f32> = Vec::with_capacity(rows * n);
         assert!(input.len() >= self.in_channels * height * width);
         assert!(residual.is_none_or(|r| r.len() >= rows * n));
         let threads = threads_for(rows * n * k);
@@ -371,7 +372,7 @@ impl FusedConv {
             relu: self.relu,
         };
         // Raw parts shared by the tasks, which write disjoint rows.
-        let dst = out.as_mut_ptr() as usize;
+        let dst = out.spare_capacity_mut().as_mut_ptr() as usize;
         let skip = residual.map_or(0, |r| r.as_ptr() as usize);
         self.with_unfolded(input, 1, [height, width, out_h, out_w], |rhs| {
             let rhs = rhs.as_ptr() as usize;
@@ -396,6 +397,9 @@ impl FusedConv {
                 (0..weights.panels()).for_each(work);
             }
         });
+        // SAFETY: the panels cover every row, and each writes every column
+        // of its rows (`narrow_gemm::multiply`).
+        unsafe { out.set_len(rows * n) };
         out
     }
 
@@ -413,7 +417,9 @@ impl FusedConv {
         let rows = self.out_channels;
         let weights =
             packed.get_or_init(|| PackedWeights::new(&self.weights, self.out_channels, k));
-        let mut out = vec![0f32; rows * n];
+        // Not zeroed first (the stem's output is 3 MiB): the product's first
+        // pass over the depth writes every element.
+        let mut out: Vec<f32> = Vec::with_capacity(rows * n);
         assert!(input.len() >= self.in_channels * height * width);
         assert!(residual.is_none_or(|r| r.len() >= rows * n));
         let threads = threads_for(rows * n * k);
@@ -422,7 +428,7 @@ impl FusedConv {
             relu: self.relu,
         };
         // Raw parts shared by the tasks, which write disjoint elements.
-        let dst = out.as_mut_ptr() as usize;
+        let dst = out.spare_capacity_mut().as_mut_ptr() as usize;
         let skip = residual.map_or(0, |r| r.as_ptr() as usize);
         let at = |ptr: usize, offset: usize| {
             if ptr == 0 {
@@ -443,8 +449,14 @@ impl FusedConv {
                 let lines = first..(first + per_task).min(out_h);
                 let cols = lines.len() * out_w;
                 COLUMNS.with(|cell| {
-                    let mut columns = cell.borrow_mut();
-                    columns.resize(k * cols, 0.0);
+                    let mut buffer = cell.borrow_mut();
+                    // Grown only (every value is written below): a last,
+                    // shorter task would otherwise make the next call zero
+                    // what it regrows.
+                    if buffer.len() < k * cols {
+                        buffer.resize(k * cols, 0.0);
+                    }
+                    let columns = &mut buffer[..k * cols];
                     for (row, line) in columns.chunks_exact_mut(cols).enumerate() {
                         self.unfold_row(input, [height, width, out_w], row, lines.clone(), line);
                     }
@@ -465,6 +477,10 @@ impl FusedConv {
                     };
                 });
             });
+            // SAFETY: the tasks cover every output row and every row block
+            // of the weights, and the first pass over the depth writes each
+            // element of its block.
+            unsafe { out.set_len(rows * n) };
             return out;
         }
         self.with_unfolded(input, 1, [height, width, out_h, out_w], |rhs| {
@@ -496,6 +512,9 @@ impl FusedConv {
                 (0..tasks).for_each(work);
             }
         });
+        // SAFETY: the tasks cover every row block, each every column, and
+        // the first pass over the depth writes each element of its block.
+        unsafe { out.set_len(rows * n) };
         out
     }
 

@@ -390,14 +390,7 @@ unsafe fn multiply_avx512(
         |first, c, slice, pass| {
             let col = c * WIDE_COLS;
             let width = WIDE_COLS.min(cols - col);
-            let block = |b: usize| {
-                let packed = &weights.data[(b * depth + slice.start) * BLOCK_ROWS..]
-                    [..slice.len() * BLOCK_ROWS];
-                let first_row = b * BLOCK_ROWS;
-                let rows = BLOCK_ROWS.min(weights.rows - first_row);
-                let out = BlockOut::new(&operands, epilogue, (first_row, rows), col, pass);
-                (packed, out)
-            };
+            let block = |b: usize| block_parts(weights, b, slice, &operands, epilogue, col, pass);
             // X's rows of this slice, from column `col`.
             let rhs = operands
                 .rhs
@@ -420,6 +413,30 @@ unsafe fn multiply_avx512(
             }
         },
     );
+}
+
+/// Row block `b`'s slice `slice` of the packed weights and its block of
+/// Y at column `col`: what one kernel call on the AVX-512 path takes.
+/// Inlined into the loop (a call per kernel call, as a closure, was a
+/// tenth of a short-depth product's time).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn block_parts<'a>(
+    weights: &'a PackedWeights,
+    b: usize,
+    slice: &Range<usize>,
+    operands: &Operands,
+    epilogue: Epilogue<'a>,
+    col: usize,
+    pass: Pass,
+) -> (&'a [f32], BlockOut<'a>) {
+    let depth = weights.depth;
+    let packed =
+        &weights.data[(b * depth + slice.start) * BLOCK_ROWS..][..slice.len() * BLOCK_ROWS];
+    let first_row = b * BLOCK_ROWS;
+    let rows = BLOCK_ROWS.min(weights.rows - first_row);
+    let out = BlockOut::new(operands, epilogue, (first_row, rows), col, pass);
+    (packed, out)
 }
 
 /// [`kernel_avx512`] compiled for `width` (1 to [`WIDE_COLS`] columns):
@@ -712,6 +729,7 @@ struct BlockOut<'a> {
 impl<'a> BlockOut<'a> {
     /// The block of Y (and of the residual) at row `first_row` and column
     /// `col`, `rows` rows of it existing.
+    #[inline(always)]
     fn new(
         operands: &Operands,
         epilogue: Epilogue<'a>,
