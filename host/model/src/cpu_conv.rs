@@ -608,7 +608,10 @@ impl FusedConv {
             let out = &mut out[slot * n..(slot + 1) * n];
             self.unfold_row(image, [height, width, out_w], row, 0..out_h, out);
         };
-        if n * k * k * self.in_channels >= PARALLEL_MIN_WORK / 4 {
+        // In parallel from 32 Ki values (128 KiB) up: the deep layers'
+        // stride-2 unfoldings (110–230 Ki values at 224²) left the other
+        // core idle while one copied.
+        if n * k * k * self.in_channels >= PARALLEL_MIN_WORK / 32 {
             columns.par_chunks_mut(batch * n).enumerate().for_each(fill);
         } else {
             columns.chunks_mut(batch * n).enumerate().for_each(fill);
