@@ -331,7 +331,12 @@ pub(super) unsafe fn output_block<const M: usize>(
             };
             let y = output_group::<M>(products, at, lanes);
             // Tile k's output rows as 128-bit vectors (4×4 tiles only).
-            let rows = (M == 4).then(|| y.map(|row| tile_rows(row)));
+            let rows = (M == 4).then_some([
+                tile_rows(y[0]),
+                tile_rows(y[1]),
+                tile_rows(y[2]),
+                tile_rows(y[3]),
+            ]);
             let mut y_lanes = None;
             for lane in 0..lanes {
                 let (origin, inside_rows, inside_cols) = origins[first - tiles.start + lane];

@@ -1733,6 +1733,112 @@ mod tests {
         }
     }
 
+    /// The blocks' AVX2 transforms give the portable ones' bits: the
+    /// input transform of a block (full and partial groups, several
+    /// images), and the output transform with bias, residual and ReLU
+    /// (tiles inside the plane and cut by its edges), both tile sizes.
+    #[test]
+    fn the_avx2_block_transforms_equal_the_portable_ones() {
+        if !crate::has_avx2_fma() {
+            return;
+        }
+        for (tile, batch, h, w) in [(Tile::Four, 2, 9, 13), (Tile::Two, 1, 7, 7)] {
+            let (channels, out_channels) = (3, 5);
+            let geometry = Geometry::new(tile, batch, h, w);
+            let (padded_h, padded_w) = geometry.padded();
+            let mut padded = values(batch * channels * padded_h * padded_w, 7);
+            padded.extend([0.0; GATHER_SLACK]);
+            let tiles = 3..(batch * geometry.tiles()).min(3 + BLOCK_TILES);
+            let len = geometry.frequencies() * channels.max(out_channels) * BLOCK_TILES;
+            let (mut portable, mut vector) = (vec![0f32; len], vec![0f32; len]);
+            match tile {
+                Tile::Four => input_block_generic::<4, false>(
+                    &padded,
+                    geometry,
+                    channels,
+                    tiles.clone(),
+                    &mut portable,
+                ),
+                Tile::Two => input_block_generic::<2, false>(
+                    &padded,
+                    geometry,
+                    channels,
+                    tiles.clone(),
+                    &mut portable,
+                ),
+            }
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            unsafe { input_block_avx2(&padded, geometry, channels, tiles.clone(), &mut vector) };
+            assert!(portable.iter().any(|&v| v != 0.0));
+            assert_eq!(portable, vector, "input {tile:?}");
+
+            let products = values(len, 8);
+            let bias = values(out_channels, 9);
+            let plane = h * w;
+            let residual = values(batch * out_channels * plane, 10);
+            let finish = Finish {
+                bias: &bias,
+                relu: true,
+                residual: Some(&residual),
+                channels: out_channels,
+            };
+            let mut outputs = [(); 2].map(|()| vec![MaybeUninit::new(f32::NAN); residual.len()]);
+            let [portable, vector] = &mut outputs;
+            // SAFETY: both buffers hold every output plane; nothing else
+            // touches them; the CPU has AVX2 and FMA (checked above).
+            unsafe {
+                match tile {
+                    Tile::Four => output_block_generic::<4>(
+                        &products,
+                        geometry,
+                        tiles.clone(),
+                        finish,
+                        portable.as_mut_ptr(),
+                    ),
+                    Tile::Two => output_block_generic::<2>(
+                        &products,
+                        geometry,
+                        tiles.clone(),
+                        finish,
+                        portable.as_mut_ptr(),
+                    ),
+                }
+                match tile {
+                    Tile::Four => avx2::output_block::<4>(
+                        &products,
+                        geometry,
+                        tiles.clone(),
+                        finish,
+                        vector.as_mut_ptr(),
+                    ),
+                    Tile::Two => avx2::output_block::<2>(
+                        &products,
+                        geometry,
+                        tiles.clone(),
+                        finish,
+                        vector.as_mut_ptr(),
+                    ),
+                }
+            }
+            // SAFETY: every element was initialised (NaN, or written).
+            let [portable, vector] = outputs.map(|o| {
+                o.into_iter()
+                    .map(|v| unsafe { v.assume_init() })
+                    .collect::<Vec<f32>>()
+            });
+            let written = portable.iter().filter(|v| !v.is_nan()).count();
+            assert!(
+                written > 0 && written < portable.len(),
+                "{tile:?}: {written} written"
+            );
+            assert_eq!(
+                portable.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                vector.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "output {tile:?}"
+            );
+        }
+    }
+
     /// The weight gradient in the Winograd domain against a direct f64
     /// sum over the batch, both tile sizes, planes with partial tiles and
     /// batches split into several passes.
