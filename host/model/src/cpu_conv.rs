@@ -13,8 +13,9 @@
 //! instead ([`super::winograd`], weights transformed once, when the kernel
 //! is built). At batch 1 the products run with weights packed once:
 //! [`super::packed_gemm`] for large output planes, and on AVX-512
-//! [`super::narrow_gemm`] for small ones (the deep layers' 7×7 and 14×14). Training uses [`super::cpu_conv_grad`], which adds the
-//! backward pass and runs its forward products here.
+//! [`super::narrow_gemm`] for small ones (the deep layers' 7×7 and
+//! 14×14). Training uses [`super::cpu_conv_grad`], which adds the backward
+//! pass and runs its forward products here.
 
 use std::cell::RefCell;
 use std::ops::Range;
@@ -358,25 +359,52 @@ impl FusedConv {
         [_, height, width, out_h, out_w]: [usize; 5],
         residual: Option<&[f32]>,
     ) -> Vec<f32> {
-        let n = out_h * out_w;
         let k = self.in_channels * self.kernel * self.kernel;
-        let rows = self.out_channels;
-        let weights = panels.get_or_init(|| PanelWeights::new(&self.weights, rows, k));
-        // Not zeroed first: the product writes every element.
-        let mut out: Vec<f32> = Vec::with_capacity(rows * n);
+        let weights = panels.get_or_init(|| PanelWeights::new(&self.weights, self.out_channels, k));
+        let epilogue = self.epilogue();
+        let threads = threads_for(self.out_channels * out_h * out_w * k);
+        let multiply = |operands: Operands, panel: usize| {
+            // SAFETY: X holds k rows and Y (and the residual) this
+            // convolution's rows of the output's pixels (`product_by_rows`);
+            // the CPU has AVX-512 (checked by the caller).
+            unsafe { narrow_gemm::multiply(weights, panel..panel + 1, operands, epilogue) }
+        };
+        let dims = [height, width, out_h, out_w];
+        // SAFETY: the tasks are the panels, which cover every row; each
+        // writes every column of its panel's rows and no other row
+        // (`narrow_gemm::multiply`).
+        unsafe {
+            self.product_by_rows(input, dims, residual, (weights.panels(), threads), multiply)
+        }
+    }
+
+    /// Y (out channels × output pixels) of one image, written by `tasks`
+    /// tasks over the unfolded input (the 1×1 input itself when there is
+    /// nothing to unfold), in parallel when `threads` > 1: task i runs
+    /// `multiply(operands, i)`, the operands addressing all of X, Y and the
+    /// residual, and multiplies the rows of W that are its own. Y is not
+    /// zeroed first.
+    ///
+    /// # Safety
+    /// The tasks write disjoint rows of Y and, together, every element.
+    unsafe fn product_by_rows(
+        &self,
+        input: &[f32],
+        [height, width, out_h, out_w]: [usize; 4],
+        residual: Option<&[f32]>,
+        (tasks, threads): (usize, usize),
+        multiply: impl Fn(Operands, usize) + Sync,
+    ) -> Vec<f32> {
+        let (rows, n) = (self.out_channels, out_h * out_w);
         assert!(input.len() >= self.in_channels * height * width);
         assert!(residual.is_none_or(|r| r.len() >= rows * n));
-        let threads = threads_for(rows * n * k);
-        let epilogue = Epilogue {
-            bias: Some(&self.bias),
-            relu: self.relu,
-        };
+        let mut out: Vec<f32> = Vec::with_capacity(rows * n);
         // Raw parts shared by the tasks, which write disjoint rows.
         let dst = out.spare_capacity_mut().as_mut_ptr() as usize;
         let skip = residual.map_or(0, |r| r.as_ptr() as usize);
         self.with_unfolded(input, 1, [height, width, out_h, out_w], |rhs| {
             let rhs = rhs.as_ptr() as usize;
-            let work = |panel: usize| {
+            let work = |task: usize| {
                 let operands = Operands {
                     rhs: rhs as *const f32,
                     rhs_stride: n,
@@ -385,22 +413,25 @@ impl FusedConv {
                     residual: skip as *const f32,
                     dst_stride: n,
                 };
-                // SAFETY: the unfolded input (or the 1×1 input) holds k
-                // rows of n; Y and the residual rows × n (asserted above);
-                // this task alone writes its panel's rows; the CPU has
-                // AVX-512 (checked by the caller).
-                unsafe { narrow_gemm::multiply(weights, panel..panel + 1, operands, epilogue) };
+                multiply(operands, task);
             };
-            if threads > 1 {
-                (0..weights.panels()).into_par_iter().for_each(work);
+            if threads > 1 && tasks > 1 {
+                (0..tasks).into_par_iter().for_each(work);
             } else {
-                (0..weights.panels()).for_each(work);
+                (0..tasks).for_each(work);
             }
         });
-        // SAFETY: the panels cover every row, and each writes every column
-        // of its rows (`narrow_gemm::multiply`).
+        // SAFETY: the tasks wrote every element (the caller's contract).
         unsafe { out.set_len(rows * n) };
         out
+    }
+
+    /// The bias and ReLU every product of this convolution ends with.
+    fn epilogue(&self) -> Epilogue<'_> {
+        Epilogue {
+            bias: Some(&self.bias),
+            relu: self.relu,
+        }
     }
 
     /// One image with the packed weights: Y = W · unfold(x) + bias (+
@@ -417,28 +448,25 @@ impl FusedConv {
         let rows = self.out_channels;
         let weights =
             packed.get_or_init(|| PackedWeights::new(&self.weights, self.out_channels, k));
-        // Not zeroed first (the stem's output is 3 MiB): the product's first
-        // pass over the depth writes every element.
-        let mut out: Vec<f32> = Vec::with_capacity(rows * n);
-        assert!(input.len() >= self.in_channels * height * width);
-        assert!(residual.is_none_or(|r| r.len() >= rows * n));
         let threads = threads_for(rows * n * k);
-        let epilogue = Epilogue {
-            bias: Some(&self.bias),
-            relu: self.relu,
-        };
-        // Raw parts shared by the tasks, which write disjoint elements.
-        let dst = out.spare_capacity_mut().as_mut_ptr() as usize;
-        let skip = residual.map_or(0, |r| r.as_ptr() as usize);
-        let at = |ptr: usize, offset: usize| {
-            if ptr == 0 {
-                0
-            } else {
-                ptr + offset * size_of::<f32>()
-            }
-        };
+        let epilogue = self.epilogue();
         let direct = self.kernel == 1 && self.stride == 1 && self.padding == 0;
         if !direct && threads > 1 && n >= SPLIT_BY_PIXELS_MIN {
+            // Not zeroed first (the stem's output is 3 MiB): the product's
+            // first pass over the depth writes every element.
+            let mut out: Vec<f32> = Vec::with_capacity(rows * n);
+            assert!(input.len() >= self.in_channels * height * width);
+            assert!(residual.is_none_or(|r| r.len() >= rows * n));
+            // Raw parts shared by the tasks, which write disjoint elements.
+            let dst = out.spare_capacity_mut().as_mut_ptr() as usize;
+            let skip = residual.map_or(0, |r| r.as_ptr() as usize);
+            let at = |ptr: usize, offset: usize| {
+                if ptr == 0 {
+                    0
+                } else {
+                    ptr + offset * size_of::<f32>()
+                }
+            };
             // Output rows per task: the unfolded rows fit in L2, at least
             // two tasks per thread.
             let per_task = (UNFOLDED_PER_TASK / (k * out_w).max(1))
@@ -483,39 +511,21 @@ impl FusedConv {
             unsafe { out.set_len(rows * n) };
             return out;
         }
-        self.with_unfolded(input, 1, [height, width, out_h, out_w], |rhs| {
-            let rhs = rhs.as_ptr() as usize;
-            // Row blocks per task: about two tasks per thread.
-            let blocks = weights.blocks();
-            let per_task = blocks.div_ceil(2 * threads).max(1);
-            let work = |task: usize| {
-                let first = task * per_task;
-                let operands = Operands {
-                    rhs: rhs as *const f32,
-                    rhs_stride: n,
-                    cols: n,
-                    dst: dst as *mut f32,
-                    residual: skip as *const f32,
-                    dst_stride: n,
-                };
-                // SAFETY: the unfolded input (or the 1×1 input) holds k
-                // rows of n; Y and the residual rows × n (asserted above);
-                // this task alone writes rows of its blocks.
-                unsafe {
-                    packed_gemm::multiply(weights, first..first + per_task, operands, epilogue);
-                }
-            };
-            let tasks = blocks.div_ceil(per_task);
-            if threads > 1 && tasks > 1 {
-                (0..tasks).into_par_iter().for_each(work);
-            } else {
-                (0..tasks).for_each(work);
-            }
-        });
-        // SAFETY: the tasks cover every row block, each every column, and
-        // the first pass over the depth writes each element of its block.
-        unsafe { out.set_len(rows * n) };
-        out
+        // Row blocks per task: about two tasks per thread.
+        let per_task = weights.blocks().div_ceil(2 * threads).max(1);
+        let tasks = (weights.blocks().div_ceil(per_task), threads);
+        let multiply = |operands: Operands, task: usize| {
+            let first = task * per_task;
+            // SAFETY: X holds k rows (the unfolded input, or the 1×1 input)
+            // and Y (and the residual) this convolution's rows of the
+            // output's pixels (`product_by_rows`).
+            unsafe { packed_gemm::multiply(weights, first..first + per_task, operands, epilogue) }
+        };
+        let dims = [height, width, out_h, out_w];
+        // SAFETY: the tasks cover every row block, each writes every column
+        // of its blocks' rows and no other row, and the first pass over the
+        // depth writes each element.
+        unsafe { self.product_by_rows(input, dims, residual, tasks, multiply) }
     }
 
     /// Calls `f` with the right-hand side of the convolution's product for

@@ -22,7 +22,7 @@ use std::arch::x86_64::{
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
-use super::{BLOCK_TILES, Finish, Geometry, GroupAt, LANES, PATCH, finish_tile};
+use super::{BLOCK_TILES, Finish, Geometry, GroupAt, LANES, PATCH, finish_tile, tile_origins};
 
 /// The rows of an 8×8 block transposed: `columns[j][lane] = rows[lane][j]`.
 #[target_feature(enable = "avx2,fma")]
@@ -251,7 +251,13 @@ pub(super) fn output_group_lanes<const M: usize>(
     at: GroupAt,
     lanes: usize,
 ) -> [[[f32; LANES]; 4]; 4] {
-    let y = output_group::<M>(products, at, lanes);
+    lane_arrays(output_group::<M>(products, at, lanes))
+}
+
+/// `y`'s vectors as the portable code's lane arrays.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn lane_arrays(y: [[__m256; 4]; 4]) -> [[[f32; LANES]; 4]; 4] {
     let mut out = [[[0f32; LANES]; 4]; 4];
     for (out_row, y_row) in out.iter_mut().zip(y) {
         for (cell, value) in out_row.iter_mut().zip(y_row) {
@@ -305,23 +311,11 @@ pub(super) unsafe fn output_block<const M: usize>(
     finish: Finish<'_>,
     out: *mut MaybeUninit<f32>,
 ) {
-    let (height, width) = (geometry.height, geometry.width);
-    let plane = height * width;
+    let (width, plane) = (geometry.width, geometry.height * geometry.width);
     let zero = _mm_setzero_ps();
-    // Per tile, once per block: its pixel (top, left) in its image's
-    // first output plane, and its rows and columns inside the plane.
-    let mut origins = [(0usize, 0usize, 0usize); BLOCK_TILES];
-    for (origin, t) in origins.iter_mut().zip(tiles.clone()) {
-        let (image, top, left) = geometry.tile_origin(t);
-        *origin = (
-            image * finish.channels * plane + top * width + left,
-            M.min(height - top),
-            M.min(width - left),
-        );
-    }
+    let origins = tile_origins(geometry, tiles.clone(), finish.channels);
     for o in 0..finish.channels {
-        let bias = finish.bias[o];
-        let bias4 = _mm_set1_ps(bias);
+        let bias4 = _mm_set1_ps(finish.bias[o]);
         let mut first = tiles.start;
         while first < tiles.end {
             let lanes = LANES.min(tiles.end - first);
@@ -338,12 +332,11 @@ pub(super) unsafe fn output_block<const M: usize>(
                 tile_rows(y[3]),
             ]);
             let mut y_lanes = None;
-            for lane in 0..lanes {
-                let (origin, inside_rows, inside_cols) = origins[first - tiles.start + lane];
-                let base = origin + o * plane;
+            for (lane, &origin) in origins[first - tiles.start..][..lanes].iter().enumerate() {
+                let base = origin.at + o * plane;
                 if let Some(rows) = &rows
-                    && inside_rows == M
-                    && inside_cols == M
+                    && origin.rows == M
+                    && origin.cols == M
                 {
                     for (i, tile_row) in rows.iter().enumerate() {
                         let at = base + i * width;
@@ -363,17 +356,9 @@ pub(super) unsafe fn output_block<const M: usize>(
                     }
                     continue;
                 }
-                let y_lanes = y_lanes.get_or_insert_with(|| {
-                    let mut lanes_of = [[[0f32; LANES]; 4]; 4];
-                    for (out_row, y_row) in lanes_of.iter_mut().zip(y) {
-                        for (cell, value) in out_row.iter_mut().zip(y_row) {
-                            store(cell, value);
-                        }
-                    }
-                    lanes_of
-                });
+                let y_lanes = y_lanes.get_or_insert_with(|| lane_arrays(y));
                 // SAFETY: forwarded (the caller's contract).
-                unsafe { finish_tile(y_lanes, lane, first + lane, o, bias, geometry, finish, out) };
+                unsafe { finish_tile(y_lanes, lane, origin, o, geometry, finish, out) };
             }
             first += lanes;
         }

@@ -435,6 +435,12 @@ impl Winograd {
                 && residual.is_none_or(|r| r.len() >= out.len())
         );
         let dst = out.as_mut_ptr() as usize;
+        let finish = Finish {
+            bias: &self.bias,
+            relu: self.relu,
+            residual,
+            channels: self.out_channels,
+        };
         with_buffer(&PADDED, |padded: &mut Vec<f32>| {
             padded.resize(planes * padded_plane + GATHER_SLACK, 0.0);
             padded[..planes * padded_plane]
@@ -454,12 +460,6 @@ impl Winograd {
                         m.resize(frequencies * self.out_channels * BLOCK_TILES, 0.0);
                         input_block(padded, geometry, self.in_channels, block_tiles.clone(), v);
                         self.multiply_block(v, m, block_tiles.len());
-                        let finish = Finish {
-                            bias: &self.bias,
-                            relu: self.relu,
-                            residual,
-                            channels: self.out_channels,
-                        };
                         // SAFETY: `out` holds every output plane (asserted
                         // above); the block writes only its tiles' pixels,
                         // which no other block writes, and nothing else
@@ -1234,8 +1234,8 @@ unsafe fn output_block_generic<const M: usize>(
     finish: Finish<'_>,
     out: *mut MaybeUninit<f32>,
 ) {
+    let origins = tile_origins(geometry, tiles.clone(), finish.channels);
     for o in 0..finish.channels {
-        let bias = finish.bias[o];
         let mut first = tiles.start;
         while first < tiles.end {
             let lanes = LANES.min(tiles.end - first);
@@ -1244,40 +1244,67 @@ unsafe fn output_block_generic<const M: usize>(
                 offset: o * BLOCK_TILES + first - tiles.start,
             };
             let y = output_group::<M, false>(products, at, lanes);
-            for lane in 0..lanes {
+            for (lane, &origin) in origins[first - tiles.start..][..lanes].iter().enumerate() {
                 // SAFETY: forwarded (the caller's contract).
-                unsafe { finish_tile(&y, lane, first + lane, o, bias, geometry, finish, out) };
+                unsafe { finish_tile(&y, lane, origin, o, geometry, finish, out) };
             }
             first += lanes;
         }
     }
 }
 
-/// Writes tile `t`'s (numbered over the batch) output in lane `lane` of
-/// `y` to output channel `o`, element by element: + bias, + residual,
-/// ReLU, cut at the plane's edges.
+/// Where a tile's output lies: its first pixel in its image's first
+/// output plane, counted from the start of the output, and its rows and
+/// columns inside the plane (M, or fewer at the plane's edges).
+#[derive(Debug, Clone, Copy, Default)]
+struct TileOrigin {
+    at: usize,
+    rows: usize,
+    cols: usize,
+}
+
+/// The origins of the tiles `tiles` (numbered over the batch, at most
+/// [`BLOCK_TILES`]) in an output of `channels` planes per image, worked
+/// out once per block (two divisions a tile).
+fn tile_origins(
+    geometry: Geometry,
+    tiles: Range<usize>,
+    channels: usize,
+) -> [TileOrigin; BLOCK_TILES] {
+    let (height, width) = (geometry.height, geometry.width);
+    let mut origins = [TileOrigin::default(); BLOCK_TILES];
+    for (origin, t) in origins.iter_mut().zip(tiles) {
+        let (image, top, left) = geometry.tile_origin(t);
+        *origin = TileOrigin {
+            at: image * channels * height * width + top * width + left,
+            rows: geometry.m.min(height - top),
+            cols: geometry.m.min(width - left),
+        };
+    }
+    origins
+}
+
+/// Writes the tile at `origin`, in lane `lane` of `y`, to output channel
+/// `o`, element by element: + bias, + residual, ReLU, cut at the plane's
+/// edges.
 ///
 /// # Safety
 /// As [`output_block`], for the tile's pixels.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn finish_tile(
     y: &[[[f32; LANES]; 4]; 4],
     lane: usize,
-    t: usize,
+    origin: TileOrigin,
     o: usize,
-    bias: f32,
     geometry: Geometry,
     finish: Finish<'_>,
     out: *mut MaybeUninit<f32>,
 ) {
-    let (height, width) = (geometry.height, geometry.width);
-    let (image, top, left) = geometry.tile_origin(t);
-    let base = (image * finish.channels + o) * height * width;
-    let m = geometry.m;
-    for (i, y_row) in y.iter().enumerate().take(m.min(height - top)) {
-        let at = base + (top + i) * width + left;
-        for (j, y_cell) in y_row.iter().enumerate().take(m.min(width - left)) {
+    let base = origin.at + o * geometry.height * geometry.width;
+    let bias = finish.bias[o];
+    for (i, y_row) in y.iter().enumerate().take(origin.rows) {
+        let at = base + i * geometry.width;
+        for (j, y_cell) in y_row.iter().enumerate().take(origin.cols) {
             let mut value = y_cell[lane] + bias;
             if let Some(r) = finish.residual {
                 value += r[at + j];
@@ -1285,8 +1312,8 @@ unsafe fn finish_tile(
             if finish.relu {
                 value = value.max(0.0);
             }
-            // SAFETY: (image, o) is one of the output planes and (top + i,
-            // left + j) inside it: the caller's contract covers the write.
+            // SAFETY: `origin` is one of the output's tiles and (i, j)
+            // inside its plane: the caller's contract covers the write.
             unsafe { out.add(at + j).write(MaybeUninit::new(value)) };
         }
     }
