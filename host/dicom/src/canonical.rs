@@ -277,12 +277,16 @@ impl Crop {
         let mut data = vec![0f32; out * out];
         for (row_in, row_out) in by_rows.chunks_exact(side).zip(data.chunks_exact_mut(out)) {
             for (k, o) in row_out.iter_mut().enumerate() {
-                *o = self
+                let mean: f32 = self
                     .weights
                     .cell(k)
                     .iter()
                     .map(|&(j, w)| w * row_in[j])
                     .sum();
+                // A mean of values in [0, 1] is in [0, 1]; in f32 the
+                // weights' rounding can put it an ulp past 1 (an all-white
+                // window), which the clamp takes back.
+                *o = mean.clamp(0.0, 1.0);
             }
         }
         data
@@ -491,6 +495,38 @@ mod tests {
                 }
             }
             assert!(coverage.iter().all(|c| (c - 1.0).abs() < 1e-4), "{n}->{m}");
+        }
+    }
+
+    /// Inputs that once gave canonical values outside [0, 1] (found by the
+    /// `dicom_ingest` fuzz target; kept in host/fuzz/regressions/).
+    #[test]
+    fn fuzz_regressions_stay_within_zero_and_one() {
+        let limits = crate::LimitsConfig::default();
+        let cases: [(&str, &[u8]); 1] = [(
+            "window-of-all-white-63-columns.dcm",
+            include_bytes!(
+                "../../fuzz/regressions/dicom_ingest/window-of-all-white-63-columns.dcm"
+            ),
+        )];
+        for (name, bytes) in cases {
+            let file = crate::DicomFile::scan_bytes(bytes, &limits)
+                .and_then(|s| s.parse())
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            for size in [32, 64, 224] {
+                let image = crate::preprocess(&file, size, &limits).expect("preprocessed");
+                let outside: Vec<_> = image
+                    .data
+                    .iter()
+                    .filter(|v| !(0.0..=1.0).contains(*v))
+                    .collect();
+                assert!(
+                    outside.is_empty(),
+                    "{name} at {size}: {} outside, e.g. {:?}",
+                    outside.len(),
+                    &outside[..outside.len().min(4)]
+                );
+            }
         }
     }
 

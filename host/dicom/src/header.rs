@@ -94,7 +94,9 @@ pub struct VoiLut {
     pub entries: usize,
     /// First input value mapped (descriptor value 2).
     pub first_mapped: i64,
-    /// Bits per entry (descriptor value 3).
+    /// Bits per entry (descriptor value 3; 16 where the descriptor said
+    /// fewer but the entries are 16-bit words). Every entry of the table's
+    /// first `entries` is in 0..=2^bits − 1.
     pub bits: u32,
     /// The table, at least `entries` long.
     pub data: Vec<f64>,
@@ -314,6 +316,7 @@ impl ImageHeader {
                 tag: "(7FE0,0010)",
             });
         }
+        self.check_modality_range(bits_stored)?;
         Ok(Geometry {
             rows: rows.into(),
             columns: columns.into(),
@@ -324,6 +327,32 @@ impl ImageHeader {
             signed,
             monochrome1: pi == "MONOCHROME1",
         })
+    }
+}
+
+impl ImageHeader {
+    /// Step 4's modality values must stay finite, and so must the
+    /// differences that step 5 takes between them (a percentile window
+    /// from −∞ to +∞ would make every pixel NaN). Each value is finite on
+    /// its own (checked when read); this bounds the product with the
+    /// widest stored value the sample bits allow.
+    fn check_modality_range(&self, bits_stored: u16) -> Result<()> {
+        /// Far beyond any physical unit, and twice it is still finite.
+        const MAX_MODALITY: f64 = 1e300;
+        let slope = self.rescale_slope.filter(|&s| s != 0.0).unwrap_or(1.0);
+        let intercept = self.rescale_intercept.unwrap_or(0.0);
+        let widest_stored = 2f64.powi(i32::from(bits_stored));
+        if slope.abs() * widest_stored + intercept.abs() > MAX_MODALITY {
+            return Err(DicomError::InvalidAttribute {
+                keyword: "RescaleSlope",
+                tag: "(0028,1053)",
+                reason: format!(
+                    "slope {slope:e} and intercept {intercept:e} put {bits_stored}-bit values \
+                     past ±{MAX_MODALITY:e}"
+                ),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -485,10 +514,128 @@ fn voi_lut(obj: &InMemDicomObject) -> Result<Option<VoiLut>> {
             &format!("{} entries, descriptor says {entries}", data.len()),
         ));
     }
+    // Step 5 divides by 2^bits − 1, so every entry must fit in `bits` for y
+    // to stay in [0, 1]. A table whose descriptor says 8 bits but whose
+    // entries are 16-bit words is a known vendor quirk that dcmtk corrects
+    // the same way (DiLookupTable::checkBits); anything else is refused.
+    let fits = |bits: i64| {
+        let top = ((1u64 << bits) - 1) as f64;
+        data[..entries].iter().all(|&v| (0.0..=top).contains(&v))
+    };
+    let bits = if fits(bits) {
+        bits
+    } else if bits < 16 && fits(16) {
+        16
+    } else {
+        return Err(invalid(
+            "LUTData",
+            "(0028,3006)",
+            &format!("an entry outside 0..=2^{bits} - 1 (the descriptor's bits per entry)"),
+        ));
+    };
     Ok(Some(VoiLut {
         entries,
         first_mapped: first,
         bits: bits as u32,
         data,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use dicom_core::value::DataSetSequence;
+    use dicom_core::{DataElement, VR};
+
+    use super::*;
+
+    /// A dataset whose VOI LUT Sequence has one item: 4 entries from 0.
+    fn with_voi_lut(bits: u16, data: Vec<u16>) -> InMemDicomObject {
+        let item = InMemDicomObject::from_element_iter([
+            DataElement::new(
+                tags::LUT_DESCRIPTOR,
+                VR::US,
+                PrimitiveValue::U16(vec![data.len() as u16, 0, bits].into()),
+            ),
+            DataElement::new(tags::LUT_DATA, VR::US, PrimitiveValue::U16(data.into())),
+        ]);
+        InMemDicomObject::from_element_iter([DataElement::new(
+            tags::VOILUT_SEQUENCE,
+            VR::SQ,
+            DataSetSequence::from(vec![item]),
+        )])
+    }
+
+    #[test]
+    fn voi_lut_entries_fit_the_bits_that_divide_them() {
+        // Entries within the descriptor's 8 bits: kept as declared.
+        let lut = voi_lut(&with_voi_lut(8, vec![0, 10, 200, 255]))
+            .expect("a valid table")
+            .expect("present");
+        assert_eq!((lut.entries, lut.bits), (4, 8));
+        // 16-bit words under an 8-bit descriptor (the vendor quirk): read as
+        // 16 bits, so step 5's y stays within [0, 1].
+        let lut = voi_lut(&with_voi_lut(8, vec![0, 10, 4095, 65535]))
+            .expect("a valid table")
+            .expect("present");
+        assert_eq!(lut.bits, 16);
+        // A 12-bit descriptor whose entries need 16 bits: the same rule.
+        let lut = voi_lut(&with_voi_lut(12, vec![0, 4096, 8, 9]))
+            .expect("a valid table")
+            .expect("present");
+        assert_eq!(lut.bits, 16);
+    }
+
+    #[test]
+    fn modality_values_past_the_finite_range_are_refused_by_name() {
+        let limits = LimitsConfig::default();
+        let bytes = include_bytes!(
+            "../../fuzz/regressions/dicom_ingest/window-of-all-white-63-columns.dcm"
+        );
+        let file = DicomFile::scan_bytes(bytes, &limits)
+            .and_then(|s| s.parse())
+            .expect("parsed");
+        let mut header = ImageHeader::read(&file).expect("header");
+        // No window: the percentiles decide, the step where ±∞ made NaN.
+        header.window_center.clear();
+        header.rescale_intercept = Some(-1e280);
+        header.rescale_slope = Some(1e295); // 16 bits: 6.6e299, admitted
+        let geometry = header.accept(&limits).expect("admitted");
+        let frame = crate::pixels::decode_first_frame(&file, &geometry).expect("decoded");
+        let image = crate::canonical::preprocess(&header, &geometry, &frame, 32);
+        assert!(image.data.iter().all(|v| (0.0..=1.0).contains(v)));
+        header.rescale_slope = Some(-1e296); // 6.6e300
+        let error = header.accept(&limits).err().map(|e| e.to_string());
+        let error = error.unwrap_or_default();
+        assert!(
+            error.contains("RescaleSlope") && error.contains("(0028,1053)"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn voi_lut_entries_past_16_bits_are_refused_by_name() {
+        let item = InMemDicomObject::from_element_iter([
+            DataElement::new(
+                tags::LUT_DESCRIPTOR,
+                VR::US,
+                PrimitiveValue::U16(vec![2, 0, 16].into()),
+            ),
+            DataElement::new(
+                tags::LUT_DATA,
+                VR::SL,
+                PrimitiveValue::I32(vec![-1, 70_000].into()),
+            ),
+        ]);
+        let obj = InMemDicomObject::from_element_iter([DataElement::new(
+            tags::VOILUT_SEQUENCE,
+            VR::SQ,
+            DataSetSequence::from(vec![item]),
+        )]);
+        let error = voi_lut(&obj)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(error.contains("LUTData"), "{error}");
+        assert!(error.contains("(0028,3006)"), "{error}");
+    }
 }
