@@ -22,7 +22,7 @@ pub struct LayerTiming {
     /// Multiply-adds of a direct convolution, millions, for the batch.
     pub mmacs: f64,
     /// Median milliseconds with im2col only (at batch 1 with weights packed
-    /// once: `packed_gemm`, or `narrow_gemm` for small planes on AVX-512).
+    /// once: `packed_gemm`, or `narrow_gemm` for small planes on AVX-512 and AVX2).
     pub im2col_ms: f64,
     /// Fastest run with im2col only, milliseconds.
     pub im2col_min_ms: f64,

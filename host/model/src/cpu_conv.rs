@@ -12,8 +12,8 @@
 //! convolutions with enough output tiles run in the Winograd domain
 //! instead ([`super::winograd`], weights transformed once, when the kernel
 //! is built). At batch 1 the products run with weights packed once:
-//! [`super::packed_gemm`] for large output planes, and on AVX-512
-//! [`super::narrow_gemm`] for small ones (the deep layers' 7×7 and
+//! [`super::packed_gemm`] for large output planes, and on AVX-512 and
+//! AVX2 [`super::narrow_gemm`] for small ones (the deep layers' 7×7 and
 //! 14×14). Training uses [`super::cpu_conv_grad`], which adds the backward
 //! pass and runs its forward products here.
 
@@ -49,8 +49,8 @@ pub struct FusedConv {
     /// comparisons and tests).
     packed: Option<OnceLock<PackedWeights>>,
     /// The weights packed for [`narrow_gemm`] (im2col and 1×1 at batch 1
-    /// with few output pixels, on AVX-512), on the first call that runs
-    /// them; `None` as `packed`.
+    /// with few output pixels, on AVX-512 and AVX2), on the first call
+    /// that runs them; `None` as `packed`.
     panels: Option<OnceLock<PanelWeights>>,
 }
 
@@ -91,10 +91,10 @@ fn threads_for(work: usize) -> usize {
 /// packed weights, split between the threads by output rows (each
 /// unfolds and multiplies its own rows, with all the weights); smaller
 /// ones (the deep layers, bound by reading the weights) run im2col and,
-/// on AVX-512 with whole panels of output channels, [`narrow_gemm`] (the
-/// panels split between the threads, each reading only its weights),
-/// else `gemm`, measured faster there than the packed weights (`oxbox
-/// bench --layers`: `im2col_ms` against `gemm_ms`).
+/// with whole panels of output channels on AVX-512 or AVX2,
+/// [`narrow_gemm`] (the panels split between the threads, each reading
+/// only its weights), else `gemm`, measured faster there than the packed
+/// weights (`oxbox bench --layers`: `im2col_ms` against `gemm_ms`).
 const SPLIT_BY_PIXELS_MIN: usize = 256;
 
 /// With packed weights split by output rows: the unfolded input a task
@@ -349,8 +349,8 @@ impl FusedConv {
 
     /// One image of few output pixels (fewer than
     /// [`SPLIT_BY_PIXELS_MIN`]) with the weights in panels
-    /// ([`narrow_gemm`], AVX-512): Y = W · unfold(x) + bias (+ residual)
-    /// (ReLU), the panels spread over the threads (each reads only its
+    /// ([`narrow_gemm`], AVX-512 or AVX2): Y = W · unfold(x) + bias
+    /// (+ residual) (ReLU), the panels spread over the threads (each reads only its
     /// panels' weights, which is what bounds these layers).
     fn run_panels(
         &self,
@@ -366,7 +366,7 @@ impl FusedConv {
         let multiply = |operands: Operands, panel: usize| {
             // SAFETY: X holds k rows and Y (and the residual) this
             // convolution's rows of the output's pixels (`product_by_rows`);
-            // the CPU has AVX-512 (checked by the caller).
+            // the CPU runs `narrow_gemm` (checked by the caller).
             unsafe { narrow_gemm::multiply(weights, panel..panel + 1, operands, epilogue) }
         };
         let dims = [height, width, out_h, out_w];
@@ -972,8 +972,8 @@ pub(crate) mod tests {
             (1, 24, 40, 3, 2, 1, 29, 29),
             (1, 40, 20, 1, 1, 0, 30, 30),
             // Small planes at batch 1 with whole panels of 32 output
-            // channels (`narrow_gemm` on AVX-512): unfolded 3×3 and 1×1
-            // stride 2, 1×1 in place, 3×3 without padding.
+            // channels (`narrow_gemm` on AVX-512 and AVX2): unfolded 3×3
+            // and 1×1 stride 2, 1×1 in place, 3×3 without padding.
             (1, 16, 32, 3, 2, 1, 15, 15),
             (1, 8, 64, 1, 2, 0, 9, 9),
             (1, 32, 32, 1, 1, 0, 7, 7),

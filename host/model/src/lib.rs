@@ -9,7 +9,7 @@
 //!   and batch norm with backward passes); [`winograd`]: the 3×3
 //!   stride-1 convolutions in the Winograd domain; [`packed_gemm`] and
 //!   [`narrow_gemm`]: the inference products with weights packed at load
-//!   (the second for few columns, on AVX-512); [`vector_isa`]: which
+//!   (the second for few columns, on AVX-512 and AVX2); [`vector_isa`]: which
 //!   vector instructions they use (AVX-512, AVX2 or portable code);
 //! - this module: choosing the device, loading a package for inference
 //!   (batch norm folded into the convolutions), encoding an EMR record, and

@@ -6,32 +6,44 @@
 //! [`super::packed_gemm`] vectorises along X's columns, 32 at a time: 49
 //! columns become 64 and the last vector is mostly lanes thrown away.
 //! Here the weights are packed once into panels of [`PANEL_ROWS`] rows
-//! (`[panel][depth][PANEL_ROWS]`, the rows past the last zero) and the
-//! kernel holds a panel's 32 rows × up to [`BLOCK_COLS`] columns of sums
-//! in 24 AVX-512 registers: per depth index, two loads of W and one
-//! broadcast of X per column; a block of fewer columns costs
-//! proportionally less, so 49 columns cost 49, not 64.
+//! (`[panel][depth][PANEL_ROWS]`, the rows past the last zero), and a
+//! block of a few columns costs in proportion to its width, so 49 columns
+//! cost 49, not 64. Per depth index, the kernel loads W's rows as vectors
+//! and broadcasts X's value of each column:
+//! - AVX-512: a panel's 32 rows × up to [`BLOCK_COLS_AVX512`] columns of
+//!   sums in 24 registers (two loads of W, then per column a broadcast and
+//!   two fused multiply-adds);
+//! - AVX2 + FMA: each half of the panel (16 rows) in turn × up to
+//!   [`BLOCK_COLS_AVX2`] columns in 12 of the 16 registers.
 //!
-//! AVX-512 only (the callers check [`vector_isa::active`]); the other
-//! paths keep `gemm`. The sums run over the depth in order, one fused
-//! multiply-add per term, then + (bias + residual) and the ReLU, as in
-//! [`super::packed_gemm`].
+//! Both paths run the same loops over the same packed panels, and each sum
+//! runs over the depth in order, one fused multiply-add per term, so they
+//! give the same bits; then + (bias + residual) and the ReLU, as in
+//! [`super::packed_gemm`]. The portable path (no AVX2) keeps `gemm`.
 
 use std::ops::Range;
 
 use crate::packed_gemm::{Epilogue, Operands};
 use crate::vector_isa::{self, VectorIsa};
 
-/// Rows of W per packed panel: two 16-lane vectors.
+/// Rows of W per packed panel: two 16-lane vectors (four 8-lane ones).
 pub const PANEL_ROWS: usize = 32;
-/// Columns of X per kernel call at most (24 sums in registers).
-const BLOCK_COLS: usize = 12;
-/// Column blocks whose sums wait in memory between depth slices.
-const CHUNK_BLOCKS: usize = 5;
+/// Columns of X per kernel call at most on the AVX-512 path (24 sums in
+/// registers).
+const BLOCK_COLS_AVX512: usize = 12;
+/// Columns of X per kernel call at most on the AVX2 path (12 sums in
+/// registers, per half panel).
+const BLOCK_COLS_AVX2: usize = 6;
+/// Columns whose sums wait in memory between depth slices: five blocks on
+/// the AVX-512 path, ten on the AVX2 path.
+const CHUNK_COLS: usize = 60;
 /// Depth indices per slice: a slice of the panel (16 KiB) and of X's
 /// columns in a chunk (up to 30 KiB) stay in L1 while the chunk's blocks
 /// reuse them.
 const DEPTH_SLICE: usize = 128;
+
+/// A chunk's sums: `[column][row of the panel]`.
+type ChunkSums = [[f32; PANEL_ROWS]; CHUNK_COLS];
 
 /// A weight matrix (rows × depth) packed in panels of [`PANEL_ROWS`]
 /// rows, each stored depth index by depth index.
@@ -66,9 +78,10 @@ impl PanelWeights {
     }
 }
 
-/// Whether [`multiply`] runs on this CPU (the kernel is AVX-512).
+/// Whether [`multiply`] runs on this CPU (the kernels are AVX-512 and
+/// AVX2 + FMA).
 pub fn available() -> bool {
-    vector_isa::active() == VectorIsa::Avx512
+    vector_isa::active() >= VectorIsa::Avx2
 }
 
 /// Y = W · X + bias (+ residual) (ReLU) for W's rows in the panels
@@ -88,22 +101,22 @@ pub unsafe fn multiply(
 ) {
     debug_assert!(available());
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: forwarded; the CPU has AVX-512 F (`available`).
+    // SAFETY: forwarded; the CPU has the kernel's instructions (`active`).
     unsafe {
-        multiply_avx512(weights, panels, operands, epilogue);
+        match vector_isa::active() {
+            VectorIsa::Avx512 => multiply_avx512(weights, panels, operands, epilogue),
+            VectorIsa::Avx2 => multiply_avx2(weights, panels, operands, epilogue),
+            VectorIsa::Portable => {}
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (weights, panels, operands, epilogue);
 }
 
-/// [`multiply`]'s loops: per panel, the columns in chunks of
-/// [`CHUNK_BLOCKS`] blocks of [`BLOCK_COLS`]; per chunk, the depth in
-/// slices of [`DEPTH_SLICE`], each run through every block of the chunk
-/// (the slice of W then comes from L1 for all but the first); then the
-/// epilogue.
+/// [`multiply`] on the AVX-512 path: [`panel_loops`] with [`kernel_avx512`].
 ///
 /// # Safety
-/// As [`multiply`].
+/// As [`multiply`]; the CPU has AVX-512 F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn multiply_avx512(
@@ -112,50 +125,107 @@ unsafe fn multiply_avx512(
     operands: Operands,
     epilogue: Epilogue<'_>,
 ) {
+    // SAFETY: the kernel's contract is the loops' (the caller's); the CPU
+    // has AVX-512 F.
+    unsafe {
+        panel_loops::<BLOCK_COLS_AVX512>(
+            weights,
+            panels,
+            operands,
+            epilogue,
+            |slice, x, stride, sums, width, first| match width {
+                12 => kernel_avx512::<12>(slice, x, stride, sums, first),
+                11 => kernel_avx512::<11>(slice, x, stride, sums, first),
+                10 => kernel_avx512::<10>(slice, x, stride, sums, first),
+                9 => kernel_avx512::<9>(slice, x, stride, sums, first),
+                8 => kernel_avx512::<8>(slice, x, stride, sums, first),
+                7 => kernel_avx512::<7>(slice, x, stride, sums, first),
+                6 => kernel_avx512::<6>(slice, x, stride, sums, first),
+                5 => kernel_avx512::<5>(slice, x, stride, sums, first),
+                4 => kernel_avx512::<4>(slice, x, stride, sums, first),
+                3 => kernel_avx512::<3>(slice, x, stride, sums, first),
+                2 => kernel_avx512::<2>(slice, x, stride, sums, first),
+                _ => kernel_avx512::<1>(slice, x, stride, sums, first),
+            },
+        );
+    }
+}
+
+/// [`multiply`] on the AVX2 path: [`panel_loops`] with [`kernel_avx2`].
+///
+/// # Safety
+/// As [`multiply`]; the CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn multiply_avx2(
+    weights: &PanelWeights,
+    panels: Range<usize>,
+    operands: Operands,
+    epilogue: Epilogue<'_>,
+) {
+    // SAFETY: the kernel's contract is the loops' (the caller's); the CPU
+    // has AVX2 and FMA.
+    unsafe {
+        panel_loops::<BLOCK_COLS_AVX2>(
+            weights,
+            panels,
+            operands,
+            epilogue,
+            |slice, x, stride, sums, width, first| match width {
+                6 => kernel_avx2::<6>(slice, x, stride, sums, first),
+                5 => kernel_avx2::<5>(slice, x, stride, sums, first),
+                4 => kernel_avx2::<4>(slice, x, stride, sums, first),
+                3 => kernel_avx2::<3>(slice, x, stride, sums, first),
+                2 => kernel_avx2::<2>(slice, x, stride, sums, first),
+                _ => kernel_avx2::<1>(slice, x, stride, sums, first),
+            },
+        );
+    }
+}
+
+/// [`multiply`]'s loops, for a kernel of up to `COLS` columns: per panel,
+/// the columns in chunks of [`CHUNK_COLS`]; per chunk, the depth in slices
+/// of [`DEPTH_SLICE`], each run through every block of `COLS` columns of
+/// the chunk (the slice of W then comes from L1 for all but the first);
+/// then the epilogue. `kernel(slice, x, stride, sums, width, first)` adds
+/// the slice's products for `width` ≤ `COLS` columns of X from `x` to
+/// `sums` (starting from zero when `first`).
+///
+/// # Safety
+/// As [`multiply`]; `kernel` reads X's rows of the slice, `width` values
+/// from `x`, and writes only `sums`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn panel_loops<const COLS: usize>(
+    weights: &PanelWeights,
+    panels: Range<usize>,
+    operands: Operands,
+    epilogue: Epilogue<'_>,
+    kernel: impl Fn(&[f32], *const f32, usize, &mut [[f32; PANEL_ROWS]; COLS], usize, bool),
+) {
     let depth = weights.depth;
-    let chunk_cols = CHUNK_BLOCKS * BLOCK_COLS;
     for panel in panels.start..panels.end.min(weights.panels()) {
         let packed = &weights.data[panel * depth * PANEL_ROWS..][..depth * PANEL_ROWS];
         let first_row = panel * PANEL_ROWS;
         let rows = PANEL_ROWS.min(weights.rows - first_row);
-        for chunk in (0..operands.cols).step_by(chunk_cols) {
-            let chunk_width = chunk_cols.min(operands.cols - chunk);
+        for chunk in (0..operands.cols).step_by(CHUNK_COLS) {
+            let chunk_width = CHUNK_COLS.min(operands.cols - chunk);
             // sums[j][r]: column chunk + j, row first_row + r.
-            let mut sums = [[0f32; PANEL_ROWS]; CHUNK_BLOCKS * BLOCK_COLS];
+            let mut sums: ChunkSums = [[0f32; PANEL_ROWS]; CHUNK_COLS];
             for start in (0..depth).step_by(DEPTH_SLICE) {
                 let slice =
                     &packed[start * PANEL_ROWS..][..DEPTH_SLICE.min(depth - start) * PANEL_ROWS];
-                let (blocks, _) = sums.as_chunks_mut::<BLOCK_COLS>();
+                let (blocks, _) = sums.as_chunks_mut::<COLS>();
                 for (block, sums) in blocks.iter_mut().enumerate() {
-                    let col = block * BLOCK_COLS;
+                    let col = block * COLS;
                     if col >= chunk_width {
                         break;
                     }
-                    let width = BLOCK_COLS.min(chunk_width - col);
+                    let width = COLS.min(chunk_width - col);
                     let x = operands
                         .rhs
                         .wrapping_add(start * operands.rhs_stride + chunk + col);
-                    let stride = operands.rhs_stride;
-                    let first = start == 0;
-                    // SAFETY: X's rows in the slice hold `width` readable
-                    // values from column chunk + col (the caller's
-                    // contract); the CPU has AVX-512 F.
-                    unsafe {
-                        match width {
-                            12 => kernel::<12>(slice, x, stride, sums, first),
-                            11 => kernel::<11>(slice, x, stride, sums, first),
-                            10 => kernel::<10>(slice, x, stride, sums, first),
-                            9 => kernel::<9>(slice, x, stride, sums, first),
-                            8 => kernel::<8>(slice, x, stride, sums, first),
-                            7 => kernel::<7>(slice, x, stride, sums, first),
-                            6 => kernel::<6>(slice, x, stride, sums, first),
-                            5 => kernel::<5>(slice, x, stride, sums, first),
-                            4 => kernel::<4>(slice, x, stride, sums, first),
-                            3 => kernel::<3>(slice, x, stride, sums, first),
-                            2 => kernel::<2>(slice, x, stride, sums, first),
-                            _ => kernel::<1>(slice, x, stride, sums, first),
-                        }
-                    }
+                    kernel(slice, x, operands.rhs_stride, sums, width, start == 0);
                 }
             }
             for (j, column) in sums.iter().enumerate().take(chunk_width) {
@@ -193,11 +263,11 @@ unsafe fn multiply_avx512(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn kernel<const B: usize>(
+unsafe fn kernel_avx512<const B: usize>(
     slice: &[f32],
     x: *const f32,
     stride: usize,
-    sums: &mut [[f32; PANEL_ROWS]; BLOCK_COLS],
+    sums: &mut [[f32; PANEL_ROWS]; BLOCK_COLS_AVX512],
     first: bool,
 ) {
     use std::arch::x86_64::{
@@ -242,18 +312,100 @@ unsafe fn kernel<const B: usize>(
     }
 }
 
+/// [`kernel_avx512`] on the AVX2 path: the same sums, for each half of the
+/// panel (16 rows) in turn: per depth index two 8-lane loads of W's half,
+/// then per column (`B` ≤ [`BLOCK_COLS_AVX2`]) a broadcast of X and two
+/// fused multiply-adds, the 12 sums and 3 operands in 15 of the 16
+/// registers.
+///
+/// # Safety
+/// X's rows of the slice hold `B` readable values from `x`; the CPU has
+/// AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn kernel_avx2<const B: usize>(
+    slice: &[f32],
+    x: *const f32,
+    stride: usize,
+    sums: &mut [[f32; PANEL_ROWS]; BLOCK_COLS_AVX2],
+    first: bool,
+) {
+    use std::arch::x86_64::{
+        __m256, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_setzero_ps,
+        _mm256_storeu_ps,
+    };
+    const HALF: usize = PANEL_ROWS / 2;
+    for half in [0, HALF] {
+        let mut acc: [[__m256; 2]; B] = [[_mm256_setzero_ps(); 2]; B];
+        if !first {
+            for (sum, from) in acc.iter_mut().zip(sums.iter()) {
+                let from = &from[half..half + HALF];
+                // SAFETY: `from` is 16 floats (two 256-bit loads).
+                *sum = unsafe {
+                    [
+                        _mm256_loadu_ps(from.as_ptr()),
+                        _mm256_loadu_ps(from[8..].as_ptr()),
+                    ]
+                };
+            }
+        }
+        let mut row = x;
+        for w in slice.chunks_exact(PANEL_ROWS) {
+            let w = &w[half..half + HALF];
+            // SAFETY: `w` is 16 floats (two 256-bit loads).
+            let (w0, w1) = unsafe {
+                (
+                    _mm256_loadu_ps(w.as_ptr()),
+                    _mm256_loadu_ps(w[8..].as_ptr()),
+                )
+            };
+            for (j, sum) in acc.iter_mut().enumerate() {
+                // SAFETY: column j < B of this row of X (the caller's contract).
+                let b = _mm256_set1_ps(unsafe { *row.add(j) });
+                sum[0] = _mm256_fmadd_ps(w0, b, sum[0]);
+                sum[1] = _mm256_fmadd_ps(w1, b, sum[1]);
+            }
+            row = row.wrapping_add(stride);
+        }
+        for (out, sum) in sums.iter_mut().zip(acc) {
+            let out = &mut out[half..half + HALF];
+            // SAFETY: `out` is 16 floats (two 256-bit stores).
+            unsafe {
+                _mm256_storeu_ps(out.as_mut_ptr(), sum[0]);
+                _mm256_storeu_ps(out[8..].as_mut_ptr(), sum[1]);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::cpu_conv::tests::values;
 
+    /// The paths this CPU runs, by name.
+    #[cfg(target_arch = "x86_64")]
+    fn paths() -> Vec<(&'static str, Multiply)> {
+        let mut paths: Vec<(&'static str, Multiply)> = Vec::new();
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            paths.push(("avx2", multiply_avx2));
+        }
+        if std::is_x86_feature_detected!("avx512f") {
+            paths.push(("avx512", multiply_avx512));
+        }
+        paths
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    type Multiply = unsafe fn(&PanelWeights, Range<usize>, Operands, Epilogue<'_>);
+
     /// Against a plain f64 product, with bias, residual and ReLU, for
-    /// partial panels and every column-block width.
+    /// partial panels and every column-block width, on every path this CPU
+    /// runs; and the paths give the same bits.
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn panel_product_equals_plain_product() {
-        if !available() {
-            return;
-        }
         for &(rows, depth, cols) in &[
             (32, 7, 1),
             (40, 33, 13),
@@ -266,35 +418,49 @@ mod tests {
             let bias = values(rows, 3);
             let residual = values(rows * cols, 4);
             let packed = PanelWeights::new(&w, rows, depth);
-            let mut y = vec![f32::NAN; rows * cols];
-            let operands = Operands {
-                rhs: x.as_ptr(),
-                rhs_stride: cols,
-                cols,
-                dst: y.as_mut_ptr(),
-                residual: residual.as_ptr(),
-                dst_stride: cols,
-            };
-            let epilogue = Epilogue {
-                bias: Some(&bias),
-                relu: true,
-            };
-            // SAFETY: X is depth × cols, Y and the residual rows × cols,
-            // the bias rows long; AVX-512 checked above.
-            unsafe { multiply(&packed, 0..packed.panels(), operands, epilogue) };
-            for r in 0..rows {
-                for c in 0..cols {
-                    let mut want: f64 = (0..depth)
-                        .map(|k| f64::from(w[r * depth + k]) * f64::from(x[k * cols + c]))
-                        .sum();
-                    want += f64::from(bias[r]) + f64::from(residual[r * cols + c]);
-                    let want = want.max(0.0);
-                    let got = f64::from(y[r * cols + c]);
+            let mut first: Option<Vec<f32>> = None;
+            for (name, multiply) in paths() {
+                let mut y = vec![f32::NAN; rows * cols];
+                let operands = Operands {
+                    rhs: x.as_ptr(),
+                    rhs_stride: cols,
+                    cols,
+                    dst: y.as_mut_ptr(),
+                    residual: residual.as_ptr(),
+                    dst_stride: cols,
+                };
+                let epilogue = Epilogue {
+                    bias: Some(&bias),
+                    relu: true,
+                };
+                // SAFETY: X is depth × cols, Y and the residual rows × cols,
+                // the bias rows long; the CPU runs the path (`paths`).
+                unsafe { multiply(&packed, 0..packed.panels(), operands, epilogue) };
+                if let Some(first) = &first {
+                    let same = first
+                        .iter()
+                        .zip(&y)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
                     assert!(
-                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "{rows}×{depth}×{cols} ({r}, {c}): {got} vs {want}"
+                        same,
+                        "{rows}×{depth}×{cols}: {name} differs from the first path"
                     );
                 }
+                for r in 0..rows {
+                    for c in 0..cols {
+                        let mut want: f64 = (0..depth)
+                            .map(|k| f64::from(w[r * depth + k]) * f64::from(x[k * cols + c]))
+                            .sum();
+                        want += f64::from(bias[r]) + f64::from(residual[r * cols + c]);
+                        let want = want.max(0.0);
+                        let got = f64::from(y[r * cols + c]);
+                        assert!(
+                            (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            "{name} {rows}×{depth}×{cols} ({r}, {c}): {got} vs {want}"
+                        );
+                    }
+                }
+                first.get_or_insert(y);
             }
         }
     }
