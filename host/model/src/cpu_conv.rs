@@ -110,6 +110,15 @@ const UNFOLDED_PER_TASK: usize = 1 << 16;
 const WINOGRAD4_MIN_TILES: usize = 4;
 /// See [`WINOGRAD4_MIN_TILES`].
 const WINOGRAD2_MIN_TILES: usize = 2;
+/// [`WINOGRAD2_MIN_TILES`] where the im2col product would run with
+/// [`narrow_gemm`] ([`FusedConv::runs_narrow`]), whose panels read 9/16
+/// of the 2×2 form's weight bytes and fetch them ahead. At batch 1 this
+/// sends a ResNet's layer 4 (7×7, 512 channels: 2 tiles per 64 channels)
+/// to im2col: the convolution alone, its weights evicted before each run,
+/// took 1.61–1.78 ms against 1.97–2.04 with F(2×2) (three alternating
+/// rounds; about equal with the weights warm), and the whole forward pass
+/// 0.88× the time (median of twelve alternating rounds).
+const WINOGRAD2_MIN_TILES_NARROW: usize = 3;
 
 impl FusedConv {
     /// A fused convolution from folded weights `(out, in, k, k)` (row-major)
@@ -169,6 +178,18 @@ impl FusedConv {
         self
     }
 
+    /// Whether the im2col product of a call on `batch` images with
+    /// `pixels` output pixels runs with [`narrow_gemm`]: one image, fewer
+    /// than [`SPLIT_BY_PIXELS_MIN`] pixels, whole panels of output
+    /// channels, and a CPU with the kernel (AVX-512 or AVX2).
+    fn runs_narrow(&self, batch: usize, pixels: usize) -> bool {
+        batch == 1
+            && pixels < SPLIT_BY_PIXELS_MIN
+            && self.out_channels.is_multiple_of(PANEL_ROWS)
+            && self.panels.is_some()
+            && narrow_gemm::available()
+    }
+
     /// Whether a call on `batch` images of `height`×`width` runs in the
     /// Winograd domain.
     pub fn uses_winograd(&self, batch: usize, height: usize, width: usize) -> bool {
@@ -182,9 +203,15 @@ impl FusedConv {
         let enough = |tile: Tile, min: usize| {
             batch * tile.tiles(height, width) * 64 >= min * self.in_channels
         };
+        // Stride 1, padding 1: the output plane is the input's.
+        let min_two = if self.runs_narrow(batch, height * width) {
+            WINOGRAD2_MIN_TILES_NARROW
+        } else {
+            WINOGRAD2_MIN_TILES
+        };
         if enough(Tile::Four, WINOGRAD4_MIN_TILES) {
             Some(Tile::Four)
-        } else if enough(Tile::Two, WINOGRAD2_MIN_TILES) {
+        } else if enough(Tile::Two, min_two) {
             Some(Tile::Two)
         } else {
             None
@@ -283,9 +310,7 @@ impl FusedConv {
         {
             return self.run_packed(packed, input, dims, residual);
         }
-        if batch == 1
-            && self.out_channels.is_multiple_of(PANEL_ROWS)
-            && narrow_gemm::available()
+        if self.runs_narrow(batch, n)
             && let Some(panels) = &self.panels
         {
             return self.run_panels(panels, input, dims, residual);
@@ -1005,8 +1030,10 @@ pub(crate) mod tests {
                 winograd += usize::from(check_against_candle(geometry, i as u32));
             }
         }
-        // 56², 28², 14² and 7², at batch 1 and 2.
-        assert_eq!(winograd, 8, "geometries that ran Winograd");
+        // 56², 28², 14² and 7², at batch 1 and 2; but 7² at batch 1 runs
+        // im2col where `narrow_gemm` does (WINOGRAD2_MIN_TILES_NARROW).
+        let expected = if narrow_gemm::available() { 7 } else { 8 };
+        assert_eq!(winograd, expected, "geometries that ran Winograd");
     }
 
     #[test]
