@@ -149,9 +149,8 @@ pub fn preprocess(
     frame: &DecodedFrame<'_>,
     size: u32,
 ) -> CanonicalImage {
-    // Modality LUT (step 4); a zero slope is taken as absent, as the reference does.
-    let slope = header.rescale_slope.filter(|&s| s != 0.0).unwrap_or(1.0);
-    let intercept = header.rescale_intercept.unwrap_or(0.0);
+    // Modality LUT (step 4).
+    let (slope, intercept) = header.modality_rescale();
     let mut map = PixelMap {
         pad: padding_range(header, geometry),
         slope,

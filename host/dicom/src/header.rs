@@ -331,6 +331,13 @@ impl ImageHeader {
 }
 
 impl ImageHeader {
+    /// Step 4's modality LUT as (slope, intercept): the file's, with a
+    /// zero slope taken as absent (as the reference does), else (1, 0).
+    pub fn modality_rescale(&self) -> (f64, f64) {
+        let slope = self.rescale_slope.filter(|&s| s != 0.0).unwrap_or(1.0);
+        (slope, self.rescale_intercept.unwrap_or(0.0))
+    }
+
     /// Step 4's modality values must stay finite, and so must the
     /// differences that step 5 takes between them (a percentile window
     /// from −∞ to +∞ would make every pixel NaN). Each value is finite on
@@ -339,8 +346,7 @@ impl ImageHeader {
     fn check_modality_range(&self, bits_stored: u16) -> Result<()> {
         /// Far beyond any physical unit, and twice it is still finite.
         const MAX_MODALITY: f64 = 1e300;
-        let slope = self.rescale_slope.filter(|&s| s != 0.0).unwrap_or(1.0);
-        let intercept = self.rescale_intercept.unwrap_or(0.0);
+        let (slope, intercept) = self.modality_rescale();
         let widest_stored = 2f64.powi(i32::from(bits_stored));
         if slope.abs() * widest_stored + intercept.abs() > MAX_MODALITY {
             return Err(DicomError::InvalidAttribute {
