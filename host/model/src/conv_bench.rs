@@ -6,8 +6,10 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use super::cpu_batch_norm::MaxPool3x3Stride2;
 use super::cpu_conv::FusedConv;
 use super::package::Backbone;
+use super::stem_pool::StemPool;
 use super::winograd::{Tile, Winograd};
 
 /// One convolution of the backbone, timed.
@@ -41,6 +43,14 @@ pub struct LayerTiming {
     pub winograd4_ms: Option<f64>,
     /// The same with 2×2 tiles.
     pub winograd2_ms: Option<f64>,
+    /// For the stem: median milliseconds of the 3×3 stride-2 max pool
+    /// that follows it, run on its own (the network ran the chosen path,
+    /// then this, before the fused kernel).
+    pub pool_ms: Option<f64>,
+    /// For the stem, on AVX2 and AVX-512: median milliseconds of the
+    /// convolution and the pool as one kernel ([`StemPool`]), what the
+    /// network runs instead of both.
+    pub stem_pool_ms: Option<f64>,
 }
 
 /// The convolutions of `backbone` at input side `size`: (name, (in, out,
@@ -159,6 +169,37 @@ pub fn time_layers(
             chosen
         };
         let gemm = time(&kernel.clone().plain_gemm());
+        // The stem's pool on the convolution's output, and both as one
+        // kernel.
+        let median_of = |run: &dyn Fn()| {
+            run();
+            let ms = (0..runs.max(1))
+                .map(|_| {
+                    let t = Instant::now();
+                    run();
+                    t.elapsed().as_secs_f64() * 1e3
+                })
+                .collect();
+            round(median_and_min(ms).0)
+        };
+        let stem_pool = kernel.stem_pool();
+        let pool_ms = match &stem_pool {
+            Some(_) => {
+                let conv = kernel.run(&input, dims, None);
+                let pool = MaxPool3x3Stride2 { padding: 1 };
+                pool.run(&conv, [batch * cout, out_side, out_side])?;
+                Some(median_of(&|| {
+                    let pooled = pool.run(&conv, [batch * cout, out_side, out_side]);
+                    std::hint::black_box(pooled.map(|(y, _)| y.len()).unwrap_or_default());
+                }))
+            }
+            None => None,
+        };
+        let stem_pool_ms = stem_pool.filter(|_| StemPool::available()).map(|stem| {
+            median_of(&|| {
+                std::hint::black_box(stem.run(&input, [batch, side, side]));
+            })
+        });
         timings.push(LayerTiming {
             layer,
             shape: [cin, cout, k, stride],
@@ -176,6 +217,8 @@ pub fn time_layers(
             },
             winograd4_ms: form(Tile::Four),
             winograd2_ms: form(Tile::Two),
+            pool_ms,
+            stem_pool_ms,
         });
     }
     Ok(timings)

@@ -557,6 +557,31 @@ impl MaxPool3x3Stride2 {
     }
 }
 
+impl MaxPool3x3Stride2 {
+    /// The pooled planes of `planes` contiguous planes of height × width,
+    /// in parallel by plane, and their sides.
+    ///
+    /// # Errors
+    /// When a padded side is under 3, or `x` is shorter than the planes.
+    pub fn run(&self, x: &[f32], [planes, h, w]: [usize; 3]) -> Result<(Vec<f32>, (usize, usize))> {
+        let (oh, ow) = self.sides(h, w)?;
+        if x.len() < planes * h * w {
+            candle_core::bail!(
+                "max pool 3x3: {} values for {planes} planes of {h}x{w}",
+                x.len()
+            );
+        }
+        let mut y = vec![0f32; planes * oh * ow];
+        y.par_chunks_mut(oh * ow)
+            .enumerate()
+            .for_each_init(Vec::new, |rows, (p, out)| {
+                let plane = &x[p * h * w..(p + 1) * h * w];
+                self.pool_plane(plane, (h, w), ow, rows, out);
+            });
+        Ok((y, (oh, ow)))
+    }
+}
+
 impl CustomOp1 for MaxPool3x3Stride2 {
     fn name(&self) -> &'static str {
         "max-pool-3x3-s2"
@@ -565,14 +590,7 @@ impl CustomOp1 for MaxPool3x3Stride2 {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(storage, layout, "max pool 3x3")?;
         let (b, c, h, w) = layout.shape().dims4()?;
-        let (oh, ow) = self.sides(h, w)?;
-        let mut y = vec![0f32; b * c * oh * ow];
-        y.par_chunks_mut(oh * ow)
-            .enumerate()
-            .for_each_init(Vec::new, |rows, (p, out)| {
-                let plane = &x[p * h * w..(p + 1) * h * w];
-                self.pool_plane(plane, (h, w), ow, rows, out);
-            });
+        let (y, (oh, ow)) = self.run(x, [b * c, h, w])?;
         Ok((CpuStorage::F32(y), Shape::from((b, c, oh, ow))))
     }
 

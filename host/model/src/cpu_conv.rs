@@ -26,6 +26,7 @@ use rayon::prelude::*;
 
 use super::narrow_gemm::{self, PANEL_ROWS, PanelWeights};
 use super::packed_gemm::{self, Epilogue, Operands, PackedWeights};
+use super::stem_pool::StemPool;
 use super::vector_isa::{self, VectorIsa};
 use super::winograd::{Tile, Winograd};
 
@@ -178,6 +179,16 @@ impl FusedConv {
     pub fn without_winograd(mut self) -> Self {
         self.winograd = None;
         self
+    }
+
+    /// This convolution and the 3×3 stride-2 max pool after it as one
+    /// kernel ([`StemPool`]) when it is a ResNet stem: one input channel,
+    /// 7×7, stride 2, padding 3, ReLU.
+    pub(super) fn stem_pool(&self) -> Option<StemPool> {
+        let stem = self.in_channels == 1
+            && (self.kernel, self.stride, self.padding) == (7, 2, 3)
+            && self.relu;
+        stem.then(|| StemPool::new(&self.weights, &self.bias, self.out_channels))
     }
 
     /// Whether the im2col product of a call on `batch` images with

@@ -30,6 +30,7 @@ pub mod net;
 pub mod package;
 pub mod packed_gemm;
 pub mod promote;
+pub mod stem_pool;
 pub mod vector_isa;
 pub mod winograd;
 
@@ -622,9 +623,10 @@ mod tests {
         assert!(diff.to_scalar::<f32>().expect("scalar") < 1e-4);
     }
 
-    /// ResNet-18 at 224² with the Winograd kernels and packed weights
-    /// gives the outputs of the im2col + gemm kernels (the kernels before
-    /// both), at batch 1 and 2.
+    /// ResNet-18 at 224² with the Winograd kernels, packed weights and
+    /// (on AVX2 and AVX-512) the stem and its pool as one kernel gives the
+    /// outputs of the im2col + gemm kernels and the separate pool (the
+    /// kernels before all three), at batch 1 and 2.
     #[test]
     fn resnet18_outputs_with_winograd_equal_the_im2col_kernels() {
         let dir = tempfile::tempdir().expect("tempdir");

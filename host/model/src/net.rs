@@ -19,6 +19,7 @@ use candle_nn::{
 
 use super::cpu_batch_norm::TrainBatchNorm;
 use super::cpu_conv::FusedConv;
+use super::stem_pool::StemPool;
 
 /// Batch-norm epsilon.
 const BN_EPS: f64 = 1e-5;
@@ -265,6 +266,9 @@ impl BasicBlock {
 #[derive(Debug, Clone)]
 pub struct ImageBranch {
     stem: ConvBn,
+    /// The stem's convolution and max pool as one kernel, once folded
+    /// (inference on AVX2 or AVX-512 CPUs).
+    stem_pool: Option<StemPool>,
     blocks: Vec<BasicBlock>,
     features: usize,
 }
@@ -297,6 +301,7 @@ impl ImageBranch {
         }
         Ok(Self {
             stem,
+            stem_pool: None,
             blocks,
             features: cin,
         })
@@ -309,6 +314,7 @@ impl ImageBranch {
 
     fn fold(&mut self) -> Result<()> {
         self.stem.fold()?;
+        self.stem_pool = self.stem.fused.as_ref().and_then(FusedConv::stem_pool);
         self.blocks.iter_mut().try_for_each(BasicBlock::fold)
     }
 
@@ -317,25 +323,37 @@ impl ImageBranch {
     /// # Errors
     /// On shape mismatches.
     pub fn forward(&self, image: &Tensor, train: bool) -> Result<Tensor> {
-        let x = self.stem.forward(image, None, train)?;
-        // 3×3 max pool, stride 2, padding 1: after ReLU every value is ≥ 0,
-        // so zero padding equals −∞ padding. On the CPU one parallel pass
-        // that reads the padding as zeros (the same values and gradients).
-        let mut x = if x.device().is_cpu() {
-            let pool = super::cpu_batch_norm::MaxPool3x3Stride2 { padding: 1 };
-            let x = x.contiguous()?;
-            if train {
-                x.apply_op1(pool)?
-            } else {
-                x.apply_op1_no_bwd(&pool)?
-            }
-        } else {
-            stem_pool_padded(&x, train)?
-        };
+        let mut x = self.stem_and_pool(image, train)?;
         for block in &self.blocks {
             x = block.forward(&x, train)?;
         }
         x.mean(D::Minus1)?.mean(D::Minus1)
+    }
+
+    /// The stem (7×7 stride-2 conv-BN-ReLU) and the 3×3 stride-2 max pool
+    /// after it (padding 1). At inference on AVX2 and AVX-512 CPUs one
+    /// kernel ([`StemPool`]) does both.
+    fn stem_and_pool(&self, image: &Tensor, train: bool) -> Result<Tensor> {
+        if let (Some(stem_pool), false, true) = (&self.stem_pool, train, image.device().is_cpu())
+            && StemPool::available()
+        {
+            return image.contiguous()?.apply_op1_no_bwd(stem_pool);
+        }
+        let x = self.stem.forward(image, None, train)?;
+        // 3×3 max pool, stride 2, padding 1: after ReLU every value is ≥ 0,
+        // so zero padding equals −∞ padding. On the CPU one parallel pass
+        // that reads the padding as zeros (the same values and gradients).
+        if x.device().is_cpu() {
+            let pool = super::cpu_batch_norm::MaxPool3x3Stride2 { padding: 1 };
+            let x = x.contiguous()?;
+            if train {
+                x.apply_op1(pool)
+            } else {
+                x.apply_op1_no_bwd(&pool)
+            }
+        } else {
+            stem_pool_padded(&x, train)
+        }
     }
 }
 
@@ -484,6 +502,7 @@ impl ExamNet {
     pub(crate) fn plain_gemm(&mut self) {
         if let Some(image) = &mut self.image {
             image.stem.plain_gemm();
+            image.stem_pool = None;
             image.blocks.iter_mut().for_each(BasicBlock::plain_gemm);
         }
     }
