@@ -507,6 +507,29 @@ impl MaxPool3x3Stride2 {
 }
 
 impl MaxPool3x3Stride2 {
+    /// The pooled planes of `planes` contiguous planes of height × width,
+    /// in parallel by plane, and their sides.
+    ///
+    /// # Errors
+    /// When a padded side is under 3, or `x` is shorter than the planes.
+    pub fn run(&self, x: &[f32], [planes, h, w]: [usize; 3]) -> Result<(Vec<f32>, (usize, usize))> {
+        let (oh, ow) = self.sides(h, w)?;
+        if x.len() < planes * h * w {
+            candle_core::bail!(
+                "max pool 3x3: {} values for {planes} planes of {h}x{w}",
+                x.len()
+            );
+        }
+        let mut y = vec![0f32; planes * oh * ow];
+        y.par_chunks_mut(oh * ow)
+            .enumerate()
+            .for_each_init(Vec::new, |rows, (p, out)| {
+                let plane = &x[p * h * w..(p + 1) * h * w];
+                self.pool_plane(plane, (h, w), ow, rows, out);
+            });
+        Ok((y, (oh, ow)))
+    }
+
     /// The window maxima of one plane into `out` (rows of `ow`), the
     /// same values as [`Self::argmax`]'s: per output row, the maximum of
     /// the three input rows (a row of padding counts as zeros) into
@@ -554,31 +577,6 @@ impl MaxPool3x3Stride2 {
                 *o = f32::NEG_INFINITY.max(pair[0]).max(pair[1]).max(*next);
             }
         }
-    }
-}
-
-impl MaxPool3x3Stride2 {
-    /// The pooled planes of `planes` contiguous planes of height × width,
-    /// in parallel by plane, and their sides.
-    ///
-    /// # Errors
-    /// When a padded side is under 3, or `x` is shorter than the planes.
-    pub fn run(&self, x: &[f32], [planes, h, w]: [usize; 3]) -> Result<(Vec<f32>, (usize, usize))> {
-        let (oh, ow) = self.sides(h, w)?;
-        if x.len() < planes * h * w {
-            candle_core::bail!(
-                "max pool 3x3: {} values for {planes} planes of {h}x{w}",
-                x.len()
-            );
-        }
-        let mut y = vec![0f32; planes * oh * ow];
-        y.par_chunks_mut(oh * ow)
-            .enumerate()
-            .for_each_init(Vec::new, |rows, (p, out)| {
-                let plane = &x[p * h * w..(p + 1) * h * w];
-                self.pool_plane(plane, (h, w), ow, rows, out);
-            });
-        Ok((y, (oh, ow)))
     }
 }
 

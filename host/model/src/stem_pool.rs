@@ -6,7 +6,7 @@
 //! output pixel (2.4 MB at 224²), writes its 112² × 64 output (3.2 MB)
 //! and the pool reads it back, half of it from the other core's cache.
 //! Here the convolution is direct, vectorised along the output row, and
-//! each output row is pooled while it is in registers' reach; only the
+//! each output row is pooled as soon as it is computed, from L1; only the
 //! pooled 56² × 64 planes are written.
 //!
 //! The input is unfolded along x only, once per image: for each input
@@ -17,8 +17,8 @@
 //! columns 2·px − 1, 2·px and 2·px + 1 are three contiguous slices. A
 //! kernel then computes [`GROUP`] channels × a few vectors of an output
 //! row: per tap, one broadcast weight per channel and one load per
-//! vector, in registers across the 49 taps ([`tile_avx512`],
-//! [`tile_avx2`]).
+//! vector, in registers across the 49 taps ([`tile`], written once for
+//! AVX-512's 16 lanes and AVX2's 8).
 //!
 //! Both paths sum bias + the 49 products in the same order, one fused
 //! multiply-add each, so they give the same bits; candle's convolution
@@ -299,22 +299,10 @@ impl GroupJob<'_> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn run_avx512(&self, rows: &mut [f32], planes: &mut [f32]) {
-        self.pool_rows(rows, planes, |job, oy, row| {
-            let mut lane = 0;
-            let lanes = job.geometry.lanes;
-            while lane < lanes {
-                // SAFETY: AVX-512 (this function's feature); `row` holds
-                // GROUP rows of `lanes`, lane + 16·V ≤ lanes.
-                unsafe {
-                    match (lanes - lane) / 16 {
-                        1 => tile_avx512::<1>(job, oy, lane, row),
-                        2 => tile_avx512::<2>(job, oy, lane, row),
-                        3 => tile_avx512::<3>(job, oy, lane, row),
-                        _ => tile_avx512::<4>(job, oy, lane, row),
-                    }
-                }
-                lane += 16 * ((lanes - lane) / 16).min(4);
-            }
+        use std::arch::x86_64::__m512;
+        // SAFETY: AVX-512 (this function's feature).
+        self.pool_rows(rows, planes, |job, oy, row| unsafe {
+            job.conv_row::<__m512>(oy, row)
         });
     }
 
@@ -325,24 +313,36 @@ impl GroupJob<'_> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn run_avx2(&self, rows: &mut [f32], planes: &mut [f32]) {
-        self.pool_rows(rows, planes, |job, oy, row| {
-            let mut lane = 0;
-            let lanes = job.geometry.lanes;
-            while lane < lanes {
-                // SAFETY: AVX2 and FMA (this function's feature); `row`
-                // holds GROUP rows of `lanes` (a multiple of 16: what
-                // remains after blocks of 24 is 0, 8 or 16), lane + 8·V ≤
-                // lanes.
-                unsafe {
-                    match (lanes - lane) / 8 {
-                        1 => tile_avx2::<1>(job, oy, lane, row),
-                        2 => tile_avx2::<2>(job, oy, lane, row),
-                        _ => tile_avx2::<3>(job, oy, lane, row),
-                    }
-                }
-                lane += 8 * ((lanes - lane) / 8).min(3);
-            }
+        use std::arch::x86_64::__m256;
+        // SAFETY: AVX2 and FMA (this function's feature).
+        self.pool_rows(rows, planes, |job, oy, row| unsafe {
+            job.conv_row::<__m256>(oy, row)
         });
+    }
+
+    /// Output row `oy` of the group's channels into `row` (GROUP rows of
+    /// lanes), in tiles of up to `L::MAX_VECTORS` vectors ([`tile`]).
+    ///
+    /// # Safety
+    /// The CPU runs `L`'s instructions.
+    #[inline(always)]
+    unsafe fn conv_row<L: Lanes>(&self, oy: usize, row: &mut [f32]) {
+        let lanes = self.geometry.lanes;
+        let mut lane = 0;
+        while lane < lanes {
+            let vectors = ((lanes - lane) / L::WIDTH).min(L::MAX_VECTORS);
+            // SAFETY: lane + WIDTH · vectors ≤ lanes (a multiple of 16,
+            // so of WIDTH); the CPU runs L (the caller's contract).
+            unsafe {
+                match vectors {
+                    1 => tile::<L, 1>(self, oy, lane, row),
+                    2 => tile::<L, 2>(self, oy, lane, row),
+                    3 => tile::<L, 3>(self, oy, lane, row),
+                    _ => tile::<L, 4>(self, oy, lane, row),
+                }
+            }
+            lane += L::WIDTH * vectors;
+        }
     }
 
     /// Computes the group's output rows in order with `conv_row` (output
@@ -429,75 +429,103 @@ impl GroupJob<'_> {
     }
 }
 
-/// Output row `oy`, lanes `lane .. lane + 16·V`, of the group's
-/// [`GROUP`] channels into `row` (GROUP rows of `lanes`): bias + the
-/// products of the valid taps in order, then the ReLU; GROUP × V sums in
-/// registers, per tap GROUP broadcasts and V loads.
-///
-/// # Safety
-/// The CPU has AVX-512 F; lane + 16·V ≤ lanes.
+/// A vector register of f32 lanes as [`tile`] uses it. Implemented for
+/// AVX-512's `__m512` (16 lanes) and AVX2's `__m256` (8); every method
+/// needs the CPU to run those instructions, and is inlined into a
+/// function that enables them.
+trait Lanes: Copy {
+    /// Lanes per vector.
+    const WIDTH: usize;
+    /// Vectors per tile at most: GROUP × this many sums in registers
+    /// (AVX-512 16 of 32; AVX2 12 of 16, the compiler keeping a broadcast
+    /// weight on the stack as an FMA's memory operand).
+    const MAX_VECTORS: usize;
+    /// `value` in every lane.
+    unsafe fn splat(value: f32) -> Self;
+    /// WIDTH values from `from`.
+    unsafe fn load(from: *const f32) -> Self;
+    /// a · b + c, one rounding.
+    unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self;
+    /// max(self, 0) into WIDTH values at `to`.
+    unsafe fn store_relu(self, to: *mut f32);
+}
+
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn tile_avx512<const V: usize>(job: &GroupJob<'_>, oy: usize, lane: usize, row: &mut [f32]) {
-    use std::arch::x86_64::{
-        __m512, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_max_ps, _mm512_set1_ps, _mm512_setzero_ps,
-        _mm512_storeu_ps,
-    };
-    let g = job.geometry;
-    assert!(lane + 16 * V <= g.lanes && row.len() >= GROUP * g.lanes);
-    // Sums by vector, then channel.
-    let mut acc: [[__m512; GROUP]; V] = [std::array::from_fn(|c| _mm512_set1_ps(job.bias[c])); V];
-    let (taps, first_row) = job.taps_of_row(oy);
-    let stride = g.row_stride();
-    assert!(job.unfolded.len() >= (first_row + taps.len()) * stride);
-    let base = job.unfolded.as_ptr();
-    for (i, ky) in taps.enumerate() {
-        for kx in 0..KERNEL {
-            let w = &job.weights[(ky * KERNEL + kx) * GROUP..][..GROUP];
-            let w: [__m512; GROUP] = std::array::from_fn(|c| _mm512_set1_ps(w[c]));
-            // SAFETY: row first_row + i < first_row + taps.len() of the
-            // unfolding (asserted), tap kx < 7, lanes lane .. + 16·V ≤
-            // lanes (asserted).
-            let src = unsafe { base.add((first_row + i) * stride + kx * g.lanes + lane) };
-            for (v, sums) in acc.iter_mut().enumerate() {
-                // SAFETY: as `src`.
-                let x = unsafe { _mm512_loadu_ps(src.add(16 * v)) };
-                for (sum, w) in sums.iter_mut().zip(&w) {
-                    *sum = _mm512_fmadd_ps(*w, x, *sum);
-                }
-            }
-        }
+impl Lanes for std::arch::x86_64::__m512 {
+    const WIDTH: usize = 16;
+    const MAX_VECTORS: usize = 4;
+    #[inline(always)]
+    unsafe fn splat(value: f32) -> Self {
+        // SAFETY: AVX-512 F (the trait's contract).
+        unsafe { std::arch::x86_64::_mm512_set1_ps(value) }
     }
-    let zero = _mm512_setzero_ps();
-    for (v, sums) in acc.iter().enumerate() {
-        for (c, sum) in sums.iter().enumerate() {
-            let at = c * g.lanes + lane + 16 * v;
-            // SAFETY: at + 16 ≤ GROUP · lanes ≤ row.len() (asserted).
-            unsafe { _mm512_storeu_ps(row.as_mut_ptr().add(at), _mm512_max_ps(*sum, zero)) };
-        }
+    #[inline(always)]
+    unsafe fn load(from: *const f32) -> Self {
+        // SAFETY: 16 readable values (the caller's); AVX-512 F.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(from) }
+    }
+    #[inline(always)]
+    unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
+        // SAFETY: AVX-512 F.
+        unsafe { std::arch::x86_64::_mm512_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    unsafe fn store_relu(self, to: *mut f32) {
+        use std::arch::x86_64::{_mm512_max_ps, _mm512_setzero_ps, _mm512_storeu_ps};
+        // SAFETY: 16 writable values (the caller's); AVX-512 F.
+        unsafe { _mm512_storeu_ps(to, _mm512_max_ps(self, _mm512_setzero_ps())) }
     }
 }
 
-/// [`tile_avx512`] on the AVX2 path, `V` ≤ 3 vectors of 8 lanes: the
-/// same sums in the same order, GROUP × V in 12 of the 16 registers (the
-/// compiler keeps a broadcast weight on the stack, an FMA's memory
-/// operand).
+#[cfg(target_arch = "x86_64")]
+impl Lanes for std::arch::x86_64::__m256 {
+    const WIDTH: usize = 8;
+    const MAX_VECTORS: usize = 3;
+    #[inline(always)]
+    unsafe fn splat(value: f32) -> Self {
+        // SAFETY: AVX (the trait's contract).
+        unsafe { std::arch::x86_64::_mm256_set1_ps(value) }
+    }
+    #[inline(always)]
+    unsafe fn load(from: *const f32) -> Self {
+        // SAFETY: 8 readable values (the caller's); AVX.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(from) }
+    }
+    #[inline(always)]
+    unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
+        // SAFETY: FMA.
+        unsafe { std::arch::x86_64::_mm256_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    unsafe fn store_relu(self, to: *mut f32) {
+        use std::arch::x86_64::{_mm256_max_ps, _mm256_setzero_ps, _mm256_storeu_ps};
+        // SAFETY: 8 writable values (the caller's); AVX.
+        unsafe { _mm256_storeu_ps(to, _mm256_max_ps(self, _mm256_setzero_ps())) }
+    }
+}
+
+/// Output row `oy`, lanes `lane .. lane + WIDTH·V`, of the group's
+/// [`GROUP`] channels into `row` (GROUP rows of `lanes`): bias + the
+/// products of the valid taps in order, then the ReLU; GROUP × V sums in
+/// registers, per tap GROUP broadcasts and V loads. Every path sums in
+/// the same order, one fused multiply-add per product: the same bits.
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA; lane + 8·V ≤ lanes.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn tile_avx2<const V: usize>(job: &GroupJob<'_>, oy: usize, lane: usize, row: &mut [f32]) {
-    use std::arch::x86_64::{
-        __m256, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_max_ps, _mm256_set1_ps, _mm256_setzero_ps,
-        _mm256_storeu_ps,
-    };
+/// The CPU runs `L`'s instructions; lane + WIDTH·V ≤ lanes.
+#[inline(always)]
+unsafe fn tile<L: Lanes, const V: usize>(
+    job: &GroupJob<'_>,
+    oy: usize,
+    lane: usize,
+    row: &mut [f32],
+) {
     let g = job.geometry;
-    assert!(lane + 8 * V <= g.lanes && row.len() >= GROUP * g.lanes);
+    assert!(lane + L::WIDTH * V <= g.lanes && row.len() >= GROUP * g.lanes);
+    // SAFETY (every intrinsic below): the CPU runs L (the caller's
+    // contract).
+    let splat = |value: f32| unsafe { L::splat(value) };
     // Sums by vector, then channel.
-    let mut acc: [[__m256; GROUP]; V] = [std::array::from_fn(|c| _mm256_set1_ps(job.bias[c])); V];
+    let mut acc: [[L; GROUP]; V] = [std::array::from_fn(|c| splat(job.bias[c])); V];
     let (taps, first_row) = job.taps_of_row(oy);
     let stride = g.row_stride();
     assert!(job.unfolded.len() >= (first_row + taps.len()) * stride);
@@ -505,24 +533,26 @@ unsafe fn tile_avx2<const V: usize>(job: &GroupJob<'_>, oy: usize, lane: usize, 
     for (i, ky) in taps.enumerate() {
         for kx in 0..KERNEL {
             let w = &job.weights[(ky * KERNEL + kx) * GROUP..][..GROUP];
-            let w: [__m256; GROUP] = std::array::from_fn(|c| _mm256_set1_ps(w[c]));
-            // SAFETY: as in `tile_avx512`.
+            let w: [L; GROUP] = std::array::from_fn(|c| splat(w[c]));
+            // SAFETY: row first_row + i < first_row + taps.len() of the
+            // unfolding (asserted), tap kx < 7, lanes lane .. +
+            // WIDTH·V ≤ lanes (asserted).
             let src = unsafe { base.add((first_row + i) * stride + kx * g.lanes + lane) };
             for (v, sums) in acc.iter_mut().enumerate() {
                 // SAFETY: as `src`.
-                let x = unsafe { _mm256_loadu_ps(src.add(8 * v)) };
+                let x = unsafe { L::load(src.add(L::WIDTH * v)) };
                 for (sum, w) in sums.iter_mut().zip(&w) {
-                    *sum = _mm256_fmadd_ps(*w, x, *sum);
+                    // SAFETY: as `splat`.
+                    *sum = unsafe { L::mul_add(*w, x, *sum) };
                 }
             }
         }
     }
-    let zero = _mm256_setzero_ps();
     for (v, sums) in acc.iter().enumerate() {
         for (c, sum) in sums.iter().enumerate() {
-            let at = c * g.lanes + lane + 8 * v;
-            // SAFETY: at + 8 ≤ GROUP · lanes ≤ row.len() (asserted).
-            unsafe { _mm256_storeu_ps(row.as_mut_ptr().add(at), _mm256_max_ps(*sum, zero)) };
+            let at = c * g.lanes + lane + L::WIDTH * v;
+            // SAFETY: at + WIDTH ≤ GROUP · lanes ≤ row.len() (asserted).
+            unsafe { sum.store_relu(row.as_mut_ptr().add(at)) };
         }
     }
 }
