@@ -21,6 +21,11 @@
 //! give the same bits; then + (bias + residual) and the ReLU, as in
 //! [`super::packed_gemm`]. The portable path (no AVX2) keeps `gemm`.
 
+// The kernels are x86-64's. Elsewhere (aarch64) the panels are never
+// multiplied here (`available` is false), and what only the kernels use is
+// unused there.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_variables))]
+
 use std::ops::Range;
 
 use crate::packed_gemm::{Epilogue, Operands};

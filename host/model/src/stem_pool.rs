@@ -30,6 +30,11 @@
 //! [`super::cpu_batch_norm::MaxPool3x3Stride2`]) and −∞ padding give the
 //! same maxima.
 
+// The kernels are x86-64's. Elsewhere (aarch64) the fused stem never runs
+// (`StemPool::available` is false), and what only the kernels use is
+// unused there.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_variables))]
+
 use std::cell::RefCell;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
