@@ -96,6 +96,20 @@ fn median_and_min(mut ms: Vec<f64>) -> (f64, f64) {
     (median, ms[0])
 }
 
+/// (median, minimum) milliseconds of `runs` calls of `run` (at least
+/// one), after one untimed call that warms caches and lazy state.
+fn timed(runs: usize, mut run: impl FnMut()) -> (f64, f64) {
+    run();
+    let ms = (0..runs.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            run();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    median_and_min(ms)
+}
+
 /// Times every convolution of `backbone` at input side `size` on `batch`
 /// images of pseudo-random values, `runs` times per path (after a warm-up
 /// run), on the current rayon pool.
@@ -134,15 +148,9 @@ pub fn time_layers(
         let input = values(batch * cin * side * side, 3);
         let dims = [batch, side, side, out_side, out_side];
         let time = |kernel: &FusedConv| {
-            std::hint::black_box(kernel.run(&input, dims, None));
-            let ms = (0..runs.max(1))
-                .map(|_| {
-                    let t = Instant::now();
-                    std::hint::black_box(kernel.run(&input, dims, None));
-                    t.elapsed().as_secs_f64() * 1e3
-                })
-                .collect();
-            median_and_min(ms)
+            timed(runs, || {
+                std::hint::black_box(kernel.run(&input, dims, None));
+            })
         };
         let tile = kernel.winograd_tile(batch, side, side);
         let winograd = tile.is_some();
@@ -152,15 +160,10 @@ pub fn time_layers(
         let form = |tile: Tile| -> Option<f64> {
             (k == 3 && stride == 1).then(|| {
                 let form = Winograd::new(tile, &weights, &bias, (cout, cin), true);
-                std::hint::black_box(form.run(&input, [batch, side, side], None));
-                let ms = (0..runs.max(1))
-                    .map(|_| {
-                        let t = Instant::now();
-                        std::hint::black_box(form.run(&input, [batch, side, side], None));
-                        t.elapsed().as_secs_f64() * 1e3
-                    })
-                    .collect();
-                round(median_and_min(ms).0)
+                let (median, _) = timed(runs, || {
+                    std::hint::black_box(form.run(&input, [batch, side, side], None));
+                });
+                round(median)
             })
         };
         let im2col = if winograd {
@@ -171,34 +174,26 @@ pub fn time_layers(
         let gemm = time(&kernel.clone().plain_gemm());
         // The stem's pool on the convolution's output, and both as one
         // kernel.
-        let median_of = |run: &dyn Fn()| {
-            run();
-            let ms = (0..runs.max(1))
-                .map(|_| {
-                    let t = Instant::now();
-                    run();
-                    t.elapsed().as_secs_f64() * 1e3
-                })
-                .collect();
-            round(median_and_min(ms).0)
-        };
         let stem_pool = kernel.stem_pool();
         let pool_ms = match &stem_pool {
             Some(_) => {
                 let conv = kernel.run(&input, dims, None);
                 let pool = MaxPool3x3Stride2 { padding: 1 };
-                pool.run(&conv, [batch * cout, out_side, out_side])?;
-                Some(median_of(&|| {
-                    let pooled = pool.run(&conv, [batch * cout, out_side, out_side]);
-                    std::hint::black_box(pooled.map(|(y, _)| y.len()).unwrap_or_default());
-                }))
+                let planes = [batch * cout, out_side, out_side];
+                // Its errors (a plane too small) once, before timing.
+                pool.run(&conv, planes)?;
+                let (median, _) = timed(runs, || {
+                    std::hint::black_box(pool.run(&conv, planes).map(|(y, _)| y.len()).ok());
+                });
+                Some(round(median))
             }
             None => None,
         };
         let stem_pool_ms = stem_pool.filter(|_| StemPool::available()).map(|stem| {
-            median_of(&|| {
+            let (median, _) = timed(runs, || {
                 std::hint::black_box(stem.run(&input, [batch, side, side]));
-            })
+            });
+            round(median)
         });
         timings.push(LayerTiming {
             layer,

@@ -149,11 +149,10 @@ impl StemPool {
         vector_isa::active() >= VectorIsa::Avx2
     }
 
-    /// The pooled output's side for an input side: the convolution's
-    /// (s − 1) / 2 + 1, then the pool's.
+    /// The pooled output's side for an input side (at least 1): the
+    /// convolution's (s − 1) / 2 + 1, then the pool's.
     pub fn out_side(side: usize) -> usize {
-        let conv = (side + 2 * PADDING - KERNEL) / STRIDE + 1;
-        (conv - 1) / 2 + 1
+        Geometry::new(side, side).pooled_h
     }
 
     /// The pooled planes `(batch, out_channels, ph, pw)` of `input`
