@@ -43,8 +43,37 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "fuzz.sh: cargo-fuzz missing: cargo install cargo-fuzz --locked (scripts/setup.sh --tests does)" >&2
   exit 1
 fi
+# libjpeg-turbo is C, built by turbojpeg-sys's build script with cmake: the
+# same library whatever the Rust flags (libFuzzer's instrumentation is
+# Rust's), and a minute of CPU in a cold build. The fuzz build links the
+# static library the main build compiled (target/ci) when it is the version
+# the fuzz crate's Cargo.lock pins, through turbojpeg-sys's own
+# TURBOJPEG_SOURCE=explicit; else it builds the vendored source itself.
+# Prints the library's folder, or nothing.
+main_build_turbojpeg() {
+  python3 - <<'PY'
+import glob, os, re, tomllib
+lock = tomllib.load(open("host/fuzz/Cargo.lock", "rb"))
+version = next(p["version"] for p in lock["package"] if p["name"] == "turbojpeg-sys")
+home = os.environ.get("CARGO_HOME") or os.path.expanduser("~/.cargo")
+sources = glob.glob(f"{home}/registry/src/*/turbojpeg-sys-{version}/libjpeg-turbo/CMakeLists.txt")
+pinned = re.search(r"^set\(VERSION ([0-9.]+)\)", open(sources[0]).read(), re.M) if sources else None
+libs = glob.glob("target/ci/build/turbojpeg-sys-*/out/lib/libturbojpeg.a")
+for lib in sorted(libs, key=os.path.getmtime, reverse=True):
+    pc = os.path.join(os.path.dirname(lib), "pkgconfig", "libturbojpeg.pc")
+    built = re.search(r"^Version: (\S+)$", open(pc).read(), re.M) if os.path.exists(pc) else None
+    if pinned and built and built.group(1) == pinned.group(1):
+        print(os.path.abspath(os.path.dirname(lib)))
+        break
+PY
+}
 if [ "$build" = 1 ]; then
   started=$SECONDS
+  turbojpeg=$(main_build_turbojpeg)
+  if [ -n "$turbojpeg" ]; then
+    echo "fuzz.sh: libjpeg-turbo from the main build ($turbojpeg)" >&2
+    export TURBOJPEG_SOURCE=explicit TURBOJPEG_LIB_DIR=$turbojpeg
+  fi
   # The host's clippy wrapper is for the oxbox workspace; the fuzz crate is
   # its own workspace.
   set +e

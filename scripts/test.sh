@@ -31,9 +31,16 @@ if [ ! -e target ] && [ "$cache" != none ]; then
   step "target -> $cache (shared build directory)"
 fi
 
-step "setup"
-bash scripts/setup.sh --tests
+step "setup: packages and rustup targets"
+bash scripts/setup.sh --tests-system
 mkdir -p target
+# What only the tests use (the Python venvs, cargo-fuzz: a minute of a cold
+# run, half of it waiting on the package index) is installed beside the
+# main build, as is the test corpus.
+tools_log=target/setup-tools.log
+step "setup: the tests' tools (in the background, log: $tools_log)"
+bash scripts/setup.sh --tests-tools >"$tools_log" 2>&1 &
+tools=$!
 corpus_log=target/corpus-build.log
 step "corpus (in the background, log: $corpus_log)"
 bash tests/corpus/build.sh >"$corpus_log" 2>&1 &
@@ -55,7 +62,7 @@ export RUSTC_WORKSPACE_WRAPPER CLIPPY_ARGS
 timings=${OXBOX_BUILD_TIMINGS:+--timings}
 step "build: library, binary and test binaries, with the host's lints"
 if ! cargo test --profile ci --locked --workspace --no-run $timings; then
-  kill "$corpus" 2>/dev/null || true
+  kill "$corpus" "$tools" 2>/dev/null || true
   exit 1
 fi
 OXBOX_BIN=$PWD/target/ci/oxbox
@@ -63,7 +70,13 @@ export OXBOX_BIN
 step "site plugins and test guests"
 # The Wasm guests are other workspaces, linted by their own clippy below.
 env -u RUSTC_WORKSPACE_WRAPPER -u CLIPPY_ARGS bash scripts/build-plugins.sh --guests
-step "waiting for the corpus"
+step "waiting for the tests' tools and the corpus"
+if ! wait "$tools"; then
+  cat "$tools_log" >&2
+  echo "test.sh: installing the tests' tools failed" >&2
+  kill "$corpus" 2>/dev/null || true
+  exit 1
+fi
 if ! wait "$corpus"; then
   cat "$corpus_log" >&2
   echo "test.sh: building the corpus failed" >&2

@@ -25,13 +25,15 @@
 //! | [`store`]     | local state in SQLite: the audit log of predictions            |
 //! | [`federation`]| federated learning maths and formats: filters, shards, signing |
 //! | [`aggregator`]| the federation aggregator: rounds, uploads, FedAvg, HTTP API   |
-//! | [`synth`]     | a multi-site synthetic cohort with known truth (`oxbox synth`) |
+//! | [`synth`]     | a multi-site synthetic cohort with known truth (`oxbox synth`; |
+//! |               | crate `oxbox-synth`, `host/synth/`)                            |
 //! | [`dataset`]   | site folders (EMR export, labels, images) as labelled cases    |
 //! | [`cases`]     | a site's cases through its plugin, up to the model (shared)    |
 //! | [`train`]     | local training: site folders → a trained model package         |
 //! | [`evaluate`]  | clinical evaluation: AUC with CI, calibration, ROC charts      |
 //! | [`simulate`]  | a whole federation on loopback vs local-only and pooled models |
 //! | [`metrics`]   | evaluation statistics: ROC AUC, the normal distribution        |
+//! |               | (crate `oxbox-metrics`, `host/metrics/`)                       |
 //! | [`rng`]       | the deterministic random generator behind seeds (`oxbox-rng`)  |
 //! | [`signing`]   | Ed25519 keys and signatures (`oxbox-signing`)                  |
 //! | [`output`]    | tensors and previews written atomically (`oxbox-files`)        |
@@ -55,9 +57,11 @@ pub use oxbox_dicom as dicom;
 pub use oxbox_dicom::guard;
 pub use oxbox_files as output;
 pub use oxbox_http as http;
+pub use oxbox_metrics as metrics;
 pub use oxbox_model as model;
 pub use oxbox_rng as rng;
 pub use oxbox_signing as signing;
+pub use oxbox_synth as synth;
 
 pub mod aggregator;
 pub mod cases;
@@ -66,7 +70,6 @@ pub mod dataset;
 pub mod dimse;
 pub mod evaluate;
 pub mod federation;
-pub mod metrics;
 pub mod pipeline;
 pub mod plugins;
 pub mod serve;
@@ -74,5 +77,4 @@ pub mod simulate;
 pub mod sr;
 pub mod store;
 pub mod studies;
-pub mod synth;
 pub mod train;

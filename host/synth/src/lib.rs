@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::rng::Pcg;
 use cohort::{CaseMix, Convention, Patient, SHIFT_72H, SiteProfile, THRESHOLDS, syntax};
+use oxbox_rng::Pcg;
 
 /// Why a cohort could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -40,7 +40,7 @@ pub enum SynthError {
     },
     /// Writing a file failed.
     #[error(transparent)]
-    Write(#[from] crate::output::OutputError),
+    Write(#[from] oxbox_files::OutputError),
     /// DICOM encoding failed.
     #[error("DICOM: {0}")]
     Dicom(String),
@@ -213,14 +213,14 @@ fn auc_for(draws: &[Draw]) -> BayesAuc {
             let scores: Vec<f64> = draws
                 .iter()
                 .map(|d| {
-                    crate::metrics::normal_cdf((d.severity + shift - THRESHOLDS[k]) / d.label_noise)
+                    oxbox_metrics::normal_cdf((d.severity + shift - THRESHOLDS[k]) / d.label_noise)
                 })
                 .collect();
             let labels: Vec<bool> = draws
                 .iter()
                 .map(|d| if at_72h { d.level_72h } else { d.level_24h } > k as u8)
                 .collect();
-            crate::metrics::auc(&scores, &labels).map(|a| (a * 1e4).round() / 1e4)
+            oxbox_metrics::auc(&scores, &labels).map(|a| (a * 1e4).round() / 1e4)
         };
         HorizonAuc {
             p_o2_any: out(0),
@@ -677,5 +677,5 @@ manufacturer = \"{manufacturer}\"\ntransfer_syntax = \"{syntax}\"\nwindow_tags =
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), SynthError> {
-    Ok(crate::output::write_bytes(path, bytes)?)
+    Ok(oxbox_files::write_bytes(path, bytes)?)
 }

@@ -15,7 +15,7 @@
 //! model can see — the EMR values and the radiograph's opacities — is a
 //! noisy function of s.
 
-use crate::rng::Pcg;
+use oxbox_rng::Pcg;
 
 /// Thresholds on the latent course for levels ≥ 1, ≥ 2, ≥ 3, ≥ 4.
 pub const THRESHOLDS: [f64; 4] = [0.2, 1.3, 2.1, 2.9];
@@ -485,7 +485,7 @@ pub fn sample_patient(site: &SiteProfile, number: usize, rng: &mut Pcg) -> Patie
 
 /// P(level ≥ k | s, site) at a horizon: the Bayes-optimal score.
 pub fn bayes_probability(site: &SiteProfile, severity: f64, shift: f64, k: usize) -> f64 {
-    crate::metrics::normal_cdf((severity + shift - THRESHOLDS[k]) / site.label_noise)
+    oxbox_metrics::normal_cdf((severity + shift - THRESHOLDS[k]) / site.label_noise)
 }
 
 #[cfg(test)]

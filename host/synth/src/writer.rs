@@ -12,7 +12,7 @@ use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
 
 use super::SynthError;
 use super::cohort::{Patient, Scanner, syntax};
-use crate::rng::Pcg;
+use oxbox_rng::Pcg;
 
 /// SOP classes: CR image storage, DX image storage (for presentation).
 const CR_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.1";
@@ -147,9 +147,9 @@ pub fn write_image(
     let file = obj
         .with_meta(FileMetaTableBuilder::new().transfer_syntax(transfer_syntax))
         .map_err(|e| SynthError::Dicom(format!("{}: {e}", path.display())))?;
-    crate::output::write_atomically(path, |out| {
+    oxbox_files::write_atomically(path, |out| {
         file.write_all(out)
-            .map_err(|e| crate::output::OutputError::Io {
+            .map_err(|e| oxbox_files::OutputError::Io {
                 path: path.display().to_string(),
                 source: std::io::Error::other(e.to_string()),
             })

@@ -6,7 +6,7 @@
 
 use rayon::prelude::*;
 
-use crate::rng::Pcg;
+use oxbox_rng::Pcg;
 
 /// A Gaussian opacity in normalised image coordinates.
 #[derive(Debug, Clone, Copy)]
