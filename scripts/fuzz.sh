@@ -19,8 +19,10 @@
 # Build cost: the targets use only the focused crates under host/ (DICOM,
 # HTTP bodies, plugin manifests, federation formats, signing), so the
 # instrumented build in target/fuzz compiles dicom-rs, the codecs, hyper and
-# ring, never candle, wasmtime or SQLite: 4 min 14 s from nothing on the
-# 2-core CI machine (15 min when the targets used the whole oxbox crate).
+# ring, never candle, wasmtime or SQLite: 183 s from nothing on the 2-core
+# CI machine, 141 s with the main build's libjpeg-turbo (below; 1 Dec,
+# nothing beside it), against 15 min when the targets used the whole oxbox
+# crate.
 # target/fuzz sits under the shared target directory in CI, so it persists
 # between runs. Crash reproduction:
 #   target/fuzz/x86_64-unknown-linux-gnu/release/<target> <artifact>

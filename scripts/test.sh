@@ -34,9 +34,9 @@ fi
 step "setup: packages and rustup targets"
 bash scripts/setup.sh --tests-system
 mkdir -p target
-# What only the tests use (the Python venvs, cargo-fuzz: a minute of a cold
-# run, half of it waiting on the package index) is installed beside the
-# main build, as is the test corpus.
+# What only the tests use (the Python venvs and cargo-fuzz: 55 s of a cold
+# run's setup, one after the other, measured alone) is installed beside
+# the main build, as the test corpus is built.
 tools_log=target/setup-tools.log
 step "setup: the tests' tools (in the background, log: $tools_log)"
 bash scripts/setup.sh --tests-tools >"$tools_log" 2>&1 &
