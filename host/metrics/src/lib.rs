@@ -10,25 +10,19 @@
 /// negative, ties counting one half. `None` when either class is empty.
 pub fn auc(scores: &[f64], labels: &[bool]) -> Option<f64> {
     assert_eq!(scores.len(), labels.len(), "one label per score");
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
     let positives = labels.iter().filter(|&&l| l).count();
     let negatives = labels.len() - positives;
     if positives == 0 || negatives == 0 {
         return None;
     }
-    // Sum of the positives' mid-ranks.
-    let mut rank_sum = 0.0;
-    let mut i = 0;
-    while i < order.len() {
-        let mut j = i;
-        while j + 1 < order.len() && scores[order[j + 1]] == scores[order[i]] {
-            j += 1;
-        }
-        let mid_rank = (i + j) as f64 / 2.0 + 1.0;
-        rank_sum += mid_rank * order[i..=j].iter().filter(|&&k| labels[k]).count() as f64;
-        i = j + 1;
-    }
+    // Sum of the positives' mid-ranks (half-integers: the sum is exact in
+    // any order).
+    let rank_sum: f64 = midranks(scores)
+        .iter()
+        .zip(labels)
+        .filter(|&(_, &positive)| positive)
+        .map(|(rank, _)| rank)
+        .sum();
     let p = positives as f64;
     Some((rank_sum - p * (p + 1.0) / 2.0) / (p * negatives as f64))
 }
