@@ -28,6 +28,11 @@ pub struct LayerTiming {
     pub im2col_ms: f64,
     /// Fastest run with im2col only, milliseconds.
     pub im2col_min_ms: f64,
+    /// Median milliseconds with the input read in place
+    /// ([`FusedConv::run_in_place`]: `narrow_gemm`'s panels, at batch 1 on
+    /// AVX-512 and AVX2), whatever the plane size; `None` where that path
+    /// does not run.
+    pub in_place_ms: Option<f64>,
     /// Median milliseconds with im2col + `gemm` and no Winograd (the
     /// kernel before packed weights and Winograd).
     pub gemm_ms: f64,
@@ -172,6 +177,12 @@ pub fn time_layers(
             chosen
         };
         let gemm = time(&kernel.clone().plain_gemm());
+        let in_place = kernel.run_in_place(&input, dims).map(|_| {
+            let (median, _) = timed(runs, || {
+                std::hint::black_box(kernel.run_in_place(&input, dims));
+            });
+            (median * 1000.0).round() / 1000.0
+        });
         // The stem's pool on the convolution's output, and both as one
         // kernel.
         let stem_pool = kernel.stem_pool();
@@ -202,6 +213,7 @@ pub fn time_layers(
             mmacs: round((batch * cout * cin * k * k * out_side * out_side) as f64 / 1e6),
             im2col_ms: round(im2col.0),
             im2col_min_ms: round(im2col.1),
+            in_place_ms: in_place,
             gemm_ms: round(gemm.0),
             chosen_ms: round(chosen.0),
             chosen_min_ms: round(chosen.1),

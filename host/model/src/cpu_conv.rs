@@ -14,7 +14,8 @@
 //! is built). At batch 1 the products run with weights packed once:
 //! [`super::packed_gemm`] for large output planes, and on AVX-512 and
 //! AVX2 [`super::narrow_gemm`] for small ones (the deep layers' 7×7 and
-//! 14×14). Training uses [`super::cpu_conv_grad`], which adds the backward
+//! 14×14), which reads the input in place instead of unfolding it.
+//! Training uses [`super::cpu_conv_grad`], which adds the backward
 //! pass and runs its forward products here.
 
 use std::cell::RefCell;
@@ -70,6 +71,9 @@ thread_local! {
     /// The im2col buffer, reused across calls on this thread (up to a few
     /// MiB at 224²; allocating it afresh every time costs page faults).
     static COLUMNS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The zero-padded input of [`FusedConv::run_panels`], reused likewise
+    /// (256 KiB for a 3×3 convolution on a 14×14×256 input).
+    static PADDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Output planes of at least this many pixels run image by image in a
@@ -92,11 +96,16 @@ fn threads_for(work: usize) -> usize {
 /// Output planes of at least this many pixels run at batch 1 with the
 /// packed weights, split between the threads by output rows (each
 /// unfolds and multiplies its own rows, with all the weights); smaller
-/// ones (the deep layers, bound by reading the weights) run im2col and,
-/// with whole panels of output channels on AVX-512 or AVX2,
-/// [`narrow_gemm`] (the panels split between the threads, each reading
-/// only its weights), else `gemm`, measured faster there than the packed
-/// weights (`oxbox bench --layers`: `im2col_ms` against `gemm_ms`).
+/// ones (the deep layers, bound by reading the weights), with whole
+/// panels of output channels on AVX-512 or AVX2, run with [`narrow_gemm`]
+/// reading the input in place (the panels split between the threads,
+/// each reading only its weights), else im2col and `gemm`, measured
+/// faster there than the packed weights (`oxbox bench --layers`:
+/// `im2col_ms` against `gemm_ms`). 3×3 stride-2 convolutions run with
+/// [`narrow_gemm`] whatever their plane: a ResNet's first one (56×56 →
+/// 28×28, 64 → 128 channels) took 0.34 ms against 0.46 with the packed
+/// weights (AVX-512; AVX2 0.58 against 0.71; `oxbox bench --layers`,
+/// 1 Dec, AMD EPYC).
 const SPLIT_BY_PIXELS_MIN: usize = 256;
 
 /// With packed weights split by output rows: the unfolded input a task
@@ -112,15 +121,14 @@ const UNFOLDED_PER_TASK: usize = 1 << 16;
 const WINOGRAD4_MIN_TILES: usize = 4;
 /// See [`WINOGRAD4_MIN_TILES`].
 const WINOGRAD2_MIN_TILES: usize = 2;
-/// [`WINOGRAD2_MIN_TILES`] where the im2col product would run with
-/// [`narrow_gemm`] on AVX-512 ([`FusedConv::runs_narrow`]), whose panels
-/// read 9/16 of the 2×2 form's weight bytes and fetch them ahead. At
-/// batch 1 this sends a ResNet's layer 4 (7×7, 512 channels: 2 tiles per
-/// 64 channels) to im2col: the convolution alone, its weights evicted
-/// before each run, took 1.61–1.78 ms against 1.97–2.04 with F(2×2)
-/// (three alternating rounds; about equal with the weights warm). Not on
-/// AVX2: with half the lanes the 1.7× multiply-adds of im2col cost more
-/// than the bytes saved (layer 4 alone: 8.0 ms im2col, see the README).
+/// [`WINOGRAD2_MIN_TILES`] where the convolution would otherwise run with
+/// [`narrow_gemm`] reading its input in place ([`FusedConv::runs_narrow`],
+/// AVX2), whose panels read 9/16 of the 2×2 form's weight bytes and fetch
+/// them ahead. At batch 1 this sends a ResNet's layer 4 (7×7, 512
+/// channels: 2 tiles per 64 channels) to the panels: alone, 1.20–1.24 ms
+/// against 1.21–1.69 with F(2×2) on AVX2 (`oxbox bench --layers`, 1 Dec,
+/// AMD EPYC), and in the network its weights (9.4 MB per convolution
+/// against 16.8) come from memory.
 const WINOGRAD2_MIN_TILES_NARROW: usize = 3;
 
 impl FusedConv {
@@ -191,16 +199,31 @@ impl FusedConv {
         stem.then(|| StemPool::new(&self.weights, &self.bias, self.out_channels))
     }
 
-    /// Whether the im2col product of a call on `batch` images with
-    /// `pixels` output pixels runs with [`narrow_gemm`]: one image, fewer
-    /// than [`SPLIT_BY_PIXELS_MIN`] pixels, whole panels of output
-    /// channels, and a CPU with the kernel (AVX-512 or AVX2).
+    /// Whether a call on `batch` images with `pixels` output pixels runs
+    /// with [`narrow_gemm`] ([`FusedConv::run_panels`]): one image, fewer
+    /// than [`SPLIT_BY_PIXELS_MIN`] pixels or a 3×3 stride-2 kernel, a
+    /// stride of 1 or 2, whole panels of output channels, and a CPU with
+    /// the kernel (AVX-512 or AVX2).
     fn runs_narrow(&self, batch: usize, pixels: usize) -> bool {
         batch == 1
-            && pixels < SPLIT_BY_PIXELS_MIN
+            && (pixels < SPLIT_BY_PIXELS_MIN || (self.kernel, self.stride) == (3, 2))
+            && matches!(self.stride, 1 | 2)
             && self.out_channels.is_multiple_of(PANEL_ROWS)
             && self.panels.is_some()
             && narrow_gemm::available()
+    }
+
+    /// The convolution of one image with the input read in place
+    /// ([`FusedConv::run_panels`]) whatever its plane size, for `oxbox bench
+    /// --layers`; `None` where that path cannot run (a batch, output
+    /// channels not in whole panels, a stride above 2, no AVX2).
+    pub fn run_in_place(&self, input: &[f32], dims: [usize; 5]) -> Option<Vec<f32>> {
+        let can = dims[0] == 1
+            && matches!(self.stride, 1 | 2)
+            && self.out_channels.is_multiple_of(PANEL_ROWS)
+            && narrow_gemm::available();
+        let panels = self.panels.as_ref().filter(|_| can)?;
+        Some(self.run_panels(panels, input, dims, None))
     }
 
     /// Whether a call on `batch` images of `height`×`width` runs in the
@@ -213,13 +236,26 @@ impl FusedConv {
     /// with, or `None` for im2col + gemm.
     pub fn winograd_tile(&self, batch: usize, height: usize, width: usize) -> Option<Tile> {
         self.winograd.as_ref()?;
+        let narrow = self.runs_narrow(batch, height * width);
+        // On AVX-512 nothing `narrow_gemm` runs (batch 1, few output
+        // pixels) goes to the Winograd domain: its panels read the input
+        // in place at close to the cores' multiply-add rate, and in the
+        // network the Winograd forms' weights (4× the direct ones for
+        // F(4×4)) come from memory. A ResNet-18's layer 3 (three 3×3
+        // convolutions on 14×14×256, F(4×4) before): 1.63 ms in the
+        // network against 2.08 (each convolution timed inside the forward
+        // pass, median of 60, 1 Dec, AMD EPYC), though alone, its weights
+        // warm, F(4×4) took 0.36 ms a convolution against 0.62. On AVX2
+        // (half the lanes) F(4×4) stays: layer 3 read in place made the
+        // forward pass 1.1 ms slower.
+        if narrow && vector_isa::active() == VectorIsa::Avx512 {
+            return None;
+        }
         let enough = |tile: Tile, min: usize| {
             batch * tile.tiles(height, width) * 64 >= min * self.in_channels
         };
         // Stride 1, padding 1: the output plane is the input's.
-        let min_two = if self.runs_narrow(batch, height * width)
-            && vector_isa::active() == VectorIsa::Avx512
-        {
+        let min_two = if narrow {
             WINOGRAD2_MIN_TILES_NARROW
         } else {
             WINOGRAD2_MIN_TILES
@@ -319,16 +355,16 @@ impl FusedConv {
                 .winograd_form(forms, tile)
                 .run(input, [batch, height, width], residual);
         }
+        if self.runs_narrow(batch, n)
+            && let Some(panels) = &self.panels
+        {
+            return self.run_panels(panels, input, dims, residual);
+        }
         if batch == 1
             && n >= SPLIT_BY_PIXELS_MIN
             && let Some(packed) = &self.packed
         {
             return self.run_packed(packed, input, dims, residual);
-        }
-        if self.runs_narrow(batch, n)
-            && let Some(panels) = &self.panels
-        {
-            return self.run_panels(panels, input, dims, residual);
         }
         if batch > 1 && n >= WIDE_MAX_PIXELS {
             // Large planes already give the kernel wide matrices: one image
@@ -387,11 +423,14 @@ impl FusedConv {
         out
     }
 
-    /// One image of few output pixels (fewer than
-    /// [`SPLIT_BY_PIXELS_MIN`]) with the weights in panels
-    /// ([`narrow_gemm`], AVX-512 or AVX2): Y = W · unfold(x) + bias
-    /// (+ residual) (ReLU), the panels spread over the threads (each reads only its
-    /// panels' weights, which is what bounds these layers).
+    /// One image with the weights in panels ([`narrow_gemm`], AVX-512 or
+    /// AVX2): Y = W · unfold(x) + bias (+ residual) (ReLU), the input read
+    /// in place ([`narrow_gemm::convolve`]; padded first, into this
+    /// thread's buffer, when the convolution pads), the panels spread over
+    /// the threads (each reads only its panels' weights, which is what
+    /// bounds these layers). [`FusedConv::run`] sends what
+    /// [`FusedConv::runs_narrow`] picks here; 1×1 convolutions go on to
+    /// [`FusedConv::run_panels_unfolded`].
     fn run_panels(
         &self,
         panels: &OnceLock<PanelWeights>,
@@ -399,7 +438,79 @@ impl FusedConv {
         [_, height, width, out_h, out_w]: [usize; 5],
         residual: Option<&[f32]>,
     ) -> Vec<f32> {
-        let k = self.in_channels * self.kernel * self.kernel;
+        let (k, stride) = (self.kernel, self.stride);
+        let depth = self.in_channels * k * k;
+        if k == 1 {
+            return self.run_panels_unfolded(
+                panels,
+                input,
+                [height, width, out_h, out_w],
+                residual,
+            );
+        }
+        let weights = panels
+            .get_or_init(|| PanelWeights::new(&self.tap_major_weights(), self.out_channels, depth));
+        let (rows, n) = (self.out_channels, out_h * out_w);
+        assert!(input.len() >= self.in_channels * height * width);
+        assert!(residual.is_none_or(|r| r.len() >= rows * n));
+        let epilogue = self.epilogue();
+        let threads = threads_for(rows * n * depth);
+        let mut out: Vec<f32> = Vec::with_capacity(rows * n);
+        // Raw parts shared by the tasks, which write disjoint rows.
+        let dst = out.spare_capacity_mut().as_mut_ptr() as usize;
+        let skip = residual.map_or(0, |r| r.as_ptr() as usize);
+        self.with_padded(input, [height, width], |pixels, [_, padded_w]| {
+            let taps: Vec<usize> = (0..k * k).map(|t| (t / k) * padded_w + t % k).collect();
+            let (pixels, plane) = (pixels.as_ptr() as usize, pixels.len() / self.in_channels);
+            let work = |panel: usize| {
+                let image = narrow_gemm::Image {
+                    pixels: pixels as *const f32,
+                    plane,
+                    taps: &taps,
+                    out_width: out_w,
+                    row_step: stride * padded_w,
+                    stride,
+                };
+                let output = narrow_gemm::Output {
+                    dst: dst as *mut f32,
+                    residual: skip as *const f32,
+                    stride: n,
+                    cols: n,
+                };
+                // SAFETY: the output's pixels read the padded planes only
+                // inside them (out_side); Y and the residual hold rows × n
+                // (asserted above), and each task writes only its panel's
+                // rows; the CPU runs `narrow_gemm` (the caller checked).
+                unsafe {
+                    narrow_gemm::convolve(weights, panel..panel + 1, &image, output, epilogue);
+                }
+            };
+            if threads > 1 && weights.panels() > 1 {
+                (0..weights.panels()).into_par_iter().for_each(work);
+            } else {
+                (0..weights.panels()).for_each(work);
+            }
+        });
+        // SAFETY: the panels cover every row, and each task wrote every
+        // pixel of its rows.
+        unsafe { out.set_len(rows * n) };
+        out
+    }
+
+    /// [`FusedConv::run_panels`] for a 1×1 convolution: X is the input
+    /// itself at stride 1, else its every other pixel (unfolded: a
+    /// quarter of the input), as a matrix; reading the stride-2 pixels in
+    /// place was slower (`oxbox bench --layers`, 1 Dec: 0.078 against
+    /// 0.064 ms for layer 2's shortcut).
+    fn run_panels_unfolded(
+        &self,
+        panels: &OnceLock<PanelWeights>,
+        input: &[f32],
+        dims: [usize; 4],
+        residual: Option<&[f32]>,
+    ) -> Vec<f32> {
+        let [.., out_h, out_w] = dims;
+        let k = self.in_channels;
         let weights = panels.get_or_init(|| PanelWeights::new(&self.weights, self.out_channels, k));
         let epilogue = self.epilogue();
         let threads = threads_for(self.out_channels * out_h * out_w * k);
@@ -409,13 +520,83 @@ impl FusedConv {
             // the CPU runs `narrow_gemm` (checked by the caller).
             unsafe { narrow_gemm::multiply(weights, panel..panel + 1, operands, epilogue) }
         };
-        let dims = [height, width, out_h, out_w];
         // SAFETY: the tasks are the panels, which cover every row; each
         // writes every column of its panel's rows and no other row
         // (`narrow_gemm::multiply`).
         unsafe {
             self.product_by_rows(input, dims, residual, (weights.panels(), threads), multiply)
         }
+    }
+
+    /// The weights in (out, tap, in) order: the depth order
+    /// [`narrow_gemm::convolve`] reads the input in (tap by tap, each over
+    /// every channel).
+    fn tap_major_weights(&self) -> Vec<f32> {
+        let (channels, taps) = (self.in_channels, self.kernel * self.kernel);
+        let mut reordered = vec![0f32; self.weights.len()];
+        for (o, filter) in self.weights.chunks_exact(channels * taps).enumerate() {
+            for (c, taps_of_channel) in filter.chunks_exact(taps).enumerate() {
+                for (t, &w) in taps_of_channel.iter().enumerate() {
+                    reordered[(o * taps + t) * channels + c] = w;
+                }
+            }
+        }
+        reordered
+    }
+
+    /// Calls `f` with the image (C, H, W) `input` and its planes' (height,
+    /// width): `input` itself when the convolution does not pad, else a
+    /// copy with `padding` zeros around each plane, in this thread's
+    /// scratch buffer.
+    fn with_padded<R>(
+        &self,
+        input: &[f32],
+        [height, width]: [usize; 2],
+        f: impl FnOnce(&[f32], [usize; 2]) -> R,
+    ) -> R {
+        let p = self.padding;
+        let plane_in = height * width;
+        if p == 0 {
+            return f(&input[..self.in_channels * plane_in], [height, width]);
+        }
+        let (padded_h, padded_w) = (height + 2 * p, width + 2 * p);
+        let plane = padded_h * padded_w;
+        // Every value is written below (the borders' zeros too), so the
+        // buffer is only grown, not cleared.
+        let pad = |(padded, src): (&mut [f32], &[f32])| {
+            padded[..p * padded_w].fill(0.0);
+            padded[(p + height) * padded_w..].fill(0.0);
+            for (row, line) in padded[p * padded_w..]
+                .chunks_exact_mut(padded_w)
+                .zip(src.chunks_exact(width))
+            {
+                row[..p].fill(0.0);
+                row[p..p + width].copy_from_slice(line);
+                row[p + width..].fill(0.0);
+            }
+        };
+        PADDED.with(|cell| {
+            let mut buffer = cell.borrow_mut();
+            let len = self.in_channels * plane;
+            if buffer.len() < len {
+                buffer.resize(len, 0.0);
+            }
+            let padded = &mut buffer[..len];
+            // In parallel from 64 Ki values (256 KiB) up, plane by plane,
+            // as the unfolding is (`im2col`).
+            if len >= 1 << 16 && rayon::current_num_threads() > 1 {
+                padded
+                    .par_chunks_exact_mut(plane)
+                    .zip(input.par_chunks_exact(plane_in))
+                    .for_each(pad);
+            } else {
+                padded
+                    .chunks_exact_mut(plane)
+                    .zip(input.chunks_exact(plane_in))
+                    .for_each(pad);
+            }
+            f(padded, [padded_h, padded_w])
+        })
     }
 
     /// Y (out channels × output pixels) of one image, written by `tasks`
@@ -1047,12 +1228,13 @@ pub(crate) mod tests {
                 }
             }
         }
-        // 56², 28², 14² and 7², at batch 1 and 2; but 7² at batch 1 runs
-        // im2col where `narrow_gemm` does on AVX-512
-        // (WINOGRAD2_MIN_TILES_NARROW; which path ran is not asserted for
-        // it, as another test may cap the vector instructions meanwhile).
-        winograd.retain(|&geometry| geometry != (7, 1));
-        let want = [(56, 1), (56, 2), (28, 1), (28, 2), (14, 1), (14, 2), (7, 2)];
+        // 56², 28², 14² and 7², at batch 1 and 2; but 14² and 7² at batch
+        // 1 run in place with `narrow_gemm` on AVX-512, and 7² at batch 1
+        // on AVX2 too (`winograd_tile`; which path ran is not asserted for
+        // them, as another test may cap the vector instructions
+        // meanwhile; the "chosen" and "im2col" paths above ran theirs).
+        winograd.retain(|&geometry| geometry != (7, 1) && geometry != (14, 1));
+        let want = [(56, 1), (56, 2), (28, 1), (28, 2), (14, 2), (7, 2)];
         assert_eq!(winograd, want, "geometries that ran Winograd");
     }
 
