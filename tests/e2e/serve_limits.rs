@@ -320,7 +320,11 @@ fn a_client_that_goes_away_frees_its_permit_only_when_its_decode_ends() {
     let good = predict_body(&dicom, &record);
     // How long the slow case takes when its client waits: it is made larger
     // until it takes long enough for the timings below to be far apart on
-    // a fast machine (250 MiB of zeros inflated in 200 ms on one).
+    // a fast machine (250 MiB of zeros inflated in 200 ms on one). Each
+    // size runs twice and the faster run counts: the first run on a new
+    // server can take several times the next one (a loaded machine, 1 Dec:
+    // 1.57 s, and the next run was over before 0.69 s), and the timings
+    // below must fall inside the parse.
     let mut slow = Vec::new();
     let mut took = Duration::ZERO;
     for inflated_mib in [250u64, 500, 1000] {
@@ -328,16 +332,22 @@ fn a_client_that_goes_away_frees_its_permit_only_when_its_decode_ends() {
             &crate::bombs::deflated_zeros_file(inflated_mib << 20),
             &record,
         );
-        let started = Instant::now();
-        let reply = request(addr, "POST", "/v1/predict", &[("Content-Type", &ct)], &slow);
-        took = started.elapsed();
-        assert!(
-            [200, 422].contains(&reply.status),
-            "{inflated_mib} MiB: {}: {}",
-            reply.status,
-            String::from_utf8_lossy(&reply.body)
-        );
-        println!("slow case of {inflated_mib} MiB inflated: {took:?}");
+        took = Duration::MAX;
+        for _ in 0..2 {
+            let started = Instant::now();
+            let reply = request(addr, "POST", "/v1/predict", &[("Content-Type", &ct)], &slow);
+            took = took.min(started.elapsed());
+            assert!(
+                [200, 422].contains(&reply.status),
+                "{inflated_mib} MiB: {}: {}",
+                reply.status,
+                String::from_utf8_lossy(&reply.body)
+            );
+            println!(
+                "slow case of {inflated_mib} MiB inflated: {:?}",
+                started.elapsed()
+            );
+        }
         if took >= Duration::from_millis(400) {
             break;
         }
