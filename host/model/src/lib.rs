@@ -25,6 +25,7 @@ pub mod cpu_batch_norm;
 pub mod cpu_conv;
 pub mod cpu_conv_grad;
 pub mod demo;
+pub mod dense_head;
 pub mod narrow_gemm;
 pub mod net;
 pub mod package;
@@ -583,6 +584,62 @@ mod tests {
             model.predict(Some(&image[..10]), &features),
             Err(ModelError::Input(_))
         ));
+    }
+
+    /// Folded for inference on the CPU, the EMR branch, fusion and head
+    /// run as plain loops ([`dense_head::DenseHead`]) and give candle's
+    /// layers' logits, for image and EMR-only models, at batch 1 and 3,
+    /// values present and missing.
+    #[test]
+    fn dense_head_gives_the_candle_layers_logits() {
+        for emr_only in [false, true] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let package = init_package(dir.path(), "test", arch(Backbone::Tiny, emr_only), 32, 9)
+                .expect("init");
+            let mut net = net_of(&package);
+            let features = package.manifest.emr.len();
+            let unfolded = net.clone();
+            net.fold_batch_norm().expect("fold");
+            assert!(net.runs_dense_head());
+            let mut candle_head = net.clone();
+            candle_head.without_dense_head();
+            for batch in [1, 3] {
+                let image =
+                    Tensor::randn(0f32, 1.0, (batch, 1, 32, 32), &Device::Cpu).expect("image");
+                let values =
+                    Tensor::randn(0f32, 1.0, (batch, features), &Device::Cpu).expect("values");
+                // Every third feature missing (0 value, 1 indicator).
+                let pattern: Vec<f32> = (0..batch * features)
+                    .map(|i| f32::from(u8::from(i % 3 == 0)))
+                    .collect();
+                let missing =
+                    Tensor::from_vec(pattern, (batch, features), &Device::Cpu).expect("missing");
+                let values = (values * (1.0 - &missing).expect("present")).expect("zeros");
+                let run = |net: &ExamNet| {
+                    net.forward((!emr_only).then_some(&image), &values, &missing, false)
+                        .expect("forward")
+                };
+                let (got, want) = (run(&net), run(&candle_head));
+                assert_eq!(got.dims(), want.dims());
+                assert_eq!(got.dims(), [batch, net::HORIZONS, net::THRESHOLDS]);
+                let max = |t: Tensor| {
+                    t.abs()
+                        .and_then(|t| t.max_all())
+                        .and_then(|t| t.to_scalar::<f32>())
+                        .expect("max")
+                };
+                let scale = max(want.clone()).max(1.0);
+                let diff = max((&got - &want).expect("sub"));
+                assert!(
+                    diff / scale < 1e-5,
+                    "emr_only {emr_only}, batch {batch}: logits differ by {diff}"
+                );
+                // And the unfolded network (batch norm separate, candle's
+                // layers) agrees within the folding's rounding.
+                let diff = max((got - run(&unfolded)).expect("sub"));
+                assert!(diff / scale < 1e-4, "unfolded: {diff}");
+            }
+        }
     }
 
     /// The network of a package, built from its weights file.

@@ -19,6 +19,7 @@ use candle_nn::{
 
 use super::cpu_batch_norm::TrainBatchNorm;
 use super::cpu_conv::FusedConv;
+use super::dense_head::DenseHead;
 use super::stem_pool::StemPool;
 
 /// Batch-norm epsilon.
@@ -447,6 +448,9 @@ pub struct ExamNet {
     score: Linear,
     threshold_base: Tensor,
     threshold_steps: Tensor,
+    /// The EMR branch, fusion and head as plain loops, once folded for
+    /// inference on the CPU.
+    dense_head: Option<DenseHead>,
 }
 
 impl ExamNet {
@@ -478,6 +482,7 @@ impl ExamNet {
             score: linear(width, HORIZONS, head.pp("score"))?,
             threshold_base: head.get(HORIZONS, "threshold_base")?,
             threshold_steps: head.get((HORIZONS, THRESHOLDS - 1), "threshold_steps")?,
+            dense_head: None,
         })
     }
 
@@ -486,20 +491,48 @@ impl ExamNet {
         self.image.is_some()
     }
 
-    /// Folds every batch norm into its convolution, for inference.
+    /// Folds every batch norm into its convolution, for inference; on the
+    /// CPU also copies the layers after the image branch into a
+    /// [`DenseHead`], which inference runs instead of candle's layers.
+    /// The network is then for inference only: a later change to its
+    /// variables does not reach the folded copies.
     ///
     /// # Errors
     /// On tensor errors.
     pub fn fold_batch_norm(&mut self) -> Result<()> {
         self.image.as_mut().map(ImageBranch::fold).transpose()?;
+        if self.score.weight().device().is_cpu() {
+            self.dense_head = Some(DenseHead::new(
+                &self.emr.cross,
+                &self.emr.deep,
+                &self.fusion,
+                &self.score,
+                &self.thresholds()?,
+            )?);
+        }
         Ok(())
     }
 
+    /// Whether inference runs the layers after the image branch as a
+    /// [`DenseHead`] (folded, on the CPU).
+    #[cfg(test)]
+    pub(crate) fn runs_dense_head(&self) -> bool {
+        self.dense_head.is_some()
+    }
+
+    /// The layers after the image branch through candle again.
+    #[cfg(test)]
+    pub(crate) fn without_dense_head(&mut self) {
+        self.dense_head = None;
+    }
+
     /// Every CPU convolution on im2col + `gemm`, none in the Winograd
-    /// domain or with packed weights: the kernels before those, the
-    /// reference the fast kernels are tested against.
+    /// domain or with packed weights, and the layers after the image
+    /// branch through candle: the kernels before those, the reference the
+    /// fast kernels are tested against.
     #[cfg(test)]
     pub(crate) fn plain_gemm(&mut self) {
+        self.dense_head = None;
         if let Some(image) = &mut self.image {
             image.stem.plain_gemm();
             image.stem_pool = None;
@@ -518,6 +551,18 @@ impl ExamNet {
         missing: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
+        if let (false, Some(head)) = (train, &self.dense_head) {
+            let features = match &self.image {
+                Some(branch) => {
+                    let image = image.ok_or_else(|| {
+                        candle_core::Error::Msg("this model needs an image".into())
+                    })?;
+                    Some(branch.forward(image, false)?)
+                }
+                None => None,
+            };
+            return head.forward(features.as_ref(), values, missing);
+        }
         let mut parts = vec![self.emr.forward(values, missing)?];
         if let Some(branch) = &self.image {
             let image =
