@@ -247,7 +247,7 @@ impl FusedConv {
         // pass, median of 60, 1 Dec, AMD EPYC), though alone, its weights
         // warm, F(4×4) took 0.36 ms a convolution against 0.62. On AVX2
         // (half the lanes) F(4×4) stays: layer 3 read in place made the
-        // forward pass 1.1 ms slower.
+        // forward pass 1.3 ms slower (medians of six rounds).
         if narrow && vector_isa::active() == VectorIsa::Avx512 {
             return None;
         }

@@ -305,7 +305,7 @@ macro_rules! by_width {
 }
 
 /// [`multiply_source`] on the AVX-512 path: [`panel_loops`] with
-/// [`kernel_avx512`].
+/// [`kernel_avx512`], for X's column step (1 or 2).
 ///
 /// # Safety
 /// As [`multiply_source`]; the CPU has AVX-512 F.
@@ -318,42 +318,52 @@ unsafe fn multiply_avx512(
     output: Output,
     epilogue: Epilogue<'_>,
 ) {
-    fn run<const STEP: usize>(
-        weights: &PanelWeights,
-        panels: Range<usize>,
-        source: Source<'_>,
-        output: Output,
-        epilogue: Epilogue<'_>,
-    ) {
-        // SAFETY: the kernel's contract is the loops' (the caller's); the
-        // CPU has AVX-512 F (checked by the caller of the outer function).
-        unsafe {
-            panel_loops::<BLOCK_COLS_AVX512>(
-                weights,
-                panels,
-                source,
-                output,
-                epilogue,
-                |slice, x, stride, sums, width, first, ahead| {
-                    by_width!(
-                        kernel_avx512,
-                        STEP,
-                        width,
-                        (12 11 10 9 8 7 6 5 4 3 2),
-                        (slice, x, stride, sums, first, ahead)
-                    )
-                },
-            );
+    // SAFETY: forwarded; the CPU has AVX-512 F.
+    unsafe {
+        match source.column_step {
+            1 => loops_avx512::<1>(weights, panels, source, output, epilogue),
+            _ => loops_avx512::<2>(weights, panels, source, output, epilogue),
         }
     }
-    match source.column_step {
-        1 => run::<1>(weights, panels, source, output, epilogue),
-        _ => run::<2>(weights, panels, source, output, epilogue),
+}
+
+/// [`multiply_avx512`] for the column step `STEP`.
+///
+/// # Safety
+/// As [`multiply_source`]; the CPU has AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn loops_avx512<const STEP: usize>(
+    weights: &PanelWeights,
+    panels: Range<usize>,
+    source: Source<'_>,
+    output: Output,
+    epilogue: Epilogue<'_>,
+) {
+    // SAFETY: the kernel's contract is the loops' (the caller's); the CPU
+    // has AVX-512 F.
+    unsafe {
+        panel_loops::<BLOCK_COLS_AVX512>(
+            weights,
+            panels,
+            source,
+            output,
+            epilogue,
+            |slice, x, stride, sums, width, first, ahead| {
+                by_width!(
+                    kernel_avx512,
+                    STEP,
+                    width,
+                    (12 11 10 9 8 7 6 5 4 3 2),
+                    (slice, x, stride, sums, first, ahead)
+                )
+            },
+        );
     }
 }
 
 /// [`multiply_source`] on the AVX2 path: [`panel_loops`] with
-/// [`kernel_avx2`].
+/// [`kernel_avx2`], for X's column step (1 or 2).
 ///
 /// # Safety
 /// As [`multiply_source`]; the CPU has AVX2 and FMA.
@@ -366,38 +376,47 @@ unsafe fn multiply_avx2(
     output: Output,
     epilogue: Epilogue<'_>,
 ) {
-    fn run<const STEP: usize>(
-        weights: &PanelWeights,
-        panels: Range<usize>,
-        source: Source<'_>,
-        output: Output,
-        epilogue: Epilogue<'_>,
-    ) {
-        // SAFETY: the kernel's contract is the loops' (the caller's); the
-        // CPU has AVX2 and FMA (checked by the caller of the outer
-        // function).
-        unsafe {
-            panel_loops::<BLOCK_COLS_AVX2>(
-                weights,
-                panels,
-                source,
-                output,
-                epilogue,
-                |slice, x, stride, sums, width, first, ahead| {
-                    by_width!(
-                        kernel_avx2,
-                        STEP,
-                        width,
-                        (6 5 4 3 2),
-                        (slice, x, stride, sums, first, ahead)
-                    )
-                },
-            );
+    // SAFETY: forwarded; the CPU has AVX2 and FMA.
+    unsafe {
+        match source.column_step {
+            1 => loops_avx2::<1>(weights, panels, source, output, epilogue),
+            _ => loops_avx2::<2>(weights, panels, source, output, epilogue),
         }
     }
-    match source.column_step {
-        1 => run::<1>(weights, panels, source, output, epilogue),
-        _ => run::<2>(weights, panels, source, output, epilogue),
+}
+
+/// [`multiply_avx2`] for the column step `STEP`.
+///
+/// # Safety
+/// As [`multiply_source`]; the CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn loops_avx2<const STEP: usize>(
+    weights: &PanelWeights,
+    panels: Range<usize>,
+    source: Source<'_>,
+    output: Output,
+    epilogue: Epilogue<'_>,
+) {
+    // SAFETY: the kernel's contract is the loops' (the caller's); the CPU
+    // has AVX2 and FMA.
+    unsafe {
+        panel_loops::<BLOCK_COLS_AVX2>(
+            weights,
+            panels,
+            source,
+            output,
+            epilogue,
+            |slice, x, stride, sums, width, first, ahead| {
+                by_width!(
+                    kernel_avx2,
+                    STEP,
+                    width,
+                    (6 5 4 3 2),
+                    (slice, x, stride, sums, first, ahead)
+                )
+            },
+        );
     }
 }
 
