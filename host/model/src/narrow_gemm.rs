@@ -109,8 +109,9 @@ impl PanelWeights {
 
 /// A convolution's input as [`convolve`] reads it, in place: channel
 /// planes (already padded), the weights' depth index running over the
-/// kernel's taps, then the channels (`(tap, channel)`; see
-/// [`PanelWeights::new`]), the columns over the output pixels row by row.
+/// kernel's taps, then the channels (W packed with [`PanelWeights::new`]
+/// from its (out, tap, channel) matrix), the columns over the output
+/// pixels row by row.
 /// Element (tap t, channel c; output row y, column x) is at `pixels +
 /// c · plane + taps[t] + y · row_step + x · stride`.
 #[derive(Debug, Clone, Copy)]
