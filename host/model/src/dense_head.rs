@@ -7,7 +7,7 @@
 //! Through candle every layer was several operations (a matrix product
 //! that packs its right-hand side first, a broadcast add, a ReLU, each
 //! with its own allocation), and everything after the image branch took
-//! 0.33–0.43 ms of a ResNet-18 forward pass of 9–10 ms (1 Dec, AMD EPYC,
+//! 0.33–0.43 ms of a ResNet-18 forward pass of 10–12 ms (1 Dec, AMD EPYC,
 //! timed inside the pass): more than a 1×1 convolution of layer 3. The
 //! arithmetic is candle-nn's `Linear` (y = W x + b, W stored out × in),
 //! each sum in f32 in the order of the inputs.
