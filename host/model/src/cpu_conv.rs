@@ -29,7 +29,7 @@ use super::narrow_gemm::{self, PANEL_ROWS, PanelWeights};
 use super::packed_gemm::{self, Epilogue, Operands, PackedWeights};
 use super::stem_pool::StemPool;
 use super::vector_isa::{self, VectorIsa};
-use super::winograd::{Tile, Winograd};
+use super::winograd::{Tile, Winograd, pad_plane};
 
 /// A folded convolution: weights (out, in, k, k), bias (out), stride,
 /// padding, and whether a ReLU follows.
@@ -205,12 +205,25 @@ impl FusedConv {
     /// stride of 1 or 2, whole panels of output channels, and a CPU with
     /// the kernel (AVX-512 or AVX2).
     fn runs_narrow(&self, batch: usize, pixels: usize) -> bool {
-        batch == 1
-            && (pixels < SPLIT_BY_PIXELS_MIN || (self.kernel, self.stride) == (3, 2))
+        self.narrow_panels(batch, pixels).is_some()
+    }
+
+    /// The panels' cell when [`FusedConv::runs_narrow`].
+    fn narrow_panels(&self, batch: usize, pixels: usize) -> Option<&OnceLock<PanelWeights>> {
+        let planes = pixels < SPLIT_BY_PIXELS_MIN || (self.kernel, self.stride) == (3, 2);
+        self.panels_for(batch).filter(|_| planes)
+    }
+
+    /// The panels' cell when a call on `batch` images can run with
+    /// [`narrow_gemm`] whatever its plane size: one image, a stride of 1
+    /// or 2, whole panels of output channels, weights that may be packed
+    /// (not [`FusedConv::plain_gemm`]) and a CPU with the kernel.
+    fn panels_for(&self, batch: usize) -> Option<&OnceLock<PanelWeights>> {
+        let can = batch == 1
             && matches!(self.stride, 1 | 2)
             && self.out_channels.is_multiple_of(PANEL_ROWS)
-            && self.panels.is_some()
-            && narrow_gemm::available()
+            && narrow_gemm::available();
+        self.panels.as_ref().filter(|_| can)
     }
 
     /// The convolution of one image with the input read in place
@@ -218,11 +231,7 @@ impl FusedConv {
     /// --layers`; `None` where that path cannot run (a batch, output
     /// channels not in whole panels, a stride above 2, no AVX2).
     pub fn run_in_place(&self, input: &[f32], dims: [usize; 5]) -> Option<Vec<f32>> {
-        let can = dims[0] == 1
-            && matches!(self.stride, 1 | 2)
-            && self.out_channels.is_multiple_of(PANEL_ROWS)
-            && narrow_gemm::available();
-        let panels = self.panels.as_ref().filter(|_| can)?;
+        let panels = self.panels_for(dims[0])?;
         Some(self.run_panels(panels, input, dims, None))
     }
 
@@ -355,9 +364,7 @@ impl FusedConv {
                 .winograd_form(forms, tile)
                 .run(input, [batch, height, width], residual);
         }
-        if self.runs_narrow(batch, n)
-            && let Some(panels) = &self.panels
-        {
+        if let Some(panels) = self.narrow_panels(batch, n) {
             return self.run_panels(panels, input, dims, residual);
         }
         if batch == 1
@@ -561,19 +568,10 @@ impl FusedConv {
         }
         let (padded_h, padded_w) = (height + 2 * p, width + 2 * p);
         let plane = padded_h * padded_w;
-        // Every value is written below (the borders' zeros too), so the
-        // buffer is only grown, not cleared.
+        // Every value is written (`pad_plane` writes the borders' zeros
+        // too), so the buffer is only grown, not cleared.
         let pad = |(padded, src): (&mut [f32], &[f32])| {
-            padded[..p * padded_w].fill(0.0);
-            padded[(p + height) * padded_w..].fill(0.0);
-            for (row, line) in padded[p * padded_w..]
-                .chunks_exact_mut(padded_w)
-                .zip(src.chunks_exact(width))
-            {
-                row[..p].fill(0.0);
-                row[p..p + width].copy_from_slice(line);
-                row[p + width..].fill(0.0);
-            }
+            pad_plane(src, width, p, padded, padded_w);
         };
         PADDED.with(|cell| {
             let mut buffer = cell.borrow_mut();

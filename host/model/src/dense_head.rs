@@ -46,14 +46,18 @@ impl Dense {
         })
     }
 
-    /// Inputs the layer takes.
-    fn inputs(&self) -> usize {
-        self.inputs
-    }
-
     /// W x + b into `y` (cleared first), ReLU'd when `relu`.
-    fn apply(&self, x: &[f32], relu: bool, y: &mut Vec<f32>) {
-        debug_assert_eq!(x.len(), self.inputs);
+    ///
+    /// # Errors
+    /// When `x` is not as long as the layer's inputs.
+    fn apply(&self, x: &[f32], relu: bool, y: &mut Vec<f32>) -> Result<()> {
+        if x.len() != self.inputs {
+            candle_core::bail!(
+                "dense head: a layer takes {} inputs, got {}",
+                self.inputs,
+                x.len()
+            );
+        }
         y.clear();
         y.extend(
             self.weight
@@ -64,6 +68,7 @@ impl Dense {
                     if relu { sum.max(0.0) } else { sum }
                 }),
         );
+        Ok(())
     }
 }
 
@@ -77,7 +82,8 @@ pub struct DenseHead {
     score: Dense,
     /// θ (horizons × thresholds), row-major.
     thresholds: Vec<f32>,
-    horizons: usize,
+    /// θ's shape: (horizons, thresholds per horizon).
+    shape: (usize, usize),
 }
 
 impl DenseHead {
@@ -86,7 +92,8 @@ impl DenseHead {
     /// `thresholds` (horizons × thresholds).
     ///
     /// # Errors
-    /// When a tensor has the wrong rank or cannot be read.
+    /// When a tensor has the wrong rank or cannot be read, or the score
+    /// layer's outputs are not the thresholds' horizons.
     pub fn new(
         cross: &[Linear],
         deep: &[Linear],
@@ -95,17 +102,25 @@ impl DenseHead {
         thresholds: &Tensor,
     ) -> Result<Self> {
         let all = |layers: &[Linear]| layers.iter().map(Dense::of).collect::<Result<Vec<_>>>();
-        let (horizons, _) = thresholds.dims2()?;
+        let shape = thresholds.dims2()?;
+        let score = Dense::of(score)?;
+        if score.bias.len() != shape.0 {
+            candle_core::bail!(
+                "dense head: {} scores for {} horizons",
+                score.bias.len(),
+                shape.0
+            );
+        }
         Ok(Self {
             cross: all(cross)?,
             deep: all(deep)?,
             fusion: all(fusion)?,
-            score: Dense::of(score)?,
+            score,
             thresholds: thresholds
                 .to_dtype(candle_core::DType::F32)?
                 .flatten_all()?
                 .to_vec1()?,
-            horizons,
+            shape,
         })
     }
 
@@ -129,16 +144,15 @@ impl DenseHead {
         if missing.len() != batch || image.as_ref().is_some_and(|i| i.len() != batch) {
             candle_core::bail!("dense head: the inputs' batch sizes differ");
         }
-        let per_case = self.thresholds.len();
-        let mut logits = Vec::with_capacity(batch * per_case);
+        let (horizons, steps) = self.shape;
+        let mut logits = Vec::with_capacity(batch * horizons * steps);
         let (mut a, mut b) = (Vec::new(), Vec::new());
         for case in 0..batch {
             // x0 = [values, missing]; cross layers x ← x0 ⊙ (W x + b) + x.
             let x0: Vec<f32> = values[case].iter().chain(&missing[case]).copied().collect();
             let mut x = x0.clone();
             for layer in &self.cross {
-                self.check(layer, x.len())?;
-                layer.apply(&x, false, &mut a);
+                layer.apply(&x, false, &mut a)?;
                 for ((xi, ti), x0i) in x.iter_mut().zip(&a).zip(&x0) {
                     *xi += x0i * ti;
                 }
@@ -146,8 +160,7 @@ impl DenseHead {
             // The MLP beside them, from x0.
             let mut h = x0;
             for layer in &self.deep {
-                self.check(layer, h.len())?;
-                layer.apply(&h, true, &mut a);
+                layer.apply(&h, true, &mut a)?;
                 std::mem::swap(&mut h, &mut a);
             }
             // [image features, cross, deep] → the fusion MLP → the score.
@@ -158,39 +171,15 @@ impl DenseHead {
             fused.extend_from_slice(&x);
             fused.extend_from_slice(&h);
             for layer in &self.fusion {
-                self.check(layer, fused.len())?;
-                layer.apply(&fused, true, &mut b);
+                layer.apply(&fused, true, &mut b)?;
                 std::mem::swap(&mut fused, &mut b);
             }
-            self.check(&self.score, fused.len())?;
-            self.score.apply(&fused, false, &mut a);
-            if a.len() != self.horizons {
-                candle_core::bail!(
-                    "dense head: {} scores for {} horizons",
-                    a.len(),
-                    self.horizons
-                );
-            }
-            let steps = per_case / self.horizons.max(1);
+            // One score per horizon (checked in `new`), minus its θs.
+            self.score.apply(&fused, false, &mut a)?;
             for (s, theta) in a.iter().zip(self.thresholds.chunks_exact(steps.max(1))) {
                 logits.extend(theta.iter().map(|t| s - t));
             }
         }
-        Tensor::from_vec(
-            logits,
-            (batch, self.horizons, per_case / self.horizons.max(1)),
-            &candle_core::Device::Cpu,
-        )
-    }
-
-    /// An error unless `layer` takes `inputs` values.
-    fn check(&self, layer: &Dense, inputs: usize) -> Result<()> {
-        if layer.inputs() != inputs {
-            candle_core::bail!(
-                "dense head: a layer takes {} inputs, got {inputs}",
-                layer.inputs()
-            );
-        }
-        Ok(())
+        Tensor::from_vec(logits, (batch, horizons, steps), &candle_core::Device::Cpu)
     }
 }

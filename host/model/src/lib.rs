@@ -622,24 +622,26 @@ mod tests {
                 let (got, want) = (run(&net), run(&candle_head));
                 assert_eq!(got.dims(), want.dims());
                 assert_eq!(got.dims(), [batch, net::HORIZONS, net::THRESHOLDS]);
-                let max = |t: Tensor| {
-                    t.abs()
-                        .and_then(|t| t.max_all())
-                        .and_then(|t| t.to_scalar::<f32>())
-                        .expect("max")
-                };
-                let scale = max(want.clone()).max(1.0);
-                let diff = max((&got - &want).expect("sub"));
+                let scale = max_abs(want.clone()).max(1.0);
+                let diff = max_abs((&got - &want).expect("sub"));
                 assert!(
                     diff / scale < 1e-5,
                     "emr_only {emr_only}, batch {batch}: logits differ by {diff}"
                 );
                 // And the unfolded network (batch norm separate, candle's
                 // layers) agrees within the folding's rounding.
-                let diff = max((got - run(&unfolded)).expect("sub"));
+                let diff = max_abs((got - run(&unfolded)).expect("sub"));
                 assert!(diff / scale < 1e-4, "unfolded: {diff}");
             }
         }
+    }
+
+    /// The largest absolute value of `t`.
+    fn max_abs(t: Tensor) -> f32 {
+        t.abs()
+            .and_then(|t| t.max_all())
+            .and_then(|t| t.to_scalar::<f32>())
+            .expect("max")
     }
 
     /// The network of a package, built from its weights file.
@@ -718,15 +720,9 @@ mod tests {
             };
             let (logits, probabilities) = run(&net);
             let (want_logits, want_probabilities) = run(&reference);
-            let max = |t: Tensor| {
-                t.abs()
-                    .and_then(|t| t.max_all())
-                    .and_then(|t| t.to_scalar::<f32>())
-                    .expect("max")
-            };
-            let scale = max(want_logits.clone()).max(1.0);
-            let logit_diff = max((logits - want_logits).expect("sub"));
-            let probability_diff = max((probabilities - want_probabilities).expect("sub"));
+            let scale = max_abs(want_logits.clone()).max(1.0);
+            let logit_diff = max_abs((logits - want_logits).expect("sub"));
+            let probability_diff = max_abs((probabilities - want_probabilities).expect("sub"));
             assert!(
                 logit_diff / scale < 1e-5,
                 "batch {batch}: logits differ by {logit_diff} (scale {scale})"

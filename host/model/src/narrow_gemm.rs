@@ -264,7 +264,8 @@ pub unsafe fn convolve(
     unsafe { multiply_source(weights, panels, source, output, epilogue) }
 }
 
-/// [`multiply`] and [`convolve`]: X read from `source`.
+/// [`multiply`] and [`convolve`]: X read from `source`, with the kernel
+/// of the active vector instructions ([`vector_isa::active`]).
 ///
 /// # Safety
 /// As [`multiply`], for the values `source` addresses.
@@ -276,18 +277,60 @@ unsafe fn multiply_source(
     epilogue: Epilogue<'_>,
 ) {
     debug_assert!(available());
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: forwarded; the CPU has the kernel's instructions (`active`).
+    // SAFETY: forwarded; `active` is at most what the CPU runs.
     unsafe {
-        match vector_isa::active() {
-            VectorIsa::Avx512 => multiply_avx512(weights, panels, source, output, epilogue),
-            VectorIsa::Avx2 => multiply_avx2(weights, panels, source, output, epilogue),
-            VectorIsa::Portable => {}
+        multiply_on(
+            vector_isa::active(),
+            weights,
+            panels,
+            source,
+            output,
+            epilogue,
+        )
+    }
+}
+
+/// [`multiply_source`] with the kernel of `isa` (at most what the CPU
+/// runs: [`vector_isa::detected`]) and X's column step (1 or 2) compiled
+/// in; nothing on the portable path.
+///
+/// # Safety
+/// As [`multiply_source`].
+unsafe fn multiply_on(
+    isa: VectorIsa,
+    weights: &PanelWeights,
+    panels: Range<usize>,
+    source: Source<'_>,
+    output: Output,
+    epilogue: Epilogue<'_>,
+) {
+    let isa = isa.min(vector_isa::detected());
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: forwarded; the CPU has the kernel's instructions (`isa` is
+    // at most what it runs).
+    unsafe {
+        let args = (weights, panels, source, output, epilogue);
+        match (isa, source.column_step) {
+            (VectorIsa::Avx512, 1) => loops_avx512::<1>(args),
+            (VectorIsa::Avx512, _) => loops_avx512::<2>(args),
+            (VectorIsa::Avx2, 1) => loops_avx2::<1>(args),
+            (VectorIsa::Avx2, _) => loops_avx2::<2>(args),
+            (VectorIsa::Portable, _) => {}
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (weights, panels, source, output, epilogue);
+    let _ = (isa, weights, panels, source, output, epilogue);
 }
+
+/// What [`multiply_on`] hands each instruction set's loops.
+#[cfg(target_arch = "x86_64")]
+type LoopArgs<'a, 'b> = (
+    &'a PanelWeights,
+    Range<usize>,
+    Source<'b>,
+    Output,
+    Epilogue<'a>,
+);
 
 /// Calls `$kernel::<B, $step>` for the block width `$width` (the listed
 /// widths, else 1): the width and the column step are constants in each
@@ -305,41 +348,15 @@ macro_rules! by_width {
     };
 }
 
-/// [`multiply_source`] on the AVX-512 path: [`panel_loops`] with
-/// [`kernel_avx512`], for X's column step (1 or 2).
-///
-/// # Safety
-/// As [`multiply_source`]; the CPU has AVX-512 F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn multiply_avx512(
-    weights: &PanelWeights,
-    panels: Range<usize>,
-    source: Source<'_>,
-    output: Output,
-    epilogue: Epilogue<'_>,
-) {
-    // SAFETY: forwarded; the CPU has AVX-512 F.
-    unsafe {
-        match source.column_step {
-            1 => loops_avx512::<1>(weights, panels, source, output, epilogue),
-            _ => loops_avx512::<2>(weights, panels, source, output, epilogue),
-        }
-    }
-}
-
-/// [`multiply_avx512`] for the column step `STEP`.
+/// [`multiply_on`] on the AVX-512 path: [`panel_loops`] with
+/// [`kernel_avx512`], for X's column step `STEP`.
 ///
 /// # Safety
 /// As [`multiply_source`]; the CPU has AVX-512 F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn loops_avx512<const STEP: usize>(
-    weights: &PanelWeights,
-    panels: Range<usize>,
-    source: Source<'_>,
-    output: Output,
-    epilogue: Epilogue<'_>,
+    (weights, panels, source, output, epilogue): LoopArgs<'_, '_>,
 ) {
     // SAFETY: the kernel's contract is the loops' (the caller's); the CPU
     // has AVX-512 F.
@@ -363,41 +380,15 @@ unsafe fn loops_avx512<const STEP: usize>(
     }
 }
 
-/// [`multiply_source`] on the AVX2 path: [`panel_loops`] with
-/// [`kernel_avx2`], for X's column step (1 or 2).
-///
-/// # Safety
-/// As [`multiply_source`]; the CPU has AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn multiply_avx2(
-    weights: &PanelWeights,
-    panels: Range<usize>,
-    source: Source<'_>,
-    output: Output,
-    epilogue: Epilogue<'_>,
-) {
-    // SAFETY: forwarded; the CPU has AVX2 and FMA.
-    unsafe {
-        match source.column_step {
-            1 => loops_avx2::<1>(weights, panels, source, output, epilogue),
-            _ => loops_avx2::<2>(weights, panels, source, output, epilogue),
-        }
-    }
-}
-
-/// [`multiply_avx2`] for the column step `STEP`.
+/// [`multiply_on`] on the AVX2 path: [`panel_loops`] with
+/// [`kernel_avx2`], for X's column step `STEP`.
 ///
 /// # Safety
 /// As [`multiply_source`]; the CPU has AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn loops_avx2<const STEP: usize>(
-    weights: &PanelWeights,
-    panels: Range<usize>,
-    source: Source<'_>,
-    output: Output,
-    epilogue: Epilogue<'_>,
+    (weights, panels, source, output, epilogue): LoopArgs<'_, '_>,
 ) {
     // SAFETY: the kernel's contract is the loops' (the caller's); the CPU
     // has AVX2 and FMA.
@@ -503,6 +494,10 @@ unsafe fn panel_loops<const COLS: usize>(
 ) {
     let depth = weights.depth;
     let mut blocks = [Block::default(); CHUNK_COLS];
+    // sums[j][r]: column chunk + j, row first_row + r. Zeroed once: each
+    // block's first slice starts its sums from zero (`first`), so no
+    // chunk reads what the one before left.
+    let mut sums: ChunkSums = [[0f32; PANEL_ROWS]; CHUNK_COLS + BLOCK_COLS_AVX512];
     for panel in panels.start..panels.end.min(weights.panels()) {
         let packed = &weights.data[panel * depth * PANEL_ROWS..][..depth * PANEL_ROWS];
         let first_row = panel * PANEL_ROWS;
@@ -511,9 +506,7 @@ unsafe fn panel_loops<const COLS: usize>(
         while chunk < output.cols {
             let (chunk_width, count) =
                 plan_chunk::<COLS>(chunk, output.cols, source.line_width, &mut blocks);
-            // sums[j][r]: column chunk + j, row first_row + r.
-            let mut sums: ChunkSums = [[0f32; PANEL_ROWS]; CHUNK_COLS + BLOCK_COLS_AVX512];
-            for (segment, _) in source.segments.iter().enumerate() {
+            for segment in 0..source.segments.len() {
                 for start in (0..source.segment_depth).step_by(DEPTH_SLICE) {
                     let k = segment * source.segment_depth + start;
                     let len = DEPTH_SLICE.min(source.segment_depth - start);
@@ -715,21 +708,14 @@ mod tests {
     use super::*;
     use crate::cpu_conv::tests::values;
 
-    /// The paths this CPU runs, by name.
+    /// The paths this CPU runs.
     #[cfg(target_arch = "x86_64")]
-    fn paths() -> Vec<(&'static str, Multiply)> {
-        let mut paths: Vec<(&'static str, Multiply)> = Vec::new();
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            paths.push(("avx2", multiply_avx2));
-        }
-        if std::is_x86_feature_detected!("avx512f") {
-            paths.push(("avx512", multiply_avx512));
-        }
-        paths
+    fn paths() -> Vec<VectorIsa> {
+        [VectorIsa::Avx2, VectorIsa::Avx512]
+            .into_iter()
+            .filter(|isa| *isa <= vector_isa::detected())
+            .collect()
     }
-
-    #[cfg(target_arch = "x86_64")]
-    type Multiply = unsafe fn(&PanelWeights, Range<usize>, Source<'_>, Output, Epilogue<'_>);
 
     /// X as a row-major matrix, `cols` columns (what [`multiply`] reads).
     #[cfg(target_arch = "x86_64")]
@@ -764,7 +750,8 @@ mod tests {
             let residual = values(rows * cols, 4);
             let packed = PanelWeights::new(&w, rows, depth);
             let mut first: Option<Vec<f32>> = None;
-            for (name, multiply) in paths() {
+            for isa in paths() {
+                let name = isa.name();
                 let mut y = vec![f32::NAN; rows * cols];
                 let output = Output {
                     dst: y.as_mut_ptr(),
@@ -779,7 +766,7 @@ mod tests {
                 let source = matrix(&x, depth, cols);
                 // SAFETY: X is depth × cols, Y and the residual rows × cols,
                 // the bias rows long; the CPU runs the path (`paths`).
-                unsafe { multiply(&packed, 0..packed.panels(), source, output, epilogue) };
+                unsafe { multiply_on(isa, &packed, 0..packed.panels(), source, output, epilogue) };
                 if let Some(first) = &first {
                     let same = first
                         .iter()
@@ -880,7 +867,8 @@ mod tests {
             };
             let source = Source::image(&image, depth);
             let mut first: Option<Vec<f32>> = None;
-            for (name, multiply) in paths() {
+            for isa in paths() {
+                let name = isa.name();
                 let mut y = vec![f32::NAN; rows * cols];
                 let output = Output {
                     dst: y.as_mut_ptr(),
@@ -895,7 +883,7 @@ mod tests {
                 // SAFETY: the taps, channels and output pixels stay inside
                 // the padded input; Y and the residual are rows × cols, the
                 // bias rows long; the CPU runs the path (`paths`).
-                unsafe { multiply(&packed, 0..packed.panels(), source, output, epilogue) };
+                unsafe { multiply_on(isa, &packed, 0..packed.panels(), source, output, epilogue) };
                 if let Some(first) = &first {
                     assert!(
                         first

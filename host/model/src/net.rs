@@ -551,25 +551,22 @@ impl ExamNet {
         missing: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
+        let features = match &self.image {
+            Some(branch) => {
+                let image = image
+                    .ok_or_else(|| candle_core::Error::Msg("this model needs an image".into()))?;
+                Some(branch.forward(image, train)?)
+            }
+            None => None,
+        };
         if let (false, Some(head)) = (train, &self.dense_head) {
-            let features = match &self.image {
-                Some(branch) => {
-                    let image = image.ok_or_else(|| {
-                        candle_core::Error::Msg("this model needs an image".into())
-                    })?;
-                    Some(branch.forward(image, false)?)
-                }
-                None => None,
-            };
             return head.forward(features.as_ref(), values, missing);
         }
-        let mut parts = vec![self.emr.forward(values, missing)?];
-        if let Some(branch) = &self.image {
-            let image =
-                image.ok_or_else(|| candle_core::Error::Msg("this model needs an image".into()))?;
-            parts.insert(0, branch.forward(image, train)?);
-        }
-        let mut h = Tensor::cat(&parts, 1)?;
+        let emr = self.emr.forward(values, missing)?;
+        let mut h = match features {
+            Some(features) => Tensor::cat(&[&features, &emr], 1)?,
+            None => emr,
+        };
         for layer in &self.fusion {
             h = layer.forward(&h)?.relu()?;
         }

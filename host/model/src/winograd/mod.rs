@@ -1324,7 +1324,13 @@ unsafe fn finish_tile(
 /// row and the last one. Only the padding is written with zeros (a fill
 /// of the whole buffer first was a second pass over every plane of a
 /// training step).
-fn pad_plane(source: &[f32], width: usize, before: usize, padded: &mut [f32], padded_w: usize) {
+pub(crate) fn pad_plane(
+    source: &[f32],
+    width: usize,
+    before: usize,
+    padded: &mut [f32],
+    padded_w: usize,
+) {
     for (y, row) in padded.chunks_exact_mut(padded_w).enumerate() {
         let inside = y
             .checked_sub(before)
