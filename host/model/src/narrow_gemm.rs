@@ -731,6 +731,52 @@ mod tests {
         }
     }
 
+    /// Y (rows × cols) = W · X + bias + residual, ReLU'd, from `source` on
+    /// every path this CPU runs, by name; asserts that the paths give the
+    /// same bits (`case` names the shapes in the message).
+    ///
+    /// # Safety
+    /// `source` addresses readable values for W's depth and `cols`
+    /// columns; `bias` holds `rows` values and `residual` rows × cols.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn every_path(
+        packed: &PanelWeights,
+        source: Source<'_>,
+        (bias, residual): (&[f32], &[f32]),
+        (rows, cols): (usize, usize),
+        case: &str,
+    ) -> Vec<(&'static str, Vec<f32>)> {
+        let mut outputs: Vec<(&'static str, Vec<f32>)> = Vec::new();
+        for isa in paths() {
+            let mut y = vec![f32::NAN; rows * cols];
+            let output = Output {
+                dst: y.as_mut_ptr(),
+                residual: residual.as_ptr(),
+                stride: cols,
+                cols,
+            };
+            let epilogue = Epilogue {
+                bias: Some(bias),
+                relu: true,
+            };
+            // SAFETY: the caller's contract; Y is rows × cols; the CPU
+            // runs the path (`paths`).
+            unsafe { multiply_on(isa, packed, 0..packed.panels(), source, output, epilogue) };
+            if let Some((_, first)) = outputs.first() {
+                assert!(
+                    first
+                        .iter()
+                        .zip(&y)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{case}: {} differs from the first path",
+                    isa.name()
+                );
+            }
+            outputs.push((isa.name(), y));
+        }
+        outputs
+    }
+
     /// Against a plain f64 product, with bias, residual and ReLU, for
     /// partial panels and every column-block width, on every path this CPU
     /// runs; and the paths give the same bits.
@@ -749,34 +795,13 @@ mod tests {
             let bias = values(rows, 3);
             let residual = values(rows * cols, 4);
             let packed = PanelWeights::new(&w, rows, depth);
-            let mut first: Option<Vec<f32>> = None;
-            for isa in paths() {
-                let name = isa.name();
-                let mut y = vec![f32::NAN; rows * cols];
-                let output = Output {
-                    dst: y.as_mut_ptr(),
-                    residual: residual.as_ptr(),
-                    stride: cols,
-                    cols,
-                };
-                let epilogue = Epilogue {
-                    bias: Some(&bias),
-                    relu: true,
-                };
-                let source = matrix(&x, depth, cols);
-                // SAFETY: X is depth × cols, Y and the residual rows × cols,
-                // the bias rows long; the CPU runs the path (`paths`).
-                unsafe { multiply_on(isa, &packed, 0..packed.panels(), source, output, epilogue) };
-                if let Some(first) = &first {
-                    let same = first
-                        .iter()
-                        .zip(&y)
-                        .all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(
-                        same,
-                        "{rows}×{depth}×{cols}: {name} differs from the first path"
-                    );
-                }
+            let source = matrix(&x, depth, cols);
+            let case = format!("{rows}×{depth}×{cols}");
+            // SAFETY: X is depth × cols, the bias rows long, the residual
+            // rows × cols.
+            let outputs =
+                unsafe { every_path(&packed, source, (&bias, &residual), (rows, cols), &case) };
+            for (name, y) in outputs {
                 for r in 0..rows {
                     for c in 0..cols {
                         let mut want: f64 = (0..depth)
@@ -791,7 +816,6 @@ mod tests {
                         );
                     }
                 }
-                first.get_or_insert(y);
             }
         }
     }
@@ -866,33 +890,12 @@ mod tests {
                 stride,
             };
             let source = Source::image(&image, depth);
-            let mut first: Option<Vec<f32>> = None;
-            for isa in paths() {
-                let name = isa.name();
-                let mut y = vec![f32::NAN; rows * cols];
-                let output = Output {
-                    dst: y.as_mut_ptr(),
-                    residual: residual.as_ptr(),
-                    stride: cols,
-                    cols,
-                };
-                let epilogue = Epilogue {
-                    bias: Some(&bias),
-                    relu: true,
-                };
-                // SAFETY: the taps, channels and output pixels stay inside
-                // the padded input; Y and the residual are rows × cols, the
-                // bias rows long; the CPU runs the path (`paths`).
-                unsafe { multiply_on(isa, &packed, 0..packed.panels(), source, output, epilogue) };
-                if let Some(first) = &first {
-                    assert!(
-                        first
-                            .iter()
-                            .zip(&y)
-                            .all(|(a, b)| a.to_bits() == b.to_bits()),
-                        "{rows}×{channels}×{k}/{stride}: {name} differs from the first path"
-                    );
-                }
+            let case = format!("{rows}×{channels}×{k}/{stride}");
+            // SAFETY: the taps, channels and output pixels stay inside the
+            // padded input; the bias is rows long, the residual rows × cols.
+            let outputs =
+                unsafe { every_path(&packed, source, (&bias, &residual), (rows, cols), &case) };
+            for (name, y) in outputs {
                 for r in 0..rows {
                     for (oy, ox) in
                         (0..out_side).flat_map(|oy| (0..out_side).map(move |ox| (oy, ox)))
@@ -914,7 +917,6 @@ mod tests {
                         );
                     }
                 }
-                first.get_or_insert(y);
             }
         }
     }
