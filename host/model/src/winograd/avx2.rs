@@ -22,7 +22,10 @@ use std::arch::x86_64::{
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
-use super::{BLOCK_TILES, Finish, Geometry, GroupAt, LANES, PATCH, finish_tile, tile_origins};
+use super::{
+    BLOCK_TILES, Finish, Geometry, GroupAt, LANES, PATCH, finish_tile, frequency_stride,
+    tile_origins,
+};
 
 /// The rows of an 8×8 block transposed: `columns[j][lane] = rows[lane][j]`.
 #[target_feature(enable = "avx2,fma")]
@@ -320,7 +323,7 @@ pub(super) unsafe fn output_block<const M: usize>(
         while first < tiles.end {
             let lanes = LANES.min(tiles.end - first);
             let at = GroupAt {
-                stride: finish.channels * BLOCK_TILES,
+                stride: frequency_stride(finish.channels),
                 offset: o * BLOCK_TILES + first - tiles.start,
             };
             let y = output_group::<M>(products, at, lanes);
