@@ -27,6 +27,7 @@ use rayon::prelude::*;
 
 use super::narrow_gemm::{self, PANEL_ROWS, PanelWeights};
 use super::packed_gemm::{self, Epilogue, Operands, PackedWeights};
+use super::scratch::with_scratch;
 use super::stem_pool::StemPool;
 use super::vector_isa::{self, VectorIsa};
 use super::winograd::{Tile, Winograd, pad_plane};
@@ -573,8 +574,7 @@ impl FusedConv {
         let pad = |(padded, src): (&mut [f32], &[f32])| {
             pad_plane(src, width, p, padded, padded_w);
         };
-        PADDED.with(|cell| {
-            let mut buffer = cell.borrow_mut();
+        with_scratch(&PADDED, |buffer| {
             let len = self.in_channels * plane;
             if buffer.len() < len {
                 buffer.resize(len, 0.0);
@@ -695,8 +695,7 @@ impl FusedConv {
                 let first = task * per_task;
                 let lines = first..(first + per_task).min(out_h);
                 let cols = lines.len() * out_w;
-                COLUMNS.with(|cell| {
-                    let mut buffer = cell.borrow_mut();
+                with_scratch(&COLUMNS, |buffer| {
                     // Grown only (every value is written below): a last,
                     // shorter task would otherwise make the next call zero
                     // what it regrows.
@@ -763,14 +762,13 @@ impl FusedConv {
         }
         let k = self.in_channels * self.kernel * self.kernel;
         let plane_in = self.in_channels * height * width;
-        COLUMNS.with(|cell| {
-            let mut columns = cell.borrow_mut();
+        with_scratch(&COLUMNS, |columns| {
             columns.resize(k * batch * out_h * out_w, 0.0);
             for b in 0..batch {
                 let image = &input[b * plane_in..(b + 1) * plane_in];
-                self.im2col(image, [height, width, out_h, out_w], &mut columns, b, batch);
+                self.im2col(image, [height, width, out_h, out_w], columns, b, batch);
             }
-            f(&columns)
+            f(columns)
         })
     }
 

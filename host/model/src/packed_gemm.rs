@@ -29,6 +29,7 @@
 use std::cell::RefCell;
 use std::ops::Range;
 
+use crate::scratch::with_scratch;
 use crate::vector_isa::{self, VectorIsa};
 
 /// Rows of W per packed block: the height of the kernel.
@@ -227,8 +228,7 @@ unsafe fn multiply_generic<const AVX: bool>(
     let cols = operands.cols;
     let full = cols / BLOCK_COLS * BLOCK_COLS;
     let tail_width = cols - full;
-    TAIL.with(|cell| {
-        let mut tail = cell.borrow_mut();
+    with_scratch(&TAIL, |tail| {
         // The partial block: used in place when it is one whole vector,
         // else copied into a zero-padded depth × 16 panel.
         let tail_panel: Option<(*const f32, usize)> = match tail_width {

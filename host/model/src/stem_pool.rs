@@ -41,6 +41,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
 use rayon::prelude::*;
 
 use super::cpu_conv::contiguous_f32;
+use super::scratch::with_scratch;
 use super::vector_isa::{self, VectorIsa};
 
 /// The convolution's side (7×7).
@@ -189,14 +190,13 @@ impl StemPool {
         let geometry = Geometry::new(height, width);
         let plane = geometry.pooled_h * geometry.pooled_w();
         let mut out = vec![0f32; batch * self.out_channels * plane];
-        UNFOLDED.with(|cell| {
-            let mut unfolded = cell.borrow_mut();
+        with_scratch(&UNFOLDED, |unfolded| {
             unfolded.resize(height * geometry.row_stride(), 0.0);
             for (image, pooled) in input
                 .chunks_exact(height * width)
                 .zip(out.chunks_exact_mut(self.out_channels * plane))
             {
-                unfold_rows(image, geometry, &mut unfolded);
+                unfold_rows(image, geometry, unfolded);
                 let unfolded = &unfolded[..];
                 // One task per group of channels: each reads the whole
                 // unfolding (in L2) and writes its own pooled planes.

@@ -56,11 +56,11 @@
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
 use std::ops::Range;
-use std::thread::LocalKey;
 
 use rayon::prelude::*;
 
 use super::packed_gemm::{self, BLOCK_ROWS, Epilogue, Operands, PackedWeights};
+use super::scratch::with_scratch;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -173,19 +173,6 @@ thread_local! {
     /// [`Winograd::run_blocks`], per thread.
     static BLOCK_SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> =
         const { RefCell::new((Vec::new(), Vec::new())) };
-}
-
-/// Runs `f` with this thread's buffer in `key`, or with a fresh one when
-/// that is in use: a thread waiting for its tasks may run another call's
-/// task meanwhile.
-fn with_buffer<T: Default + 'static, R>(
-    key: &'static LocalKey<RefCell<T>>,
-    f: impl FnOnce(&mut T) -> R,
-) -> R {
-    key.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buffer) => f(&mut buffer),
-        Err(_) => f(&mut T::default()),
-    })
 }
 
 /// A 3×3, stride 1, padding 1 convolution in the Winograd domain: the
@@ -453,7 +440,7 @@ impl Winograd {
             residual,
             channels: self.out_channels,
         };
-        with_buffer(&PADDED, |padded: &mut Vec<f32>| {
+        with_scratch(&PADDED, |padded: &mut Vec<f32>| {
             padded.resize(planes * padded_plane + GATHER_SLACK, 0.0);
             padded[..planes * padded_plane]
                 .par_chunks_mut(padded_plane)
@@ -467,7 +454,7 @@ impl Winograd {
                 .for_each(|block| {
                     let first = block * BLOCK_TILES;
                     let block_tiles = first..(first + BLOCK_TILES).min(tiles);
-                    with_buffer(&BLOCK_SCRATCH, |(v, m)| {
+                    with_scratch(&BLOCK_SCRATCH, |(v, m)| {
                         v.resize(frequencies * frequency_stride(self.in_channels), 0.0);
                         m.resize(frequencies * frequency_stride(self.out_channels), 0.0);
                         input_block(padded, geometry, self.in_channels, block_tiles.clone(), v);
@@ -527,9 +514,7 @@ impl Winograd {
     ) {
         let columns = geometry.columns;
         let frequencies = geometry.frequencies();
-        SCRATCH.with(|cell| {
-            let mut scratch = cell.borrow_mut();
-            let (transformed, products) = &mut *scratch;
+        with_scratch(&SCRATCH, |(transformed, products)| {
             transformed.resize(self.in_channels * frequencies * columns, 0.0);
             products.resize(self.out_channels * frequencies * columns, 0.0);
             transform_input(input, geometry, self.in_channels, transformed);
@@ -633,9 +618,7 @@ pub fn weight_gradient(
     let group = (MAX_GRADIENT_FLOATS / per_image.max(1)).clamp(1, batch.max(1));
     let (plane_in, plane_out) = (in_channels * height * width, out_channels * height * width);
     let mut du = vec![0f32; frequencies * out_channels * in_channels];
-    GRADIENT_SCRATCH.with(|cell| {
-        let mut scratch = cell.borrow_mut();
-        let (transformed, gradient) = &mut *scratch;
+    with_scratch(&GRADIENT_SCRATCH, |(transformed, gradient)| {
         let mut first = 0;
         while first < batch {
             let count = group.min(batch - first);
