@@ -559,6 +559,51 @@ mod tests {
         assert!(err.to_string().contains("64x64"), "{err}");
     }
 
+    /// Predictions made at once from several threads, which all run on
+    /// the compute pool and share its threads' scratch buffers, equal
+    /// those made one at a time.
+    #[test]
+    fn concurrent_predictions_equal_serial_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let package =
+            init_package(dir.path(), "test", arch(Backbone::Tiny, false), 96, 5).expect("init");
+        let model = Model::load(package, &Device::Cpu).expect("load");
+        let image = |i: usize| -> Vec<f32> {
+            (0..96 * 96)
+                .map(|p| ((p * (i + 3)) % 101) as f32 / 101.0)
+                .collect()
+        };
+        let features = vec![("spo2_pct".to_owned(), Some(91.0))];
+        let serial: Vec<Prediction> = (0..6)
+            .map(|i| model.predict(Some(&image(i)), &features).expect("serial"))
+            .collect();
+        let concurrent: Vec<Vec<Prediction>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..6)
+                .map(|i| {
+                    let (model, features) = (&model, &features);
+                    scope.spawn(move || {
+                        (0..4)
+                            .map(|_| {
+                                model
+                                    .predict(Some(&image(i)), features)
+                                    .expect("concurrent")
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().expect("join"))
+                .collect()
+        });
+        for (i, runs) in concurrent.iter().enumerate() {
+            for run in runs {
+                assert_eq!(*run, serial[i], "case {i}");
+            }
+        }
+    }
+
     #[test]
     fn tiny_model_predicts_ordered_probabilities_deterministically() {
         let dir = tempfile::tempdir().expect("tempdir");
