@@ -48,8 +48,9 @@
 //! x86-64 with AVX2 + FMA (chosen at run time), on 256-bit registers
 //! ([`avx2`]: the patch gather as 8×8 transposes, which the compiler does
 //! not find from the element-by-element copy, and no round trip through
-//! memory between the steps); both do the same operations in the same
-//! order. The forward products dispatch the same way
+//! memory between the steps); on AVX-512 the blocks' input transform runs
+//! 16 tiles at a time ([`avx512`]: each value of a group one whole cache
+//! line of V). All do the same operations in the same order. The forward products dispatch the same way
 //! ([`super::packed_gemm`]); the weight gradient's use `gemm`, which does
 //! its own run-time dispatch (AVX-512, AVX2, NEON).
 
@@ -61,9 +62,13 @@ use rayon::prelude::*;
 
 use super::packed_gemm::{self, BLOCK_ROWS, Epilogue, Operands, PackedWeights};
 use super::scratch::with_scratch;
+#[cfg(target_arch = "x86_64")]
+use super::vector_isa::{self, VectorIsa};
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 /// The largest input tile side (F(4×4): 4 + 3 − 1): the size of the
 /// fixed arrays the transforms work in.
@@ -1106,6 +1111,18 @@ fn input_block(
     v: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
+    if vector_isa::active() == VectorIsa::Avx512 {
+        // SAFETY: the CPU has AVX-512 F (`active` never reports more than
+        // it detected), all the function requires beyond the baseline.
+        unsafe {
+            match geometry.m {
+                4 => avx512::input_block::<4>(padded, geometry, channels, tiles, v),
+                _ => avx512::input_block::<2>(padded, geometry, channels, tiles, v),
+            }
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if crate::has_avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked just above), all the
         // function requires beyond the baseline.
@@ -1761,12 +1778,13 @@ mod tests {
         }
     }
 
-    /// The blocks' AVX2 transforms give the portable ones' bits: the
+    /// The blocks' vector transforms give the portable ones' bits: the
     /// input transform of a block (full and partial groups, several
-    /// images), and the output transform with bias, residual and ReLU
-    /// (tiles inside the plane and cut by its edges), both tile sizes.
+    /// images) on AVX2 and, where the CPU has it, AVX-512, and the output
+    /// transform with bias, residual and ReLU (tiles inside the plane and
+    /// cut by its edges) on AVX2, both tile sizes.
     #[test]
-    fn the_avx2_block_transforms_equal_the_portable_ones() {
+    fn the_vector_block_transforms_equal_the_portable_ones() {
         if !crate::has_avx2_fma() {
             return;
         }
@@ -1799,6 +1817,29 @@ mod tests {
             unsafe { input_block_avx2(&padded, geometry, channels, tiles.clone(), &mut vector) };
             assert!(portable.iter().any(|&v| v != 0.0));
             assert_eq!(portable, vector, "input {tile:?}");
+            if vector_isa::detected() == VectorIsa::Avx512 {
+                let mut wide = vec![0f32; len];
+                // SAFETY: the CPU has AVX-512 F (checked just above).
+                unsafe {
+                    match tile {
+                        Tile::Four => avx512::input_block::<4>(
+                            &padded,
+                            geometry,
+                            channels,
+                            tiles.clone(),
+                            &mut wide,
+                        ),
+                        Tile::Two => avx512::input_block::<2>(
+                            &padded,
+                            geometry,
+                            channels,
+                            tiles.clone(),
+                            &mut wide,
+                        ),
+                    }
+                }
+                assert_eq!(portable, wide, "AVX-512 input {tile:?}");
+            }
 
             let products = values(len, 8);
             let bias = values(out_channels, 9);

@@ -1,0 +1,206 @@
+//! The blocks' input transform in AVX-512 registers (x86-64): 16 tiles at
+//! a time, one per lane, so that each of a tile group's (M+2)² values is
+//! one 64-byte store, a whole cache line of the block's V, where the AVX2
+//! code ([`super::avx2`]) stores half lines for 8 tiles.
+//!
+//! The same arithmetic in the same order as the portable and AVX2 code
+//! (no fused multiply-adds), so all three give the same bits (tested in
+//! [`super::tests`]). Every function requires AVX-512 F
+//! (`#[target_feature]`); the callers check the CPU.
+
+use std::arch::x86_64::{
+    __m512, __m512i, _mm256_castps_pd, _mm256_loadu_ps, _mm512_add_ps, _mm512_castpd_ps,
+    _mm512_castps_pd, _mm512_castps256_ps512, _mm512_insertf64x4, _mm512_mask_storeu_ps,
+    _mm512_mul_ps, _mm512_permutex2var_ps, _mm512_set1_ps, _mm512_setr_epi32, _mm512_setzero_ps,
+    _mm512_shuffle_ps, _mm512_storeu_ps, _mm512_sub_ps, _mm512_unpackhi_ps, _mm512_unpacklo_ps,
+};
+use std::ops::Range;
+
+use super::{BLOCK_TILES, Geometry, GroupAt, LANES, PATCH, frequency_stride};
+
+/// Tiles transformed together: one per lane of a 512-bit vector.
+const WIDE: usize = 2 * LANES;
+
+/// Bᵀ x for M + 2 vectors: [`super::input_1d`]'s operations, in its
+/// order.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn input_1d<const M: usize>(x: [__m512; PATCH]) -> [__m512; PATCH] {
+    let (add, sub, mul, splat) = (_mm512_add_ps, _mm512_sub_ps, _mm512_mul_ps, _mm512_set1_ps);
+    let [d0, d1, d2, d3, d4, d5] = x;
+    if M == 4 {
+        [
+            add(sub(mul(splat(4.0), d0), mul(splat(5.0), d2)), d4),
+            add(add(mul(splat(-4.0), add(d1, d2)), d3), d4),
+            add(sub(mul(splat(4.0), sub(d1, d2)), d3), d4),
+            add(sub(mul(splat(2.0), sub(d3, d1)), d2), d4),
+            add(sub(mul(splat(2.0), sub(d1, d3)), d2), d4),
+            add(sub(mul(splat(4.0), d1), mul(splat(5.0), d3)), d5),
+        ]
+    } else {
+        let zero = _mm512_setzero_ps();
+        [
+            sub(d0, d2),
+            add(d1, d2),
+            sub(d2, d1),
+            sub(d1, d3),
+            zero,
+            zero,
+        ]
+    }
+}
+
+/// Patch row `i` of the tiles at `starts` (up to [`WIDE`]), gathered and
+/// transformed (d B): `result[j]` holds column j of every tile, tile k in
+/// lane k; zeros past the patch and the tiles.
+///
+/// Vector k holds row i of tile k in its low half and of tile k + 8 in
+/// its high half; an 8×8 transpose inside each half (as
+/// [`super::avx2`]'s, its last step across 128-bit lanes as one
+/// two-source permute) then leaves tiles 0–7 low and 8–15 high.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn patch_row<const M: usize>(
+    padded: &[f32],
+    row: usize,
+    starts: &[usize],
+    i: usize,
+) -> [__m512; PATCH] {
+    let zero = _mm512_setzero_ps();
+    if i >= M + 2 {
+        return [zero; PATCH];
+    }
+    let line = |lane: usize| {
+        starts.get(lane).map(|&start| {
+            let src = &padded[start + i * row..][..LANES];
+            // SAFETY: `src` is LANES floats (one unaligned 256-bit load).
+            unsafe { _mm256_loadu_ps(src.as_ptr()) }
+        })
+    };
+    let mut lines = [zero; LANES];
+    for (k, pair) in lines.iter_mut().enumerate() {
+        let low = match line(k) {
+            Some(low) => _mm512_castps256_ps512(low),
+            None => zero,
+        };
+        *pair = match line(k + LANES) {
+            Some(high) => _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+                _mm512_castps_pd(low),
+                _mm256_castps_pd(high),
+            )),
+            None => low,
+        };
+    }
+    let t0 = _mm512_unpacklo_ps(lines[0], lines[1]);
+    let t1 = _mm512_unpackhi_ps(lines[0], lines[1]);
+    let t2 = _mm512_unpacklo_ps(lines[2], lines[3]);
+    let t3 = _mm512_unpackhi_ps(lines[2], lines[3]);
+    let t4 = _mm512_unpacklo_ps(lines[4], lines[5]);
+    let t5 = _mm512_unpackhi_ps(lines[4], lines[5]);
+    let t6 = _mm512_unpacklo_ps(lines[6], lines[7]);
+    let t7 = _mm512_unpackhi_ps(lines[6], lines[7]);
+    let q0 = _mm512_shuffle_ps::<0x44>(t0, t2);
+    let q1 = _mm512_shuffle_ps::<0xEE>(t0, t2);
+    let q2 = _mm512_shuffle_ps::<0x44>(t1, t3);
+    let q3 = _mm512_shuffle_ps::<0xEE>(t1, t3);
+    let q4 = _mm512_shuffle_ps::<0x44>(t4, t6);
+    let q5 = _mm512_shuffle_ps::<0xEE>(t4, t6);
+    let q6 = _mm512_shuffle_ps::<0x44>(t5, t7);
+    let q7 = _mm512_shuffle_ps::<0xEE>(t5, t7);
+    // Per 256-bit half: the low 128-bit lanes of q_j and q_{j+4}
+    // (columns 0–3), or their high ones (columns 4–7).
+    let low: __m512i = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+    let high: __m512i =
+        _mm512_setr_epi32(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+    let columns = [
+        _mm512_permutex2var_ps(q0, low, q4),
+        _mm512_permutex2var_ps(q1, low, q5),
+        _mm512_permutex2var_ps(q2, low, q6),
+        _mm512_permutex2var_ps(q3, low, q7),
+        _mm512_permutex2var_ps(q0, high, q4),
+        _mm512_permutex2var_ps(q1, high, q5),
+    ];
+    input_1d::<M>(columns)
+}
+
+/// The input transform of up to [`WIDE`] tiles whose (M+2)² patches start
+/// at `starts` in `padded` (rows of `row` floats, [`super::GATHER_SLACK`]
+/// floats readable past each patch row's end), into `v` at `at`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn input_group<const M: usize>(
+    padded: &[f32],
+    row: usize,
+    starts: &[usize],
+    v: &mut [f32],
+    at: GroupAt,
+) {
+    let patch = M + 2;
+    let lanes = starts.len();
+    debug_assert!(lanes <= WIDE);
+    let rows = [
+        patch_row::<M>(padded, row, starts, 0),
+        patch_row::<M>(padded, row, starts, 1),
+        patch_row::<M>(padded, row, starts, 2),
+        patch_row::<M>(padded, row, starts, 3),
+        patch_row::<M>(padded, row, starts, 4),
+        patch_row::<M>(padded, row, starts, 5),
+    ];
+    let mask = if lanes >= WIDE {
+        u16::MAX
+    } else {
+        (1u16 << lanes) - 1
+    };
+    for j in 0..patch {
+        let column = [
+            rows[0][j], rows[1][j], rows[2][j], rows[3][j], rows[4][j], rows[5][j],
+        ];
+        for (i, value) in input_1d::<M>(column).into_iter().enumerate().take(patch) {
+            let dst = &mut v[(i * patch + j) * at.stride + at.offset..][..lanes];
+            if lanes == WIDE {
+                // SAFETY: `dst` is WIDE floats (one unaligned 512-bit store).
+                unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), value) };
+            } else {
+                // SAFETY: the mask writes the first `lanes` floats, `dst`.
+                unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr(), mask, value) };
+            }
+        }
+    }
+}
+
+/// [`super::input_block`] on AVX-512: V of the tiles `tiles` for every
+/// input channel, in groups of [`WIDE`] tiles.
+///
+/// # Safety
+/// The CPU has AVX-512 F.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn input_block<const M: usize>(
+    padded: &[f32],
+    geometry: Geometry,
+    channels: usize,
+    tiles: Range<usize>,
+    v: &mut [f32],
+) {
+    let (padded_h, padded_w) = geometry.padded();
+    let padded_plane = padded_h * padded_w;
+    let mut first_plane = [0usize; BLOCK_TILES];
+    for (start, t) in first_plane.iter_mut().zip(tiles.clone()) {
+        let (image, top, left) = geometry.tile_origin(t);
+        *start = image * channels * padded_plane + top * padded_w + left;
+    }
+    let count = tiles.len().min(BLOCK_TILES);
+    for c in 0..channels {
+        for group in (0..count).step_by(WIDE) {
+            let lanes = WIDE.min(count - group);
+            let mut starts = [0usize; WIDE];
+            for (start, first) in starts.iter_mut().zip(&first_plane[group..group + lanes]) {
+                *start = first + c * padded_plane;
+            }
+            let at = GroupAt {
+                stride: frequency_stride(channels),
+                offset: c * BLOCK_TILES + group,
+            };
+            input_group::<M>(padded, padded_w, &starts[..lanes], v, at);
+        }
+    }
+}
