@@ -1,7 +1,8 @@
-//! The blocks' input transform in AVX-512 registers (x86-64): 16 tiles at
-//! a time, one per lane, so that each of a tile group's (M+2)² values is
-//! one 64-byte store, a whole cache line of the block's V, where the AVX2
-//! code ([`super::avx2`]) stores half lines for 8 tiles.
+//! The blocks' transforms in AVX-512 registers (x86-64): 16 tiles at a
+//! time, one per lane, so that each of a tile group's (M+2)² values is one
+//! 64-byte load or store, a whole cache line of the block's V or M, where
+//! the AVX2 code ([`super::avx2`]) moves half lines for 8 tiles. The
+//! output transform here is F(4×4)'s; F(2×2)'s stays on AVX2.
 //!
 //! The same arithmetic in the same order as the portable and AVX2 code
 //! (no fused multiply-adds), so all three give the same bits (tested in
@@ -9,14 +10,20 @@
 //! (`#[target_feature]`); the callers check the CPU.
 
 use std::arch::x86_64::{
-    __m512, __m512i, _mm256_castps_pd, _mm256_loadu_ps, _mm512_add_ps, _mm512_castpd_ps,
-    _mm512_castps_pd, _mm512_castps256_ps512, _mm512_insertf64x4, _mm512_mask_storeu_ps,
-    _mm512_mul_ps, _mm512_permutex2var_ps, _mm512_set1_ps, _mm512_setr_epi32, _mm512_setzero_ps,
-    _mm512_shuffle_ps, _mm512_storeu_ps, _mm512_sub_ps, _mm512_unpackhi_ps, _mm512_unpacklo_ps,
+    __m128, __m512, __m512i, _mm_add_ps, _mm_loadu_ps, _mm_max_ps, _mm_setzero_ps, _mm_storeu_ps,
+    _mm256_castps_pd, _mm256_loadu_ps, _mm512_add_ps, _mm512_castpd_ps, _mm512_castps_pd,
+    _mm512_castps256_ps512, _mm512_extractf32x4_ps, _mm512_insertf64x4, _mm512_loadu_ps,
+    _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_mul_ps, _mm512_permutex2var_ps,
+    _mm512_set1_ps, _mm512_setr_epi32, _mm512_setzero_ps, _mm512_shuffle_ps, _mm512_storeu_ps,
+    _mm512_sub_ps, _mm512_unpackhi_ps, _mm512_unpacklo_ps,
 };
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
-use super::{BLOCK_TILES, Geometry, GroupAt, LANES, PATCH, frequency_stride};
+use super::{
+    BLOCK_TILES, Finish, Geometry, GroupAt, LANES, PATCH, finish_tile, frequency_stride,
+    tile_origins,
+};
 
 /// Tiles transformed together: one per lane of a 512-bit vector.
 const WIDE: usize = 2 * LANES;
@@ -203,4 +210,174 @@ pub(super) unsafe fn input_block<const M: usize>(
             input_group::<M>(padded, padded_w, &starts[..lanes], v, at);
         }
     }
+}
+
+/// Aᵀ x for F(4×4): [`super::output_1d`]'s operations, in its order.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn output_1d(x: [__m512; PATCH]) -> [__m512; 4] {
+    let (add, sub, mul, splat) = (_mm512_add_ps, _mm512_sub_ps, _mm512_mul_ps, _mm512_set1_ps);
+    let [m0, m1, m2, m3, m4, m5] = x;
+    let (a, b) = (add(m1, m2), sub(m1, m2));
+    let (c, d) = (add(m3, m4), sub(m3, m4));
+    [
+        add(add(m0, a), c),
+        add(b, mul(splat(2.0), d)),
+        add(a, mul(splat(4.0), c)),
+        add(add(b, mul(splat(8.0), d)), m5),
+    ]
+}
+
+/// F(4×4)'s output transform of up to [`WIDE`] tiles, one per lane, from
+/// the products at `at`: `y[i][j]` = output row i, column j.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn output_group(products: &[f32], at: GroupAt, lanes: usize) -> [[__m512; 4]; 4] {
+    let mask = if lanes >= WIDE {
+        u16::MAX
+    } else {
+        (1u16 << lanes) - 1
+    };
+    let zero = _mm512_setzero_ps();
+    let mut m = [[zero; PATCH]; PATCH];
+    for (i, row) in m.iter_mut().enumerate() {
+        for (j, cell) in row.iter_mut().enumerate() {
+            let src = &products[(i * PATCH + j) * at.stride + at.offset..][..lanes];
+            // SAFETY: `src` is `lanes` floats; the mask reads only those.
+            *cell = unsafe {
+                if lanes == WIDE {
+                    _mm512_loadu_ps(src.as_ptr())
+                } else {
+                    _mm512_maskz_loadu_ps(mask, src.as_ptr())
+                }
+            };
+        }
+    }
+    // Aᵀ m (columns), then (Aᵀ m) A (rows).
+    let mut columns = [[zero; PATCH]; 4];
+    for j in 0..PATCH {
+        let r = output_1d([m[0][j], m[1][j], m[2][j], m[3][j], m[4][j], m[5][j]]);
+        for (i, value) in r.into_iter().enumerate() {
+            columns[i][j] = value;
+        }
+    }
+    [
+        output_1d(columns[0]),
+        output_1d(columns[1]),
+        output_1d(columns[2]),
+        output_1d(columns[3]),
+    ]
+}
+
+/// One output row (4 columns) of 16 tiles: `row[j]` holds column j of
+/// every tile; returns four vectors, vector c holding the row of tile
+/// 4L + c in its 128-bit lane L.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn tile_rows(row: [__m512; 4]) -> [__m512; 4] {
+    let t0 = _mm512_unpacklo_ps(row[0], row[1]);
+    let t1 = _mm512_unpackhi_ps(row[0], row[1]);
+    let t2 = _mm512_unpacklo_ps(row[2], row[3]);
+    let t3 = _mm512_unpackhi_ps(row[2], row[3]);
+    [
+        _mm512_shuffle_ps::<0x44>(t0, t2),
+        _mm512_shuffle_ps::<0xEE>(t0, t2),
+        _mm512_shuffle_ps::<0x44>(t1, t3),
+        _mm512_shuffle_ps::<0xEE>(t1, t3),
+    ]
+}
+
+/// The 128-bit lane `lane` (0–3) of `x`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn quarter(x: __m512, lane: usize) -> __m128 {
+    match lane {
+        0 => _mm512_extractf32x4_ps::<0>(x),
+        1 => _mm512_extractf32x4_ps::<1>(x),
+        2 => _mm512_extractf32x4_ps::<2>(x),
+        _ => _mm512_extractf32x4_ps::<3>(x),
+    }
+}
+
+/// [`super::output_block`] for F(4×4) on AVX-512: the transform 16 tiles
+/// at a time; a tile inside the plane is finished (+ bias, + residual,
+/// ReLU, in [`super::output_block_generic`]'s order) and stored a row of
+/// 4 at a time, a tile cut by the plane's edges element by element.
+///
+/// # Safety
+/// The CPU has AVX-512 F; otherwise as [`super::output_block`].
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn output_block(
+    products: &[f32],
+    geometry: Geometry,
+    tiles: Range<usize>,
+    finish: Finish<'_>,
+    out: *mut MaybeUninit<f32>,
+) {
+    debug_assert_eq!(geometry.m, 4);
+    let (width, plane) = (geometry.width, geometry.height * geometry.width);
+    let zero = _mm_setzero_ps();
+    let origins = tile_origins(geometry, tiles.clone(), finish.channels);
+    for o in 0..finish.channels {
+        let bias = _mm512_set1_ps(finish.bias[o]);
+        let mut first = tiles.start;
+        while first < tiles.end {
+            let lanes = WIDE.min(tiles.end - first);
+            let at = GroupAt {
+                stride: frequency_stride(finish.channels),
+                offset: o * BLOCK_TILES + first - tiles.start,
+            };
+            let y = output_group(products, at, lanes);
+            // + bias on whole vectors: the same sums as per row.
+            let mut rows = [[_mm512_setzero_ps(); 4]; 4];
+            for (tile_row, y_row) in rows.iter_mut().zip(y) {
+                let mut biased = y_row;
+                for value in &mut biased {
+                    *value = _mm512_add_ps(*value, bias);
+                }
+                *tile_row = tile_rows(biased);
+            }
+            let mut y_lanes = None;
+            for (lane, &origin) in origins[first - tiles.start..][..lanes].iter().enumerate() {
+                let base = origin.at + o * plane;
+                if origin.rows == 4 && origin.cols == 4 {
+                    for (i, tile_row) in rows.iter().enumerate() {
+                        let at = base + i * width;
+                        let mut value = quarter(tile_row[lane % 4], lane / 4);
+                        if let Some(r) = finish.residual {
+                            let skip = &r[at..at + 4];
+                            // SAFETY: `skip` is 4 floats (one 128-bit load).
+                            value = _mm_add_ps(value, unsafe { _mm_loadu_ps(skip.as_ptr()) });
+                        }
+                        if finish.relu {
+                            value = _mm_max_ps(value, zero);
+                        }
+                        // SAFETY: (image, o) is one of the output planes and
+                        // row top + i, columns left .. left + 4 lie inside it:
+                        // the caller's contract covers the write.
+                        unsafe { _mm_storeu_ps(out.add(at).cast(), value) };
+                    }
+                    continue;
+                }
+                let y_lanes = y_lanes.get_or_insert_with(|| lane_arrays(y));
+                // SAFETY: forwarded (the caller's contract).
+                unsafe { finish_tile(y_lanes, lane, origin, o, geometry, finish, out) };
+            }
+            first += lanes;
+        }
+    }
+}
+
+/// `y`'s vectors as lane arrays, for [`finish_tile`].
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn lane_arrays(y: [[__m512; 4]; 4]) -> [[[f32; WIDE]; 4]; 4] {
+    let mut out = [[[0f32; WIDE]; 4]; 4];
+    for (out_row, y_row) in out.iter_mut().zip(y) {
+        for (cell, value) in out_row.iter_mut().zip(y_row) {
+            // SAFETY: `cell` is WIDE floats (one unaligned 512-bit store).
+            unsafe { _mm512_storeu_ps(cell.as_mut_ptr(), value) };
+        }
+    }
+    out
 }

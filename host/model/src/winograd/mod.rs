@@ -48,9 +48,10 @@
 //! x86-64 with AVX2 + FMA (chosen at run time), on 256-bit registers
 //! ([`avx2`]: the patch gather as 8×8 transposes, which the compiler does
 //! not find from the element-by-element copy, and no round trip through
-//! memory between the steps); on AVX-512 the blocks' input transform runs
-//! 16 tiles at a time ([`avx512`]: each value of a group one whole cache
-//! line of V). All do the same operations in the same order. The forward products dispatch the same way
+//! memory between the steps); on AVX-512 the blocks' input transform and
+//! F(4×4)'s output transform run 16 tiles at a time ([`avx512`]: each
+//! value of a group one whole cache line of V or M). All do the same
+//! operations in the same order. The forward products dispatch the same way
 //! ([`super::packed_gemm`]); the weight gradient's use `gemm`, which does
 //! its own run-time dispatch (AVX-512, AVX2, NEON).
 
@@ -1214,6 +1215,13 @@ unsafe fn output_block(
     out: *mut MaybeUninit<f32>,
 ) {
     #[cfg(target_arch = "x86_64")]
+    if geometry.m == 4 && vector_isa::active() == VectorIsa::Avx512 {
+        // SAFETY: the CPU has AVX-512 F (`active` never reports more than
+        // it detected); the caller upholds the memory contract.
+        unsafe { avx512::output_block(products, geometry, tiles, finish, out) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if crate::has_avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked just above); the
         // caller upholds the memory contract.
@@ -1303,8 +1311,8 @@ fn tile_origins(
 /// # Safety
 /// As [`output_block`], for the tile's pixels.
 #[inline(always)]
-unsafe fn finish_tile(
-    y: &[[[f32; LANES]; 4]; 4],
+unsafe fn finish_tile<const L: usize>(
+    y: &[[[f32; L]; 4]; 4],
     lane: usize,
     origin: TileOrigin,
     o: usize,
@@ -1782,7 +1790,8 @@ mod tests {
     /// input transform of a block (full and partial groups, several
     /// images) on AVX2 and, where the CPU has it, AVX-512, and the output
     /// transform with bias, residual and ReLU (tiles inside the plane and
-    /// cut by its edges) on AVX2, both tile sizes.
+    /// cut by its edges, full and partial groups) on AVX2 and (F(4×4))
+    /// AVX-512, both tile sizes.
     #[test]
     fn the_vector_block_transforms_equal_the_portable_ones() {
         if !crate::has_avx2_fma() {
@@ -1851,8 +1860,8 @@ mod tests {
                 residual: Some(&residual),
                 channels: out_channels,
             };
-            let mut outputs = [(); 2].map(|()| vec![MaybeUninit::new(f32::NAN); residual.len()]);
-            let [portable, vector] = &mut outputs;
+            let mut outputs = [(); 3].map(|()| vec![MaybeUninit::new(f32::NAN); residual.len()]);
+            let [portable, vector, wide] = &mut outputs;
             // SAFETY: both buffers hold every output plane; nothing else
             // touches them; the CPU has AVX2 and FMA (checked above).
             unsafe {
@@ -1888,9 +1897,19 @@ mod tests {
                         vector.as_mut_ptr(),
                     ),
                 }
+                // F(4×4) on AVX-512 where the CPU has it (else the
+                // portable code again).
+                if tile == Tile::Four {
+                    let wide = wide.as_mut_ptr();
+                    if vector_isa::detected() == VectorIsa::Avx512 {
+                        avx512::output_block(&products, geometry, tiles.clone(), finish, wide);
+                    } else {
+                        output_block_generic::<4>(&products, geometry, tiles.clone(), finish, wide);
+                    }
+                }
             }
             // SAFETY: every element was initialised (NaN, or written).
-            let [portable, vector] = outputs.map(|o| {
+            let [portable, vector, wide] = outputs.map(|o| {
                 o.into_iter()
                     .map(|v| unsafe { v.assume_init() })
                     .collect::<Vec<f32>>()
@@ -1905,6 +1924,13 @@ mod tests {
                 vector.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                 "output {tile:?}"
             );
+            if tile == Tile::Four {
+                assert_eq!(
+                    portable.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    wide.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "AVX-512 output {tile:?}"
+                );
+            }
         }
     }
 
