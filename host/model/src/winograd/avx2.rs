@@ -65,28 +65,15 @@ fn transpose8(rows: [__m256; LANES]) -> [__m256; LANES] {
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 fn input_1d<const M: usize>(x: [__m256; PATCH]) -> [__m256; PATCH] {
-    let (add, sub, mul, splat) = (_mm256_add_ps, _mm256_sub_ps, _mm256_mul_ps, _mm256_set1_ps);
-    let [d0, d1, d2, d3, d4, d5] = x;
-    if M == 4 {
-        [
-            add(sub(mul(splat(4.0), d0), mul(splat(5.0), d2)), d4),
-            add(add(mul(splat(-4.0), add(d1, d2)), d3), d4),
-            add(sub(mul(splat(4.0), sub(d1, d2)), d3), d4),
-            add(sub(mul(splat(2.0), sub(d3, d1)), d2), d4),
-            add(sub(mul(splat(2.0), sub(d1, d3)), d2), d4),
-            add(sub(mul(splat(4.0), d1), mul(splat(5.0), d3)), d5),
-        ]
-    } else {
-        let zero = _mm256_setzero_ps();
-        [
-            sub(d0, d2),
-            add(d1, d2),
-            sub(d2, d1),
-            sub(d1, d3),
-            zero,
-            zero,
-        ]
-    }
+    input_1d_vectors!(
+        M,
+        x,
+        _mm256_add_ps,
+        _mm256_sub_ps,
+        _mm256_mul_ps,
+        _mm256_set1_ps,
+        _mm256_setzero_ps()
+    )
 }
 
 /// Aᵀ x for M + 2 vectors: M, [`super::output_1d`]'s operations in its
@@ -94,18 +81,17 @@ fn input_1d<const M: usize>(x: [__m256; PATCH]) -> [__m256; PATCH] {
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 fn output_1d<const M: usize>(x: [__m256; PATCH]) -> [__m256; 4] {
-    let (add, sub, mul, splat) = (_mm256_add_ps, _mm256_sub_ps, _mm256_mul_ps, _mm256_set1_ps);
-    let [m0, m1, m2, m3, m4, m5] = x;
     if M == 4 {
-        let (a, b) = (add(m1, m2), sub(m1, m2));
-        let (c, d) = (add(m3, m4), sub(m3, m4));
-        [
-            add(add(m0, a), c),
-            add(b, mul(splat(2.0), d)),
-            add(a, mul(splat(4.0), c)),
-            add(add(b, mul(splat(8.0), d)), m5),
-        ]
+        output_1d_vectors!(
+            x,
+            _mm256_add_ps,
+            _mm256_sub_ps,
+            _mm256_mul_ps,
+            _mm256_set1_ps
+        )
     } else {
+        let (add, sub) = (_mm256_add_ps, _mm256_sub_ps);
+        let [m0, m1, m2, m3, ..] = x;
         let zero = _mm256_setzero_ps();
         [add(add(m0, m1), m2), sub(sub(m1, m2), m3), zero, zero]
     }
@@ -298,6 +284,33 @@ fn tile_rows(rows: [__m256; 4]) -> [__m128; LANES] {
     ]
 }
 
+/// One row of a 4×4 tile inside the plane, its bias already added in
+/// `value`: adds the residual and applies the ReLU as `finish` says, then
+/// stores it at `at` of the output.
+///
+/// # Safety
+/// The 4 floats at `at` lie in one output plane, which no other thread
+/// reads or writes meanwhile.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+pub(super) unsafe fn finish_row(
+    mut value: __m128,
+    at: usize,
+    finish: Finish<'_>,
+    out: *mut MaybeUninit<f32>,
+) {
+    if let Some(r) = finish.residual {
+        let skip = &r[at..at + 4];
+        // SAFETY: `skip` is 4 floats (one 128-bit load).
+        value = _mm_add_ps(value, unsafe { _mm_loadu_ps(skip.as_ptr()) });
+    }
+    if finish.relu {
+        value = _mm_max_ps(value, _mm_setzero_ps());
+    }
+    // SAFETY: the caller's contract covers the write.
+    unsafe { _mm_storeu_ps(out.add(at).cast(), value) };
+}
+
 /// [`super::output_block`] with the transforms in registers: a 4×4 tile
 /// inside the plane is finished (+ bias, + residual, ReLU, in
 /// [`super::output_block_generic`]'s order) and stored a row of 4 at a
@@ -315,7 +328,6 @@ pub(super) unsafe fn output_block<const M: usize>(
     out: *mut MaybeUninit<f32>,
 ) {
     let (width, plane) = (geometry.width, geometry.height * geometry.width);
-    let zero = _mm_setzero_ps();
     let origins = tile_origins(geometry, tiles.clone(), finish.channels);
     for o in 0..finish.channels {
         let bias4 = _mm_set1_ps(finish.bias[o]);
@@ -342,20 +354,11 @@ pub(super) unsafe fn output_block<const M: usize>(
                     && origin.cols == M
                 {
                     for (i, tile_row) in rows.iter().enumerate() {
-                        let at = base + i * width;
-                        let mut value = _mm_add_ps(tile_row[lane], bias4);
-                        if let Some(r) = finish.residual {
-                            let skip = &r[at..at + 4];
-                            // SAFETY: `skip` is 4 floats (one 128-bit load).
-                            value = _mm_add_ps(value, unsafe { _mm_loadu_ps(skip.as_ptr()) });
-                        }
-                        if finish.relu {
-                            value = _mm_max_ps(value, zero);
-                        }
+                        let value = _mm_add_ps(tile_row[lane], bias4);
                         // SAFETY: (image, o) is one of the output planes and
                         // row top + i, columns left .. left + 4 lie inside it:
                         // the caller's contract covers the write.
-                        unsafe { _mm_storeu_ps(out.add(at).cast(), value) };
+                        unsafe { finish_row(value, base + i * width, finish, out) };
                     }
                     continue;
                 }

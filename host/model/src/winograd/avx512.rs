@@ -10,19 +10,19 @@
 //! (`#[target_feature]`); the callers check the CPU.
 
 use std::arch::x86_64::{
-    __m128, __m512, __m512i, _mm_add_ps, _mm_loadu_ps, _mm_max_ps, _mm_setzero_ps, _mm_storeu_ps,
-    _mm256_castps_pd, _mm256_loadu_ps, _mm512_add_ps, _mm512_castpd_ps, _mm512_castps_pd,
-    _mm512_castps256_ps512, _mm512_extractf32x4_ps, _mm512_insertf64x4, _mm512_loadu_ps,
-    _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_mul_ps, _mm512_permutex2var_ps,
-    _mm512_set1_ps, _mm512_setr_epi32, _mm512_setzero_ps, _mm512_shuffle_ps, _mm512_storeu_ps,
-    _mm512_sub_ps, _mm512_unpackhi_ps, _mm512_unpacklo_ps,
+    __m128, __m512, __m512i, _mm256_castps_pd, _mm256_loadu_ps, _mm512_add_ps, _mm512_castpd_ps,
+    _mm512_castps_pd, _mm512_castps256_ps512, _mm512_extractf32x4_ps, _mm512_insertf64x4,
+    _mm512_loadu_ps, _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_mul_ps,
+    _mm512_permutex2var_ps, _mm512_set1_ps, _mm512_setr_epi32, _mm512_setzero_ps,
+    _mm512_shuffle_ps, _mm512_storeu_ps, _mm512_sub_ps, _mm512_unpackhi_ps, _mm512_unpacklo_ps,
 };
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
+use super::avx2::finish_row;
 use super::{
-    BLOCK_TILES, Finish, Geometry, GroupAt, LANES, PATCH, finish_tile, frequency_stride,
-    tile_origins,
+    BLOCK_TILES, Finish, Geometry, GroupAt, LANES, PATCH, finish_tile, for_each_input_group,
+    frequency_stride, tile_origins,
 };
 
 /// Tiles transformed together: one per lane of a 512-bit vector.
@@ -33,28 +33,15 @@ const WIDE: usize = 2 * LANES;
 #[target_feature(enable = "avx512f")]
 #[inline]
 fn input_1d<const M: usize>(x: [__m512; PATCH]) -> [__m512; PATCH] {
-    let (add, sub, mul, splat) = (_mm512_add_ps, _mm512_sub_ps, _mm512_mul_ps, _mm512_set1_ps);
-    let [d0, d1, d2, d3, d4, d5] = x;
-    if M == 4 {
-        [
-            add(sub(mul(splat(4.0), d0), mul(splat(5.0), d2)), d4),
-            add(add(mul(splat(-4.0), add(d1, d2)), d3), d4),
-            add(sub(mul(splat(4.0), sub(d1, d2)), d3), d4),
-            add(sub(mul(splat(2.0), sub(d3, d1)), d2), d4),
-            add(sub(mul(splat(2.0), sub(d1, d3)), d2), d4),
-            add(sub(mul(splat(4.0), d1), mul(splat(5.0), d3)), d5),
-        ]
-    } else {
-        let zero = _mm512_setzero_ps();
-        [
-            sub(d0, d2),
-            add(d1, d2),
-            sub(d2, d1),
-            sub(d1, d3),
-            zero,
-            zero,
-        ]
-    }
+    input_1d_vectors!(
+        M,
+        x,
+        _mm512_add_ps,
+        _mm512_sub_ps,
+        _mm512_mul_ps,
+        _mm512_set1_ps,
+        _mm512_setzero_ps()
+    )
 }
 
 /// Patch row `i` of the tiles at `starts` (up to [`WIDE`]), gathered and
@@ -188,44 +175,23 @@ pub(super) unsafe fn input_block<const M: usize>(
     tiles: Range<usize>,
     v: &mut [f32],
 ) {
-    let (padded_h, padded_w) = geometry.padded();
-    let padded_plane = padded_h * padded_w;
-    let mut first_plane = [0usize; BLOCK_TILES];
-    for (start, t) in first_plane.iter_mut().zip(tiles.clone()) {
-        let (image, top, left) = geometry.tile_origin(t);
-        *start = image * channels * padded_plane + top * padded_w + left;
-    }
-    let count = tiles.len().min(BLOCK_TILES);
-    for c in 0..channels {
-        for group in (0..count).step_by(WIDE) {
-            let lanes = WIDE.min(count - group);
-            let mut starts = [0usize; WIDE];
-            for (start, first) in starts.iter_mut().zip(&first_plane[group..group + lanes]) {
-                *start = first + c * padded_plane;
-            }
-            let at = GroupAt {
-                stride: frequency_stride(channels),
-                offset: c * BLOCK_TILES + group,
-            };
-            input_group::<M>(padded, padded_w, &starts[..lanes], v, at);
-        }
-    }
+    let padded_w = geometry.padded().1;
+    for_each_input_group::<WIDE>(geometry, channels, tiles, |starts, at| {
+        input_group::<M>(padded, padded_w, starts, v, at);
+    });
 }
 
 /// Aᵀ x for F(4×4): [`super::output_1d`]'s operations, in its order.
 #[target_feature(enable = "avx512f")]
 #[inline]
 fn output_1d(x: [__m512; PATCH]) -> [__m512; 4] {
-    let (add, sub, mul, splat) = (_mm512_add_ps, _mm512_sub_ps, _mm512_mul_ps, _mm512_set1_ps);
-    let [m0, m1, m2, m3, m4, m5] = x;
-    let (a, b) = (add(m1, m2), sub(m1, m2));
-    let (c, d) = (add(m3, m4), sub(m3, m4));
-    [
-        add(add(m0, a), c),
-        add(b, mul(splat(2.0), d)),
-        add(a, mul(splat(4.0), c)),
-        add(add(b, mul(splat(8.0), d)), m5),
-    ]
+    output_1d_vectors!(
+        x,
+        _mm512_add_ps,
+        _mm512_sub_ps,
+        _mm512_mul_ps,
+        _mm512_set1_ps
+    )
 }
 
 /// F(4×4)'s output transform of up to [`WIDE`] tiles, one per lane, from
@@ -316,7 +282,6 @@ pub(super) unsafe fn output_block(
 ) {
     debug_assert_eq!(geometry.m, 4);
     let (width, plane) = (geometry.width, geometry.height * geometry.width);
-    let zero = _mm_setzero_ps();
     let origins = tile_origins(geometry, tiles.clone(), finish.channels);
     for o in 0..finish.channels {
         let bias = _mm512_set1_ps(finish.bias[o]);
@@ -342,20 +307,11 @@ pub(super) unsafe fn output_block(
                 let base = origin.at + o * plane;
                 if origin.rows == 4 && origin.cols == 4 {
                     for (i, tile_row) in rows.iter().enumerate() {
-                        let at = base + i * width;
-                        let mut value = quarter(tile_row[lane % 4], lane / 4);
-                        if let Some(r) = finish.residual {
-                            let skip = &r[at..at + 4];
-                            // SAFETY: `skip` is 4 floats (one 128-bit load).
-                            value = _mm_add_ps(value, unsafe { _mm_loadu_ps(skip.as_ptr()) });
-                        }
-                        if finish.relu {
-                            value = _mm_max_ps(value, zero);
-                        }
+                        let value = quarter(tile_row[lane % 4], lane / 4);
                         // SAFETY: (image, o) is one of the output planes and
                         // row top + i, columns left .. left + 4 lie inside it:
                         // the caller's contract covers the write.
-                        unsafe { _mm_storeu_ps(out.add(at).cast(), value) };
+                        unsafe { finish_row(value, base + i * width, finish, out) };
                     }
                     continue;
                 }

@@ -66,6 +66,56 @@ use super::scratch::with_scratch;
 #[cfg(target_arch = "x86_64")]
 use super::vector_isa::{self, VectorIsa};
 
+/// Bᵀ x on M + 2 vectors of one width, the operations of the portable
+/// [`input_1d`] in its order (no fused multiply-adds, so that every path
+/// gives the same bits): the vector paths' one definition, given that
+/// width's add, subtract, multiply, splat and zero.
+#[cfg(target_arch = "x86_64")]
+macro_rules! input_1d_vectors {
+    ($m:expr, $x:expr, $add:path, $sub:path, $mul:path, $splat:path, $zero:expr) => {{
+        let (add, sub, mul, splat) = ($add, $sub, $mul, $splat);
+        let [d0, d1, d2, d3, d4, d5] = $x;
+        if $m == 4 {
+            [
+                add(sub(mul(splat(4.0), d0), mul(splat(5.0), d2)), d4),
+                add(add(mul(splat(-4.0), add(d1, d2)), d3), d4),
+                add(sub(mul(splat(4.0), sub(d1, d2)), d3), d4),
+                add(sub(mul(splat(2.0), sub(d3, d1)), d2), d4),
+                add(sub(mul(splat(2.0), sub(d1, d3)), d2), d4),
+                add(sub(mul(splat(4.0), d1), mul(splat(5.0), d3)), d5),
+            ]
+        } else {
+            let zero = $zero;
+            [
+                sub(d0, d2),
+                add(d1, d2),
+                sub(d2, d1),
+                sub(d1, d3),
+                zero,
+                zero,
+            ]
+        }
+    }};
+}
+
+/// F(4×4)'s Aᵀ x on six vectors of one width, the operations of the
+/// portable [`output_1d`] in its order: see [`input_1d_vectors`].
+#[cfg(target_arch = "x86_64")]
+macro_rules! output_1d_vectors {
+    ($x:expr, $add:path, $sub:path, $mul:path, $splat:path) => {{
+        let (add, sub, mul, splat) = ($add, $sub, $mul, $splat);
+        let [m0, m1, m2, m3, m4, m5] = $x;
+        let (a, b) = (add(m1, m2), sub(m1, m2));
+        let (c, d) = (add(m3, m4), sub(m3, m4));
+        [
+            add(add(m0, a), c),
+            add(b, mul(splat(2.0), d)),
+            add(a, mul(splat(4.0), c)),
+            add(add(b, mul(splat(8.0), d)), m5),
+        ]
+    }};
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
@@ -1162,6 +1212,24 @@ fn input_block_generic<const M: usize, const AVX2: bool>(
     tiles: Range<usize>,
     v: &mut [f32],
 ) {
+    let padded_w = geometry.padded().1;
+    for_each_input_group::<LANES>(geometry, channels, tiles, |starts, at| {
+        input_group::<M, AVX2>(padded, padded_w, starts, v, at);
+    });
+}
+
+/// Calls `transform(starts, at)` for each group of up to `W` of the tiles
+/// `tiles` (numbered over the batch, at most [`BLOCK_TILES`]) and each of
+/// `channels` input channels: `starts` are the group's patches in the
+/// zero-padded planes, `at` where its values go in the block layout
+/// ([`input_block`]'s).
+#[inline(always)]
+fn for_each_input_group<const W: usize>(
+    geometry: Geometry,
+    channels: usize,
+    tiles: Range<usize>,
+    mut transform: impl FnMut(&[usize], GroupAt),
+) {
     let (padded_h, padded_w) = geometry.padded();
     let padded_plane = padded_h * padded_w;
     // Each tile's patch in its image's first plane, worked out once per
@@ -1173,9 +1241,9 @@ fn input_block_generic<const M: usize, const AVX2: bool>(
     }
     let count = tiles.len().min(BLOCK_TILES);
     for c in 0..channels {
-        for group in (0..count).step_by(LANES) {
-            let lanes = LANES.min(count - group);
-            let mut starts = [0usize; LANES];
+        for group in (0..count).step_by(W) {
+            let lanes = W.min(count - group);
+            let mut starts = [0usize; W];
             for (start, first) in starts.iter_mut().zip(&first_plane[group..group + lanes]) {
                 *start = first + c * padded_plane;
             }
@@ -1183,7 +1251,7 @@ fn input_block_generic<const M: usize, const AVX2: bool>(
                 stride: frequency_stride(channels),
                 offset: c * BLOCK_TILES + group,
             };
-            input_group::<M, AVX2>(padded, padded_w, &starts[..lanes], v, at);
+            transform(&starts[..lanes], at);
         }
     }
 }
