@@ -364,9 +364,16 @@ impl Model {
         }
         let values = Tensor::from_vec(values, (batch, n), &self.device)?;
         let missing = Tensor::from_vec(missing, (batch, n), &self.device)?;
-        let p = on_compute_pool(|| self.net.probabilities(image.as_ref(), &values, &missing))?
-            .to_dtype(DType::F32)?
-            .to_vec3::<f32>()?;
+        let forward = || self.net.probabilities(image.as_ref(), &values, &missing);
+        // The CPU kernels' parallel sections start cheaply from a pool
+        // thread; a GPU pass stays on the caller's thread.
+        let p = if self.device.is_cpu() {
+            on_compute_pool(forward)
+        } else {
+            forward()
+        }?
+        .to_dtype(DType::F32)?
+        .to_vec3::<f32>()?;
         let horizon = |h: &[f32]| HorizonPrediction {
             p_o2_any: h[0],
             p_o2_high_flow_or_niv: h[1],
