@@ -532,12 +532,18 @@ mod tests {
         );
     }
 
+    /// A freshly initialised `tiny` image model of input side `size`
+    /// (seed `seed`), loaded on the CPU; `dir` holds its package.
+    fn tiny_model(dir: &Path, size: u32, seed: u64) -> Model {
+        let package =
+            init_package(dir, "test", arch(Backbone::Tiny, false), size, seed).expect("init");
+        Model::load(package, &Device::Cpu).expect("load")
+    }
+
     #[test]
     fn a_batch_predicts_what_each_case_predicts_alone() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let package =
-            init_package(dir.path(), "test", arch(Backbone::Tiny, false), 64, 3).expect("init");
-        let model = Model::load(package, &Device::Cpu).expect("load");
+        let model = tiny_model(dir.path(), 64, 3);
         let cases: Vec<ModelInput> = (0..3)
             .map(|i| ModelInput {
                 image: Some(
@@ -572,9 +578,7 @@ mod tests {
     #[test]
     fn concurrent_predictions_equal_serial_ones() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let package =
-            init_package(dir.path(), "test", arch(Backbone::Tiny, false), 96, 5).expect("init");
-        let model = Model::load(package, &Device::Cpu).expect("load");
+        let model = tiny_model(dir.path(), 96, 5);
         let image = |i: usize| -> Vec<f32> {
             (0..96 * 96)
                 .map(|p| ((p * (i + 3)) % 101) as f32 / 101.0)

@@ -81,20 +81,15 @@ fn input_1d<const M: usize>(x: [__m256; PATCH]) -> [__m256; PATCH] {
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 fn output_1d<const M: usize>(x: [__m256; PATCH]) -> [__m256; 4] {
-    if M == 4 {
-        output_1d_vectors!(
-            x,
-            _mm256_add_ps,
-            _mm256_sub_ps,
-            _mm256_mul_ps,
-            _mm256_set1_ps
-        )
-    } else {
-        let (add, sub) = (_mm256_add_ps, _mm256_sub_ps);
-        let [m0, m1, m2, m3, ..] = x;
-        let zero = _mm256_setzero_ps();
-        [add(add(m0, m1), m2), sub(sub(m1, m2), m3), zero, zero]
-    }
+    output_1d_vectors!(
+        M,
+        x,
+        _mm256_add_ps,
+        _mm256_sub_ps,
+        _mm256_mul_ps,
+        _mm256_set1_ps,
+        _mm256_setzero_ps()
+    )
 }
 
 /// The first `len` (≤ [`LANES`]) floats at `src`, the other lanes zero.
@@ -146,32 +141,8 @@ pub(super) fn input_group<const M: usize>(
     v: &mut [f32],
     at: GroupAt,
 ) {
-    let patch = M + 2;
-    let lanes = starts.len();
-    debug_assert!(lanes <= LANES);
-    // Per patch row: gather, transpose, then d B (rows); then Bᵀ (d B)
-    // (columns), in [`super::input_group`]'s order.
-    // Row by row, each written once (a zeroed array first was a `memset`
-    // call per group, a `MaybeUninit` one a copy).
-    let rows = [
-        patch_row::<M>(padded, row, starts, 0),
-        patch_row::<M>(padded, row, starts, 1),
-        patch_row::<M>(padded, row, starts, 2),
-        patch_row::<M>(padded, row, starts, 3),
-        patch_row::<M>(padded, row, starts, 4),
-        patch_row::<M>(padded, row, starts, 5),
-    ];
-    for j in 0..patch {
-        let column = [
-            rows[0][j], rows[1][j], rows[2][j], rows[3][j], rows[4][j], rows[5][j],
-        ];
-        for (i, value) in input_1d::<M>(column).into_iter().enumerate().take(patch) {
-            store(
-                &mut v[(i * patch + j) * at.stride + at.offset..][..lanes],
-                value,
-            );
-        }
-    }
+    debug_assert!(starts.len() <= LANES);
+    input_group_vectors!(M, padded, row, starts, v, at)
 }
 
 /// Patch row `i` of the tiles at `starts`, gathered (one 8-float load per
@@ -209,27 +180,7 @@ fn patch_row<const M: usize>(
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 fn output_group<const M: usize>(products: &[f32], at: GroupAt, lanes: usize) -> [[__m256; 4]; 4] {
-    let patch = M + 2;
-    let zero = _mm256_setzero_ps();
-    let mut m = [[zero; PATCH]; PATCH];
-    for (i, row) in m.iter_mut().enumerate().take(patch) {
-        for (j, cell) in row.iter_mut().enumerate().take(patch) {
-            *cell = load(&products[(i * patch + j) * at.stride + at.offset..][..lanes]);
-        }
-    }
-    // Aᵀ m (columns), then (Aᵀ m) A (rows).
-    let mut columns = [[zero; PATCH]; 4];
-    for j in 0..patch {
-        let r = output_1d::<M>([m[0][j], m[1][j], m[2][j], m[3][j], m[4][j], m[5][j]]);
-        for (i, value) in r.into_iter().enumerate().take(M) {
-            columns[i][j] = value;
-        }
-    }
-    let mut y = [[zero; 4]; 4];
-    for (y_row, row) in y.iter_mut().zip(columns).take(M) {
-        *y_row = output_1d::<M>(row);
-    }
-    y
+    output_group_vectors!(M, products, at, lanes, _mm256_setzero_ps())
 }
 
 /// [`super::output_group`]'s lane arrays, from the registers.

@@ -129,36 +129,42 @@ fn input_group<const M: usize>(
     v: &mut [f32],
     at: GroupAt,
 ) {
-    let patch = M + 2;
-    let lanes = starts.len();
-    debug_assert!(lanes <= WIDE);
-    let rows = [
-        patch_row::<M>(padded, row, starts, 0),
-        patch_row::<M>(padded, row, starts, 1),
-        patch_row::<M>(padded, row, starts, 2),
-        patch_row::<M>(padded, row, starts, 3),
-        patch_row::<M>(padded, row, starts, 4),
-        patch_row::<M>(padded, row, starts, 5),
-    ];
-    let mask = if lanes >= WIDE {
+    debug_assert!(starts.len() <= WIDE);
+    input_group_vectors!(M, padded, row, starts, v, at)
+}
+
+/// The lanes of a group of `lanes` (≤ [`WIDE`]) tiles.
+fn lane_mask(lanes: usize) -> u16 {
+    if lanes >= WIDE {
         u16::MAX
     } else {
         (1u16 << lanes) - 1
-    };
-    for j in 0..patch {
-        let column = [
-            rows[0][j], rows[1][j], rows[2][j], rows[3][j], rows[4][j], rows[5][j],
-        ];
-        for (i, value) in input_1d::<M>(column).into_iter().enumerate().take(patch) {
-            let dst = &mut v[(i * patch + j) * at.stride + at.offset..][..lanes];
-            if lanes == WIDE {
-                // SAFETY: `dst` is WIDE floats (one unaligned 512-bit store).
-                unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), value) };
-            } else {
-                // SAFETY: the mask writes the first `lanes` floats, `dst`.
-                unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr(), mask, value) };
-            }
-        }
+    }
+}
+
+/// The first `src.len()` (≤ [`WIDE`]) floats of `src`, the other lanes
+/// zero.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn load(src: &[f32]) -> __m512 {
+    match <&[f32; WIDE]>::try_from(src) {
+        // SAFETY: `full` is WIDE floats (one unaligned 512-bit load).
+        Ok(full) => unsafe { _mm512_loadu_ps(full.as_ptr()) },
+        // SAFETY: the mask reads the first `src.len()` floats, `src`.
+        Err(_) => unsafe { _mm512_maskz_loadu_ps(lane_mask(src.len()), src.as_ptr()) },
+    }
+}
+
+/// `value`'s first `dst.len()` (≤ [`WIDE`]) lanes into `dst`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn store(dst: &mut [f32], value: __m512) {
+    let mask = lane_mask(dst.len());
+    match <&mut [f32; WIDE]>::try_from(&mut *dst) {
+        // SAFETY: `full` is WIDE floats (one unaligned 512-bit store).
+        Ok(full) => unsafe { _mm512_storeu_ps(full.as_mut_ptr(), value) },
+        // SAFETY: the mask writes the first `dst.len()` floats, `dst`.
+        Err(_) => unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr(), mask, value) },
     }
 }
 
@@ -181,16 +187,19 @@ pub(super) unsafe fn input_block<const M: usize>(
     });
 }
 
-/// Aᵀ x for F(4×4): [`super::output_1d`]'s operations, in its order.
+/// Aᵀ x for M + 2 vectors: [`super::output_1d`]'s operations, in its
+/// order.
 #[target_feature(enable = "avx512f")]
 #[inline]
-fn output_1d(x: [__m512; PATCH]) -> [__m512; 4] {
+fn output_1d<const M: usize>(x: [__m512; PATCH]) -> [__m512; 4] {
     output_1d_vectors!(
+        M,
         x,
         _mm512_add_ps,
         _mm512_sub_ps,
         _mm512_mul_ps,
-        _mm512_set1_ps
+        _mm512_set1_ps,
+        _mm512_setzero_ps()
     )
 }
 
@@ -199,40 +208,7 @@ fn output_1d(x: [__m512; PATCH]) -> [__m512; 4] {
 #[target_feature(enable = "avx512f")]
 #[inline]
 fn output_group(products: &[f32], at: GroupAt, lanes: usize) -> [[__m512; 4]; 4] {
-    let mask = if lanes >= WIDE {
-        u16::MAX
-    } else {
-        (1u16 << lanes) - 1
-    };
-    let zero = _mm512_setzero_ps();
-    let mut m = [[zero; PATCH]; PATCH];
-    for (i, row) in m.iter_mut().enumerate() {
-        for (j, cell) in row.iter_mut().enumerate() {
-            let src = &products[(i * PATCH + j) * at.stride + at.offset..][..lanes];
-            // SAFETY: `src` is `lanes` floats; the mask reads only those.
-            *cell = unsafe {
-                if lanes == WIDE {
-                    _mm512_loadu_ps(src.as_ptr())
-                } else {
-                    _mm512_maskz_loadu_ps(mask, src.as_ptr())
-                }
-            };
-        }
-    }
-    // Aᵀ m (columns), then (Aᵀ m) A (rows).
-    let mut columns = [[zero; PATCH]; 4];
-    for j in 0..PATCH {
-        let r = output_1d([m[0][j], m[1][j], m[2][j], m[3][j], m[4][j], m[5][j]]);
-        for (i, value) in r.into_iter().enumerate() {
-            columns[i][j] = value;
-        }
-    }
-    [
-        output_1d(columns[0]),
-        output_1d(columns[1]),
-        output_1d(columns[2]),
-        output_1d(columns[3]),
-    ]
+    output_group_vectors!(4, products, at, lanes, _mm512_setzero_ps())
 }
 
 /// One output row (4 columns) of 16 tiles: `row[j]` holds column j of
@@ -331,8 +307,7 @@ fn lane_arrays(y: [[__m512; 4]; 4]) -> [[[f32; WIDE]; 4]; 4] {
     let mut out = [[[0f32; WIDE]; 4]; 4];
     for (out_row, y_row) in out.iter_mut().zip(y) {
         for (cell, value) in out_row.iter_mut().zip(y_row) {
-            // SAFETY: `cell` is WIDE floats (one unaligned 512-bit store).
-            unsafe { _mm512_storeu_ps(cell.as_mut_ptr(), value) };
+            store(cell, value);
         }
     }
     out

@@ -98,21 +98,96 @@ macro_rules! input_1d_vectors {
     }};
 }
 
-/// F(4×4)'s Aᵀ x on six vectors of one width, the operations of the
-/// portable [`output_1d`] in its order: see [`input_1d_vectors`].
+/// Aᵀ x on M + 2 vectors of one width, the operations of the portable
+/// [`output_1d`] in its order: see [`input_1d_vectors`].
 #[cfg(target_arch = "x86_64")]
 macro_rules! output_1d_vectors {
-    ($x:expr, $add:path, $sub:path, $mul:path, $splat:path) => {{
+    ($m:expr, $x:expr, $add:path, $sub:path, $mul:path, $splat:path, $zero:expr) => {{
         let (add, sub, mul, splat) = ($add, $sub, $mul, $splat);
         let [m0, m1, m2, m3, m4, m5] = $x;
-        let (a, b) = (add(m1, m2), sub(m1, m2));
-        let (c, d) = (add(m3, m4), sub(m3, m4));
-        [
-            add(add(m0, a), c),
-            add(b, mul(splat(2.0), d)),
-            add(a, mul(splat(4.0), c)),
-            add(add(b, mul(splat(8.0), d)), m5),
-        ]
+        if $m == 4 {
+            let (a, b) = (add(m1, m2), sub(m1, m2));
+            let (c, d) = (add(m3, m4), sub(m3, m4));
+            [
+                add(add(m0, a), c),
+                add(b, mul(splat(2.0), d)),
+                add(a, mul(splat(4.0), c)),
+                add(add(b, mul(splat(8.0), d)), m5),
+            ]
+        } else {
+            let zero = $zero;
+            [add(add(m0, m1), m2), sub(sub(m1, m2), m3), zero, zero]
+        }
+    }};
+}
+
+/// The input transform of a group of tiles, one per lane, into `$v` at
+/// `$at`: written once for the vector paths, expanded where `patch_row`
+/// (one patch row gathered and transformed, d B), `input_1d` (Bᵀ x) and
+/// `store` (the group's lanes of a vector) are that path's own.
+#[cfg(target_arch = "x86_64")]
+macro_rules! input_group_vectors {
+    ($m:expr, $padded:expr, $row:expr, $starts:expr, $v:expr, $at:expr) => {{
+        let (patch, lanes) = ($m + 2, $starts.len());
+        // Per patch row: gather, transpose, then d B (rows); then Bᵀ (d B)
+        // (columns), in [`super::input_group`]'s order. Row by row, each
+        // written once (a zeroed array first was a `memset` call per
+        // group, a `MaybeUninit` one a copy).
+        let rows = [
+            patch_row::<{ $m }>($padded, $row, $starts, 0),
+            patch_row::<{ $m }>($padded, $row, $starts, 1),
+            patch_row::<{ $m }>($padded, $row, $starts, 2),
+            patch_row::<{ $m }>($padded, $row, $starts, 3),
+            patch_row::<{ $m }>($padded, $row, $starts, 4),
+            patch_row::<{ $m }>($padded, $row, $starts, 5),
+        ];
+        for j in 0..patch {
+            let column = [
+                rows[0][j], rows[1][j], rows[2][j], rows[3][j], rows[4][j], rows[5][j],
+            ];
+            for (i, value) in input_1d::<{ $m }>(column)
+                .into_iter()
+                .enumerate()
+                .take(patch)
+            {
+                store(
+                    &mut $v[(i * patch + j) * $at.stride + $at.offset..][..lanes],
+                    value,
+                );
+            }
+        }
+    }};
+}
+
+/// The output transform of a group of `$lanes` tiles, one per lane, from
+/// the products at `$at`: `y[i][j]` = output row i, column j (i, j <
+/// M). Written once for the vector paths, expanded where `load` (the
+/// group's lanes, the others zero) and `output_1d` (Aᵀ x) are that
+/// path's own; `$zero` is its zero vector.
+#[cfg(target_arch = "x86_64")]
+macro_rules! output_group_vectors {
+    ($m:expr, $products:expr, $at:expr, $lanes:expr, $zero:expr) => {{
+        let patch = $m + 2;
+        let zero = $zero;
+        let mut m = [[zero; PATCH]; PATCH];
+        for (i, row) in m.iter_mut().enumerate().take(patch) {
+            for (j, cell) in row.iter_mut().enumerate().take(patch) {
+                *cell = load(&$products[(i * patch + j) * $at.stride + $at.offset..][..$lanes]);
+            }
+        }
+        // Aᵀ m (columns), then (Aᵀ m) A (rows).
+        let mut columns = [[zero; PATCH]; 4];
+        for j in 0..patch {
+            let r = output_1d::<{ $m }>([m[0][j], m[1][j], m[2][j], m[3][j], m[4][j], m[5][j]]);
+            for (i, value) in r.into_iter().enumerate().take($m) {
+                columns[i][j] = value;
+            }
+        }
+        let mut y = [[zero; 4]; 4];
+        for (y_row, row) in y.iter_mut().zip(columns).take($m) {
+            *y_row = output_1d::<{ $m }>(row);
+        }
+        y
     }};
 }
 
@@ -1240,6 +1315,7 @@ fn for_each_input_group<const W: usize>(
         *start = image * channels * padded_plane + top * padded_w + left;
     }
     let count = tiles.len().min(BLOCK_TILES);
+    let stride = frequency_stride(channels);
     for c in 0..channels {
         for group in (0..count).step_by(W) {
             let lanes = W.min(count - group);
@@ -1248,7 +1324,7 @@ fn for_each_input_group<const W: usize>(
                 *start = first + c * padded_plane;
             }
             let at = GroupAt {
-                stride: frequency_stride(channels),
+                stride,
                 offset: c * BLOCK_TILES + group,
             };
             transform(&starts[..lanes], at);
