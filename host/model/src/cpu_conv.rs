@@ -122,15 +122,22 @@ const UNFOLDED_PER_TASK: usize = 1 << 16;
 const WINOGRAD4_MIN_TILES: usize = 4;
 /// See [`WINOGRAD4_MIN_TILES`].
 const WINOGRAD2_MIN_TILES: usize = 2;
-/// [`WINOGRAD2_MIN_TILES`] where the convolution would otherwise run with
-/// [`narrow_gemm`] reading its input in place ([`FusedConv::runs_narrow`],
-/// AVX2), whose panels read 9/16 of the 2×2 form's weight bytes and fetch
-/// them ahead. At batch 1 this sends a ResNet's layer 4 (7×7, 512
-/// channels: 2 tiles per 64 channels) to the panels: alone, 1.20–1.24 ms
-/// against 1.21–1.69 with F(2×2) on AVX2 (`oxbox bench --layers`, 1 Dec,
-/// AMD EPYC), and in the network its weights (9.4 MB per convolution
-/// against 16.8) come from memory.
-const WINOGRAD2_MIN_TILES_NARROW: usize = 3;
+/// On AVX-512, where the convolution would otherwise run with
+/// [`narrow_gemm`] reading its input in place ([`FusedConv::runs_narrow`]),
+/// it runs with 2×2 tiles when it has at least this many per 64 input
+/// channels, never with 4×4 ones: there the multiply-adds are cheap
+/// beside reading the weights, which in the network come from memory.
+/// At batch 1 a ResNet-18's layer 3 (14×14, 256 channels: 12 tiles per
+/// 64 channels) runs F(2×2), layer 4 (7×7, 512: 2 per 64) the panels.
+/// The three 3×3 convolutions of layer 3 timed inside the forward pass
+/// (medians of 200, five rounds, 1 Dec, AMD EPYC): 1.16–1.27 ms with
+/// F(2×2), 1.03–1.34 with F(4×4) (4.2 MB and 9.4 MB of weights a
+/// convolution), 1.65–1.69 in place; layer 4 with F(2×2) (16.8 MB against
+/// 9.4) 1.61–1.87 ms against 1.77–1.95 in place, a wash for twice the
+/// memory. On AVX2, with half the lanes, F(4×4) and F(2×2) keep their
+/// thresholds: layer 4 at 2.03–2.38 ms with F(2×2) against 3.74–4.03 in
+/// place.
+const WINOGRAD2_MIN_TILES_AVX512_NARROW: usize = 4;
 
 impl FusedConv {
     /// A fused convolution from folded weights `(out, in, k, k)` (row-major)
@@ -246,33 +253,16 @@ impl FusedConv {
     /// with, or `None` for im2col + gemm.
     pub fn winograd_tile(&self, batch: usize, height: usize, width: usize) -> Option<Tile> {
         self.winograd.as_ref()?;
-        let narrow = self.runs_narrow(batch, height * width);
-        // On AVX-512 nothing `narrow_gemm` runs (batch 1, few output
-        // pixels) goes to the Winograd domain: its panels read the input
-        // in place at close to the cores' multiply-add rate, and in the
-        // network the Winograd forms' weights (4× the direct ones for
-        // F(4×4)) come from memory. A ResNet-18's layer 3 (three 3×3
-        // convolutions on 14×14×256, F(4×4) before): 1.63 ms in the
-        // network against 2.08 (each convolution timed inside the forward
-        // pass, median of 60, 1 Dec, AMD EPYC), though alone, its weights
-        // warm, F(4×4) took 0.36 ms a convolution against 0.62. On AVX2
-        // (half the lanes) F(4×4) stays: layer 3 read in place made the
-        // forward pass 1.3 ms slower (medians of six rounds).
-        if narrow && vector_isa::active() == VectorIsa::Avx512 {
-            return None;
-        }
+        // Stride 1, padding 1: the output plane is the input's.
         let enough = |tile: Tile, min: usize| {
             batch * tile.tiles(height, width) * 64 >= min * self.in_channels
         };
-        // Stride 1, padding 1: the output plane is the input's.
-        let min_two = if narrow {
-            WINOGRAD2_MIN_TILES_NARROW
-        } else {
-            WINOGRAD2_MIN_TILES
-        };
+        if self.runs_narrow(batch, height * width) && vector_isa::active() == VectorIsa::Avx512 {
+            return enough(Tile::Two, WINOGRAD2_MIN_TILES_AVX512_NARROW).then_some(Tile::Two);
+        }
         if enough(Tile::Four, WINOGRAD4_MIN_TILES) {
             Some(Tile::Four)
-        } else if enough(Tile::Two, min_two) {
+        } else if enough(Tile::Two, WINOGRAD2_MIN_TILES) {
             Some(Tile::Two)
         } else {
             None
@@ -1224,13 +1214,13 @@ pub(crate) mod tests {
                 }
             }
         }
-        // 56², 28², 14² and 7², at batch 1 and 2; but 14² and 7² at batch
-        // 1 run in place with `narrow_gemm` on AVX-512, and 7² at batch 1
-        // on AVX2 too (`winograd_tile`; which path ran is not asserted for
-        // them, as another test may cap the vector instructions
-        // meanwhile; the "chosen" and "im2col" paths above ran theirs).
-        winograd.retain(|&geometry| geometry != (7, 1) && geometry != (14, 1));
-        let want = [(56, 1), (56, 2), (28, 1), (28, 2), (14, 2), (7, 2)];
+        // 56², 28², 14² and 7², at batch 1 and 2; but 7² at batch 1 runs
+        // in place with `narrow_gemm` on AVX-512 (`winograd_tile`; which
+        // path ran is not asserted for it, as another test may cap the
+        // vector instructions meanwhile; the "chosen" and "im2col" paths
+        // above ran theirs).
+        winograd.retain(|&geometry| geometry != (7, 1));
+        let want = [(56, 1), (56, 2), (28, 1), (28, 2), (14, 1), (14, 2), (7, 2)];
         assert_eq!(winograd, want, "geometries that ran Winograd");
     }
 
