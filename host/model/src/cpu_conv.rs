@@ -132,11 +132,11 @@ const WINOGRAD2_MIN_TILES: usize = 2;
 /// The three 3×3 convolutions of layer 3 timed inside the forward pass
 /// (medians of 200, five rounds, 1 Dec, AMD EPYC): 1.16–1.27 ms with
 /// F(2×2), 1.03–1.34 with F(4×4) (4.2 MB and 9.4 MB of weights a
-/// convolution), 1.65–1.69 in place; layer 4 with F(2×2) (16.8 MB against
-/// 9.4) 1.61–1.87 ms against 1.77–1.95 in place, a wash for twice the
-/// memory. On AVX2, with half the lanes, F(4×4) and F(2×2) keep their
-/// thresholds: layer 4 at 2.03–2.38 ms with F(2×2) against 3.74–4.03 in
-/// place.
+/// convolution), 1.67–1.82 in place (three rounds); layer 4 with F(2×2)
+/// (16.8 MB against 9.4) 1.61–1.87 ms against 1.77–1.95 in place, a wash
+/// for twice the memory. On AVX2, with half the lanes, F(4×4) and F(2×2)
+/// keep their thresholds: layer 4 at 2.03–2.38 ms with F(2×2) against
+/// 3.74–4.03 in place.
 const WINOGRAD2_MIN_TILES_AVX512_NARROW: usize = 4;
 
 impl FusedConv {
