@@ -167,25 +167,43 @@ pub fn set_compute_threads(threads: usize) {
 fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::join(
         || {
-            let done = Arc::new(AtomicBool::new(false));
-            if rayon::current_num_threads() > 1 {
-                let owner = rayon::current_thread_index();
-                let done = Arc::clone(&done);
-                rayon::spawn_broadcast(move |thread| {
-                    // Not on the pass's own thread: it would poll until
-                    // its own pass ended, inside that pass.
-                    if Some(thread.index()) != owner {
-                        poll_until(&done);
-                    }
-                });
-            }
-            let out = f();
-            done.store(true, Ordering::Release);
-            out
+            let _pollers = Pollers::start();
+            f()
         },
         || (),
     )
     .0
+}
+
+/// The polling jobs ([`poll_until`]) on the pool's threads other than
+/// this one, for as long as it lives: dropped when the pass ends (or
+/// unwinds), it stops them.
+struct Pollers(Arc<AtomicBool>);
+
+impl Pollers {
+    /// Starts a polling job on every other thread of the current pool
+    /// (none on a pool of one).
+    fn start() -> Self {
+        let done = Arc::new(AtomicBool::new(false));
+        if rayon::current_num_threads() > 1 {
+            let owner = rayon::current_thread_index();
+            let done = Arc::clone(&done);
+            rayon::spawn_broadcast(move |thread| {
+                // Not on the pass's own thread: it would poll until its
+                // own pass ended, inside that pass.
+                if Some(thread.index()) != owner {
+                    poll_until(&done);
+                }
+            });
+        }
+        Self(done)
+    }
+}
+
+impl Drop for Pollers {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 /// A polling thread ([`poll_until`]) stops after this long without a

@@ -273,12 +273,7 @@ unsafe fn multiply_generic<const AVX: bool>(
             if AVX && (width == BLOCK_COLS || width == LANES) {
                 // Whole vectors: the epilogue in registers, stored in place.
                 let block_out = BlockOut::new(&operands, epilogue, (first_row, rows), col, pass);
-                // The next row block's weights, fetched as these are read.
-                let lead = if block + 1 < end {
-                    depth * BLOCK_ROWS
-                } else {
-                    0
-                };
+                let lead = weights_lead(block, 1, end, depth);
                 // SAFETY: rows slice.start .. slice.end of the panel at
                 // `rhs` hold `width` readable values; the block of Y (and
                 // of the residual) is the caller's and this thread's.
@@ -407,13 +402,7 @@ unsafe fn multiply_avx512(
             // Whether another column block follows (its lines are fetched
             // while this one is multiplied: see [`kernel_avx512`]).
             let next = col + WIDE_COLS < cols;
-            // The next pair of row blocks' weights, fetched while this
-            // pair's are multiplied (none after the last pair).
-            let lead = if first + BLOCK_PAIR < end {
-                BLOCK_PAIR * depth * BLOCK_ROWS
-            } else {
-                0
-            };
+            let lead = weights_lead(first, BLOCK_PAIR, end, depth);
             // SAFETY: X's rows in `slice` hold `width` readable values from
             // `rhs`; the blocks of Y (and of the residual) are this thread's;
             // the CPU has AVX-512 F.
@@ -861,6 +850,19 @@ unsafe fn kernel_portable<const V: usize>(
         row = row.wrapping_add(stride);
     }
     *acc = sums;
+}
+
+/// How far ahead of the weights it reads a kernel call on the `group`
+/// row blocks from `first` prefetches, in floats: to the same place in
+/// the next group's blocks (packed `depth` deep), which the next call
+/// reads; 0 (lines already read) for the last group before `end`.
+#[cfg(target_arch = "x86_64")]
+fn weights_lead(first: usize, group: usize, end: usize, depth: usize) -> usize {
+    if first + group < end {
+        group * depth * BLOCK_ROWS
+    } else {
+        0
+    }
 }
 
 /// Which pass over the depth a store ends.
